@@ -1,0 +1,1 @@
+"""Toy-scale reproductions of the offline → semi-online → online spectrum (issue 6)."""
