@@ -123,7 +123,7 @@ def _logprob_bwd_kernel(
     tgt = tl.load(Targets + rows, mask=row_ok, other=ignore_index)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(GradLogp + rows, mask=row_ok, other=0.0)
-    log_p = z - lse[:, None]
+    log_p = tl.where(row_ok[:, None], z - lse[:, None], 0.0)  # padding rows: keep exp() finite
     p = tl.exp(log_p)
     grad = g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
     if HAS_ENT_GRAD:
