@@ -27,6 +27,8 @@ bit-identical run to run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -152,8 +154,9 @@ def triton_logprob_fwd(hidden2d, weight, targets, bias, *, temperature: float, i
     """
     hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
     targets = targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     (n, d), v = hidden2d.shape, weight.shape[0]
-    tiles = _triton_utils.logits_tiles(hidden2d.device, n, d)
+    tiles = _triton_utils.logits_tiles(hidden2d.device, n, d, hidden2d.dtype)
     row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(hidden2d.device, row_blocks, n_tiles)
     m, s, e, zt = torch.empty(4, splits, n, device=hidden2d.device, dtype=torch.float32).unbind(0)
@@ -196,40 +199,61 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
         (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None) in the input dtype.
     """
     hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
+    bias = bias.contiguous() if bias is not None else None
     (n, d), v = hidden2d.shape, weight.shape[0]
     dev, dtype = hidden2d.device, hidden2d.dtype
-    tiles = _triton_utils.logits_tiles(dev, n, d)
-    chunk = vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v)
-    chunk = min(triton.cdiv(chunk, tiles.block_v) * tiles.block_v, triton.cdiv(v, tiles.block_v) * tiles.block_v)
-    has_ent = grad_entropy is not None
+    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    if not (want_h or want_w or want_b):
+        return None, None, None
     # grad_H is summed over chunks in fp32: each chunk's cuBLAS product accumulates in fp32 and is
-    # rounded to the input dtype once, so adding in fp32 keeps the error at one rounding per chunk
-    # instead of one per chunk *of the running sum* (what addmm into a bf16 grad_H would give).
-    grad_h = torch.zeros(n, d, device=dev, dtype=torch.float32) if needs_grad[0] else None
-    grad_w = torch.empty(v, d, device=dev, dtype=weight.dtype) if needs_grad[1] else None
-    grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if needs_grad[2] and bias is not None else None
-    buf = torch.empty(n, chunk, device=dev, dtype=dtype)
-    lp = grad_logp.to(torch.float32).contiguous()
-    ge = grad_entropy.to(torch.float32).contiguous() if has_ent else lp
-    for v0 in range(0, v, chunk):
-        width = min(chunk, v - v0)
-        block = buf[:, :width]
-        _logprob_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-            hidden2d, weight, bias if bias is not None else hidden2d, targets.contiguous(), stats.lse,
-            stats.entropy if has_ent else stats.lse, lp, ge, block,
-            n, v, d, hidden2d.stride(0), weight.stride(0), buf.stride(0), v0, width, 1.0 / temperature,
-            ignore_index, HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent,
-            UPCAST=_triton_utils.upcast_dot_operands(dev, dtype),
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
+    # rounded to the input dtype once, so the fp32 sum keeps one rounding per chunk, where addmm into a
+    # bf16 grad_H would round the running sum at every chunk. Costs an fp32 [N, D], small next to buf.
+    grad_h = torch.zeros(n, d, device=dev, dtype=torch.float32) if want_h else None
+    grad_w = torch.empty(v, d, device=dev, dtype=weight.dtype) if want_w else None
+    grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if want_b else None
+    tiles = _triton_utils.logits_tiles(dev, n, d, dtype)
+    chunk = triton.cdiv(vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v), tiles.block_v) * tiles.block_v
+    buf = torch.empty(n, min(chunk, triton.cdiv(v, tiles.block_v) * tiles.block_v), device=dev, dtype=dtype)
+    rows = _RowInputs(targets.contiguous(), stats.lse.contiguous(), grad_logp.to(torch.float32).contiguous(),
+                      None if grad_entropy is None else stats.entropy.contiguous(),
+                      None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous())
+    for v0 in range(0, v, buf.shape[1]):
+        block = buf[:, :min(buf.shape[1], v - v0)]
+        _logit_grads(hidden2d, weight, bias, rows, block, v0, tiles, 1.0 / temperature, ignore_index)
+        v1 = v0 + block.shape[1]
         if grad_w is not None:
-            torch.mm(block.t(), hidden2d, out=grad_w[v0:v0 + width])
-        if grad_h is not None:
-            if dtype == torch.float32:
-                grad_h.addmm_(block, weight[v0:v0 + width])
-            else:
-                grad_h += block @ weight[v0:v0 + width]
+            torch.mm(block.t(), hidden2d, out=grad_w[v0:v1])
+        if grad_h is not None and dtype == torch.float32:
+            grad_h.addmm_(block, weight[v0:v1])
+        elif grad_h is not None:
+            grad_h += block @ weight[v0:v1]
         if grad_b is not None:
-            grad_b[v0:v0 + width] = block.sum(dim=0, dtype=torch.float32)
+            grad_b[v0:v1] = block.sum(dim=0, dtype=torch.float32)
     return (grad_h.to(dtype) if grad_h is not None else None), grad_w, grad_b
+
+
+@dataclass
+class _RowInputs:
+    """Per-row [N] tensors the backward kernel reads (entropy pair None when there is no entropy grad)."""
+
+    targets: torch.Tensor
+    lse: torch.Tensor
+    grad_logp: torch.Tensor
+    entropy: torch.Tensor | None
+    grad_entropy: torch.Tensor | None
+
+
+def _logit_grads(hidden2d, weight, bias, rows: _RowInputs, block, vocab_start, tiles, scale, ignore_index):
+    """Fill ``block`` [N, width] with d objective / d raw logit for vocabulary columns vocab_start + [0, width)."""
+    n, width = block.shape
+    has_ent = rows.grad_entropy is not None
+    _logprob_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(width, tiles.block_v))](
+        hidden2d, weight, bias if bias is not None else hidden2d, rows.targets, rows.lse,
+        rows.entropy if has_ent else rows.lse, rows.grad_logp, rows.grad_entropy if has_ent else rows.grad_logp,
+        block, n, weight.shape[0], hidden2d.shape[1], hidden2d.stride(0), weight.stride(0), block.stride(0),
+        vocab_start, width, scale, ignore_index,
+        HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent,
+        UPCAST=_triton_utils.upcast_dot_operands(hidden2d.device, hidden2d.dtype),
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )

@@ -27,14 +27,17 @@ class MatmulTiles:
     num_stages: int
 
 
-def logits_tiles(device: torch.device, n_rows: int, hidden: int) -> MatmulTiles:
+def logits_tiles(device: torch.device, n_rows: int, hidden: int, dtype: torch.dtype) -> MatmulTiles:
     """Tiles for a kernel that computes ``hidden[N, D] @ weight[V, D].T`` one [BLOCK_N, BLOCK_V] tile at a time."""
     if _dispatch.triton_interpreting() and device.type != "cuda":
         return MatmulTiles(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1)
     # 128-row blocks reuse each weight tile across more rows (the weight is the big operand);
     # a short batch keeps 64 so fewer rows are masked out.
     block_n = 128 if n_rows >= 128 else 64
-    block_d = 64 if hidden >= 64 else max(16, triton.next_power_of_2(hidden))
+    # 3 stages of (BLOCK_N + BLOCK_V) × BLOCK_D operands: 96 KiB of shared memory at 16 bits and
+    # BLOCK_D = 64; fp32 halves BLOCK_D to stay at that size.
+    block_d = 64 if dtype.itemsize <= 2 else 32
+    block_d = min(block_d, max(16, triton.next_power_of_2(hidden)))
     return MatmulTiles(block_n=block_n, block_v=128, block_d=block_d, num_warps=8 if block_n == 128 else 4,
                        num_stages=3)
 
@@ -50,7 +53,8 @@ def vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> tup
     Returns ``(splits, tiles_per_split)``; every split owns at least one tile.
     """
     if device.type == "cuda":
-        target = max(1, 2 * _sm_count(device.index or 0) // max(row_blocks, 1))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = max(1, 2 * _sm_count(index) // max(row_blocks, 1))
     else:
         target = 3  # interpreter: a few splits, enough to exercise the cross-split combine
     splits = max(1, min(target, vocab_tiles))
