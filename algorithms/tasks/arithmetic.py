@@ -34,7 +34,8 @@ class Problem:
     answer: str
 
 
-def _in_test_split(text: str) -> bool:
+def in_test_split(text: str) -> bool:
+    """Whether the problem written ``text`` is held out (a fixed ``_TEST_FRACTION`` of all problems)."""
     return zlib.crc32(text.encode()) % 1000 < _TEST_FRACTION * 1000
 
 
@@ -45,7 +46,7 @@ def _split_pairs(digits: int, op: str) -> dict[str, tuple[tuple[int, int], ...]]
     out = {"train": [], "test": []}
     for a in range(top):
         for b in range(a + 1 if op == "-" else top):
-            out["test" if _in_test_split(f"{a}{op}{b}=") else "train"].append((a, b))
+            out["test" if in_test_split(f"{a}{op}{b}=") else "train"].append((a, b))
     return {k: tuple(v) for k, v in out.items()}
 
 

@@ -1,0 +1,44 @@
+"""Weighted sum of reward sources, e.g. a verifier plus a reward model: ``r = Σ_k w_k · r_k``.
+
+Weights must be finite, non-negative and not all zero; they are not normalised, so the scale
+of the mix is the caller's choice. Each source is called once per batch and must return ``[n]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hotloop.algorithms.rewards.base import check_batch
+
+
+class WeightedMixture:
+    """``r = Σ_k w_k · fn_k(problems, completions)`` over ``[(fn_k, w_k), ...]``."""
+
+    def __init__(self, components: list[tuple[object, float]]) -> None:
+        if not components:
+            raise ValueError("components: expected at least one (reward_fn, weight) pair, got none")
+        for i, item in enumerate(components):
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise TypeError(f"components[{i}]: expected a (reward_fn, weight) tuple, got {item!r}")
+            fn, weight = item
+            if not callable(fn):
+                raise TypeError(f"components[{i}]: expected a callable reward_fn, got {type(fn).__name__}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise ValueError(f"components[{i}]: expected a finite weight >= 0, got {weight!r}")
+        if sum(w for _, w in components) == 0:
+            raise ValueError(f"components: expected at least one positive weight, got {[w for _, w in components]}")
+        self.components = [(fn, float(w)) for fn, w in components]
+
+    def __call__(self, problems: list, completions: list[str]) -> torch.Tensor:
+        check_batch(problems, completions)
+        total = torch.zeros(len(problems), dtype=torch.float32)
+        for i, (fn, weight) in enumerate(self.components):
+            reward = fn(problems, completions)
+            if reward.shape != total.shape:
+                raise ValueError(f"components[{i}]: expected rewards of shape {tuple(total.shape)}, "
+                                 f"got {tuple(reward.shape)}")
+            total += weight * reward.float().cpu()
+        return total
