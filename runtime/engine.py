@@ -1,0 +1,123 @@
+"""The rollout-engine interface: sampling parameters, completions and the ``RolloutEngine`` protocol.
+
+An engine turns prompts (token ids) into sampled completions with the *current* policy weights and
+says which weight version produced each one. Two engines implement it: ``TorchEngine`` (samples
+from the very ``nn.Module`` the trainer updates, so a weight sync is free) and ``SGLangEngine``
+(SGLang's offline engine colocated on the trainer's GPU, refit from tensors).
+
+Sampler log-probs. ``Completion.logprobs[t]`` is ``log_softmax(logits / T)[token_t]``: the
+log-probability of the sampled token under the temperature-scaled distribution *before* top-p /
+top-k truncation (vLLM's "processed logprobs" with truncation left out). This is the quantity a
+trainer recomputes with ``fused_linear_logprob(..., temperature=T)``, so the two can be compared
+token for token (importance ratios, train/inference mismatch). With ``temperature == 0``
+(greedy) the log-probs are those of the untempered distribution, ``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample completions; one object per ``generate`` call."""
+
+    temperature: float = 1.0
+    """Softmax temperature T; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 = off."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 = off."""
+    max_new_tokens: int = 32
+    """Upper bound on generated tokens per completion (finish_reason "length" when reached)."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a completion (kept as its last token; finish_reason "stop")."""
+    n: int = 1
+    """Completions per prompt."""
+    seed: int | None = None
+    """Seed of the sampler's generator; None draws from the engine's own stream."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("temperature", self.temperature, isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+             "a float >= 0"),
+            ("top_p", self.top_p, isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a float in (0, 1]"),
+            ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an int >= 0"),
+            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+             "an int >= 1"),
+            ("n", self.n, _is_int(self.n) and self.n >= 1, "an int >= 1"),
+            ("seed", self.seed, self.seed is None or _is_int(self.seed), "None or an int"),
+            ("stop_token_ids", self.stop_token_ids,
+             isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+             "a tuple of ints >= 0"),
+        )
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(kw_only=True)
+class Completion:
+    """One sampled completion of one prompt."""
+
+    prompt_index: int
+    """Index of the prompt in the ``generate`` call's list."""
+    token_ids: list[int]
+    """Generated tokens (prompt excluded; a stop token, when hit, is the last one)."""
+    logprobs: list[float]
+    """Sampler log-prob of each generated token: log_softmax(logits / T), before top-p/top-k."""
+    finish_reason: Literal["stop", "length"]
+    """"stop": a stop token ended it; "length": max_new_tokens (or the context) ran out."""
+    weight_version: int
+    """Engine weight version (trainer optimizer steps) that produced it."""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Samples completions with the current policy; colocated with the trainer.
+
+    Call order in an online loop::
+
+        engine = TorchEngine(model, pad_token_id=..., eos_token_id=...)   # or SGLangEngine(...)
+        for step in range(steps):
+            engine.wake()                                   # no-op unless asleep
+            completions = engine.generate(prompts, SamplingParams(temperature=1.0, n=4))
+            engine.sleep()                                  # give the KV cache back to the trainer
+            metrics = trainer.step(loss_fn, micro_batches)  # trainer.version += 1
+            engine.sync_weights(trainer.version)            # zero-copy engines: only the version
+            # engines with their own copy of the weights:
+            # engine.sync_weights(trainer.version, model.state_dict())
+
+    ``generate`` returns ``len(prompt_token_ids) * sampling.n`` completions, prompt-major: the n
+    completions of prompt 0, then those of prompt 1, ...
+    """
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights the next ``generate`` samples with."""
+        ...
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """Sample ``sampling.n`` completions per prompt, prompt-major."""
+        ...
+
+    def sync_weights(self, version: int, state_dict: dict | None = None) -> None:
+        """Adopt the trainer's weights of ``version``; load ``state_dict`` when the engine holds a copy."""
+        ...
+
+    def sleep(self) -> None:
+        """Free the engine's memory (KV cache; for SGLang also weights) so the trainer can use it."""
+        ...
+
+    def wake(self) -> None:
+        """Reacquire what ``sleep`` freed; no-op when awake."""
+        ...
+
+    def flush_cache(self) -> None:
+        """Drop cached prefixes / KV state (stale after a weight change)."""
+        ...
