@@ -17,6 +17,7 @@ training. ``warm_start.json`` is written last, so an interrupted run is never ta
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -116,11 +117,13 @@ def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int 
         raise ValueError(f"lr: expected a positive float, got {lr!r}")
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate: expected a float in [0, 1], got {error_rate!r}")
-    config = model_config or tiny_llama_config(tokenizer.vocab_size)
+    # A copy, because save_pretrained writes ``architectures`` into the model's config.
+    config = copy.deepcopy(model_config) if model_config is not None else tiny_llama_config(tokenizer.vocab_size)
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model_config: vocab_size {config.vocab_size} < tokenizer.vocab_size {tokenizer.vocab_size}")
     settings = {"task": repr(task), "alphabet": tokenizer.alphabet, "steps": steps, "batch_size": batch_size,
                 "lr": lr, "error_rate": error_rate, "seed": seed, "model_config": config.to_diff_dict()}
+    settings["model_config"].pop("architectures", None)
     out_dir = Path(out_dir)
     cached = _load_cached(out_dir, settings)
     if cached is not None:
