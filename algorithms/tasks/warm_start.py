@@ -103,7 +103,8 @@ def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int 
     """Train (or load from ``out_dir``) a tiny model fitted to ``task.teacher`` at ``error_rate``.
 
     Args:
-        task: has ``problems(n, split)``, ``split_size(split)`` and ``teacher(problem, rng, error_rate)``.
+        task: has ``alphabet``, ``problems(n, split)``, ``split_size(split)`` and
+            ``teacher(problem, rng, error_rate)``.
         tokenizer: covers every character the task writes.
         out_dir: cache directory (created); holds the model, the tokenizer and ``warm_start.json``.
         model_config: defaults to ``tiny_llama_config(tokenizer.vocab_size)``.
@@ -117,6 +118,9 @@ def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int 
         raise ValueError(f"lr: expected a positive float, got {lr!r}")
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate: expected a float in [0, 1], got {error_rate!r}")
+    unknown = sorted(set(task.alphabet) - set(tokenizer.alphabet))
+    if unknown:
+        raise ValueError(f"tokenizer: characters {unknown} that {task!r} writes are not in its alphabet")
     # A copy, because save_pretrained writes ``architectures`` into the model's config.
     config = copy.deepcopy(model_config) if model_config is not None else tiny_llama_config(tokenizer.vocab_size)
     if config.vocab_size < tokenizer.vocab_size:

@@ -243,6 +243,8 @@ def test_warm_start_validates_arguments(tmp_path):
         sft_warm_start(task, tok, out_dir=tmp_path, error_rate=2.0)
     with pytest.raises(ValueError, match="model_config"):
         sft_warm_start(task, tok, out_dir=tmp_path, model_config=tiny_llama_config(5))
+    with pytest.raises(ValueError, match="tokenizer"):
+        sft_warm_start(task, CharTokenizer("0123456789="), out_dir=tmp_path)
 
 
 def _greedy_one(model, tok, prompt, max_new_tokens):
