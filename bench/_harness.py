@@ -1,0 +1,338 @@
+"""Shared benchmark harness: timing, peak memory, peers that may be missing, result files.
+
+Every area script (``bench/<area>.py``) builds zero-argument callables, times them with
+:func:`measure`, wraps each peer in :func:`run_peer` so a missing library or device becomes an
+"unavailable: <reason>" row instead of a crash, and hands the rows to :func:`write_results`, which
+writes ``bench/results/<area>-<device>.{md,json,png}`` stamped with the git SHA, torch/triton
+versions, device and date.
+
+Timing: ``warmup`` untimed calls (compilation, autotuning, allocator warm-up), then ``reps`` timed
+calls; the median is reported. CUDA: one pair of CUDA events per call, after a synchronize.
+CPU: ``time.perf_counter`` around each call.
+
+Peak extra memory is taken in one more, untimed call so that measuring cannot slow the timed ones:
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory
+  allocated before the call (tensors from PyTorch's caching allocator; cuBLAS workspaces excluded).
+- CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and free made by
+  PyTorch's CPU allocator; the peak of their running sum is the peak extra memory. Scratch memory
+  that BLAS libraries allocate by themselves is not seen.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Wall-clock times of the timed calls (seconds) and the peak extra memory of one call (bytes)."""
+
+    median_s: float
+    min_s: float
+    times: list[float]
+    peak_extra_bytes: int
+
+
+@dataclass
+class Row:
+    """One line of a results table. ``status`` is ``"ok"`` or ``"unavailable: <reason>"``."""
+
+    impl: str
+    mode: str
+    size: str
+    median_ms: float | None = None
+    min_ms: float | None = None
+    peak_extra_mb: float | None = None
+    per_token_logp: str = ""
+    max_abs_err: float | None = None
+    note: str = ""
+    status: str = "ok"
+    x_floor: float | None = None
+    x_baseline: float | None = None
+
+
+def _cuda_times(fn: Callable[[], object], reps: int, between: Callable[[], None] | None) -> list[float]:
+    times = []
+    for _ in range(reps):
+        if between is not None:
+            between()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _cpu_times(fn: Callable[[], object], reps: int, between: Callable[[], None] | None) -> list[float]:
+    times = []
+    for _ in range(reps):
+        if between is not None:
+            between()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of PyTorch CPU allocations and frees during one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    running = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            running += event.nbytes()
+            peak = max(peak, running)
+    return peak
+
+
+def _cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure(
+    fn: Callable[[], object],
+    *,
+    warmup: int,
+    reps: int,
+    device: torch.device | str,
+    between: Callable[[], None] | None = None,
+) -> Measurement:
+    """Time ``fn`` (median of ``reps`` after ``warmup`` calls) and take its peak extra memory.
+
+    Args:
+        fn: zero-argument callable doing the work; whatever it returns is dropped.
+        warmup: untimed calls before timing.
+        reps: timed calls (at least 1).
+        device: where ``fn`` runs; picks CUDA events or ``perf_counter``, and the memory method.
+        between: called before every call, untimed (for example to free ``.grad``).
+
+    Returns:
+        Measurement with median and min seconds, all times, and peak extra bytes.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        if between is not None:
+            between()
+        fn()
+    times = (_cuda_times if device.type == "cuda" else _cpu_times)(fn, reps, between)
+    if between is not None:
+        between()
+    if device.type == "cuda":
+        peak = _cuda_peak_extra_bytes(fn, device)
+    else:
+        peak = _cpu_peak_extra_bytes(fn)
+    if between is not None:
+        between()
+    return Measurement(statistics.median(times), min(times), times, peak)
+
+
+def memory_method(device: torch.device | str) -> str:
+    """One sentence saying how peak extra memory was measured on ``device`` (for table footers)."""
+    if torch.device(device).type == "cuda":
+        return (
+            "peak extra memory = torch.cuda.max_memory_allocated() during one untimed call "
+            "minus memory allocated before it (caching-allocator tensors; cuBLAS workspaces excluded)"
+        )
+    return (
+        "peak extra memory = peak of the running sum of PyTorch CPU allocator allocations and frees "
+        "recorded by torch.profiler(profile_memory=True) during one untimed call "
+        "(BLAS-internal scratch not seen)"
+    )
+
+
+def device_name(device: torch.device | str) -> str:
+    """Human-readable device: the CUDA device name, or ``cpu-<n>cores``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def device_slug(device: torch.device | str) -> str:
+    """Short file-name slug: ``cpu``, ``h100``, ``a100``, ... (lower case, [a-z0-9-] only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = device_name(device)
+    model = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", name)
+    slug = model.group(1) if model else name
+    return re.sub(r"[^a-z0-9]+", "-", slug.lower()).strip("-") or "cuda"
+
+
+class Unavailable(RuntimeError):
+    """Raised by a peer that cannot run here (missing package, wrong device, wrong GPU)."""
+
+
+def run_peer(name: str, fn: Callable[[], list[Row]], **row_fields) -> list[Row]:
+    """Run ``fn`` (which returns the peer's rows); on failure return one ``unavailable`` Row.
+
+    ``row_fields`` (``mode``, ``size``, ``per_token_logp``, ``note``) fill the unavailable row so
+    that it sits in the right place of the table. Out-of-memory, missing packages, missing CUDA
+    and errors inside the peer are all recorded with their type and message, never raised.
+    """
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a peer must never stop the benchmark
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = str(exc).strip()
+        reason = message.splitlines()[0][:160] if message else ""
+        kind = "" if isinstance(exc, Unavailable) else f"{type(exc).__name__}: "
+        return [Row(impl=name, status=f"unavailable: {kind}{reason}", **row_fields)]
+
+
+def add_ratios(rows: list[Row], *, floor: str, baseline: str) -> list[Row]:
+    """Rows with ``x_floor`` / ``x_baseline`` = median time over that of ``floor`` / ``baseline``.
+
+    Ratios compare rows with the same ``size`` and ``mode``; they stay ``None`` where either time
+    is missing.
+    """
+    ref = {(r.impl, r.size, r.mode): r.median_ms for r in rows if r.median_ms is not None}
+
+    def ratio(row: Row, impl: str) -> float | None:
+        denom = ref.get((impl, row.size, row.mode))
+        return row.median_ms / denom if row.median_ms is not None and denom else None
+
+    return [replace(r, x_floor=ratio(r, floor), x_baseline=ratio(r, baseline)) for r in rows]
+
+
+def collect_meta(device: torch.device | str, **extra) -> dict:
+    """Git SHA (``-dirty`` if the tree has changes), torch/triton versions, device, UTC date."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        sha += "-dirty"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "git_sha": sha,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "memory_method": memory_method(device),
+        **extra,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _markdown(area: str, rows: list[Row], meta: dict, columns: dict[str, str]) -> str:
+    """The results table, one section per size, with the meta header and the method footer."""
+    head = [f"# {area} — {meta['device']}", ""]
+    head += [f"- {key}: {value}" for key, value in meta.items() if key not in ("memory_method", "notes")]
+    lines = head + [""]
+    titles = ["impl", "mode", "median ms", f"× {columns['floor']}", f"× {columns['baseline']}",
+              "peak extra MB", "per-token logp?", "max abs err", "note"]
+    for size in dict.fromkeys(r.size for r in rows):
+        lines += [f"## {size}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+        for r in (r for r in rows if r.size == size):
+            note = r.note if r.status == "ok" else "; ".join(x for x in (r.status, r.note) if x)
+            cells = [r.impl, r.mode, _fmt(r.median_ms, ".2f"), _fmt(r.x_floor, ".2f"),
+                     _fmt(r.x_baseline, ".2f"), _fmt(r.peak_extra_mb, ".1f"), r.per_token_logp,
+                     _fmt(r.max_abs_err, ".2e"), note.replace("|", "/")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["---", "", f"Time: median of the timed calls. {meta['memory_method']}."]
+    lines += [f"{note}" for note in meta.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, area: str, rows: list[Row], meta: dict) -> None:
+    """Bar charts: median time (top) and peak extra memory (bottom), one column per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    modes = list(dict.fromkeys(r.mode for r in ok)) or ["(none)"]
+    sizes = list(dict.fromkeys(r.size for r in ok))
+    impls = list(dict.fromkeys(r.impl for r in ok))
+    fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 7), squeeze=False)
+    width = 0.8 / max(len(impls), 1)
+    for col, mode in enumerate(modes):
+        for row_i, (attr, label) in enumerate((("median_ms", "median ms"), ("peak_extra_mb", "peak extra MB"))):
+            ax = axes[row_i][col]
+            for k, impl in enumerate(impls):
+                values = {r.size: getattr(r, attr) for r in ok if r.mode == mode and r.impl == impl}
+                xs = [i + k * width for i, s in enumerate(sizes) if values.get(s) is not None]
+                ax.bar(xs, [values[s] for s in sizes if values.get(s) is not None], width, label=impl)
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes, fontsize=7, rotation=15)
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode}: {label}", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{area} — {meta['device']} — {meta['git_sha']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(
+    area: str, rows: list[Row], meta: dict, *, floor: str = "floor", baseline: str = "naive",
+    out_dir: Path | str = RESULTS_DIR,
+) -> dict[str, Path]:
+    """Write ``<out_dir>/<area>-<device slug>.{md,json,png}`` with ratios to ``floor`` and ``baseline``.
+
+    Args:
+        area: benchmark area (``logprob``, ``losses``, ...).
+        rows: the measured and unavailable rows.
+        meta: from :func:`collect_meta` plus a ``slug`` key (device slug for the file names).
+        floor, baseline: impl names that the ``× floor`` and ``× naive`` columns divide by.
+        out_dir: folder for the three files (created if missing).
+
+    Returns:
+        The three paths, keyed ``md``, ``json``, ``png``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = add_ratios(rows, floor=floor, baseline=baseline)
+    stem = out_dir / f"{area}-{meta['slug']}"
+    paths = {ext: stem.with_suffix(f".{ext}") for ext in ("md", "json", "png")}
+    paths["md"].write_text(_markdown(area, rows, meta, {"floor": floor, "baseline": baseline}))
+    paths["json"].write_text(json.dumps({"area": area, "meta": meta, "floor": floor, "baseline": baseline,
+                                         "rows": [asdict(r) for r in rows]}, indent=1))
+    _plot(paths["png"], area, rows, meta)
+    return paths
