@@ -1,0 +1,216 @@
+"""The trainer: one optimizer step over a list of micro batches (gradient accumulation), AdamW,
+gradient clipping, a warmup + constant/linear/cosine learning-rate schedule, and a version counter
+that names the policy weights (the rollout engine stamps completions with it).
+
+One ``step`` = ``zero_grad`` → for each of the k micro batches: forward + ``(loss / k).backward()``
+→ clip to ``max_grad_norm`` → ``optimizer.step()`` → ``scheduler.step()`` → version + 1. Scaling
+each micro-batch loss by 1/k makes k micro batches of equal size give the gradient of one batch
+holding all of them (for losses that are means over the micro batch). Memory: AdamW keeps two
+float32 moments per parameter (``2 · 4`` bytes per parameter on top of weights and grads).
+
+Learning rate at optimizer step s (0-based), W = warmup_steps, S = total_steps:
+``lr · (s + 1) / W`` while s < W, then ``lr · f(p)`` with p = (s − W) / max(1, S − W) clipped to
+[0, 1] and f = 1 (constant), 1 − p (linear) or (1 + cos πp) / 2 (cosine).
+
+The version is the scheduler's step count, so restoring the scheduler from a checkpoint restores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from hotloop.runtime import checkpoint
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Optimizer, schedule and precision of the policy trainer."""
+
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW moment decay rates."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    grad_accum_steps: int = 1
+    """Micro batches per optimizer step; ``step`` expects exactly this many."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient L2 norm to this; None = no clipping (the norm is still reported)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from lr / warmup_steps to lr."""
+    total_steps: int | None = None
+    """Optimizer steps of the whole run; required by the linear and cosine schedules."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate shape after warmup."""
+    bf16_autocast: bool = False
+    """Run forward and loss under ``torch.autocast(bfloat16)``; applies only to CUDA models."""
+    seed: int | None = None
+    """Seed python, numpy and torch RNGs when the trainer is built; None leaves them alone."""
+
+    def __post_init__(self) -> None:
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        checks = (
+            ("lr", self.lr, real(self.lr) and self.lr > 0, "a float > 0"),
+            ("weight_decay", self.weight_decay, real(self.weight_decay) and self.weight_decay >= 0, "a float >= 0"),
+            ("betas", self.betas, isinstance(self.betas, tuple) and len(self.betas) == 2
+             and all(real(b) and 0 <= b < 1 for b in self.betas), "a tuple of two floats in [0, 1)"),
+            ("eps", self.eps, real(self.eps) and self.eps > 0, "a float > 0"),
+            ("grad_accum_steps", self.grad_accum_steps, count(self.grad_accum_steps) and self.grad_accum_steps >= 1,
+             "an int >= 1"),
+            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None
+             or (real(self.max_grad_norm) and self.max_grad_norm > 0), "None or a float > 0"),
+            ("warmup_steps", self.warmup_steps, count(self.warmup_steps) and self.warmup_steps >= 0, "an int >= 0"),
+            ("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+            ("total_steps", self.total_steps, (self.total_steps is None and self.schedule == "constant")
+             or (count(self.total_steps) and self.total_steps >= max(1, self.warmup_steps)),
+             "an int >= max(1, warmup_steps) (required by the linear and cosine schedules)"),
+            ("bf16_autocast", self.bf16_autocast, isinstance(self.bf16_autocast, bool), "a bool"),
+            ("seed", self.seed, self.seed is None or count(self.seed), "None or an int"),
+        )
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int | None, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based); see the module docstring."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_reference(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model`` (eval mode, no gradients) to serve as the KL/DPO reference."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+LossFn = Callable[[nn.Module, Any], Any]
+
+
+class Trainer:
+    """AdamW on ``model`` with gradient accumulation, clipping and a schedule.
+
+    Args:
+        model: the policy; updated in place (a ``TorchEngine`` may sample from the same module).
+        config: optimizer, schedule and precision settings.
+        reference: optional frozen reference model (see ``make_reference``); saved with checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainerConfig, *, reference: nn.Module | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config: expected a TrainerConfig, got {type(config).__name__}")
+        if config.seed is not None:
+            seed_everything(config.seed)
+        self.model = model
+        self.config = config
+        self.reference = reference
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
+                                           weight_decay=config.weight_decay)
+        factor = functools.partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
+                                   schedule=config.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    @property
+    def version(self) -> int:
+        """Optimizer steps taken (restored with the scheduler from a checkpoint)."""
+        return self.scheduler.last_epoch
+
+    @property
+    def lr(self) -> float:
+        """Learning rate the next ``step`` uses."""
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any]) -> dict[str, float]:
+        """One optimizer step accumulating gradients over ``micro_batches``.
+
+        Args:
+            loss_fn: ``loss_fn(model, micro_batch)`` returning a scalar loss tensor, or an object with
+                ``.loss`` and ``.metrics`` (``LossOutput``), or a ``(loss, metrics)`` tuple.
+            micro_batches: exactly ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
+
+        Returns:
+            ``loss`` (mean over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by this
+            step), ``version`` (after it) and the mean of each metric the loss returned.
+        """
+        k = self.config.grad_accum_steps
+        if len(micro_batches) != k:
+            raise ValueError(f"micro_batches: expected grad_accum_steps = {k} micro batches, got {len(micro_batches)}")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro_batch in micro_batches:
+            with self._autocast():
+                loss, metrics = _unpack(loss_fn(self.model, micro_batch))
+            (loss / k).backward()
+            for name, value in {"loss": loss, **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().float() / k
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        lr = self.lr
+        self.optimizer.step()
+        self.scheduler.step()
+        # one host sync per step, after the optimizer has been queued
+        metrics = {name: value.item() for name, value in totals.items()}
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "version": float(self.version)}
+
+    def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
+             keep: int = 3) -> Path:
+        """Checkpoint model, reference, optimizer, scheduler, RNGs and ``loop_state`` as ``step-<version>``."""
+        return checkpoint.save_checkpoint(run_dir, step=self.version, model=self.model, optimizer=self.optimizer,
+                                          scheduler=self.scheduler, loop_state=loop_state, reference=self.reference,
+                                          generators=generators, keep=keep)
+
+    def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None) -> dict:
+        """Restore everything ``save`` wrote from a checkpoint directory; returns its ``loop_state``."""
+        return checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                          reference=self.reference, generators=generators)
+
+    def _autocast(self):
+        on_cuda = self.params[0].device.type == "cuda" if self.params else False
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.config.bf16_autocast and on_cuda)
+
+
+def _unpack(output: Any) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) from a tensor, a ``LossOutput``-like object or a ``(loss, metrics)`` tuple."""
+    if isinstance(output, torch.Tensor):
+        loss, metrics = output, {}
+    elif isinstance(output, tuple) and len(output) == 2:
+        loss, metrics = output
+    elif hasattr(output, "loss"):
+        loss, metrics = output.loss, getattr(output, "metrics", {}) or {}
+    else:
+        raise TypeError(f"loss_fn: expected a scalar tensor, a LossOutput or (loss, metrics), got {type(output).__name__}")
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(f"loss_fn: expected a scalar loss tensor, got {loss!r:.80}")
+    return loss, metrics
