@@ -1,0 +1,135 @@
+"""Smoke tests for the bench harness and the log-prob bench: structure and arithmetic, no timing claims."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from bench import logprob
+from bench._harness import (MB, Row, Unavailable, add_ratios, collect_meta, device_name, device_slug, measure,
+                            run_peer, write_results)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny ops on a shared 2-core machine are faster and steadier that way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_measure_times_every_rep_and_calls_between_before_each_call():
+    calls = {"fn": 0, "between": 0}
+
+    def fn():
+        calls["fn"] += 1
+
+    def between():
+        calls["between"] += 1
+
+    m = measure(fn, warmup=2, reps=5, device="cpu", between=between)
+    assert len(m.times) == 5
+    assert m.min_s == min(m.times) and m.min_s <= m.median_s <= max(m.times)
+    assert calls["fn"] == 2 + 5 + 1  # warm-up, timed, one memory call
+    assert calls["between"] >= calls["fn"]
+
+
+def test_cpu_peak_memory_sees_live_allocations_and_not_freed_ones():
+    def two_live_blocks():
+        a = torch.ones(MB // 4)  # 1 MiB
+        b = torch.ones(2 * MB // 4)  # 2 MiB while a is alive
+        return a.sum() + b.sum()
+
+    def one_block_at_a_time():
+        for _ in range(3):
+            torch.ones(MB // 4).sum()
+
+    assert measure(two_live_blocks, warmup=0, reps=1, device="cpu").peak_extra_bytes >= 3 * MB
+    assert measure(one_block_at_a_time, warmup=0, reps=1, device="cpu").peak_extra_bytes < 2 * MB
+
+
+def test_measure_rejects_zero_reps():
+    with pytest.raises(ValueError, match="reps"):
+        measure(lambda: None, warmup=0, reps=0, device="cpu")
+
+
+def test_cpu_device_name_and_slug():
+    assert device_name("cpu").startswith("cpu-") and device_name("cpu").endswith("cores")
+    assert device_slug("cpu") == "cpu"
+
+
+def test_run_peer_turns_failures_into_unavailable_rows_and_passes_rows_through():
+    def missing():
+        import hotloop_no_such_module  # noqa: F401
+
+    def off_device():
+        raise Unavailable("Triton kernel, CUDA only")
+
+    row = run_peer("x", missing, mode="both", size="s")[0]
+    assert row.status.startswith("unavailable: ModuleNotFoundError") and "hotloop_no_such_module" in row.status
+    assert (row.impl, row.mode, row.size) == ("x", "both", "s")
+    assert run_peer("y", off_device, mode="both", size="s")[0].status == "unavailable: Triton kernel, CUDA only"
+    ok = [Row("z", "fwd", "s", median_ms=1.0)]
+    assert run_peer("z", lambda: ok, mode="both", size="s") == ok
+
+
+def test_ratios_divide_by_floor_and_baseline_of_the_same_size_and_mode():
+    rows = [Row("floor", "fwd", "a", median_ms=2.0), Row("naive", "fwd", "a", median_ms=8.0),
+            Row("fast", "fwd", "a", median_ms=4.0), Row("fast", "bwd", "a", median_ms=3.0),
+            Row("fast", "fwd", "b", median_ms=5.0), Row("gone", "fwd", "a", status="unavailable: x")]
+    out = {(r.impl, r.mode, r.size): r for r in add_ratios(rows, floor="floor", baseline="naive")}
+    assert out["fast", "fwd", "a"].x_floor == pytest.approx(2.0)
+    assert out["fast", "fwd", "a"].x_baseline == pytest.approx(0.5)
+    assert out["naive", "fwd", "a"].x_baseline == pytest.approx(1.0)
+    for key in (("fast", "bwd", "a"), ("fast", "fwd", "b"), ("gone", "fwd", "a")):
+        assert out[key].x_floor is None and out[key].x_baseline is None
+
+
+def test_write_results_writes_stamped_md_json_and_png(tmp_path):
+    meta = collect_meta("cpu", slug="cpu", notes=["a footer note"])
+    rows = [Row("floor", "fwd", "a", median_ms=2.0, peak_extra_mb=0.0), Row("naive", "fwd", "a", median_ms=6.0,
+            peak_extra_mb=3.5, per_token_logp="yes"), Row("gone", "both", "a", status="unavailable: no CUDA")]
+    paths = write_results("demo", rows, meta, out_dir=tmp_path)
+    assert {p.name for p in paths.values()} == {"demo-cpu.md", "demo-cpu.json", "demo-cpu.png"}
+    data = json.loads(paths["json"].read_text())
+    assert {"git_sha", "torch", "triton", "device", "date", "memory_method"} <= set(data["meta"])
+    naive = next(r for r in data["rows"] if r["impl"] == "naive")
+    assert naive["x_floor"] == pytest.approx(3.0)
+    md = paths["md"].read_text()
+    assert "| naive | fwd | 6.00 | 3.00 | 1.00 | 3.5 | yes |" in md
+    assert "unavailable: no CUDA" in md and "a footer note" in md and meta["git_sha"] in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logprob_bench_runs_end_to_end_on_a_tiny_size(tmp_path, one_thread):
+    paths = logprob.main(["--sizes", "33,16,97", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+                          "--impls", "floor,naive,trl,liger"])
+    data = json.loads(paths["json"].read_text())
+    rows = {(r["impl"], r["mode"]): r for r in data["rows"]}
+    for impl in ("floor", "naive", "trl"):
+        for mode in logprob.MODES:
+            assert rows[impl, mode]["status"] == "ok" and rows[impl, mode]["median_ms"] > 0
+            assert rows[impl, mode]["x_floor"] is not None and rows[impl, mode]["x_baseline"] is not None
+    assert rows["naive", "fwd+bwd"]["x_baseline"] == pytest.approx(1.0)
+    assert rows["liger", "both"]["status"].startswith("unavailable")
+    assert data["meta"]["dtype"] == "float32" and data["rows"][0]["size"] == "N=33 D=16 V=97 float32"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hotloop.kernels.fused_linear_logprob") is None,
+                    reason="hotloop.kernels.fused_linear_logprob not written yet")
+def test_logprob_bench_error_column_is_small_for_exact_implementations(tmp_path, one_thread):
+    paths = logprob.main(["--sizes", "40,24,131", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path),
+                          "--impls", "naive,hotloop,torch,trl"])
+    rows = json.loads(paths["json"].read_text())["rows"]
+    errors = {r["impl"]: r["max_abs_err"] for r in rows if r["status"] == "ok"}
+    assert set(errors) == {"naive", "hotloop", "torch", "trl"}
+    assert all(err < 1e-4 for err in errors.values()), errors
+
+
+def test_logprob_cli_rejects_bad_sizes_and_unknown_impls():
+    with pytest.raises(SystemExit):
+        logprob.parse_args(["--sizes", "1,2"])
+    with pytest.raises(SystemExit):
+        logprob.parse_args(["--impls", "naive,nope"])
