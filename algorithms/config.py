@@ -1,0 +1,197 @@
+"""One run's configuration: nested frozen dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+
+Every default lives here, in the dataclasses (the defaults *are* ``hotloop demo``: semi-online DPO
+with ``s = 4`` on 2-digit addition from the tiny model's SFT warm start). A YAML file names only
+what it changes::
+
+    algorithm: online-dpo
+    dpo: {beta: 0.1, samples_per_prompt: 8}
+    loop: {steps: 60, sync_every: 4}          # null or .inf: offline
+
+and ``load_config(path, ["loop.sync_every=1", "dpo.loss_type=ipo"])`` applies overrides on top
+(each value parsed as YAML). Unknown keys, unknown algorithms, ``sync_every < 1`` and a task
+without a reward fail with a ``ValueError`` naming the dotted field.
+
+Adding an algorithm: give it a frozen ``Config`` section field on :class:`RunConfig` and an entry
+``name → (section, factory)`` in :data:`ALGORITHMS`; ``factory(section_config, context)`` gets a
+:class:`hotloop.algorithms.base.BuildContext` and returns the ``Algorithm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
+from hotloop.runtime.loop import LoopConfig
+from hotloop.runtime.trainer import TrainerConfig
+
+TASKS = ("arithmetic", "preference", "jsonl")
+REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule")
+
+ALGORITHMS = {
+    "online-dpo": ("dpo", OnlineDPO.from_config),
+    "offline-dpo": ("dpo", OfflineDPO.from_config),
+}
+"""Algorithm name → (RunConfig section holding its settings, factory(section, BuildContext))."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which policy to start from."""
+
+    path: str | None = None
+    """Local transformers causal-LM directory; None = the built-in tiny Llama after an SFT warm start."""
+    warm_start_steps: int = 2000
+    """SFT steps of the built-in warm start (cached under cache_dir)."""
+    warm_start_error_rate: float = 0.6
+    """Probability that the warm start's teacher drops a carry (makes the SFT policy imperfect)."""
+    cache_dir: str = "~/.cache/hotloop"
+    """Where warm-started models are cached."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """Where prompts come from."""
+
+    name: str = "arithmetic"
+    """"arithmetic" (verifiable), "preference" (rule-scored style task) or "jsonl" (prompts file)."""
+    digits: int = 2
+    """Operand digits of the arithmetic task."""
+    op: str = "+"
+    """Arithmetic operator, "+" or "-"."""
+    prompts: str | None = None
+    """JSONL file of {"prompt": ..., "answer": ...} rows (task "jsonl"); 10% become the held-out set."""
+    eval_problems: int = 500
+    """Held-out problems for greedy accuracy (at most the test split)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise ValueError(f"name: expected one of {TASKS}, got {self.name!r}")
+        if self.name == "jsonl" and not self.prompts:
+            raise ValueError("prompts: task 'jsonl' needs a JSONL file of prompts, got None")
+        if not isinstance(self.eval_problems, int) or self.eval_problems < 1:
+            raise ValueError(f"eval_problems: expected an int >= 1, got {self.eval_problems!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardConfig:
+    """How completions are scored."""
+
+    kind: str | None = None
+    """One of REWARDS; None = the task's own verifier (arithmetic: exact_match; preference: its rule)."""
+    model: str | None = None
+    """Local sequence-classifier directory (kind "reward_model")."""
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in REWARDS:
+            raise ValueError(f"kind: expected one of {REWARDS} or None, got {self.kind!r}")
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("model: kind 'reward_model' needs a local model directory, got None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """Sampler settings of the rollout engine (n comes from the algorithm)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 5
+    max_batch_size: int = 512
+    """Rows the engine decodes together."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole run: model, task, reward, algorithm and its section, sampler, trainer, loop."""
+
+    algorithm: str = "online-dpo"
+    """Name of a registered algorithm (see ALGORITHMS)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-3, betas=(0.9, 0.98),
+                                                                         max_grad_norm=1.0, warmup_steps=5))
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, sync_every=4, prompts_per_step=32,
+                                                                eval_every=10))
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.task.name == "jsonl" and self.reward.kind is None:
+            raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS}, "
+                             f"got None (missing reward)")
+
+    @property
+    def algorithm_section(self):
+        """The config section of the chosen algorithm."""
+        return getattr(self, ALGORITHMS[self.algorithm][0])
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """``RunConfig`` from a YAML file (or the defaults when None) with ``key.sub=value`` overrides applied."""
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override: expected key.sub=value, got {item!r}")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{key}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(value)
+    return _build(RunConfig, data, "", base=None)
+
+
+def _build(cls, data: dict, prefix: str, base):
+    """Instance of dataclass ``cls`` from ``data`` over ``base`` (or the defaults), errors prefixed."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown key; expected one of {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    defaults = base if base is not None else _defaults(cls)
+    kwargs = {}
+    for name, value in data.items():
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(hints[name]) and isinstance(hints[name], type):
+            kwargs[name] = _build(hints[name], value, f"{prefix}{name}.", current)
+        else:
+            kwargs[name] = _coerce(value, hints[name])
+    try:
+        return dataclasses.replace(defaults, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{prefix}{err}") from None
+
+
+def _defaults(cls):
+    try:
+        return cls()
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{cls.__name__}: {err}") from None
+
+
+def _coerce(value, hint):
+    """YAML lists become tuples where the field is a tuple; ``.inf`` stays a float (offline sync)."""
+    if isinstance(value, list) and typing.get_origin(hint) is tuple:
+        return tuple(value)
+    if isinstance(value, float) and value.is_integer() and not math.isinf(value) and int in typing.get_args(hint):
+        return int(value)
+    return value

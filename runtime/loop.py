@@ -1,0 +1,295 @@
+"""The online loop: sample → score → build batch → train, re-syncing the sampler every ``s`` steps.
+
+One loop covers the offline → online spectrum (Lanchantin et al. 2025, "Bridging offline and
+online RL for LLMs"): ``sync_every = s`` optimizer steps between weight syncs, with ``s = 1`` fully
+online, ``1 < s < ∞`` semi-online and ``s = None`` (or ``math.inf``) offline (the sampler keeps
+the initial weights). Step ``t`` syncs when ``t % s == 0``, so the staleness of what step ``t``
+trains on, ``trainer.version − sampler version``, follows ``t mod s`` (0 for ``s = 1``, ``t`` for
+``s = ∞``), and is logged on every step.
+
+Where the sampler's weights live. With ``s = 1`` a ``TorchEngine`` samples from the trainer's own
+module (zero-copy): a sync is a version bump. With ``s > 1`` or offline the sampler must see
+*stale* weights, so :func:`make_engine` gives it its own copy of the model and a sync copies the
+trainer's tensors into it in place (``load_state_dict`` → ``param.copy_``; no reallocation), a
+cost measured as the ``sync`` phase. A zero-copy engine with ``s ≠ 1`` is refused.
+
+Exact resume. Every source of randomness is a function of ``(seed, step)``: the prompts drawn
+(``random.Random``) and the sampler's generator (``SamplingParams.seed``), so a run resumed from a
+checkpoint takes the same next step as an uninterrupted one. A checkpoint (model, reference,
+optimizer, scheduler, loop state, and the sampler's own copy of the weights) is written every
+``checkpoint_every`` steps, at the end, and when SIGINT/SIGTERM arrives (after the step in flight
+finishes; a second Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from hotloop.runtime.checkpoint import latest_checkpoint
+from hotloop.runtime.engine import SamplingParams
+from hotloop.runtime.torch_engine import TorchEngine
+
+PHASES = ("sync", "sampling", "scoring", "batching", "training")
+_ENGINE_FILE = "engine.safetensors"
+_METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """How long the loop runs, how often the sampler is re-synced, evaluated and checkpointed."""
+
+    steps: int = 60
+    """Loop steps (each at most one optimizer step)."""
+    sync_every: int | float | None = 4
+    """s: optimizer steps between sampler weight syncs; 1 = online, None or math.inf = offline."""
+    prompts_per_step: int = 16
+    """Prompts drawn (without replacement within a step) per loop step."""
+    eval_every: int = 10
+    """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
+    checkpoint_every: int = 0
+    """Checkpoint every this many steps; 0 = only at the end and on interruption."""
+    out_dir: str = "runs/demo"
+    """Directory for metrics.jsonl and checkpoints."""
+    seed: int = 0
+    """Seeds the prompt draw and the sampler of every step."""
+    sleep_between_phases: bool = False
+    """Call engine.sleep()/wake() around training (frees sampler memory; useful on GPU only)."""
+
+    def __post_init__(self) -> None:
+        if self.sync_every is not None and self.sync_every != math.inf and not (
+                isinstance(self.sync_every, int) and not isinstance(self.sync_every, bool) and self.sync_every >= 1):
+            raise ValueError(f"sync_every: expected an int >= 1, None or math.inf (offline), got {self.sync_every!r}")
+        for name in ("steps", "prompts_per_step"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def sync_period(self) -> int | None:
+        """``sync_every`` as an int, or None when the sampler is never re-synced."""
+        return None if self.sync_every in (None, math.inf) else int(self.sync_every)
+
+
+def make_engine(model: nn.Module, *, sync_every: int | float | None, pad_token_id: int, eos_token_id: int | None,
+                **engine_kwargs) -> TorchEngine:
+    """A ``TorchEngine`` on ``model`` itself when ``sync_every == 1``, else on a deep copy of it."""
+    own = model if sync_every == 1 else copy.deepcopy(model).requires_grad_(False)
+    return TorchEngine(own, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
+
+
+@dataclass
+class LoopResult:
+    """What ``OnlineLoop.run`` did: steps finished, whether it was interrupted, the time it took."""
+
+    next_step: int
+    interrupted: bool
+    wall_seconds: float
+    phase_seconds: dict[str, float]
+    records: list[dict]
+
+
+class OnlineLoop:
+    """Sample → score → build batch → train, syncing the sampler every ``config.sync_every`` steps.
+
+    Args:
+        config: schedule, output directory and seed.
+        trainer: ``hotloop.runtime.trainer.Trainer`` (its ``reference`` feeds the algorithm's loss).
+        engine: a ``RolloutEngine``; a ``TorchEngine`` on the trainer's module only when ``sync_every == 1``.
+        algorithm: ``hotloop.algorithms.base.Algorithm``.
+        reward_fn: ``RewardFn`` (problems, texts) -> [n] float32.
+        problems: training pool (objects with ``.prompt``); each step draws ``prompts_per_step`` of them.
+        tokenizer: ``encode(text) -> ids`` (with bos) and ``decode(ids) -> text`` (stops at eos).
+        sampling: temperature / top-p / top-k / max_new_tokens (``n`` and ``seed`` are set per step).
+        evaluate: optional ``evaluate(model) -> {name: float}`` run on the trainer's model.
+        progress: show a tqdm bar with a live postfix.
+    """
+
+    def __init__(self, config: LoopConfig, *, trainer, engine, algorithm, reward_fn: Callable, problems: list,
+                 tokenizer, sampling: SamplingParams, evaluate: Callable[[nn.Module], dict] | None = None,
+                 progress: bool = True) -> None:
+        if not isinstance(config, LoopConfig):
+            raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
+        if getattr(engine, "model", None) is trainer.model and config.sync_period != 1:
+            raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag; "
+                             f"sync_every={config.sync_every!r} needs an engine on a copy (make_engine)")
+        if algorithm.needs_reference and trainer.reference is None:
+            raise ValueError(f"trainer: {type(algorithm).__name__} needs a reference model, got trainer.reference=None")
+        if algorithm.samples_per_prompt and len(problems) < config.prompts_per_step:
+            raise ValueError(f"problems: expected at least prompts_per_step={config.prompts_per_step}, got {len(problems)}")
+        self.config, self.trainer, self.engine, self.algorithm = config, trainer, engine, algorithm
+        self.reward_fn, self.problems, self.tokenizer, self.sampling = reward_fn, problems, tokenizer, sampling
+        self.evaluate, self.progress = evaluate, progress
+        self.zero_copy = getattr(engine, "model", None) is trainer.model
+        self.out_dir = Path(config.out_dir)
+        self._stop = False
+
+    def run(self, *, resume: bool = False) -> LoopResult:
+        """Run (or, with ``resume``, continue from the latest checkpoint in ``out_dir``) to ``config.steps``."""
+        start = self._resume() if resume else 0
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics(start)
+        records, t0, step = [], time.perf_counter(), start
+        bar = tqdm(total=self.config.steps, initial=start, desc="online loop", disable=not self.progress)
+        with self._stop_on_signals(), bar, open(self.out_dir / _METRICS_FILE, "a") as log:
+            while step < self.config.steps and not self._stop:
+                record = self.step(step)
+                step += 1
+                if self._due(step, self.config.eval_every) or step == self.config.steps:
+                    record.update(self._evaluate())
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                records.append(record)
+                bar.update(1)
+                bar.set_postfix_str(_postfix(record))
+                if self._due(step, self.config.checkpoint_every) or step == self.config.steps or self._stop:
+                    self.checkpoint(step)
+        phases = {p: sum(r.get(f"time/{p}", 0.0) for r in records) for p in PHASES}
+        return LoopResult(next_step=step, interrupted=step < self.config.steps, records=records,
+                          wall_seconds=time.perf_counter() - t0, phase_seconds=phases)
+
+    def step(self, step: int) -> dict:
+        """One loop step; returns its metrics record."""
+        times: dict[str, float] = {}
+        with _timed(times, "sync"):
+            if self._sync_due(step):
+                state = None if self.zero_copy else self.trainer.model.state_dict()
+                self.engine.sync_weights(self.trainer.version, state)
+        problems = self._draw(step)
+        prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
+        completions, rewards = [], torch.zeros(0)
+        if self.algorithm.samples_per_prompt:
+            with _timed(times, "sampling"):
+                self.engine.wake()
+                sampling = dataclasses.replace(self.sampling, n=self.algorithm.samples_per_prompt,
+                                               seed=self.config.seed * 1_000_003 + step)
+                completions = self.engine.generate(prompt_ids, sampling)
+            with _timed(times, "scoring"):
+                texts = [self.tokenizer.decode(c.token_ids) for c in completions]
+                rewards = self.reward_fn([problems[c.prompt_index] for c in completions], texts)
+        with _timed(times, "batching"):
+            batch = self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
+        record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
+                  "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
+                  **_reward_metrics(rewards)}
+        with _timed(times, "training"):
+            if self.config.sleep_between_phases:
+                self.engine.sleep()
+            if batch is not None:
+                reference = self.trainer.reference
+                record.update(self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
+                                                [batch]))
+        record.update({f"time/{name}": seconds for name, seconds in times.items()})
+        record["skipped"] = batch is None
+        return record
+
+    def checkpoint(self, next_step: int) -> Path:
+        """Write a checkpoint from which ``run(resume=True)`` continues at ``next_step``."""
+        state = {"next_step": next_step, "engine_version": self.engine.weight_version,
+                 "config": dataclasses.asdict(self.config)}
+        path = self.trainer.save(self.out_dir, state)
+        if not self.zero_copy:
+            tmp = path / (_ENGINE_FILE + ".tmp")
+            save_file({k: v.detach().contiguous() for k, v in self.engine.model.state_dict().items()}, str(tmp))
+            tmp.replace(path / _ENGINE_FILE)
+        return path
+
+    def _resume(self) -> int:
+        """Load the latest checkpoint of ``out_dir`` into trainer and engine; the step to continue at."""
+        path = latest_checkpoint(self.out_dir)
+        if path is None:
+            return 0
+        state = self.trainer.load(path)
+        engine_state = None if self.zero_copy else load_file(str(Path(path) / _ENGINE_FILE))
+        self.engine.sync_weights(int(state["engine_version"]), engine_state)
+        return int(state["next_step"])
+
+    def _sync_due(self, step: int) -> bool:
+        period = self.config.sync_period
+        return period is not None and step % period == 0
+
+    def _draw(self, step: int) -> list:
+        """The prompts of ``step``: a function of (seed, step) only, so resumed runs draw the same ones."""
+        rng = random.Random(f"hotloop-loop:{self.config.seed}:{step}")
+        return rng.sample(self.problems, min(self.config.prompts_per_step, len(self.problems)))
+
+    def _evaluate(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        t0 = time.perf_counter()
+        out = {f"eval/{k}": float(v) for k, v in self.evaluate(self.trainer.model).items()}
+        return {**out, "time/eval": time.perf_counter() - t0}
+
+    def _truncate_metrics(self, start: int) -> None:
+        """Keep only the metric lines of steps before ``start`` (a resumed run rewrites the rest)."""
+        path = self.out_dir / _METRICS_FILE
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    @staticmethod
+    def _due(step: int, every: int) -> bool:
+        return every > 0 and step % every == 0
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM finish the step in flight, checkpoint and return; a second SIGINT aborts."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop = True
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
+    """Mean reward and, for 0/1 rewards, the fraction of correct samples."""
+    if rewards.numel() == 0:
+        return {}
+    out = {"reward": rewards.float().mean().item()}
+    if bool(((rewards == 0) | (rewards == 1)).all()):
+        out["accuracy"] = out["reward"]
+    return out
+
+
+def _postfix(record: dict) -> str:
+    parts = [f"{name}={record[key]:.3f}" for name, key in
+             (("r", "reward"), ("kl", "kl"), ("acc", "eval/accuracy")) if key in record]
+    parts += [f"{p[:5]}={record[f'time/{p}']:.2f}s" for p in ("sampling", "training", "sync") if f"time/{p}" in record]
+    return " ".join(parts)
