@@ -1,0 +1,203 @@
+"""Pairwise preference losses on sequence log-probs: DPO and its variants, SimPO, CPO, RPO, ORPO.
+
+Inputs are per-pair sequence log-probs ``[B]`` (sums over completion tokens) of the policy and, unless
+``reference_free``, of the reference. With ``ρ_c = logp_c − ref_c``, ``ρ_r = logp_r − ref_r`` (divided by the
+completion lengths when ``length_normalize``) and ``z = β(ρ_c − ρ_r) − γ``, the per-pair losses are those of
+Liger-Kernel 0.8.5 ``LigerFusedLinearDPOFunction.preference_loss_fn`` (and TRL's ``DPOTrainer``):
+
+- ``sigmoid`` (DPO, https://arxiv.org/abs/2305.18290): ``−(1−ε) logσ(z) − ε logσ(−z)`` (cDPO smoothing ε;
+  Liger 0.8.5's DPO ignores ε here, TRL and Liger's CPO/SimPO apply it — we apply it);
+- ``hinge`` (SLiC): ``relu(1 − z)``;  ``ipo`` (https://arxiv.org/abs/2310.12036, TRL):
+  ``(ρ̄_c − ρ̄_r − 1/(2β))²`` with length-averaged log-ratios (lengths required; Liger lacks ipo);
+- ``exo_pair`` (https://arxiv.org/abs/2402.00856): ``σ(z)(logσ(z) − log(1−ε)) + σ(−z)(logσ(−z) − log ε)``, ε > 0;
+- ``nca_pair``: ``−logσ(βρ_c) − ½logσ(−βρ_c) − ½logσ(−βρ_r)``;
+- ``robust``: ``[−(1−ε)logσ(z) + ε logσ(−z)] / (1 − 2ε)``, 0 ≤ ε < ½;
+- ``bco_pair``: ``−logσ(βρ_c) − logσ(−βρ_r)``;  ``sppo_hard``: ``(ρ_c − 1/(2β))² + (ρ_r + 1/(2β))²``;
+- ``apo_zero``: ``1 − σ(βρ_c) + σ(βρ_r)``;  ``apo_down``: ``σ(βρ_c) + 1 − σ(z)``
+  (https://arxiv.org/abs/2408.06266);
+- ``discopop`` (https://arxiv.org/abs/2406.08414): ``−logσ(z)(1 − σ(z/τ)) + exp(−z) σ(z/τ)``.
+
+Every type needs the reference log-probs unless ``reference_free=True`` (then ``ref = 0``, as Liger's
+default ``ref=None``). SimPO (https://arxiv.org/abs/2405.14734) = ``reference_free, length_normalize,
+gamma``; CPO (https://arxiv.org/abs/2401.08417) = ``reference_free`` sigmoid plus ``nll_loss`` with
+``nll_coef``; RPO (https://arxiv.org/abs/2404.19733) = any type plus ``nll_coef · mean(nll_loss)``.
+The loss is the mean over pairs (Liger divides the sum by ``B``). Memory: a few ``[B]`` temporaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_choice, check_tensor
+from .output import LossOutput
+
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
+    "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+)  # fmt: skip
+
+
+def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps: float, gamma: float, tau: float):
+    z = beta * (rho_c - rho_r) - gamma
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    if loss_type == "ipo":
+        return (rho_c - rho_r - 1 / (2 * beta)) ** 2
+    if loss_type == "exo_pair":
+        log_pw, log_pl = math.log1p(-eps), math.log(eps)
+        return torch.sigmoid(z) * (F.logsigmoid(z) - log_pw) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_pl)
+    if loss_type == "nca_pair":
+        wc, wr = beta * rho_c, beta * rho_r
+        return -F.logsigmoid(wc) - 0.5 * F.logsigmoid(-wc) - 0.5 * F.logsigmoid(-wr)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * rho_c) - F.logsigmoid(-beta * rho_r)
+    if loss_type == "sppo_hard":
+        return (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * rho_c) + torch.sigmoid(beta * rho_r)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(z)
+    mod = torch.sigmoid(z / tau)  # discopop
+    return -F.logsigmoid(z) * (1 - mod) + torch.exp(-z) * mod
+
+
+def _check_options(loss_type: str, beta: float, eps: float, gamma: float, length_normalize: bool, lengths) -> None:
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if loss_type == "exo_pair" and not 0 < eps < 1:
+        raise ValueError(f"label_smoothing must be in (0, 1) for loss_type='exo_pair' (paper: 1e-3), got {eps}")
+    if loss_type == "robust" and not 0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
+    if loss_type == "sigmoid" and not 0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
+    if eps != 0 and loss_type not in ("sigmoid", "robust", "exo_pair"):
+        raise ValueError(f"label_smoothing applies to sigmoid, robust and exo_pair only; got {eps} with {loss_type!r}")
+    if gamma != 0 and loss_type != "sigmoid":
+        raise ValueError(f"gamma (SimPO margin) applies to loss_type='sigmoid' only; got {gamma} with {loss_type!r}")
+    if (length_normalize or loss_type == "ipo") and None in lengths:
+        raise ValueError(f"chosen_lengths and rejected_lengths are required for length normalization / ipo, got {lengths}")
+
+
+def _check_pairs(names: tuple[str, ...], tensors: tuple, n: int) -> None:
+    for name, t in zip(names, tensors):
+        if t is not None:
+            check_tensor(name, t, (n,))
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    length_normalize: bool = False,
+    gamma: float = 0.0,
+    nll_loss: Tensor | None = None,
+    nll_coef: float = 0.0,
+    reference_free: bool = False,
+    discopop_tau: float = 0.05,
+) -> LossOutput:
+    """DPO-family loss averaged over ``B`` pairs.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` policy sequence log-probs (sums over completion tokens).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs; required unless ``reference_free``.
+        beta: inverse temperature β (> 0).  loss_type: one of ``LOSS_TYPES``.
+        label_smoothing: ε for sigmoid (cDPO), robust and exo_pair.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts (for length normalization and ipo).
+        length_normalize: divide all log-probs by their lengths (SimPO). ipo always normalizes.
+        gamma: SimPO margin γ subtracted from ``β(ρ_c − ρ_r)`` (sigmoid only).
+        nll_loss: ``[B]`` or 0-d NLL of the chosen completions (RPO/CPO); its mean times ``nll_coef`` is added.
+        reference_free: use ``ref = 0`` (SimPO, CPO).  discopop_tau: τ of discopop.
+
+    Returns:
+        ``LossOutput``; metrics ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``
+        (and ``nll_loss`` when given).
+    """
+    n = chosen_logps.shape[0] if isinstance(chosen_logps, Tensor) else -1
+    check_tensor("chosen_logps", chosen_logps, ndim=1)
+    refs = (ref_chosen_logps, ref_rejected_logps)
+    _check_pairs(
+        ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"),
+        (rejected_logps, *refs, chosen_lengths, rejected_lengths), n,
+    )  # fmt: skip
+    _check_options(loss_type, beta, label_smoothing, gamma, length_normalize, (chosen_lengths, rejected_lengths))
+    if reference_free and any(r is not None for r in refs):
+        raise ValueError("reference_free=True takes no ref_chosen_logps / ref_rejected_logps, got tensors")
+    if not reference_free and any(r is None for r in refs):
+        raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (or reference_free=True)")
+    rho_c = chosen_logps if reference_free else chosen_logps - ref_chosen_logps
+    rho_r = rejected_logps if reference_free else rejected_logps - ref_rejected_logps
+    if length_normalize or loss_type == "ipo":
+        rho_c = rho_c / chosen_lengths.to(rho_c.dtype).clamp_min(1.0)
+        rho_r = rho_r / rejected_lengths.to(rho_r.dtype).clamp_min(1.0)
+    losses = _pair_losses(rho_c, rho_r, loss_type, beta, label_smoothing, gamma, discopop_tau)
+    loss = losses.mean()
+    if nll_loss is not None:
+        loss = loss + nll_coef * nll_loss.mean()
+    return LossOutput(loss, _pair_metrics(beta * rho_c, beta * rho_r, chosen_logps, rejected_logps, nll_loss))
+
+
+@torch.no_grad()
+def _pair_metrics(rw_c: Tensor, rw_r: Tensor, logp_c: Tensor, logp_r: Tensor, nll: Tensor | None) -> dict:
+    out = {
+        "rewards/chosen": rw_c.mean(),
+        "rewards/rejected": rw_r.mean(),
+        "rewards/margins": (rw_c - rw_r).mean(),
+        "rewards/accuracies": (rw_c > rw_r).float().mean(),
+        "logps/chosen": logp_c.mean(),
+        "logps/rejected": logp_r.mean(),
+    }
+    if nll is not None:
+        out["nll_loss"] = nll.mean()
+    return {k: v.detach() for k, v in out.items()}
+
+
+def orpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    nll_loss: Tensor,
+) -> LossOutput:
+    """ORPO (https://arxiv.org/abs/2403.07691): ``mean(nll) − β · mean logσ(log odds_c − log odds_r)``.
+
+    ``log odds(y) = p̄ − log(1 − exp(p̄))`` with ``p̄`` the average token log-prob (``logps / lengths``), as Liger's
+    ``LigerFusedLinearORPOFunction`` and TRL's ``ORPOTrainer``.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` summed log-probs.  beta: weight λ of the odds-ratio term.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts.
+        nll_loss: ``[B]`` or 0-d NLL of the chosen completions.
+
+    Returns:
+        ``LossOutput``; metrics as :func:`dpo_loss` plus ``log_odds_ratio``, ``log_odds_chosen``, ``nll_loss``.
+    """
+    check_tensor("chosen_logps", chosen_logps, ndim=1)
+    n = chosen_logps.shape[0]
+    _check_pairs(("rejected_logps", "chosen_lengths", "rejected_lengths"), (rejected_logps, chosen_lengths, rejected_lengths), n)
+    avg_c = chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp_min(1.0)
+    avg_r = rejected_logps / rejected_lengths.to(rejected_logps.dtype).clamp_min(1.0)
+    log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+    ratio = F.logsigmoid(log_odds)
+    loss = nll_loss.mean() - beta * ratio.mean()
+    metrics = _pair_metrics(beta * avg_c, beta * avg_r, chosen_logps, rejected_logps, nll_loss)
+    metrics["log_odds_ratio"] = ratio.detach().mean()
+    metrics["log_odds_chosen"] = log_odds.detach().mean()
+    return LossOutput(loss, metrics)

@@ -1,0 +1,68 @@
+"""KL penalty between the policy and a reference, from per-token log-probs.
+
+With ``r = ref_logp - logp`` (log ratio of reference to policy at the sampled token):
+
+- ``k1 = -r`` (= logp - ref_logp): unbiased, high variance, can be negative;
+- ``k2 = r² / 2``: biased, low variance;
+- ``k3 = exp(r) - r - 1``: unbiased and always ≥ 0 (Schulman, http://joschu.net/blog/kl-approx.html).
+
+All three estimate KL(π ‖ π_ref) under samples from π. No clamps: verl's ±10/±20 clamps and slime's
+``low_var_kl`` are not applied here (a caller who wants one clamps ``ref_logp - logp`` itself).
+Memory: a few ``[B, T]`` temporaries.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._checks import as_mask, check_choice, check_tensor
+
+ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_per_token(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3") -> Tensor:
+    """Per-token KL estimate.
+
+    Args:
+        logp: policy log-probs, any shape (e.g. ``[B, T]``).
+        ref_logp: reference log-probs, same shape.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        Tensor of ``logp``'s shape.
+    """
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_tensor("ref_logp", ref_logp, tuple(logp.shape))
+    return _kl(logp, ref_logp, estimator)
+
+
+def _kl(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    r = ref_logp - logp
+    if estimator == "k1":
+        return -r
+    if estimator == "k2":
+        return 0.5 * r * r
+    return r.exp() - r - 1.0
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str = "k3") -> Tensor:
+    """Mean of the per-token KL estimate over masked tokens (0 when the mask is empty).
+
+    Args:
+        logp: ``[B, T]`` policy log-probs.
+        ref_logp: ``[B, T]`` reference log-probs.
+        mask: ``[B, T]`` bool or 0/1.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        0-d tensor.
+    """
+    kl = kl_per_token(logp, ref_logp, estimator=estimator)
+    m = as_mask(mask, kl)
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def reference_kl_per_token(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Float64 reference for :func:`kl_per_token`."""
+    lp, rf = logp.double(), ref_logp.double()
+    return {"k1": lp - rf, "k2": 0.5 * (lp - rf) ** 2, "k3": (rf - lp).exp() - (rf - lp) - 1}[estimator]

@@ -1,0 +1,86 @@
+"""KTO (Ethayarajh et al. 2024, https://arxiv.org/abs/2402.01306) on sequence log-probs of unpaired samples.
+
+With ``ρ = logp − ref_logp`` and the reference point ``z₀`` (a detached estimate of KL(π ‖ π_ref)):
+
+    desirable   (label True):  λ_D · (1 − σ(β(ρ − z₀)))
+    undesirable (label False): λ_U · (1 − σ(β(z₀ − ρ)))
+
+averaged over all ``B`` samples, as TRL's ``KTOTrainer`` (``nanmean`` of the concatenated weighted losses)
+and Liger 0.8.5 ``LigerFusedLinearKTOFunction.preference_loss_fn`` (sum / B, no weights: λ_D = λ_U = 1).
+
+``kl_ref_point=None`` uses ``z₀ = 0``, like Liger's ``kl=None``. TRL estimates ``z₀`` from mismatched
+(prompt, completion) pairs of the batch: :func:`kto_kl_estimate` computes that estimate,
+``mean(logp_mismatch − ref_logp_mismatch)`` clamped at 0 and detached (TRL also all-gathers it across
+ranks before averaging; do that before calling when training data-parallel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor
+from .output import LossOutput
+
+
+def kto_kl_estimate(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """TRL's KTO reference point from mismatched pairs: ``max(mean(kl_logps − ref_kl_logps), 0)``, detached.
+
+    Args:
+        kl_logps, ref_kl_logps: ``[M]`` policy / reference sequence log-probs of mismatched completions.
+
+    Returns:
+        0-d tensor.
+    """
+    check_tensor("kl_logps", kl_logps, ndim=1)
+    check_tensor("ref_kl_logps", ref_kl_logps, tuple(kl_logps.shape))
+    return (kl_logps - ref_kl_logps).mean().clamp_min(0).detach()
+
+
+def kto_loss(
+    logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    *,
+    beta: float = 0.1,
+    kl_ref_point: Tensor | float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO loss averaged over ``B`` samples.
+
+    Args:
+        logps: ``[B]`` policy sequence log-probs.  ref_logps: ``[B]`` reference sequence log-probs.
+        labels: ``[B]`` bool, True for desirable completions.
+        beta: β (> 0).  kl_ref_point: ``z₀`` (0-d tensor or float, treated as a constant); None means 0.
+        desirable_weight, undesirable_weight: λ_D, λ_U.
+
+    Returns:
+        ``LossOutput``; metrics ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum``,
+        ``count/{chosen,rejected}`` as TRL logs them.
+    """
+    check_tensor("logps", logps, ndim=1)
+    check_tensor("ref_logps", ref_logps, tuple(logps.shape))
+    check_tensor("labels", labels, tuple(logps.shape))
+    if labels.dtype != torch.bool:
+        raise TypeError(f"labels must be a bool tensor, got dtype {labels.dtype}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    z0 = 0.0 if kl_ref_point is None else kl_ref_point
+    z0 = z0.detach() if isinstance(z0, Tensor) else z0
+    rho = logps - ref_logps
+    sign = torch.where(labels, 1.0, -1.0).to(rho.dtype)
+    weight = torch.where(labels, desirable_weight, undesirable_weight).to(rho.dtype)
+    loss = (weight * (1 - torch.sigmoid(beta * (rho - z0) * sign))).mean()
+    with torch.no_grad():
+        rewards, lf = beta * rho, labels.to(rho.dtype)
+        metrics = {
+            "kl": torch.as_tensor(z0, dtype=torch.float32, device=logps.device),
+            "rewards/chosen_sum": (rewards * lf).sum(),
+            "rewards/rejected_sum": (rewards * (1 - lf)).sum(),
+            "logps/chosen_sum": (logps * lf).sum(),
+            "logps/rejected_sum": (logps * (1 - lf)).sum(),
+            "count/chosen": lf.sum(),
+            "count/rejected": (1 - lf).sum(),
+        }
+    return LossOutput(loss, metrics)

@@ -1,0 +1,53 @@
+"""(Reward-weighted) supervised fine-tuning loss on per-token log-probs.
+
+``loss = Σ_b w_b Σ_t m_bt · (−logp_bt) / Z``, ``w_b = 1`` for plain SFT. The same loss serves rejection
+sampling / Best-of-N / RAFT (Dong et al. 2023, https://arxiv.org/abs/2304.06767) and ReST (Gulcehre et al. 2023,
+https://arxiv.org/abs/2308.08998) with ``w ∈ {0, 1}`` (or the kept samples only), and reward-weighted
+regression (Peters & Schaal 2007) with ``w_b = exp(r_b / τ)`` normalized by the caller.
+``Z = max(Σ m, 1)`` for ``normalize="token"``; for ``"sequence"`` each row is divided by ``max(|y_b|, 1)`` and the
+rows averaged over ``B``. Weights are treated as constants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import as_mask, check_choice, check_tensor
+from .output import LossOutput
+from .policy_gradient import masked_reduce
+
+
+def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token") -> LossOutput:
+    """Negative log-likelihood of the target tokens, optionally weighted per sequence.
+
+    Args:
+        logp: ``[B, T]`` log-probs of the target tokens.
+        mask: ``[B, T]`` bool or 0/1.
+        weights: ``[B]`` per-sequence weights (constants) or None.
+        normalize: ``"token"`` or ``"sequence"``.
+
+    Returns:
+        ``LossOutput`` with metric ``nll`` (unweighted token mean).
+    """
+    check_choice("normalize", normalize, ("token", "sequence"))
+    check_tensor("logp", logp, ndim=2)
+    m = as_mask(mask, logp)
+    nll = -logp
+    if weights is not None:
+        check_tensor("weights", weights, tuple(logp.shape[:1]))
+        nll = nll * weights.detach().to(logp.dtype).unsqueeze(-1)
+    loss = masked_reduce(nll, m, normalize)
+    with torch.no_grad():
+        metrics = {"nll": (-logp * m).sum() / m.sum().clamp_min(1.0)}
+    return LossOutput(loss, metrics)
+
+
+def reference_sft_loss(logp: Tensor, mask: Tensor, weights: Tensor | None, normalize: str) -> Tensor:
+    """Float64 reference, one sequence at a time."""
+    lp, m = logp.double(), mask.double()
+    w = torch.ones(lp.shape[0], dtype=torch.float64) if weights is None else weights.double()
+    rows = [w[b] * (-lp[b] * m[b]).sum() for b in range(lp.shape[0])]
+    if normalize == "token":
+        return sum(rows) / max(m.sum().item(), 1.0)
+    return sum(r / max(m[b].sum().item(), 1.0) for b, r in enumerate(rows)) / lp.shape[0]
