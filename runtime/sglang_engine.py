@@ -1,0 +1,135 @@
+"""``RolloutEngine`` on SGLang's offline ``Engine``, colocated with the trainer on the same GPU.
+
+Follows the colocated pattern of verl's SGLang rollout: the engine starts with
+``enable_memory_saver=True`` and a small ``mem_fraction_static`` (its KV-cache pool), gives its
+weights and KV cache back during training (``release_memory_occupation``), takes the weights back
+first to receive new ones (``resume_memory_occupation(tags=["weights"])`` then
+``update_weights_from_tensor``, which ships CUDA IPC handles, so no weight copy through the host),
+and the KV cache last (``wake``). Peak memory during a sync is the trainer's plus SGLang's weights.
+
+Log-probs: SGLang's ``output_token_logprobs`` are ``log_softmax(logits / T)`` before top-k/top-p
+(unless the server sets ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which this engine refuses), the same
+convention as ``TorchEngine``. ``SamplingParams.seed`` is honoured only when the engine was built
+with ``deterministic=True`` (SGLang's ``enable_deterministic_inference``); each row gets
+``seed + row`` so the n samples of a prompt differ.
+
+Rows are expanded here (prompt-major, n per prompt) instead of with SGLang's own ``n`` so the order
+of the returned completions is fixed by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hotloop.runtime.engine import Completion, SamplingParams
+
+_MISSING = "SGLangEngine needs sglang and a CUDA GPU: pip install sglang"
+
+
+class SGLangEngine:
+    """Samples with an in-process SGLang engine; refit from the trainer's tensors.
+
+    Args:
+        model_path: HF model directory SGLang loads the architecture and first weights from.
+        model: the trainer's module; ``sync_weights(version)`` without a state dict sends its weights.
+        mem_fraction_static: fraction of GPU memory SGLang may take for weights and KV cache.
+        deterministic: SGLang's deterministic inference (needed for ``SamplingParams.seed``).
+        **engine_kwargs: passed to ``sglang.Engine`` (e.g. ``dtype``, ``attention_backend``).
+    """
+
+    def __init__(self, model_path: str | Path, *, model: nn.Module | None = None, mem_fraction_static: float = 0.3,
+                 deterministic: bool = False, **engine_kwargs) -> None:
+        try:
+            import sglang
+        except ImportError as error:
+            raise ImportError(_MISSING) from error
+        if not torch.cuda.is_available():
+            raise ImportError(_MISSING)
+        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"):
+            raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB: expected unset (tempered log-probs), got it set")
+        if not Path(model_path).is_dir():
+            raise ValueError(f"model_path: expected a model directory, got {model_path!r}")
+        self.model = model
+        self.deterministic = deterministic
+        self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=True, enable_memory_saver=True,
+                                     mem_fraction_static=mem_fraction_static,
+                                     enable_deterministic_inference=deterministic, **engine_kwargs)
+        self._released: list[str] = []
+        self._version = 0
+
+    @property
+    def weight_version(self) -> int:
+        """Version of the weights the next ``generate`` samples with."""
+        return self._version
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """Sample ``sampling.n`` completions per prompt, prompt-major (see ``RolloutEngine``)."""
+        if self._released:
+            raise RuntimeError(f"generate: the engine released {self._released}; call wake() first")
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        if not prompt_token_ids or not all(isinstance(p, (list, tuple)) and p for p in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids: expected a non-empty list of non-empty token-id lists, "
+                             f"got {prompt_token_ids!r:.200}")
+        rows = [i for i in range(len(prompt_token_ids)) for _ in range(sampling.n)]
+        outputs = self._engine.generate(input_ids=[list(prompt_token_ids[i]) for i in rows],
+                                        sampling_params=[self._params(sampling, r) for r in range(len(rows))],
+                                        return_logprob=True)
+        return [self._completion(i, out) for i, out in zip(rows, outputs)]
+
+    def sync_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Send ``state_dict`` (or the attached ``model``'s weights) to SGLang and record ``version``."""
+        if not isinstance(version, int) or version < self._version:
+            raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
+        if state_dict is None and self.model is None:
+            raise ValueError("state_dict: expected tensors, or an engine built with model=, got None")
+        if "weights" in self._released:  # weights must be resident to be overwritten
+            self._engine.resume_memory_occupation(tags=["weights"])
+            self._released.remove("weights")
+        tensors = state_dict if state_dict is not None else self.model.state_dict()
+        named = [(name, t.detach()) for name, t in tensors.items()]
+        self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=True)
+        self._version = version
+
+    def sleep(self) -> None:
+        """Release SGLang's weights and KV cache (GPU memory goes back to the trainer)."""
+        if not self._released:
+            self._engine.release_memory_occupation()
+            self._released = ["weights", "kv_cache"]
+
+    def wake(self) -> None:
+        """Take back whatever ``sleep`` released; no-op when awake."""
+        if self._released:
+            self._engine.resume_memory_occupation(tags=list(self._released))
+            self._released = []
+
+    def flush_cache(self) -> None:
+        """Drop SGLang's radix (prefix) cache."""
+        self._engine.flush_cache()
+
+    def shutdown(self) -> None:
+        """Stop SGLang's scheduler and detokenizer processes."""
+        self._engine.shutdown()
+
+    def _params(self, sampling: SamplingParams, row: int) -> dict:
+        params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                  "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                  "max_new_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}
+        if sampling.seed is not None and self.deterministic:
+            params["sampling_seed"] = sampling.seed + row
+        return params
+
+    def _completion(self, prompt_index: int, out: dict) -> Completion:
+        meta = out["meta_info"]
+        reason = meta["finish_reason"]["type"] if isinstance(meta["finish_reason"], dict) else meta["finish_reason"]
+        if reason not in ("stop", "length"):
+            raise RuntimeError(f"generate: SGLang finished prompt {prompt_index} with {meta['finish_reason']!r}")
+        # one (logprob, token_id, text) per generated token, the stop token included
+        entries = meta["output_token_logprobs"]
+        return Completion(prompt_index=prompt_index, token_ids=[int(e[1]) for e in entries],
+                          logprobs=[float(e[0]) for e in entries], finish_reason=reason,
+                          weight_version=self._version)
