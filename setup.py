@@ -1,4 +1,76 @@
-"""Builds csrc/ (pybind11, OpenMP) as ``hotloop.kernels._row_kernels``; see csrc/README.md."""
-from setuptools import setup
+"""Builds csrc/ (pybind11, OpenMP) as the optional extension ``hotloop.kernels._row_kernels``.
 
-setup()
+The build never fails the install: without a C++ compiler (or OpenMP) it prints one warning and
+hotloop runs its PyTorch path (see docs/native-kernels.md). When ``nvcc`` is on PATH it also
+compiles csrc/row_kernels_cuda.cu to an object, as a compile check only: the CUDA kernels are not
+linked into this CPU extension. Environment:
+
+- ``HOTLOOP_MARCH_NATIVE=1``: add ``-march=native`` (the .so then runs only on CPUs like this one;
+  the default build is portable and picks AVX-512 / AVX2 clones at run time).
+- ``HOTLOOP_SKIP_CUDA_CHECK=1``: skip the nvcc compile check.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = "csrc"
+
+
+def _compile_flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    if os.environ.get("HOTLOOP_MARCH_NATIVE", "0") == "1":
+        flags.append("-march=native")
+    return flags
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that turns a failed native build into a one-line warning."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as err:  # no compiler at all surfaces here (DistutilsPlatformError)
+            _warn(f"native row kernels not built ({type(err).__name__}: {err})")
+        _check_cuda_sources(self.build_temp)
+
+    def build_extension(self, ext) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # CompileError, LinkError, missing OpenMP, ...
+            _warn(f"native row kernels not built ({type(err).__name__}: {str(err).splitlines()[0]})")
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: hotloop: {message}; the PyTorch path will be used.", file=sys.stderr)
+
+
+def _check_cuda_sources(build_temp: str) -> None:
+    """Compile csrc/row_kernels_cuda.cu with nvcc -c when nvcc exists (a check; nothing is linked)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.environ.get("HOTLOOP_SKIP_CUDA_CHECK", "0") == "1":
+        return
+    os.makedirs(build_temp, exist_ok=True)
+    out = os.path.join(build_temp, "row_kernels_cuda.o")
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", os.path.join(CSRC, "row_kernels_cuda.cu"), "-o", out]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["no output"])[0]
+        print(f"WARNING: hotloop: nvcc could not compile csrc/row_kernels_cuda.cu: {first}", file=sys.stderr)
+
+
+ext = Pybind11Extension(
+    "hotloop.kernels._row_kernels",
+    sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "row_kernels_cpu.cpp")],
+    include_dirs=[CSRC],
+    extra_compile_args=_compile_flags(),
+    extra_link_args=["-fopenmp"],
+    cxx_std=17,
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,218 @@
+// CPU row kernels: OpenMP across rows, `omp simd` inside a row. See row_kernels.h for the math.
+//
+// row_stats reads each row once from memory: the row is swept in chunks of kChunk logits (8 KiB
+// of fp32), and each chunk is read twice, once for its max and once for exp / e * d, while it
+// sits in L1. Running (max m, S = sum e^{z-m}, T = sum e^{z-m} (z-m)) are rescaled when a chunk
+// raises the max; chunk partial sums are fp32 (vector lanes), the running totals fp64. Then
+//   lse = m + log S,   H = log S - T / S.
+// row_grad overwrites the block in one read + one write per logit.
+//
+// libm expf does not vectorize without -ffast-math (which would break inf/NaN handling), so
+// exp_poly below is Cephes' expf written branch-free: gcc turns the loops into AVX2/AVX-512.
+// On x86-64 Linux with GCC the row functions are compiled for x86-64-v4, x86-64-v3 and the
+// baseline (target_clones) and the loader picks one at run time, so a portable build is fast.
+#include "row_kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <omp.h>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 11 && !defined(HOTLOOP_NO_CLONES)
+#define HOTLOOP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HOTLOOP_CLONES
+#endif
+
+#define HOTLOOP_INLINE inline __attribute__((always_inline))
+
+namespace hotloop {
+namespace {
+
+constexpr int64_t kChunk = 2048;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+HOTLOOP_INLINE float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+HOTLOOP_INLINE uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+HOTLOOP_INLINE float load(const float* p, int64_t j) { return p[j]; }
+HOTLOOP_INLINE float load(const uint16_t* p, int64_t j) { return bits_to_float(uint32_t(p[j]) << 16); }
+
+HOTLOOP_INLINE void store(float* p, int64_t j, float v) { p[j] = v; }
+// Round to nearest even; NaN stays a (quiet) NaN instead of rounding into inf.
+HOTLOOP_INLINE void store(uint16_t* p, int64_t j, float v) {
+  const uint32_t b = float_to_bits(v);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  p[j] = uint16_t(v != v ? ((b >> 16) | 0x40u) : rounded);
+}
+
+// Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 polynomial
+// (max rel. error ~1.5e-7 in fp32). Below -87.3 the result is 0 (also for -inf); NaN stays NaN.
+HOTLOOP_INLINE float exp_poly(float x) {
+  constexpr float kLo = -87.3365447504f, kHi = 88.3762626647f;
+  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);
+  // (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to the nearest integer without libm, so it vectorizes.
+  constexpr float kRound = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
+  const float e = y * scale;
+  return x < kLo ? 0.0f : (x > kHi ? kInf : e);
+}
+
+struct Running {
+  double m = -std::numeric_limits<double>::infinity();
+  double s = 0.0;  // sum e^{z - m}
+  double t = 0.0;  // sum e^{z - m} (z - m)
+};
+
+// Folds one chunk of z = inv_t * x into the running statistics.
+template <typename T>
+HOTLOOP_INLINE void fold_chunk(const T* __restrict x, int64_t n, float inv_t, Running& acc) {
+  float cm = -kInf;
+#pragma omp simd reduction(max : cm)
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = inv_t * load(x, j);
+    cm = z > cm ? z : cm;
+  }
+  if (double(cm) > acc.m) {
+    // New max: S' = S e^{m - m'},  T' = e^{m - m'} (T + (m - m') S).
+    if (acc.s > 0.0) {
+      const double shift = acc.m - double(cm);
+      const double scale = std::exp(shift);
+      acc.t = scale * (acc.t + shift * acc.s);
+      acc.s = scale * acc.s;
+    }
+    acc.m = double(cm);
+  }
+  const float m = float(acc.m);
+  if (!(m > -kInf)) return;  // chunk of -inf (or NaN) logits adds nothing
+  float cs = 0.0f, ct = 0.0f;
+#pragma omp simd reduction(+ : cs, ct)
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = inv_t * load(x, j) - m;
+    const float e = exp_poly(d);
+    cs += e;
+    ct += e > 0.0f ? e * d : 0.0f;  // e = 0 at d = -inf: the limit of e * d is 0, not NaN
+  }
+  acc.s += double(cs);
+  acc.t += double(ct);
+}
+
+template <typename T>
+HOTLOOP_INLINE void stats_row(const T* x, int64_t vocab, float inv_t, int64_t target, bool ignored,
+                              float* lse, float* logp, float* entropy) {
+  Running acc;
+  for (int64_t c = 0; c < vocab; c += kChunk) {
+    fold_chunk(x + c, vocab - c < kChunk ? vocab - c : kChunk, inv_t, acc);
+  }
+  const double log_s = std::log(acc.s);
+  const double l = acc.m + log_s;
+  *lse = float(l);
+  *logp = ignored ? 0.0f : float(double(inv_t * load(x, target)) - l);
+  *entropy = ignored ? 0.0f : float(log_s - acc.t / acc.s);
+}
+
+HOTLOOP_CLONES void stats_row_any(const RowStatsParams& p, int64_t r, bool ignored) {
+  const int64_t t = ignored ? 0 : p.targets[r];
+  if (p.dtype == DType::kFloat32) {
+    const float* x = static_cast<const float*>(p.logits) + r * p.row_stride;
+    stats_row(x, p.vocab, p.inv_temperature, t, ignored, p.lse + r, p.logp + r, p.entropy + r);
+  } else {
+    const uint16_t* x = static_cast<const uint16_t*>(p.logits) + r * p.row_stride;
+    stats_row(x, p.vocab, p.inv_temperature, t, ignored, p.lse + r, p.logp + r, p.entropy + r);
+  }
+}
+
+// g_j = s * [g_lp (1[j = t] - p_j) - g_ent p_j (log p_j + H)] over one block row, in place.
+template <typename T>
+HOTLOOP_INLINE void grad_row(T* __restrict x, int64_t n, int64_t local_t, float inv_t, float lse,
+                             float h, float g_lp, float g_ent) {
+  const bool has_t = local_t >= 0 && local_t < n;
+  const float lp_t = has_t ? inv_t * load(x, local_t) - lse : 0.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float lp = inv_t * load(x, j) - lse;
+    const float pj = exp_poly(lp);
+    const float g = pj > 0.0f ? -inv_t * pj * (g_lp + g_ent * (lp + h)) : 0.0f;
+    store(x, j, g);
+  }
+  if (has_t) {
+    const float pt = exp_poly(lp_t);
+    const float ent = pt > 0.0f ? g_ent * pt * (lp_t + h) : 0.0f;
+    store(x, local_t, inv_t * (g_lp * (1.0f - pt) - ent));
+  }
+}
+
+template <typename T>
+HOTLOOP_INLINE void zero_row(T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] = T(0);
+}
+
+HOTLOOP_CLONES void grad_row_any(const RowGradParams& p, int64_t r) {
+  const int64_t t = p.targets[r];
+  const bool ignored = t == p.ignore_index;
+  const float h = p.grad_entropy != nullptr ? p.entropy[r] : 0.0f;
+  const float g_ent = p.grad_entropy != nullptr ? p.grad_entropy[r] : 0.0f;
+  const int64_t local_t = t - p.vocab_start;
+  if (p.dtype == DType::kFloat32) {
+    float* x = static_cast<float*>(p.logits) + r * p.row_stride;
+    if (ignored) return zero_row(x, p.block);
+    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], h, p.grad_logp[r], g_ent);
+  } else {
+    uint16_t* x = static_cast<uint16_t*>(p.logits) + r * p.row_stride;
+    if (ignored) return zero_row(x, p.block);
+    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], h, p.grad_logp[r], g_ent);
+  }
+}
+
+int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+
+}  // namespace
+
+int64_t row_stats_cpu(const RowStatsParams& p) {
+  int64_t bad_row = -1;
+  const int nt = threads_for(p.num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && p.rows > 1)
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const int64_t t = p.targets[r];
+    const bool ignored = t == p.ignore_index;
+    if (!ignored && (t < 0 || t >= p.vocab)) {
+      // Out-of-range target: report one such row; its outputs are NaN, never read back.
+#pragma omp critical(hotloop_bad_row)
+      bad_row = r;
+      p.lse[r] = p.logp[r] = p.entropy[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    stats_row_any(p, r, ignored);
+  }
+  return bad_row;
+}
+
+void row_grad_cpu(const RowGradParams& p) {
+  const int nt = threads_for(p.num_threads);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && p.rows > 1)
+  for (int64_t r = 0; r < p.rows; ++r) grad_row_any(p, r);
+}
+
+}  // namespace hotloop
