@@ -69,8 +69,8 @@ def kto_loss(
     z0 = 0.0 if kl_ref_point is None else kl_ref_point
     z0 = z0.detach() if isinstance(z0, Tensor) else z0
     rho = logps - ref_logps
-    sign = torch.where(labels, 1.0, -1.0).to(rho.dtype)
-    weight = torch.where(labels, desirable_weight, undesirable_weight).to(rho.dtype)
+    sign = torch.full_like(rho, -1.0).masked_fill(labels, 1.0)
+    weight = torch.full_like(rho, undesirable_weight).masked_fill(labels, desirable_weight)
     loss = (weight * (1 - torch.sigmoid(beta * (rho - z0) * sign))).mean()
     with torch.no_grad():
         rewards, lf = beta * rho, labels.to(rho.dtype)
