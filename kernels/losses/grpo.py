@@ -227,7 +227,7 @@ def grpo_per_token(
 
 def _triton_ok(logp: Tensor, kw: dict) -> bool:
     return (
-        kw["loss_type"] in CLIPPED and kw["importance_sampling_level"] == "token"
+        kw["loss_type"] in CLIPPED and kw["importance_sampling_level"] == "token" and logp.dtype == torch.float32
         and not kw["use_bias_correction_kl"] and use_triton(logp.device)
     )  # fmt: skip
 
