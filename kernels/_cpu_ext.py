@@ -1,6 +1,184 @@
-"""Loader for the csrc/ native row kernels (placeholder until the extension lands)."""
+"""Loader and checked entry points for the csrc/ native row kernels (``hotloop.kernels._row_kernels``).
+
+With z = inv_temperature · x over a row of V logits and target t:
+
+    lse = logsumexp(z),  logp = z_t − lse,  H = lse − Σ_j softmax(z)_j z_j
+    row_grad_: x_j ← s · [g_lp (1[j = t] − p_j) − g_ent p_j (log p_j + H)],  p_j = exp(s x_j − lse)
+
+The kernels are C++ (OpenMP over rows, SIMD within a row; docs/native-kernels.md) bound with
+pybind11 and fed ``tensor.data_ptr()`` integers, so they need no PyTorch C++ headers. Memory: one
+read of the logits for ``row_stats``; one read and one in-place write for ``row_grad_``; outputs
+are three fp32 vectors of length R.
+
+``available()`` is False when ``HOTLOOP_NATIVE=0`` or when the extension was not built; the second
+case warns once, and callers then run their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+_DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    """The compiled extension, imported once; None (after one warning) if it cannot be imported."""
+    try:
+        return importlib.import_module("hotloop.kernels._row_kernels")
+    except ImportError as err:
+        warnings.warn(
+            f"hotloop native row kernels unavailable ({err}); using the PyTorch path.", RuntimeWarning, stacklevel=3
+        )
+        return None
 
 
 def available() -> bool:
-    """Whether the compiled row kernels can be used."""
-    return False
+    """Whether the compiled row kernels can be used (False when ``HOTLOOP_NATIVE=0``)."""
+    if os.environ.get("HOTLOOP_NATIVE", "1").strip() == "0":
+        return False
+    return _module() is not None
+
+
+def _require_module() -> ModuleType:
+    if not available():
+        raise RuntimeError("hotloop native row kernels are not available (HOTLOOP_NATIVE=0 or not built)")
+    return _module()
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.device.type != "cpu":
+        raise ValueError(f"logits must be on the CPU, got device {logits.device}")
+    if logits.dtype not in _DTYPE_FLAG:
+        raise TypeError(f"logits must be float32 or bfloat16, got {logits.dtype}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [R, V], got shape {tuple(logits.shape)}")
+    if logits.size(1) > 1 and logits.stride(1) != 1:
+        raise ValueError(f"logits rows must be contiguous (stride(1) == 1), got strides {logits.stride()}")
+
+
+def _check_vector(name: str, t: torch.Tensor | None, rows: int, dtype: torch.dtype) -> None:
+    if t is None:
+        return
+    if t.device.type != "cpu" or t.dtype != dtype or t.shape != (rows,) or not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be a contiguous CPU {dtype} tensor of shape ({rows},), "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
+        )
+
+
+def _check_inv_temperature(inv_temperature: float) -> float:
+    s = float(inv_temperature)
+    if not (s > 0.0 and s < float("inf")):
+        raise ValueError(f"inv_temperature must be a finite positive number, got {inv_temperature}")
+    return s
+
+
+def row_stats(
+    logits: torch.Tensor, targets: torch.Tensor, *, inv_temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row log-sum-exp, target log-prob and entropy of ``inv_temperature · logits``.
+
+    Args:
+        logits: [R, V] float32 | bfloat16 on CPU, rows contiguous (row stride may exceed V).
+        targets: [R] int64; rows equal to ``ignore_index`` get logp = entropy = 0.
+    Returns:
+        (lse, logp, entropy), each [R] float32; lse is computed for ignored rows too.
+    Raises:
+        IndexError: a non-ignored target outside [0, V).
+    """
+    ext = _require_module()
+    _check_logits(logits)
+    rows, vocab = logits.shape
+    _check_vector("targets", targets, rows, torch.int64)
+    if vocab == 0:
+        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
+    s = _check_inv_temperature(inv_temperature)
+    lse, logp, entropy = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
+    if rows > 0:
+        ext.row_stats(
+            logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
+            rows, vocab, logits.stride(0), _DTYPE_FLAG[logits.dtype], s, int(ignore_index),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return lse, logp, entropy
+
+
+def row_grad_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    inv_temperature: float,
+    ignore_index: int,
+) -> None:
+    """Overwrite a logit block with d(Σ g_lp · logp + g_ent · H)/d logits, in place.
+
+    Args:
+        logits: [R, Vb] float32 | bfloat16 on CPU, columns ``vocab_start .. vocab_start + Vb`` of
+            the full rows; rows contiguous. Becomes the gradient, same dtype (math in fp32).
+        targets: [R] int64 column in the full row; ``ignore_index`` rows become 0.
+        lse: [R] float32 from ``row_stats``. entropy: [R] float32, needed when ``grad_entropy`` is given.
+        grad_logp: [R] float32 upstream gradient of logp. grad_entropy: [R] float32 or None (no entropy term).
+    """
+    ext = _require_module()
+    _check_logits(logits)
+    rows, block = logits.shape
+    _check_vector("targets", targets, rows, torch.int64)
+    for name, t in (("lse", lse), ("entropy", entropy), ("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
+        _check_vector(name, t, rows, torch.float32)
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("entropy must be given when grad_entropy is given, got entropy=None")
+    if int(vocab_start) < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    s = _check_inv_temperature(inv_temperature)
+    if rows == 0 or block == 0:
+        return
+    use_entropy = grad_entropy is not None
+    ext.row_grad(
+        logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), entropy.data_ptr() if use_entropy else 0,
+        grad_logp.data_ptr(), grad_entropy.data_ptr() if use_entropy else 0, rows, block, logits.stride(0),
+        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, int(ignore_index), torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def reference_row_stats(
+    logits: torch.Tensor, targets: torch.Tensor, *, inv_temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 eager ``row_stats`` (lse, logp, entropy) [R] for tests and benchmarks."""
+    z = logits.double() * inv_temperature
+    lse = torch.logsumexp(z, dim=-1)
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, 0, targets)
+    logp = z.gather(-1, safe[:, None]).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return lse, logp.masked_fill(ignored, 0.0), entropy.masked_fill(ignored, 0.0)
+
+
+def reference_row_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    inv_temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Float64 gradient of Σ g_lp · logp + g_ent · H w.r.t. the full logits [R, V], by autograd."""
+    x = logits.double().requires_grad_(True)
+    _, logp, entropy = reference_row_stats(x, targets, inv_temperature=inv_temperature, ignore_index=ignore_index)
+    objective = (grad_logp.double() * logp).sum()
+    if grad_entropy is not None:
+        objective = objective + (grad_entropy.double() * entropy).sum()
+    (grad,) = torch.autograd.grad(objective, x)
+    return grad
