@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hotloop.runtime.engine import Completion, RolloutEngine, SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
@@ -208,3 +208,18 @@ def test_bad_prompts_raise(model, prompts):
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=EOS)
     with pytest.raises(ValueError, match="prompt_token_ids"):
         engine.generate(prompts, SamplingParams())
+
+
+def test_left_padded_batch_equals_each_prompt_alone_with_absolute_positions():
+    # GPT-2's learned absolute positions (unlike RoPE) change the output if padded rows get shifted position ids
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2))
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(30.0)
+    engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=None)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    batched = engine.generate(PROMPTS, greedy)
+    alone = [engine.generate([p], greedy)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    for b, a in zip(batched, alone):
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
