@@ -76,6 +76,8 @@ class LLMJudge:
     @torch.no_grad()
     def continuation_logprob(self, contexts: list[str], continuations: list[str]) -> torch.Tensor:
         """[n] float32: Σ log p(continuation tokens | context) under the judge model."""
+        if len(contexts) != len(continuations):
+            raise ValueError(f"continuations: expected one per context ({len(contexts)}), got {len(continuations)}")
         device = next(self.model.parameters()).device
         ctx = [encode(self.tokenizer, c, special=True) for c in contexts]
         cont = [encode(self.tokenizer, c, special=False) for c in continuations]
