@@ -1,0 +1,237 @@
+"""GRPO family vs float64 formulas written per token, vs Liger-Kernel 0.8.5's ppo_loss_fn, and the Triton kernel."""
+
+import math
+
+import pytest
+import torch
+
+from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss, grpo_per_token
+from tests.helpers import assert_close
+
+B, T = 5, 13
+
+
+def _inputs(dtype=torch.float32, empty_row=True):
+    logp = (-1.5 + 0.6 * torch.randn(B, T)).to(dtype).requires_grad_()
+    old = (logp.detach().float() + 0.25 * torch.randn(B, T)).to(dtype)
+    ref = (logp.detach().float() + 0.3 * torch.randn(B, T)).to(dtype)
+    mask = torch.rand(B, T) > 0.3
+    if empty_row:
+        mask[2] = False
+    adv = torch.randn(B)
+    return logp, old, ref, mask, adv
+
+
+def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", el=0.2, eh=0.2, delta=None,
+                   level="token", is_ratio=None, max_len=None, entropy=None, ent_coef=0.0, sapo=(1.0, 1.05)):  # fmt: skip
+    """Float64 GRPO-family loss, one sequence and one token at a time (clipped family, cispo, sapo)."""
+    rows, lens = [], mask.sum(-1).tolist()
+    for b in range(logp.shape[0]):
+        a = adv[b].item()
+        toks = [t for t in range(logp.shape[1]) if mask[b, t]]
+        seq_lw = sum(logp[b, t] - old[b, t] for t in toks) / max(len(toks), 1)
+        row = []
+        for t in toks:
+            lw = seq_lw if level == "sequence" else logp[b, t] - old[b, t]
+            w = torch.exp(lw)
+            if loss_type == "cispo":
+                pg = -min(w.item(), eh) * a * logp[b, t]
+            elif loss_type == "sapo":
+                tau = sapo[0] if a > 0 else sapo[1]
+                pg = -a * 4 / tau / (1 + torch.exp(-tau * (w - 1)))
+            else:
+                w1 = w if delta is None or w.item() <= delta else w * 0 + delta
+                pg = -torch.minimum(w1 * a, torch.clamp(w, 1 - el, 1 + eh) * a)
+            if is_ratio is not None:
+                pg = pg * is_ratio[b, t]
+            if beta:
+                x = ref[b, t] - logp[b, t]
+                pg = pg + beta * {"k1": -x, "k2": x * x / 2, "k3": torch.exp(x) - x - 1}[est]
+            if entropy is not None:
+                pg = pg - ent_coef * entropy[b, t]
+            row.append(pg)
+        rows.append(sum(row) if row else logp.sum() * 0)
+    n_tok = max(sum(lens), 1)
+    if loss_type in ("grpo", "sapo"):
+        return sum(r / max(n, 1) for r, n in zip(rows, lens)) / len(rows)
+    if loss_type == "dr_grpo":
+        return sum(rows) / (len(rows) * (max_len or logp.shape[1]))
+    if loss_type == "luspo":
+        return sum(rows) / len(rows)
+    return sum(rows) / n_tok
+
+
+def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
+    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    g = 1.7
+    (grad,) = torch.autograd.grad(out.loss * g, logp)
+    lp64 = logp.detach().double().requires_grad_()
+    r = reference_grpo(lp64, old.double(), ref.double(), mask, adv.double(), **(ref_kw or {}))
+    (rgrad,) = torch.autograd.grad(r * g, lp64)
+    assert_close(out.loss, r.detach(), dtype, "loss")
+    assert_close(grad, rgrad, dtype, "grad")
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo"])
+@pytest.mark.parametrize("est", ["k1", "k3"])
+def test_token_level_loss_types_match_formula_with_kl(loss_type, est):
+    logp, old, ref, mask, adv = _inputs()
+    eh = 1.25 if loss_type == "cispo" else 0.28
+    _compare(logp, old, ref, mask, adv, beta=0.07, kl_estimator=est, loss_type=loss_type, epsilon_high=eh,
+             max_completion_length=17, ref_kw=dict(loss_type=loss_type, beta=0.07, est=est, eh=eh, max_len=17))  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+def test_gspo_sequence_level_ratio_matches_formula(loss_type):
+    logp, old, ref, mask, adv = _inputs()
+    _compare(logp, old, ref, mask, adv, loss_type=loss_type, importance_sampling_level="sequence", beta=0.04,
+             kl_estimator="k2", ref_kw=dict(loss_type=loss_type, level="sequence", beta=0.04, est="k2"))  # fmt: skip
+
+
+def test_delta_sampler_correction_and_entropy_bonus_match_formula():
+    logp, old, ref, mask, adv = _inputs()
+    sampler = old + 0.3 * torch.randn(B, T)
+    entropy = (1 + torch.rand(B, T)).requires_grad_()
+    is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.5)
+    out = _compare(logp, old, ref, mask, adv, loss_type="dapo", delta=1.1, sampler_logp=sampler, sampler_is_cap=1.5,
+                   entropy=entropy, entropy_coef=0.01,
+                   ref_kw=dict(loss_type="dapo", delta=1.1, is_ratio=is_ratio, entropy=entropy.detach().double(),
+                               ent_coef=0.01))  # fmt: skip
+    m = mask.float()
+    torch.testing.assert_close(out.metrics["entropy"], (entropy.detach() * m).sum() / m.sum())
+
+
+def test_old_logp_none_is_on_policy_ratio_one():
+    logp, _, ref, mask, adv = _inputs()
+    out = grpo_loss(logp, None, adv, mask, loss_type="bnpo")
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    m = mask.float()
+    assert_close(out.loss, -(adv[:, None] * m).sum().double() / m.sum(), torch.float32, "on-policy loss")
+    assert_close(grad, (-adv[:, None] * m / m.sum()).double(), torch.float32, "on-policy grad = -A/N")
+
+
+def test_clip_metrics_count_low_and_high_clipped_tokens_as_trl():
+    logp, old, ref, mask, adv = _inputs()
+    m = grpo_loss(logp, old, adv, mask, epsilon_low=0.1, epsilon_high=0.15).metrics
+    w, a, mf = torch.exp(logp.detach() - old), adv[:, None], mask.float()
+    low = (((w < 0.9) & (a < 0)) * mf).sum() / mf.sum()
+    high = (((w > 1.15) & (a > 0)) * mf).sum() / mf.sum()
+    torch.testing.assert_close(m["clip_ratio/low_mean"], low)
+    torch.testing.assert_close(m["clip_ratio/high_mean"], high)
+    torch.testing.assert_close(m["clip_ratio/region_mean"], low + high)
+    assert "kl" not in m
+
+
+def test_bf16_inputs_within_bf16_tolerance():
+    logp, old, ref, mask, adv = _inputs(torch.bfloat16)
+    _compare(logp, old, ref, mask, adv, torch.bfloat16, loss_type="grpo", beta=0.1,
+             ref_kw=dict(loss_type="grpo", beta=0.1))  # fmt: skip
+
+
+def test_all_empty_mask_gives_zero_loss_and_zero_grad():
+    logp, old, ref, mask, adv = _inputs()
+    for lt in LOSS_TYPES:
+        out = grpo_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=ref, beta=0.1, loss_type=lt)
+        (grad,) = torch.autograd.grad(out.loss, logp)
+        assert out.loss.item() == 0 and (grad == 0).all(), lt
+
+
+def test_per_token_helper_reproduces_loss_and_grad():
+    logp, old, ref, mask, adv = _inputs()
+    kw = dict(ref_logp=ref, beta=0.05, loss_type="grpo", importance_sampling_level="sequence")
+    ptl, w = grpo_per_token(logp, old, adv, mask, **kw)
+    full = grpo_loss(logp, old, adv, mask, **kw)
+    ga = torch.autograd.grad((ptl * w).sum(), logp)[0]
+    gb = torch.autograd.grad(full.loss, logp)[0]
+    torch.testing.assert_close(ga, gb)
+    assert not w.requires_grad
+
+
+def test_validation_errors_name_the_argument():
+    logp, old, ref, mask, adv = _inputs()
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, old, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(logp, old, adv[:-1], mask)
+    with pytest.raises(ValueError, match="sequence"):
+        grpo_loss(logp, old, adv, mask, loss_type="cispo", importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="kl_estimator"):
+        grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, kl_estimator="k4")
+    with pytest.raises(ValueError, match="sampler_is_cap"):
+        grpo_loss(logp, old, adv, mask, sampler_is_cap=2.0)
+
+
+# --- Liger-Kernel 0.8.5 ---------------------------------------------------------------------------------------
+
+liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+
+
+LIGER_CASES = [(lt, "token") for lt in LOSS_TYPES] + [(lt, "sequence") for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")]
+
+
+@pytest.mark.parametrize(("loss_type", "level"), LIGER_CASES)
+def test_matches_liger_ppo_loss_fn_value_and_grad(loss_type, level):
+    logp, old, ref, mask, adv = (t.detach().double() if t.is_floating_point() else t for t in _inputs())
+    logp.requires_grad_()
+    beta, is_ratio = 0.05, torch.exp(0.2 * torch.randn(B, T, dtype=torch.float64))
+    # Liger's luspo sums padded tokens whenever its per-token loss is [B, T] (see grpo.py): compare with a full
+    # mask at token level, and at sequence level (TRL's setup) without the terms that make it [B, T].
+    if loss_type == "luspo" and level == "token":
+        mask = torch.ones_like(mask)
+    if loss_type == "luspo" and level == "sequence":
+        beta, is_ratio = 0.0, torch.ones(B, 1, dtype=torch.float64)
+    m = mask.double()
+    eh = 1.3 if loss_type == "cispo" else 0.2
+    sampler = old - is_ratio.log()
+    delta = 1.2 if loss_type in ("grpo", "dapo") else None
+    ours = grpo_loss(logp, old, adv.double(), mask, ref_logp=ref, sampler_logp=sampler, beta=beta, loss_type=loss_type,
+                     epsilon_high=eh, importance_sampling_level=level, max_completion_length=T + 3, delta=delta)  # fmt: skip
+    theirs, liger_metrics = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
+        logp, m, adv.double(), m, ref_per_token_logps=ref, old_per_token_logps=old, beta=beta, loss_type=loss_type,
+        epsilon_high=eh, importance_sampling_level=level, max_completion_length=T + 3, vllm_is_ratio=is_ratio,
+        delta=delta,
+    )  # fmt: skip
+    assert_close(ours.loss, theirs, torch.float64, f"{loss_type}/{level}")
+    g_ours, g_theirs = (torch.autograd.grad(x, logp)[0] for x in (ours.loss, theirs))
+    assert_close(g_ours, g_theirs, torch.float64, "grad")
+    if beta:
+        assert_close(ours.metrics["kl"], liger_metrics[0], torch.float64, "kl")
+    assert_close(ours.metrics["clip_ratio/region_mean"], liger_metrics[-1], torch.float64, "clip ratio")
+
+
+# --- Triton kernel under the interpreter -------------------------------------------------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("est", ["k1", "k3"])
+def test_triton_kernel_matches_torch_path(monkeypatch, loss_type, est):
+    logp, old, ref, mask, adv = _inputs()
+    sampler = old + 0.2 * torch.randn(B, T)
+    kw = dict(ref_logp=ref, beta=0.08, kl_estimator=est, loss_type=loss_type, sampler_logp=sampler,
+              sampler_is_cap=1.4, delta=1.15 if est == "k3" else None)  # fmt: skip
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+        o = grpo_loss(logp, old, adv, mask, **kw)
+        outs[backend] = (o, torch.autograd.grad(o.loss * 1.3, logp)[0])
+    (a, ga), (b, gb) = outs["triton"], outs["torch"]
+    assert_close(a.loss, b.loss.detach().double(), torch.float32, "loss")
+    assert_close(ga, gb.double(), torch.float32, "grad")
+    assert (ga[~mask] == 0).all()
+    for k in b.metrics:
+        torch.testing.assert_close(a.metrics[k], b.metrics[k])
+
+
+@pytest.mark.interpreter
+def test_triton_kernel_ignores_non_finite_padding(monkeypatch):
+    logp, old, ref, mask, adv = _inputs()
+    old = old.masked_fill(~mask, math.inf)
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type="grpo")
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
