@@ -32,22 +32,27 @@ def _compile_flags() -> list[str]:
 class OptionalBuildExt(build_ext):
     """build_ext that turns a failed native build into a one-line warning."""
 
+    _warned = False
+
     def run(self) -> None:
         try:
             super().run()
-        except Exception as err:  # no compiler at all surfaces here (DistutilsPlatformError)
-            _warn(f"native row kernels not built ({type(err).__name__}: {err})")
+        except Exception as err:  # no compiler at all (DistutilsPlatformError), or the copy of a .so never built
+            self._warn(err)
         _check_cuda_sources(self.build_temp)
 
     def build_extension(self, ext) -> None:
         try:
             super().build_extension(ext)
         except Exception as err:  # CompileError, LinkError, missing OpenMP, ...
-            _warn(f"native row kernels not built ({type(err).__name__}: {str(err).splitlines()[0]})")
+            self._warn(err)
 
-
-def _warn(message: str) -> None:
-    print(f"WARNING: hotloop: {message}; the PyTorch path will be used.", file=sys.stderr)
+    def _warn(self, err: Exception) -> None:
+        if not self._warned:
+            detail = (str(err).splitlines() or [""])[0][:200]
+            print(f"WARNING: hotloop: native row kernels not built ({type(err).__name__}: {detail}); "
+                  "the PyTorch path will be used.", file=sys.stderr)
+        self._warned = True
 
 
 def _check_cuda_sources(build_temp: str) -> None:
