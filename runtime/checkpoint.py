@@ -7,6 +7,7 @@ Layout of a run directory::
       step-000040/  step-000042/
         model.safetensors        # policy weights (safetensors, shared tensors handled)
         reference.safetensors    # frozen reference model, when there is one
+        <name>.safetensors       # each of extra_models (e.g. an engine's own copy of the policy)
         trainer.pt               # optimizer and scheduler state dicts
         rng.pt                   # python, numpy, torch CPU, CUDA (all devices) and named torch.Generators
         loop_state.json          # whatever the loop needs to continue (step, data cursor, metrics, ...)
@@ -42,7 +43,7 @@ LATEST = "latest"
 def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loop_state: dict,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    rng: bool = True, keep: int = 3) -> Path:
+                    extra_models: dict[str, nn.Module] | None = None, rng: bool = True, keep: int = 3) -> Path:
     """Write ``run_dir/step-<step>`` atomically, point ``latest`` at it and prune to ``keep`` checkpoints.
 
     Args:
@@ -52,6 +53,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
         loop_state: JSON-serialisable dict the loop restores from.
         reference: frozen reference model to save alongside, if any.
         generators: named ``torch.Generator`` s to save (e.g. the engine's sampler stream).
+        extra_models: more modules to save as ``<name>.safetensors`` (names: letters, digits, _ and -).
         rng: also save the global python / numpy / torch / CUDA RNG states.
         keep: number of newest checkpoints to keep (>= 1).
 
@@ -64,6 +66,11 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
         raise ValueError(f"keep: expected an int >= 1, got {keep!r}")
     if not isinstance(loop_state, dict):
         raise TypeError(f"loop_state: expected a dict, got {type(loop_state).__name__}")
+    extra_models = extra_models or {}
+    bad = [n for n in extra_models if not re.fullmatch(r"[A-Za-z0-9_-]+", n) or n in ("model", "reference")]
+    if bad:
+        raise ValueError(f"extra_models: expected names of letters, digits, _ and - other than "
+                         f"model/reference, got {bad}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(run_dir)
@@ -72,7 +79,7 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
     tmp.mkdir()
     try:
         _write_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, loop_state=loop_state,
-                     reference=reference, generators=generators, rng=rng)
+                     reference=reference, generators=generators, extra_models=extra_models, rng=rng)
         _fsync_dir(tmp)
         final = run_dir / name
         if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
@@ -90,13 +97,14 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    rng: bool = True) -> dict:
+                    extra_models: dict[str, nn.Module] | None = None, rng: bool = True) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns ``loop_state``.
 
     Args:
         path: a checkpoint directory (``step-XXXXXX``) or a run directory (its ``latest`` is used).
         model, optimizer, scheduler, reference: objects to load into, in place (None: skipped).
         generators: named generators to restore; every name must be in the checkpoint.
+        extra_models: modules saved with ``extra_models`` to load into, by name.
         rng: also restore the global python / numpy / torch / CUDA RNG states.
     """
     path = Path(path)
@@ -108,6 +116,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     load_model(model, path / "model.safetensors", strict=True, device=str(_device(model)))
     if reference is not None:
         load_model(reference, path / "reference.safetensors", strict=True, device=str(_device(reference)))
+    for name, module in (extra_models or {}).items():
+        load_model(module, path / f"{name}.safetensors", strict=True, device=str(_device(module)))
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
@@ -129,11 +139,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _write_state(out: Path, *, model, optimizer, scheduler, loop_state, reference, generators, rng) -> None:
+def _write_state(out: Path, *, model, optimizer, scheduler, loop_state, reference, generators, extra_models,
+                 rng) -> None:
     """Write every file of one checkpoint into ``out``, each fsynced; loop_state.json last."""
-    save_model(model, str(out / "model.safetensors"))
-    if reference is not None:
-        save_model(reference, str(out / "reference.safetensors"))
+    modules = {"model": model, **({"reference": reference} if reference is not None else {}), **extra_models}
+    for name, module in modules.items():
+        save_model(module, str(out / f"{name}.safetensors"))
     trainer_state = {"optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(trainer_state, out / "trainer.pt")

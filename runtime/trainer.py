@@ -185,16 +185,17 @@ class Trainer:
         return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "version": float(self.version)}
 
     def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
-             keep: int = 3) -> Path:
+             extra_models: dict[str, nn.Module] | None = None, keep: int = 3) -> Path:
         """Checkpoint model, reference, optimizer, scheduler, RNGs and ``loop_state`` as ``step-<version>``."""
         return checkpoint.save_checkpoint(run_dir, step=self.version, model=self.model, optimizer=self.optimizer,
                                           scheduler=self.scheduler, loop_state=loop_state, reference=self.reference,
-                                          generators=generators, keep=keep)
+                                          generators=generators, extra_models=extra_models, keep=keep)
 
-    def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None) -> dict:
-        """Restore everything ``save`` wrote from a checkpoint directory; returns its ``loop_state``."""
+    def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None,
+             extra_models: dict[str, nn.Module] | None = None) -> dict:
+        """Restore everything ``save`` wrote from a checkpoint (or run) directory; returns its ``loop_state``."""
         return checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                          reference=self.reference, generators=generators)
+                                          reference=self.reference, generators=generators, extra_models=extra_models)
 
     def _autocast(self):
         on_cuda = self.params[0].device.type == "cuda" if self.params else False
@@ -210,7 +211,8 @@ def _unpack(output: Any) -> tuple[torch.Tensor, dict]:
     elif hasattr(output, "loss"):
         loss, metrics = output.loss, getattr(output, "metrics", {}) or {}
     else:
-        raise TypeError(f"loss_fn: expected a scalar tensor, a LossOutput or (loss, metrics), got {type(output).__name__}")
+        raise TypeError(f"loss_fn: expected a scalar tensor, a LossOutput or (loss, metrics), "
+                        f"got {type(output).__name__}")
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise TypeError(f"loss_fn: expected a scalar loss tensor, got {loss!r:.80}")
     return loss, metrics

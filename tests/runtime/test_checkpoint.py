@@ -146,3 +146,17 @@ def test_missing_checkpoint_and_unknown_generator_raise(tmp_path):
         trainer.load(tmp_path, generators={"sampler": sampler})
     with pytest.raises(ValueError, match="keep"):
         trainer.save(tmp_path, {}, keep=0)
+
+
+def test_extra_models_round_trip_inside_the_atomic_checkpoint(tmp_path):
+    model, trainer, _ = fresh_run()
+    stale_copy = tiny_llama()
+    path = trainer.save(tmp_path, {}, extra_models={"engine": stale_copy})
+    assert (path / "engine.safetensors").exists()
+    restored = tiny_llama()
+    model_2, trainer_2, _ = fresh_run()
+    trainer_2.load(path, extra_models={"engine": restored})
+    assert all(torch.equal(a, b) for a, b in zip(params(stale_copy), params(restored)))
+    assert not all(torch.equal(a, b) for a, b in zip(params(stale_copy), params(model_2)))
+    with pytest.raises(ValueError, match="extra_models"):
+        trainer.save(tmp_path, {}, extra_models={"../x": stale_copy})
