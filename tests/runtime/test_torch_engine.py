@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from hotloop.runtime.engine import Completion, RolloutEngine, SamplingParams
-from hotloop.runtime.torch_engine import TorchEngine
+from hotloop.runtime.torch_engine import TorchEngine, _truncate
 from tests.helpers import relative_error
 
 PAD, EOS = 0, 1
@@ -223,3 +223,15 @@ def test_left_padded_batch_equals_each_prompt_alone_with_absolute_positions():
     assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
     for b, a in zip(batched, alone):
         assert b.logprobs == pytest.approx(a.logprobs, abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.55), (4, 1.0), (6, 0.7), (0, 0.999)])
+def test_truncation_keeps_exactly_the_top_k_then_the_smallest_nucleus(top_k, top_p):
+    logits = 2.0 * torch.randn(5, 23, dtype=torch.float64)
+    kept = torch.isfinite(_truncate(logits, top_k, top_p))
+    for row, keep in zip(logits, kept):
+        order = row.argsort(descending=True).tolist()
+        order = order[:top_k] if top_k else order
+        probs = row[order].softmax(-1)
+        size = next(i + 1 for i in range(len(order)) if probs[:i + 1].sum() >= top_p or i + 1 == len(order))
+        assert sorted(keep.nonzero()[:, 0].tolist()) == sorted(order[:size])

@@ -134,3 +134,13 @@ def test_decaying_schedules_need_total_steps():
         TrainerConfig(schedule="cosine")
     with pytest.raises(ValueError, match="total_steps"):
         TrainerConfig(warmup_steps=5, total_steps=3)
+
+
+def test_loss_fn_returning_a_non_scalar_raises_type_error():
+    trainer = Trainer(tiny_llama(), TrainerConfig())
+    ids = torch.randint(0, 20, (2, 5))
+    with pytest.raises(TypeError, match="loss_fn"):
+        trainer.step(lambda m, b: m(input_ids=b).logits, [ids])
+    with pytest.raises(TypeError, match="loss_fn"):
+        trainer.step(lambda m, b: "loss", [ids])
+    assert trainer.version == 0
