@@ -31,7 +31,12 @@
 namespace hotloop {
 namespace {
 
-constexpr int64_t kChunk = 2048;
+// Logits per chunk: 8 KiB of fp32 stays in L1 between the max sweep and the exp sweep.
+// -DHOTLOOP_ROW_CHUNK=<n> overrides it (a huge value gives the plain two-pass-over-the-row variant).
+#ifndef HOTLOOP_ROW_CHUNK
+#define HOTLOOP_ROW_CHUNK 2048
+#endif
+constexpr int64_t kChunk = HOTLOOP_ROW_CHUNK;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 HOTLOOP_INLINE float bits_to_float(uint32_t b) {
