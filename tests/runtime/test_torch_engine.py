@@ -235,3 +235,20 @@ def test_truncation_keeps_exactly_the_top_k_then_the_smallest_nucleus(top_k, top
         probs = row[order].softmax(-1)
         size = next(i + 1 for i in range(len(order)) if probs[:i + 1].sum() >= top_p or i + 1 == len(order))
         assert sorted(keep.nonzero()[:, 0].tolist()) == sorted(order[:size])
+
+
+def test_sampling_and_training_alternate_on_the_same_module(model):
+    from hotloop.runtime.trainer import Trainer, TrainerConfig
+
+    engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=None)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2))
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    outputs = []
+    for _ in range(2):
+        completions = engine.generate(PROMPTS, greedy)
+        outputs.append([c.token_ids for c in completions])
+        ids = torch.tensor([PROMPTS[0] + completions[0].token_ids])
+        trainer.step(lambda m, b: m(input_ids=b, labels=b).loss, [ids])  # no inference tensor may leak into autograd
+        engine.sync_weights(trainer.version)
+    assert engine.weight_version == 2
+    assert [c.token_ids for c in engine.generate(PROMPTS, greedy)] == hf_greedy(model, PROMPTS, 6)
