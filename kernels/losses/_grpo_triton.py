@@ -150,9 +150,9 @@ class GrpoTokenLossFunction(torch.autograd.Function):
 
 
 def grpo_token_loss(logp: Tensor, old: Tensor, adv: Tensor, mask: Tensor, weights: Tensor, ref: Tensor | None,
-                    is_ratio: Tensor | None, kw: dict) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
-    """``(loss, low-clipped count, high-clipped count, Σ mask·KL or None)`` for grpo.py's CUDA path."""
-    opts = dict(beta=kw["beta"], kl_estimator=kw["kl_estimator"], eps_low=kw["epsilon_low"],
-                eps_high=kw["epsilon_high"], delta=kw["delta"])  # fmt: skip
+                    is_ratio: Tensor | None, o) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """``(loss, low-clipped count, high-clipped count, Σ mask·KL or None)`` for grpo.py's CUDA path (``o``: its options)."""
+    opts = dict(beta=o.beta, kl_estimator=o.kl_estimator, eps_low=o.epsilon_low, eps_high=o.epsilon_high,
+                delta=o.delta)  # fmt: skip
     loss, stats = GrpoTokenLossFunction.apply(logp, old, adv, mask, weights, ref, is_ratio, opts)
-    return loss, stats[0], stats[1], (stats[2] if kw["beta"] != 0.0 else None)
+    return loss, stats[0], stats[1], (stats[2] if o.beta != 0.0 else None)

@@ -37,6 +37,7 @@ Sequence-level ratios and vespo couple the tokens of a row: their row groups mus
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,38 @@ from .output import LossOutput
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The float/str options of :func:`grpo_loss` (defaults as Liger's ``LigerFusedLinearGRPOLoss``, beta 0)."""
+
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    sampler_is_cap: float | None = None
+    entropy_coef: float = 0.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
+    use_bias_correction_kl: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
+        check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(f"importance_sampling_level='sequence' is not defined for loss_type={self.loss_type!r}")
+        if self.delta is not None and (self.loss_type not in CLIPPED or self.delta <= 0):
+            raise ValueError(f"delta must be > 0 with a loss_type in {CLIPPED}, got {self.delta} / {self.loss_type!r}")
+        if min(self.sapo_temperature_pos, self.sapo_temperature_neg) <= 0:
+            raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
+        if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
+            raise ValueError(f"sampler_is_cap must be > 0 or None, got {self.sampler_is_cap}")
 
 
 class _Terms(NamedTuple):
@@ -107,58 +140,43 @@ def _policy_term(logp, log_w, adv, loss_type, eps_low, eps_high, delta, sapo_t):
     return -torch.minimum(w1 * a, w.clamp(lo, hi) * a), w < lo, w > hi
 
 
-def _terms(logp, old, adv, m, *, ref, beta, kl_estimator, eps_low, eps_high, delta, loss_type, level,
-           is_ratio, entropy, entropy_coef, sapo_t, vespo_shape, bias_kl) -> _Terms:  # fmt: skip
-    log_ratio = logp - old
-    if level == "sequence":
-        log_w = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)).expand_as(logp)
+def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
+    log_ratio = lp - old
+    if o.importance_sampling_level == "sequence":
+        log_w = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)).expand_as(lp)
     else:
         log_w = log_ratio
-    if loss_type == "vespo":
-        phi = _gamma_weights(adv, log_ratio.detach(), m, is_ratio, vespo_shape)
-        ptl = -phi * adv.unsqueeze(-1) * logp
-        no = torch.zeros_like(logp, dtype=torch.bool)
-        low, high = no, no
+    if o.loss_type == "vespo":
+        phi = _gamma_weights(adv, log_ratio.detach(), m, is_ratio, o.vespo_shape)
+        ptl = -phi * adv.unsqueeze(-1) * lp
+        low = high = torch.zeros_like(lp, dtype=torch.bool)
     else:
-        ptl, low, high = _policy_term(logp, log_w, adv, loss_type, eps_low, eps_high, delta, sapo_t)
+        sapo_t = (o.sapo_temperature_pos, o.sapo_temperature_neg)
+        ptl, low, high = _policy_term(lp, log_w, adv, o.loss_type, o.epsilon_low, o.epsilon_high, o.delta, sapo_t)
         if is_ratio is not None:
             ptl = ptl * is_ratio
     kl = None
-    if beta != 0.0:
-        kl = _kl(logp, ref, kl_estimator)
-        kl = kl * log_w.exp() if bias_kl else kl
-        ptl = ptl + beta * kl
-    if entropy is not None and entropy_coef != 0.0:
-        ptl = ptl - entropy_coef * entropy
+    if o.beta != 0.0:
+        kl = _kl(lp, ref, o.kl_estimator)
+        kl = kl * log_w.exp() if o.use_bias_correction_kl else kl
+        ptl = ptl + o.beta * kl
+    if ent is not None and o.entropy_coef != 0.0:
+        ptl = ptl - o.entropy_coef * ent
     return _Terms(ptl, low & (adv.unsqueeze(-1) < 0), high & (adv.unsqueeze(-1) > 0), kl)
 
 
-def _validate(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: dict) -> None:
+def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options):
+    """Checked float32 (float64 stays) inputs; constants detached; the sampler IS ratio."""
     check_tensor("logp", logp, ndim=2)
     shape = tuple(logp.shape)
     check_tensor("advantages", advantages, shape[:1])
-    check_tensor("mask", mask, shape)
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp), ("entropy", entropy)):
         if t is not None:
             check_tensor(name, t, shape)
-    check_choice("loss_type", o["loss_type"], LOSS_TYPES)
-    check_choice("kl_estimator", o["kl_estimator"], ESTIMATORS)
-    check_choice("importance_sampling_level", o["level"], ("token", "sequence"))
-    if o["beta"] != 0.0 and ref_logp is None:
-        raise ValueError(f"beta={o['beta']} needs ref_logp [B, T], got None")
-    if o["level"] == "sequence" and o["loss_type"] in ("cispo", "sapo", "vespo"):
-        raise ValueError(f"importance_sampling_level='sequence' is not defined for loss_type={o['loss_type']!r}")
-    if o["delta"] is not None and (o["loss_type"] not in CLIPPED or o["delta"] <= 0):
-        raise ValueError(f"delta must be > 0 and needs a clipped loss_type {CLIPPED}, got {o['delta']} / {o['loss_type']!r}")
-    if min(o["sapo_t"]) <= 0:
-        raise ValueError(f"sapo temperatures must be > 0, got {o['sapo_t']}")
-    if o["cap"] is not None and (sampler_logp is None or o["cap"] <= 0):
-        raise ValueError(f"sampler_is_cap must be > 0 and needs sampler_logp, got {o['cap']} / {type(sampler_logp).__name__}")
-
-
-def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: dict):
-    """Validated float32 (or float64) inputs; constants detached; the sampler IS ratio."""
-    _validate(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    if o.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta={o.beta} needs ref_logp [B, T], got None")
+    if o.sampler_is_cap is not None and sampler_logp is None:
+        raise ValueError(f"sampler_is_cap={o.sampler_is_cap} needs sampler_logp [B, T], got None")
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lp = logp.to(dt)
     old = lp.detach() if old_logp is None else old_logp.detach().to(dt)
@@ -166,35 +184,9 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, 
     is_ratio = None
     if sampler_logp is not None:
         is_ratio = (old - sampler_logp.detach().to(dt)).exp()
-        is_ratio = is_ratio if o["cap"] is None else is_ratio.clamp(max=o["cap"])
+        is_ratio = is_ratio if o.sampler_is_cap is None else is_ratio.clamp(max=o.sampler_is_cap)
     ent = None if entropy is None else entropy.to(dt)
     return lp, old, advantages.detach().to(dt), as_mask(mask, lp), ref, is_ratio, ent
-
-
-_DEFAULTS = dict(beta=0.0, kl_estimator="k3", epsilon_low=0.2, epsilon_high=0.2, delta=None, loss_type="dapo",
-                 importance_sampling_level="token", sampler_is_cap=None, entropy_coef=0.0, sapo_temperature_pos=1.0,
-                 sapo_temperature_neg=1.05, vespo_shape=(2.0, 3.0, 3.0, 2.0), use_bias_correction_kl=False)  # fmt: skip
-
-
-def _run_terms(lp, old, adv, m, ref, is_ratio, ent, kw: dict) -> _Terms:
-    return _terms(
-        lp, old, adv, m, ref=ref, beta=kw["beta"], kl_estimator=kw["kl_estimator"], eps_low=kw["epsilon_low"],
-        eps_high=kw["epsilon_high"], delta=kw["delta"], loss_type=kw["loss_type"],
-        level=kw["importance_sampling_level"], is_ratio=is_ratio, entropy=ent, entropy_coef=kw["entropy_coef"],
-        sapo_t=(kw["sapo_temperature_pos"], kw["sapo_temperature_neg"]), vespo_shape=kw["vespo_shape"],
-        bias_kl=kw["use_bias_correction_kl"],
-    )  # fmt: skip
-
-
-def _checked(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, kw: dict):
-    unknown = set(kw) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown GRPO options {sorted(unknown)}; expected a subset of {sorted(_DEFAULTS)}")
-    kw = {**_DEFAULTS, **kw}
-    o = dict(loss_type=kw["loss_type"], kl_estimator=kw["kl_estimator"], level=kw["importance_sampling_level"],
-             beta=kw["beta"], delta=kw["delta"], cap=kw["sampler_is_cap"],
-             sapo_t=(kw["sapo_temperature_pos"], kw["sapo_temperature_neg"]))  # fmt: skip
-    return kw, _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
 
 
 def grpo_per_token(
@@ -212,23 +204,22 @@ def grpo_per_token(
 ) -> tuple[Tensor, Tensor]:
     """Per-token GRPO-family loss and its reduction weights: ``loss = (per_token_loss * weights).sum()``.
 
-    Args and keyword ``options`` as :func:`grpo_loss`. Always the torch path (differentiable by autograd in ``logp``/``entropy``).
+    Args and keyword ``options`` as :func:`grpo_loss`. Always the torch path (autograd gives d/d``logp``, d/d``entropy``).
 
     Returns:
         ``per_token_loss [B, T]`` (float32, or float64 for float64 input) and constant ``weights [B, T]``.
     """
-    kw, (lp, old, adv, m, ref, is_ratio, ent) = _checked(
-        logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, options
-    )
-    weights = loss_weights(m, kw["loss_type"], max_completion_length=max_completion_length,
+    o = _Options(**options)
+    lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
                            num_items_in_batch=num_items_in_batch)  # fmt: skip
-    return _run_terms(lp, old, adv, m, ref, is_ratio, ent, kw).per_token_loss, weights
+    return _terms(lp, old, adv, m, ref, is_ratio, ent, o).per_token_loss, weights
 
 
-def _triton_ok(logp: Tensor, kw: dict) -> bool:
+def _triton_ok(lp: Tensor, o: _Options) -> bool:
     return (
-        kw["loss_type"] in CLIPPED and kw["importance_sampling_level"] == "token" and logp.dtype == torch.float32
-        and not kw["use_bias_correction_kl"] and use_triton(logp.device)
+        o.loss_type in CLIPPED and o.importance_sampling_level == "token" and lp.dtype == torch.float32
+        and not o.use_bias_correction_kl and use_triton(lp.device)
     )  # fmt: skip
 
 
@@ -277,27 +268,21 @@ def grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
         (when given): masked token means.
     """
-    options = dict(
-        beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        loss_type=loss_type, importance_sampling_level=importance_sampling_level, sampler_is_cap=sampler_is_cap,
-        entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg, vespo_shape=vespo_shape, use_bias_correction_kl=use_bias_correction_kl,
-    )  # fmt: skip
-    kw, (lp, old, adv, m, ref, is_ratio, ent) = _checked(
-        logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, options
-    )
-    weights = loss_weights(m, kw["loss_type"], max_completion_length=max_completion_length,
+    args = locals()
+    o = _Options(**{f.name: args[f.name] for f in fields(_Options)})
+    lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
                            num_items_in_batch=num_items_in_batch)  # fmt: skip
     n = m.sum().clamp_min(1.0)
-    if _triton_ok(lp, kw):
+    if _triton_ok(lp, o):
         from ._grpo_triton import grpo_token_loss
 
-        loss, low, high, kl_sum = grpo_token_loss(lp, old, adv, m, weights, ref, is_ratio, kw)
-        if ent is not None and kw["entropy_coef"] != 0.0:
-            loss = loss - kw["entropy_coef"] * (ent * weights).sum()
+        loss, low, high, kl_sum = grpo_token_loss(lp, old, adv, m, weights, ref, is_ratio, o)
+        if ent is not None and o.entropy_coef != 0.0:
+            loss = loss - o.entropy_coef * (ent * weights).sum()
         low, high, kl = low / n, high / n, (None if kl_sum is None else kl_sum / n)
     else:
-        t = _run_terms(lp, old, adv, m, ref, is_ratio, ent, kw)
+        t = _terms(lp, old, adv, m, ref, is_ratio, ent, o)
         loss = (t.per_token_loss * weights).sum()
         with torch.no_grad():
             low, high = (t.is_low * m).sum() / n, (t.is_high * m).sum() / n
