@@ -33,11 +33,10 @@ from torch import nn
 
 from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
-from hotloop.kernels.losses.dpo import dpo_loss
+from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion, SamplingParams
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +46,7 @@ class DPOConfig:
     beta: float = 0.1
     """Inverse temperature β of the implicit reward β log(π/π_ref)."""
     loss_type: str = "sigmoid"
-    """Pairwise loss: "sigmoid" (DPO), "ipo", "hinge" (SLiC) or "robust" (cDPO-style)."""
+    """Pairwise loss, one of ``hotloop.kernels.losses.dpo.LOSS_TYPES``: "sigmoid" (DPO), "ipo", "hinge", ..."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative DPO); 0 = off."""
     length_normalize: bool = False
