@@ -128,8 +128,8 @@ def dpo_loss(
         ``LossOutput``; metrics ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``
         (and ``nll_loss`` when given).
     """
-    n = chosen_logps.shape[0] if isinstance(chosen_logps, Tensor) else -1
     check_tensor("chosen_logps", chosen_logps, ndim=1)
+    n = chosen_logps.shape[0]
     refs = (ref_chosen_logps, ref_rejected_logps)
     _check_pairs(
         ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"),

@@ -235,3 +235,23 @@ def test_triton_kernel_ignores_non_finite_padding(monkeypatch):
     out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type="grpo")
     (grad,) = torch.autograd.grad(out.loss, logp)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl_matches_liger(level):
+    logp, old, ref, mask, adv = (t.detach().double() if t.is_floating_point() else t for t in _inputs())
+    m = mask.double()
+    ours = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.2, loss_type="bnpo", importance_sampling_level=level,
+                     use_bias_correction_kl=True)  # fmt: skip
+    theirs, (kl, _) = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
+        logp, m, adv, m, ref_per_token_logps=ref, old_per_token_logps=old, beta=0.2, loss_type="bnpo",
+        importance_sampling_level=level, use_bias_correction_kl=True,
+    )  # fmt: skip
+    assert_close(ours.loss, theirs, torch.float64, "loss")
+    assert_close(ours.metrics["kl"], kl, torch.float64, "kl")
+
+
+def test_unknown_option_of_per_token_helper_is_a_type_error():
+    logp, old, ref, mask, adv = _inputs()
+    with pytest.raises(TypeError, match="epsilon"):
+        grpo_per_token(logp, old, adv, mask, epsilon=0.2)
