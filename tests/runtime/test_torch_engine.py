@@ -243,10 +243,8 @@ def test_sampling_and_training_alternate_on_the_same_module(model):
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=None)
     trainer = Trainer(model, TrainerConfig(lr=1e-2))
     greedy = SamplingParams(temperature=0, max_new_tokens=6)
-    outputs = []
     for _ in range(2):
         completions = engine.generate(PROMPTS, greedy)
-        outputs.append([c.token_ids for c in completions])
         ids = torch.tensor([PROMPTS[0] + completions[0].token_ids])
         trainer.step(lambda m, b: m(input_ids=b, labels=b).loss, [ids])  # no inference tensor may leak into autograd
         engine.sync_weights(trainer.version)
