@@ -92,7 +92,13 @@ class _Terms(NamedTuple):
 
 
 def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None, num_items_in_batch=None) -> Tensor:
-    """``[B, T]`` weights with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants)."""
+    """``[B, T]`` weights with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
+
+    Args:
+        m: ``[B, T]`` float mask.  loss_type: one of ``LOSS_TYPES``.
+        max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
+    """
+    check_choice("loss_type", loss_type, LOSS_TYPES)
     b, t = m.shape
     if loss_type in ("grpo", "sapo"):
         return m / (m.sum(-1, keepdim=True).clamp_min(1.0) * b)
