@@ -62,7 +62,7 @@ def test_clipping_scales_gradients_to_max_norm_and_reports_the_norm_before():
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_learning_rate_follows_warmup_then_schedule(schedule):
-    W, S, lr = 3, 11, 2e-3
+    W, S, lr = 2, 7, 2e-3
     trainer = Trainer(tiny_llama(), TrainerConfig(lr=lr, warmup_steps=W, total_steps=S, schedule=schedule))
     ids = torch.randint(0, 20, (2, 5))
     seen = [trainer.step(lm_loss, [ids])["lr"] for _ in range(S)]
