@@ -192,3 +192,24 @@ def test_vocab_chunk_is_an_eighth_of_the_vocabulary_at_most_and_one_tile_at_leas
 def test_vocab_splits_cover_every_tile_and_none_is_empty(row_blocks, tiles):
     splits, per_split = _triton_utils.vocab_splits(torch.device("cpu"), row_blocks, tiles)
     assert splits >= 1 and (splits - 1) * per_split < tiles <= splits * per_split
+
+
+def test_public_function_on_triton_matches_torch_backend(monkeypatch):
+    from hotloop.kernels import fused_linear_logprob as module
+
+    if not hasattr(module, "fused_linear_logprob"):
+        pytest.skip("kernels/fused_linear_logprob.py has no public fused_linear_logprob yet")
+    hidden, weight, targets, bias = _inputs(21, 24, 150, torch.float32, ignored=(4,))
+    hidden, targets = hidden.view(3, 7, 24), targets.view(3, 7)
+    grad_logp, grad_entropy = torch.randn(3, 7), torch.randn(3, 7)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        logp, entropy = module.fused_linear_logprob(*leaves[:2], targets, leaves[2], temperature=0.7,
+                                                    ignore_index=IGNORE, return_entropy=True)
+        ((grad_logp * logp).sum() + (grad_entropy * entropy).sum()).backward()
+        results[backend] = [logp, entropy, *(t.grad for t in leaves)]
+    for name, ours, theirs in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
+                                  results["triton"], results["torch"]):
+        assert_close(ours, theirs, torch.float32, name)
