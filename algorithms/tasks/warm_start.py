@@ -45,7 +45,7 @@ def _token_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         [N] float32.
     """
     try:
-        from hotloop.kernels import fused_linear_logprob
+        from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
     except ImportError:  # the fused kernel is optional: fall back to eager logits
         fused_linear_logprob = None
     if fused_linear_logprob is not None:
@@ -150,6 +150,17 @@ def _load_cached(out_dir: Path, settings: dict) -> LlamaForCausalLM | None:
 
 
 def _train(model: LlamaForCausalLM, task, tokenizer: CharTokenizer, settings: dict, progress: bool) -> None:
+    # One intra-op thread: the matmuls are ~[1400, 64] x [64, 128], too small to split, and on a
+    # shared CPU a second thread waiting for a busy core made steps 5-10x slower in measurements.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_steps(model, task, tokenizer, settings, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_steps(model: LlamaForCausalLM, task, tokenizer: CharTokenizer, settings: dict, progress: bool) -> None:
     steps, batch_size = settings["steps"], settings["batch_size"]
     pool = task.problems(task.split_size("train"), "train")
     rng = random.Random(settings["seed"])

@@ -219,8 +219,9 @@ def test_warm_start_caches_and_second_call_loads_without_training(tmp_path, monk
     config = tiny_llama_config(tok.vocab_size, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=32)
     kwargs = dict(out_dir=tmp_path, steps=3, batch_size=8, lr=1e-3, error_rate=0.5, model_config=config,
                   progress=False)
+    threads = torch.get_num_threads()
     first = sft_warm_start(task, tok, **kwargs)
-    assert not first.training
+    assert not first.training and torch.get_num_threads() == threads
     assert not torch.equal(first.lm_head.weight, build_tiny_model(config, seed=0).lm_head.weight)
     assert (tmp_path / "model.safetensors").is_file() and CharTokenizer.load(tmp_path) == tok
 
