@@ -1,0 +1,383 @@
+"""Fused linear log-prob: per-token log p(target) and entropy of an LM head without [N, V] logits.
+
+Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t = target):
+
+    z = s·x,  lse = logsumexp(z),  logp = z_t − lse,  H = lse − Σ_j p_j z_j,  p_j = exp(z_j − lse)
+    d(g_lp·logp + g_ent·H)/dx_j = s·[g_lp(1[j=t] − p_j) − g_ent·p_j(log p_j + H)]
+
+This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
+to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
+
+- Forward: row chunks of C rows; a [C, V] fp32 logits block (C from a byte budget,
+  ``HOTLOOP_BLOCK_BYTES``, default 32 MiB) goes through ``_row_stats``. Saved for backward: lse and
+  entropy, [N] fp32 each. FLOPs: one matmul, 2·N·V·D.
+- Backward: vocabulary blocks [N, Vb]: recompute the block, turn it in place into d/dx
+  (``_row_grad_``), then grad_W[v0:v1] = block.T @ H (one GEMM with K = N, written straight into the
+  output), grad_H += block @ W[v0:v1], grad_b[v0:v1] = block.sum(0). Three matmuls. At N=2048,
+  D=512, V=32000 fp32 this was faster than row chunks, which must re-read and re-write an fp32
+  [V, D] grad_W accumulator once per chunk.
+- ``logprob_fwd_bwd``: for losses whose per-token gradient is known once a group of rows has its
+  log-probs, row chunks do forward and backward together: three matmuls instead of four.
+- The two row seams use the csrc/ kernels (``_cpu_ext``) on CPU when built, else a few in-place
+  fp32 torch passes (max-shifted, so |logits| ~ 1e4 neither overflows nor cancels).
+- bf16/fp16: every block is computed in fp32 (weight upcast block by block); grads accumulate in
+  fp32 and come back in the input dtype. No atomics: results are bit-identical run to run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import _cpu_ext
+from ._dispatch import use_triton
+
+_DEFAULT_BLOCK_BYTES = 32 << 20
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class TokenStats:
+    """Per-row float32 [N] results of the forward."""
+
+    logp: Tensor  # log p(target); 0 where ignored
+    entropy: Tensor | None  # entropy of the full distribution; 0 where ignored; None if not asked
+    lse: Tensor  # logsumexp of the temperature-scaled logits
+
+
+def _block_bytes() -> int:
+    """Byte budget of one fp32 logits block (``HOTLOOP_BLOCK_BYTES``, read at call time)."""
+    return max(4, int(os.environ.get("HOTLOOP_BLOCK_BYTES", _DEFAULT_BLOCK_BYTES)))
+
+
+def _block_rows(n: int, v: int) -> int:
+    """Rows C per [C, V] fp32 row chunk."""
+    return max(1, min(n, _block_bytes() // (4 * max(v, 1))))
+
+
+def _block_cols(n: int, v: int) -> int:
+    """Vocabulary columns Vb per [N, Vb] fp32 block."""
+    return max(1, min(v, _block_bytes() // (4 * max(n, 1))))
+
+
+def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
+    return ((a, min(total, a + step)) for a in range(0, total, step))
+
+
+# ---------------------------------------------------------------- row seams (native or eager)
+
+
+def _row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int):
+    """(lse, logp, entropy), each [R] fp32, of rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
+    if logits.device.type == "cpu" and _cpu_ext.available():
+        return _cpu_ext.row_stats(logits, targets, inv_temperature=inv_temperature, ignore_index=ignore_index)
+    s, ignored = inv_temperature, targets == ignore_index
+    m = logits.amax(dim=1, keepdim=True)
+    z = torch.sub(logits, m).mul_(s)  # z - max(z) <= 0
+    e = torch.exp(z)
+    total = e.sum(dim=1)
+    shifted = torch.linalg.vecdot(e, z)  # Σ e^{z−m}(z−m)
+    log_total = torch.log(total)
+    lse = m.squeeze(1).mul_(s).add_(log_total)
+    safe = torch.where(ignored, 0, targets).unsqueeze(1)
+    logp = (logits.gather(1, safe).squeeze(1).mul_(s) - lse).masked_fill_(ignored, 0.0)
+    entropy = (log_total - shifted / total).masked_fill_(ignored, 0.0)
+    return lse, logp, entropy
+
+
+def _row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
+    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit."""
+    if block.device.type == "cpu" and _cpu_ext.available():
+        _cpu_ext.row_grad_(block, targets, vocab_start=vocab_start, lse=lse, entropy=entropy, grad_logp=grad_logp,
+                           grad_entropy=grad_entropy, inv_temperature=inv_temperature, ignore_index=ignore_index)
+        return
+    s, keep = inv_temperature, targets != ignore_index
+    g_lp = torch.where(keep, grad_logp, 0.0)
+    log_p = block.mul_(s).sub_(lse.unsqueeze(1))  # log p_j, in place
+    if grad_entropy is None:
+        log_p.exp_().mul_((-s * g_lp).unsqueeze(1))
+    else:  # -s·p·[g_lp + g_ent·H + g_ent·log p]
+        g_ent = torch.where(keep, grad_entropy, 0.0)
+        p = torch.exp(log_p)
+        log_p.mul_(g_ent.unsqueeze(1)).add_((g_lp + g_ent * entropy).unsqueeze(1)).mul_(p).mul_(-s)
+    col = targets - vocab_start
+    hit = keep & (col >= 0) & (col < block.shape[1])
+    col = torch.where(hit, col, 0).unsqueeze(1)
+    block.scatter_add_(1, col, torch.where(hit, s * g_lp, 0.0).unsqueeze(1))
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def _logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int) -> None:
+    """out [R, Vb] fp32 ← hidden32 @ weight[v0:v0+Vb].T + bias; a low-precision weight is upcast in slices."""
+    d = weight.shape[1]
+    step = out.shape[1] if weight.dtype == torch.float32 else max(1, _block_bytes() // (4 * max(d, 1)))
+    for c0, c1 in _spans(out.shape[1], step):
+        w = weight[vocab_start + c0 : vocab_start + c1].float()
+        if bias is None:
+            torch.mm(hidden32, w.T, out=out[:, c0:c1])
+        else:
+            torch.addmm(bias[vocab_start + c0 : vocab_start + c1].float(), hidden32, w.T, out=out[:, c0:c1])
+
+
+def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:
+    """A contiguous [rows, cols] view of the front of a flat scratch buffer."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
+    """Per-row logp, entropy and lse [N] fp32 by [C, V] row chunks (hidden2d [N, D], weight [V, D])."""
+    if use_triton(hidden2d.device):
+        from ._fused_linear_logprob_triton import triton_logprob_fwd
+
+        return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
+                                  ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
+    (n, _), v = hidden2d.shape, weight.shape[0]
+    lse, logp, entropy = torch.empty(3, n, device=hidden2d.device).unbind(0)
+    chunk = _block_rows(n, v)
+    buf = torch.empty(chunk * v, device=hidden2d.device)
+    for r0, r1 in _spans(n, chunk):
+        block = _scratch(buf, r1 - r0, v)
+        _logits_into(block, hidden2d[r0:r1].float(), weight, bias, 0)
+        stats = _row_stats(block, targets[r0:r1], 1.0 / temperature, ignore_index)
+        for dst, src in zip((lse, logp, entropy), stats):
+            dst[r0:r1] = src
+    return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
+
+
+def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index,
+                needs_grad):
+    """(grad_hidden, grad_weight, grad_bias) in the input dtype (None where not needed), by [N, Vb] blocks."""
+    if use_triton(hidden2d.device):
+        from ._fused_linear_logprob_triton import triton_logprob_bwd
+
+        return triton_logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
+                                  temperature=temperature, ignore_index=ignore_index, needs_grad=needs_grad)  # fmt: skip
+    (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
+    low = weight.dtype != torch.float32
+    h32 = hidden2d.float()
+    gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
+    gw = torch.empty_like(weight) if needs_grad[1] else None
+    gb = torch.empty(v, device=dev) if needs_grad[2] else None
+    cols = _block_cols(n, v)
+    buf = torch.empty(n * cols, device=dev)
+    gw_buf = torch.empty(cols * d, device=dev) if low and gw is not None else None
+    entropy = stats.entropy if grad_entropy is not None else None
+    for v0, v1 in _spans(v, cols):
+        block, w = _scratch(buf, n, v1 - v0), weight[v0:v1].float()
+        torch.mm(h32, w.T, out=block) if bias is None else torch.addmm(bias[v0:v1].float(), h32, w.T, out=block)
+        _row_grad_(block, targets, v0, stats.lse, entropy, grad_logp, grad_entropy, 1.0 / temperature, ignore_index)
+        if gw is not None and low:
+            gw[v0:v1].copy_(torch.mm(block.T, h32, out=_scratch(gw_buf, v1 - v0, d)))
+        elif gw is not None:
+            torch.mm(block.T, h32, out=gw[v0:v1])
+        if gh is not None:
+            gh.addmm_(block, w)
+        if gb is not None:
+            torch.sum(block, dim=0, out=gb[v0:v1])
+    return _cast(gh, hidden2d.dtype), gw, _cast(gb, weight.dtype)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+TokenGrad = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
+
+def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iterator[tuple[Tensor, slice | None]]:
+    """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
+    chunk = _block_rows(n, v)
+    if row_groups is None:
+        for r0, r1 in _spans(n, chunk):
+            yield torch.arange(r0, r1, device=device), slice(r0, r1)
+        return
+    pending, size = [], 0
+    for group in row_groups:
+        if pending and size + group.numel() > chunk:
+            yield torch.cat(pending), None
+            pending, size = [], 0
+        pending.append(group.to(device=device, dtype=torch.int64))
+        size += group.numel()
+    if pending:
+        yield torch.cat(pending), None
+
+
+def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy,
+                    token_grad: TokenGrad, row_groups=None, needs_grad=(True, True, True)):
+    """TokenStats and (grad_hidden, grad_weight, grad_bias) with three matmuls per row chunk.
+
+    ``token_grad(rows, logp, entropy) -> (grad_logp, grad_entropy | None)`` is called once per chunk of
+    whole row groups (``row_groups``: int64 row-index tensors; None = contiguous chunks).
+    """
+    if use_triton(hidden2d.device):
+        return _fwd_bwd_triton(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                               with_entropy=with_entropy, token_grad=token_grad, row_groups=row_groups,
+                               needs_grad=needs_grad)  # fmt: skip
+    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
+    w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
+    lse, logp, entropy = torch.zeros(3, n, device=dev).unbind(0)
+    gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
+    gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
+    gb = torch.zeros(v, device=dev) if needs_grad[2] else None
+    buf = torch.empty(_block_rows(n, v) * v, device=dev)
+    for rows, span in _row_chunks(n, v, row_groups, dev):
+        h = hidden2d[span].float() if span is not None else hidden2d.index_select(0, rows).float()
+        t = targets[span] if span is not None else targets.index_select(0, rows)
+        block = _scratch(buf, rows.numel(), v) if rows.numel() * v <= buf.numel() else torch.empty(rows.numel(), v, device=dev)
+        torch.mm(h, w32.T, out=block) if bias is None else torch.addmm(bias.float(), h, w32.T, out=block)
+        c_lse, c_logp, c_ent = _row_stats(block, t, s, ignore_index)
+        for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
+            dst.index_copy_(0, rows, src)
+        g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        _row_grad_(block, t, 0, c_lse, c_ent, g_lp.float().contiguous(), g_ent, s, ignore_index)
+        if gh is not None:
+            torch.mm(block, w32, out=gh[span]) if span is not None else gh.index_copy_(0, rows, block @ w32)
+        if gw is not None:
+            gw.addmm_(block.T, h)
+        if gb is not None:
+            gb.add_(block.sum(dim=0))
+    stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
+    return stats, _cast(gh, hidden2d.dtype), _cast(gw, weight.dtype), _cast(gb, weight.dtype)
+
+
+def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad,
+                    row_groups, needs_grad):
+    """Triton path of ``logprob_fwd_bwd``: forward, token_grad per row group, backward (four matmuls)."""
+    stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                        with_entropy=with_entropy)  # fmt: skip
+    n, dev = hidden2d.shape[0], hidden2d.device
+    groups = [torch.arange(n, device=dev)] if row_groups is None else [g.to(dev, torch.int64) for g in row_groups]
+    grad_logp = torch.zeros(n, device=dev)
+    grad_entropy = torch.zeros(n, device=dev) if with_entropy else None
+    for rows in groups:
+        g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
+        grad_logp[rows] = g_lp.float()
+        if g_ent is not None:
+            grad_entropy[rows] = g_ent.float()
+    grads = logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, temperature=temperature,
+                        ignore_index=ignore_index, needs_grad=needs_grad)  # fmt: skip
+    return (stats, *grads)
+
+
+# ---------------------------------------------------------------- autograd and public API
+
+
+class FusedLinearLogprobFunction(torch.autograd.Function):
+    """logp (and entropy) [N] fp32 of hidden2d [N, D], weight [V, D], bias [V] | None; saves lse/entropy only."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, targets, temperature, ignore_index, with_entropy):
+        stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                            with_entropy=with_entropy)  # fmt: skip
+        ctx.save_for_backward(hidden2d, weight, bias, targets, stats.lse, stats.entropy)
+        ctx.options = (temperature, ignore_index)
+        ctx.set_materialize_grads(False)
+        return (stats.logp, stats.entropy) if with_entropy else stats.logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden2d, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index = ctx.options
+        n = hidden2d.shape[0]
+        grad_logp = torch.zeros(n, device=hidden2d.device) if grad_logp is None else grad_logp.float().contiguous()
+        grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+        needs = ctx.needs_input_grad
+        gh, gw, gb = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=lse, entropy=entropy, lse=lse),
+                                 grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
+                                 needs_grad=(needs[0], needs[1], needs[2] and bias is not None))  # fmt: skip
+        return gh, gw, gb, None, None, None, None
+
+
+def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
+    """ValueError/TypeError naming the argument, the value seen and the value expected."""
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden must have shape [..., D], got a 0-d tensor")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V >= 1, D={hidden.shape[-1]}] (D = hidden's last dim), "
+                         f"got {tuple(weight.shape)}")  # fmt: skip
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be int64, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")  # fmt: skip
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise TypeError(f"bias dtype must match hidden ({hidden.dtype}), got {bias.dtype}")
+    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+    if not (float(temperature) > 0.0 and float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
+                         f"got {targets[bad][0].item()}")  # fmt: skip
+
+
+def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
+                         return_entropy=False):
+    """log p(target) (and entropy) of logits = (hidden @ weight.T + bias) / temperature, never materialized.
+
+    Args:
+        hidden: [..., D] float32 / bfloat16 / float16. weight: [V, D], same dtype. bias: [V] or None.
+        targets: [...] int64 in [0, V), or ``ignore_index`` (those rows give 0).
+        temperature: > 0. return_entropy: also return the entropy of each row's distribution.
+    Returns:
+        logp [...] float32, or (logp, entropy) [...] float32 each. Differentiable w.r.t. hidden, weight, bias.
+    """
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    lead, d = hidden.shape[:-1], hidden.shape[-1]
+    hidden2d, flat_targets = hidden.reshape(-1, d), targets.reshape(-1).contiguous()
+    temperature, ignore_index = float(temperature), int(ignore_index)
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if tracked:
+        out = FusedLinearLogprobFunction.apply(hidden2d, weight, bias, flat_targets, temperature, ignore_index,
+                                               return_entropy)  # fmt: skip
+        outs = out if return_entropy else (out,)
+    else:
+        stats = logprob_fwd(hidden2d, weight, flat_targets, bias, temperature=temperature,
+                            ignore_index=ignore_index, with_entropy=return_entropy)  # fmt: skip
+        outs = (stats.logp, stats.entropy) if return_entropy else (stats.logp,)
+    outs = tuple(o.reshape(lead) for o in outs)
+    return outs if return_entropy else outs[0]
+
+
+class FusedLinearLogprob(nn.Module):
+    """Module form of ``fused_linear_logprob``; options fixed at construction."""
+
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
+        super().__init__()
+        self.temperature, self.ignore_index, self.return_entropy = temperature, ignore_index, return_entropy
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return fused_linear_logprob(hidden, weight, targets, bias, temperature=self.temperature,
+                                    ignore_index=self.ignore_index, return_entropy=self.return_entropy)  # fmt: skip
+
+
+def reference_fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
+                                   return_entropy=False):
+    """Float64 materialized logp (and entropy) [...], differentiable, for tests and benchmarks."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    z = logits / temperature
+    log_probs = torch.log_softmax(z, dim=-1)
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, 0, targets)
+    logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logp
+    entropy = -(log_probs.exp() * log_probs).sum(-1).masked_fill(ignored, 0.0)
+    return logp, entropy
