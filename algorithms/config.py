@@ -5,8 +5,8 @@ with ``s = 4`` on 2-digit addition from the tiny model's SFT warm start). A YAML
 what it changes::
 
     algorithm: online-dpo
-    dpo: {beta: 0.1, samples_per_prompt: 8}
-    loop: {steps: 60, sync_every: 4}          # null or .inf: offline
+    dpo: {beta: 0.2, samples_per_prompt: 8}
+    loop: {steps: 80, sync_every: 4}          # null or .inf: offline
 
 and ``load_config(path, ["loop.sync_every=1", "dpo.loss_type=ipo"])`` applies overrides on top
 (each value parsed as YAML). Unknown keys, unknown algorithms, ``sync_every < 1`` and a task
@@ -119,9 +119,9 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=1e-3, betas=(0.9, 0.98),
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=60, sync_every=4, prompts_per_step=32,
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
                                                                 eval_every=10))
 
     def __post_init__(self) -> None:
@@ -189,9 +189,14 @@ def _defaults(cls):
 
 
 def _coerce(value, hint):
-    """YAML lists become tuples where the field is a tuple; ``.inf`` stays a float (offline sync)."""
+    """YAML lists become tuples for tuple fields, "1e-4" a float for float fields; ``.inf`` stays a float."""
     if isinstance(value, list) and typing.get_origin(hint) is tuple:
         return tuple(value)
+    if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            return value
     if isinstance(value, float) and value.is_integer() and not math.isinf(value) and int in typing.get_args(hint):
         return int(value)
     return value
