@@ -113,16 +113,21 @@ def _row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entrop
 # ---------------------------------------------------------------- blocks
 
 
+def _linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor | None) -> None:
+    """out [R, Vb] fp32 ← hidden32 [R, D] @ weight32 [Vb, D].T (+ bias [Vb], upcast), no extra copy."""
+    if bias is None:
+        torch.mm(hidden32, weight32.T, out=out)
+    else:
+        torch.addmm(bias.float(), hidden32, weight32.T, out=out)
+
+
 def _logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int) -> None:
     """out [R, Vb] fp32 ← hidden32 @ weight[v0:v0+Vb].T + bias; a low-precision weight is upcast in slices."""
     d = weight.shape[1]
     step = out.shape[1] if weight.dtype == torch.float32 else max(1, _block_bytes() // (4 * max(d, 1)))
     for c0, c1 in _spans(out.shape[1], step):
-        w = weight[vocab_start + c0 : vocab_start + c1].float()
-        if bias is None:
-            torch.mm(hidden32, w.T, out=out[:, c0:c1])
-        else:
-            torch.addmm(bias[vocab_start + c0 : vocab_start + c1].float(), hidden32, w.T, out=out[:, c0:c1])
+        cols = slice(vocab_start + c0, vocab_start + c1)
+        _linear_into(out[:, c0:c1], hidden32, weight[cols].float(), None if bias is None else bias[cols])
 
 
 def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:
@@ -163,14 +168,14 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
     h32 = hidden2d.float()
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
-    gb = torch.empty(v, device=dev) if needs_grad[2] else None
+    gb = torch.empty(v, device=dev) if needs_grad[2] and bias is not None else None
     cols = _block_cols(n, v)
     buf = torch.empty(n * cols, device=dev)
     gw_buf = torch.empty(cols * d, device=dev) if low and gw is not None else None
     entropy = stats.entropy if grad_entropy is not None else None
     for v0, v1 in _spans(v, cols):
         block, w = _scratch(buf, n, v1 - v0), weight[v0:v1].float()
-        torch.mm(h32, w.T, out=block) if bias is None else torch.addmm(bias[v0:v1].float(), h32, w.T, out=block)
+        _linear_into(block, h32, w, None if bias is None else bias[v0:v1])
         _row_grad_(block, targets, v0, stats.lse, entropy, grad_logp, grad_entropy, 1.0 / temperature, ignore_index)
         if gw is not None and low:
             gw[v0:v1].copy_(torch.mm(block.T, h32, out=_scratch(gw_buf, v1 - v0, d)))
@@ -224,21 +229,23 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     lse, logp, entropy = torch.zeros(3, n, device=dev).unbind(0)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
-    gb = torch.zeros(v, device=dev) if needs_grad[2] else None
+    gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
     buf = torch.empty(_block_rows(n, v) * v, device=dev)
     for rows, span in _row_chunks(n, v, row_groups, dev):
         h = hidden2d[span].float() if span is not None else hidden2d.index_select(0, rows).float()
         t = targets[span] if span is not None else targets.index_select(0, rows)
         block = _scratch(buf, rows.numel(), v) if rows.numel() * v <= buf.numel() else torch.empty(rows.numel(), v, device=dev)
-        torch.mm(h, w32.T, out=block) if bias is None else torch.addmm(bias.float(), h, w32.T, out=block)
+        _linear_into(block, h, w32, bias)
         c_lse, c_logp, c_ent = _row_stats(block, t, s, ignore_index)
         for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
             dst.index_copy_(0, rows, src)
         g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
-        g_ent = None if g_ent is None else g_ent.float().contiguous()
-        _row_grad_(block, t, 0, c_lse, c_ent, g_lp.float().contiguous(), g_ent, s, ignore_index)
-        if gh is not None:
-            torch.mm(block, w32, out=gh[span]) if span is not None else gh.index_copy_(0, rows, block @ w32)
+        g_ent = None if g_ent is None else g_ent.detach().float().contiguous()
+        _row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
+        if gh is not None and span is not None:
+            torch.mm(block, w32, out=gh[span])
+        elif gh is not None:
+            gh.index_copy_(0, rows, block @ w32)
         if gw is not None:
             gw.addmm_(block.T, h)
         if gb is not None:
@@ -276,22 +283,22 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
     def forward(ctx, hidden2d, weight, bias, targets, temperature, ignore_index, with_entropy):
         stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
                             with_entropy=with_entropy)  # fmt: skip
-        ctx.save_for_backward(hidden2d, weight, bias, targets, stats.lse, stats.entropy)
+        ctx.save_for_backward(hidden2d, weight, bias, targets, stats.logp, stats.lse, stats.entropy)
         ctx.options = (temperature, ignore_index)
         ctx.set_materialize_grads(False)
         return (stats.logp, stats.entropy) if with_entropy else stats.logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        hidden2d, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden2d, weight, bias, targets, logp, lse, entropy = ctx.saved_tensors
         temperature, ignore_index = ctx.options
         n = hidden2d.shape[0]
         grad_logp = torch.zeros(n, device=hidden2d.device) if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
         needs = ctx.needs_input_grad
-        gh, gw, gb = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=lse, entropy=entropy, lse=lse),
+        gh, gw, gb = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=logp, entropy=entropy, lse=lse),
                                  grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
-                                 needs_grad=(needs[0], needs[1], needs[2] and bias is not None))  # fmt: skip
+                                 needs_grad=needs[:3])  # fmt: skip
         return gh, gw, gb, None, None, None, None
 
 
@@ -300,7 +307,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., D], got a 0-d tensor")
+        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
