@@ -8,8 +8,9 @@ Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t =
 This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
 to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
 
-- Forward: row chunks of C rows; a [C, V] fp32 logits block (C from a byte budget,
-  ``HOTLOOP_BLOCK_BYTES``, default 32 MiB) goes through ``_row_stats``. Saved for backward: lse and
+- Forward: row chunks of C rows; a [C, V] fp32 logits block (C from a byte budget:
+  ``HOTLOOP_BLOCK_BYTES``, else 1/64 of free memory within [32, 256] MiB, and at most a quarter of
+  the logits once they pass 32 MiB) goes through ``_row_stats``. Saved for backward: lse and
   entropy, [N] fp32 each. FLOPs: one matmul, 2·N·V·D.
 - Backward: vocabulary blocks [N, Vb]: recompute the block, turn it in place into d/dx
   (``_row_grad_``), then grad_W[v0:v1] = block.T @ H (one GEMM with K = N, written straight into the
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from . import _cpu_ext
 from ._dispatch import use_triton
 
-_DEFAULT_BLOCK_BYTES = 32 << 20
+_MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES = 32 << 20, 256 << 20
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -49,19 +50,30 @@ class TokenStats:
     lse: Tensor  # logsumexp of the temperature-scaled logits
 
 
-def _block_bytes() -> int:
-    """Byte budget of one fp32 logits block (``HOTLOOP_BLOCK_BYTES``, read at call time)."""
-    return max(4, int(os.environ.get("HOTLOOP_BLOCK_BYTES", _DEFAULT_BLOCK_BYTES)))
+def _block_bytes(device: torch.device) -> int:
+    """Byte budget of one fp32 block: ``HOTLOOP_BLOCK_BYTES`` if set, else 1/64 of free memory in [32, 256] MiB."""
+    if "HOTLOOP_BLOCK_BYTES" in os.environ:
+        return max(4, int(os.environ["HOTLOOP_BLOCK_BYTES"]))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, free // 64))
 
 
-def _block_rows(n: int, v: int) -> int:
-    """Rows C per [C, V] fp32 row chunk."""
-    return max(1, min(n, _block_bytes() // (4 * max(v, 1))))
+def _block_elements(n: int, v: int, device: torch.device) -> int:
+    """fp32 elements per block: within the budget, and at most 1/4 of the [N, V] logits once they pass 32 MiB."""
+    return max(1, min(_block_bytes(device), max(_MIN_BLOCK_BYTES, n * v)) // 4)
 
 
-def _block_cols(n: int, v: int) -> int:
+def _block_rows(n: int, v: int, device: torch.device) -> int:
+    """Rows C per [C, V] fp32 row chunk (large C keeps the GEMM efficient: M = C)."""
+    return max(1, min(n, _block_elements(n, v, device) // max(v, 1)))
+
+
+def _block_cols(n: int, v: int, device: torch.device) -> int:
     """Vocabulary columns Vb per [N, Vb] fp32 block."""
-    return max(1, min(v, _block_bytes() // (4 * max(n, 1))))
+    return max(1, min(v, _block_elements(n, v, device) // max(n, 1)))
 
 
 def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
@@ -124,7 +136,7 @@ def _linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor |
 def _logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int) -> None:
     """out [R, Vb] fp32 ← hidden32 @ weight[v0:v0+Vb].T + bias; a low-precision weight is upcast in slices."""
     d = weight.shape[1]
-    step = out.shape[1] if weight.dtype == torch.float32 else max(1, _block_bytes() // (4 * max(d, 1)))
+    step = out.shape[1] if weight.dtype == torch.float32 else max(1, _block_bytes(out.device) // (4 * max(d, 1)))
     for c0, c1 in _spans(out.shape[1], step):
         cols = slice(vocab_start + c0, vocab_start + c1)
         _linear_into(out[:, c0:c1], hidden32, weight[cols].float(), None if bias is None else bias[cols])
@@ -144,7 +156,7 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
                                   ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
     (n, _), v = hidden2d.shape, weight.shape[0]
     lse, logp, entropy = torch.empty(3, n, device=hidden2d.device).unbind(0)
-    chunk = _block_rows(n, v)
+    chunk = _block_rows(n, v, hidden2d.device)
     buf = torch.empty(chunk * v, device=hidden2d.device)
     for r0, r1 in _spans(n, chunk):
         block = _scratch(buf, r1 - r0, v)
@@ -169,7 +181,7 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.empty(v, device=dev) if needs_grad[2] and bias is not None else None
-    cols = _block_cols(n, v)
+    cols = _block_cols(n, v, dev)
     buf = torch.empty(n * cols, device=dev)
     gw_buf = torch.empty(cols * d, device=dev) if low and gw is not None else None
     entropy = stats.entropy if grad_entropy is not None else None
@@ -197,7 +209,7 @@ TokenGrad = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | Non
 
 def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iterator[tuple[Tensor, slice | None]]:
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
-    chunk = _block_rows(n, v)
+    chunk = _block_rows(n, v, device)
     if row_groups is None:
         for r0, r1 in _spans(n, chunk):
             yield torch.arange(r0, r1, device=device), slice(r0, r1)
@@ -230,7 +242,7 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
-    buf = torch.empty(_block_rows(n, v) * v, device=dev)
+    buf = torch.empty(_block_rows(n, v, dev) * v, device=dev)
     for rows, span in _row_chunks(n, v, row_groups, dev):
         h = hidden2d[span].float() if span is not None else hidden2d.index_select(0, rows).float()
         t = targets[span] if span is not None else targets.index_select(0, rows)
