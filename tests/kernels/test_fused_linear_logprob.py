@@ -147,10 +147,11 @@ def test_two_runs_are_bit_identical(row_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("row_groups", [None, "groups"])
-def test_fwd_bwd_with_token_grad_equals_fwd_then_bwd(row_groups, row_path, monkeypatch):
+def test_fwd_bwd_with_token_grad_equals_fwd_then_bwd(row_groups, dtype, row_path, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", "30000")  # several chunks
-    hidden, weight, targets, bias = (x.detach() if x is not None else None for x in _inputs(50, 24, 301, torch.float32))
+    hidden, weight, targets, bias = (x.detach() for x in _inputs(50, 24, 301, dtype))
     coef_lp, coef_ent = torch.randn(50), torch.randn(50)
     groups = list(torch.randperm(50).split([7, 13, 1, 20, 9])) if row_groups else None
     calls = []
@@ -168,7 +169,8 @@ def test_fwd_bwd_with_token_grad_equals_fwd_then_bwd(row_groups, row_path, monke
     assert_close(stats.logp, ref.logp.double(), torch.float32, "logp")
     assert_close(stats.entropy, ref.entropy.double(), torch.float32, "entropy")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert_close(g, r.double(), torch.float32, f"grad {name}")
+        assert g.dtype == dtype
+        assert_close(g, r.double(), dtype, f"grad {name}")
     assert torch.equal(torch.cat(calls).sort().values, torch.arange(50))
     if groups:  # every group handed to token_grad whole
         for group in groups:
