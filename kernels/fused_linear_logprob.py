@@ -8,21 +8,20 @@ Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t =
 This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
 to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
 
-- Forward: row chunks of C rows; a [C, V] fp32 logits block (C from a byte budget:
-  ``HOTLOOP_BLOCK_BYTES``, else 1/64 of free memory within [32, 256] MiB, and at most a quarter of
-  the logits once they pass 32 MiB) goes through ``_row_stats``. Saved for backward: lse and
-  entropy, [N] fp32 each. FLOPs: one matmul, 2·N·V·D.
-- Backward: vocabulary blocks [N, Vb]: recompute the block, turn it in place into d/dx
-  (``_row_grad_``), then grad_W[v0:v1] = block.T @ H (one GEMM with K = N, written straight into the
-  output), grad_H += block @ W[v0:v1], grad_b[v0:v1] = block.sum(0). Three matmuls. At N=2048,
-  D=512, V=32000 fp32 this was faster than row chunks, which must re-read and re-write an fp32
-  [V, D] grad_W accumulator once per chunk.
-- ``logprob_fwd_bwd``: for losses whose per-token gradient is known once a group of rows has its
-  log-probs, row chunks do forward and backward together: three matmuls instead of four.
-- The two row seams use the csrc/ kernels (``_cpu_ext``) on CPU when built, else a few in-place
-  fp32 torch passes (max-shifted, so |logits| ~ 1e4 neither overflows nor cancels).
-- bf16/fp16: every block is computed in fp32 (weight upcast block by block); grads accumulate in
-  fp32 and come back in the input dtype. No atomics: results are bit-identical run to run.
+- Blocks: fp32, at most ``HOTLOOP_BLOCK_BYTES`` (default 1/64 of free memory within [32, 256] MiB;
+  large blocks keep the GEMMs efficient) and at most 1/4 of the [N, V] logits once those pass 32 MiB.
+- Forward: [C, V] row chunks through ``_row_stats``; saved for backward: lse, entropy ([N] fp32).
+- Backward: [N, Vb] vocabulary blocks: recompute, turn into d/dx in place (``_row_grad_``), then
+  grad_W[v0:v1] = block.T @ H (K = N, written straight into the output), grad_H += block @ W[v0:v1],
+  grad_b[v0:v1] = block.sum(0). At N=2048, D=512, V=32000 fp32 this beat row chunks (which re-read
+  and re-write an fp32 [V, D] grad_W per chunk) and was insensitive to the budget (8-128 MiB).
+  Four matmuls in all (8·N·V·D FLOPs); ``logprob_fwd_bwd`` needs three (losses whose per-token
+  gradient is known once a group of rows has its log-probs).
+- Row seams: csrc/ kernels (``_cpu_ext``) on CPU when built, else a few in-place fp32 torch passes
+  (max-shifted: |logits| ~ 1e4 neither overflows nor cancels).
+- bf16/fp16: logits blocks in fp32 (weight upcast slice by slice); for bf16 the two gradient GEMMs
+  take bf16 operands (fp32 accumulation; ~2x faster on CPU, as the Triton path does). Grads
+  accumulate in fp32 and return in the input dtype. No atomics: bit-identical run to run.
 """
 
 from __future__ import annotations
@@ -66,21 +65,16 @@ def _block_elements(n: int, v: int, device: torch.device) -> int:
     return max(1, min(_block_bytes(device), max(_MIN_BLOCK_BYTES, n * v)) // 4)
 
 
-def _block_rows(n: int, v: int, device: torch.device) -> int:
-    """Rows C per [C, V] fp32 row chunk (large C keeps the GEMM efficient: M = C)."""
+def _block_rows(n: int, v: int, device: torch.device) -> int:  # rows C of a [C, V] row chunk
     return max(1, min(n, _block_elements(n, v, device) // max(v, 1)))
 
 
-def _block_cols(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary columns Vb per [N, Vb] fp32 block."""
+def _block_cols(n: int, v: int, device: torch.device) -> int:  # columns Vb of an [N, Vb] vocabulary block
     return max(1, min(v, _block_elements(n, v, device) // max(n, 1)))
 
 
-def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
+def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges covering [0, total)
     return ((a, min(total, a + step)) for a in range(0, total, step))
-
-
-# ---------------------------------------------------------------- row seams (native or eager)
 
 
 def _row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int):
@@ -122,9 +116,6 @@ def _row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entrop
     block.scatter_add_(1, col, torch.where(hit, s * g_lp, 0.0).unsqueeze(1))
 
 
-# ---------------------------------------------------------------- blocks
-
-
 def _linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor | None) -> None:
     """out [R, Vb] fp32 ← hidden32 [R, D] @ weight32 [Vb, D].T (+ bias [Vb], upcast), no extra copy."""
     if bias is None:
@@ -142,8 +133,7 @@ def _logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | N
         _linear_into(out[:, c0:c1], hidden32, weight[cols].float(), None if bias is None else bias[cols])
 
 
-def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:
-    """A contiguous [rows, cols] view of the front of a flat scratch buffer."""
+def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:  # contiguous [rows, cols] view of a flat buffer
     return buf[: rows * cols].view(rows, cols)
 
 
@@ -154,7 +144,7 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
 
         return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
                                   ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
-    (n, _), v = hidden2d.shape, weight.shape[0]
+    (n, _), v, targets = hidden2d.shape, weight.shape[0], targets.contiguous()
     lse, logp, entropy = torch.empty(3, n, device=hidden2d.device).unbind(0)
     chunk = _block_rows(n, v, hidden2d.device)
     buf = torch.empty(chunk * v, device=hidden2d.device)
@@ -174,8 +164,11 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
         from ._fused_linear_logprob_triton import triton_logprob_bwd
 
         return triton_logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
-                                  temperature=temperature, ignore_index=ignore_index, needs_grad=needs_grad)  # fmt: skip
+                                  temperature=temperature, ignore_index=ignore_index,
+                                  needs_grad=needs_grad)  # fmt: skip
     (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
+    targets, grad_logp = targets.contiguous(), grad_logp.float().contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     gdt = _grad_gemm_dtype(weight.dtype)
     h32, h_g = hidden2d.float(), hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
@@ -216,9 +209,6 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-TokenGrad = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
-
-
 def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iterator[tuple[Tensor, slice | None]]:
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
     chunk = _block_rows(n, v, device)
@@ -238,7 +228,7 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iter
 
 
 def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy,
-                    token_grad: TokenGrad, row_groups=None, needs_grad=(True, True, True)):
+                    token_grad: Callable, row_groups=None, needs_grad=(True, True, True)):
     """TokenStats and (grad_hidden, grad_weight, grad_bias) with three matmuls per row chunk.
 
     ``token_grad(rows, logp, entropy) -> (grad_logp, grad_entropy | None)`` is called once per chunk of
@@ -249,7 +239,7 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
                                with_entropy=with_entropy, token_grad=token_grad, row_groups=row_groups,
                                needs_grad=needs_grad)  # fmt: skip
     (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
-    gdt = _grad_gemm_dtype(weight.dtype)
+    gdt, targets = _grad_gemm_dtype(weight.dtype), targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
     lse, logp, entropy = torch.zeros(3, n, device=dev).unbind(0)
@@ -290,24 +280,16 @@ def _add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | 
 
 def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad,
                     row_groups, needs_grad):
-    """Triton path of ``logprob_fwd_bwd``: forward, token_grad per row group, backward (four matmuls)."""
-    stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                        with_entropy=with_entropy)  # fmt: skip
+    """Triton path of ``logprob_fwd_bwd``: forward, one token_grad call on all grouped rows, backward."""
+    opts = dict(temperature=temperature, ignore_index=ignore_index)
+    stats = logprob_fwd(hidden2d, weight, targets, bias, with_entropy=with_entropy, **opts)
     n, dev = hidden2d.shape[0], hidden2d.device
-    groups = [torch.arange(n, device=dev)] if row_groups is None else [g.to(dev, torch.int64) for g in row_groups]
-    grad_logp = torch.zeros(n, device=dev)
-    grad_entropy = torch.zeros(n, device=dev) if with_entropy else None
-    for rows in groups:
-        g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
-        grad_logp[rows] = g_lp.float()
-        if g_ent is not None:
-            grad_entropy[rows] = g_ent.float()
-    grads = logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, temperature=temperature,
-                        ignore_index=ignore_index, needs_grad=needs_grad)  # fmt: skip
-    return (stats, *grads)
-
-
-# ---------------------------------------------------------------- autograd and public API
+    rows = torch.arange(n, device=dev) if row_groups is None else torch.cat(row_groups).to(dev, torch.int64)
+    g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
+    grad_logp = torch.zeros(n, device=dev).index_copy_(0, rows, g_lp.detach().float())
+    grad_entropy = None if g_ent is None else torch.zeros(n, device=dev).index_copy_(0, rows, g_ent.detach().float())
+    return (stats, *logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, needs_grad=needs_grad,
+                                **opts))
 
 
 class FusedLinearLogprobFunction(torch.autograd.Function):
@@ -326,14 +308,12 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden2d, weight, bias, targets, logp, lse, entropy = ctx.saved_tensors
         temperature, ignore_index = ctx.options
-        n = hidden2d.shape[0]
-        grad_logp = torch.zeros(n, device=hidden2d.device) if grad_logp is None else grad_logp.float().contiguous()
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        needs = ctx.needs_input_grad
-        gh, gw, gb = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=logp, entropy=entropy, lse=lse),
-                                 grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
-                                 needs_grad=needs[:3])  # fmt: skip
-        return gh, gw, gb, None, None, None, None
+        grads = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=logp, entropy=entropy, lse=lse),
+                            grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
+                            needs_grad=ctx.needs_input_grad[:3])  # fmt: skip
+        return (*grads, None, None, None, None)
 
 
 def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
@@ -352,10 +332,10 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")  # fmt: skip
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(f"bias dtype must match hidden ({hidden.dtype}), got {bias.dtype}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
@@ -382,17 +362,16 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
     lead, d = hidden.shape[:-1], hidden.shape[-1]
     hidden2d, flat_targets = hidden.reshape(-1, d), targets.reshape(-1).contiguous()
     temperature, ignore_index = float(temperature), int(ignore_index)
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if tracked:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         out = FusedLinearLogprobFunction.apply(hidden2d, weight, bias, flat_targets, temperature, ignore_index,
                                                return_entropy)  # fmt: skip
-        outs = out if return_entropy else (out,)
-    else:
+        outs = out if return_entropy else (out, None)
+    else:  # forward only: nothing saved
         stats = logprob_fwd(hidden2d, weight, flat_targets, bias, temperature=temperature,
                             ignore_index=ignore_index, with_entropy=return_entropy)  # fmt: skip
-        outs = (stats.logp, stats.entropy) if return_entropy else (stats.logp,)
-    outs = tuple(o.reshape(lead) for o in outs)
-    return outs if return_entropy else outs[0]
+        outs = (stats.logp, stats.entropy)
+    logp, entropy = (None if o is None else o.reshape(lead) for o in outs)
+    return (logp, entropy) if return_entropy else logp
 
 
 class FusedLinearLogprob(nn.Module):
@@ -410,11 +389,8 @@ class FusedLinearLogprob(nn.Module):
 def reference_fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
                                    return_entropy=False):
     """Float64 materialized logp (and entropy) [...], differentiable, for tests and benchmarks."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    z = logits / temperature
-    log_probs = torch.log_softmax(z, dim=-1)
+    logits = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
     ignored = targets == ignore_index
     safe = torch.where(ignored, 0, targets)
     logp = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)

@@ -39,7 +39,8 @@ def _inputs(n, d, v, dtype, *, bias=True, scale=1.0, ignored=0.25):
 def _check_against_reference(hidden, weight, targets, bias, dtype, **opts):
     logp, entropy = fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True, **opts)
     g_lp, g_ent = torch.randn(logp.shape), torch.randn(logp.shape)
-    grads = torch.autograd.grad((logp * g_lp + entropy * g_ent).sum(), [x for x in (hidden, weight, bias) if x is not None])
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    grads = torch.autograd.grad((logp * g_lp + entropy * g_ent).sum(), inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias) if x is not None]
     ref_lp, ref_ent = reference_fused_linear_logprob(*leaves[:2], targets, leaves[2] if bias is not None else None,
                                                      return_entropy=True, **opts)
