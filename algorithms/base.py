@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from itertools import chain
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -105,21 +106,65 @@ def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad_token_
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad ``prompt · completion`` rows.
 
+    One flat tensor of every token is scattered through the attention mask (row-major, so each
+    row's tokens land in order): two small tensors per call instead of one per row.
+
     Returns:
         input_ids, attention_mask, completion_mask: each [R, L] int64, L = longest row.
     """
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(f"completions: expected one per prompt and at least one row, got "
                          f"{len(completions)} completions for {len(prompts)} prompts")
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    completion_mask = torch.zeros_like(input_ids)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[r, : len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
-        attention_mask[r, : len(p) + len(c)] = 1
-        completion_mask[r, len(p) : len(p) + len(c)] = 1
-    return input_ids, attention_mask, completion_mask
+    prompt_lengths = torch.tensor([len(p) for p in prompts])
+    lengths = prompt_lengths + torch.tensor([len(c) for c in completions])
+    positions = torch.arange(int(lengths.max()))
+    attention_mask = positions < lengths[:, None]
+    flat = torch.tensor(list(chain.from_iterable(chain(p, c) for p, c in zip(prompts, completions))),
+                        dtype=torch.long)
+    input_ids = torch.full(attention_mask.shape, pad_token_id, dtype=torch.long)
+    input_ids[attention_mask] = flat
+    completion_mask = attention_mask & (positions >= prompt_lengths[:, None])
+    return input_ids, attention_mask.long(), completion_mask.long()
+
+
+def completion_rows(prompt_ids: list[list[int]], completions: list[Completion], rows: list[int], pad_token_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pack_rows` of ``completions[i]`` after its prompt, for each ``i`` in ``rows`` (in that order)."""
+    picked = [completions[i] for i in rows]
+    return pack_rows([prompt_ids[c.prompt_index] for c in picked], [c.token_ids for c in picked], pad_token_id)
+
+
+def token_values(completion_mask: torch.Tensor, values: list[list[float]]) -> torch.Tensor:
+    """Per-token values of the completions laid out like ``token_logprobs``' output.
+
+    Args:
+        completion_mask: [R, L] 0/1 from :func:`pack_rows`.
+        values: R lists, ``values[r][j]`` belonging to completion token ``j`` of row ``r``
+            (e.g. ``Completion.logprobs``).
+    Returns:
+        [R, L − 1] float32: ``values[r][j]`` at column ``t`` where ``input_ids[r, t + 1]`` is that
+        token (the column whose log-prob predicts it), 0 elsewhere.
+    """
+    target = completion_mask[:, 1:].bool()
+    flat = torch.tensor(list(chain.from_iterable(values)), dtype=torch.float32)
+    if flat.numel() != int(target.sum()):
+        raise ValueError(f"values: expected one value per completion token ({int(target.sum())} in all), "
+                         f"got {flat.numel()}")
+    out = torch.zeros(target.shape, dtype=torch.float32)
+    out[target] = flat
+    return out
+
+
+def grouped_rewards(completions: list[Completion], rewards: torch.Tensor, num_prompts: int, group_size: int
+                    ) -> torch.Tensor:
+    """``rewards`` as [P, G] float32 after checking the engine's prompt-major layout (G samples per prompt)."""
+    check_scored(completions, rewards)
+    expected = [p for p in range(num_prompts) for _ in range(group_size)]
+    if [c.prompt_index for c in completions] != expected:
+        raise ValueError(f"completions: expected {group_size} per prompt for {num_prompts} prompts, prompt-major "
+                         f"(prompt_index 0 x{group_size}, 1 x{group_size}, ...), got prompt indices "
+                         f"{[c.prompt_index for c in completions][:2 * group_size]}...")
+    return rewards.float().view(num_prompts, group_size)
 
 
 def group_by_prompt(completions: list[Completion], num_prompts: int) -> list[list[int]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
+from hotloop.algorithms.grpo import GRPO, GRPOConfig
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
@@ -38,6 +39,7 @@ REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule")
 ALGORITHMS = {
     "online-dpo": ("dpo", OnlineDPO.from_config),
     "offline-dpo": ("dpo", OfflineDPO.from_config),
+    "grpo": ("grpo", GRPO.from_config),
 }
 """Algorithm name → (RunConfig section holding its settings, factory(section, BuildContext))."""
 
@@ -118,6 +120,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
