@@ -1,0 +1,279 @@
+"""Plumbing shared by the fused linear losses (``fused_linear_{dpo,kto,grpo,sft}``): batch layout, reference
+log-probs, the sequence-sum driver, and the op that carries gradients computed during the forward.
+
+Layouts (``docs/fused-losses.md``; N rows, B sequences, T padded length):
+
+- padded: ``hidden [B, T, D]``, ``targets [B, T]``, optional ``mask [B, T]``;
+- packed: ``hidden [N, D]``, ``targets [N]``, ``cu_seqlens [B + 1]`` (FlashAttention varlen: sequence b is rows
+  ``cu_seqlens[b] : cu_seqlens[b + 1]``; rows past ``cu_seqlens[-1]`` belong to none), optional ``mask [N]``.
+
+A token counts ("is active") iff its mask is true (no mask: every token) and its target != ``ignore_index``.
+Only active rows enter the matmuls: padding and prompt tokens cost no FLOPs. They are gathered once into an
+``[N_a, D]`` copy (none when every row is active) and grad_hidden is scattered back.
+
+Sequence-sum losses (DPO family, KTO) depend on ``S_b = Σ_t logp_bt``, so ``d loss / d logp_bt = d loss / d S_b``
+is known once every row of a *unit* (a pair, or one sample) has its log-prob:
+
+- ``"grouped"``: units are the row groups of ``logprob_fwd_bwd``; three matmuls (6·N_a·V·D FLOPs), but a chunk
+  must hold a whole unit: an fp32 ``[rows of the largest unit, V]`` block.
+- ``"two_pass"``: a forward-only pass (2·N_a·V·D) gives S, autograd on the loss gives d loss / d S, then
+  ``logprob_fwd_bwd`` with those known token gradients (6·N_a·V·D): four matmuls, blocks at the usual budget.
+- ``"auto"``: grouped when the largest unit fits the row chunk ``logprob_fwd_bwd`` uses anyway (``HOTLOOP_BLOCK_BYTES``
+  budget) or on the Triton path (which never stores a block; its fused pass is one forward + one backward).
+
+Host syncs: layout and argument checks read a few scalars (active-row count, ``cu_seqlens``, largest unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._dispatch import use_triton
+from .fused_linear_logprob import TokenStats, _block_rows, _check_inputs, logprob_fwd, logprob_fwd_bwd
+from .losses._checks import check_choice, check_tensor
+from .losses.segments import segment_ids
+
+STRATEGIES = ("auto", "grouped", "two_pass")
+_GRADS = tuple[Tensor | None, Tensor | None, Tensor | None]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The active rows of a padded or packed batch; every ``[N_a]`` tensor is indexed by active row."""
+
+    hidden: Tensor  # [N_a, D] detached active rows (a view of the input when every row is active)
+    targets: Tensor  # [N_a] int64, all != ignore_index
+    seq_ids: Tensor  # [N_a] int64 sequence of each active row, in [0, B)
+    positions: Tensor  # [N_a] int64 column of each active row in the padded [B, T] view
+    rows: Tensor | None  # [N_a] int64 flat input row of each active row; None when all N rows are active
+    num_seqs: int  # B
+    max_len: int  # T: the padded length, or the longest packed sequence
+    input_shape: torch.Size  # hidden's shape; grad_hidden comes back in it
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:  # [B, T] or [N]: the shape of per-token inputs
+        return tuple(self.input_shape[:-1])
+
+    def take(self, values: Tensor) -> Tensor:
+        """Per-token ``values`` in the input layout (``token_shape``) → ``[N_a]`` float32 at the active rows."""
+        flat = values.detach().reshape(-1).float()
+        return flat if self.rows is None else flat.index_select(0, self.rows)
+
+    def seq_sum(self, values: Tensor) -> Tensor:
+        """``[B]`` float32 per-sequence sums of ``[N_a]`` values."""
+        return torch.zeros(self.num_seqs, device=values.device).index_add_(0, self.seq_ids, values.float())
+
+    def to_padded(self, values: Tensor) -> Tensor:
+        """``[N_a]`` values → ``[B, T]`` in ``values``' dtype, 0 at inactive positions."""
+        out = values.new_zeros(self.num_seqs, self.max_len)
+        return out.index_put_((self.seq_ids, self.positions), values)
+
+    def padded_mask(self) -> Tensor:
+        """``[B, T]`` float32 mask of the active tokens."""
+        return self.to_padded(torch.ones(self.seq_ids.numel(), device=self.seq_ids.device))
+
+    def hidden_grad(self, grad: Tensor | None) -> Tensor | None:
+        """``[N_a, D]`` gradient → hidden's shape (zeros at inactive rows)."""
+        if grad is None or self.rows is None:
+            return None if grad is None else grad.reshape(self.input_shape)
+        full = grad.new_zeros(self.input_shape.numel() // self.input_shape[-1], self.input_shape[-1])
+        return full.index_copy_(0, self.rows, grad).reshape(self.input_shape)
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> list[int]:
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32/int64 [B + 1] with B >= 1, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")  # fmt: skip
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] > n or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= N={n}, got {cu}")
+    return cu
+
+
+def _seq_positions(n: int, t: int | None, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:
+    """(sequence, position) int64 [N] of every flat row; rows past the last packed boundary get sequence B."""
+    idx = torch.arange(n, device=device)
+    if cu_seqlens is None:
+        return idx.div(t, rounding_mode="floor"), idx.remainder(t)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq = segment_ids(cu, n)
+    return seq, idx - cu[seq.clamp_max(cu.numel() - 2)]
+
+
+def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature, ignore_index) -> Layout:
+    """Check the inputs of a fused loss and gather its active rows (see the module docstring for the layouts)."""
+    if not isinstance(hidden, Tensor) or hidden.dim() != (3 if cu_seqlens is None else 2):
+        want = "[B, T, D] (padded; pass cu_seqlens for packed [N, D])" if cu_seqlens is None else "[N, D] (packed)"
+        raise ValueError(f"hidden must be {want}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+    check_tensor("targets", targets, tuple(hidden.shape[:-1]))
+    if mask is not None:
+        check_tensor("mask", mask, tuple(hidden.shape[:-1]))
+        targets = targets.masked_fill(~mask.bool(), ignore_index)
+    n = hidden.shape[:-1].numel()
+    if cu_seqlens is not None:
+        cu = _check_cu_seqlens(cu_seqlens, n)
+        num_seqs, max_len = len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))
+        targets = targets.clone() if mask is None else targets
+        targets[cu[-1]:] = ignore_index
+    else:
+        num_seqs, max_len = hidden.shape[0], hidden.shape[1]
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    hidden2d, flat = hidden.detach().reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    seq, pos = _seq_positions(n, max_len, cu_seqlens, hidden.device)
+    active = flat != ignore_index
+    rows = None if bool(active.all()) else active.nonzero().squeeze(1)
+    if rows is not None:
+        hidden2d, flat, seq, pos = (x.index_select(0, rows) for x in (hidden2d, flat, seq, pos))
+    return Layout(hidden=hidden2d, targets=flat.contiguous(), seq_ids=seq, positions=pos, rows=rows,
+                  num_seqs=num_seqs, max_len=max_len, input_shape=hidden.shape)  # fmt: skip
+
+
+def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *, needed: bool, why: str) -> None:
+    """Exactly one reference source when ``needed`` (precomputed ``name`` or ``ref_hidden`` + ``ref_weight``), else none."""
+    head = (ref_hidden, ref_weight, ref_bias)
+    if (ref_hidden is None) != (ref_weight is None) or (ref_bias is not None and ref_weight is None):
+        raise ValueError("the reference head needs ref_hidden and ref_weight together (ref_bias optional), got "
+                         + ", ".join(f"{k}={'tensor' if v is not None else None}"
+                                     for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)))  # fmt: skip
+    given = [k for k, v in ((name, precomputed), ("ref_hidden", ref_hidden)) if v is not None]
+    if needed and len(given) != 1:
+        raise ValueError(f"{why} needs the reference: either {name} or ref_hidden + ref_weight, got {given or 'neither'}")
+    if not needed and given:
+        raise ValueError(f"{why} takes no reference, got {given}")
+
+
+def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index) -> Tensor:
+    """``[N_a]`` float32 log-probs of the active targets under the reference head, forward only (no grad)."""
+    if tuple(ref_hidden.shape[:-1]) != layout.token_shape:
+        raise ValueError(f"ref_hidden must have hidden's leading shape {layout.token_shape}, "
+                         f"got {tuple(ref_hidden.shape)}")  # fmt: skip
+    ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+    ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
+    _check_inputs(ref2d, ref_weight, layout.targets, ref_bias, temperature, ignore_index)
+    with torch.no_grad():
+        return logprob_fwd(ref2d, ref_weight.detach(), layout.targets, None if ref_bias is None else ref_bias.detach(),
+                           temperature=temperature, ignore_index=ignore_index, with_entropy=False).logp  # fmt: skip
+
+
+def grads_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of (hidden, weight, bias) need a gradient; all False under ``torch.no_grad()``."""
+    on = torch.is_grad_enabled()
+    return tuple(bool(on and t is not None and t.requires_grad) for t in (hidden, weight, bias))
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """A scalar loss whose gradients w.r.t. hidden, weight, bias were computed in the forward.
+
+    Backward only scales the stored gradients by the scalar ``grad_output`` (no matmul, no host sync).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return (None, *scaled, None, None, None)
+
+
+def attach_grads(loss: Tensor, layout: Layout, hidden, weight, bias, grads: _GRADS) -> Tensor:
+    """``loss`` (detached, 0-d) made differentiable w.r.t. hidden, weight, bias with the given gradients."""
+    grad_hidden, grad_weight, grad_bias = layout.hidden_grad(grads[0]), grads[1], grads[2]
+    return FusedLossFunction.apply(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
+
+
+def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: str) -> str:
+    """``"grouped"`` or ``"two_pass"`` for ``strategy`` (``"auto"``: the rule of the module docstring)."""
+    check_choice("strategy", strategy, STRATEGIES)
+    if strategy != "auto":
+        return strategy
+    if use_triton(layout.hidden.device):
+        return "grouped"
+    rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
+    largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
+    return "grouped" if largest <= _block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device) else "two_pass"
+
+
+def _unit_of_row(layout: Layout, units: Tensor) -> Tensor:
+    """``[N_a]`` int64 unit of each active row (``units [U, m]``: the sequences of each unit)."""
+    unit_of_seq = torch.full((layout.num_seqs,), -1, dtype=torch.int64, device=units.device)
+    unit_of_seq[units.reshape(-1)] = torch.arange(units.shape[0], device=units.device).repeat_interleave(units.shape[1])
+    return unit_of_seq[layout.seq_ids]
+
+
+def _seq_grads(layout: Layout, seq_logps: Tensor, units: Tensor, present: Tensor, unit_loss: Callable) -> Tensor:
+    """``[B]`` d loss / d S for the sequences of the ``present`` units (0 elsewhere), by autograd on ``unit_loss``."""
+    seqs = units[present]
+    leaf = seq_logps[seqs].detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(unit_loss(leaf, present), leaf)
+    out = torch.zeros(layout.num_seqs, device=seq_logps.device)
+    return out.index_put_((seqs.reshape(-1),), grad.reshape(-1).float())
+
+
+def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_loss: Callable, strategy: str,
+                        temperature: float, ignore_index: int, needs_grad) -> tuple[TokenStats, _GRADS]:
+    """Token stats and (grad_hidden [N_a, D], grad_weight, grad_bias) of a loss on per-sequence log-prob sums.
+
+    Args:
+        units: ``[U, m]`` int64 sequence indices of each unit (``m = 2`` for pairs, 1 for samples).
+        unit_loss: ``(seq_logps [k, m], unit_index [k]) -> 0-d`` contribution of those units to the total loss
+            (already divided by the total number of units when the loss is a mean).
+        strategy: ``"grouped"`` or ``"two_pass"`` (from :func:`sequence_strategy`).
+    """
+    opts = dict(temperature=temperature, ignore_index=ignore_index, with_entropy=False, needs_grad=needs_grad)
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    if strategy == "two_pass":
+        stats = logprob_fwd(layout.hidden, w, layout.targets, b, temperature=temperature, ignore_index=ignore_index,
+                            with_entropy=False)  # fmt: skip
+        all_units = torch.arange(units.shape[0], device=units.device)
+        token = _seq_grads(layout, layout.seq_sum(stats.logp), units, all_units, unit_loss)[layout.seq_ids]
+        stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=lambda rows, *_: (token[rows], None),
+                                        **opts)  # fmt: skip
+        return stats, tuple(grads)
+    unit_of_row = _unit_of_row(layout, units)
+    order = torch.argsort(unit_of_row, stable=True)
+    groups = list(order.split(torch.bincount(unit_of_row, minlength=units.shape[0]).tolist()))
+
+    def token_grad(rows, logp, _entropy):
+        seq_logps = torch.zeros(layout.num_seqs, device=logp.device).index_add_(0, layout.seq_ids[rows], logp.float())
+        present = torch.unique(unit_of_row[rows])
+        return _seq_grads(layout, seq_logps, units, present, unit_loss)[layout.seq_ids[rows]], None
+
+    stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups, **opts)
+    return stats, tuple(grads)
+
+
+def forward_stats(layout: Layout, weight, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
+    """Forward-only token stats of the active rows (one matmul, nothing saved)."""
+    with torch.no_grad():
+        return logprob_fwd(layout.hidden, weight.detach(), layout.targets, None if bias is None else bias.detach(),
+                           temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
+
+
+def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[Tensor, Tensor, Tensor]:
+    """Float64-reference helper: any layout → padded ``(hidden [B, T, D], targets [B, T], mask [B, T] bool)``.
+
+    One Python slice per packed sequence; inactive tokens get ``ignore_index`` and mask False.
+    """
+    if mask is None:
+        mask = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+    mask = mask.bool() & (targets != ignore_index)
+    if cu_seqlens is None:
+        return hidden, targets.masked_fill(~mask, ignore_index), mask
+    cu = cu_seqlens.tolist()
+    t = max(b - a for a, b in zip(cu, cu[1:]))
+    out_h = hidden.new_zeros(len(cu) - 1, t, hidden.shape[-1])
+    out_t = torch.full((len(cu) - 1, t), ignore_index, dtype=torch.int64, device=targets.device)
+    out_m = torch.zeros(len(cu) - 1, t, dtype=torch.bool, device=targets.device)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        out_h[i, : b - a], out_t[i, : b - a], out_m[i, : b - a] = hidden[a:b], targets[a:b], mask[a:b]
+    return out_h, out_t.masked_fill(~out_m, ignore_index), out_m

@@ -1,0 +1,236 @@
+"""Fused linear GRPO family (GRPO, BNPO, Dr. GRPO, DAPO, CISPO, SAPO, LUSPO, VESPO; token- or sequence-level
+importance sampling as GSPO) from hidden states and the LM head, without ``[N, V]`` logits.
+
+The math is :func:`~.losses.grpo.grpo_loss` (see its docstring for every loss type and option). Its gradient
+with respect to each token's ``logp`` (and ``entropy``) depends only on that token's row, or, for
+``importance_sampling_level="sequence"`` and ``vespo``, on its whole sequence; so it is known as soon as the
+log-probs of a chunk of rows are. Following the recipe of ``losses/grpo.py``, the reduction ``weights`` are computed
+once for the whole batch (``loss_weights``), and each chunk of ``logprob_fwd_bwd`` calls ``grpo_per_token`` on
+``logp.detach().requires_grad_()`` and takes ``autograd.grad(Σ per_token_loss · weights)`` as its token gradient:
+
+- token level: any chunk of rows; each row is a ``[1, 1]`` "sequence" with its sequence's advantage;
+- sequence level / vespo: row groups are whole sequences; each chunk is laid out ``[k, T]``.
+
+Three matmuls in all (``6·N_a·V·D`` FLOPs) plus ``2·N_a·V·D_ref`` with a reference head; ``2·N_a·V·D`` under
+``torch.no_grad()``. Loss value and metrics come from one ``grpo_loss`` call on the ``[B, T]`` log-probs.
+Memory: the gradients ``[N, D] + [V, D] (+ [V])`` held until backward, one logits block, a few ``[B, T]`` floats.
+
+Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``
+(``_fused_linear_common``); per-token inputs (``old_logp``, ``ref_logp``, ``sampler_logp``) have ``targets``' shape.
+For dr_grpo pass ``max_completion_length``: its default is ``T`` (the padded length, or the longest packed sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._fused_linear_common import (
+    Layout, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
+    reference_padded,
+)  # fmt: skip
+from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
+from .losses._checks import check_tensor
+from .losses.grpo import _Options, grpo_loss, grpo_per_token, loss_weights
+from .losses.output import LossOutput
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TokenGrad:
+    """``token_grad`` for ``logprob_fwd_bwd``: d(Σ weights · grpo_per_token) / d(logp, entropy) of a chunk of rows."""
+
+    layout: Layout
+    advantages: Tensor  # [B] float32
+    weights: Tensor  # [B, T] float32 reduction weights of the whole batch
+    old: Tensor | None  # [N_a] per-token constants, or None
+    ref: Tensor | None
+    sampler: Tensor | None
+    whole_rows: bool  # sequence-level ratio or vespo: chunks hold whole sequences, laid out [k, T]
+    options: dict  # the keyword options of grpo_per_token
+
+    def _chunk(self, rows: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor, Tensor]:
+        """(local row, column, [k, width] shape, advantages [k], weights [k, width]) of a chunk's tokens."""
+        seq, pos = self.layout.seq_ids[rows], self.layout.positions[rows]
+        if self.whole_rows:
+            units, local = torch.unique(seq, return_inverse=True)
+            return local, pos, (units.numel(), self.layout.max_len), self.advantages[units], self.weights[units]
+        local = torch.arange(rows.numel(), device=rows.device)  # every token its own [1, 1] "sequence"
+        return local, torch.zeros_like(pos), (rows.numel(), 1), self.advantages[seq], self.weights[seq, pos, None]
+
+    def __call__(self, rows: Tensor, logp: Tensor, entropy: Tensor | None):
+        local, pos, shape, adv, weights = self._chunk(rows)
+
+        def pad(values):  # [R] chunk values (or None) -> [k, width] float32, 0 elsewhere
+            if values is None:
+                return None
+            values = values.detach().float()
+            return values.new_zeros(shape).index_put_((local, pos), values)
+
+        def take(values):
+            return None if values is None else pad(values[rows])
+
+        with_ent = entropy is not None and self.options["entropy_coef"] != 0.0
+        lp = pad(logp).requires_grad_(True)
+        ent = None if entropy is None else pad(entropy).requires_grad_(with_ent)
+        m = pad(torch.ones(rows.numel(), device=rows.device))
+        with torch.enable_grad():
+            per_token, _ = grpo_per_token(lp, take(self.old), adv, m, ref_logp=take(self.ref),
+                                          sampler_logp=take(self.sampler), entropy=ent, **self.options)  # fmt: skip
+            grads = torch.autograd.grad((per_token * weights * m).sum(), (lp, ent) if with_ent else (lp,))
+        return grads[0][local, pos], (grads[1][local, pos] if with_ent else None)
+
+
+def _sequence_groups(layout: Layout) -> list[Tensor]:
+    """Active rows of each sequence (row groups that keep sequences whole)."""
+    order = torch.argsort(layout.seq_ids, stable=True)
+    return list(order.split(torch.bincount(layout.seq_ids, minlength=layout.num_seqs).tolist()))
+
+
+def _per_token_input(layout: Layout, name: str, values: Tensor | None) -> Tensor | None:
+    if values is None:
+        return None
+    check_tensor(name, values, layout.token_shape)
+    return layout.take(values)
+
+
+def fused_linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Tensor,
+    bias: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    sampler_logp: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    sampler_is_cap: float | None = None,
+    entropy_coef: float = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    use_bias_correction_kl: bool = False,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> LossOutput:
+    """GRPO-family loss of ``B`` sampled completions from hidden states and the LM head.
+
+    Args:
+        hidden: ``[B, T, D]`` (padded) or ``[N, D]`` (packed with ``cu_seqlens``).
+        weight: ``[V, D]``, hidden's dtype.  bias: ``[V]`` or None.
+        targets: ``[B, T]`` / ``[N]`` int64 sampled token ids (``ignore_index``: not in the completion).
+        advantages: ``[B]``.  mask: ``[B, T]`` / ``[N]`` bool or 0/1 completion mask, or None.
+        cu_seqlens: ``[B + 1]`` int32/int64 (packed).
+        old_logp, sampler_logp: per-token (``targets``' shape) log-probs of the sampling policy and of the
+            inference engine, or None (on-policy / no sampler correction).
+        ref_logp: per-token reference log-probs, or the reference head ``ref_hidden`` (hidden's layout,
+            ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad); needed iff ``beta != 0``.
+        max_completion_length, num_items_in_batch, beta, kl_estimator, epsilon_low, epsilon_high, delta,
+            loss_type, importance_sampling_level, sampler_is_cap, entropy_coef, sapo_temperature_pos,
+            sapo_temperature_neg, vespo_shape, use_bias_correction_kl: as
+            :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        temperature: logits are divided by it (use the sampling temperature).
+
+    Returns:
+        ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
+        (masked token means).
+    """
+    opts = dict(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
+                sapo_temperature_neg=sapo_temperature_neg, vespo_shape=vespo_shape,
+                use_bias_correction_kl=use_bias_correction_kl)  # fmt: skip
+    _Options(**opts)  # checks every option before any matmul
+    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
+                         ignore_index=ignore_index)  # fmt: skip
+    check_tensor("advantages", advantages, (layout.num_seqs,))
+    check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
+    if sampler_is_cap is not None and sampler_logp is None:
+        raise ValueError(f"sampler_is_cap={sampler_is_cap} needs sampler_logp, got None")
+    lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    old, sampler = (_per_token_input(layout, k, v) for k, v in (("old_logp", old_logp), ("sampler_logp", sampler_logp)))
+    ref = _per_token_input(layout, "ref_logp", ref_logp)
+    if ref_hidden is not None:
+        ref = reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **lp_opts)
+    adv, m = advantages.detach().float(), layout.padded_mask()
+    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    needs = grads_needed(hidden, weight, bias)
+    if any(needs):
+        whole_rows = importance_sampling_level == "sequence" or loss_type == "vespo"
+        token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
+                                ref=ref, sampler=sampler, whole_rows=whole_rows, options=opts)  # fmt: skip
+        stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
+                                        None if bias is None else bias.detach(), with_entropy=True,
+                                        token_grad=token_grad, row_groups=_sequence_groups(layout) if whole_rows else None,
+                                        needs_grad=needs, **lp_opts)  # fmt: skip
+    else:
+        stats = forward_stats(layout, weight, bias, with_entropy=True, **lp_opts)
+    pad = (lambda x: None if x is None else layout.to_padded(x))
+    with torch.no_grad():
+        out = grpo_loss(pad(stats.logp), pad(old), adv, m, ref_logp=pad(ref), sampler_logp=pad(sampler),
+                        entropy=pad(stats.entropy), **totals, **opts)  # fmt: skip
+    loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
+    return LossOutput(loss, out.metrics)
+
+
+class FusedLinearGRPOLoss(nn.Module):
+    """Module form of :func:`fused_linear_grpo_loss`: loss options at construction, tensors in ``forward``.
+
+    Constructor keywords: every keyword option of :func:`fused_linear_grpo_loss` except the per-batch tensors and
+    ``num_items_in_batch`` (defaults as there: ``loss_type="dapo"``, ``beta=0``, ``epsilon_low = epsilon_high = 0.2``).
+    """
+
+    def __init__(self, *, max_completion_length: int | None = None, beta: float = 0.0, kl_estimator: str = "k3",
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
+                 loss_type: str = "dapo", importance_sampling_level: str = "token",
+                 sampler_is_cap: float | None = None, entropy_coef: float = 0.0, sapo_temperature_pos: float = 1.0,
+                 sapo_temperature_neg: float = 1.05, vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+                 use_bias_correction_kl: bool = False, temperature: float = 1.0, ignore_index: int = -100):  # fmt: skip
+        super().__init__()
+        self.options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        _Options(**{k: v for k, v in self.options.items()
+                    if k not in ("max_completion_length", "temperature", "ignore_index")})  # fmt: skip
+
+    def forward(self, hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None, old_logp=None,
+                ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, sampler_logp=None,
+                num_items_in_batch=None) -> LossOutput:  # fmt: skip
+        return fused_linear_grpo_loss(hidden, weight, targets, advantages, bias, mask=mask, cu_seqlens=cu_seqlens,
+                                      old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden,
+                                      ref_weight=ref_weight, ref_bias=ref_bias, sampler_logp=sampler_logp,
+                                      num_items_in_batch=num_items_in_batch, **self.options)  # fmt: skip
+
+
+def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None,
+                                     old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                                     sampler_logp=None, temperature=1.0, ignore_index=-100, **options) -> LossOutput:  # fmt: skip
+    """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd)."""
+    def padded(values):  # per-token input -> [B, T] float64 (packed: one slice per sequence)
+        return None if values is None else reference_padded(values.double().unsqueeze(-1), targets, mask,
+                                                            cu_seqlens, ignore_index)[0].squeeze(-1)  # fmt: skip
+
+    def token_logp(h, w, b, entropy):
+        h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
+        return reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
+                                              temperature=temperature, ignore_index=ignore_index,
+                                              return_entropy=entropy)  # fmt: skip
+
+    logp, entropy = token_logp(hidden, weight, bias, True)
+    m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2]
+    ref = padded(ref_logp) if ref_hidden is None else token_logp(ref_hidden, ref_weight, ref_bias, False).detach()
+    return grpo_loss(logp, padded(old_logp), advantages.double(), m, ref_logp=ref, sampler_logp=padded(sampler_logp),
+                     entropy=entropy, **options)  # fmt: skip

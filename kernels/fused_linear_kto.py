@@ -1,0 +1,130 @@
+"""Fused linear KTO (https://arxiv.org/abs/2402.01306) from hidden states and the LM head, without ``[N, V]`` logits.
+
+Unpaired samples: ``B`` sequences with ``labels [B]`` (True = desirable). ``S_b = Σ_t logp_bt`` over active tokens,
+then :func:`~.losses.kto.kto_loss` (``λ_D (1 − σ(β(ρ − z₀)))`` / ``λ_U (1 − σ(β(z₀ − ρ)))``, ``ρ = S − S_ref``, mean
+over B). The reference point ``z₀`` (``kl_ref_point``) is a constant: TRL estimates it from mismatched
+(prompt, completion) pairs; compute those sequence log-probs forward-only (``torch.no_grad()`` with this module's
+layout, or ``fused_linear_logprob``) and pass :func:`~.losses.kto.kto_kl_estimate` of them.
+
+Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``
+(``_fused_linear_common``). Reference: ``ref_logps [B]`` (cached per data set) or a reference head, forward-only.
+Each sample's loss depends on its own ``S_b`` only, so the ``"grouped"`` strategy uses one row group per sequence
+(three matmuls, an fp32 ``[T, V]`` block); ``"two_pass"`` takes four matmuls at the usual block budget.
+Memory and FLOPs as ``fused_linear_dpo``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._fused_linear_common import (
+    STRATEGIES, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
+    reference_padded, sequence_loss_grads, sequence_strategy,
+)  # fmt: skip
+from .fused_linear_logprob import reference_fused_linear_logprob
+from .losses._checks import check_choice, check_tensor
+from .losses.kto import kto_loss
+from .losses.output import LossOutput
+
+
+def fused_linear_kto_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    beta: float = 0.1,
+    kl_ref_point: Tensor | float | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    strategy: str = "auto",
+) -> LossOutput:
+    """KTO loss of ``B`` unpaired samples from hidden states and the LM head.
+
+    Args:
+        hidden: ``[B, T, D]`` (padded) or ``[N, D]`` (packed with ``cu_seqlens``).
+        weight: ``[V, D]``, hidden's dtype.  bias: ``[V]`` or None.
+        targets: ``[B, T]`` / ``[N]`` int64 next-token ids (``ignore_index``: not in the completion).
+        labels: ``[B]`` bool, True for desirable completions.
+        mask: ``[B, T]`` / ``[N]`` bool or 0/1 completion mask, or None.  cu_seqlens: ``[B + 1]`` (packed).
+        ref_logps: ``[B]`` reference sequence log-probs, or the reference head ``ref_hidden`` (hidden's layout,
+            ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad).
+        beta, kl_ref_point, desirable_weight, undesirable_weight: as :func:`~hotloop.kernels.losses.kto.kto_loss`.
+        temperature: logits are divided by it.  strategy: ``"auto"`` | ``"grouped"`` | ``"two_pass"``.
+
+    Returns:
+        ``LossOutput`` with the metrics of ``kto_loss``: ``kl``, ``rewards/{chosen,rejected}_sum``,
+        ``logps/{chosen,rejected}_sum``, ``count/{chosen,rejected}``.
+    """
+    check_choice("strategy", strategy, STRATEGIES)
+    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
+                         ignore_index=ignore_index)  # fmt: skip
+    b = layout.num_seqs
+    check_tensor("labels", labels, (b,))
+    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias, needed=True, why="KTO")
+    opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    if ref_hidden is not None:
+        ref = layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **opts))
+    else:
+        check_tensor("ref_logps", ref_logps, (b,))
+        ref = ref_logps.detach().float()
+
+    def sample_loss(seq_logps: Tensor, samples: Tensor) -> LossOutput:
+        return kto_loss(seq_logps[:, 0], ref[samples], labels[samples], beta=beta, kl_ref_point=kl_ref_point,
+                        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)  # fmt: skip
+
+    samples = torch.arange(b, device=ref.device)
+    sample_loss(torch.zeros(b, 1, device=ref.device), samples)  # checks every option before any matmul
+    needs = grads_needed(hidden, weight, bias)
+    if any(needs):
+        units = samples.unsqueeze(1)
+        stats, grads = sequence_loss_grads(
+            layout, weight, bias, units=units, unit_loss=lambda s, idx: sample_loss(s, idx).loss * (idx.numel() / b),
+            strategy=sequence_strategy(layout, weight, units, strategy), needs_grad=needs, **opts,
+        )  # fmt: skip
+    else:
+        stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
+    with torch.no_grad():
+        out = sample_loss(layout.seq_sum(stats.logp).unsqueeze(1), samples)
+    loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
+    return LossOutput(loss, out.metrics)
+
+
+class FusedLinearKTOLoss(nn.Module):
+    """Module form of :func:`fused_linear_kto_loss`: loss options at construction, tensors in ``forward``."""
+
+    def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 temperature: float = 1.0, ignore_index: int = -100, strategy: str = "auto"):  # fmt: skip
+        super().__init__()
+        check_choice("strategy", strategy, STRATEGIES)
+        self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                            temperature=temperature, ignore_index=ignore_index, strategy=strategy)  # fmt: skip
+
+    def forward(self, hidden, weight, targets, labels, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
+                ref_hidden=None, ref_weight=None, ref_bias=None, kl_ref_point=None) -> LossOutput:  # fmt: skip
+        return fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, cu_seqlens=cu_seqlens,
+                                     ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                     ref_bias=ref_bias, kl_ref_point=kl_ref_point, **self.options)  # fmt: skip
+
+
+def reference_fused_linear_kto_loss(hidden, weight, targets, labels, bias=None, *, mask=None, cu_seqlens=None,
+                                    ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, temperature=1.0,
+                                    ignore_index=-100, strategy="auto", **options) -> LossOutput:  # fmt: skip
+    """Float64 reference: materialized logits → log_softmax → padded sums → ``kto_loss`` (autograd)."""
+    def seq_logp(h, w, b):
+        h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
+        return reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
+                                              temperature=temperature, ignore_index=ignore_index).sum(-1)  # fmt: skip
+
+    ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias).detach()
+    return kto_loss(seq_logp(hidden, weight, bias), ref, labels, **options)
