@@ -22,6 +22,7 @@ import torch
 
 from hotloop.algorithms.base import BuildContext
 from hotloop.algorithms.config import ALGORITHMS, RunConfig, load_config
+from hotloop.algorithms.experiments import compare as compare_experiments
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 from hotloop.runtime.engine import SamplingParams
@@ -249,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the algorithm a YAML config names")
     train.add_argument("config", help="YAML file (see hotloop.algorithms.config)")
     train.add_argument("--out", default=None, help="overrides loop.out_dir")
+    compare_experiments.add_arguments(sub.add_parser(
+        "compare", help="toy reproductions of the offline → online spectrum (docs/spectrum.md)"))
     for p in (demo, train):
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -260,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hotloop`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "compare":
+        return compare_experiments.main(args)
     overrides = []
     if args.command == "demo":
         overrides += [f"loop.out_dir={args.out}", f"loop.seed={args.seed}"]

@@ -1,0 +1,104 @@
+"""``hotloop compare EXPERIMENT``: run toy reproductions of the offline → online spectrum (docs/spectrum.md).
+
+Experiments (each a module of this package with ``run(seeds, *, progress) -> Report``):
+
+- ``bandit``: Tajwar et al.'s bandit, DPO / IPO / rejection sampling at s ∈ {1, 10, 100, ∞}, rewards R1, R2;
+- ``kl-budget``: online vs offline DPO and IPO on the bandit at matched KL(π ‖ π_ref) (a β sweep);
+- ``replay``: an online run's recorded samples replayed offline give bit-identical parameters;
+- ``arithmetic``: offline / semi-online / online DPO and GRPO from the demo's SFT policy;
+- ``all``: the four, in that order.
+
+Each writes ``summary.json``, ``table.md`` and PNG plots to ``--out``; ``all`` adds ``overview.png``.
+Every run is a function of its seed; the bandit runs on one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+from hotloop.algorithms.experiments import report
+
+EXPERIMENTS = {
+    "bandit": "hotloop.algorithms.experiments.bandit",
+    "kl-budget": "hotloop.algorithms.experiments.kl_budget",
+    "replay": "hotloop.algorithms.experiments.replay",
+    "arithmetic": "hotloop.algorithms.experiments.arithmetic",
+}
+"""Experiment name → module with ``run(seeds, *, progress) -> report.Report``."""
+ALL = "all"
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+def experiment_names(name: str) -> list[str]:
+    """``[name]``, or every experiment for ``"all"``; ValueError naming the choices otherwise."""
+    if name == ALL:
+        return list(EXPERIMENTS)
+    if name not in EXPERIMENTS:
+        raise ValueError(f"EXPERIMENT: expected one of {sorted(EXPERIMENTS) + [ALL]}, got {name!r}")
+    return [name]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``: distinct ints >= 0, at least one; ValueError otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--seeds: expected comma-separated ints >= 0 such as 0,1,2, got {text!r}")
+    seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True,
+                command: str | None = None) -> tuple[dict, list[report.Report]]:
+    """Run experiment ``name`` (or ``"all"``) for ``seeds``; write its outputs to ``out``; the summary and reports."""
+    names = experiment_names(name)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected a non-empty list of ints >= 0, got {seeds!r}")
+    t0, reports = time.perf_counter(), []
+    for experiment in names:
+        reports.append(importlib.import_module(EXPERIMENTS[experiment]).run(seeds, progress=progress))
+    summary = report.write_reports(reports, out, seeds=seeds, command=command, wall_seconds=time.perf_counter() - t0)
+    if len(reports) > 1:
+        report.save_figure(report.overview(reports), Path(out) / "overview.png")
+    return summary, reports
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``compare`` subcommand's arguments (shared by ``hotloop compare`` and ``bench/spectrum.py``)."""
+    parser.add_argument("experiment", type=_experiment_arg, metavar="EXPERIMENT",
+                        help=f"one of {', '.join(EXPERIMENTS)} or {ALL}")
+    parser.add_argument("--seeds", type=_seeds_arg, default=list(DEFAULT_SEEDS),
+                        help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/compare/EXPERIMENT)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace, command: str | None = None) -> int:
+    """Run the parsed ``compare`` command; print where the results went and which targets were missed."""
+    out = Path(args.out or f"runs/compare/{args.experiment}")
+    summary, _ = run_compare(args.experiment, args.seeds, out, progress=not args.no_progress, command=command)
+    missed = [t for t in summary["targets"] if not t["passed"]]
+    print(f"wrote {out / 'table.md'}, {out / 'summary.json'} and plots in {summary['wall_seconds']:.0f} s; "
+          f"targets met: {len(summary['targets']) - len(missed)}/{len(summary['targets'])}")
+    for target in missed:
+        print(f"  not met [{target['experiment']}]: {target['claim']} — {target['detail']}")
+    return 0
+
+
+def _experiment_arg(text: str) -> str:
+    try:
+        experiment_names(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _seeds_arg(text: str) -> list[int]:
+    try:
+        return parse_seeds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
