@@ -1,0 +1,313 @@
+"""Fused linear KL: exact full-vocabulary divergence between a policy head and a frozen reference head.
+
+π is the policy (``hidden``, ``weight``, ``bias``: the head that gets gradients), π_ref the reference or
+teacher (``ref_hidden``, ``ref_weight``, ``ref_bias``: frozen, never gets a gradient). Per row, with
+s = 1/temperature, p = softmax(s·(hidden @ weight.T + bias)) and
+q = softmax(s·(ref_hidden @ ref_weight.T + ref_bias)):
+
+    "kl"          KL(π ‖ π_ref) = Σ_j p_j (log p_j − log q_j)          d/dz = p ⊙ (log p − log q − KL)
+    "reverse_kl"  KL(π_ref ‖ π) = Σ_j q_j (log q_j − log p_j)          d/dz = p − q
+    "jsd"         JSD_β = β·KL(π_ref ‖ M) + (1−β)·KL(π ‖ M),  M = β·q + (1−β)·p,  0 < β < 1
+                                                                     d/dz = (1−β)·p ⊙ (log p − log M − KL(π ‖ M))
+
+with z = s·x the scaled policy logits (d/dx = s·d/dz). "kl" is the KL penalty of RLHF / GRPO, computed
+exactly where ``losses/kl_penalty.py``'s k1/k2/k3 estimate it from one sampled token (distillation papers
+call this direction "reverse KL"). "reverse_kl" is distillation's "forward KL" (cross-entropy to the
+teacher's distribution minus its entropy). "jsd" is Liger-Kernel's generalized JSD (β weights the
+reference/teacher); Liger's ``beta=0`` is "reverse_kl" here and its ``beta=1`` is "kl".
+
+Layout as the other fused losses (``_fused_linear_common``): padded ``hidden [B, T, D]`` or packed ``[N, D]`` +
+``cu_seqlens [B + 1]``; a row counts iff its target != ``ignore_index`` and its ``mask`` (if given) is true, and
+only counted rows (N_a of them) enter the matmuls. Loss = Σ_i w_i·D_i over them (``normalize``: "token"
+w = 1/N_a, Liger's reduction; "sequence" w = 1/(B·N_a of the row's sequence); "sum" w = 1).
+
+The gradient is known in the forward, so it is computed there; backward only scales it by the scalar upstream
+gradient (``_fused_linear_common.FusedLossFunction``). Held until backward: grad_hidden [N, D], grad_weight
+[V, D], grad_bias [V] in the input dtype (as Liger's chunked losses); the [N, V] logits of either head never exist.
+
+PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): [C, V] row chunks, four fp32 blocks of ``_block_rows / 4``
+rows: both logits blocks, log-softmax in place, per-row divergence, KL and entropy, the gradient block, then
+grad_H[rows] = G @ W, grad_W += G.T @ H, grad_b += Σ_rows G (bf16 GEMM operands for bf16 input, fp32
+accumulation, as ``fused_linear_logprob``). FLOPs: 2·N·V·(D + D_ref) for the logits, 4·N·V·D for the
+gradients (four matmuls when D_ref = D; the forward alone is two).
+Triton path (CUDA, ``_fused_linear_kl_triton``): online softmax over vocabulary tiles for both heads, then a
+gradient pass that recomputes both logits tiles: 2·N·V·(D + D_ref) more ("jsd" needs one more stats pass,
+since M needs both normalizers first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._dispatch import use_triton
+from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
+from .fused_linear_logprob import (
+    _FLOAT_DTYPES, _add_row_grads, _block_rows, _cast, _grad_gemm_dtype, _linear_into, _logits_into, _scratch, _spans,
+)  # fmt: skip
+from .losses._checks import check_choice
+from .losses.output import LossOutput
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+NORMALIZE = ("token", "sequence", "sum")
+_BUFFERS = 4  # fp32 [C, V] blocks live at once in the PyTorch path
+
+
+@dataclass
+class KLStats:
+    """Per-row float32 [N] results of the forward; 0 where the target is ``ignore_index``."""
+
+    divergence: Tensor  # the selected divergence
+    kl: Tensor  # KL(π ‖ π_ref)
+    entropy: Tensor  # entropy of π
+
+
+@dataclass
+class KLOutput(LossOutput):
+    """``LossOutput`` plus ``per_token``: the selected divergence per row (detached float32, hidden's leading shape)."""
+
+    per_token: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Options:
+    divergence: str
+    beta: float
+    temperature: float
+
+
+def _log_softmax_(block: Tensor, s: float) -> Tensor:
+    """block [R, V] fp32 ← log softmax(s·block), in place.
+
+    As s·(x − max x) − log Σ e^{…}: the shift is exact near the max and log Σ ∈ [0, log V] rounds finely,
+    where z − lse would carry lse's rounding (an ulp of |z|, 1e-3 at |z| ~ 1e4) into every log p of the row.
+    """
+    block.sub_(block.amax(dim=1, keepdim=True)).mul_(s)
+    return block.sub_(torch.logsumexp(block, dim=1, keepdim=True))
+
+
+def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor, opts: _Options):
+    """(divergence, kl, entropy) [R] and d divergence / d scaled policy logit [R, V] from log p (lp) and log q (lq).
+
+    All four fp32 [R, V] buffers are overwritten; the returned gradient is a view of one of them.
+    """
+    vecdot = torch.linalg.vecdot
+    torch.exp(lp, out=p)
+    entropy = -vecdot(p, lp)
+    kl = vecdot(p, torch.sub(lp, lq, out=t))  # t = log p − log q
+    if opts.divergence == "kl":
+        return kl, kl, entropy, t.sub_(kl[:, None]).mul_(p)
+    if opts.divergence == "reverse_kl":
+        q = lq.exp_()
+        return -vecdot(q, t), kl, entropy, p.sub_(q)
+    beta, log_a, log_b = opts.beta, math.log1p(-opts.beta), math.log(opts.beta)
+    # log M = logaddexp(log((1−β)p), log(βq)): M itself underflows where both p and q do.
+    log_m = torch.logaddexp(lp.add_(log_a), lq.add_(log_b), out=t)
+    d_p = lp.sub_(log_m).sub_(log_a)  # log p − log M
+    student = vecdot(p, d_p)  # KL(π ‖ M)
+    log_bq_m = lq.sub_(log_m)  # log(βq / M)
+    beta_q = log_m.add_(log_bq_m).exp_()
+    teacher = vecdot(beta_q, log_bq_m.sub_(log_b))  # Σ βq·log(q / M) = β·KL(π_ref ‖ M)
+    return teacher + (1.0 - beta) * student, kl, entropy, d_p.sub_(student[:, None]).mul_(p).mul_(1.0 - beta)
+
+
+def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts: _Options,
+               needs_grad=(True, True, True)):
+    """KLStats [N] and the gradients of Σ_i row_weight_i·D_i w.r.t. (hidden2d, weight, bias) (None where not needed).
+
+    Args:
+        hidden2d: [N, D] policy hidden. weight: [V, D]. bias: [V] | None (policy dtype).
+        ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref]. ref_bias: [V] | None (reference dtype).
+        row_weight: [N] float32 weight of each row in the loss.
+    Returns:
+        (KLStats, grad_hidden | None, grad_weight | None, grad_bias | None), grads in the input dtype.
+    """
+    if use_triton(hidden2d.device):
+        from ._fused_linear_kl_triton import triton_kl_fwd_bwd
+
+        return triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight,
+                                 opts=opts, needs_grad=needs_grad)  # fmt: skip
+    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / opts.temperature
+    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    grads = want_h or want_w or want_b
+    gdt = _grad_gemm_dtype(weight.dtype)
+    w32 = weight.float() if grads else None  # one upcast serves every chunk (fp32 grad_W is accumulated anyway)
+    w_g = w32 if gdt == torch.float32 else weight
+    div, kl, entropy = (torch.zeros(n, device=dev) for _ in range(3))
+    gh = torch.zeros(n, d, device=dev) if want_h else None
+    gw = torch.zeros(v, d, device=dev) if want_w else None
+    gb = torch.zeros(v, device=dev) if want_b else None
+    chunk = max(1, _block_rows(n, v, dev) // _BUFFERS)
+    bufs = torch.empty(_BUFFERS, chunk * v, device=dev).unbind(0)
+    row_scale = row_weight.float() * s  # d/dx = s·d/dz
+    for r0, r1 in _spans(n, chunk):
+        lp, lq, p, t = (_scratch(b, r1 - r0, v) for b in bufs)
+        h32 = hidden2d[r0:r1].float()
+        if w32 is not None:
+            _linear_into(lp, h32, w32, bias)
+        else:
+            _logits_into(lp, h32, weight, bias, 0)
+        _logits_into(lq, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
+        c_div, c_kl, c_ent, g = _row_math_(_log_softmax_(lp, s), _log_softmax_(lq, s), p, t, opts)
+        for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
+            dst[r0:r1] = src
+        if not grads:
+            continue
+        g.mul_(row_scale[r0:r1, None])
+        if gb is not None:
+            gb.add_(g.sum(dim=0))
+        _add_row_grads(g.to(gdt), hidden2d[r0:r1].to(gdt), w_g, torch.arange(r0, r1, device=dev), slice(r0, r1),
+                       gh, gw)  # fmt: skip
+    return KLStats(div, kl, entropy), _cast(gh, hidden2d.dtype), _cast(gw, weight.dtype), _cast(gb, weight.dtype)
+
+
+def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
+    """ValueError/TypeError naming the reference argument, the value seen and the value expected."""
+    if ref_hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"ref_hidden must be float32, bfloat16 or float16, got {ref_hidden.dtype}")
+    if ref_hidden.dim() != hidden.dim() or ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref], "
+                         f"got {tuple(ref_hidden.shape)}")  # fmt: skip
+    if ref_weight.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_weight dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_weight.dtype}")
+    if ref_weight.shape != (v, ref_hidden.shape[-1]):
+        raise ValueError(f"ref_weight must have shape [V={v}, D_ref={ref_hidden.shape[-1]}] (V = weight's rows), "
+                         f"got {tuple(ref_weight.shape)}")  # fmt: skip
+    if ref_bias is not None and ref_bias.dtype != ref_hidden.dtype:
+        raise TypeError(f"ref_bias dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_bias.dtype}")
+    if ref_bias is not None and ref_bias.shape != (v,):
+        raise ValueError(f"ref_bias must have shape ({v},) (V), got {tuple(ref_bias.shape)}")
+    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+
+
+def _check_options(divergence, beta, normalize) -> None:
+    """ValueError naming the option, the value seen and the value expected."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("normalize", normalize, NORMALIZE)
+    if divergence == "jsd" and not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl'), "
+                         f"got {beta}")  # fmt: skip
+
+
+def _row_weights(layout: Layout, normalize: str) -> Tensor:
+    """[N_a] float32 w_i with loss = Σ_i w_i·D_i over the active rows; see the module docstring."""
+    ones = torch.ones(layout.hidden.shape[0], device=layout.hidden.device)
+    if normalize == "sum":
+        return ones
+    if normalize == "token":
+        return ones / max(ones.numel(), 1)
+    per_seq = layout.seq_sum(ones).clamp_min(1.0) * layout.num_seqs
+    return ones / per_seq[layout.seq_ids]
+
+
+def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
+                    cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
+                    ignore_index=-100) -> KLOutput:
+    """Exact full-vocabulary divergence between the policy and a frozen reference head, logits never stored.
+
+    Args:
+        hidden: policy hidden, ``[B, T, D]`` (padded) or ``[N, D]`` (packed with ``cu_seqlens``),
+            float32 / bfloat16 / float16. weight: ``[V, D]``, hidden's dtype. bias: ``[V]`` or None.
+        targets: ``[B, T]`` / ``[N]`` int64 token ids; rows with ``ignore_index`` (prompt, padding) do not
+            count, nor rows where ``mask`` is false; other values must lie in [0, V) and are otherwise unused.
+        ref_hidden: reference hidden in hidden's layout, ``[..., D_ref]``, any float dtype.
+        ref_weight: ``[V, D_ref]``, ref_hidden's dtype. ref_bias: ``[V]`` or None. Frozen: never gets a gradient.
+        mask: ``[B, T]`` / ``[N]`` bool or 0/1, or None. cu_seqlens: ``[B + 1]`` int32/int64 (packed).
+        divergence: "kl" = KL(π ‖ π_ref), "reverse_kl" = KL(π_ref ‖ π), "jsd" = Liger's generalized JSD.
+        beta: JSD weight of the reference, in (0, 1); unused otherwise.
+        normalize: "token" (mean over counted rows), "sequence" (mean over sequences of their token mean), "sum".
+        temperature: > 0; both heads' logits are divided by it.
+    Returns:
+        KLOutput: ``loss`` (0-d float32, differentiable w.r.t. hidden, weight, bias), ``per_token`` (detached,
+        targets' shape, float32, 0 where not counted), ``metrics`` {"kl": mean KL(π ‖ π_ref), "entropy": mean
+        entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
+    """
+    _check_options(divergence, beta, normalize)
+    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
+                         ignore_index=ignore_index)  # fmt: skip
+    _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
+    ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
+    ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
+    opts = _Options(divergence=divergence, beta=float(beta), temperature=float(temperature))
+    row_weight, needs = _row_weights(layout, normalize), grads_needed(hidden, weight, bias)
+    stats, *grads = kl_fwd_bwd(layout.hidden, weight.detach(), None if bias is None else bias.detach(), ref2d,
+                               ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), row_weight,
+                               opts=opts, needs_grad=needs)  # fmt: skip
+    loss = torch.linalg.vecdot(stats.divergence, row_weight)
+    loss = attach_grads(loss, layout, hidden, weight, bias, grads) if any(needs) else loss
+    per_token = torch.zeros(layout.token_shape, device=hidden.device)
+    per_token.view(-1).index_copy_(0, _active_rows(layout), stats.divergence)
+    return KLOutput(loss=loss, metrics=_metrics(divergence, stats), per_token=per_token)
+
+
+def _active_rows(layout: Layout) -> Tensor:  # [N_a] int64 flat row of each active row
+    return torch.arange(layout.hidden.shape[0], device=layout.hidden.device) if layout.rows is None else layout.rows
+
+
+def _metrics(divergence: str, stats: KLStats) -> dict[str, Tensor]:
+    """Detached means over the active rows (0 when there are none); no host sync."""
+    with torch.no_grad():
+        count = max(stats.kl.numel(), 1)
+        metrics = {"kl": stats.kl.sum() / count, "entropy": stats.entropy.sum() / count}
+        if divergence != "kl":
+            metrics[divergence] = stats.divergence.sum() / count
+    return metrics
+
+
+class FusedLinearKL(nn.Module):
+    """Module form of ``fused_linear_kl``; options fixed at construction."""
+
+    def __init__(self, *, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, normalize: str = "token"):  # fmt: skip
+        super().__init__()
+        self.divergence, self.beta, self.temperature = divergence, beta, temperature
+        self.ignore_index, self.normalize = ignore_index, normalize
+
+    def forward(self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
+                cu_seqlens=None):
+        return fused_linear_kl(hidden, weight, targets, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                               ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens, divergence=self.divergence,
+                               beta=self.beta, normalize=self.normalize, temperature=self.temperature,
+                               ignore_index=self.ignore_index)  # fmt: skip
+
+
+def reference_fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
+                              cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
+                              ignore_index=-100) -> KLOutput:
+    """Float64 materialized ``fused_linear_kl`` from the textbook formulas, differentiable, for tests and benchmarks."""
+    def log_probs(h, w, b):
+        return torch.log_softmax((h.double() @ w.double().T + (0.0 if b is None else b.double())) / temperature, -1)
+
+    lp, lq = log_probs(hidden, weight, bias), log_probs(ref_hidden, ref_weight, ref_bias)
+    p, q = lp.exp(), lq.exp()
+    kl = (p * (lp - lq)).sum(-1)
+    if divergence == "kl":
+        div = kl
+    elif divergence == "reverse_kl":
+        div = (q * (lq - lp)).sum(-1)
+    else:  # M = β·q + (1−β)·p, in log space
+        lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
+        div = beta * (q * (lq - lm)).sum(-1) + (1 - beta) * (p * (lp - lm)).sum(-1)
+    keep = (targets != ignore_index) & (True if mask is None else mask.bool())
+    cu = None if cu_seqlens is None else cu_seqlens.tolist()
+    if cu is not None:
+        keep = keep & (torch.arange(keep.numel(), device=keep.device) < cu[-1])
+    div, kl, entropy = (x.masked_fill(~keep, 0.0) for x in (div, kl, -(p * lp).sum(-1)))
+    count = max(int(keep.sum()), 1)
+    if normalize == "sum":
+        loss = div.sum()
+    elif normalize == "token":
+        loss = div.sum() / count
+    elif cu is None:
+        loss = (div.sum(-1) / keep.sum(-1).clamp_min(1)).mean()
+    else:
+        loss = sum(div[a:b].sum() / max(int(keep[a:b].sum()), 1) for a, b in zip(cu, cu[1:])) / (len(cu) - 1)
+    metrics = {"kl": kl.sum() / count, "entropy": entropy.sum() / count}
+    if divergence != "kl":
+        metrics[divergence] = div.sum() / count
+    return KLOutput(loss=loss, metrics=metrics, per_token=div)
