@@ -26,23 +26,14 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-void row_stats(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t logp, uintptr_t entropy,
-               int64_t rows, int64_t vocab, int64_t row_stride, int dtype, float inv_temperature,
-               int64_t ignore_index, int num_threads) {
-  hotloop::RowStatsParams p{ptr<const void>(logits), ptr<const int64_t>(targets), ptr<float>(lse),
-                            ptr<float>(logp), ptr<float>(entropy), rows, vocab, row_stride,
-                            to_dtype(dtype), inv_temperature, ignore_index, num_threads};
-  int64_t bad_row;
-  {
-    py::gil_scoped_release release;
-    bad_row = hotloop::row_stats_cpu(p);
-  }
-  if (bad_row >= 0) {
-    throw py::index_error("targets[" + std::to_string(bad_row) + "] = " +
-                          std::to_string(p.targets[bad_row]) + " is outside [0, " +
-                          std::to_string(vocab) + ") and is not ignore_index (" +
-                          std::to_string(ignore_index) + ")");
-  }
+void row_stats_fold(uintptr_t logits, uintptr_t targets, uintptr_t m, uintptr_t s, uintptr_t t,
+                    uintptr_t target_logit, int64_t rows, int64_t block, int64_t row_stride,
+                    int64_t vocab_start, int dtype, float inv_temperature, int num_threads) {
+  hotloop::RowFoldParams p{ptr<const void>(logits), ptr<const int64_t>(targets), ptr<double>(m),
+                           ptr<double>(s), ptr<double>(t), ptr<double>(target_logit), rows, block,
+                           row_stride, vocab_start, to_dtype(dtype), inv_temperature, num_threads};
+  py::gil_scoped_release release;
+  hotloop::row_stats_fold_cpu(p);
 }
 
 void row_grad(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
@@ -60,13 +51,13 @@ void row_grad(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t entr
 }  // namespace
 
 PYBIND11_MODULE(_row_kernels, m) {
-  m.doc() = "hotloop native row kernels (CPU, OpenMP): row_stats and in-place row_grad.";
-  m.def("row_stats", &row_stats,
-        "lse/logp/entropy [R] fp32 of logits [R, V]; pointers are tensor.data_ptr() values; "
-        "dtype 0 = float32, 1 = bfloat16. Raises IndexError on an out-of-range target.",
-        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("logp"), py::arg("entropy"),
-        py::arg("rows"), py::arg("vocab"), py::arg("row_stride"), py::arg("dtype"),
-        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("num_threads"));
+  m.doc() = "hotloop native row kernels (CPU, OpenMP): row_stats_fold and in-place row_grad.";
+  m.def("row_stats_fold", &row_stats_fold,
+        "Folds logits [R, Vb] (columns vocab_start.. of the rows) into running fp64 (m, s, t, "
+        "target_logit) [R]; pointers are tensor.data_ptr() values; dtype 0 = float32, 1 = bfloat16.",
+        py::arg("logits"), py::arg("targets"), py::arg("m"), py::arg("s"), py::arg("t"),
+        py::arg("target_logit"), py::arg("rows"), py::arg("block"), py::arg("row_stride"),
+        py::arg("vocab_start"), py::arg("dtype"), py::arg("inv_temperature"), py::arg("num_threads"));
   m.def("row_grad", &row_grad,
         "Overwrites logits [R, Vb] (columns vocab_start.. of the row) with d(g_lp logp + g_ent H)/dx; "
         "entropy and grad_entropy may be 0 (null) to skip the entropy term.",

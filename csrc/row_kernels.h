@@ -16,7 +16,26 @@ namespace hotloop {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
-// row_stats: logits [R, V] -> lse, logp, entropy [R] (fp32).
+// row_stats_fold (CPU): folds a block of columns into per-row running fp64 statistics, in place.
+// Start from m = -inf, s = t = target_logit = 0 and fold the blocks of a row in any order; then
+//   lse = m + log s,  H = log s - t / s,  logp = target_logit - lse.
+struct RowFoldParams {
+  const void* logits;      // [R, Vb] fp32 | bf16: columns vocab_start .. vocab_start + Vb of the rows
+  const int64_t* targets;  // [R] column in the full row (any value outside the block is skipped)
+  double* m;               // [R] running max of z = inv_temperature * x
+  double* s;               // [R] sum e^{z - m}
+  double* t;               // [R] sum e^{z - m} (z - m)
+  double* target_logit;    // [R] z_t, written by the block holding the target
+  int64_t rows;
+  int64_t block;           // Vb
+  int64_t row_stride;
+  int64_t vocab_start;
+  DType dtype;
+  float inv_temperature;
+  int num_threads;         // <= 0: OpenMP default
+};
+
+// row_stats (CUDA): logits [R, V] -> lse, logp, entropy [R] (fp32) in one call per full row.
 struct RowStatsParams {
   const void* logits;      // [R, V] fp32 | bf16, rows row_stride elements apart
   const int64_t* targets;  // [R]
@@ -50,9 +69,8 @@ struct RowGradParams {
   int num_threads;
 };
 
-// CPU (row_kernels_cpu.cpp). row_stats_cpu returns -1 when every non-ignored target lies in
-// [0, V); otherwise the index of one bad row (whose outputs are NaN).
-int64_t row_stats_cpu(const RowStatsParams& p);
+// CPU (row_kernels_cpu.cpp). Targets are range-checked by the Python caller.
+void row_stats_fold_cpu(const RowFoldParams& p);
 void row_grad_cpu(const RowGradParams& p);
 
 // CUDA (row_kernels_cuda.cu, built by nvcc only; not part of the CPU extension). Pointers are

@@ -1,16 +1,14 @@
 // CPU row kernels: OpenMP across rows, `omp simd` inside a row. See row_kernels.h for the math.
 //
-// row_stats reads each row once from memory: the row is swept in chunks of kChunk logits (8 KiB
-// of fp32), and each chunk is read twice, once for its max and once for exp / e * d, while it
-// sits in L1. Running (max m, S = sum e^{z-m}, T = sum e^{z-m} (z-m)) are rescaled when a chunk
-// raises the max; chunk partial sums are fp32 (vector lanes), the running totals fp64. Then
-//   lse = m + log S,   H = log S - T / S.
+// row_stats_fold folds a block of columns into per-row running statistics (fp64 m = max z,
+// S = sum e^{z-m}, T = sum e^{z-m} (z-m), and the target logit z_t when the target lies in the
+// block), so the caller may sweep a row in one block or in many (vocabulary blocks whose logits
+// are still in cache). Each block row is swept in chunks of kChunk logits (8 KiB of fp32) that
+// are read twice, once for their max and once for exp / e * d, while they sit in L1; when a
+// chunk raises the max the totals are rescaled. Chunk partial sums are fp32 (vector lanes), the
+// running totals fp64. Afterwards lse = m + log S, H = log S - T / S, logp = z_t - lse.
 // row_grad overwrites the block in one read + one write per logit.
 //
-// libm expf does not vectorize without -ffast-math (which would break inf/NaN handling), so
-// exp_poly below is Cephes' expf written branch-free: gcc turns the loops into AVX2/AVX-512.
-// On x86-64 Linux with GCC the row functions are compiled for x86-64-v4, x86-64-v3 and the
-// baseline (target_clones) and the loader picks one at run time, so a portable build is fast.
 #include "row_kernels.h"
 
 #include <cmath>
@@ -85,9 +83,9 @@ HOTLOOP_INLINE float exp_poly(float x) {
 }
 
 struct Running {
-  double m = -std::numeric_limits<double>::infinity();
-  double s = 0.0;  // sum e^{z - m}
-  double t = 0.0;  // sum e^{z - m} (z - m)
+  double m;  // running max of z (-inf before any column)
+  double s;  // sum e^{z - m}
+  double t;  // sum e^{z - m} (z - m)
 };
 
 // Folds one chunk of z = inv_t * x into the running statistics.
@@ -124,27 +122,27 @@ HOTLOOP_INLINE void fold_chunk(const T* __restrict x, int64_t n, float inv_t, Ru
 }
 
 template <typename T>
-HOTLOOP_INLINE void stats_row(const T* x, int64_t vocab, float inv_t, int64_t target, bool ignored,
-                              float* lse, float* logp, float* entropy) {
-  Running acc;
-  for (int64_t c = 0; c < vocab; c += kChunk) {
-    fold_chunk(x + c, vocab - c < kChunk ? vocab - c : kChunk, inv_t, acc);
+HOTLOOP_INLINE void fold_row(const T* x, int64_t n, float inv_t, int64_t local_t, double* m, double* s,
+                             double* t, double* zt) {
+  Running acc{*m, *s, *t};
+  for (int64_t c = 0; c < n; c += kChunk) {
+    fold_chunk(x + c, n - c < kChunk ? n - c : kChunk, inv_t, acc);
   }
-  const double log_s = std::log(acc.s);
-  const double l = acc.m + log_s;
-  *lse = float(l);
-  *logp = ignored ? 0.0f : float(double(inv_t * load(x, target)) - l);
-  *entropy = ignored ? 0.0f : float(log_s - acc.t / acc.s);
+  *m = acc.m;
+  *s = acc.s;
+  *t = acc.t;
+  if (local_t >= 0 && local_t < n) *zt = double(inv_t * load(x, local_t));
 }
 
-HOTLOOP_CLONES void stats_row_any(const RowStatsParams& p, int64_t r, bool ignored) {
-  const int64_t t = ignored ? 0 : p.targets[r];
+HOTLOOP_CLONES void fold_row_any(const RowFoldParams& p, int64_t r) {
+  const int64_t local_t = p.targets[r] - p.vocab_start;  // outside [0, block): not in this block
+  double* state[4] = {p.m + r, p.s + r, p.t + r, p.target_logit + r};
   if (p.dtype == DType::kFloat32) {
     const float* x = static_cast<const float*>(p.logits) + r * p.row_stride;
-    stats_row(x, p.vocab, p.inv_temperature, t, ignored, p.lse + r, p.logp + r, p.entropy + r);
+    fold_row(x, p.block, p.inv_temperature, local_t, state[0], state[1], state[2], state[3]);
   } else {
     const uint16_t* x = static_cast<const uint16_t*>(p.logits) + r * p.row_stride;
-    stats_row(x, p.vocab, p.inv_temperature, t, ignored, p.lse + r, p.logp + r, p.entropy + r);
+    fold_row(x, p.block, p.inv_temperature, local_t, state[0], state[1], state[2], state[3]);
   }
 }
 
@@ -195,23 +193,10 @@ int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_
 
 }  // namespace
 
-int64_t row_stats_cpu(const RowStatsParams& p) {
-  int64_t bad_row = -1;
+void row_stats_fold_cpu(const RowFoldParams& p) {
   const int nt = threads_for(p.num_threads);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && p.rows > 1)
-  for (int64_t r = 0; r < p.rows; ++r) {
-    const int64_t t = p.targets[r];
-    const bool ignored = t == p.ignore_index;
-    if (!ignored && (t < 0 || t >= p.vocab)) {
-      // Out-of-range target: report one such row; its outputs are NaN, never read back.
-#pragma omp critical(hotloop_bad_row)
-      bad_row = r;
-      p.lse[r] = p.logp[r] = p.entropy[r] = std::numeric_limits<float>::quiet_NaN();
-      continue;
-    }
-    stats_row_any(p, r, ignored);
-  }
-  return bad_row;
+  for (int64_t r = 0; r < p.rows; ++r) fold_row_any(p, r);
 }
 
 void row_grad_cpu(const RowGradParams& p) {

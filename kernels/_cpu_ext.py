@@ -5,9 +5,14 @@ With z = inv_temperature · x over a row of V logits and target t:
     lse = logsumexp(z),  logp = z_t − lse,  H = lse − Σ_j softmax(z)_j z_j
     row_grad_: x_j ← s · [g_lp (1[j = t] − p_j) − g_ent p_j (log p_j + H)],  p_j = exp(s x_j − lse)
 
+``row_stats_fold_`` folds a block of columns into a running per-row state (fp64 ``[4, R]``: max m,
+S = Σ e^{z−m}, T = Σ e^{z−m}(z−m), z_t), so a row may be swept in vocabulary blocks whose logits
+are still in cache; ``finish_row_state`` turns the state into (lse, logp, entropy). ``row_stats``
+is the one-block case.
+
 The kernels are C++ (OpenMP over rows, SIMD within a row; docs/native-kernels.md) bound with
 pybind11 and fed ``tensor.data_ptr()`` integers, so they need no PyTorch C++ headers. Memory: one
-read of the logits for ``row_stats``; one read and one in-place write for ``row_grad_``; outputs
+read of the logits per fold; one read and one in-place write for ``row_grad_``; outputs
 are three fp32 vectors of length R.
 
 ``available()`` is False when ``HOTLOOP_NATIVE=0`` or when the extension was not built; the second
@@ -80,10 +85,58 @@ def _check_inv_temperature(inv_temperature: float) -> float:
     return s
 
 
+def new_row_state(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Empty running statistics for ``row_stats_fold_``: float64 [4, R] rows (m = −inf, S, T, z_t = 0)."""
+    state = torch.zeros(4, rows, dtype=torch.float64, device=device)
+    state[0] = float("-inf")
+    return state
+
+
+def row_stats_fold_(
+    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, inv_temperature: float, state: torch.Tensor
+) -> None:
+    """Fold the columns ``vocab_start .. vocab_start + Vb`` of each row into ``state``, in place.
+
+    Args:
+        logits: [R, Vb] float32 | bfloat16 on CPU, rows contiguous (row stride may exceed Vb).
+        targets: [R] int64 column in the full row; a target outside this block only skips z_t here.
+        state: [4, R] float64 from ``new_row_state`` (m, S, T, z_t), updated in place.
+    """
+    ext = _require_module()
+    _check_logits(logits)
+    rows, block = logits.shape
+    _check_vector("targets", targets, rows, torch.int64)
+    if state.dtype != torch.float64 or state.shape != (4, rows) or not state.is_contiguous():
+        raise ValueError(f"state must be a contiguous float64 tensor of shape (4, {rows}), "
+                         f"got {state.dtype} {tuple(state.shape)} (contiguous={state.is_contiguous()})")
+    if int(vocab_start) < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    s = _check_inv_temperature(inv_temperature)
+    if rows == 0 or block == 0:
+        return
+    m, total, shifted, target_logit = (row.data_ptr() for row in state)
+    ext.row_stats_fold(
+        logits.data_ptr(), targets.data_ptr(), m, total, shifted, target_logit, rows, block, logits.stride(0),
+        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def finish_row_state(state: torch.Tensor, targets: torch.Tensor, ignore_index: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse, logp, entropy) [R] float32 of a folded state; logp = entropy = 0 on ignored rows."""
+    m, total, shifted, target_logit = state.unbind(0)
+    log_total = torch.log(total)
+    lse = m + log_total
+    ignored = targets == ignore_index
+    logp = (target_logit - lse).masked_fill_(ignored, 0.0)
+    entropy = (log_total - shifted / total).masked_fill_(ignored, 0.0)
+    return lse.float(), logp.float(), entropy.float()
+
+
 def row_stats(
     logits: torch.Tensor, targets: torch.Tensor, *, inv_temperature: float, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row log-sum-exp, target log-prob and entropy of ``inv_temperature · logits``.
+    """Per-row log-sum-exp, target log-prob and entropy of ``inv_temperature · logits`` (one fold).
 
     Args:
         logits: [R, V] float32 | bfloat16 on CPU, rows contiguous (row stride may exceed V).
@@ -93,21 +146,19 @@ def row_stats(
     Raises:
         IndexError: a non-ignored target outside [0, V).
     """
-    ext = _require_module()
     _check_logits(logits)
     rows, vocab = logits.shape
     _check_vector("targets", targets, rows, torch.int64)
     if vocab == 0:
         raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
-    s = _check_inv_temperature(inv_temperature)
-    lse, logp, entropy = (torch.empty(rows, dtype=torch.float32) for _ in range(3))
-    if rows > 0:
-        ext.row_stats(
-            logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), logp.data_ptr(), entropy.data_ptr(),
-            rows, vocab, logits.stride(0), _DTYPE_FLAG[logits.dtype], s, int(ignore_index),
-            torch.get_num_threads(),
-        )  # fmt: skip
-    return lse, logp, entropy
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(f"targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not "
+                         f"ignore_index ({ignore_index})")
+    state = new_row_state(rows)
+    row_stats_fold_(logits, targets, vocab_start=0, inv_temperature=inv_temperature, state=state)
+    return finish_row_state(state, targets, ignore_index)
 
 
 def row_grad_(

@@ -8,16 +8,19 @@ Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t =
 This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
 to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
 
-- Blocks: fp32, at most ``HOTLOOP_BLOCK_BYTES`` (default 1/64 of free memory within [32, 256] MiB;
-  large blocks keep the GEMMs efficient) and at most 1/4 of the [N, V] logits once those pass 32 MiB.
-- Forward: [C, V] row chunks through ``_row_stats``; saved for backward: lse, entropy ([N] fp32).
-- Backward: [N, Vb] vocabulary blocks: recompute, turn into d/dx in place (``_row_grad_``), then
-  grad_W[v0:v1] = block.T @ H (K = N, written straight into the output), grad_H += block @ W[v0:v1],
-  grad_b[v0:v1] = block.sum(0). At N=2048, D=512, V=32000 fp32 this beat row chunks (which re-read
-  and re-write an fp32 [V, D] grad_W per chunk) and was insensitive to the budget (8-128 MiB).
-  Four matmuls in all (8·N·V·D FLOPs); ``logprob_fwd_bwd`` needs three (losses whose per-token
-  gradient is known once a group of rows has its log-probs).
-- Row seams: csrc/ kernels (``_cpu_ext``) on CPU when built, else a few in-place fp32 torch passes
+- Tiles: fp32 [R, Vb], at most ``HOTLOOP_BLOCK_BYTES`` (CPU default 16 MiB: the tile is still in L3
+  when its row pass reads it; CUDA with ``HOTLOOP_BACKEND=torch``: 1/64 of free memory in [32, 256]
+  MiB) and at most 1/4 of the [N, V] logits once those pass 32 MiB. R = N unless that would make
+  Vb < 1024 columns (then row tiles, so GEMMs never turn skinny).
+- Forward: per row tile, vocabulary blocks folded into running fp64 row statistics
+  (``_fold_block_``: max, Σe^{z−m}, Σe^{z−m}(z−m), z_t), then lse, logp, entropy; saved for
+  backward: lse, entropy ([N] fp32). One matmul (2·N·V·D FLOPs).
+- Backward: per vocabulary block: recompute, turn into d/dx in place (``_row_grad_``), then
+  grad_W[v0:v1] = block.T @ H (K = R, straight into the output), grad_H += block @ W[v0:v1],
+  grad_b[v0:v1] = block.sum(0). Three matmuls: four in all (8·N·V·D FLOPs); ``logprob_fwd_bwd``
+  needs three (losses whose per-token gradient is known once a group of rows has its log-probs;
+  it keeps full-row [C, V] chunks, C >= min(N, 256)).
+- Row passes: csrc/ kernels (``_cpu_ext``) on CPU when built, else a few fp32 torch passes
   (max-shifted: |logits| ~ 1e4 neither overflows nor cancels).
 - bf16/fp16: logits blocks in fp32 (weight upcast slice by slice); for bf16 the two gradient GEMMs
   take bf16 operands (fp32 accumulation; ~2x faster on CPU, as the Triton path does). Grads
@@ -26,6 +29,7 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +41,13 @@ from . import _cpu_ext
 from ._dispatch import use_triton
 
 _MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES = 32 << 20, 256 << 20
+# CPU: a 16 MiB logits tile stays in a server L3 between its GEMM and its row pass (and keeps the
+# extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of the naive computation's).
+_CPU_BLOCK_BYTES = 16 << 20
+_MIN_BLOCK_COLS = 1024  # narrower vocabulary blocks make skinny GEMMs; taller N is split into row tiles
+# Full-row chunks thinner than this make the grad_W GEMM (K = rows) skinny and re-stream the [V, D]
+# weight and its fp32 gradient once per chunk; they exceed the default budget to stay this tall.
+_MIN_CHUNK_ROWS = 256
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,49 +61,75 @@ class TokenStats:
 
 
 def _block_bytes(device: torch.device) -> int:
-    """Byte budget of one fp32 block: ``HOTLOOP_BLOCK_BYTES`` if set, else 1/64 of free memory in [32, 256] MiB."""
+    """Byte budget of one fp32 tile: ``HOTLOOP_BLOCK_BYTES`` if set; CPU 16 MiB; CUDA 1/64 of free memory in [32, 256] MiB."""
     if "HOTLOOP_BLOCK_BYTES" in os.environ:
         return max(4, int(os.environ["HOTLOOP_BLOCK_BYTES"]))
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, free // 64))
+    if device.type != "cuda":
+        return _CPU_BLOCK_BYTES
+    return min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, torch.cuda.mem_get_info(device)[0] // 64))
 
 
 def _block_elements(n: int, v: int, device: torch.device) -> int:
-    """fp32 elements per block: within the budget, and at most 1/4 of the [N, V] logits once they pass 32 MiB."""
+    """fp32 elements per tile: within the budget, and at most 1/4 of the [N, V] logits once they pass 32 MiB."""
     return max(1, min(_block_bytes(device), max(_MIN_BLOCK_BYTES, n * v)) // 4)
 
 
-def _block_rows(n: int, v: int, device: torch.device) -> int:  # rows C of a [C, V] row chunk
-    return max(1, min(n, _block_elements(n, v, device) // max(v, 1)))
+def _block_rows(n: int, v: int, device: torch.device) -> int:
+    """Rows C of a full-row [C, V] chunk (``logprob_fwd_bwd``): the budget's; with the default budget >= min(N, 256)."""
+    rows = _block_elements(n, v, device) // max(v, 1)
+    if "HOTLOOP_BLOCK_BYTES" not in os.environ:  # an explicit budget is a hard cap
+        rows = max(rows, _MIN_CHUNK_ROWS)
+    return max(1, min(n, rows))
 
 
-def _block_cols(n: int, v: int, device: torch.device) -> int:  # columns Vb of an [N, Vb] vocabulary block
-    return max(1, min(v, _block_elements(n, v, device) // max(n, 1)))
+def _block_shape(n: int, v: int, device: torch.device) -> tuple[int, int]:
+    """(R, Vb) of the [R, Vb] tiles of the vocabulary-blocked passes.
+
+    All N rows while that leaves Vb >= min(_MIN_BLOCK_COLS, elements / 16); taller inputs are split into row tiles.
+    """
+    elements = _block_elements(n, v, device)
+    cols = min(v, max(min(_MIN_BLOCK_COLS, max(1, elements // 16)), elements // max(n, 1)))
+    return max(1, min(n, elements // cols)), cols
 
 
 def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges covering [0, total)
     return ((a, min(total, a + step)) for a in range(0, total, step))
 
 
+def _fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperature: float, state: Tensor) -> None:
+    """Fold block [R, Vb] fp32 (columns vocab_start.. of the rows) into the running state [4, R] float64.
+
+    The state (``_cpu_ext.new_row_state``: max m, S = Σe^{z−m}, T = Σe^{z−m}(z−m), z_t) is merged
+    block by block, so a row may be swept in vocabulary blocks; ``_cpu_ext.finish_row_state``
+    turns it into (lse, logp, entropy). Native kernel on CPU when built, else torch ops.
+    """
+    if block.device.type == "cpu" and _cpu_ext.available():
+        _cpu_ext.row_stats_fold_(block, targets, vocab_start=vocab_start, inv_temperature=inv_temperature,
+                                 state=state)  # fmt: skip
+        return
+    m, total, shifted, target_logit = state.unbind(0)
+    s = inv_temperature
+    new_m = torch.maximum(m, block.amax(dim=1).double() * s)
+    seen = total > 0  # S' = S e^{m−m'}, T' = e^{m−m'}(T + (m−m')S); nothing to rescale before the first column
+    shift = torch.where(seen, m - new_m, 0.0)
+    shifted.copy_(torch.where(seen, torch.exp(shift) * (shifted + shift * total), 0.0))
+    total.mul_(torch.exp(shift))
+    m.copy_(new_m)
+    d = block.mul(s).sub_(torch.where(new_m > -math.inf, new_m, 0.0).float().unsqueeze(1))  # z − m' <= 0
+    e = torch.exp(d)
+    total.add_(e.sum(dim=1, dtype=torch.float64))
+    shifted.add_(d.mul_(e).nan_to_num_(nan=0.0).sum(dim=1, dtype=torch.float64))  # e·d → 0 where z = −inf
+    col = targets - vocab_start
+    hit = (col >= 0) & (col < block.shape[1])
+    picked = block.gather(1, col.clamp(0, block.shape[1] - 1).unsqueeze(1)).squeeze(1).double() * s
+    target_logit.copy_(torch.where(hit, picked, target_logit))
+
+
 def _row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int):
-    """(lse, logp, entropy), each [R] fp32, of rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
-    if logits.device.type == "cpu" and _cpu_ext.available():
-        return _cpu_ext.row_stats(logits, targets, inv_temperature=inv_temperature, ignore_index=ignore_index)
-    s, ignored = inv_temperature, targets == ignore_index
-    m = logits.amax(dim=1, keepdim=True)
-    z = torch.sub(logits, m).mul_(s)  # z - max(z) <= 0
-    e = torch.exp(z)
-    total = e.sum(dim=1)
-    shifted = torch.linalg.vecdot(e, z)  # Σ e^{z−m}(z−m)
-    log_total = torch.log(total)
-    lse = m.squeeze(1).mul_(s).add_(log_total)
-    safe = torch.where(ignored, 0, targets).unsqueeze(1)
-    logp = (logits.gather(1, safe).squeeze(1).mul_(s) - lse).masked_fill_(ignored, 0.0)
-    entropy = (log_total - shifted / total).masked_fill_(ignored, 0.0)
-    return lse, logp, entropy
+    """(lse, logp, entropy), each [R] fp32, of whole rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
+    state = _cpu_ext.new_row_state(logits.shape[0], logits.device)
+    _fold_block_(logits, targets, 0, inv_temperature, state)
+    return _cpu_ext.finish_row_state(state, targets, ignore_index)
 
 
 def _row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
@@ -138,28 +175,30 @@ def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:  # contiguous [rows, 
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
-    """Per-row logp, entropy and lse [N] fp32 by [C, V] row chunks (hidden2d [N, D], weight [V, D])."""
+    """Per-row logp, entropy and lse [N] fp32 by [R, Vb] tiles folded into running row statistics."""
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_fwd
 
         return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
                                   ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
-    (n, _), v, targets = hidden2d.shape, weight.shape[0], targets.contiguous()
-    lse, logp, entropy = torch.empty(3, n, device=hidden2d.device).unbind(0)
-    chunk = _block_rows(n, v, hidden2d.device)
-    buf = torch.empty(chunk * v, device=hidden2d.device)
-    for r0, r1 in _spans(n, chunk):
-        block = _scratch(buf, r1 - r0, v)
-        _logits_into(block, hidden2d[r0:r1].float(), weight, bias, 0)
-        stats = _row_stats(block, targets[r0:r1], 1.0 / temperature, ignore_index)
-        for dst, src in zip((lse, logp, entropy), stats):
+    (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
+    lse, logp, entropy = torch.empty(3, n, device=dev).unbind(0)
+    rows, cols = _block_shape(n, v, dev)
+    buf = torch.empty(rows * cols, device=dev)
+    for r0, r1 in _spans(n, rows):
+        h32, t, state = hidden2d[r0:r1].float(), targets[r0:r1], _cpu_ext.new_row_state(r1 - r0, dev)
+        for v0, v1 in _spans(v, cols):
+            block = _scratch(buf, r1 - r0, v1 - v0)
+            _logits_into(block, h32, weight, bias, v0)
+            _fold_block_(block, t, v0, 1.0 / temperature, state)
+        for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
             dst[r0:r1] = src
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
 
 
 def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index,
                 needs_grad):
-    """(grad_hidden, grad_weight, grad_bias) in the input dtype (None where not needed), by [N, Vb] blocks."""
+    """(grad_hidden, grad_weight, grad_bias) in the input dtype (None where not needed), by [R, Vb] tiles."""
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_bwd
 
@@ -167,33 +206,48 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
                                   temperature=temperature, ignore_index=ignore_index,
                                   needs_grad=needs_grad)  # fmt: skip
     (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
+    if n == 0:  # no rows: every gradient is zero
+        zeros = (torch.zeros_like(hidden2d), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
+        return tuple(z if need else None for z, need in zip(zeros, needs_grad))
     targets, grad_logp = targets.contiguous(), grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
+    entropy = stats.entropy if grad_entropy is not None else None
     gdt = _grad_gemm_dtype(weight.dtype)
     h32, h_g = hidden2d.float(), hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
-    gb = torch.empty(v, device=dev) if needs_grad[2] and bias is not None else None
-    cols = _block_cols(n, v, dev)
-    buf = torch.empty(n * cols, device=dev)
-    gbuf = torch.empty(n * cols, device=dev, dtype=gdt) if gdt != torch.float32 else None
-    entropy = stats.entropy if grad_entropy is not None else None
+    gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
+    rows, cols = _block_shape(n, v, dev)
+    buf = torch.empty(rows * cols, device=dev)
+    gbuf = torch.empty(rows * cols, device=dev, dtype=gdt) if gdt != torch.float32 else None
     for v0, v1 in _spans(v, cols):
-        block, w32 = _scratch(buf, n, v1 - v0), weight[v0:v1].float()
-        _linear_into(block, h32, w32, None if bias is None else bias[v0:v1])
-        _row_grad_(block, targets, v0, stats.lse, entropy, grad_logp, grad_entropy, 1.0 / temperature, ignore_index)
-        if gb is not None:
-            torch.sum(block, dim=0, out=gb[v0:v1])
-        g = block if gbuf is None else _scratch(gbuf, n, v1 - v0).copy_(block)
-        if gw is not None and gw.dtype == gdt:
-            torch.mm(g.T, h_g, out=gw[v0:v1])
-        elif gw is not None:
-            gw[v0:v1].copy_(torch.mm(g.T, h_g))
-        if gh is not None and gdt == torch.float32:
-            gh.addmm_(g, w32)
-        elif gh is not None:
-            gh.add_(torch.mm(g, weight[v0:v1]))
+        w32 = weight[v0:v1].float()
+        w_g = w32 if gdt == torch.float32 else weight[v0:v1]
+        # grad_W[v0:v1] sums over row tiles: straight into an fp32 grad_W, else into an fp32 scratch
+        gw_acc = None if gw is None else gw[v0:v1] if gw.dtype == torch.float32 else torch.empty(v1 - v0, d, device=dev)
+        for r0, r1 in _spans(n, rows):
+            block = _scratch(buf, r1 - r0, v1 - v0)
+            _linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
+            _row_grad_(block, targets[r0:r1], v0, stats.lse[r0:r1], _rows_of(entropy, r0, r1), grad_logp[r0:r1],
+                       _rows_of(grad_entropy, r0, r1), 1.0 / temperature, ignore_index)  # fmt: skip
+            if gb is not None:
+                gb[v0:v1] += block.sum(dim=0)
+            g = block if gbuf is None else _scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
+            if gw_acc is not None and r0 == 0:
+                gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(g.T, h_g[r0:r1], out=gw_acc)
+            elif gw_acc is not None:
+                gw_acc.add_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else gw_acc.addmm_(g.T, h_g[r0:r1])
+            if gh is not None and g.dtype == torch.float32:
+                gh[r0:r1].addmm_(g, w_g)
+            elif gh is not None:
+                gh[r0:r1].add_(torch.mm(g, w_g))
+        if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
+            gw[v0:v1].copy_(gw_acc)
     return _cast(gh, hidden2d.dtype), gw, _cast(gb, weight.dtype)
+
+
+def _rows_of(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
+    return None if t is None else t[r0:r1]
 
 
 def _grad_gemm_dtype(dtype: torch.dtype) -> torch.dtype:

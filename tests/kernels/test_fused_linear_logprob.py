@@ -60,7 +60,7 @@ def test_values_and_grads_match_float64_reference(dtype, row_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tiny_block_budget_spans_many_chunks_and_blocks(dtype, row_path, monkeypatch):
-    monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", "12000")  # 2 rows per chunk, 63 vocab columns per block
+    monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", "12000")  # fwd/bwd: 3 row tiles x 6 vocab blocks; fwd_bwd: 2-row chunks
     _check_against_reference(*_inputs(47, 37, 1003, dtype), dtype, temperature=0.7)
 
 
