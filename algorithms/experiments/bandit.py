@@ -84,6 +84,8 @@ class BanditRun:
     """Final logits [V] (the LM-head weight)."""
     syncs: int
     wall_seconds: float
+    records: list[dict]
+    """The loop's metrics record of every step."""
 
 
 def make_algorithm(name: str, config: BanditConfig, context: BuildContext, *, beta: float | None = None):
@@ -159,6 +161,7 @@ def run_loop(loop: OnlineLoop) -> BanditRun:
     period = loop.config.sync_period
     syncs = 0 if period is None else math.ceil(loop.config.steps / period)
     return BanditRun(reward=curve[-1][1], kl=curve[-1][2], curve=curve, syncs=syncs, wall_seconds=wall,
+                     records=result.records,
                      weights=loop.trainer.model.lm_head.weight.detach()[:, 0].clone())
 
 
