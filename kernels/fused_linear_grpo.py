@@ -16,7 +16,9 @@ Three matmuls in all (``6·N_a·V·D`` FLOPs) plus ``2·N_a·V·D_ref`` with a r
 Memory: the gradients ``[N, D] + [V, D] (+ [V])`` held until backward, one logits block, a few ``[B, T]`` floats.
 
 Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``
-(``_fused_linear_common``); per-token inputs (``old_logp``, ``ref_logp``, ``sampler_logp``) have ``targets``' shape.
+(``_fused_linear_common``); per-token inputs (``old_logp``, ``ref_logp``, ``sampler_logp``) have ``targets``' shape
+and are read at active tokens only (as if 0 elsewhere: vespo's sampler term, which Liger sums over all T columns,
+then covers the completion tokens only, and padded and packed layouts agree).
 For dr_grpo pass ``max_completion_length``: its default is ``T`` (the padded length, or the longest packed sequence).
 """
 
@@ -218,10 +220,15 @@ class FusedLinearGRPOLoss(nn.Module):
 def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None,
                                      old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                                      sampler_logp=None, temperature=1.0, ignore_index=-100, **options) -> LossOutput:  # fmt: skip
-    """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd)."""
-    def padded(values):  # per-token input -> [B, T] float64 (packed: one slice per sequence)
-        return None if values is None else reference_padded(values.double().unsqueeze(-1), targets, mask,
-                                                            cu_seqlens, ignore_index)[0].squeeze(-1)  # fmt: skip
+    """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd).
+
+    Per-token inputs are set to 0 at inactive tokens, as the fused loss ignores them there.
+    """
+    m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2]
+
+    def padded(values):  # per-token input -> [B, T] float64, 0 at inactive tokens (packed: one slice per sequence)
+        return None if values is None else reference_padded(values.double().unsqueeze(-1), targets, mask, cu_seqlens,
+                                                            ignore_index)[0].squeeze(-1).masked_fill(~m, 0.0)  # fmt: skip
 
     def token_logp(h, w, b, entropy):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
@@ -230,7 +237,6 @@ def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=N
                                               return_entropy=entropy)  # fmt: skip
 
     logp, entropy = token_logp(hidden, weight, bias, True)
-    m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2]
     ref = padded(ref_logp) if ref_hidden is None else token_logp(ref_hidden, ref_weight, ref_bias, False).detach()
     return grpo_loss(logp, padded(old_logp), advantages.double(), m, ref_logp=ref, sampler_logp=padded(sampler_logp),
                      entropy=entropy, **options)  # fmt: skip
