@@ -79,9 +79,15 @@ def _jsonl_problems(path: str) -> tuple[list[Problem], list[Problem]]:
 
 
 def _reward(config: RunConfig, task, tokenizer):
+    if config.reward.mixture:
+        from hotloop.algorithms.rewards.mixture import WeightedMixture
+        return WeightedMixture([(_single_reward(kind, config, task), w) for kind, w in config.reward.mixture])
+    return _single_reward(config.reward.kind or "exact_match", config, task)
+
+
+def _single_reward(kind: str, config: RunConfig, task):
     from hotloop.algorithms.rewards import verifiers
 
-    kind = config.reward.kind or "exact_match"
     if kind in ("exact_match", "preference_rule"):
         if task is None:
             raise ValueError(f"reward.kind: {kind!r} needs a built-in task; use math_verify or reward_model")

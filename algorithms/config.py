@@ -30,6 +30,10 @@ import yaml
 
 from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
 from hotloop.algorithms.grpo import GRPO, GRPOConfig
+from hotloop.algorithms.kto import KTO, KTOConfig
+from hotloop.algorithms.rejection_sampling import RejectionSampling, RejectionSamplingConfig
+from hotloop.algorithms.rwr import RWR, RWRConfig
+from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewardingDPO
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
@@ -40,6 +44,10 @@ ALGORITHMS = {
     "online-dpo": ("dpo", OnlineDPO.from_config),
     "offline-dpo": ("dpo", OfflineDPO.from_config),
     "grpo": ("grpo", GRPO.from_config),
+    "kto": ("kto", KTO.from_config),
+    "rejection-sampling": ("rejection_sampling", RejectionSampling.from_config),
+    "rwr": ("rwr", RWR.from_config),
+    "self-rewarding": ("self_rewarding", SelfRewardingDPO.from_config),
 }
 """Algorithm name → (RunConfig section holding its settings, factory(section, BuildContext))."""
 
@@ -84,18 +92,34 @@ class TaskConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RewardConfig:
-    """How completions are scored."""
+    """How completions are scored: one reward kind, or a weighted mixture of several."""
 
     kind: str | None = None
     """One of REWARDS; None = the task's own verifier (arithmetic: exact_match; preference: its rule)."""
     model: str | None = None
     """Local sequence-classifier directory (kind "reward_model")."""
+    mixture: tuple[tuple[str, float], ...] = ()
+    """(kind, weight) pairs, e.g. [[exact_match, 1.0], [reward_model, 0.2]]: r = Σ weight · r_kind
+    (verifiable + non-verifiable); replaces kind when given."""
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in REWARDS:
             raise ValueError(f"kind: expected one of {REWARDS} or None, got {self.kind!r}")
-        if self.kind == "reward_model" and not self.model:
+        if self.mixture and self.kind is not None:
+            raise ValueError(f"kind: expected None with a mixture (the mixture names its kinds), got {self.kind!r}")
+        for i, item in enumerate(self.mixture):
+            ok = isinstance(item, tuple) and len(item) == 2 and item[0] in REWARDS and isinstance(item[1], (int, float))
+            if not ok or not (math.isfinite(item[1]) and item[1] >= 0):
+                raise ValueError(f"mixture[{i}]: expected a (kind in {REWARDS}, finite weight >= 0) pair, got {item!r}")
+        if self.mixture and not any(w > 0 for _, w in self.mixture):
+            raise ValueError(f"mixture: expected at least one positive weight, got {self.mixture!r}")
+        if "reward_model" in self.kinds and not self.model:
             raise ValueError("model: kind 'reward_model' needs a local model directory, got None")
+
+    @property
+    def kinds(self) -> tuple[str | None, ...]:
+        """The reward kinds this config combines (``(None,)``: the task's own verifier)."""
+        return tuple(k for k, _ in self.mixture) if self.mixture else (self.kind,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +145,10 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    rwr: RWRConfig = field(default_factory=RWRConfig)
+    self_rewarding: SelfRewardingConfig = field(default_factory=SelfRewardingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
@@ -130,9 +158,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
-        if self.task.name == "jsonl" and self.reward.kind is None:
-            raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS}, "
-                             f"got None (missing reward)")
+        if self.task.name == "jsonl" and self.reward.kinds == (None,):
+            raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
+                             f"(or a reward.mixture), got None (missing reward)")
 
     @property
     def algorithm_section(self):
@@ -192,9 +220,10 @@ def _defaults(cls):
 
 
 def _coerce(value, hint):
-    """YAML lists become tuples for tuple fields, "1e-4" a float for float fields; ``.inf`` stays a float."""
-    if isinstance(value, list) and typing.get_origin(hint) is tuple:
-        return tuple(value)
+    """YAML lists become tuples (nested ones too) for tuple fields, "1e-4" a float for float fields; ``.inf`` stays
+    a float."""
+    if isinstance(value, list) and tuple in (typing.get_origin(h) for h in (hint, *typing.get_args(hint))):
+        return _tuples(value)
     if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
             return float(value)
@@ -203,3 +232,7 @@ def _coerce(value, hint):
     if isinstance(value, float) and value.is_integer() and not math.isinf(value) and int in typing.get_args(hint):
         return int(value)
     return value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

@@ -1,7 +1,6 @@
 """GRPO family: group advantages and kept rows, sampler log-probs as π_old, gradient direction, a short loop."""
 
 import dataclasses
-import random
 import statistics
 
 import pytest
@@ -113,7 +112,7 @@ def _sequence_logps(model, batch, temperature):
                                      dict(loss_type="grpo", importance_sampling_level="sequence"),
                                      dict(loss_type="bnpo", advantage="rloo")])
 def test_loss_gradient_raises_positive_advantage_rows_and_lowers_negative_ones(options):
-    model = _tiny(random.randrange(100))
+    model = _tiny(int(torch.randint(100, ())))
     reference = make_reference(model)
     algo = GRPO(GRPOConfig(samples_per_prompt=2, **options), pad_token_id=PAD, temperature=0.8,
                 max_completion_length=4)
@@ -129,7 +128,7 @@ def test_loss_gradient_raises_positive_advantage_rows_and_lowers_negative_ones(o
 
 
 def test_clip_on_the_stale_sampler_ratio_stops_the_gradient_of_rows_outside_the_range():
-    model = _tiny(random.randrange(100))
+    model = _tiny(int(torch.randint(100, ())))
     algo = GRPO(GRPOConfig(samples_per_prompt=2, loss_type="grpo"), pad_token_id=PAD)
     batch, own = _on_policy_batch(model, algo, torch.tensor([1.0, 0.0, 0.0, 1.0]))
 
