@@ -25,8 +25,8 @@ The gradient is known in the forward, so it is computed there; backward only sca
 gradient (``_fused_linear_common.FusedLossFunction``). Held until backward: grad_hidden [N, D], grad_weight
 [V, D], grad_bias [V] in the input dtype (as Liger's chunked losses); the [N, V] logits of either head never exist.
 
-PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): [C, V] row chunks, four fp32 blocks of ``_block_rows / 4``
-rows: both logits blocks, log-softmax in place, per-row divergence, KL and entropy, the gradient block, then
+PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): [C, V] row chunks of ``_block_rows`` rows, three fp32 blocks
+(four for "jsd"): both logits blocks, log-softmax in place, per-row divergence, KL and entropy, the gradient block, then
 grad_H[rows] = G @ W, grad_W += G.T @ H, grad_b += Σ_rows G (bf16 GEMM operands for bf16 input, fp32
 accumulation, as ``fused_linear_logprob``). FLOPs: 2·N·V·(D + D_ref) for the logits, 4·N·V·D for the
 gradients (four matmuls when D_ref = D; the forward alone is two).
@@ -53,7 +53,6 @@ from .losses.output import LossOutput
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 NORMALIZE = ("token", "sequence", "sum")
-_BUFFERS = 4  # fp32 [C, V] blocks live at once in the PyTorch path
 
 
 @dataclass
@@ -89,21 +88,24 @@ def _log_softmax_(block: Tensor, s: float) -> Tensor:
     return block.sub_(torch.logsumexp(block, dim=1, keepdim=True))
 
 
-def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor, opts: _Options):
+def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: _Options):
     """(divergence, kl, entropy) [R] and d divergence / d scaled policy logit [R, V] from log p (lp) and log q (lq).
 
-    All four fp32 [R, V] buffers are overwritten; the returned gradient is a view of one of them.
+    The fp32 [R, V] buffers (``t`` only for "jsd") are overwritten; the gradient returned is a view of one of them.
     """
     vecdot = torch.linalg.vecdot
     torch.exp(lp, out=p)
     entropy = -vecdot(p, lp)
-    kl = vecdot(p, torch.sub(lp, lq, out=t))  # t = log p − log q
     if opts.divergence == "kl":
-        return kl, kl, entropy, t.sub_(kl[:, None]).mul_(p)
+        d = lq.neg_().add_(lp)  # log p − log q
+        kl = vecdot(p, d)
+        return kl, kl, entropy, d.sub_(kl[:, None]).mul_(p)
     if opts.divergence == "reverse_kl":
+        d = lp.sub_(lq)
         q = lq.exp_()
-        return -vecdot(q, t), kl, entropy, p.sub_(q)
+        return -vecdot(q, d), vecdot(p, d), entropy, p.sub_(q)
     beta, log_a, log_b = opts.beta, math.log1p(-opts.beta), math.log(opts.beta)
+    kl = vecdot(p, torch.sub(lp, lq, out=t))
     # log M = logaddexp(log((1−β)p), log(βq)): M itself underflows where both p and q do.
     log_m = torch.logaddexp(lp.add_(log_a), lq.add_(log_b), out=t)
     d_p = lp.sub_(log_m).sub_(log_a)  # log p − log M
@@ -140,11 +142,15 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     gh = torch.zeros(n, d, device=dev) if want_h else None
     gw = torch.zeros(v, d, device=dev) if want_w else None
     gb = torch.zeros(v, device=dev) if want_b else None
-    chunk = max(1, _block_rows(n, v, dev) // _BUFFERS)
-    bufs = torch.empty(_BUFFERS, chunk * v, device=dev).unbind(0)
+    # Full-row chunks as logprob_fwd_bwd's (>= 256 rows at the default budget: the K of the grad_W GEMM), with
+    # three such blocks live (four for "jsd").
+    chunk = _block_rows(n, v, dev)
+    bufs = [*torch.empty(3, chunk * v, device=dev).unbind(0), None]
+    if opts.divergence == "jsd":
+        bufs[3] = torch.empty(chunk * v, device=dev)
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
     for r0, r1 in _spans(n, chunk):
-        lp, lq, p, t = (_scratch(b, r1 - r0, v) for b in bufs)
+        lp, lq, p, t = (None if b is None else _scratch(b, r1 - r0, v) for b in bufs)
         h32 = hidden2d[r0:r1].float()
         if w32 is not None:
             _linear_into(lp, h32, w32, bias)
