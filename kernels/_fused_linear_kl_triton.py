@@ -210,7 +210,7 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
     Args:
         hidden2d: [N, D] float32 / bfloat16 / float16. weight: [V, D], same dtype. bias: [V] | None.
         ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref], same dtype. ref_bias: [V] | None.
-        row_weight: [N] float32 weight of each row in the loss. opts: ``fused_linear_kl._Options``.
+        row_weight: [N] float32 weight of each row in the loss. opts: ``fused_linear_kl.KLOptions``.
         needs_grad: which of (hidden, weight, bias) to return. vocab_chunk: gradient buffer columns
             (rounded up to a tile; default ``_triton_utils.vocab_chunk``).
     Returns:

@@ -71,11 +71,13 @@ class KLOutput(LossOutput):
     per_token: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class _Options:
-    divergence: str
-    beta: float
-    temperature: float
+@dataclass(frozen=True, kw_only=True)
+class KLOptions:
+    """Options of the per-row math, checked by ``fused_linear_kl``."""
+
+    divergence: str  # "kl" | "reverse_kl" | "jsd"
+    beta: float  # JSD weight of the reference, in (0, 1); unused by the KLs
+    temperature: float  # > 0; both heads' logits are divided by it
 
 
 def _log_softmax_(block: Tensor, s: float) -> Tensor:
@@ -88,7 +90,7 @@ def _log_softmax_(block: Tensor, s: float) -> Tensor:
     return block.sub_(torch.logsumexp(block, dim=1, keepdim=True))
 
 
-def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: _Options):
+def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOptions):
     """(divergence, kl, entropy) [R] and d divergence / d scaled policy logit [R, V] from log p (lp) and log q (lq).
 
     The fp32 [R, V] buffers (``t`` only for "jsd") are overwritten; the gradient returned is a view of one of them.
@@ -116,7 +118,7 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: _Optio
     return teacher + (1.0 - beta) * student, kl, entropy, d_p.sub_(student[:, None]).mul_(p).mul_(1.0 - beta)
 
 
-def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts: _Options,
+def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts: KLOptions,
                needs_grad=(True, True, True)):
     """KLStats [N] and the gradients of Σ_i row_weight_i·D_i w.r.t. (hidden2d, weight, bias) (None where not needed).
 
@@ -239,7 +241,7 @@ def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weigh
     _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
-    opts = _Options(divergence=divergence, beta=float(beta), temperature=float(temperature))
+    opts = KLOptions(divergence=divergence, beta=float(beta), temperature=float(temperature))
     row_weight, needs = _row_weights(layout, normalize), grads_needed(hidden, weight, bias)
     stats, *grads = kl_fwd_bwd(layout.hidden, weight.detach(), None if bias is None else bias.detach(), ref2d,
                                ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), row_weight,

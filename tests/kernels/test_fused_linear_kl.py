@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hotloop.kernels import FusedLinearKL, fused_linear_kl
-from hotloop.kernels.fused_linear_kl import _Options, kl_fwd_bwd, reference_fused_linear_kl
+from hotloop.kernels.fused_linear_kl import KLOptions, kl_fwd_bwd, reference_fused_linear_kl
 from hotloop.kernels.fused_linear_logprob import fused_linear_logprob, reference_fused_linear_logprob
 from hotloop.kernels.losses.kl_penalty import kl_per_token
 from tests.helpers import assert_close, poison_, relative_error
@@ -74,7 +74,7 @@ def test_per_row_weights_give_the_gradient_of_the_weighted_sum(divergence, monke
     hidden, weight, _, bias, ref = _inputs(1, 37, 37, 24, 301)
     h2d, r2d = hidden.detach()[0], ref["ref_hidden"][0]
     row_weight = torch.randn(37)
-    opts = _Options(divergence=divergence, beta=0.7, temperature=1.3)
+    opts = KLOptions(divergence=divergence, beta=0.7, temperature=1.3)
     stats, *grads = kl_fwd_bwd(h2d, weight.detach(), bias.detach(), r2d, ref["ref_weight"], ref["ref_bias"],
                                row_weight, opts=opts, needs_grad=(True, True, True))
     leaves = [x.detach().double().requires_grad_(True) for x in (h2d, weight, bias)]
@@ -308,7 +308,7 @@ def _triton_case(divergence, dtype, *, bias=True, n=37, v=257):
     b = None if b is None else b.detach()
     row_weight = torch.randn(n)
     stats, *grads = triton_kl_fwd_bwd(h2d, w, b, r2d, ref["ref_weight"], ref["ref_bias"], row_weight,
-                                      opts=_Options(divergence=divergence, beta=0.3, temperature=0.7),
+                                      opts=KLOptions(divergence=divergence, beta=0.3, temperature=0.7),
                                       needs_grad=(True, True, True), vocab_chunk=64)  # fmt: skip
     leaves = [x.double().requires_grad_(True) for x in _leaves(h2d, w, b)]
     kw = dict(ref_hidden=r2d, ref_weight=ref["ref_weight"], ref_bias=ref["ref_bias"], beta=0.3, temperature=0.7,
