@@ -52,7 +52,7 @@ class ArithmeticConfig:
     """s of semi-online DPO checked against online DPO (a sync every 5% of the default 80 steps)."""
     more_sync_periods: tuple[int, ...] = (16,)
     """Further semi-online DPO periods, run for the spectrum only."""
-    eval_every: int = 20
+    eval_every: int = 10
     """Steps between held-out evaluations (the curves)."""
     eval_problems: int = 500
     """Held-out problems for greedy accuracy."""
@@ -217,9 +217,10 @@ def _curves_figure(runs: dict, sft: dict, variants: list, seeds: list[int]):
         steps = [c[0] for c in curves[0]]
         acc = torch.tensor([[100 * c[1] for c in curve] for curve in curves])
         kl = torch.tensor([[c[2] for c in curve] for curve in curves])
-        line, = left.plot(steps, acc.mean(0), marker="o", label=f"{label} (s = {_s(s)})")
-        left.fill_between(steps, acc.min(0).values, acc.max(0).values, alpha=0.15, color=line.get_color())
-        right.plot(steps, kl.mean(0), marker="o", color=line.get_color())
+        line, = left.plot(steps, acc.mean(0).tolist(), marker="o", label=f"{label} (s = {_s(s)})")
+        left.fill_between(steps, acc.min(0).values.tolist(), acc.max(0).values.tolist(), alpha=0.15,
+                          color=line.get_color())
+        right.plot(steps, kl.mean(0).tolist(), marker="o", color=line.get_color())
     left.set(xlabel="step", ylabel="held-out greedy accuracy (%)", title="arithmetic: accuracy", ylim=(0, 100))
     right.set(xlabel="step", ylabel="KL(π ‖ π_SFT) per sequence", title="KL from the SFT policy")
     left.legend(fontsize=7)

@@ -154,7 +154,8 @@ def run_loop(loop: OnlineLoop) -> BanditRun:
     """Run ``loop`` to the end; its curve starts at the initial policy."""
     start = loop.evaluate(loop.trainer.model)
     t0 = time.perf_counter()
-    result = loop.run()
+    with report.one_thread():
+        result = loop.run()
     wall = time.perf_counter() - t0
     curve = [(0, start["reward"], start["kl"])] + [
         (r["step"] + 1, r["eval/reward"], r["eval/kl"]) for r in result.records if "eval/reward" in r]
@@ -186,9 +187,8 @@ def run(seeds: list[int], *, progress: bool = True, config: BanditConfig | None 
     grid = [(reward, name, s, seed) for reward in tabular.REWARD_PEAKS for name in algorithms
             for s in SYNC_PERIODS for seed in seeds]
     t0, runs = time.perf_counter(), {}
-    with report.one_thread():
-        for reward, name, s, seed in tqdm(grid, desc="bandit", disable=not progress):
-            runs[reward, name, s, seed] = run_bandit(name, reward=reward, sync_every=s, seed=seed, config=config)
+    for reward, name, s, seed in tqdm(grid, desc="bandit", disable=not progress):
+        runs[reward, name, s, seed] = run_bandit(name, reward=reward, sync_every=s, seed=seed, config=config)
     entries = [report.entry("bandit", name, f"{reward} s={sync_label(s)}", seed, "expected_reward", r.reward, r.kl,
                             reward=reward, sync_every=sync_label(s), syncs=r.syncs, wall_seconds=r.wall_seconds)
                for (reward, name, s, seed), r in runs.items()]
@@ -254,8 +254,9 @@ def _curves_figure(runs: dict, algorithms: tuple[str, ...], seeds: list[int]):
                 curves = [runs[reward, name, s, seed].curve for seed in seeds]
                 steps = [c[0] for c in curves[0]]
                 values = torch.tensor([[c[1] for c in curve] for curve in curves])
-                line, = ax.plot(steps, values.mean(0), label=f"s = {sync_label(s)}")
-                ax.fill_between(steps, values.min(0).values, values.max(0).values, alpha=0.2, color=line.get_color())
+                line, = ax.plot(steps, values.mean(0).tolist(), label=f"s = {sync_label(s)}")
+                ax.fill_between(steps, values.min(0).values.tolist(), values.max(0).values.tolist(), alpha=0.2,
+                                color=line.get_color())
             ax.set(title=f"{name}, {reward}", xlabel="step", ylabel="expected reward", ylim=(0, 1.02))
     axes[0][0].legend()
     return figure
@@ -267,15 +268,15 @@ def _policies_figure(runs: dict, seed: int):
     actions = range(tabular.NUM_ACTIONS)
     ref = tabular.reference_probs()
     for ax, reward in zip(axes, tabular.REWARD_PEAKS):
-        ax.bar(actions, ref, color="0.7", label="π_ref")
+        ax.bar(actions, ref.tolist(), color="0.7", label="π_ref")
         for s in (1, math.inf):
             probs = torch.softmax(runs[reward, "dpo", s, seed].weights.double(), 0)
-            ax.plot(actions, probs, label=f"DPO s = {sync_label(s)}")
+            ax.plot(actions, probs.tolist(), label=f"DPO s = {sync_label(s)}")
         ax.set(title=f"{reward}: final policies (seed {seed})", xlabel="action", ylabel="probability", yscale="log",
                ylim=(1e-4, 1.05))
         ax.legend(fontsize=7, loc="upper left")
         twin = ax.twinx()
-        twin.plot(actions, tabular.reward_table(reward), "k--", linewidth=0.8)
+        twin.plot(actions, tabular.reward_table(reward).tolist(), "k--", linewidth=0.8)
         twin.set(ylabel=f"{reward}(a) (dashed)", ylim=(0, 1.05))
     return figure
 

@@ -52,15 +52,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True,
-                command: str | None = None) -> tuple[dict, list[report.Report]]:
-    """Run experiment ``name`` (or ``"all"``) for ``seeds``; write its outputs to ``out``; the summary and reports."""
+def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True, command: str | None = None,
+                configs: dict[str, object] | None = None) -> tuple[dict, list[report.Report]]:
+    """Run experiment ``name`` (or ``"all"``) for ``seeds``; write its outputs to ``out``; the summary and reports.
+
+    ``configs`` maps an experiment name to the config object its ``run`` takes (default: its defaults).
+    """
     names = experiment_names(name)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds: expected a non-empty list of ints >= 0, got {seeds!r}")
     t0, reports = time.perf_counter(), []
     for experiment in names:
-        reports.append(importlib.import_module(EXPERIMENTS[experiment]).run(seeds, progress=progress))
+        config = (configs or {}).get(experiment)
+        reports.append(importlib.import_module(EXPERIMENTS[experiment]).run(seeds, progress=progress, config=config))
     summary = report.write_reports(reports, out, seeds=seeds, command=command, wall_seconds=time.perf_counter() - t0)
     if len(reports) > 1:
         report.save_figure(report.overview(reports), Path(out) / "overview.png")

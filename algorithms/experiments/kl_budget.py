@@ -54,10 +54,9 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     grid = [(reward, loss, s, beta, seed) for reward in tabular.REWARD_PEAKS for loss in LOSSES for s in SETTINGS
             for beta in BETAS for seed in seeds]
     t0, points = time.perf_counter(), {}
-    with report.one_thread():
-        for reward, loss, s, beta, seed in tqdm(grid, desc="kl-budget", disable=not progress):
-            result = bandit.run_bandit(loss, reward=reward, sync_every=s, seed=seed, config=config, beta=beta)
-            points.setdefault((reward, loss, s, seed), []).append([(kl, r) for _, r, kl in result.curve])
+    for reward, loss, s, beta, seed in tqdm(grid, desc="kl-budget", disable=not progress):
+        result = bandit.run_bandit(loss, reward=reward, sync_every=s, seed=seed, config=config, beta=beta)
+        points.setdefault((reward, loss, s, seed), []).append([(kl, r) for _, r, kl in result.curve])
     entries = []
     for (reward, loss, s, seed), cell in points.items():
         reach = max(kl for trajectory in cell for kl, _ in trajectory)
@@ -113,7 +112,7 @@ def _draw_frontiers(ax, points: dict, seeds: list[int], reward: str) -> None:
     for loss in LOSSES:
         for s, style in ((1, "-"), (math.inf, "--")):
             curves = torch.tensor([[frontier(points[reward, loss, s, seed], k)[0] for k in grid] for seed in seeds])
-            ax.plot(grid, curves.mean(0), style, label=f"{loss} s = {bandit.sync_label(s)}")
+            ax.plot(grid, curves.mean(0).tolist(), style, label=f"{loss} s = {bandit.sync_label(s)}")
     ax.set(title=f"{reward}: best reward within a KL budget", xlabel="KL(π ‖ π_ref) budget",
            ylabel="expected reward", ylim=(0, 1.02))
     ax.legend(fontsize=7)

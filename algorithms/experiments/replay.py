@@ -155,9 +155,8 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     config = config or bandit.BanditConfig()
     grid = [(name, s, seed) for name in bandit.available_algorithms() for s in RECORDED_PERIODS for seed in seeds]
     t0, results = time.perf_counter(), {}
-    with report.one_thread():
-        for name, s, seed in tqdm(grid, desc="replay", disable=not progress):
-            results[name, s, seed] = run_replay(name, sync_every=s, seed=seed, config=config)
+    for name, s, seed in tqdm(grid, desc="replay", disable=not progress):
+        results[name, s, seed] = run_replay(name, sync_every=s, seed=seed, config=config)
     entries = [report.entry("replay", name, f"record s={s} -> replay s=inf", seed, "max_abs_param_diff",
                             r.max_abs_diff, r.replay.kl, bit_identical=r.max_abs_diff == 0.0,
                             losses_equal=r.losses_equal, staleness_equal=r.staleness_equal, recorded_calls=r.calls,
