@@ -35,6 +35,7 @@ from torch import Tensor
 from ._dispatch import use_triton
 from .fused_linear_logprob import TokenStats, _block_rows, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
+from .losses.output import LossOutput
 from .losses.segments import segment_ids
 
 STRATEGIES = ("auto", "grouped", "two_pass")
@@ -134,7 +135,11 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
 
 
 def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *, needed: bool, why: str) -> None:
-    """Exactly one reference source when ``needed`` (precomputed ``name`` or ``ref_hidden`` + ``ref_weight``), else none."""
+    """One reference source if ``needed`` (``name`` precomputed, or ``ref_hidden`` + ``ref_weight``), else none.
+
+    Raises:
+        ValueError: naming the reference arguments given and the ones expected.
+    """
     head = (ref_hidden, ref_weight, ref_bias)
     if (ref_hidden is None) != (ref_weight is None) or (ref_bias is not None and ref_weight is None):
         raise ValueError("the reference head needs ref_hidden and ref_weight together (ref_bias optional), got "
@@ -142,7 +147,8 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
                                      for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)))  # fmt: skip
     given = [k for k, v in ((name, precomputed), ("ref_hidden", ref_hidden)) if v is not None]
     if needed and len(given) != 1:
-        raise ValueError(f"{why} needs the reference: either {name} or ref_hidden + ref_weight, got {given or 'neither'}")
+        raise ValueError(f"{why} needs the reference: either {name} or ref_hidden + ref_weight, "
+                         f"got {given or 'neither'}")  # fmt: skip
     if not needed and given:
         raise ValueError(f"{why} takes no reference, got {given}")
 
@@ -198,7 +204,8 @@ def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: s
         return "grouped"
     rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
     largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
-    return "grouped" if largest <= _block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device) else "two_pass"
+    fits = largest <= _block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device)
+    return "grouped" if fits else "two_pass"
 
 
 def _unit_of_row(layout: Layout, units: Tensor) -> Tensor:
@@ -211,7 +218,7 @@ def _unit_of_row(layout: Layout, units: Tensor) -> Tensor:
 def _seq_grads(layout: Layout, seq_logps: Tensor, units: Tensor, present: Tensor, unit_loss: Callable) -> Tensor:
     """``[B]`` d loss / d S for the sequences of the ``present`` units (0 elsewhere), by autograd on ``unit_loss``."""
     seqs = units[present]
-    leaf = seq_logps[seqs].detach().requires_grad_(True)
+    leaf = seq_logps[seqs].detach().double().requires_grad_(True)  # [k, m]: float64 costs nothing, saves digits
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(unit_loss(leaf, present), leaf)
     out = torch.zeros(layout.num_seqs, device=seq_logps.device)
@@ -236,8 +243,8 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
                             with_entropy=False)  # fmt: skip
         all_units = torch.arange(units.shape[0], device=units.device)
         token = _seq_grads(layout, layout.seq_sum(stats.logp), units, all_units, unit_loss)[layout.seq_ids]
-        stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=lambda rows, *_: (token[rows], None),
-                                        **opts)  # fmt: skip
+        stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b,
+                                        token_grad=lambda rows, *_: (token[rows], None), **opts)  # fmt: skip
         return stats, tuple(grads)
     unit_of_row = _unit_of_row(layout, units)
     order = torch.argsort(unit_of_row, stable=True)
@@ -248,8 +255,14 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
         present = torch.unique(unit_of_row[rows])
         return _seq_grads(layout, seq_logps, units, present, unit_loss)[layout.seq_ids[rows]], None
 
-    stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups, **opts)
+    stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups,
+                                    **opts)  # fmt: skip
     return stats, tuple(grads)
+
+
+def float32_output(out: LossOutput) -> LossOutput:
+    """``out`` with its loss and metrics cast to float32 (sequence-level losses are evaluated in float64)."""
+    return LossOutput(out.loss.float(), {name: value.float() for name, value in out.metrics.items()})
 
 
 def forward_stats(layout: Layout, weight, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
-    reference_padded, sequence_loss_grads, sequence_strategy,
+    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, make_layout,
+    reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
@@ -147,15 +147,17 @@ def fused_linear_dpo_loss(
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     needs = grads_needed(hidden, weight, bias)
     if any(needs):
-        units = torch.stack((pairs, pairs + num_pairs), dim=1)
-        stats, grads = sequence_loss_grads(
-            layout, weight, bias, units=units, unit_loss=lambda s, idx: pair_loss(s, idx).loss * (idx.numel() / num_pairs),
-            strategy=sequence_strategy(layout, weight, units, strategy), needs_grad=needs, **opts,
-        )  # fmt: skip
+        units = torch.stack((pairs, pairs + num_pairs), dim=1)  # pair b = sequences (b, B + b)
+
+        def share(seq_logps, idx):  # the pairs' share of the mean over all B pairs
+            return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
+
+        stats, grads = sequence_loss_grads(layout, weight, bias, units=units, unit_loss=share, needs_grad=needs,
+                                           strategy=sequence_strategy(layout, weight, units, strategy), **opts)
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
-        out = pair_loss(layout.seq_sum(stats.logp).view(2, num_pairs).T, pairs)
+        out = float32_output(pair_loss(layout.seq_sum(stats.logp).double().view(2, num_pairs).T, pairs))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
 

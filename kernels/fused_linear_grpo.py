@@ -176,10 +176,11 @@ def fused_linear_grpo_loss(
         whole_rows = importance_sampling_level == "sequence" or loss_type == "vespo"
         token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
                                 ref=ref, sampler=sampler, whole_rows=whole_rows, options=opts)  # fmt: skip
+        groups = _sequence_groups(layout) if whole_rows else None
         stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
                                         None if bias is None else bias.detach(), with_entropy=True,
-                                        token_grad=token_grad, row_groups=_sequence_groups(layout) if whole_rows else None,
-                                        needs_grad=needs, **lp_opts)  # fmt: skip
+                                        token_grad=token_grad, row_groups=groups, needs_grad=needs,
+                                        **lp_opts)  # fmt: skip
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=True, **lp_opts)
     pad = (lambda x: None if x is None else layout.to_padded(x))
@@ -201,7 +202,8 @@ class FusedLinearGRPOLoss(nn.Module):
                  epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
                  loss_type: str = "dapo", importance_sampling_level: str = "token",
                  sampler_is_cap: float | None = None, entropy_coef: float = 0.0, sapo_temperature_pos: float = 1.0,
-                 sapo_temperature_neg: float = 1.05, vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+                 sapo_temperature_neg: float = 1.05,
+                 vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
                  use_bias_correction_kl: bool = False, temperature: float = 1.0, ignore_index: int = -100):  # fmt: skip
         super().__init__()
         self.options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -219,7 +221,8 @@ class FusedLinearGRPOLoss(nn.Module):
 
 def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None,
                                      old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                                     sampler_logp=None, temperature=1.0, ignore_index=-100, **options) -> LossOutput:  # fmt: skip
+                                     sampler_logp=None, temperature=1.0, ignore_index=-100,
+                                     **options) -> LossOutput:  # fmt: skip
     """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd).
 
     Per-token inputs are set to 0 at inactive tokens, as the fused loss ignores them there.
@@ -227,8 +230,10 @@ def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=N
     m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2]
 
     def padded(values):  # per-token input -> [B, T] float64, 0 at inactive tokens (packed: one slice per sequence)
-        return None if values is None else reference_padded(values.double().unsqueeze(-1), targets, mask, cu_seqlens,
-                                                            ignore_index)[0].squeeze(-1).masked_fill(~m, 0.0)  # fmt: skip
+        if values is None:
+            return None
+        out = reference_padded(values.double().unsqueeze(-1), targets, mask, cu_seqlens, ignore_index)[0]
+        return out.squeeze(-1).masked_fill(~m, 0.0)
 
     def token_logp(h, w, b, entropy):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)

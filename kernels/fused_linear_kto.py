@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
-    reference_padded, sequence_loss_grads, sequence_strategy,
+    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, make_layout,
+    reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses._checks import check_choice, check_tensor
@@ -88,14 +88,16 @@ def fused_linear_kto_loss(
     needs = grads_needed(hidden, weight, bias)
     if any(needs):
         units = samples.unsqueeze(1)
-        stats, grads = sequence_loss_grads(
-            layout, weight, bias, units=units, unit_loss=lambda s, idx: sample_loss(s, idx).loss * (idx.numel() / b),
-            strategy=sequence_strategy(layout, weight, units, strategy), needs_grad=needs, **opts,
-        )  # fmt: skip
+
+        def share(seq_logps, idx):  # the samples' share of the mean over all B samples
+            return sample_loss(seq_logps, idx).loss * (idx.numel() / b)
+
+        stats, grads = sequence_loss_grads(layout, weight, bias, units=units, unit_loss=share, needs_grad=needs,
+                                           strategy=sequence_strategy(layout, weight, units, strategy), **opts)
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
-        out = sample_loss(layout.seq_sum(stats.logp).unsqueeze(1), samples)
+        out = float32_output(sample_loss(layout.seq_sum(stats.logp).double().unsqueeze(1), samples))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
 

@@ -96,9 +96,9 @@ def reference_fused_linear_sft_loss(hidden, weight, targets, bias=None, *, mask=
                                     normalize="token", temperature=1.0, ignore_index=-100) -> LossOutput:  # fmt: skip
     """Float64 reference: materialized logits → log_softmax / entropy → ``sft_loss`` on ``[B, T]`` (autograd)."""
     h_pad, t_pad, m = reference_padded(hidden.double(), targets, mask, cu_seqlens, ignore_index)
-    logp, entropy = reference_fused_linear_logprob(h_pad, weight.double(), t_pad, None if bias is None else bias.double(),
-                                                   temperature=temperature, ignore_index=ignore_index,
-                                                   return_entropy=True)  # fmt: skip
+    b64 = None if bias is None else bias.double()
+    logp, entropy = reference_fused_linear_logprob(h_pad, weight.double(), t_pad, b64, temperature=temperature,
+                                                   ignore_index=ignore_index, return_entropy=True)  # fmt: skip
     out = sft_loss(logp, m, weights=None if weights is None else weights.double(), normalize=normalize)
     out.metrics["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp_min(1.0)
     return out

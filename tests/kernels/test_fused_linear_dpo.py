@@ -8,7 +8,7 @@ from hotloop.kernels import FusedLinearDPOLoss, fused_linear_dpo_loss, fused_lin
 from hotloop.kernels import _fused_linear_common as common
 from hotloop.kernels._fused_linear_common import make_layout, reference_padded, sequence_strategy
 from hotloop.kernels.fused_linear_dpo import LOSS_TYPES, reference_fused_linear_dpo_loss
-from tests.helpers import assert_close
+from tests.helpers import TOLERANCE, assert_close
 
 PAIRS, T, D, V = 3, 7, 16, 97
 SMOOTHING = {"exo_pair": 1e-3, "robust": 0.1, "sigmoid": 0.2}  # the loss types with label smoothing
@@ -39,6 +39,13 @@ def _ref_logps():
     return -25.0 + 4.0 * torch.randn(2 * PAIRS)
 
 
+def _assert_value_close(out, ref, dtype, what):
+    """Scalar within the dtype tolerance of max(|ref|, 1): rewards are differences of O(10) log-prob sums, so
+    fp32 sums (absolute error ~1e-6) leave ~1e-6 absolute error however small the difference is."""
+    err = abs(out.item() - ref.item()) / max(abs(ref.item()), 1.0)
+    assert err <= TOLERANCE[dtype], f"{what}: error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
 def _check(hidden, weight, targets, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
     out = fused_linear_dpo_loss(hidden, weight, targets, bias, **kw)
@@ -48,11 +55,11 @@ def _check(hidden, weight, targets, bias, dtype=torch.float32, metrics=True, **k
     leaves = [x.detach().double().requires_grad_(True) for x in inputs]
     ref = reference_fused_linear_dpo_loss(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, **kw)
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
-    assert_close(out.loss, ref.loss, dtype, "loss")
+    _assert_value_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
         assert out.metrics.keys() == ref.metrics.keys()
         for name, value in out.metrics.items():
-            assert_close(value, ref.metrics[name], dtype, name)
+            _assert_value_close(value, ref.metrics[name], dtype, name)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == dtype, f"grad {name} dtype {g.dtype}"
         assert_close(g, r, dtype, f"grad {name}")
@@ -66,7 +73,8 @@ def _options(loss_type):
 
 @pytest.mark.parametrize("strategy", ["grouped", "two_pass"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_every_loss_type_matches_float64_reference(loss_type, strategy):
+def test_every_loss_type_matches_float64_reference(loss_type, strategy, monkeypatch):
+    monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", str(4 * V * 2 * T))  # one pair per chunk: several chunks
     hidden, weight, targets, bias, mask = _batch(empty=loss_type != "orpo")
     _check(hidden, weight, targets, bias, mask=mask, strategy=strategy, beta=0.3, **_options(loss_type))
 

@@ -8,7 +8,7 @@ from hotloop.kernels import FusedLinearKTOLoss, fused_linear_kto_loss, fused_lin
 from hotloop.kernels import _fused_linear_common as common
 from hotloop.kernels._fused_linear_common import reference_padded
 from hotloop.kernels.fused_linear_kto import reference_fused_linear_kto_loss
-from tests.helpers import assert_close
+from tests.helpers import TOLERANCE, assert_close
 
 B, T, D, V = 5, 7, 16, 97
 
@@ -30,6 +30,13 @@ def _batch(dtype=torch.float32, *, bias=True):
     return hidden, weight, targets, labels, b, mask, -25.0 + 4.0 * torch.randn(B)
 
 
+def _assert_value_close(out, ref, dtype, what):
+    """Scalar within the dtype tolerance of max(|ref|, 1): rewards are differences of O(10) log-prob sums, so
+    fp32 sums (absolute error ~1e-6) leave ~1e-6 absolute error however small the difference is."""
+    err = abs(out.item() - ref.item()) / max(abs(ref.item()), 1.0)
+    assert err <= TOLERANCE[dtype], f"{what}: error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
 def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
     out = fused_linear_kto_loss(hidden, weight, targets, labels, bias, **kw)
@@ -40,11 +47,11 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
     ref = reference_fused_linear_kto_loss(leaves[0], leaves[1], targets, labels,
                                           leaves[2] if bias is not None else None, **kw)
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
-    assert_close(out.loss, ref.loss, dtype, "loss")
+    _assert_value_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
         assert out.metrics.keys() == ref.metrics.keys()
         for name, value in out.metrics.items():
-            assert_close(value, ref.metrics[name], dtype, name)
+            _assert_value_close(value, ref.metrics[name], dtype, name)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == dtype, f"grad {name} dtype {g.dtype}"
         assert_close(g, r, dtype, f"grad {name}")
@@ -59,7 +66,8 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
         {"kl_ref_point": torch.tensor(2.5), "temperature": 0.7},
     ],
 )
-def test_options_and_strategies_match_float64_reference(options, strategy):
+def test_options_and_strategies_match_float64_reference(options, strategy, monkeypatch):
+    monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", str(4 * V * T))  # one sample per chunk: several chunks
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
     _check(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps, strategy=strategy, **options)
 
