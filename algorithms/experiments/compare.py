@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import time
 from pathlib import Path
 
@@ -52,11 +53,12 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True, command: str | None = None,
+def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True, command: str = "",
                 configs: dict[str, object] | None = None) -> tuple[dict, list[report.Report]]:
     """Run experiment ``name`` (or ``"all"``) for ``seeds``; write its outputs to ``out``; the summary and reports.
 
-    ``configs`` maps an experiment name to the config object its ``run`` takes (default: its defaults).
+    ``command`` is recorded in the outputs; ``configs`` maps an experiment name to the config object its
+    ``run`` takes (default: its defaults).
     """
     names = experiment_names(name)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
@@ -73,17 +75,19 @@ def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``compare`` subcommand's arguments (shared by ``hotloop compare`` and ``bench/spectrum.py``)."""
-    parser.add_argument("experiment", type=_experiment_arg, metavar="EXPERIMENT",
+    parser.add_argument("experiment", type=experiment_arg, metavar="EXPERIMENT",
                         help=f"one of {', '.join(EXPERIMENTS)} or {ALL}")
-    parser.add_argument("--seeds", type=_seeds_arg, default=list(DEFAULT_SEEDS),
+    parser.add_argument("--seeds", type=seeds_arg, default=list(DEFAULT_SEEDS),
                         help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/EXPERIMENT)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def main(args: argparse.Namespace, command: str | None = None) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the parsed ``compare`` command; print where the results went and which targets were missed."""
     out = Path(args.out or f"runs/compare/{args.experiment}")
+    command = "hotloop compare " + shlex.join([args.experiment, "--seeds", ",".join(map(str, args.seeds)), "--out",
+                                               str(out)])
     summary, _ = run_compare(args.experiment, args.seeds, out, progress=not args.no_progress, command=command)
     missed = [t for t in summary["targets"] if not t["passed"]]
     print(f"wrote {out / 'table.md'}, {out / 'summary.json'} and plots in {summary['wall_seconds']:.0f} s; "
@@ -93,7 +97,8 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
     return 0
 
 
-def _experiment_arg(text: str) -> str:
+def experiment_arg(text: str) -> str:
+    """argparse type of EXPERIMENT (an ``ArgumentTypeError`` naming the choices)."""
     try:
         experiment_names(text)
     except ValueError as err:
@@ -101,7 +106,8 @@ def _experiment_arg(text: str) -> str:
     return text
 
 
-def _seeds_arg(text: str) -> list[int]:
+def seeds_arg(text: str) -> list[int]:
+    """argparse type of ``--seeds``."""
     try:
         return parse_seeds(text)
     except ValueError as err:

@@ -16,7 +16,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6: the claim, whether every seed met it, and the numbers behind it."""
+    """A target of issue 6 or a paper's claim: what, whether every seed met it, and the numbers behind it."""
 
     claim: str
     passed: bool
@@ -90,7 +89,7 @@ def targets_markdown(targets: list[Target]) -> str:
     if not targets:
         return ""
     lines = [f"- **{'met' if t.passed else 'NOT met'}**: {t.claim} — {t.detail}" for t in targets]
-    return "Targets (every seed):\n\n" + "\n".join(lines) + "\n"
+    return "Targets and claim checks (every seed):\n\n" + "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
@@ -117,12 +116,11 @@ def environment(command: str) -> dict:
             "load_average": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def write_reports(reports: list[Report], out: str | Path, *, seeds: list[int], command: str | None = None,
+def write_reports(reports: list[Report], out: str | Path, *, seeds: list[int], command: str = "",
                   wall_seconds: float | None = None) -> dict:
     """Write ``summary.json``, ``table.md`` and every plot (``<experiment>-<plot>.png``) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or "hotloop compare " + " ".join(sys.argv[2:])
     env = environment(command)
     summary = {"experiments": [r.experiment for r in reports], "seeds": seeds, "environment": env,
                "wall_seconds": round(wall_seconds if wall_seconds is not None else sum(r.seconds for r in reports), 1),
