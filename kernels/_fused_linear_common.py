@@ -33,7 +33,9 @@ import torch
 from torch import Tensor
 
 from ._dispatch import use_triton
-from .fused_linear_logprob import TokenStats, _block_rows, _check_inputs, logprob_fwd, logprob_fwd_bwd
+from .fused_linear_logprob import (
+    _FLOAT_DTYPES, TokenStats, _block_rows, _check_inputs, logprob_fwd, logprob_fwd_bwd,
+)  # fmt: skip
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.segments import segment_ids
@@ -153,14 +155,25 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
         raise ValueError(f"{why} takes no reference, got {given}")
 
 
+def _check_reference_head(ref_hidden, ref_weight, ref_bias, layout: Layout) -> None:
+    if ref_hidden.dtype not in _FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
+        raise ValueError(f"ref_hidden must be float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, "
+                         f"D_ref] (hidden's leading shape), got {ref_hidden.dtype} {tuple(ref_hidden.shape)}")
+    v_min = int(layout.targets.max()) + 1 if layout.targets.numel() else 1
+    if ref_weight.dtype != ref_hidden.dtype or ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[-1] \
+            or ref_weight.shape[0] < v_min:
+        raise ValueError(f"ref_weight must be {ref_hidden.dtype} [V >= {v_min} (largest target + 1), "
+                         f"D_ref={ref_hidden.shape[-1]}], got {ref_weight.dtype} {tuple(ref_weight.shape)}")
+    if ref_bias is not None and (ref_bias.dtype != ref_hidden.dtype or ref_bias.shape != ref_weight.shape[:1]):
+        raise ValueError(f"ref_bias must be {ref_hidden.dtype} [{ref_weight.shape[0]}] (V of ref_weight), "
+                         f"got {ref_bias.dtype} {tuple(ref_bias.shape)}")
+
+
 def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index) -> Tensor:
     """``[N_a]`` float32 log-probs of the active targets under the reference head, forward only (no grad)."""
-    if tuple(ref_hidden.shape[:-1]) != layout.token_shape:
-        raise ValueError(f"ref_hidden must have hidden's leading shape {layout.token_shape}, "
-                         f"got {tuple(ref_hidden.shape)}")  # fmt: skip
+    _check_reference_head(ref_hidden, ref_weight, ref_bias, layout)
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
-    _check_inputs(ref2d, ref_weight, layout.targets, ref_bias, temperature, ignore_index)
     with torch.no_grad():
         return logprob_fwd(ref2d, ref_weight.detach(), layout.targets, None if ref_bias is None else ref_bias.detach(),
                            temperature=temperature, ignore_index=ignore_index, with_entropy=False).logp  # fmt: skip
