@@ -25,11 +25,12 @@ The gradient is known in the forward, so it is computed there; backward only sca
 gradient (``_fused_linear_common.FusedLossFunction``). Held until backward: grad_hidden [N, D], grad_weight
 [V, D], grad_bias [V] in the input dtype (as Liger's chunked losses); the [N, V] logits of either head never exist.
 
-PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): [C, V] row chunks of ``_block_rows`` rows, three fp32 blocks
-(four for "jsd"): both logits blocks, log-softmax in place, per-row divergence, KL and entropy, the gradient block, then
-grad_H[rows] = G @ W, grad_W += G.T @ H, grad_b += Σ_rows G (bf16 GEMM operands for bf16 input, fp32
-accumulation, as ``fused_linear_logprob``). FLOPs: 2·N·V·(D + D_ref) for the logits, 4·N·V·D for the
-gradients (four matmuls when D_ref = D; the forward alone is two).
+PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): full-row [C, V] chunks (``_block_rows``), three fp32 blocks
+(four for "jsd"): both logits, both log-softmaxes (ATen's fused kernel), the per-row divergence, KL and entropy
+and the unscaled gradient block G; then, with c = per-row weight·s on the [C, D] side, grad_H[rows] = c·(G @ W),
+grad_W += G.T @ (c·H), grad_b += G.T @ c (bf16 GEMM operands for bf16 input, fp32 accumulation, as
+``fused_linear_logprob``). FLOPs: 2·N·V·(D + D_ref) for the logits, 4·N·V·D for the gradients (four matmuls
+when D_ref = D; two under ``torch.no_grad``).
 Triton path (CUDA, ``_fused_linear_kl_triton``): online softmax over vocabulary tiles for both heads, then a
 gradient pass that recomputes both logits tiles: 2·N·V·(D + D_ref) more ("jsd" needs one more stats pass,
 since M needs both normalizers first).
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
 from .fused_linear_logprob import (
-    _FLOAT_DTYPES, _add_row_grads, _block_rows, _cast, _grad_gemm_dtype, _linear_into, _logits_into, _scratch, _spans,
+    _FLOAT_DTYPES, _block_rows, _cast, _grad_gemm_dtype, _linear_into, _logits_into, _scratch, _spans,
 )  # fmt: skip
 from .losses._checks import check_choice
 from .losses.output import LossOutput
@@ -57,7 +58,7 @@ NORMALIZE = ("token", "sequence", "sum")
 
 @dataclass
 class KLStats:
-    """Per-row float32 [N] results of the forward; 0 where the target is ``ignore_index``."""
+    """Per-row float32 [N] results of the forward, for the rows it was given (the counted ones)."""
 
     divergence: Tensor  # the selected divergence
     kl: Tensor  # KL(π ‖ π_ref)
@@ -80,14 +81,15 @@ class KLOptions:
     temperature: float  # > 0; both heads' logits are divided by it
 
 
-def _log_softmax_(block: Tensor, s: float) -> Tensor:
-    """block [R, V] fp32 ← log softmax(s·block), in place.
+def _log_softmax_into(out: Tensor, logits: Tensor, s: float) -> Tensor:
+    """out [R, V] fp32 ← log softmax(s·logits); logits are scaled in place.
 
-    As s·(x − max x) − log Σ e^{…}: the shift is exact near the max and log Σ ∈ [0, log V] rounds finely,
-    where z − lse would carry lse's rounding (an ulp of |z|, 1e-3 at |z| ~ 1e4) into every log p of the row.
+    ATen's fused kernel forms (z − max z) − log Σ e^{z − max z}: never z − lse, whose rounding (an ulp of |z|,
+    1e-3 at |z| ~ 1e4) would scale every p of the row.
     """
-    block.sub_(block.amax(dim=1, keepdim=True)).mul_(s)
-    return block.sub_(torch.logsumexp(block, dim=1, keepdim=True))
+    if s != 1.0:
+        logits.mul_(s)
+    return torch.log_softmax(logits, dim=1, out=out)
 
 
 def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOptions):
@@ -99,7 +101,7 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
     torch.exp(lp, out=p)
     entropy = -vecdot(p, lp)
     if opts.divergence == "kl":
-        d = lq.neg_().add_(lp)  # log p − log q
+        d = torch.sub(lp, lq, out=lq)  # log p − log q
         kl = vecdot(p, d)
         return kl, kl, entropy, d.sub_(kl[:, None]).mul_(p)
     if opts.divergence == "reverse_kl":
@@ -152,24 +154,40 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
         bufs[3] = torch.empty(chunk * v, device=dev)
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
     for r0, r1 in _spans(n, chunk):
-        lp, lq, p, t = (None if b is None else _scratch(b, r1 - r0, v) for b in bufs)
+        x, x_ref, lp, t = (None if b is None else _scratch(b, r1 - r0, v) for b in bufs)
         h32 = hidden2d[r0:r1].float()
         if w32 is not None:
-            _linear_into(lp, h32, w32, bias)
+            _linear_into(x, h32, w32, bias)
         else:
-            _logits_into(lp, h32, weight, bias, 0)
-        _logits_into(lq, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
-        c_div, c_kl, c_ent, g = _row_math_(_log_softmax_(lp, s), _log_softmax_(lq, s), p, t, opts)
+            _logits_into(x, h32, weight, bias, 0)
+        _logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
+        _log_softmax_into(lp, x, s)
+        lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
+        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, opts)
         for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
             dst[r0:r1] = src
-        if not grads:
-            continue
-        g.mul_(row_scale[r0:r1, None])
-        if gb is not None:
-            gb.add_(g.sum(dim=0))
-        _add_row_grads(g.to(gdt), hidden2d[r0:r1].to(gdt), w_g, torch.arange(r0, r1, device=dev), slice(r0, r1),
-                       gh, gw)  # fmt: skip
+        if grads:
+            _add_grads(g, h32, row_scale[r0:r1], w_g, slice(r0, r1), gh, gw, gb)
     return KLStats(div, kl, entropy), _cast(gh, hidden2d.dtype), _cast(gw, weight.dtype), _cast(gb, weight.dtype)
+
+
+def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice, gh, gw, gb) -> None:
+    """grad_H[rows] = diag(c)·g @ W, grad_W += g.T @ diag(c)·H, grad_b += g.T @ c into fp32 accumulators.
+
+    g [R, V] fp32 is d/dz unscaled: the row scale c [R] goes on the [R, D] side (and into a GEMV), which saves a
+    pass over the [R, V] block. bf16 inputs: bf16 GEMM operands (``_grad_gemm_dtype``), fp32 accumulation.
+    """
+    g_in = g.to(w.dtype)
+    if gh is not None:
+        gh[rows] = torch.mm(g_in, w).float().mul_(row_scale[:, None])
+    if gw is not None:
+        h_scaled = (h32 * row_scale[:, None]).to(w.dtype)
+        if w.dtype == torch.float32:
+            gw.addmm_(g_in.T, h_scaled)
+        else:
+            gw.add_(torch.mm(g_in.T, h_scaled))
+    if gb is not None:
+        gb.addmv_(g.T, row_scale)
 
 
 def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
