@@ -23,6 +23,7 @@ fp32 [N, D] accumulator. No atomics: bit-identical run to run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -189,6 +190,16 @@ def _kl_bwd_kernel(
     tl.store(Buf + rows[:, None] * stride_buf + local[None, :], grad.to(Buf.dtype.element_ty), mask=mask)
 
 
+def _tiles(device: torch.device, n: int, hidden: int, dtype: torch.dtype) -> _triton_utils.MatmulTiles:
+    """The log-prob kernel's tiles, with half its vocabulary tile on CUDA.
+
+    Two heads keep two fp32 logits tiles live; half of BLOCK_V keeps their registers at the single-head
+    kernel's footprint (a heuristic, not yet tuned on a GPU).
+    """
+    tiles = _triton_utils.logits_tiles(device, n, hidden, dtype)
+    return dataclasses.replace(tiles, block_v=max(16, tiles.block_v // 2)) if device.type == "cuda" else tiles
+
+
 def _combine_splits(part: torch.Tensor, reverse: bool):
     """Merge [7, SPLITS, N] partials into (row stats [4, N]: m_p, log S_p, m_q, log S_q; KL; entropy; reverse KL)."""
     mp, sp, e, a, mq, sq, b = part.unbind(0)
@@ -220,7 +231,7 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
     bias, ref_bias = (None if t is None else t.contiguous() for t in (bias, ref_bias))
     (n, d), (v, dr), dev = hidden2d.shape, ref_weight.shape, hidden2d.device
     wide = max(hidden2d.dtype, ref_hidden2d.dtype, key=lambda t: t.itemsize)
-    tiles = _triton_utils.logits_tiles(dev, n, max(d, dr), wide)
+    tiles = _tiles(dev, n, max(d, dr), wide)
     row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(dev, row_blocks, n_tiles)
     log_a, log_b = (math.log1p(-opts.beta), math.log(opts.beta)) if opts.divergence == "jsd" else (0.0, 0.0)
