@@ -36,6 +36,8 @@ from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 SYNC_PERIODS = (1, 10, 100, math.inf)
 BANDIT_ALGORITHMS = ("dpo", "ipo", "rejection-sampling")
+TARGET_REWARD = 0.9
+"""The tables report the first evaluated step at which the expected reward reaches this."""
 REJECTION_SAMPLING = "rejection-sampling"
 """Name of Best-of-N SFT in ``hotloop.algorithms.config.ALGORITHMS`` (its class lives in rejection_sampling.py)."""
 
@@ -190,7 +192,8 @@ def run(seeds: list[int], *, progress: bool = True, config: BanditConfig | None 
     for reward, name, s, seed in tqdm(grid, desc="bandit", disable=not progress):
         runs[reward, name, s, seed] = run_bandit(name, reward=reward, sync_every=s, seed=seed, config=config)
     entries = [report.entry("bandit", name, f"{reward} s={sync_label(s)}", seed, "expected_reward", r.reward, r.kl,
-                            reward=reward, sync_every=sync_label(s), syncs=r.syncs, wall_seconds=r.wall_seconds)
+                            reward=reward, sync_every=sync_label(s), syncs=r.syncs, wall_seconds=r.wall_seconds,
+                            steps_to_target=next((step for step, value, _ in r.curve if value >= TARGET_REWARD), None))
                for (reward, name, s, seed), r in runs.items()]
     return report.Report(experiment="bandit", entries=entries, markdown=_markdown(entries, config, algorithms),
                          targets=_targets(entries, seeds), seconds=time.perf_counter() - t0,
@@ -206,15 +209,19 @@ def _markdown(entries: list[dict], config: BanditConfig, algorithms: tuple[str, 
             cells = [name, sync_label(s)]
             for reward in tabular.REWARD_PEAKS:
                 found = report.select(entries, algorithm=name, reward=reward, sync_every=sync_label(s))
-                cells += [report.fmt(e["value"] for e in found), report.fmt((e["kl"] for e in found), 2)]
+                reached = [e["steps_to_target"] for e in found if e["steps_to_target"] is not None]
+                steps = f"{report.fmt(reached, 0)} ({len(reached)}/{len(found)})" if reached else f"— (0/{len(found)})"
+                cells += [report.fmt(e["value"] for e in found), report.fmt((e["kl"] for e in found), 2), steps]
             rows.append(cells)
-    text = report.table(["algorithm", "s", "R1 expected reward", "R1 KL(π‖π_ref)", "R2 expected reward",
-                         "R2 KL(π‖π_ref)"], rows)
+    text = report.table(["algorithm", "s"] + [f"{reward} {column}" for reward in tabular.REWARD_PEAKS for column in
+                                              ("expected reward", "KL(π‖π_ref)", f"steps to {TARGET_REWARD}")], rows)
     ref = tabular.reference_probs()
     start = {k: tabular.expected_reward(ref, tabular.reward_table(k)) for k in tabular.REWARD_PEAKS}
     missing = [a for a in BANDIT_ALGORITHMS if a not in algorithms]
     notes = (f"\nExact expected reward Σ π(a) R(a) and KL after {config.steps} loop steps (mean [min – max] over "
-             f"seeds); π_ref scores R1 {start['R1']:.3f}, R2 {start['R2']:.3f}. Budget for every cell: "
+             f"seeds); steps to {TARGET_REWARD}: first evaluation (every {config.eval_every} steps) at or above "
+             f"{TARGET_REWARD} (seeds that got there); π_ref scores R1 {start['R1']:.3f}, R2 {start['R2']:.3f}. "
+             f"Budget for every cell: "
              f"{config.prompts_per_step} groups × {config.samples_per_prompt} samples per step, AdamW lr "
              f"{config.lr}, DPO β {config.dpo_beta}, IPO β {config.ipo_beta}. s = inf samples π_ref throughout.\n")
     if missing:
@@ -236,7 +243,8 @@ def _targets(entries: list[dict], seeds: list[int]) -> list[report.Target]:
     return [
         report.Target("R1: online DPO (s = 1) reaches ≥ 0.95 expected reward", min(online) >= 0.95,
                       f"min over seeds {min(online):.3f}"),
-        report.Target("R1: offline DPO (s = ∞) stays ≤ 0.80", max(offline) <= 0.80, f"max over seeds {max(offline):.3f}"),
+        report.Target("R1: offline DPO (s = ∞) stays ≤ 0.80", max(offline) <= 0.80,
+                      f"max over seeds {max(offline):.3f}"),
         report.Target("DPO online − offline gap on R1 ≥ 3× the gap on R2", min(ratios) >= 3,
                       "ratios per seed " + ", ".join(f"{r:.1f}" for r in ratios)),
     ]

@@ -167,8 +167,8 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     worst = max(e["value"] for e in entries)
     same = all(e["losses_equal"] and e["staleness_equal"] for e in entries)
     targets = [report.Target(f"replayed parameters equal the recorded run's (≤ {TOLERANCE:g})", worst <= TOLERANCE,
-                             f"largest max |Δθ| {worst:.3g}; bit-identical in {sum(e['bit_identical'] for e in entries)}"
-                             f"/{len(entries)} runs; per-step losses and staleness equal: {same}")]
+                             f"largest max |Δθ| {worst:.3g}; bit-identical in "
+                             f"{sum(e['bit_identical'] for e in entries)}/{len(entries)} runs; per-step losses and staleness equal: {same}")]
     return report.Report(experiment="replay", entries=entries, markdown=_markdown(entries, config), targets=targets,
                          seconds=time.perf_counter() - t0, headline=lambda ax: _headline(ax, entries))
 

@@ -39,7 +39,7 @@ class Report:
 
     experiment: str
     entries: list[dict]
-    """One dict per algorithm × setting × seed: ``algorithm``, ``setting``, ``seed``, ``metric``, ``value``, ``kl``, ..."""
+    """One dict per algorithm × setting × seed: ``algorithm``, ``setting``, ``seed``, ``metric``, ``value``, ``kl``."""
     markdown: str
     """Tables and notes (GitHub markdown, no top-level title)."""
     targets: list[Target] = field(default_factory=list)

@@ -84,7 +84,8 @@ def test_bandit_engine_samples_the_exact_softmax_and_repeats_with_the_step_seed(
     p = policy.probs()
     freq = torch.bincount(actions, minlength=100).double() / actions.numel()
     assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / actions.numel()).sqrt() + 1e-4).all())
-    assert [c.token_ids for c in engine.generate([[tabular.PROMPT_TOKEN]], sampling)] == [c.token_ids for c in completions]
+    again = engine.generate([[tabular.PROMPT_TOKEN]], sampling)
+    assert [c.token_ids for c in again] == [c.token_ids for c in completions]
     assert all(c.logprobs[0] == pytest.approx(float(p[c.token_ids[0]].log())) for c in completions[:50])
     with pytest.raises(ValueError, match="top_p"):
         engine.generate([[0]], SamplingParams(top_p=0.5))
