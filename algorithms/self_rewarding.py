@@ -21,8 +21,9 @@ Templates. The judge's template and choices must be encodable by the run's token
 ``template``/``choices`` unset, the English ``PAIRWISE_TEMPLATE`` with choices " A"/" B" is used
 when the tokenizer can encode it, else (the built-in :class:`CharTokenizer`, which has no
 letters) ``DIGIT_TEMPLATE`` ``"{prompt}{a}={b}="`` with choices "1"/"2". A tiny arithmetic model
-is no judge, so on the built-in task self-rewarding runs but does not learn arithmetic; it needs
-a model that can judge, loaded with ``hotloop train`` (``model.path``).
+was never taught to judge, so on the built-in task the verdicts carry no designed meaning (the
+run works end to end, which is what the tests check); self-rewarding is meant for a model that
+can judge, loaded with ``hotloop train`` (``model.path``).
 
 Cost: for m distinct samples of a prompt, m(m − 1)/2 comparisons × 2 orders × 2 choices judge
 forwards (no grad) of about ``len(template) + 2|y|`` tokens, then one DPO step (policy forward +
