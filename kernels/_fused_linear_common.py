@@ -198,7 +198,8 @@ class FusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        # A 0-d fp32 factor keeps the stored dtype and multiplies in fp32 (no bf16 rounding of the factor).
+        scaled = [None if g is None else g * grad_output for g in ctx.saved_tensors]
         return (None, *scaled, None, None, None)
 
 
