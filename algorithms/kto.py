@@ -11,7 +11,8 @@ and a reference point ``z₀``,
 computed by :func:`hotloop.kernels.losses.kto.kto_loss`. ``reference_point="mismatched"`` estimates
 ``z₀ ≈ KL(π ‖ π_ref)`` as TRL does, from mismatched pairs: row ``i``'s prompt with the completion
 of row ``(i + G) mod R`` (the same sample slot of the next prompt's group, G = samples_per_prompt),
-``z₀ = max(mean(log π − log π_ref), 0)``, detached (:func:`~hotloop.kernels.losses.kto.kto_kl_estimate`);
+``z₀ = max(mean(log π − log π_ref), 0)``, detached (:func:`~hotloop.kernels.losses.kto.kto_kl_estimate`;
+with a single prompt per step the shift wraps around to the rows themselves);
 ``"zero"`` uses ``z₀ = 0`` (Liger's default) and skips those rows.
 
 Unlike pairwise DPO, groups whose samples are all right (or all wrong) still train: their rows

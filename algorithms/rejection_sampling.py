@@ -54,7 +54,8 @@ class RejectionSamplingConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt: expected an int >= 1, got {self.samples_per_prompt!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.samples_per_prompt):
+        top_k_ok = isinstance(self.top_k, int) and 1 <= self.top_k <= self.samples_per_prompt
+        if self.top_k is not None and not top_k_ok:
             raise ValueError(f"top_k: expected None or an int in [1, samples_per_prompt = {self.samples_per_prompt}], "
                              f"got {self.top_k!r}")
         if self.min_reward is not None and (not isinstance(self.min_reward, (int, float))
