@@ -53,6 +53,14 @@ class _PairLoss:
     nll_coef: float
     options: dict  # the remaining keyword options of dpo_loss
 
+    @classmethod
+    def of(cls, layout, ref: Tensor | None, **fields) -> _PairLoss:
+        """The pair loss of a checked 2B-sequence layout (lengths and NLL scale from its active tokens)."""
+        lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
+        num_pairs = layout.num_seqs // 2
+        nll_scale = num_pairs / max(float(lengths[:num_pairs].sum()), 1.0)
+        return cls(ref=ref, lengths=lengths, nll_scale=nll_scale, **fields)
+
     def __call__(self, seq_logps: Tensor, pairs: Tensor) -> LossOutput:
         num_pairs = self.lengths.numel() // 2
         s_c, s_r = seq_logps[:, 0], seq_logps[:, 1]
@@ -66,10 +74,20 @@ class _PairLoss:
                              reference_free=self.ref is None, **self.options)  # fmt: skip
 
 
-def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, temperature, ignore_index):
+def _check_batch(layout, loss_type, nll_coef, reference_free, ref_logps, ref_hidden, ref_weight, ref_bias) -> None:
+    if layout.num_seqs % 2:
+        raise ValueError(f"a DPO batch needs 2B sequences (B chosen, then B rejected), got {layout.num_seqs}")
+    if loss_type == "orpo" and (nll_coef != 0 or reference_free):
+        raise ValueError(f"loss_type='orpo' has its own NLL term and no reference; got nll_coef={nll_coef}, "
+                         f"reference_free={reference_free}")  # fmt: skip
+    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias,
+                    needed=not (reference_free or loss_type == "orpo"),
+                    why=f"loss_type={loss_type!r} with reference_free={reference_free}")  # fmt: skip
+
+
+def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts):
     if ref_hidden is not None:
-        return layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, temperature=temperature,
-                                                  ignore_index=ignore_index))  # fmt: skip
+        return layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **opts))
     if ref_logps is not None:
         check_tensor("ref_logps", ref_logps, (layout.num_seqs,))
         return ref_logps.detach().float()
@@ -122,29 +140,16 @@ def fused_linear_dpo_loss(
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("strategy", strategy, STRATEGIES)
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
-    if layout.num_seqs % 2:
-        raise ValueError(f"a DPO batch needs 2B sequences (B chosen, then B rejected), got {layout.num_seqs}")
-    if loss_type == "orpo" and (nll_coef != 0 or reference_free):
-        raise ValueError(f"loss_type='orpo' has its own NLL term and no reference; got nll_coef={nll_coef}, "
-                         f"reference_free={reference_free}")  # fmt: skip
-    free = reference_free or loss_type == "orpo"
-    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias, needed=not free,
-                    why=f"loss_type={loss_type!r} with reference_free={reference_free}")  # fmt: skip
-    num_pairs = layout.num_seqs // 2
-    lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
-    pair_loss = _PairLoss(
-        ref=_reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, temperature, ignore_index),
-        lengths=lengths, nll_scale=num_pairs / max(float(lengths[:num_pairs].sum()), 1.0), loss_type=loss_type,
-        beta=beta, nll_coef=nll_coef,
-        options={} if loss_type == "orpo" else dict(label_smoothing=label_smoothing,
-                                                     length_normalize=length_normalize, gamma=gamma,
-                                                     discopop_tau=discopop_tau),
-    )  # fmt: skip
-    pairs = torch.arange(num_pairs, device=lengths.device)
-    pair_loss(torch.zeros(num_pairs, 2, device=lengths.device), pairs)  # checks every option before any matmul
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
+    _check_batch(layout, loss_type, nll_coef, reference_free, ref_logps, ref_hidden, ref_weight, ref_bias)
+    options = {} if loss_type == "orpo" else dict(label_smoothing=label_smoothing, length_normalize=length_normalize,
+                                                   gamma=gamma, discopop_tau=discopop_tau)  # fmt: skip
+    pair_loss = _PairLoss.of(layout, _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts),
+                             loss_type=loss_type, beta=beta, nll_coef=nll_coef, options=options)  # fmt: skip
+    num_pairs = layout.num_seqs // 2
+    pairs = torch.arange(num_pairs, device=layout.seq_ids.device)
+    pair_loss(torch.zeros(num_pairs, 2, device=pairs.device), pairs)  # checks every option before any matmul
     needs = grads_needed(hidden, weight, bias)
     if any(needs):
         units = torch.stack((pairs, pairs + num_pairs), dim=1)  # pair b = sequences (b, B + b)

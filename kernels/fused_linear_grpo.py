@@ -24,7 +24,7 @@ For dr_grpo pass ``max_completion_length``: its default is ``T`` (the padded len
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -84,10 +84,23 @@ class _TokenGrad:
         return grads[0][local, pos], (grads[1][local, pos] if with_ent else None)
 
 
-def _sequence_groups(layout: Layout) -> list[Tensor]:
-    """Active rows of each sequence (row groups that keep sequences whole)."""
+def _sequence_groups(layout: Layout, whole_rows: bool) -> list[Tensor] | None:
+    """Active rows of each sequence (row groups that keep sequences whole); None when any chunk will do."""
+    if not whole_rows:
+        return None
     order = torch.argsort(layout.seq_ids, stable=True)
     return list(order.split(torch.bincount(layout.seq_ids, minlength=layout.num_seqs).tolist()))
+
+
+def _stats_and_grads(layout: Layout, weight, bias, token_grad: _TokenGrad, needs, lp_opts: dict):
+    """Token stats (with entropy) and, when any input needs one, the gradients from the fused pass."""
+    if not any(needs):
+        return forward_stats(layout, weight, bias, with_entropy=True, **lp_opts), None
+    stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
+                                    None if bias is None else bias.detach(), with_entropy=True,
+                                    token_grad=token_grad, row_groups=_sequence_groups(layout, token_grad.whole_rows),
+                                    needs_grad=needs, **lp_opts)  # fmt: skip
+    return stats, grads
 
 
 def _per_token_input(layout: Layout, name: str, values: Tensor | None) -> Tensor | None:
@@ -142,47 +155,35 @@ def fused_linear_grpo_loss(
             inference engine, or None (on-policy / no sampler correction).
         ref_logp: per-token reference log-probs, or the reference head ``ref_hidden`` (hidden's layout,
             ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad); needed iff ``beta != 0``.
-        max_completion_length, num_items_in_batch, beta, kl_estimator, epsilon_low, epsilon_high, delta,
-            loss_type, importance_sampling_level, sampler_is_cap, entropy_coef, sapo_temperature_pos,
-            sapo_temperature_neg, vespo_shape, use_bias_correction_kl: as
-            :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        max_completion_length, num_items_in_batch, beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type,
+            importance_sampling_level, sampler_is_cap, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
+            vespo_shape, use_bias_correction_kl: as :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
         temperature: logits are divided by it (use the sampling temperature).
 
     Returns:
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
         (masked token means).
     """
-    opts = dict(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-                sapo_temperature_neg=sapo_temperature_neg, vespo_shape=vespo_shape,
-                use_bias_correction_kl=use_bias_correction_kl)  # fmt: skip
+    args = locals()
+    opts = {f.name: args[f.name] for f in fields(_Options)}  # grpo_loss's options, as grpo_loss gathers them
     _Options(**opts)  # checks every option before any matmul
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
+    lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **lp_opts)
     check_tensor("advantages", advantages, (layout.num_seqs,))
     check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
     if sampler_is_cap is not None and sampler_logp is None:
         raise ValueError(f"sampler_is_cap={sampler_is_cap} needs sampler_logp, got None")
-    lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    old, sampler = (_per_token_input(layout, k, v) for k, v in (("old_logp", old_logp), ("sampler_logp", sampler_logp)))
-    ref = _per_token_input(layout, "ref_logp", ref_logp)
+    old, ref, sampler = (_per_token_input(layout, k, v) for k, v in (("old_logp", old_logp), ("ref_logp", ref_logp),
+                                                                       ("sampler_logp", sampler_logp)))  # fmt: skip
     if ref_hidden is not None:
         ref = reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **lp_opts)
     adv, m = advantages.detach().float(), layout.padded_mask()
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
+                            ref=ref, sampler=sampler, options=opts,
+                            whole_rows=importance_sampling_level == "sequence" or loss_type == "vespo")
     needs = grads_needed(hidden, weight, bias)
-    if any(needs):
-        whole_rows = importance_sampling_level == "sequence" or loss_type == "vespo"
-        token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
-                                ref=ref, sampler=sampler, whole_rows=whole_rows, options=opts)  # fmt: skip
-        groups = _sequence_groups(layout) if whole_rows else None
-        stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
-                                        None if bias is None else bias.detach(), with_entropy=True,
-                                        token_grad=token_grad, row_groups=groups, needs_grad=needs,
-                                        **lp_opts)  # fmt: skip
-    else:
-        stats = forward_stats(layout, weight, bias, with_entropy=True, **lp_opts)
+    stats, grads = _stats_and_grads(layout, weight, bias, token_grad, needs, lp_opts)
     pad = (lambda x: None if x is None else layout.to_padded(x))
     with torch.no_grad():
         out = grpo_loss(pad(stats.logp), pad(old), adv, m, ref_logp=pad(ref), sampler_logp=pad(sampler),
