@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 
 from ._dispatch import use_triton
-from .fused_linear_logprob import (
-    _FLOAT_DTYPES, TokenStats, _block_rows, _check_inputs, logprob_fwd, logprob_fwd_bwd,
-)  # fmt: skip
+from ._torch_tiles import block_rows
+from .fused_linear_logprob import _FLOAT_DTYPES, TokenStats, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.segments import segment_ids
@@ -218,7 +217,7 @@ def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: s
         return "grouped"
     rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
     largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
-    fits = largest <= _block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device)
+    fits = largest <= block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device)
     return "grouped" if fits else "two_pass"
 
 

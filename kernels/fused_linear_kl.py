@@ -25,7 +25,7 @@ The gradient is known in the forward, so it is computed there; backward only sca
 gradient (``_fused_linear_common.FusedLossFunction``). Held until backward: grad_hidden [N, D], grad_weight
 [V, D], grad_bias [V] in the input dtype (as Liger's chunked losses); the [N, V] logits of either head never exist.
 
-PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): full-row [C, V] chunks (``_block_rows``), three fp32 blocks
+PyTorch path (CPU, or ``HOTLOOP_BACKEND=torch``): full-row [C, V] chunks (``tiles.block_rows``), three fp32 blocks
 (four for "jsd"): both logits, both log-softmaxes (ATen's fused kernel), the per-row divergence, KL and entropy
 and the unscaled gradient block G; then, with c = per-row weight·s on the [C, D] side, grad_H[rows] = c·(G @ W),
 grad_W += G.T @ (c·H), grad_b += G.T @ c (bf16 GEMM operands for bf16 input, fp32 accumulation, as
@@ -46,9 +46,8 @@ from torch import Tensor, nn
 
 from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
-from .fused_linear_logprob import (
-    _FLOAT_DTYPES, _block_rows, _cast, _grad_gemm_dtype, _linear_into, _logits_into, _scratch, _spans,
-)  # fmt: skip
+from . import _torch_tiles as tiles
+from .fused_linear_logprob import _FLOAT_DTYPES
 from .losses._checks import check_choice
 from .losses.output import LossOutput
 
@@ -139,7 +138,7 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / opts.temperature
     want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
-    gdt = _grad_gemm_dtype(weight.dtype)
+    gdt = tiles.grad_gemm_dtype(weight.dtype)
     w32 = weight.float() if grads else None  # one upcast serves every chunk (fp32 grad_W is accumulated anyway)
     w_g = w32 if gdt == torch.float32 else weight
     div, kl, entropy = (torch.zeros(n, device=dev) for _ in range(3))
@@ -148,19 +147,19 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     gb = torch.zeros(v, device=dev) if want_b else None
     # Full-row chunks as logprob_fwd_bwd's (>= 256 rows at the default budget: the K of the grad_W GEMM), with
     # three such blocks live (four for "jsd").
-    chunk = _block_rows(n, v, dev)
+    chunk = tiles.block_rows(n, v, dev)
     bufs = [*torch.empty(3, chunk * v, device=dev).unbind(0), None]
     if opts.divergence == "jsd":
         bufs[3] = torch.empty(chunk * v, device=dev)
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
-    for r0, r1 in _spans(n, chunk):
-        x, x_ref, lp, t = (None if b is None else _scratch(b, r1 - r0, v) for b in bufs)
+    for r0, r1 in tiles.spans(n, chunk):
+        x, x_ref, lp, t = (None if b is None else tiles.scratch(b, r1 - r0, v) for b in bufs)
         h32 = hidden2d[r0:r1].float()
         if w32 is not None:
-            _linear_into(x, h32, w32, bias)
+            tiles.linear_into(x, h32, w32, bias)
         else:
-            _logits_into(x, h32, weight, bias, 0)
-        _logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
+            tiles.logits_into(x, h32, weight, bias, 0)
+        tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
         _log_softmax_into(lp, x, s)
         lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
         c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, opts)
@@ -168,14 +167,15 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
             dst[r0:r1] = src
         if grads:
             _add_grads(g, h32, row_scale[r0:r1], w_g, slice(r0, r1), gh, gw, gb)
-    return KLStats(div, kl, entropy), _cast(gh, hidden2d.dtype), _cast(gw, weight.dtype), _cast(gb, weight.dtype)
+    grads = tuple(tiles.cast(g, dtype) for g, dtype in ((gh, hidden2d.dtype), (gw, weight.dtype), (gb, weight.dtype)))
+    return (KLStats(div, kl, entropy), *grads)
 
 
 def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice, gh, gw, gb) -> None:
     """grad_H[rows] = diag(c)·g @ W, grad_W += g.T @ diag(c)·H, grad_b += g.T @ c into fp32 accumulators.
 
     g [R, V] fp32 is d/dz unscaled: the row scale c [R] goes on the [R, D] side (and into a GEMV), which saves a
-    pass over the [R, V] block. bf16 inputs: bf16 GEMM operands (``_grad_gemm_dtype``), fp32 accumulation.
+    pass over the [R, V] block. bf16 inputs: bf16 GEMM operands (``tiles.grad_gemm_dtype``), fp32 accumulation.
     """
     g_in = g.to(w.dtype)
     if gh is not None:

@@ -8,20 +8,16 @@ Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t =
 This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
 to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
 
-- Tiles: fp32 [R, Vb], at most ``HOTLOOP_BLOCK_BYTES`` (CPU default 16 MiB: the tile is still in L3
-  when its row pass reads it; CUDA with ``HOTLOOP_BACKEND=torch``: 1/64 of free memory in [32, 256]
-  MiB) and at most 1/4 of the [N, V] logits once those pass 32 MiB. R = N unless that would make
-  Vb < 1024 columns (then row tiles, so GEMMs never turn skinny).
+- Tiles (``_torch_tiles``): fp32 [R, Vb] within ``HOTLOOP_BLOCK_BYTES`` (CPU default 16 MiB). R = N
+  unless that would make Vb < 1024 columns (then row tiles, so GEMMs never turn skinny).
 - Forward: per row tile, vocabulary blocks folded into running fp64 row statistics
-  (``_fold_block_``: max, Σe^{z−m}, Σe^{z−m}(z−m), z_t), then lse, logp, entropy; saved for
+  (``tiles.fold_block_``: max, Σe^{z−m}, Σe^{z−m}(z−m), z_t), then lse, logp, entropy; saved for
   backward: lse, entropy ([N] fp32). One matmul (2·N·V·D FLOPs).
-- Backward: per vocabulary block: recompute, turn into d/dx in place (``_row_grad_``), then
+- Backward: per vocabulary block: recompute, turn into d/dx in place (``tiles.row_grad_``), then
   grad_W[v0:v1] = block.T @ H (K = R, straight into the output), grad_H += block @ W[v0:v1],
   grad_b[v0:v1] = block.sum(0). Three matmuls: four in all (8·N·V·D FLOPs); ``logprob_fwd_bwd``
   needs three (losses whose per-token gradient is known once a group of rows has its log-probs;
   it keeps full-row [C, V] chunks, C >= min(N, 256)).
-- Row passes: csrc/ kernels (``_cpu_ext``) on CPU when built, else a few fp32 torch passes
-  (max-shifted: |logits| ~ 1e4 neither overflows nor cancels).
 - bf16/fp16: logits blocks in fp32 (weight upcast slice by slice); for bf16 the two gradient GEMMs
   take bf16 operands (fp32 accumulation; ~2x faster on CPU, as the Triton path does). Grads
   accumulate in fp32 and return in the input dtype. No atomics: bit-identical run to run.
@@ -29,8 +25,6 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -38,16 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _cpu_ext
+from . import _torch_tiles as tiles
 from ._dispatch import use_triton
 
-_MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES = 32 << 20, 256 << 20
-# CPU: a 16 MiB logits tile stays in a server L3 between its GEMM and its row pass (and keeps the
-# extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of the naive computation's).
-_CPU_BLOCK_BYTES = 16 << 20
-_MIN_BLOCK_COLS = 1024  # narrower vocabulary blocks make skinny GEMMs; taller N is split into row tiles
-# Full-row chunks thinner than this make the grad_W GEMM (K = rows) skinny and re-stream the [V, D]
-# weight and its fp32 gradient once per chunk; they exceed the default budget to stay this tall.
-_MIN_CHUNK_ROWS = 256
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -60,120 +47,6 @@ class TokenStats:
     lse: Tensor  # logsumexp of the temperature-scaled logits
 
 
-def _block_bytes(device: torch.device) -> int:
-    """Byte budget of one fp32 tile: ``HOTLOOP_BLOCK_BYTES`` if set; CPU 16 MiB; CUDA 1/64 of free memory in [32, 256] MiB."""
-    if "HOTLOOP_BLOCK_BYTES" in os.environ:
-        return max(4, int(os.environ["HOTLOOP_BLOCK_BYTES"]))
-    if device.type != "cuda":
-        return _CPU_BLOCK_BYTES
-    return min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, torch.cuda.mem_get_info(device)[0] // 64))
-
-
-def _block_elements(n: int, v: int, device: torch.device) -> int:
-    """fp32 elements per tile: within the budget, and at most 1/4 of the [N, V] logits once they pass 32 MiB."""
-    return max(1, min(_block_bytes(device), max(_MIN_BLOCK_BYTES, n * v)) // 4)
-
-
-def _block_rows(n: int, v: int, device: torch.device) -> int:
-    """Rows C of a full-row [C, V] chunk (``logprob_fwd_bwd``): the budget's; with the default budget >= min(N, 256)."""
-    rows = _block_elements(n, v, device) // max(v, 1)
-    if "HOTLOOP_BLOCK_BYTES" not in os.environ:  # an explicit budget is a hard cap
-        rows = max(rows, _MIN_CHUNK_ROWS)
-    return max(1, min(n, rows))
-
-
-def _block_shape(n: int, v: int, device: torch.device) -> tuple[int, int]:
-    """(R, Vb) of the [R, Vb] tiles of the vocabulary-blocked passes.
-
-    All N rows while that leaves Vb >= min(_MIN_BLOCK_COLS, elements / 16); taller inputs are split into row tiles.
-    """
-    elements = _block_elements(n, v, device)
-    cols = min(v, max(min(_MIN_BLOCK_COLS, max(1, elements // 16)), elements // max(n, 1)))
-    return max(1, min(n, elements // cols)), cols
-
-
-def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges covering [0, total)
-    return ((a, min(total, a + step)) for a in range(0, total, step))
-
-
-def _fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperature: float, state: Tensor) -> None:
-    """Fold block [R, Vb] fp32 (columns vocab_start.. of the rows) into the running state [4, R] float64.
-
-    The state (``_cpu_ext.new_row_state``: max m, S = Σe^{z−m}, T = Σe^{z−m}(z−m), z_t) is merged
-    block by block, so a row may be swept in vocabulary blocks; ``_cpu_ext.finish_row_state``
-    turns it into (lse, logp, entropy). Native kernel on CPU when built, else torch ops.
-    """
-    if block.device.type == "cpu" and _cpu_ext.available():
-        _cpu_ext.row_stats_fold_(block, targets, vocab_start=vocab_start, inv_temperature=inv_temperature,
-                                 state=state)  # fmt: skip
-        return
-    m, total, shifted, target_logit = state.unbind(0)
-    s = inv_temperature
-    new_m = torch.maximum(m, block.amax(dim=1).double() * s)
-    seen = total > 0  # S' = S e^{m−m'}, T' = e^{m−m'}(T + (m−m')S); nothing to rescale before the first column
-    shift = torch.where(seen, m - new_m, 0.0)
-    shifted.copy_(torch.where(seen, torch.exp(shift) * (shifted + shift * total), 0.0))
-    total.mul_(torch.exp(shift))
-    m.copy_(new_m)
-    d = block.mul(s).sub_(torch.where(new_m > -math.inf, new_m, 0.0).float().unsqueeze(1))  # z − m' <= 0
-    e = torch.exp(d)
-    total.add_(e.sum(dim=1, dtype=torch.float64))
-    shifted.add_(d.mul_(e).nan_to_num_(nan=0.0).sum(dim=1, dtype=torch.float64))  # e·d → 0 where z = −inf
-    col = targets - vocab_start
-    hit = (col >= 0) & (col < block.shape[1])
-    picked = block.gather(1, col.clamp(0, block.shape[1] - 1).unsqueeze(1)).squeeze(1).double() * s
-    target_logit.copy_(torch.where(hit, picked, target_logit))
-
-
-def _row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int):
-    """(lse, logp, entropy), each [R] fp32, of whole rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
-    state = _cpu_ext.new_row_state(logits.shape[0], logits.device)
-    _fold_block_(logits, targets, 0, inv_temperature, state)
-    return _cpu_ext.finish_row_state(state, targets, ignore_index)
-
-
-def _row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
-    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit."""
-    if block.device.type == "cpu" and _cpu_ext.available():
-        _cpu_ext.row_grad_(block, targets, vocab_start=vocab_start, lse=lse, entropy=entropy, grad_logp=grad_logp,
-                           grad_entropy=grad_entropy, inv_temperature=inv_temperature, ignore_index=ignore_index)
-        return
-    s, keep = inv_temperature, targets != ignore_index
-    g_lp = torch.where(keep, grad_logp, 0.0)
-    log_p = block.mul_(s).sub_(lse.unsqueeze(1))  # log p_j, in place
-    if grad_entropy is None:
-        log_p.exp_().mul_((-s * g_lp).unsqueeze(1))
-    else:  # -s·p·[g_lp + g_ent·H + g_ent·log p]
-        g_ent = torch.where(keep, grad_entropy, 0.0)
-        p = torch.exp(log_p)
-        log_p.mul_(g_ent.unsqueeze(1)).add_((g_lp + g_ent * entropy).unsqueeze(1)).mul_(p).mul_(-s)
-    col = targets - vocab_start
-    hit = keep & (col >= 0) & (col < block.shape[1])
-    col = torch.where(hit, col, 0).unsqueeze(1)
-    block.scatter_add_(1, col, torch.where(hit, s * g_lp, 0.0).unsqueeze(1))
-
-
-def _linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor | None) -> None:
-    """out [R, Vb] fp32 ← hidden32 [R, D] @ weight32 [Vb, D].T (+ bias [Vb], upcast), no extra copy."""
-    if bias is None:
-        torch.mm(hidden32, weight32.T, out=out)
-    else:
-        torch.addmm(bias.float(), hidden32, weight32.T, out=out)
-
-
-def _logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int) -> None:
-    """out [R, Vb] fp32 ← hidden32 @ weight[v0:v0+Vb].T + bias; a low-precision weight is upcast in slices."""
-    d = weight.shape[1]
-    step = out.shape[1] if weight.dtype == torch.float32 else max(1, _block_bytes(out.device) // (4 * max(d, 1)))
-    for c0, c1 in _spans(out.shape[1], step):
-        cols = slice(vocab_start + c0, vocab_start + c1)
-        _linear_into(out[:, c0:c1], hidden32, weight[cols].float(), None if bias is None else bias[cols])
-
-
-def _scratch(buf: Tensor, rows: int, cols: int) -> Tensor:  # contiguous [rows, cols] view of a flat buffer
-    return buf[: rows * cols].view(rows, cols)
-
-
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
     """Per-row logp, entropy and lse [N] fp32 by [R, Vb] tiles folded into running row statistics."""
     if use_triton(hidden2d.device):
@@ -183,14 +56,14 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
                                   ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
     (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
     lse, logp, entropy = torch.empty(3, n, device=dev).unbind(0)
-    rows, cols = _block_shape(n, v, dev)
+    rows, cols = tiles.block_shape(n, v, dev)
     buf = torch.empty(rows * cols, device=dev)
-    for r0, r1 in _spans(n, rows):
+    for r0, r1 in tiles.spans(n, rows):
         h32, t, state = hidden2d[r0:r1].float(), targets[r0:r1], _cpu_ext.new_row_state(r1 - r0, dev)
-        for v0, v1 in _spans(v, cols):
-            block = _scratch(buf, r1 - r0, v1 - v0)
-            _logits_into(block, h32, weight, bias, v0)
-            _fold_block_(block, t, v0, 1.0 / temperature, state)
+        for v0, v1 in tiles.spans(v, cols):
+            block = tiles.scratch(buf, r1 - r0, v1 - v0)
+            tiles.logits_into(block, h32, weight, bias, v0)
+            tiles.fold_block_(block, t, v0, 1.0 / temperature, state)
         for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
             dst[r0:r1] = src
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
@@ -212,27 +85,27 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
     targets, grad_logp = targets.contiguous(), grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     entropy = stats.entropy if grad_entropy is not None else None
-    gdt = _grad_gemm_dtype(weight.dtype)
+    gdt = tiles.grad_gemm_dtype(weight.dtype)
     h32, h_g = hidden2d.float(), hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
-    rows, cols = _block_shape(n, v, dev)
+    rows, cols = tiles.block_shape(n, v, dev)
     buf = torch.empty(rows * cols, device=dev)
     gbuf = torch.empty(rows * cols, device=dev, dtype=gdt) if gdt != torch.float32 else None
-    for v0, v1 in _spans(v, cols):
+    for v0, v1 in tiles.spans(v, cols):
         w32 = weight[v0:v1].float()
         w_g = w32 if gdt == torch.float32 else weight[v0:v1]
         # grad_W[v0:v1] sums over row tiles: straight into an fp32 grad_W, else into an fp32 scratch
         gw_acc = None if gw is None else gw[v0:v1] if gw.dtype == torch.float32 else torch.empty(v1 - v0, d, device=dev)
-        for r0, r1 in _spans(n, rows):
-            block = _scratch(buf, r1 - r0, v1 - v0)
-            _linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
-            _row_grad_(block, targets[r0:r1], v0, stats.lse[r0:r1], _rows_of(entropy, r0, r1), grad_logp[r0:r1],
+        for r0, r1 in tiles.spans(n, rows):
+            block = tiles.scratch(buf, r1 - r0, v1 - v0)
+            tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
+            tiles.row_grad_(block, targets[r0:r1], v0, stats.lse[r0:r1], _rows_of(entropy, r0, r1), grad_logp[r0:r1],
                        _rows_of(grad_entropy, r0, r1), 1.0 / temperature, ignore_index)  # fmt: skip
             if gb is not None:
                 gb[v0:v1] += block.sum(dim=0)
-            g = block if gbuf is None else _scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
+            g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
             if gw_acc is not None and r0 == 0:
                 gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(g.T, h_g[r0:r1], out=gw_acc)
             elif gw_acc is not None:
@@ -243,31 +116,18 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
                 gh[r0:r1].add_(torch.mm(g, w_g))
         if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
             gw[v0:v1].copy_(gw_acc)
-    return _cast(gh, hidden2d.dtype), gw, _cast(gb, weight.dtype)
+    return tiles.cast(gh, hidden2d.dtype), gw, tiles.cast(gb, weight.dtype)
 
 
 def _rows_of(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
     return None if t is None else t[r0:r1]
 
 
-def _grad_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Operand dtype of the two gradient GEMMs (fp32 accumulation inside either way).
-
-    bf16 GEMMs run ~2x faster than fp32 on CPUs with AVX512-BF16/AMX and match the Triton path
-    (gradient block in the input dtype); CPU fp16 GEMMs are ~50x slower, so fp16 uses fp32.
-    """
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
 def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iterator[tuple[Tensor, slice | None]]:
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
-    chunk = _block_rows(n, v, device)
+    chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
-        for r0, r1 in _spans(n, chunk):
+        for r0, r1 in tiles.spans(n, chunk):
             yield torch.arange(r0, r1, device=device), slice(r0, r1)
         return
     pending, size = [], 0
@@ -293,43 +153,31 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
                                with_entropy=with_entropy, token_grad=token_grad, row_groups=row_groups,
                                needs_grad=needs_grad)  # fmt: skip
     (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
-    gdt, targets = _grad_gemm_dtype(weight.dtype), targets.contiguous()
+    gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
     lse, logp, entropy = torch.zeros(3, n, device=dev).unbind(0)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
-    buf = torch.empty(_block_rows(n, v, dev) * v, device=dev)
+    buf = torch.empty(tiles.block_rows(n, v, dev) * v, device=dev)
     for rows, span in _row_chunks(n, v, row_groups, dev):
         h = hidden2d[span] if span is not None else hidden2d.index_select(0, rows)
         t = targets[span] if span is not None else targets.index_select(0, rows)
         r = rows.numel()
-        block = _scratch(buf, r, v) if r * v <= buf.numel() else torch.empty(r, v, device=dev)
-        _linear_into(block, h.float(), w32, bias)
-        c_lse, c_logp, c_ent = _row_stats(block, t, s, ignore_index)
+        block = tiles.scratch(buf, r, v) if r * v <= buf.numel() else torch.empty(r, v, device=dev)
+        tiles.linear_into(block, h.float(), w32, bias)
+        c_lse, c_logp, c_ent = tiles.row_stats(block, t, s, ignore_index)
         for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
             dst.index_copy_(0, rows, src)
         g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
         g_ent = None if g_ent is None else g_ent.detach().float().contiguous()
-        _row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
+        tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
         if gb is not None:
             gb.add_(block.sum(dim=0))
-        _add_row_grads(block.to(gdt), h.to(gdt), w_g, rows, span, gh, gw)
+        tiles.add_row_grads(block.to(gdt), h.to(gdt), w_g, rows, span, gh, gw)
     stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
-    return stats, _cast(gh, hidden2d.dtype), _cast(gw, weight.dtype), _cast(gb, weight.dtype)
-
-
-def _add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw) -> None:
-    """grad_H[rows] = g @ w and grad_W += g.T @ h into fp32 [N, D] / [V, D] (g [R, V], h [R, D], w [V, D])."""
-    if gh is not None and span is not None and g.dtype == gh.dtype:
-        torch.mm(g, w, out=gh[span])
-    elif gh is not None:
-        gh.index_copy_(0, rows, torch.mm(g, w).to(gh.dtype))
-    if gw is not None and g.dtype == gw.dtype:
-        gw.addmm_(g.T, h)
-    elif gw is not None:
-        gw.add_(torch.mm(g.T, h))
+    return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
 
 def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad,

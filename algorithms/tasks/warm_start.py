@@ -6,9 +6,8 @@ model sees the teacher's error *rate*, not one fixed wrong answer per prompt), a
     L = − Σ_{completion tokens t} log p(y_t | y_<t) / #completion tokens,
 
 over ``bos · prompt · completion · eos`` with the prompt masked out of the loss. The loss is
-computed from the decoder's hidden states and the ``lm_head`` weight by :func:`_token_logprob`,
-the one place that chooses between hotloop's fused kernel (``hotloop.kernels.fused_linear_logprob``,
-which never materialises the ``[N, V]`` logits) and an eager ``log_softmax`` fallback.
+computed from the decoder's hidden states and the ``lm_head`` weight by hotloop's fused kernel
+(``hotloop.kernels.fused_linear_logprob``, which never materialises the ``[N, V]`` logits).
 
 The result is saved with ``save_pretrained`` (safetensors) next to the tokenizer and a
 ``warm_start.json`` of every setting; a later call with the same settings loads it instead of
@@ -24,36 +23,16 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
+from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 
 IGNORE_INDEX = -100
 _SETTINGS_FILE = "warm_start.json"
 _WARMUP_FRACTION = 0.05
-
-
-def _token_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per row, 0 where ``targets == IGNORE_INDEX``.
-
-    Args:
-        hidden: [N, D] float32. weight: [V, D] (the ``lm_head`` weight). targets: [N] int64.
-    Returns:
-        [N] float32.
-    """
-    try:
-        from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
-    except ImportError:  # the fused kernel is optional: fall back to eager logits
-        fused_linear_logprob = None
-    if fused_linear_logprob is not None:
-        return fused_linear_logprob(hidden, weight, targets, ignore_index=IGNORE_INDEX)
-    logits = (hidden @ weight.T).float()
-    keep = targets != IGNORE_INDEX
-    logp = logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[:, None])[:, 0]
-    return torch.where(keep, logp, torch.zeros_like(logp))
 
 
 def sft_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -67,7 +46,8 @@ def sft_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     """
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
-    logp = _token_logprob(hidden[:, :-1].reshape(targets.numel(), -1), model.lm_head.weight, targets)
+    logp = fused_linear_logprob(hidden[:, :-1].reshape(targets.numel(), -1), model.lm_head.weight, targets,
+                                ignore_index=IGNORE_INDEX)
     return -logp.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
