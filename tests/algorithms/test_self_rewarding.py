@@ -94,12 +94,14 @@ def test_tiny_policy_judges_its_own_samples_with_the_digit_template_and_the_dpo_
     batch = algo.build_batch(PROBLEMS, prompts, completions, torch.zeros(8))
     assert model.training   # judged in eval mode, mode restored
     judge, texts, expected = LLMJudge(model, TOK, template=DIGIT_TEMPLATE, choices=("1", "2")), [], []
-    for p, problem in enumerate(PROBLEMS):   # the round robin again, one judge call per ordered pair of texts
-        group = [TOK.decode(c.token_ids) for c in completions[4 * p: 4 * p + 4]]
-        distinct = list(dict.fromkeys(group))
-        score = {t: sum(judge.prefer(problem, t, u) for u in distinct if u != t) / max(1, len(distinct) - 1)
-                 for t in distinct}
-        best, worst = max(distinct, key=score.get), min(distinct, key=score.get)
+    distinct = [list(dict.fromkeys(TOK.decode(c.token_ids) for c in completions[4 * p: 4 * p + 4])) for p in (0, 1)]
+    ordered = [(p, t, u) for p in (0, 1) for t in distinct[p] for u in distinct[p] if u != t]
+    prefer = judge.prefer_batch([PROBLEMS[p] for p, _, _ in ordered], [t for _, t, _ in ordered],
+                                [u for _, _, u in ordered]).tolist()   # every ordered pair, asked directly
+    for p, group in enumerate(distinct):   # the round robin again: mean win probability against the others
+        wins = {t: [x for (q, a, _), x in zip(ordered, prefer) if (q, a) == (p, t)] for t in group}
+        score = {t: sum(w) / len(w) if w else 0.5 for t, w in wins.items()}
+        best, worst = max(group, key=score.get), min(group, key=score.get)
         if score[best] > score[worst]:
             texts += [best, worst]
             expected += [score[best], score[worst]]
