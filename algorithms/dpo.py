@@ -96,12 +96,12 @@ def best_worst_pairs(rewards: torch.Tensor, groups: list[list[int]], pairs_per_g
 
     Ties keep sampling order, so the result is deterministic; groups with one reward value give none.
     """
-    pairs = []
+    values, pairs = rewards.tolist(), []  # one host copy, not one per element
     for group in groups:
-        order = sorted(group, key=lambda i: -float(rewards[i]))
+        order = sorted(group, key=lambda i: -values[i])
         for i in range(min(pairs_per_group, len(order) // 2)):
             best, worst = order[i], order[-1 - i]
-            if float(rewards[best]) > float(rewards[worst]):
+            if values[best] > values[worst]:
                 pairs.append((best, worst))
     return pairs
 

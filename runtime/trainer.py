@@ -161,7 +161,7 @@ class Trainer:
 
         Returns:
             ``loss`` (mean over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by this
-            step), ``version`` (after it) and the mean of each metric the loss returned.
+            step) and the mean of each metric the loss returned; ``self.version`` is then one higher.
         """
         k = self.config.grad_accum_steps
         if len(micro_batches) != k:
@@ -182,7 +182,7 @@ class Trainer:
         self.scheduler.step()
         # one host sync per step, after the optimizer has been queued
         metrics = {name: value.item() for name, value in totals.items()}
-        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "version": float(self.version)}
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
 
     def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
              extra_models: dict[str, nn.Module] | None = None, keep: int = 3) -> Path:
