@@ -41,6 +41,13 @@ from .losses.output import LossOutput
 LOSS_TYPES = (*_dpo.LOSS_TYPES, "orpo")
 
 
+@dataclass
+class DPOOutput(LossOutput):
+    """``LossOutput`` plus ``seq_logps``: the detached float32 ``[2B]`` policy sequence log-probs (chosen first)."""
+
+    seq_logps: Tensor | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class _PairLoss:
     """The functional DPO-family loss of a subset of pairs, from their sequence log-probs ``[k, 2]``."""
@@ -117,7 +124,7 @@ def fused_linear_dpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     strategy: str = "auto",
-) -> LossOutput:
+) -> DPOOutput:
     """DPO-family loss of ``B`` preference pairs from hidden states and the LM head.
 
     Args:
@@ -136,7 +143,8 @@ def fused_linear_dpo_loss(
     Returns:
         ``LossOutput``: scalar loss (differentiable w.r.t. hidden, weight, bias) and the metrics of the functional
         loss: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``, ``nll_loss``
-        (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO).
+        (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO); a ``DPOOutput`` whose ``seq_logps``
+        are the ``[2B]`` sequence log-probs behind them.
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("strategy", strategy, STRATEGIES)
@@ -162,9 +170,10 @@ def fused_linear_dpo_loss(
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
-        out = float32_output(pair_loss(layout.seq_sum(stats.logp).double().view(2, num_pairs).T, pairs))
+        seq_logps = layout.seq_sum(stats.logp)
+        out = float32_output(pair_loss(seq_logps.double().view(2, num_pairs).T, pairs))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
-    return LossOutput(loss, out.metrics)
+    return DPOOutput(loss, out.metrics, seq_logps=seq_logps)
 
 
 class FusedLinearDPOLoss(nn.Module):
@@ -183,7 +192,7 @@ class FusedLinearDPOLoss(nn.Module):
                             ignore_index=ignore_index, strategy=strategy)  # fmt: skip
 
     def forward(self, hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
-                ref_hidden=None, ref_weight=None, ref_bias=None) -> LossOutput:  # fmt: skip
+                ref_hidden=None, ref_weight=None, ref_bias=None) -> DPOOutput:  # fmt: skip
         return fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens,
                                      ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                      ref_bias=ref_bias, **self.options)  # fmt: skip
