@@ -142,7 +142,7 @@ def test_run_compare_refuses_unknown_experiments_and_empty_seeds(tmp_path):
 
 def test_compare_all_writes_summary_tables_and_plots(tmp_path):
     tiny_bandit = bandit.BanditConfig(steps=4, eval_every=2)
-    arithmetic = ArithmeticConfig(steps=2, eval_every=1, eval_problems=8, semi_online_sync=2, more_sync_periods=(),
+    arithmetic = ArithmeticConfig(steps=2, eval_every=1, eval_problems=8, semi_online_syncs=(2,),
                                   overrides=("model.warm_start_steps=20", f"model.cache_dir={tmp_path / 'cache'}",
                                              "loop.prompts_per_step=4", "dpo.samples_per_prompt=4",
                                              "dpo.pairs_per_prompt=1", "grpo.samples_per_prompt=4"))
