@@ -242,7 +242,7 @@ def _headline(ax, entries: list[dict], variants: list, seeds: list[int]) -> None
     labels, means, lows, highs = [], [], [], []
     for label, _, s in variants:
         mean, lo, hi = report.stats(100 * e["value"] for e in report.select(entries, algorithm=label, sync_every=_s(s)))
-        labels.append(f"{label.replace(' DPO', chr(10) + 'DPO')}\ns = {_s(s)}")
+        labels.append(f"{label.replace('semi-online', 'semi').replace(' DPO', chr(10) + 'DPO')}\ns = {_s(s)}")
         means, lows, highs = means + [mean], lows + [mean - lo], highs + [hi - mean]
     sft = 100 * entries[0]["sft_accuracy"]
     ax.bar(range(len(labels)), means, yerr=[lows, highs], capsize=3, color="tab:blue")
