@@ -27,8 +27,8 @@ def test_losses_bench_runs_every_implementation_end_to_end_on_a_tiny_size(tmp_pa
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(paths["json"].read_text())
     rows = {(r["impl"], r["mode"]): r for r in data["rows"]}
-    expected = {"dpo": ["floor", "naive", "hotloop grouped", "hotloop two_pass", "hotloop cached-ref", "liger", "compat"],
-                "grpo": ["floor", "naive", "hotloop", "liger", "compat"]}
+    expected = {"dpo": ["floor", "naive", "hotloop grouped", "hotloop two_pass", "hotloop cached-ref", "liger",
+                        "compat"], "grpo": ["floor", "naive", "hotloop", "liger", "compat"]}
     assert set(rows) == {(impl, losses.MODES[loss]) for loss, impls in expected.items() for impl in impls}
     for (impl, mode), row in rows.items():
         assert row["status"] == "ok" and row["median_ms"] > 0, (impl, mode, row["status"])

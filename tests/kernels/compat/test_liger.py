@@ -17,8 +17,8 @@ chunked = pytest.importorskip("liger_kernel.chunked_loss")
 
 B, T, D, V = 2, 7, 12, 37  # pairs (DPO family) / sequences (KTO: 2B, GRPO: 2B), tokens, hidden, vocabulary
 IGNORE = -100
-# Two fp32 implementations, each within 1e-5 of float64, differ by up to about twice that.
-VS_LIGER = 2e-5
+# Two implementations, each within the dtype's tolerance of float64 (fp32 1e-5, bf16 1e-2), differ by up to twice it.
+VS_LIGER = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 CLASSES = ("DPO", "CPO", "ORPO", "SimPO", "KTO", "GRPO", "JSD")
 
 
@@ -30,10 +30,10 @@ def _torch_backend(monkeypatch):
         yield
 
 
-def _head(rows, bias=True, grad=True):
+def _head(rows, bias=True, grad=True, dtype=torch.float32):
     """(hidden [*rows, D], weight [V, D], bias [V] | None), logits of order 1."""
-    hidden, weight = torch.randn(*rows, D), torch.randn(V, D) / D**0.5
-    b = torch.randn(V) if bias else None
+    hidden, weight = torch.randn(*rows, D).to(dtype), (torch.randn(V, D) / D**0.5).to(dtype)
+    b = torch.randn(V).to(dtype) if bias else None
     return [x if x is None or not grad else x.requires_grad_(True) for x in (hidden, weight, b)]
 
 
@@ -65,8 +65,8 @@ def _run(module, args, kwargs, upstream):
     return out, grads
 
 
-def _assert_same(name, ctor, args, kwargs=None, ours_ctor=None):
-    """Our class and Liger's: same return structure, every element and every gradient within VS_LIGER."""
+def _assert_same(name, ctor, args, kwargs=None, ours_ctor=None, dtype=torch.float32):
+    """Our class and Liger's: same return structure, every element and every gradient within VS_LIGER[dtype]."""
     upstream = 0.5 + torch.rand(())
     theirs, their_grads = _run(getattr(chunked, f"LigerFusedLinear{name}Loss")(compiled=False, **ctor), args,
                                kwargs or {}, upstream)  # fmt: skip
@@ -80,18 +80,18 @@ def _assert_same(name, ctor, args, kwargs=None, ours_ctor=None):
         assert o.shape == t.shape and o.dtype == torch.float32, f"output {i}: {o.shape}/{o.dtype} vs {t.shape}"
         assert i == 0 or not o.requires_grad, f"aux output {i} is not detached"
         err = _error(o, t)
-        assert err <= VS_LIGER, f"output {i}: error {err:.2e} vs Liger ({o} vs {t})"
+        assert err <= VS_LIGER[dtype], f"output {i}: error {err:.2e} vs Liger ({o} vs {t})"
     for which, g, r in zip(("input", "weight", "bias"), our_grads, their_grads):
         err = relative_error(g, r)
-        assert err <= VS_LIGER, f"grad {which}: relative error {err:.2e} vs Liger"
+        assert g.dtype == r.dtype == dtype and err <= VS_LIGER[dtype], f"grad {which}: {g.dtype} error {err:.1e}"
     return ours
 
 
-def _pair_args(bias=True, ref=True):
+def _pair_args(bias=True, ref=True, dtype=torch.float32):
     """Liger's preference call: (lin_weight, _input, target, bias[, ref_input, ref_weight, ref_bias])."""
-    hidden, weight, b = _head((2 * B, T), bias)
+    hidden, weight, b = _head((2 * B, T), bias, dtype=dtype)
     args = [weight, hidden, _targets((2 * B, T)), b]
-    return args + _head((2 * B, T), grad=False) if ref else args
+    return args + _head((2 * B, T), grad=False, dtype=dtype) if ref else args
 
 
 SMOOTHING = {"exo_pair": 0.1, "robust": 0.2}
@@ -141,10 +141,10 @@ def test_kto_matches_liger(use_ref_model):
     _assert_same("KTO", dict(use_ref_model=use_ref_model, beta=0.2), _kto_args())
 
 
-def _grpo_args(*, ref_head=False, ratio=None, old=True, padding=True, bias=True):
+def _grpo_args(*, ref_head=False, ratio=None, old=True, padding=True, bias=True, dtype=torch.float32):
     """Liger's GRPO call: (_input, lin_weight, ids, attention_mask, advantages, bias, ref_logps, old_logps, ref head,
     vllm_is_ratio); cached log-probs near the policy's, so that some ratios clip."""
-    hidden, weight, b = _head((2 * B, T), bias)
+    hidden, weight, b = _head((2 * B, T), bias, dtype=dtype)
     ids, mask = torch.randint(0, V, (2 * B, T)), torch.ones(2 * B, T, dtype=torch.long)
     if padding:
         mask[0, -2:], mask[2, -5:] = 0, 0
@@ -155,7 +155,7 @@ def _grpo_args(*, ref_head=False, ratio=None, old=True, padding=True, bias=True)
     vllm = None if ratio is None else torch.rand(shapes[ratio]) + 0.5
     if ratio == "[B, T]":
         vllm[mask == 0] = 1.0  # Liger sums vespo's log ratios over padding too
-    head = _head((2 * B, T), grad=False) if ref_head else [None] * 3
+    head = _head((2 * B, T), grad=False, dtype=dtype) if ref_head else [None] * 3
     return [hidden, weight, ids, mask, torch.randn(2 * B), b, None if ref_head else ref_logp,
             old_logp if old else None, *head, vllm]  # fmt: skip
 
@@ -185,6 +185,12 @@ GRPO_CASES = {
 def test_grpo_matches_liger_with_options(case):
     ctor, args = GRPO_CASES[case]
     _assert_same("GRPO", ctor, _grpo_args(**args))
+
+
+def test_bf16_dpo_and_grpo_match_liger_at_bf16_tolerance():
+    _assert_same("DPO", dict(compute_nll_loss=True), _pair_args(dtype=torch.bfloat16), dtype=torch.bfloat16)
+    # on-policy: Liger rounds bf16 logits to bf16, so an off-policy ratio near a clip edge may flip either way
+    _assert_same("GRPO", {}, _grpo_args(ref_head=True, old=False, dtype=torch.bfloat16), dtype=torch.bfloat16)
 
 
 def _jsd_args(teacher_v=V, teacher_d=D):
