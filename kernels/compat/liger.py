@@ -229,16 +229,18 @@ class LigerFusedLinearKTOLoss(nn.Module):
                 ref_bias=None, kl=None, *, ref_logps=None):  # fmt: skip
         if preference_labels is None:
             raise ValueError("preference_labels [B] bool is required (True = desirable), got None")
-        if kl is not None and torch.as_tensor(kl).numel() != 1:
-            raise ValueError(f"kl must be a float or a one-element tensor, got shape {tuple(kl.shape)}")
+        z0 = None if kl is None else torch.as_tensor(kl, dtype=torch.float32)
+        if z0 is not None and z0.numel() != 1:
+            raise ValueError(f"kl must be a float or a one-element tensor, got shape {tuple(z0.shape)}")
+        if ref_logps is not None and not self.use_ref_model:
+            raise ValueError("use_ref_model=False takes no ref_logps, got a tensor")
         reference = dict(ref_logps=torch.zeros(target.shape[0], device=target.device))  # Liger: no model, ref = 0
         if self.use_ref_model and ref_logps is not None:
             reference = dict(ref_logps=ref_logps)
         elif self.use_ref_model:
             reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-        z0 = None if kl is None else torch.as_tensor(kl, dtype=torch.float32).reshape(())
         out = fused_linear_kto_loss(_input, lin_weight, target, preference_labels, bias, beta=self.beta,
-                                    kl_ref_point=z0, ignore_index=self.ignore_index, strategy=self.strategy,
+                                    kl_ref_point=None if z0 is None else z0.reshape(()), ignore_index=self.ignore_index, strategy=self.strategy,
                                     **reference)  # fmt: skip
         m = out.metrics
         sums = _logits_sums(_input, lin_weight, bias, torch.stack((preference_labels, ~preference_labels)))

@@ -315,6 +315,8 @@ def test_unsupported_or_missing_arguments_raise_naming_them():
         compat.LigerFusedLinearKTOLoss()(hidden, weight, target, bias, labels, kl=torch.zeros(2 * B))
     with pytest.raises(ValueError, match="preference_labels"):
         compat.LigerFusedLinearKTOLoss()(hidden, weight, target, bias)
+    with pytest.raises(ValueError, match="use_ref_model=False"):
+        compat.LigerFusedLinearKTOLoss()(hidden, weight, target, bias, labels, ref_logps=torch.zeros(2 * B))
     args = _grpo_args(ratio="[B]")
     args[-1] = torch.ones(3)
     with pytest.raises(ValueError, match="vllm_is_ratio"):
