@@ -26,8 +26,7 @@ Host syncs: layout and argument checks read a few scalars (active-row count, ``c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -272,26 +271,6 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
     stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups,
                                     **opts)  # fmt: skip
     return stats, tuple(grads)
-
-
-@contextmanager
-def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run B-sized loss math on one intra-op thread when ``device`` is the CPU.
-
-    ATen's CPU ``log_sigmoid`` (DPO's ``F.logsigmoid``) splits even a 2-element tensor across threads (grain size 1):
-    after the big GEMMs the OpenMP pool is asleep, and waking it costs up to milliseconds per call on a busy machine,
-    more than the loss math itself. ``torch.set_num_threads`` is process-wide: another Python thread's ops in this
-    window run on one thread too.
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def float32_output(out: LossOutput) -> LossOutput:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._fused_linear_common import (
     STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, make_layout,
-    one_thread_on_cpu, reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
+    reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
@@ -69,10 +69,6 @@ class _PairLoss:
         return cls(ref=ref, lengths=lengths, nll_scale=nll_scale, **fields)
 
     def __call__(self, seq_logps: Tensor, pairs: Tensor) -> LossOutput:
-        with one_thread_on_cpu(seq_logps.device):  # [k]-sized math: see one_thread_on_cpu
-            return self._loss(seq_logps, pairs)
-
-    def _loss(self, seq_logps: Tensor, pairs: Tensor) -> LossOutput:
         num_pairs = self.lengths.numel() // 2
         s_c, s_r = seq_logps[:, 0], seq_logps[:, 1]
         lengths = dict(chosen_lengths=self.lengths[pairs], rejected_lengths=self.lengths[pairs + num_pairs])

@@ -41,24 +41,30 @@ LOSS_TYPES = (
 )  # fmt: skip
 
 
+def _log_sigmoid(x: Tensor) -> Tensor:
+    """log σ(x) as −softplus(−x): ATen's CPU ``log_sigmoid`` splits even a [B] tensor across threads (grain size 1),
+    and waking the sleeping OpenMP pool after the big GEMMs costs milliseconds on a busy machine."""
+    return -F.softplus(-x)
+
+
 def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps: float, gamma: float, tau: float):
     z = beta * (rho_c - rho_r) - gamma
     if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        return -(1 - eps) * _log_sigmoid(z) - eps * _log_sigmoid(-z)
     if loss_type == "hinge":
         return torch.relu(1 - z)
     if loss_type == "ipo":
         return (rho_c - rho_r - 1 / (2 * beta)) ** 2
     if loss_type == "exo_pair":
         log_pw, log_pl = math.log1p(-eps), math.log(eps)
-        return torch.sigmoid(z) * (F.logsigmoid(z) - log_pw) + torch.sigmoid(-z) * (F.logsigmoid(-z) - log_pl)
+        return torch.sigmoid(z) * (_log_sigmoid(z) - log_pw) + torch.sigmoid(-z) * (_log_sigmoid(-z) - log_pl)
     if loss_type == "nca_pair":
         wc, wr = beta * rho_c, beta * rho_r
-        return -F.logsigmoid(wc) - 0.5 * F.logsigmoid(-wc) - 0.5 * F.logsigmoid(-wr)
+        return -_log_sigmoid(wc) - 0.5 * _log_sigmoid(-wc) - 0.5 * _log_sigmoid(-wr)
     if loss_type == "robust":
-        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        return (-(1 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1 - 2 * eps)
     if loss_type == "bco_pair":
-        return -F.logsigmoid(beta * rho_c) - F.logsigmoid(-beta * rho_r)
+        return -_log_sigmoid(beta * rho_c) - _log_sigmoid(-beta * rho_r)
     if loss_type == "sppo_hard":
         return (rho_c - 0.5 / beta) ** 2 + (rho_r + 0.5 / beta) ** 2
     if loss_type == "apo_zero":
@@ -66,7 +72,7 @@ def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps:
     if loss_type == "apo_down":
         return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(z)
     mod = torch.sigmoid(z / tau)  # discopop
-    return -F.logsigmoid(z) * (1 - mod) + torch.exp(-z) * mod
+    return -_log_sigmoid(z) * (1 - mod) + torch.exp(-z) * mod
 
 
 def _check_options(loss_type: str, beta: float, eps: float, gamma: float, length_normalize: bool, lengths) -> None:
@@ -195,7 +201,7 @@ def orpo_loss(
     avg_c = chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp_min(1.0)
     avg_r = rejected_logps / rejected_lengths.to(rejected_logps.dtype).clamp_min(1.0)
     log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-    ratio = F.logsigmoid(log_odds)
+    ratio = _log_sigmoid(log_odds)
     loss = nll_loss.mean() - beta * ratio.mean()
     metrics = _pair_metrics(beta * avg_c, beta * avg_r, chosen_logps, rejected_logps, nll_loss)
     metrics["log_odds_ratio"] = ratio.detach().mean()
