@@ -1,14 +1,18 @@
 """Shared benchmark harness: timing, peak memory, peers that may be missing, result files.
 
-Every area script (``bench/<area>.py``) builds zero-argument callables, times them with
-:func:`measure`, wraps each peer in :func:`run_peer` so a missing library or device becomes an
-"unavailable: <reason>" row instead of a crash, and hands the rows to :func:`write_results`, which
-writes ``bench/results/<area>-<device>.{md,json,png}`` stamped with the git SHA, torch/triton
-versions, device and date.
+Every area script (``bench/<area>.py``) builds, for each table section (one size, one loss), a row
+and a zero-argument :class:`Contender` per implementation and mode; a peer that cannot be built here
+(missing library or device) becomes an ``unavailable: <reason>`` row (:func:`unavailable_row`)
+instead of a crash. :func:`time_section` times the contenders and fills in their rows, and
+:func:`write_results` writes ``bench/results/<area>-<device>.{md,json,png}`` stamped with the git
+SHA, torch/triton versions, device and date.
 
-Timing: ``warmup`` untimed calls (compilation, autotuning, allocator warm-up), then ``reps`` timed
-calls; the median is reported. CUDA: one pair of CUDA events per call, after a synchronize.
-CPU: ``time.perf_counter`` around each call.
+Timing (:func:`measure_interleaved`): every contender of one table section is timed in the same
+rounds. Each round calls every contender once, in an order rotated from round to round, so that a
+slow spell of a shared machine (other tenants, frequency changes) lands on all of them alike
+instead of on whichever one happened to run then. ``warmup`` untimed rounds first (compilation,
+autotuning, allocator warm-up), then ``reps`` timed rounds; the median is reported. CUDA: one pair
+of CUDA events per call, after a synchronize. CPU: ``time.perf_counter`` around each call.
 
 Peak extra memory is taken in one more, untimed call so that measuring cannot slow the timed ones:
 - CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory
@@ -67,30 +71,19 @@ class Row:
     x_baseline: float | None = None
 
 
-def _cuda_times(fn: Callable[[], object], reps: int, between: Callable[[], None] | None) -> list[float]:
-    times = []
-    for _ in range(reps):
-        if between is not None:
-            between()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def _cpu_times(fn: Callable[[], object], reps: int, between: Callable[[], None] | None) -> list[float]:
-    times = []
-    for _ in range(reps):
-        if between is not None:
-            between()
+def _time_one_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call: CUDA events around it on CUDA, ``perf_counter`` on the CPU."""
+    if device.type != "cuda":
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def _cpu_peak_extra_bytes(fn: Callable[[], object]) -> int:
@@ -117,43 +110,75 @@ def _cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> in
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure(
-    fn: Callable[[], object],
-    *,
-    warmup: int,
-    reps: int,
-    device: torch.device | str,
-    between: Callable[[], None] | None = None,
-) -> Measurement:
-    """Time ``fn`` (median of ``reps`` after ``warmup`` calls) and take its peak extra memory.
+@dataclass(frozen=True)
+class Contender:
+    """One timed callable of a section: ``fn`` does the work; ``between`` runs untimed before every call."""
+
+    fn: Callable[[], object]
+    between: Callable[[], None] | None = None
+
+
+def measure_interleaved(
+    contenders: dict[str, Contender], *, warmup: int, reps: int, device: torch.device | str,
+) -> dict[str, Measurement | Exception]:
+    """Time every contender in the same rounds, then take each one's peak extra memory.
 
     Args:
-        fn: zero-argument callable doing the work; whatever it returns is dropped.
-        warmup: untimed calls before timing.
-        reps: timed calls (at least 1).
-        device: where ``fn`` runs; picks CUDA events or ``perf_counter``, and the memory method.
-        between: called before every call, untimed (for example to free ``.grad``).
+        contenders: name -> Contender; all run on ``device``.
+        warmup: untimed rounds first.
+        reps: timed rounds (at least 1); round r starts at contender r mod len(contenders).
+        device: picks CUDA events or ``perf_counter``, and the memory method.
 
     Returns:
-        Measurement with median and min seconds, all times, and peak extra bytes.
+        name -> Measurement (median, min and all times; peak extra bytes of one more, untimed call),
+        or the exception that contender raised; it is dropped from later rounds, the others go on.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     device = torch.device(device)
-    for _ in range(warmup):
-        if between is not None:
-            between()
-        fn()
-    times = (_cuda_times if device.type == "cuda" else _cpu_times)(fn, reps, between)
-    if between is not None:
-        between()
-    if device.type == "cuda":
-        peak = _cuda_peak_extra_bytes(fn, device)
-    else:
-        peak = _cpu_peak_extra_bytes(fn)
-    if between is not None:
-        between()
-    return Measurement(statistics.median(times), min(times), times, peak)
+    names, times = list(contenders), {name: [] for name in contenders}
+    failed: dict[str, Exception] = {}
+
+    def attempt(name: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - one contender's failure (OOM, a peer's bug) must not stop the others
+            failed[name] = exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def one_call(c: Contender, timed: list[float] | None) -> None:
+        if c.between is not None:
+            c.between()
+        if timed is None:
+            c.fn()
+        else:
+            timed.append(_time_one_call(c.fn, device))
+
+    for r in range(warmup + reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if name not in failed:
+                attempt(name, lambda: one_call(contenders[name], times[name] if r >= warmup else None))
+    out: dict[str, Measurement | Exception] = {}
+    for name, c in contenders.items():
+        peaks: list[int] = []
+        if name not in failed:
+            attempt(name, lambda: peaks.append(_peak_extra_bytes(c, device)))
+        if name in failed:
+            out[name] = failed[name]
+        else:
+            out[name] = Measurement(statistics.median(times[name]), min(times[name]), times[name], peaks[0])
+    return out
+
+
+def _peak_extra_bytes(contender: Contender, device: torch.device) -> int:
+    """Peak extra memory of one call, after the contender's ``between``; ``between`` runs again after it."""
+    if contender.between is not None:
+        contender.between()
+    peak = _cuda_peak_extra_bytes(contender.fn, device) if device.type == "cuda" else _cpu_peak_extra_bytes(contender.fn)
+    if contender.between is not None:
+        contender.between()
+    return peak
 
 
 def memory_method(device: torch.device | str) -> str:
@@ -193,22 +218,40 @@ class Unavailable(RuntimeError):
     """Raised by a peer that cannot run here (missing package, wrong device, wrong GPU)."""
 
 
-def run_peer(name: str, fn: Callable[[], list[Row]], **row_fields) -> list[Row]:
-    """Run ``fn`` (which returns the peer's rows); on failure return one ``unavailable`` Row.
+def unavailable_row(name: str, exc: BaseException, **row_fields) -> Row:
+    """The row of a peer that could not run: ``unavailable: [<type>: ]<first line of the message>``.
 
-    ``row_fields`` (``mode``, ``size``, ``per_token_logp``, ``note``) fill the unavailable row so
-    that it sits in the right place of the table. Out-of-memory, missing packages, missing CUDA
-    and errors inside the peer are all recorded with their type and message, never raised.
+    ``row_fields`` (``mode``, ``size``, ``per_token_logp``, ``note``) place it in its table. Out-of-memory,
+    missing packages, missing CUDA and errors inside the peer all become such rows; an ``Unavailable``
+    carries only its message.
     """
-    try:
-        return fn()
-    except Exception as exc:  # noqa: BLE001 - a peer must never stop the benchmark
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        message = str(exc).strip()
-        reason = message.splitlines()[0][:160] if message else ""
-        kind = "" if isinstance(exc, Unavailable) else f"{type(exc).__name__}: "
-        return [Row(impl=name, status=f"unavailable: {kind}{reason}", **row_fields)]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    message = str(exc).strip()
+    reason = message.splitlines()[0][:160] if message else ""
+    kind = "" if isinstance(exc, Unavailable) else f"{type(exc).__name__}: "
+    return Row(impl=name, status=f"unavailable: {kind}{reason}", **row_fields)
+
+
+def time_section(entries: list[tuple[Row, Contender]], *, warmup: int, reps: int,
+                 device: torch.device | str) -> list[Row]:
+    """Time one table section's contenders in shared rounds (:func:`measure_interleaved`) and fill in their rows.
+
+    Each row arrives with its impl, mode, size and notes; it leaves with median/min ms and peak extra MB
+    (measured, unless the row came with a computed one), or as an unavailable row if its contender raised.
+    """
+    results = measure_interleaved({str(k): c for k, (_, c) in enumerate(entries)}, warmup=warmup, reps=reps,
+                                  device=device)  # fmt: skip
+    rows = []
+    for k, (row, _) in enumerate(entries):
+        m = results[str(k)]
+        if isinstance(m, Exception):
+            rows.append(unavailable_row(row.impl, m, mode=row.mode, size=row.size, per_token_logp=row.per_token_logp,
+                                        note=row.note))  # fmt: skip
+        else:
+            peak = m.peak_extra_bytes / MB if row.peak_extra_mb is None else row.peak_extra_mb
+            rows.append(replace(row, median_ms=m.median_s * 1e3, min_ms=m.min_s * 1e3, peak_extra_mb=peak))
+    return rows
 
 
 def add_ratios(rows: list[Row], *, floor: str, baseline: str) -> list[Row]:
@@ -227,7 +270,7 @@ def add_ratios(rows: list[Row], *, floor: str, baseline: str) -> list[Row]:
 
 
 def collect_meta(device: torch.device | str, **extra) -> dict:
-    """Git SHA (``-dirty`` if the tree has changes), torch/triton versions, device, UTC date."""
+    """Git SHA (``-dirty`` if the tree has changes), torch/triton versions, device, UTC date, load average."""
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -250,6 +293,7 @@ def collect_meta(device: torch.device | str, **extra) -> dict:
         "triton": triton_version,
         "device": device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "memory_method": memory_method(device),
         **extra,
     }

@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from bench._harness import (MB, RESULTS_DIR, Row, Unavailable, collect_meta, device_slug, measure, run_peer,
-                            write_results)
+from bench._harness import (MB, RESULTS_DIR, Contender, Row, Unavailable, collect_meta, device_slug, time_section,
+                            unavailable_row, write_results)
 
 LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("fwd+bwd", "fwd (no grad)")
@@ -162,8 +162,8 @@ def _max_abs_err(fn: LogpFn, case: Case) -> float | None:
     return (logp.double() - case.reference).abs().max().item()
 
 
-def bench_peer(peer: Peer, case: Case, *, warmup: int, reps: int) -> list[Row]:
-    """Both modes of one peer on one case; raises (for run_peer) if the peer cannot run."""
+def peer_entries(peer: Peer, case: Case) -> list[tuple[Row, Contender]]:
+    """Both modes of one peer on one case, untimed; raises if the peer cannot run here."""
     device = case.hidden.device
     fn = peer.build(device)
     h, w, t = case.hidden, case.weight, case.targets
@@ -179,15 +179,11 @@ def bench_peer(peer: Peer, case: Case, *, warmup: int, reps: int) -> list[Row]:
         h.grad = w.grad = None
 
     err = _max_abs_err(fn, case)
-    rows = []
-    for mode, step in zip(MODES, (fwd_bwd, fwd)):
-        m = measure(step, warmup=warmup, reps=reps, device=device, between=free_grads)
-        rows.append(Row(peer.name, mode, case.size, m.median_s * 1e3, m.min_s * 1e3, m.peak_extra_bytes / MB,
-                        peer.per_token, err, peer.note))
-    return rows
+    return [(Row(peer.name, mode, case.size, per_token_logp=peer.per_token, max_abs_err=err, note=peer.note),
+             Contender(step, free_grads)) for mode, step in zip(MODES, (fwd_bwd, fwd))]  # fmt: skip
 
 
-def bench_floor(case: Case, *, warmup: int, reps: int) -> list[Row]:
+def floor_entries(case: Case) -> list[tuple[Row, Contender]]:
     """The matmul floor in both modes; its memory column is the size of the outputs (computed)."""
     h, w = case.hidden.detach(), case.weight.detach()
     logits = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
@@ -205,25 +201,28 @@ def bench_floor(case: Case, *, warmup: int, reps: int) -> list[Row]:
     logp_bytes = h.shape[0] * 4
     grad_bytes = (h.numel() + w.numel()) * h.element_size()
     note = "torch.mm into preallocated buffers; memory = outputs only (computed, not measured)"
-    rows = []
-    for mode, step, out_bytes in zip(MODES, (four_mm, one_mm), (grad_bytes + logp_bytes, logp_bytes)):
-        m = measure(step, warmup=warmup, reps=reps, device=h.device)
-        rows.append(Row("floor", mode, case.size, m.median_s * 1e3, m.min_s * 1e3, out_bytes / MB, "—", None, note))
-    return rows
+    return [(Row("floor", mode, case.size, peak_extra_mb=out_bytes / MB, per_token_logp="—", note=note),
+             Contender(step)) for mode, step, out_bytes in zip(MODES, (four_mm, one_mm),
+                                                               (grad_bytes + logp_bytes, logp_bytes))]  # fmt: skip
 
 
 def run(sizes, *, dtype: torch.dtype, device: torch.device, warmup: int, reps: int, impls: list[str]) -> list[Row]:
-    """All requested implementations (and the floor, if requested) on every size."""
+    """All requested implementations (and the floor, if requested) on every size, timed in shared rounds."""
     rows = []
     for n, d, v in sizes:
         case = make_case(n, d, v, dtype, device)
-        if "floor" in impls:
-            rows += run_peer("floor", lambda: bench_floor(case, warmup=warmup, reps=reps), mode="both", size=case.size)
+        entries = floor_entries(case) if "floor" in impls else []
+        unavailable = []
         for peer in (p for p in PEERS if p.name in impls):
-            result = run_peer(peer.name, lambda: bench_peer(peer, case, warmup=warmup, reps=reps),
-                              mode="both", size=case.size, per_token_logp=peer.per_token, note=peer.note)
-            rows += result
-            print(f"{case.size}  {peer.name:<11} {result[0].status}", flush=True)
+            try:
+                entries += peer_entries(peer, case)
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run here becomes a row saying why
+                unavailable.append(unavailable_row(peer.name, exc, mode="both", size=case.size,
+                                                   per_token_logp=peer.per_token, note=peer.note))  # fmt: skip
+        section = time_section(entries, warmup=warmup, reps=reps, device=device) + unavailable
+        for row in section:
+            print(f"{case.size}  {row.impl:<11} {row.mode:<14} {row.status}", flush=True)
+        rows += section
     return rows
 
 

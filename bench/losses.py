@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-from bench._harness import (MB, RESULTS_DIR, Row, collect_meta, device_slug, measure, run_peer, write_results)
+from bench._harness import (MB, RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, unavailable_row,
+                            write_results)
 from hotloop.kernels.fused_linear_logprob import fused_linear_logprob, reference_fused_linear_logprob
 from hotloop.kernels.losses import dpo_loss, grpo_loss
 
@@ -176,8 +177,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_impl(impl: Impl, case: Case, *, warmup: int, reps: int, compiled: bool) -> list[Row]:
-    """One implementation on one case; the first call (compilation, if any) is timed alone and gives the error."""
+def impl_entry(impl: Impl, case: Case, *, compiled: bool) -> tuple[Row, Contender]:
+    """One implementation on one case, untimed; its first call (compilation, if any) is timed alone and gives the
+    error. Raises if the implementation cannot run here."""
     device, forward = case.hidden.device, impl.build(case, compiled)
 
     def step() -> None:
@@ -194,13 +196,12 @@ def bench_impl(impl: Impl, case: Case, *, warmup: int, reps: int, compiled: bool
     first_s = time.perf_counter() - start
     err = abs(loss.item() - case.reference)
     free_grads()
-    m = measure(step, warmup=max(warmup - 1, 0), reps=reps, device=device, between=free_grads)
     note = f"{impl.note}{f'; compiled={compiled}' if impl.family == 'liger' else ''}; first call {first_s:.2f} s"
-    return [Row(impl.name, MODES[case.loss], case.size, m.median_s * 1e3, m.min_s * 1e3, m.peak_extra_bytes / MB,
-                "—", err, note)]  # fmt: skip
+    return Row(impl.name, MODES[case.loss], case.size, per_token_logp="—", max_abs_err=err, note=note), \
+        Contender(step, free_grads)
 
 
-def bench_floor(case: Case, *, warmup: int, reps: int) -> list[Row]:
+def floor_entry(case: Case) -> tuple[Row, Contender]:
     """The matmuls every exact method does, as real torch.mm into preallocated buffers; memory = gradients only."""
     h, w = case.hidden.detach().reshape(-1, case.hidden.shape[-1]), case.weight.detach()
     logits = torch.empty(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
@@ -216,28 +217,31 @@ def bench_floor(case: Case, *, warmup: int, reps: int) -> list[Row]:
         torch.mm(logits, w, out=grad_h)
         torch.mm(logits.T, h, out=grad_w)
 
-    m = measure(matmuls, warmup=warmup, reps=reps, device=h.device)
     count = "4: h @ W.T, h_ref @ W_ref.T, G @ W, G.T @ h" if ref is not None else "3: h @ W.T, G @ W, G.T @ h"
     grads = (h.numel() + w.numel()) * h.element_size() / MB
-    return [Row("floor", MODES[case.loss], case.size, m.median_s * 1e3, m.min_s * 1e3, grads, "—", None,
-                f"{count} (torch.mm); memory = the gradients (computed, not measured)")]  # fmt: skip
+    return Row("floor", MODES[case.loss], case.size, peak_extra_mb=grads, per_token_logp="—",
+               note=f"{count} (torch.mm); memory = the gradients (computed, not measured)"), Contender(matmuls)
 
 
 def run(sizes, *, losses, dtype, device, warmup, reps, impls, compiled) -> list[Row]:
-    """Every requested implementation of every loss on every size."""
+    """Every requested implementation of every loss on every size; one loss at one size is timed in shared rounds."""
     rows = []
     for s, t, d, v in sizes:
         for loss in losses:
             case = make_case(loss, s, t, d, v, dtype, device)
-            where = dict(mode=MODES[loss], size=case.size)
-            if "floor" in impls:
-                rows += run_peer("floor", lambda: bench_floor(case, warmup=warmup, reps=reps), **where)
+            entries = [floor_entry(case)] if "floor" in impls else []
+            unavailable = []
             for impl in (i for i in IMPLEMENTATIONS if i.family in impls and loss in i.losses):
-                result = run_peer(impl.name, lambda: bench_impl(impl, case, warmup=warmup, reps=reps,
-                                                                compiled=compiled),
-                                  per_token_logp="—", note=impl.note, **where)  # fmt: skip
-                rows += result
-                print(f"{case.size}  {loss:<5} {impl.name:<19} {result[0].status}", flush=True)
+                try:
+                    entries.append(impl_entry(impl, case, compiled=compiled))
+                except Exception as exc:  # noqa: BLE001 - an implementation that cannot run here becomes a row
+                    unavailable.append(unavailable_row(impl.name, exc, mode=MODES[loss], size=case.size,
+                                                       per_token_logp="—", note=impl.note))  # fmt: skip
+            # the first call was the first warm-up round of every timed implementation
+            section = time_section(entries, warmup=max(warmup - 1, 0), reps=reps, device=device) + unavailable
+            for row in section:
+                print(f"{case.size}  {loss:<5} {row.impl:<19} {row.status}", flush=True)
+            rows += section
     return rows
 
 

@@ -19,11 +19,10 @@ Writes ``bench/results/row_kernels-cpu.{md,json,png}``; on a shared machine timi
 from __future__ import annotations
 
 import argparse
-from typing import Callable
-
+from pathlib import Path
 import torch
 
-from bench._harness import MB, Row, collect_meta, device_slug, measure, run_peer, write_results
+from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
 from hotloop.kernels import _cpu_ext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,11 +51,9 @@ def eager_grad(x, t, lse, entropy, g_lp, g_ent) -> torch.Tensor:
     return (g * keep[:, None]).mul_(S).to(x.dtype)
 
 
-def _row(impl, mode, size, fn, reps, between=None, err=None, note="") -> list[Row]:
-    m = measure(fn, warmup=1, reps=reps, device="cpu", between=between)
-    return [Row(impl=impl, mode=mode, size=size, median_ms=m.median_s * 1e3, min_ms=m.min_s * 1e3,
-                peak_extra_mb=m.peak_extra_bytes / MB, per_token_logp="yes" if impl != "floor" else "",
-                max_abs_err=err, note=note)]
+def _entry(impl, mode, size, fn, between=None, err=None, note="") -> tuple[Row, Contender]:
+    return Row(impl=impl, mode=mode, size=size, per_token_logp="yes" if impl != "floor" else "", max_abs_err=err,
+               note=note), Contender(fn, between)  # fmt: skip
 
 
 def _stats_err(x, t) -> float:
@@ -77,33 +74,34 @@ def _grad_err(x, t, g_lp, g_ent) -> float:
 
 
 def bench_size(rows: int, vocab: int, dtype: torch.dtype, reps: int) -> list[Row]:
-    """All rows (floor, eager, native) x (row_stats, row_grad) for one [R, V]."""
+    """All rows (floor, eager, native) x (row_stats, row_grad) for one [R, V], timed in shared rounds."""
     size = f"R={rows}, V={vocab}, {str(dtype).removeprefix('torch.')}"
     x = (torch.randn(rows, vocab) * 3).to(dtype)
     t = torch.randint(0, vocab, (rows,))
     t[::17] = IGNORE
     g_lp, g_ent = torch.randn(rows), torch.randn(rows)
     lse, _, entropy = eager_stats(x, t)
-    out: list[Row] = []
-    out += _row("floor", "row_stats", size, lambda: x.sum(-1), reps, note="one read of the logits")
-    out += _row("eager", "row_stats", size, lambda: eager_stats(x, t), reps)
-    scratch = x.clone()
-    refill: Callable[[], None] = lambda: scratch.copy_(x)  # noqa: E731
-    out += _row("floor", "row_grad", size, lambda: scratch.mul_(1), reps, note="one read + one write")
-    out += _row("eager", "row_grad", size, lambda: eager_grad(x, t, lse, entropy, g_lp, g_ent), reps)
+    floor_scratch, native_scratch = x.clone(), x.clone()
+    entries = [
+        _entry("floor", "row_stats", size, lambda: x.sum(-1), note="one read of the logits"),
+        _entry("eager", "row_stats", size, lambda: eager_stats(x, t)),
+        _entry("floor", "row_grad", size, lambda: floor_scratch.mul_(1), note="one read + one write"),
+        _entry("eager", "row_grad", size, lambda: eager_grad(x, t, lse, entropy, g_lp, g_ent)),
+    ]
     if not _cpu_ext.available():
-        return out + [Row(impl="native", mode=m, size=size, status="unavailable: extension not built")
-                      for m in ("row_stats", "row_grad")]
-    native_stats = lambda: _cpu_ext.row_stats(x, t, inv_temperature=S, ignore_index=IGNORE)  # noqa: E731
-    out += run_peer("native", lambda: _row("native", "row_stats", size, native_stats, reps, err=_stats_err(x, t)),
-                    mode="row_stats", size=size)
-    native_grad = lambda: _cpu_ext.row_grad_(  # noqa: E731
-        scratch, t, vocab_start=0, lse=lse, entropy=entropy, grad_logp=g_lp, grad_entropy=g_ent,
-        inv_temperature=S, ignore_index=IGNORE)
-    out += run_peer("native", lambda: _row("native", "row_grad", size, native_grad, reps, between=refill,
-                                           err=_grad_err(x, t, g_lp, g_ent), note="in place"),
-                    mode="row_grad", size=size)
-    return out
+        missing = [Row(impl="native", mode=m, size=size, status="unavailable: extension not built")
+                   for m in ("row_stats", "row_grad")]
+        return time_section(entries, warmup=1, reps=reps, device="cpu") + missing
+    entries.append(_entry("native", "row_stats", size,
+                          lambda: _cpu_ext.row_stats(x, t, inv_temperature=S, ignore_index=IGNORE),
+                          err=_stats_err(x, t)))  # fmt: skip
+    entries.append(_entry("native", "row_grad", size,
+                          lambda: _cpu_ext.row_grad_(native_scratch, t, vocab_start=0, lse=lse, entropy=entropy,
+                                                     grad_logp=g_lp, grad_entropy=g_ent, inv_temperature=S,
+                                                     ignore_index=IGNORE),
+                          between=lambda: native_scratch.copy_(x), err=_grad_err(x, t, g_lp, g_ent),
+                          note="in place"))  # fmt: skip
+    return time_section(entries, warmup=1, reps=reps, device="cpu")
 
 
 def main() -> None:
@@ -112,14 +110,15 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="one small size, 3 reps (smoke test)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else (QUICK if args.quick else SIZES)
     reps = 3 if args.quick else args.reps
     rows = [r for rv in sizes for r in bench_size(*rv, DTYPES[args.dtype], reps)]
     meta = collect_meta("cpu", slug=device_slug("cpu"), threads=torch.get_num_threads(),
                         native=_cpu_ext.available(),
-                        notes=["The machine was shared with other jobs while this ran: timings are noisy."])
-    paths = write_results("row_kernels", rows, meta, floor="floor", baseline="eager")
+                        notes=["Rows of one size are timed in shared, rotated rounds (bench/_harness.py)."])
+    paths = write_results("row_kernels", rows, meta, floor="floor", baseline="eager", out_dir=args.out_dir)
     print(paths["md"].read_text())
 
 

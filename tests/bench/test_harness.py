@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bench import logprob
-from bench._harness import (MB, Row, Unavailable, add_ratios, collect_meta, device_name, device_slug, measure,
-                            run_peer, write_results)
+from bench._harness import (MB, Contender, Row, Unavailable, add_ratios, collect_meta, device_name, device_slug,
+                            measure_interleaved, time_section, unavailable_row, write_results)
 
 
 @pytest.fixture
@@ -20,20 +20,36 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_measure_times_every_rep_and_calls_between_before_each_call():
-    calls = {"fn": 0, "between": 0}
+def test_interleaved_rounds_rotate_the_order_and_call_between_before_each_call():
+    log = []
 
-    def fn():
-        calls["fn"] += 1
+    def contender(name):
+        return Contender(lambda: log.append(name), between=lambda: log.append(f"between {name}"))
 
-    def between():
-        calls["between"] += 1
+    out = measure_interleaved({n: contender(n) for n in "abc"}, warmup=1, reps=3, device="cpu")
+    calls = [entry for entry in log if not entry.startswith("between")]
+    rounds = ["".join(calls[i:i + 3]) for i in range(0, 12, 3)]
+    assert rounds == ["abc", "bca", "cab", "abc"]  # warm-up round, then three timed rounds
+    assert calls[12:] == ["a", "b", "c"]  # one memory call each
+    assert all(log[k - 1] == f"between {c}" for k, c in enumerate(log) if not c.startswith("between"))
+    for m in out.values():
+        assert len(m.times) == 3 and m.min_s == min(m.times) and m.min_s <= m.median_s <= max(m.times)
 
-    m = measure(fn, warmup=2, reps=5, device="cpu", between=between)
-    assert len(m.times) == 5
-    assert m.min_s == min(m.times) and m.min_s <= m.median_s <= max(m.times)
-    assert calls["fn"] == 2 + 5 + 1  # warm-up, timed, one memory call
-    assert calls["between"] >= calls["fn"]
+
+def test_a_contender_that_raises_is_dropped_and_the_others_finish():
+    calls = {"ok": 0, "bad": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def bad():
+        calls["bad"] += 1
+        if calls["bad"] == 2:
+            raise MemoryError("out of memory on the second call")
+
+    out = measure_interleaved({"bad": Contender(bad), "ok": Contender(ok)}, warmup=0, reps=4, device="cpu")
+    assert isinstance(out["bad"], MemoryError) and calls["bad"] == 2
+    assert len(out["ok"].times) == 4 and calls["ok"] == 5
 
 
 def test_cpu_peak_memory_sees_live_allocations_and_not_freed_ones():
@@ -46,13 +62,31 @@ def test_cpu_peak_memory_sees_live_allocations_and_not_freed_ones():
         for _ in range(3):
             torch.ones(MB // 4).sum()
 
-    assert measure(two_live_blocks, warmup=0, reps=1, device="cpu").peak_extra_bytes >= 3 * MB
-    assert measure(one_block_at_a_time, warmup=0, reps=1, device="cpu").peak_extra_bytes < 2 * MB
+    out = measure_interleaved({"two": Contender(two_live_blocks), "one": Contender(one_block_at_a_time)},
+                              warmup=0, reps=1, device="cpu")
+    assert out["two"].peak_extra_bytes >= 3 * MB
+    assert out["one"].peak_extra_bytes < 2 * MB
 
 
 def test_measure_rejects_zero_reps():
     with pytest.raises(ValueError, match="reps"):
-        measure(lambda: None, warmup=0, reps=0, device="cpu")
+        measure_interleaved({"x": Contender(lambda: None)}, warmup=0, reps=0, device="cpu")
+
+
+def test_time_section_fills_rows_keeps_computed_memory_and_reports_failures():
+    def fails():
+        raise RuntimeError("kernel launch failed\nsecond line")
+
+    entries = [(Row("fast", "fwd", "s", note="n"), Contender(lambda: torch.ones(MB // 4).sum())),
+               (Row("floor", "fwd", "s", peak_extra_mb=12.5), Contender(lambda: torch.ones(MB // 4).sum())),
+               (Row("broken", "fwd", "s", per_token_logp="yes", note="m"), Contender(fails))]
+    fast, floor, broken = time_section(entries, warmup=0, reps=2, device="cpu")
+    assert fast.status == "ok" and fast.median_ms > 0 and fast.min_ms <= fast.median_ms
+    assert fast.peak_extra_mb >= 1.0 and fast.note == "n"
+    assert floor.peak_extra_mb == 12.5
+    assert broken.status == "unavailable: RuntimeError: kernel launch failed" and broken.median_ms is None
+    assert (broken.impl, broken.mode, broken.size, broken.per_token_logp, broken.note) == ("broken", "fwd", "s",
+                                                                                         "yes", "m")
 
 
 def test_cpu_device_name_and_slug():
@@ -60,19 +94,15 @@ def test_cpu_device_name_and_slug():
     assert device_slug("cpu") == "cpu"
 
 
-def test_run_peer_turns_failures_into_unavailable_rows_and_passes_rows_through():
-    def missing():
+def test_unavailable_row_names_the_reason_and_keeps_the_row_fields():
+    try:
         import hotloop_no_such_module  # noqa: F401
-
-    def off_device():
-        raise Unavailable("Triton kernel, CUDA only")
-
-    row = run_peer("x", missing, mode="both", size="s")[0]
+    except ImportError as exc:
+        row = unavailable_row("x", exc, mode="both", size="s")
     assert row.status.startswith("unavailable: ModuleNotFoundError") and "hotloop_no_such_module" in row.status
     assert (row.impl, row.mode, row.size) == ("x", "both", "s")
-    assert run_peer("y", off_device, mode="both", size="s")[0].status == "unavailable: Triton kernel, CUDA only"
-    ok = [Row("z", "fwd", "s", median_ms=1.0)]
-    assert run_peer("z", lambda: ok, mode="both", size="s") == ok
+    off_device = unavailable_row("y", Unavailable("Triton kernel, CUDA only"), mode="both", size="s")
+    assert off_device.status == "unavailable: Triton kernel, CUDA only"
 
 
 def test_ratios_divide_by_floor_and_baseline_of_the_same_size_and_mode():
