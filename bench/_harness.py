@@ -32,7 +32,7 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -67,8 +67,7 @@ class Row:
     max_abs_err: float | None = None
     note: str = ""
     status: str = "ok"
-    x_floor: float | None = None
-    x_baseline: float | None = None
+    ratios: dict[str, float | None] = field(default_factory=dict)  # impl -> median time over that impl's
 
 
 def _time_one_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -254,11 +253,10 @@ def time_section(entries: list[tuple[Row, Contender]], *, warmup: int, reps: int
     return rows
 
 
-def add_ratios(rows: list[Row], *, floor: str, baseline: str) -> list[Row]:
-    """Rows with ``x_floor`` / ``x_baseline`` = median time over that of ``floor`` / ``baseline``.
+def add_ratios(rows: list[Row], ratios_to: tuple[str, ...]) -> list[Row]:
+    """Rows whose ``ratios[impl]`` = median time over that of ``impl``'s row, for each impl of ``ratios_to``.
 
-    Ratios compare rows with the same ``size`` and ``mode``; they stay ``None`` where either time
-    is missing.
+    Ratios compare rows with the same ``size`` and ``mode``; they are ``None`` where either time is missing.
     """
     ref = {(r.impl, r.size, r.mode): r.median_ms for r in rows if r.median_ms is not None}
 
@@ -266,7 +264,7 @@ def add_ratios(rows: list[Row], *, floor: str, baseline: str) -> list[Row]:
         denom = ref.get((impl, row.size, row.mode))
         return row.median_ms / denom if row.median_ms is not None and denom else None
 
-    return [replace(r, x_floor=ratio(r, floor), x_baseline=ratio(r, baseline)) for r in rows]
+    return [replace(r, ratios={impl: ratio(r, impl) for impl in ratios_to}) for r in rows]
 
 
 def collect_meta(device: torch.device | str, **extra) -> dict:
@@ -303,20 +301,19 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def _markdown(area: str, rows: list[Row], meta: dict, columns: dict[str, str]) -> str:
+def _markdown(area: str, rows: list[Row], meta: dict, ratios_to: tuple[str, ...]) -> str:
     """The results table, one section per size, with the meta header and the method footer."""
     head = [f"# {area} — {meta['device']}", ""]
     head += [f"- {key}: {value}" for key, value in meta.items() if key not in ("memory_method", "notes")]
     lines = head + [""]
-    titles = ["impl", "mode", "median ms", f"× {columns['floor']}", f"× {columns['baseline']}",
-              "peak extra MB", "per-token logp?", "max abs err", "note"]
+    titles = ["impl", "mode", "median ms", *(f"× {impl}" for impl in ratios_to), "peak extra MB", "per-token logp?",
+              "max abs err", "note"]
     for size in dict.fromkeys(r.size for r in rows):
         lines += [f"## {size}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
         for r in (r for r in rows if r.size == size):
             note = r.note if r.status == "ok" else "; ".join(x for x in (r.status, r.note) if x)
-            cells = [r.impl, r.mode, _fmt(r.median_ms, ".2f"), _fmt(r.x_floor, ".2f"),
-                     _fmt(r.x_baseline, ".2f"), _fmt(r.peak_extra_mb, ".1f"), r.per_token_logp,
-                     _fmt(r.max_abs_err, ".2e"), note.replace("|", "/")]
+            cells = [r.impl, r.mode, _fmt(r.median_ms, ".2f"), *(_fmt(r.ratios.get(i), ".2f") for i in ratios_to),
+                     _fmt(r.peak_extra_mb, ".1f"), r.per_token_logp, _fmt(r.max_abs_err, ".2e"), note.replace("|", "/")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["---", "", f"Time: median of the timed calls. {meta['memory_method']}."]
@@ -355,16 +352,16 @@ def _plot(path: Path, area: str, rows: list[Row], meta: dict) -> None:
 
 
 def write_results(
-    area: str, rows: list[Row], meta: dict, *, floor: str = "floor", baseline: str = "naive",
+    area: str, rows: list[Row], meta: dict, *, ratios_to: tuple[str, ...] = ("floor", "naive"),
     out_dir: Path | str = RESULTS_DIR,
 ) -> dict[str, Path]:
-    """Write ``<out_dir>/<area>-<device slug>.{md,json,png}`` with ratios to ``floor`` and ``baseline``.
+    """Write ``<out_dir>/<area>-<device slug>.{md,json,png}`` with a ``× <impl>`` ratio column per ``ratios_to``.
 
     Args:
         area: benchmark area (``logprob``, ``losses``, ...).
         rows: the measured and unavailable rows.
         meta: from :func:`collect_meta` plus a ``slug`` key (device slug for the file names).
-        floor, baseline: impl names that the ``× floor`` and ``× naive`` columns divide by.
+        ratios_to: impl names the ratio columns divide by (the floor first, then baselines and peers).
         out_dir: folder for the three files (created if missing).
 
     Returns:
@@ -372,11 +369,11 @@ def write_results(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = add_ratios(rows, floor=floor, baseline=baseline)
+    rows = add_ratios(rows, ratios_to)
     stem = out_dir / f"{area}-{meta['slug']}"
     paths = {ext: stem.with_suffix(f".{ext}") for ext in ("md", "json", "png")}
-    paths["md"].write_text(_markdown(area, rows, meta, {"floor": floor, "baseline": baseline}))
-    paths["json"].write_text(json.dumps({"area": area, "meta": meta, "floor": floor, "baseline": baseline,
+    paths["md"].write_text(_markdown(area, rows, meta, ratios_to))
+    paths["json"].write_text(json.dumps({"area": area, "meta": meta, "ratios_to": list(ratios_to),
                                          "rows": [asdict(r) for r in rows]}, indent=1))
     _plot(paths["png"], area, rows, meta)
     return paths

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     rows = run(sizes, dtype=dtype, device=device, warmup=warmup, reps=reps, impls=args.impls.split(","))
     meta = collect_meta(device, slug=device_slug(device), dtype=str(dtype).removeprefix("torch."), warmup=warmup,
                         reps=reps, threads=torch.get_num_threads(), peers=_peer_versions(), notes=NOTES)
-    paths = write_results("logprob", rows, meta, floor="floor", baseline="naive", out_dir=args.out_dir)
+    paths = write_results("logprob", rows, meta, ratios_to=("floor", "naive"), out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths
 

@@ -246,7 +246,8 @@ def run(sizes, *, losses, dtype, device, warmup, reps, impls, compiled) -> list[
 
 
 NOTES = [
-    "× floor / × naive: median time over that of `floor` / `naive` at the same size and loss. floor = real torch.mm "
+    "× floor / × naive / × liger: median time over that of `floor` / `naive` / `liger` at the same size and loss "
+    "(below 1: faster). floor = real torch.mm "
     "timings of the same shapes and dtype: DPO four (policy logits, reference logits, G @ W, G.T @ h), GRPO three "
     "(logits, G @ W, G.T @ h). `hotloop cached-ref` takes the reference log-probs precomputed, so it skips the "
     "reference matmul the DPO floor includes.",
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     meta = collect_meta(device, slug=device_slug(device), dtype=str(dtype).removeprefix("torch."), warmup=warmup,
                         reps=reps, threads=torch.get_num_threads(), liger_compiled=not args.no_compile,
                         peers=_peer_versions(), notes=NOTES)  # fmt: skip
-    paths = write_results("losses", rows, meta, floor="floor", baseline="naive", out_dir=args.out_dir)
+    paths = write_results("losses", rows, meta, ratios_to=("floor", "naive", "liger"), out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths
 

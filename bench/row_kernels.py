@@ -118,7 +118,7 @@ def main() -> None:
     meta = collect_meta("cpu", slug=device_slug("cpu"), threads=torch.get_num_threads(),
                         native=_cpu_ext.available(),
                         notes=["Rows of one size are timed in shared, rotated rounds (bench/_harness.py)."])
-    paths = write_results("row_kernels", rows, meta, floor="floor", baseline="eager", out_dir=args.out_dir)
+    paths = write_results("row_kernels", rows, meta, ratios_to=("floor", "eager"), out_dir=args.out_dir)
     print(paths["md"].read_text())
 
 

@@ -109,12 +109,12 @@ def test_ratios_divide_by_floor_and_baseline_of_the_same_size_and_mode():
     rows = [Row("floor", "fwd", "a", median_ms=2.0), Row("naive", "fwd", "a", median_ms=8.0),
             Row("fast", "fwd", "a", median_ms=4.0), Row("fast", "bwd", "a", median_ms=3.0),
             Row("fast", "fwd", "b", median_ms=5.0), Row("gone", "fwd", "a", status="unavailable: x")]
-    out = {(r.impl, r.mode, r.size): r for r in add_ratios(rows, floor="floor", baseline="naive")}
-    assert out["fast", "fwd", "a"].x_floor == pytest.approx(2.0)
-    assert out["fast", "fwd", "a"].x_baseline == pytest.approx(0.5)
-    assert out["naive", "fwd", "a"].x_baseline == pytest.approx(1.0)
+    out = {(r.impl, r.mode, r.size): r for r in add_ratios(rows, ("floor", "naive"))}
+    assert out["fast", "fwd", "a"].ratios["floor"] == pytest.approx(2.0)
+    assert out["fast", "fwd", "a"].ratios["naive"] == pytest.approx(0.5)
+    assert out["naive", "fwd", "a"].ratios["naive"] == pytest.approx(1.0)
     for key in (("fast", "bwd", "a"), ("fast", "fwd", "b"), ("gone", "fwd", "a")):
-        assert out[key].x_floor is None and out[key].x_baseline is None
+        assert out[key].ratios == {"floor": None, "naive": None}
 
 
 def test_write_results_writes_stamped_md_json_and_png(tmp_path):
@@ -126,7 +126,7 @@ def test_write_results_writes_stamped_md_json_and_png(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert {"git_sha", "torch", "triton", "device", "date", "memory_method"} <= set(data["meta"])
     naive = next(r for r in data["rows"] if r["impl"] == "naive")
-    assert naive["x_floor"] == pytest.approx(3.0)
+    assert naive["ratios"] == {"floor": pytest.approx(3.0), "naive": pytest.approx(1.0)}
     md = paths["md"].read_text()
     assert "| naive | fwd | 6.00 | 3.00 | 1.00 | 3.5 | yes |" in md
     assert "unavailable: no CUDA" in md and "a footer note" in md and meta["git_sha"] in md
@@ -141,8 +141,8 @@ def test_logprob_bench_runs_end_to_end_on_a_tiny_size(tmp_path, one_thread):
     for impl in ("floor", "naive", "trl"):
         for mode in logprob.MODES:
             assert rows[impl, mode]["status"] == "ok" and rows[impl, mode]["median_ms"] > 0
-            assert rows[impl, mode]["x_floor"] is not None and rows[impl, mode]["x_baseline"] is not None
-    assert rows["naive", "fwd+bwd"]["x_baseline"] == pytest.approx(1.0)
+            assert None not in rows[impl, mode]["ratios"].values()
+    assert rows["naive", "fwd+bwd"]["ratios"]["naive"] == pytest.approx(1.0)
     assert rows["liger", "both"]["status"].startswith("unavailable")
     assert data["meta"]["dtype"] == "float32" and data["rows"][0]["size"] == "N=33 D=16 V=97 float32"
 

@@ -32,12 +32,13 @@ def test_losses_bench_runs_every_implementation_end_to_end_on_a_tiny_size(tmp_pa
     assert set(rows) == {(impl, losses.MODES[loss]) for loss, impls in expected.items() for impl in impls}
     for (impl, mode), row in rows.items():
         assert row["status"] == "ok" and row["median_ms"] > 0, (impl, mode, row["status"])
-        assert row["x_floor"] is not None and row["x_baseline"] is not None
+        assert None not in row["ratios"].values() and set(row["ratios"]) == {"floor", "naive", "liger"}
         if impl != "floor":
             # every implementation computes the same loss: its error against float64 is fp32 rounding
             assert row["max_abs_err"] < 1e-4, (impl, mode, row["max_abs_err"])
             assert "first call" in row["note"]
-    assert rows["naive", losses.MODES["dpo"]]["x_baseline"] == pytest.approx(1.0)
+    assert rows["naive", losses.MODES["dpo"]]["ratios"]["naive"] == pytest.approx(1.0)
+    assert rows["liger", losses.MODES["grpo"]]["ratios"]["liger"] == pytest.approx(1.0)
     assert "compiled=False" in rows["liger", losses.MODES["grpo"]]["note"]
     assert data["meta"]["dtype"] == "float32" and data["meta"]["liger_compiled"] is False
     assert data["rows"][0]["size"] == "N=36 (4×9) D=16 V=97 float32"
