@@ -44,7 +44,3 @@ def use_triton(device: torch.device) -> bool:
         return True
     return device.type == "cuda"
 
-
-def deterministic() -> bool:
-    """Bit-identical results run to run: ``HOTLOOP_DETERMINISTIC=1`` or torch's own switch."""
-    return os.environ.get("HOTLOOP_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()

@@ -16,11 +16,12 @@ online (m, S, E) per row, plus the target logit when the target falls in the til
 [SPLITS, N] are merged by a few torch ops. FLOPs: one matmul, 2·N·V·D. Memory: O(N·SPLITS); the
 [N, V] logits never exist.
 
-Backward: the vocabulary is walked in chunks of Vc columns (≤ V/8, at least one tile). For each chunk
+Backward: the vocabulary is walked in chunks of Vc columns (≤ V/8 and within the tile budget of
+``_torch_tiles.block_bytes``, at least one tile). For each chunk
 a Triton kernel recomputes the logits and writes d/dx into an [N, Vc] buffer in the input dtype; then
 cuBLAS does grad_W[chunk] = buf.T @ hidden and grad_H += buf @ W[chunk], and grad_b[chunk] is the
 column sum of buf. FLOPs: three matmuls (recompute, grad_W, grad_H). Memory: the chunk buffer
-(≤ 1/8 of the naive logits) plus an fp32 [N, D] accumulator. Every output element is written by
+(≤ 1/8 of the naive logits, ≤ the budget) plus an fp32 [N, D] accumulator. Every output element is written by
 exactly one program or one cuBLAS call per chunk, in a fixed order: no atomics, so results are
 bit-identical run to run.
 """
@@ -33,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_utils
+from . import _torch_tiles, _triton_utils
 from .fused_linear_logprob import TokenStats
 
 
@@ -212,7 +213,9 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
     grad_w = torch.empty(v, d, device=dev, dtype=weight.dtype) if want_w else None
     grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if want_b else None
     tiles = _triton_utils.logits_tiles(dev, n, d, dtype)
-    chunk = triton.cdiv(vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v), tiles.block_v) * tiles.block_v
+    chunk = vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v, rows=n, itemsize=dtype.itemsize,
+                                                     budget_bytes=_torch_tiles.block_bytes(dev))
+    chunk = triton.cdiv(chunk, tiles.block_v) * tiles.block_v
     buf = torch.empty(n, min(chunk, triton.cdiv(v, tiles.block_v) * tiles.block_v), device=dev, dtype=dtype)
     rows = _RowInputs(targets.contiguous(), stats.lse.contiguous(), grad_logp.to(torch.float32).contiguous(),
                       None if grad_entropy is None else stats.entropy.contiguous(),

@@ -62,10 +62,18 @@ def vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> tup
     return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split
 
 
-def vocab_chunk(vocab: int, block_v: int) -> int:
-    """Width of the backward's [N, Vc] logit-gradient buffer: ≤ V/8 (an eighth of naive logits), ≥ one tile."""
-    chunk = (vocab // 8) // block_v * block_v
-    return max(block_v, chunk)
+def vocab_chunk(vocab: int, block_v: int, *, rows: int = 1, itemsize: int = 4, budget_bytes: int | None = None) -> int:
+    """Width Vc of the backward's [N, Vc] logit-gradient buffer, a multiple of ``block_v``.
+
+    At most V/8 (an eighth of the naive logits) and, given ``budget_bytes``, at most what an
+    [rows, Vc] buffer of ``itemsize``-byte elements fits in it (``_torch_tiles.block_bytes``: 1/64 of
+    free GPU memory within [32, 256] MiB), so the buffer stays O(budget) however large N·V grows;
+    at least one tile.
+    """
+    chunk = vocab // 8
+    if budget_bytes is not None:
+        chunk = min(chunk, budget_bytes // max(rows * itemsize, 1))
+    return max(block_v, chunk // block_v * block_v)
 
 
 def upcast_dot_operands(device: torch.device, dtype: torch.dtype) -> bool:

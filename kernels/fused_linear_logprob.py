@@ -220,6 +220,10 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
 
 def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
     """ValueError/TypeError naming the argument, the value seen and the value expected."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
+                            f"got {type(t).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
     if hidden.dim() < 1:
@@ -253,6 +257,9 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
                          return_entropy=False):
     """log p(target) (and entropy) of logits = (hidden @ weight.T + bias) / temperature, never materialized.
 
+    Rows whose target is ``ignore_index`` (padding, prompts) are dropped before any matmul, so a padded
+    batch costs what the packed one does; packed variable-length input is simply ``[N, D]`` rows.
+
     Args:
         hidden: [..., D] float32 / bfloat16 / float16. weight: [V, D], same dtype. bias: [V] or None.
         targets: [...] int64 in [0, V), or ``ignore_index`` (those rows give 0).
@@ -264,6 +271,10 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
     lead, d = hidden.shape[:-1], hidden.shape[-1]
     hidden2d, flat_targets = hidden.reshape(-1, d), targets.reshape(-1).contiguous()
     temperature, ignore_index = float(temperature), int(ignore_index)
+    active = (flat_targets != ignore_index).nonzero().squeeze(1)
+    compact = active.numel() < flat_targets.numel()
+    if compact:  # gather the active rows (autograd scatters their gradient back; ignored rows get 0)
+        hidden2d, flat_targets = hidden2d.index_select(0, active), flat_targets.index_select(0, active)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         out = FusedLinearLogprobFunction.apply(hidden2d, weight, bias, flat_targets, temperature, ignore_index,
                                                return_entropy)  # fmt: skip
@@ -272,6 +283,8 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
         stats = logprob_fwd(hidden2d, weight, flat_targets, bias, temperature=temperature,
                             ignore_index=ignore_index, with_entropy=return_entropy)  # fmt: skip
         outs = (stats.logp, stats.entropy)
+    if compact:
+        outs = tuple(None if o is None else o.new_zeros(lead.numel()).index_copy(0, active, o) for o in outs)
     logp, entropy = (None if o is None else o.reshape(lead) for o in outs)
     return (logp, entropy) if return_entropy else logp
 

@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+@pytest.fixture
+def nan_empty():
+    """``torch.empty`` returns NaN-filled memory (ints: their max), so an output a kernel never writes cannot pass."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different but reproducible seed per test (derived from its node id)."""

@@ -3,9 +3,13 @@
 import pytest
 import torch
 
+import importlib
+
+from bench._harness import _cpu_peak_extra_bytes
 from hotloop.kernels import fused_linear_logprob as flp_module_fn  # noqa: F401  (public export works)
 from hotloop.kernels.fused_linear_logprob import (
     FusedLinearLogprob,
+    FusedLinearLogprobFunction,
     fused_linear_logprob,
     logprob_bwd,
     logprob_fwd,
@@ -16,7 +20,8 @@ from tests.helpers import assert_close
 
 
 @pytest.fixture(autouse=True)
-def _torch_backend(monkeypatch):
+def _torch_backend(monkeypatch, nan_empty):
+    """PyTorch path, with every ``torch.empty`` buffer poisoned (NaN) so that unwritten outputs fail."""
     monkeypatch.setenv("HOTLOOP_BACKEND", "torch")
 
 
@@ -124,17 +129,73 @@ def test_ignored_rows_give_zero_and_no_gradient(row_path):
         assert torch.equal(t.grad, torch.zeros_like(t))
 
 
-def test_no_grad_saves_nothing_and_equals_grad_mode():
+def test_no_grad_runs_only_the_forward_and_equals_grad_mode(monkeypatch):
     hidden, weight, targets, bias = _inputs(30, 24, 300, torch.float32)
+    lp1, ent1 = fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)
+    assert lp1.grad_fn is not None
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the no-grad path must not build an autograd node or run a backward")
+
+    module = importlib.import_module("hotloop.kernels.fused_linear_logprob")
+    monkeypatch.setattr(FusedLinearLogprobFunction, "apply", refuse)
+    monkeypatch.setattr(module, "logprob_bwd", refuse)
+    with torch.no_grad():
+        lp0, ent0 = fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)
+    assert lp0.grad_fn is None
+    assert torch.equal(lp0, lp1.detach()) and torch.equal(ent0, ent1.detach())
+
+
+def test_grad_mode_saves_per_token_statistics_not_logits():
+    hidden, weight, targets, bias = _inputs(30, 24, 300, torch.float32, ignored=0.0)
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-        with torch.no_grad():
-            lp0, ent0 = fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)
-        assert packed == [] and lp0.grad_fn is None
-        lp1, ent1 = fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)
-        assert packed and lp1.grad_fn is not None
-    assert torch.equal(lp0, lp1.detach()) and torch.equal(ent0, ent1.detach())
-    assert all(t.numel() <= max(hidden.numel(), weight.numel()) for t in packed)  # no [N, V] saved
+        fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)
+    assert packed and all(t.numel() <= max(hidden.numel(), weight.numel()) for t in packed)  # no [N, V] saved
+
+
+def test_ignored_rows_cost_no_matmul_work_and_padded_equals_packed(row_path, monkeypatch):
+    """A padded batch sends only its active rows to the kernel; values and grads equal the packed batch's."""
+    module = importlib.import_module("hotloop.kernels.fused_linear_logprob")
+    seen_rows = []
+    real_fwd = module.logprob_fwd
+    monkeypatch.setattr(module, "logprob_fwd", lambda h, *a, **k: seen_rows.append(h.shape[0]) or real_fwd(h, *a, **k))
+    hidden, weight, targets, bias = _inputs(40, 24, 300, torch.float32, ignored=0.4)
+    active = targets != -100
+    g = torch.randn(40)
+    padded = fused_linear_logprob(hidden, weight, targets, bias)
+    padded_grads = torch.autograd.grad((padded * g).sum(), (hidden, weight, bias))
+    packed_hidden = hidden.detach()[active].requires_grad_(True)
+    packed = fused_linear_logprob(packed_hidden, weight, targets[active], bias)
+    packed_grads = torch.autograd.grad((packed * g[active]).sum(), (packed_hidden, weight, bias))
+    assert seen_rows == [int(active.sum())] * 2
+    assert torch.equal(padded[~active], torch.zeros(int((~active).sum())))
+    assert torch.equal(padded_grads[0][~active], torch.zeros_like(padded_grads[0][~active]))
+    assert_close(padded[active], packed.double(), torch.float32, "logp")
+    assert_close(padded_grads[0][active], packed_grads[0].double(), torch.float32, "grad hidden")
+    for name, a, b in zip(("weight", "bias"), padded_grads[1:], packed_grads[1:]):
+        assert_close(a, b.double(), torch.float32, f"grad {name}")
+
+
+def test_ignore_index_inside_the_vocabulary_is_honoured(row_path):
+    hidden, weight, targets, bias = _inputs(25, 24, 300, torch.float32, ignored=0.0)
+    targets[::3] = 7
+    _check_against_reference(hidden, weight, targets, bias, torch.float32, ignore_index=7)
+
+
+def test_peak_extra_memory_is_a_few_tiles_not_the_logits(row_path, monkeypatch):
+    """fwd+bwd at N=1024, V=32000 with 4 MiB tiles: beyond the gradients, a few tiles (< 1/5 of the [N, V] logits)."""
+    tile_bytes = 4 << 20
+    monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", str(tile_bytes))
+    n, d, v = 1024, 32, 32000
+    hidden, weight, targets, _ = _inputs(n, d, v, torch.float32, bias=False, ignored=0.0)
+    g = torch.randn(n)
+
+    def fwd_bwd():
+        torch.autograd.grad((fused_linear_logprob(hidden, weight, targets) * g).sum(), (hidden, weight))
+
+    extra = _cpu_peak_extra_bytes(fwd_bwd) - (hidden.numel() + weight.numel()) * 4
+    assert extra <= 6 * tile_bytes < n * v * 4 / 5, f"{extra / 2**20:.1f} MiB"
 
 
 def test_two_runs_are_bit_identical(row_path, monkeypatch):
@@ -198,6 +259,10 @@ def test_module_matches_function():
 @pytest.mark.parametrize(
     "change, error, name",
     [
+        (lambda a: {**a, "hidden": [[0.0] * 8] * 6}, TypeError, "hidden"),
+        (lambda a: {**a, "weight": None}, TypeError, "weight"),
+        (lambda a: {**a, "targets": [0] * 6}, TypeError, "targets"),
+        (lambda a: {**a, "bias": [0.0] * 50}, TypeError, "bias"),
         (lambda a: {**a, "hidden": torch.randint(0, 5, (6, 8))}, TypeError, "hidden"),
         (lambda a: {**a, "weight": a["weight"].double()}, TypeError, "weight"),
         (lambda a: {**a, "weight": torch.randn(50, 9)}, ValueError, "weight"),
@@ -237,3 +302,11 @@ def test_triton_backend_dispatch_matches_reference_and_fwd_bwd(monkeypatch):
     assert_close(stats.logp, ref_lp, torch.float32, "logp")
     for name, g, r in zip(("hidden", "weight", "bias"), (gh, gw, gb), ref_grads):
         assert_close(g, r, torch.float32, f"grad {name}")
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    hidden, weight, targets, _ = _inputs(4, 8, 50, torch.float32, bias=False)
+    with pytest.raises(RuntimeError, match="HOTLOOP_BACKEND=triton needs CUDA tensors or TRITON_INTERPRET=1"):
+        fused_linear_logprob(hidden, weight, targets)

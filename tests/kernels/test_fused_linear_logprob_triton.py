@@ -22,7 +22,8 @@ ALL_GRADS = (True, True, True)
 
 
 @pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
+def _triton_backend(monkeypatch, nan_empty):
+    """Triton kernels (interpreted), with every ``torch.empty`` buffer poisoned (NaN) so unwritten outputs fail."""
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
 
 
@@ -184,10 +185,14 @@ def test_forward_without_entropy_and_partial_needs_grad():
 
 
 @pytest.mark.parametrize("vocab", [1, 100, 5000, 151_936])
-def test_vocab_chunk_is_an_eighth_of_the_vocabulary_at_most_and_one_tile_at_least(vocab):
-    chunk = _triton_utils.vocab_chunk(vocab, 128)
+@pytest.mark.parametrize("rows", [1, 8192, 1 << 20])
+def test_vocab_chunk_is_an_eighth_of_the_vocabulary_within_the_budget_and_one_tile_at_least(vocab, rows):
+    budget = 64 << 20
+    chunk = _triton_utils.vocab_chunk(vocab, 128, rows=rows, itemsize=2, budget_bytes=budget)
     assert chunk % 128 == 0 and chunk >= 128
     assert chunk <= max(vocab / 8, 128)
+    assert rows * chunk * 2 <= budget or chunk == 128
+    assert _triton_utils.vocab_chunk(vocab, 128) >= chunk  # no budget: the V/8 rule alone
 
 
 @pytest.mark.parametrize("row_blocks,tiles", [(1, 1), (3, 9), (2, 1000)])
