@@ -24,7 +24,7 @@ struct RowFoldParams {
   const int64_t* targets;  // [R] column in the full row (any value outside the block is skipped)
   double* m;               // [R] running max of z = inv_temperature * x
   double* s;               // [R] sum e^{z - m}
-  double* t;               // [R] sum e^{z - m} (z - m)
+  double* t;               // [R] sum e^{z - m} (z - m); null: not accumulated (no entropy wanted)
   double* target_logit;    // [R] z_t, written by the block holding the target
   int64_t rows;
   int64_t block;           // Vb

@@ -60,11 +60,13 @@ HOTLOOP_INLINE void store(uint16_t* p, int64_t j, float v) {
   p[j] = uint16_t(v != v ? ((b >> 16) | 0x40u) : rounded);
 }
 
-// Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 polynomial
-// (max rel. error ~1.5e-7 in fp32). Below -87.3 the result is 0 (also for -inf); NaN stays NaN.
-HOTLOOP_INLINE float exp_poly(float x) {
-  constexpr float kLo = -87.3365447504f, kHi = 88.3762626647f;
-  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);
+// Cephes expf for x <= ~0 (every caller passes z - max or z - lse): exp(x) = 2^n * exp(r),
+// n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 polynomial (max rel. error ~1.5e-7 in fp32).
+// Below -87.3 the result is 0 (also for -inf); NaN stays NaN. No upper clamp: x stays far below
+// the fp32 overflow at 88.7, which saves two compares and two blends per vector.
+HOTLOOP_INLINE float exp_nonpositive(float x) {
+  constexpr float kLo = -87.3365447504f;
+  const float xc = x < kLo ? kLo : x;
   // (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to the nearest integer without libm, so it vectorizes.
   constexpr float kRound = 12582912.0f;
   const float n = (xc * 1.44269504088896341f + kRound) - kRound;
@@ -78,8 +80,7 @@ HOTLOOP_INLINE float exp_poly(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
   const float scale = bits_to_float(uint32_t(int32_t(n) + 127) << 23);
-  const float e = y * scale;
-  return x < kLo ? 0.0f : (x > kHi ? kInf : e);
+  return x < kLo ? 0.0f : y * scale;
 }
 
 struct Running {
@@ -88,8 +89,8 @@ struct Running {
   double t;  // sum e^{z - m} (z - m)
 };
 
-// Folds one chunk of z = inv_t * x into the running statistics.
-template <typename T>
+// Folds one chunk of z = inv_t * x into the running statistics (T only when kWithT: entropy wanted).
+template <bool kWithT, typename T>
 HOTLOOP_INLINE void fold_chunk(const T* __restrict x, int64_t n, float inv_t, Running& acc) {
   float cm = -kInf;
 #pragma omp simd reduction(max : cm)
@@ -110,39 +111,51 @@ HOTLOOP_INLINE void fold_chunk(const T* __restrict x, int64_t n, float inv_t, Ru
   const float m = float(acc.m);
   if (!(m > -kInf)) return;  // chunk of -inf (or NaN) logits adds nothing
   float cs = 0.0f, ct = 0.0f;
+  if (kWithT) {
 #pragma omp simd reduction(+ : cs, ct)
-  for (int64_t j = 0; j < n; ++j) {
-    const float d = inv_t * load(x, j) - m;
-    const float e = exp_poly(d);
-    cs += e;
-    ct += e > 0.0f ? e * d : 0.0f;  // e = 0 at d = -inf: the limit of e * d is 0, not NaN
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = inv_t * load(x, j) - m;
+      const float e = exp_nonpositive(d);
+      cs += e;
+      ct += e > 0.0f ? e * d : 0.0f;  // e = 0 at d = -inf: the limit of e * d is 0, not NaN
+    }
+  } else {
+#pragma omp simd reduction(+ : cs)
+    for (int64_t j = 0; j < n; ++j) cs += exp_nonpositive(inv_t * load(x, j) - m);
   }
   acc.s += double(cs);
   acc.t += double(ct);
 }
 
-template <typename T>
+template <bool kWithT, typename T>
 HOTLOOP_INLINE void fold_row(const T* x, int64_t n, float inv_t, int64_t local_t, double* m, double* s,
                              double* t, double* zt) {
-  Running acc{*m, *s, *t};
+  Running acc{*m, *s, kWithT ? *t : 0.0};
   for (int64_t c = 0; c < n; c += kChunk) {
-    fold_chunk(x + c, n - c < kChunk ? n - c : kChunk, inv_t, acc);
+    fold_chunk<kWithT>(x + c, n - c < kChunk ? n - c : kChunk, inv_t, acc);
   }
   *m = acc.m;
   *s = acc.s;
-  *t = acc.t;
+  if (kWithT) *t = acc.t;
   if (local_t >= 0 && local_t < n) *zt = double(inv_t * load(x, local_t));
+}
+
+template <typename T>
+HOTLOOP_INLINE void fold_row_of(const RowFoldParams& p, const T* x, int64_t r, int64_t local_t) {
+  double* t = p.t != nullptr ? p.t + r : nullptr;
+  if (t != nullptr) {
+    fold_row<true>(x, p.block, p.inv_temperature, local_t, p.m + r, p.s + r, t, p.target_logit + r);
+  } else {
+    fold_row<false>(x, p.block, p.inv_temperature, local_t, p.m + r, p.s + r, t, p.target_logit + r);
+  }
 }
 
 HOTLOOP_CLONES void fold_row_any(const RowFoldParams& p, int64_t r) {
   const int64_t local_t = p.targets[r] - p.vocab_start;  // outside [0, block): not in this block
-  double* state[4] = {p.m + r, p.s + r, p.t + r, p.target_logit + r};
   if (p.dtype == DType::kFloat32) {
-    const float* x = static_cast<const float*>(p.logits) + r * p.row_stride;
-    fold_row(x, p.block, p.inv_temperature, local_t, state[0], state[1], state[2], state[3]);
+    fold_row_of(p, static_cast<const float*>(p.logits) + r * p.row_stride, r, local_t);
   } else {
-    const uint16_t* x = static_cast<const uint16_t*>(p.logits) + r * p.row_stride;
-    fold_row(x, p.block, p.inv_temperature, local_t, state[0], state[1], state[2], state[3]);
+    fold_row_of(p, static_cast<const uint16_t*>(p.logits) + r * p.row_stride, r, local_t);
   }
 }
 
@@ -155,12 +168,12 @@ HOTLOOP_INLINE void grad_row(T* __restrict x, int64_t n, int64_t local_t, float 
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float lp = inv_t * load(x, j) - lse;
-    const float pj = exp_poly(lp);
+    const float pj = exp_nonpositive(lp);
     const float g = pj > 0.0f ? -inv_t * pj * (g_lp + g_ent * (lp + h)) : 0.0f;
     store(x, j, g);
   }
   if (has_t) {
-    const float pt = exp_poly(lp_t);
+    const float pt = exp_nonpositive(lp_t);
     const float ent = pt > 0.0f ? g_ent * pt * (lp_t + h) : 0.0f;
     store(x, local_t, inv_t * (g_lp * (1.0f - pt) - ent));
   }

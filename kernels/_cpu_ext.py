@@ -93,7 +93,8 @@ def new_row_state(rows: int, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def row_stats_fold_(
-    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, inv_temperature: float, state: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, inv_temperature: float, state: torch.Tensor,
+    with_entropy: bool = True,
 ) -> None:
     """Fold the columns ``vocab_start .. vocab_start + Vb`` of each row into ``state``, in place.
 
@@ -101,6 +102,8 @@ def row_stats_fold_(
         logits: [R, Vb] float32 | bfloat16 on CPU, rows contiguous (row stride may exceed Vb).
         targets: [R] int64 column in the full row; a target outside this block only skips z_t here.
         state: [4, R] float64 from ``new_row_state`` (m, S, T, z_t), updated in place.
+        with_entropy: accumulate T (needed for the entropy only); False leaves T untouched and
+            saves a multiply-add per logit.
     """
     ext = _require_module()
     _check_logits(logits)
@@ -115,6 +118,7 @@ def row_stats_fold_(
     if rows == 0 or block == 0:
         return
     m, total, shifted, target_logit = (row.data_ptr() for row in state)
+    shifted = shifted if with_entropy else 0  # a null T pointer: the kernel skips T
     ext.row_stats_fold(
         logits.data_ptr(), targets.data_ptr(), m, total, shifted, target_logit, rows, block, logits.stride(0),
         int(vocab_start), _DTYPE_FLAG[logits.dtype], s, torch.get_num_threads(),

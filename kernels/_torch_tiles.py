@@ -69,16 +69,18 @@ def spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges 
     return ((a, min(total, a + step)) for a in range(0, total, step))
 
 
-def fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperature: float, state: Tensor) -> None:
+def fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperature: float, state: Tensor, *,
+                with_entropy: bool = True) -> None:
     """Fold block [R, Vb] fp32 (columns vocab_start.. of the rows) into the running state [4, R] float64.
 
     The state (``_cpu_ext.new_row_state``: max m, S = Σe^{z−m}, T = Σe^{z−m}(z−m), z_t) is merged
     block by block, so a row may be swept in vocabulary blocks; ``_cpu_ext.finish_row_state``
-    turns it into (lse, logp, entropy). Native kernel on CPU when built, else torch ops.
+    turns it into (lse, logp, entropy). Native kernel on CPU when built, else torch ops. Without
+    ``with_entropy`` the native kernel leaves T alone (the entropy it would give is meaningless).
     """
     if block.device.type == "cpu" and _cpu_ext.available():
         _cpu_ext.row_stats_fold_(block, targets, vocab_start=vocab_start, inv_temperature=inv_temperature,
-                                 state=state)  # fmt: skip
+                                 state=state, with_entropy=with_entropy)  # fmt: skip
         return
     m, total, shifted, target_logit = state.unbind(0)
     s = inv_temperature

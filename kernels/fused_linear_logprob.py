@@ -63,7 +63,7 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
         for v0, v1 in tiles.spans(v, cols):
             block = tiles.scratch(buf, r1 - r0, v1 - v0)
             tiles.logits_into(block, h32, weight, bias, v0)
-            tiles.fold_block_(block, t, v0, 1.0 / temperature, state)
+            tiles.fold_block_(block, t, v0, 1.0 / temperature, state, with_entropy=with_entropy)
         for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
             dst[r0:r1] = src
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)

@@ -81,6 +81,25 @@ def test_row_stats_treat_minus_inf_columns_as_zero_probability(nan_empty):
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fold_without_entropy_leaves_t_alone_and_gives_the_same_lse_and_logp(dtype):
+    """Three vocabulary blocks folded with and without T: m, S, z_t bit-identical; T untouched without it."""
+    logits, targets = _inputs(5, 4099, dtype, ignored_rows=(3,))
+    with_t, without_t = _cpu_ext.new_row_state(5), _cpu_ext.new_row_state(5)
+    sentinel = torch.randn(5, dtype=torch.float64)
+    without_t[2] = sentinel
+    for v0, v1 in ((0, 1000), (1000, 3001), (3001, 4099)):
+        for state, flag in ((with_t, True), (without_t, False)):
+            _cpu_ext.row_stats_fold_(logits[:, v0:v1], targets, vocab_start=v0, inv_temperature=0.7, state=state,
+                                     with_entropy=flag)  # fmt: skip
+    assert torch.equal(without_t[[0, 1, 3]], with_t[[0, 1, 3]]) and torch.equal(without_t[2], sentinel)
+    lse, logp, _ = _cpu_ext.finish_row_state(with_t, targets, IGNORE)
+    ref = _cpu_ext.reference_row_stats(logits, targets, inv_temperature=0.7, ignore_index=IGNORE)
+    _check(lse, ref[0], 1e-6, "lse")
+    _check(logp, ref[1], 1e-6, "logp")
+
+
+@native
 def test_row_stats_reject_out_of_range_targets():
     logits, targets = _inputs(4, 50, torch.float32, ignored_rows=())
     targets[2] = 50
