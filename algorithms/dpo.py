@@ -16,27 +16,37 @@ pairs come from is what separates the variants (Tang et al. 2024; Lanchantin et 
   ``s − 1`` optimizer steps), with ``s = ∞`` offline-on-policy-at-start. The algorithm itself never
   sees ``s``: the loop decides which weights the sampler holds.
 - :class:`OfflineDPO`: a fixed preference set, built once (from the initial policy's samples with
-  :meth:`OfflineDPO.from_policy`, or from a data set), replayed for the prompts the loop draws.
+  :meth:`OfflineDPO.from_policy`, or from a JSONL file of ``{"prompt", "chosen", "rejected"}``
+  texts with :meth:`OfflineDPO.from_file`), replayed for the prompts the loop draws. Because the
+  set is fixed, its reference log-probs are computed once (on the first loss call) and cached.
 
-Cost per pair: one policy forward+backward and one reference forward over both sequences; the
-log-probs come from the fused linear log-prob kernel, so no ``[tokens, V]`` logits are stored.
+Cost per pair: one policy forward+backward, plus one reference forward over both sequences (online;
+offline only once per stored pair); the log-probs come from the fused linear log-prob kernel, so
+no ``[tokens, V]`` logits are stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
+from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion, SamplingParams
 
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+"""Keys of one line of a preference-pairs JSONL file (texts)."""
+_REFERENCE_CHUNK_PAIRS = 64
+"""Stored pairs per reference forward when the reference log-probs of a fixed set are cached."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +65,9 @@ class DPOConfig:
     """Completions sampled per prompt to pick pairs from."""
     pairs_per_prompt: int = 1
     """Pairs taken from one prompt's samples: the i-th best with the i-th worst, while rewards differ."""
+    pairs_file: str | None = None
+    """Offline DPO only: JSONL of {"prompt", "chosen", "rejected"} texts to train on; None = pairs from the
+    initial policy's samples of the task's prompts."""
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -68,6 +81,8 @@ class DPOConfig:
         if not isinstance(self.pairs_per_prompt, int) or not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
             raise ValueError(f"pairs_per_prompt: expected an int in [1, samples_per_prompt // 2 = "
                              f"{self.samples_per_prompt // 2}], got {self.pairs_per_prompt!r}")
+        if self.pairs_file is not None and (not isinstance(self.pairs_file, str) or not self.pairs_file):
+            raise ValueError(f"pairs_file: expected None or a path, got {self.pairs_file!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +93,15 @@ class PairBatch(Batch):
     """[P] int64 row index of each pair's preferred completion."""
     rejected: torch.Tensor
     """[P] int64 row index of each pair's dispreferred completion."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredPairBatch(PairBatch):
+    """A :class:`PairBatch` of pairs from a fixed set, which knows where each row is stored."""
+
+    stored_row: torch.Tensor
+    """[R] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
+    per row, so micro batches that slice rows keep it aligned."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,56 @@ def preference_pairs(prompt_ids: list[list[int]], completions: list[Completion],
             for w, l in best_worst_pairs(rewards, groups, pairs_per_prompt)]
 
 
+def read_pairs(path: str | Path, encode: Callable[[str], list[int]], eos_token_id: int
+               ) -> tuple[list[Problem], list[PreferencePair]]:
+    """Problems (one per distinct prompt) and preference pairs of a JSONL file of PAIR_KEYS texts.
+
+    ``prompt_ids = encode(prompt)`` (bos included); a completion's ids are those of
+    ``encode(prompt + text)`` after the prompt's, then ``eos_token_id`` (what the sampler would emit).
+    Raises ``ValueError`` naming the file, the line number and what is wrong with the line.
+    """
+    problems: dict[str, Problem] = {}
+    pairs = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = _pair_row(path, number, line)
+        try:
+            prompt_ids = encode(row["prompt"])
+            ids = [_completion_ids(prompt_ids, encode(row["prompt"] + row[k]), k) for k in ("chosen", "rejected")]
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: {err}") from None
+        problems.setdefault(row["prompt"], Problem(prompt=row["prompt"], answer=""))
+        pairs.append(PreferencePair(tuple(prompt_ids), (*ids[0], eos_token_id), (*ids[1], eos_token_id)))
+    if not pairs:
+        raise ValueError(f"{path}: expected at least one line with keys {PAIR_KEYS}, got none")
+    return list(problems.values()), pairs
+
+
+def _pair_row(path, number: int, line: str) -> dict:
+    """One parsed line of a pairs file, checked to hold PAIR_KEYS strings."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got invalid JSON "
+                         f"({err.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got {type(row).__name__}")
+    for key in PAIR_KEYS:
+        if key not in row:
+            raise ValueError(f"{path}:{number}: missing key {key!r}; expected keys {PAIR_KEYS}, got {sorted(row)}")
+        if not isinstance(row[key], str):
+            raise ValueError(f"{path}:{number}: key {key!r}: expected a string, got {row[key]!r}")
+    return row
+
+
+def _completion_ids(prompt_ids: list[int], full_ids: list[int], key: str) -> list[int]:
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"key {key!r}: the prompt's tokens are not a prefix of the tokens of prompt + {key} "
+                         f"(the tokenizer merges across the boundary); end the prompt where a token ends")
+    return full_ids[len(prompt_ids):]
+
+
 def pair_batch(pairs: list[PreferencePair], pad_token_id: int, version: int) -> PairBatch:
     """Pack preference pairs into interleaved chosen/rejected rows."""
     prompts = [list(p.prompt_ids) for p in pairs for _ in range(2)]
@@ -144,10 +218,9 @@ class _DPOLoss:
         """DPO-family loss of ``batch``; metrics add ``kl`` = mean over rows of log π − log π_ref."""
         if reference is None:
             raise ValueError("reference: expected the frozen reference model, got None")
-        args = (batch.input_ids, batch.attention_mask, batch.completion_mask)
-        logps = sequence_logprobs(policy, *args)
-        with torch.no_grad():
-            ref_logps = sequence_logprobs(reference, *args)
+        batch = batch.to(next(policy.parameters()).device)
+        logps = sequence_logprobs(policy, batch.input_ids, batch.attention_mask, batch.completion_mask)
+        ref_logps = self.reference_logps(reference, batch).to(logps.device)
         lengths = batch.completion_mask.sum(-1)
         c, r, cfg = batch.chosen, batch.rejected, self.config
         out = dpo_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], beta=cfg.beta, loss_type=cfg.loss_type,
@@ -157,6 +230,11 @@ class _DPOLoss:
         metrics["kl"] = (logps.detach() - ref_logps).mean()
         metrics["pairs"] = torch.tensor(float(c.numel()))
         return LossOutput(loss=out.loss, metrics=metrics)
+
+    @torch.no_grad()
+    def reference_logps(self, reference: nn.Module, batch: PairBatch) -> torch.Tensor:
+        """[R] float32 log π_ref of every row of ``batch`` (a fresh reference forward)."""
+        return sequence_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
 class OnlineDPO(_DPOLoss):
@@ -181,18 +259,28 @@ class OnlineDPO(_DPOLoss):
 
 
 class OfflineDPO(_DPOLoss):
-    """DPO on a fixed preference set: each step trains on the stored pairs of the prompts drawn."""
+    """DPO on a fixed preference set: each step trains on the stored pairs of the prompts drawn.
+
+    The set's reference log-probs are computed once per reference model, on the first ``loss``
+    call, and read from that cache afterwards (:meth:`reference_logps`).
+    """
 
     samples_per_prompt = 0
 
-    def __init__(self, config: DPOConfig, *, pad_token_id: int, pairs: list[PreferencePair], version: int = 0) -> None:
+    def __init__(self, config: DPOConfig, *, pad_token_id: int, pairs: list[PreferencePair], problems: list,
+                 version: int = 0) -> None:
         super().__init__(config, pad_token_id=pad_token_id)
         if not pairs:
             raise ValueError("pairs: expected at least one preference pair, got none")
-        self.version = version
+        self.version, self.problems = version, problems
         self.pairs: dict[tuple[int, ...], list[PreferencePair]] = {}
         for pair in pairs:
             self.pairs.setdefault(tuple(pair.prompt_ids), []).append(pair)
+        # identical pairs share one slot of the reference cache
+        self.stored: list[PreferencePair] = list(dict.fromkeys(pairs))
+        self._slot = {pair: i for i, pair in enumerate(self.stored)}
+        self._reference: nn.Module | None = None
+        self._reference_cache: torch.Tensor | None = None
 
     @classmethod
     def from_policy(cls, config: DPOConfig, *, pad_token_id: int, engine, problems: list,
@@ -204,22 +292,60 @@ class OfflineDPO(_DPOLoss):
         pairs = preference_pairs(prompt_ids, completions, rewards, config.pairs_per_prompt)
         if not pairs:
             raise ValueError("problems: the policy's samples show no reward contrast on any prompt")
-        return cls(config, pad_token_id=pad_token_id, pairs=pairs, version=engine.weight_version)
+        return cls(config, pad_token_id=pad_token_id, pairs=pairs, problems=problems, version=engine.weight_version)
+
+    @classmethod
+    def from_file(cls, config: DPOConfig, *, path: str | Path, pad_token_id: int, encode: Callable[[str], list[int]],
+                  eos_token_id: int) -> OfflineDPO:
+        """Read the set from a JSONL file of PAIR_KEYS texts (see :func:`read_pairs`); its prompts are the pool."""
+        problems, pairs = read_pairs(path, encode, eos_token_id)
+        return cls(config, pad_token_id=pad_token_id, pairs=pairs, problems=problems)
 
     @classmethod
     def from_config(cls, config: DPOConfig, context: BuildContext) -> OfflineDPO:
-        """Factory for the config registry: pairs from the engine's samples of every training prompt."""
+        """Factory for the config registry: pairs from ``config.pairs_file``, else from the engine's samples of
+        every training prompt."""
         tok = context.tokenizer
+        if config.pairs_file is not None:
+            eos = getattr(tok, "eos_id", None)
+            if eos is None:
+                raise ValueError(f"tokenizer: pairs from {config.pairs_file} need an eos id to end completions, "
+                                 f"got {type(tok).__name__} without one")
+            return cls.from_file(config, path=config.pairs_file, pad_token_id=context.pad_token_id,
+                                 encode=tok.encode, eos_token_id=eos)
         return cls.from_policy(config, pad_token_id=context.pad_token_id, engine=context.engine,
                                problems=context.problems, prompt_ids=[tok.encode(p.prompt) for p in context.problems],
                                reward_fn=context.reward_fn, decode=tok.decode, sampling=context.sampling)
 
     def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> PairBatch | None:
-        """The stored pairs of the drawn prompts (``completions`` is empty); None when none is stored."""
-        chosen = [p for ids in prompt_ids for p in self.pairs.get(tuple(ids), [])[: self.config.pairs_per_prompt]]
-        return pair_batch(chosen, self.pad_token_id, self.version) if chosen else None
+                    rewards: torch.Tensor) -> StoredPairBatch | None:
+        """Every stored pair of the drawn prompts (``completions`` is empty); None when none is stored."""
+        chosen = [p for ids in prompt_ids for p in self.pairs.get(tuple(ids), [])]
+        if not chosen:
+            return None
+        batch = pair_batch(chosen, self.pad_token_id, self.version)
+        rows = [2 * self._slot[p] + side for p in chosen for side in (0, 1)]   # pair_batch's interleaved layout
+        return StoredPairBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
+                               stored_row=torch.tensor(rows, dtype=torch.long))
 
     def prompts(self) -> list[tuple[int, ...]]:
-        """Prompt token ids that have stored pairs (the pool an offline run should draw from)."""
+        """Prompt token ids that have stored pairs."""
         return list(self.pairs)
+
+    def reference_logps(self, reference: nn.Module, batch: StoredPairBatch) -> torch.Tensor:
+        """[R] float32 log π_ref of ``batch``'s rows, from the cache of the whole set for ``reference``."""
+        if self._reference is not reference:
+            self._reference_cache = self.reference_logps_of_set(reference)
+            self._reference = reference
+        return self._reference_cache[batch.stored_row.to(self._reference_cache.device)]
+
+    @torch.no_grad()
+    def reference_logps_of_set(self, reference: nn.Module) -> torch.Tensor:
+        """[2S] float32 log π_ref of every stored pair's chosen (2i) and rejected (2i + 1), one forward per chunk."""
+        device = next(reference.parameters()).device
+        out = []
+        for start in range(0, len(self.stored), _REFERENCE_CHUNK_PAIRS):
+            batch = pair_batch(self.stored[start : start + _REFERENCE_CHUNK_PAIRS], self.pad_token_id,
+                               self.version).to(device)
+            out.append(super().reference_logps(reference, batch))
+        return torch.cat(out)

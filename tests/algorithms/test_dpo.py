@@ -1,5 +1,6 @@
 """DPO family: pair construction (online best-vs-worst, offline replay) and the loss's wiring."""
 
+import math
 import random
 
 import pytest
@@ -48,7 +49,7 @@ def test_best_worst_pairs_takes_ith_best_with_ith_worst_while_rewards_differ():
 
 def test_offline_dpo_replays_stored_pairs_of_the_drawn_prompts_only():
     pairs = [PreferencePair((1, 5), (7, 2), (8, 2)), PreferencePair((1, 6), (9, 9, 2), (3, 2), 0.7, 0.2)]
-    algo = OfflineDPO(DPOConfig(samples_per_prompt=2), pad_token_id=PAD, pairs=pairs, version=0)
+    algo = OfflineDPO(DPOConfig(samples_per_prompt=2), pad_token_id=PAD, pairs=pairs, problems=[], version=0)
     assert algo.samples_per_prompt == 0
     batch = algo.build_batch([None] * 2, [[1, 6], [1, 4]], [], torch.zeros(0))
     assert batch.input_ids.tolist() == [[1, 6, 9, 9, 2], [1, 6, 3, 2, PAD]]
@@ -109,3 +110,95 @@ def test_dpo_config_names_the_bad_field():
         DPOConfig(loss_type="kto")
     with pytest.raises(ValueError, match="pairs_per_prompt"):
         DPOConfig(samples_per_prompt=4, pairs_per_prompt=3)
+
+
+# -- offline DPO from a preference file -----------------------------------------------------------------
+
+TOK_ALPHABET = "0123456789+="
+
+
+def _pairs_file(tmp_path, rows, name="pairs.jsonl"):
+    import json
+
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _file_dpo(tmp_path, rows, **config):
+    from hotloop.algorithms.tasks import CharTokenizer
+
+    tok = CharTokenizer(TOK_ALPHABET)
+    algo = OfflineDPO.from_file(DPOConfig(samples_per_prompt=2, **config), path=_pairs_file(tmp_path, rows),
+                                pad_token_id=tok.pad_id, encode=tok.encode, eos_token_id=tok.eos_id)
+    return algo, tok
+
+
+ROWS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in (3, 7, 12) for b in (5, 9)]
+
+
+def test_pairs_file_gives_prompt_and_completion_ids_with_eos_and_its_prompts_as_problems(tmp_path):
+    rows = ROWS[:2] + [{"prompt": "3+5=", "chosen": "8", "rejected": "80"}]
+    algo, tok = _file_dpo(tmp_path, rows)
+    assert [p.prompt for p in algo.problems] == ["3+5=", "3+9="]
+    first = algo.pairs[tuple(tok.encode("3+5="))]
+    assert [p.chosen_ids for p in first] == [(*tok.encode("8", add_bos=False), tok.eos_id)] * 2
+    assert first[1].rejected_ids == (*tok.encode("80", add_bos=False), tok.eos_id)
+    batch = algo.build_batch([None], [tok.encode("3+5=")], [], torch.zeros(0))
+    assert batch.chosen.tolist() == [0, 2] and batch.stored_row.tolist() == [0, 1, 4, 5]   # every stored pair
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"prompt": "1+1=", "chosen": "2"}', "missing key 'rejected'"),
+    ('{"prompt": "1+1=", "chosen": "2", "rejected": 3}', "key 'rejected': expected a string, got 3"),
+    ('{"prompt": "1+1=", "chosen": "2", ', "invalid JSON"),
+    ('["1+1=", "2", "3"]', "expected a JSON object"),
+    ('{"prompt": "1+1=", "chosen": "two", "rejected": "3"}', "not in the alphabet"),
+])
+def test_malformed_pairs_line_error_names_the_file_the_line_and_the_problem(tmp_path, bad_line, message):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:3: .*" + message) as info:
+        _file_dpo(tmp_path, [ROWS[0], "", bad_line, ROWS[1]])   # a blank line still counts
+    assert str(tmp_path) in str(info.value)
+
+
+def test_empty_pairs_file_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="at least one line"):
+        _file_dpo(tmp_path, ["", "  "])
+
+
+def _tiny_policy(tok, seed=0):
+    from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
+    from hotloop.runtime.trainer import make_reference
+
+    model = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=32, layers=1), seed=seed)
+    return model, make_reference(model)
+
+
+def test_offline_reference_logprobs_are_computed_once_and_equal_a_fresh_forward(tmp_path):
+    from hotloop.algorithms.logprobs import sequence_logprobs
+
+    algo, tok = _file_dpo(tmp_path, ROWS)
+    model, reference = _tiny_policy(tok)
+    forwards = []
+    reference.get_decoder().register_forward_hook(lambda *_: forwards.append(1))   # log-probs skip the top module
+    prompt_ids = [tok.encode(r["prompt"]) for r in ROWS]
+    for step in range(3):
+        batch = algo.build_batch([None] * 2, prompt_ids[2 * step : 2 * step + 2], [], torch.zeros(0))
+        algo.loss(model, batch, reference=reference)
+    assert len(forwards) == 1   # one chunk for the whole set, none per step
+    batch = algo.build_batch([None] * len(ROWS), prompt_ids[::-1], [], torch.zeros(0))
+    fresh = sequence_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
+    torch.testing.assert_close(algo.reference_logps(reference, batch), fresh, rtol=1e-5, atol=1e-5)
+    assert len(forwards) == 2   # only the fresh forward above
+
+
+def test_offline_dpo_from_a_file_lowers_its_loss_on_a_fixed_seed(tmp_path):
+    from hotloop.runtime.trainer import Trainer, TrainerConfig
+
+    algo, tok = _file_dpo(tmp_path, ROWS, beta=0.5)
+    model, reference = _tiny_policy(tok, seed=0)
+    trainer = Trainer(model, TrainerConfig(lr=1e-2, seed=0), reference=reference)
+    batch = algo.build_batch([None] * len(ROWS), [tok.encode(r["prompt"]) for r in ROWS], [], torch.zeros(0))
+    losses = [trainer.step(lambda m, b: algo.loss(m, b, reference=reference), [batch])["loss"] for _ in range(15)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)   # policy == reference: −log σ(0)
+    assert losses[-1] < 0.5 * losses[0] and losses[-1] < min(losses[:5])
