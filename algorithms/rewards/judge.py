@@ -13,9 +13,12 @@ https://arxiv.org/abs/2401.10020) pass the policy itself as ``model``.
 Each choice is tokenised on its own and appended to the judging prompt, so a template should
 end where a choice starts a new token (``"... Answer:"`` with choices ``" A"``, ``" B"`` for BPE).
 Cost: one forward pass of ``len(judging prompt) + len(choice)`` tokens per choice.
+:class:`JudgeConfig` is the run config's view of the pointwise judge (``reward.kind: llm_judge``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +27,42 @@ from hotloop.algorithms.rewards.reward_model import encode, pad_id, right_pad
 
 PAIRWISE_TEMPLATE = "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better? Answer:"
 POINTWISE_TEMPLATE = "Question: {prompt}\nAnswer: {completion}\nIs the answer good? Answer:"
+POLICY = "policy"
+"""``JudgeConfig.model`` value that makes the policy judge its own samples (self-rewarding)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeConfig:
+    """Settings of the pointwise LLM-judge reward (``reward.judge`` in a run config)."""
+
+    model: str | None = None
+    """Local transformers causal-LM directory, or "policy" for the run's own policy; None = unset."""
+    template: str = POINTWISE_TEMPLATE
+    """Judging prompt with ``{prompt}`` and ``{completion}``; must be encodable by the judge's tokenizer."""
+    verdicts: tuple[str, str] = (" yes", " no")
+    """(good, bad) answer strings; the reward is σ(ℓ_good − ℓ_bad)."""
+    batch_size: int = 32
+    """Judging prompts per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"model: expected None, {POLICY!r} or a model directory, got {self.model!r}")
+        _check_template("template", self.template, ("{prompt}", "{completion}"))
+        _check_pair("verdicts", self.verdicts)
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size!r}")
+
+
+def _check_template(name: str, value: str, fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if f not in value] if isinstance(value, str) else list(fields)
+    if missing:
+        raise ValueError(f"{name}: expected the fields {fields}, missing {missing} in {value!r}")
+
+
+def _check_pair(name: str, pair: tuple[str, str]) -> None:
+    if not isinstance(pair, tuple) or len(pair) != 2 or len(set(pair)) != 2 \
+            or not all(isinstance(x, str) and x for x in pair):
+        raise ValueError(f"{name}: expected two different non-empty strings, got {pair!r}")
 
 
 class LLMJudge:
@@ -32,14 +71,10 @@ class LLMJudge:
     def __init__(self, model, tokenizer, *, template: str = PAIRWISE_TEMPLATE,
                  pointwise_template: str = POINTWISE_TEMPLATE, choices: tuple[str, str] = (" A", " B"),
                  verdicts: tuple[str, str] = (" yes", " no"), batch_size: int = 32) -> None:
-        for name, value, fields in (("template", template, ("{prompt}", "{a}", "{b}")),
-                                    ("pointwise_template", pointwise_template, ("{prompt}", "{completion}"))):
-            missing = [f for f in fields if f not in value]
-            if missing:
-                raise ValueError(f"{name}: expected the fields {fields}, missing {missing} in {value!r}")
-        for name, pair in (("choices", choices), ("verdicts", verdicts)):
-            if len(pair) != 2 or len(set(pair)) != 2 or not all(isinstance(x, str) and x for x in pair):
-                raise ValueError(f"{name}: expected two different non-empty strings, got {pair!r}")
+        _check_template("template", template, ("{prompt}", "{a}", "{b}"))
+        _check_template("pointwise_template", pointwise_template, ("{prompt}", "{completion}"))
+        _check_pair("choices", tuple(choices))
+        _check_pair("verdicts", tuple(verdicts))
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size

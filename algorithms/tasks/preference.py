@@ -1,7 +1,8 @@
 """Non-verifiable task: write a digit string in a house style, graded by a rule-based reward.
 
-Prompts are 1 to 4 random digits and ``=`` (``"4719="``). No single answer exists; the reward
-model grades how well a completion ``c`` follows three style rules, each worth a third:
+Prompts are 1 to 4 random digits and ``=`` (``"4719="``). No single answer exists; the
+rule-based reward model :class:`hotloop.algorithms.rewards.style.StyleReward` (digits only,
+``lead=True``) grades how well a completion ``c`` follows three style rules, each worth a third:
 
     score = ( fraction of characters of c that are digits
             + max(0, 1 − |len(c) − L| / L)                      (L = target_length)
@@ -19,11 +20,12 @@ import functools
 import itertools
 import random
 
+from hotloop.algorithms.rewards.style import DIGITS as _DIGITS
+from hotloop.algorithms.rewards.style import StyleConfig, StyleReward
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 
 _MAX_PROMPT_DIGITS = 4
 _SPLITS = ("train", "test")
-_DIGITS = "0123456789"
 _NOISE_CHARS = "+-= "
 
 
@@ -44,6 +46,7 @@ class PreferenceTask:
         if not isinstance(target_length, int) or not 1 <= target_length <= 32:
             raise ValueError(f"target_length: expected an int in [1, 32], got {target_length!r}")
         self.target_length, self.seed = target_length, seed
+        self.reward_model = StyleReward(StyleConfig(target_length=target_length, charset=_DIGITS, lead=True))
 
     @property
     def alphabet(self) -> str:
@@ -68,12 +71,8 @@ class PreferenceTask:
         return [Problem(prompt=p, answer="") for p in rng.sample(prompts, n)]
 
     def score(self, problem: Problem, completion_text: str) -> float:
-        """The style score in [0, 1] of the module docstring."""
-        c, length = completion_text, self.target_length
-        digit_fraction = sum(ch in _DIGITS for ch in c) / len(c) if c else 0.0
-        length_term = max(0.0, 1.0 - abs(len(c) - length) / length)
-        first_digit = float(c[:1] == problem.prompt[:1])
-        return (digit_fraction + length_term + first_digit) / 3.0
+        """The style score in [0, 1] of the module docstring, from :attr:`reward_model`."""
+        return self.reward_model.score(problem, completion_text)
 
     def teacher(self, problem: Problem, rng: random.Random, error_rate: float) -> str:
         """A sloppy writer: each rule is broken independently with probability ``error_rate``.

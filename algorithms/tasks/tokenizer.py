@@ -2,7 +2,8 @@
 
 One id per character of a small alphabet, after three special ids: ``pad = 0``, ``bos = 1``,
 ``eos = 2``. Small enough (V ≈ 20) that a two-layer model learns arithmetic in seconds on a CPU,
-and exact: ``decode(encode(s)) == s`` for every string over the alphabet.
+and exact: ``decode(encode(s)) == s`` for every string over the alphabet. :func:`load_tokenizer`
+reads the tokenizer of a local model directory, this one or a Hugging Face one.
 """
 
 from __future__ import annotations
@@ -73,3 +74,12 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(alphabet={self.alphabet!r})"
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in a local model directory: a :class:`CharTokenizer` when ``char_tokenizer.json`` is
+    there, else ``transformers.AutoTokenizer.from_pretrained(directory)``."""
+    if (Path(directory) / _FILE).exists():
+        return CharTokenizer.load(directory)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(directory)

@@ -1,6 +1,7 @@
 """Tests for the reward sources on real (tiny, randomly initialised) transformers models."""
 
 import math
+import random
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 from hotloop.algorithms.rewards import (ExactMatchReward, LLMJudge, MathVerifyReward, RewardFn, RuleBasedReward,
-                                        SequenceClassifierReward, WeightedMixture)
+                                        SequenceClassifierReward, StyleConfig, StyleReward, WeightedMixture)
 from hotloop.algorithms.tasks import (ArithmeticTask, CharTokenizer, PreferenceTask, Problem, build_tiny_model,
                                       tiny_llama_config)
 
@@ -30,7 +31,7 @@ def test_every_reward_source_satisfies_the_protocol():
     tok = CharTokenizer()
     model = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=16, heads=2, kv_heads=1), seed=0)
     sources = [ExactMatchReward(ArithmeticTask()), MathVerifyReward(), RuleBasedReward(PreferenceTask().score),
-               SequenceClassifierReward(_classifier(1, tok.vocab_size), tok), LLMJudge(model, tok)]
+               SequenceClassifierReward(_classifier(1, tok.vocab_size), tok), LLMJudge(model, tok), StyleReward()]
     for source in sources:
         assert isinstance(source, RewardFn)
 
@@ -99,6 +100,37 @@ def test_rule_based_reward_scores_the_preference_task():
     assert out.tolist() == pytest.approx([1.0, (1 + 0.25 + 0) / 3])
     with pytest.raises(TypeError, match="fn"):
         RuleBasedReward(3)
+
+
+def test_style_reward_grades_format_and_length_and_optionally_the_lead_character():
+    problems = [Problem("71=", "")] * 5
+    texts = ["123", "12 3", "1234567", "", "7xy"]
+    plain = StyleReward(StyleConfig(target_length=3))(problems, texts)
+    assert plain.dtype == torch.float32
+    assert plain.tolist() == pytest.approx([1.0, (3 / 4 + 2 / 3) / 2, (1 + 0) / 2, 0.0, (1 / 3 + 1) / 2])
+    lead = StyleReward(StyleConfig(target_length=3, lead=True))(problems, texts)
+    assert lead.tolist() == pytest.approx([2 / 3, (3 / 4 + 2 / 3) / 3, 1 / 3, 0.0, (1 / 3 + 1 + 1) / 3])
+
+
+def test_style_reward_stays_in_unit_interval_on_random_text():
+    rng = random.Random(0)
+    reward = StyleReward(StyleConfig(target_length=4, charset="ab", lead=True))
+    texts = ["".join(rng.choice("abc ") for _ in range(rng.randrange(12))) for _ in range(200)]
+    out = reward([Problem("a?", "")] * len(texts), texts)
+    assert bool(((out >= 0) & (out <= 1)).all()) and out.max() == 1.0
+
+
+def test_preference_task_is_scored_by_the_style_reward_model():
+    task = PreferenceTask(target_length=5)
+    assert isinstance(task.reward_model, StyleReward)
+    assert task.reward_model.config == StyleConfig(target_length=5, charset="0123456789", lead=True)
+
+
+@pytest.mark.parametrize("kwargs, field", [({"target_length": 0}, "target_length"), ({"charset": ""}, "charset"),
+                                           ({"lead": "yes"}, "lead")])
+def test_style_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        StyleConfig(**kwargs)
 
 
 def _judge(seed=0, **kw):
