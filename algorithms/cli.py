@@ -7,6 +7,9 @@ with a verifier, the accuracy again; it writes ``metrics.jsonl``, ``accuracy_kl.
 of where the time went. ``hotloop train CONFIG`` runs any registered algorithm from a YAML file
 (see :mod:`hotloop.algorithms.config`), on the tiny model or a local transformers model directory
 with a JSONL file of prompts. Both take ``--set key.sub=value`` overrides and ``--resume``.
+
+Everything runs on ``model.device`` (:func:`resolve_device`): the SFT warm start trains on the
+CPU, then policy, reference, sampler copy and loaded reward or judge models move there.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from pathlib import Path
 import torch
 
 from hotloop.algorithms.base import BuildContext
-from hotloop.algorithms.config import ALGORITHMS, RunConfig, load_config
+from hotloop.algorithms.config import ALGORITHMS, RunConfig, SamplingConfig, load_config
+from hotloop.algorithms.dpo import OfflineDPO
 from hotloop.algorithms.experiments import compare as compare_experiments
 from hotloop.algorithms.logprobs import sequence_logprobs
+from hotloop.algorithms.rewards.build import build_reward
+from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.loop import PHASES, LoopResult, OnlineLoop, make_engine
@@ -43,6 +49,7 @@ class Setup:
     test: list
     reward_fn: object
     warm_start_seconds: float
+    device: torch.device
 
 
 class _HFTokenizer:
@@ -78,34 +85,32 @@ def _jsonl_problems(path: str) -> tuple[list[Problem], list[Problem]]:
     return ([p for p in problems if not in_test_split(p.prompt)], [p for p in problems if in_test_split(p.prompt)])
 
 
-def _reward(config: RunConfig, task, tokenizer):
-    if config.reward.mixture:
-        from hotloop.algorithms.rewards.mixture import WeightedMixture
-        return WeightedMixture([(_single_reward(kind, config, task), w) for kind, w in config.reward.mixture])
-    return _single_reward(config.reward.kind or "exact_match", config, task)
+def _raw_tokenizer(tokenizer):
+    """The tokenizer itself: a ``CharTokenizer``, or the Hugging Face one inside :class:`_HFTokenizer`."""
+    return tokenizer.inner if isinstance(tokenizer, _HFTokenizer) else tokenizer
 
 
-def _single_reward(kind: str, config: RunConfig, task):
-    from hotloop.algorithms.rewards import verifiers
-
-    if kind in ("exact_match", "preference_rule"):
-        if task is None:
-            raise ValueError(f"reward.kind: {kind!r} needs a built-in task; use math_verify or reward_model")
-        return verifiers.ExactMatchReward(task)
-    if kind == "math_verify":
-        return verifiers.MathVerifyReward()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from hotloop.algorithms.rewards.reward_model import SequenceClassifierReward
-    model = AutoModelForSequenceClassification.from_pretrained(config.reward.model).eval()
-    return SequenceClassifierReward(model, AutoTokenizer.from_pretrained(config.reward.model))
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a device: "auto" → cuda when available, else cpu; an unavailable cuda is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device: got {name!r}, but CUDA is not available here (torch.cuda.is_available() "
+                         f"is False; torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+                         f"expected 'cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"model.device: expected a cuda index below {torch.cuda.device_count()}, got {name!r}")
+    return device
 
 
 def build_setup(config: RunConfig, *, progress: bool) -> Setup:
-    """Policy, tokenizer, train/test problems and reward for ``config`` (warm-starting the tiny model)."""
-    from hotloop.algorithms.tasks.tokenizer import CharTokenizer
+    """Policy (on ``model.device``), tokenizer, train/test problems and reward for ``config`` (warm-starting the
+    tiny model)."""
+    from hotloop.algorithms.tasks.tokenizer import CharTokenizer, load_tokenizer
     from hotloop.algorithms.tasks.warm_start import sft_warm_start
 
+    device = resolve_device(config.model.device)
     task = None if config.task.name == "jsonl" else _builtin_task(config)
     t0 = time.perf_counter()
     if config.model.path is None:
@@ -115,29 +120,47 @@ def build_setup(config: RunConfig, *, progress: bool) -> Setup:
         model = sft_warm_start(task, tokenizer, out_dir=cache, steps=config.model.warm_start_steps,
                                error_rate=config.model.warm_start_error_rate, seed=config.loop.seed, progress=progress)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
-        local = Path(config.model.path)
-        tokenizer = CharTokenizer.load(local) if (local / "char_tokenizer.json").exists() else \
-            _HFTokenizer(AutoTokenizer.from_pretrained(local))
+        tokenizer = load_tokenizer(config.model.path)
+        tokenizer = tokenizer if isinstance(tokenizer, CharTokenizer) else _HFTokenizer(tokenizer)
+    model = model.float().to(device)
     warm = time.perf_counter() - t0
     if task is None:
         train, test = _jsonl_problems(config.task.prompts)
     else:
         train = task.problems(task.split_size("train"), "train")
         test = task.problems(min(config.task.eval_problems, task.split_size("test")), "test")
-    return Setup(model.float(), tokenizer, train, test[: config.task.eval_problems],
-                 _reward(config, task, tokenizer), warm)
+    reward_fn = build_reward(config.reward, task=task, tokenizer=_raw_tokenizer(tokenizer), policy=model,
+                             device=device)
+    return Setup(model, tokenizer, train, test[: config.task.eval_problems], reward_fn, warm, device)
 
 
 def _token_id(tokenizer, name: str) -> int:
     return getattr(tokenizer, f"{name}_id")
 
 
+def sampling_params(config: SamplingConfig, tokenizer) -> SamplingParams:
+    """The run's ``SamplingParams``: ``config`` with each stop string mapped to its single token id."""
+    stops = set(config.stop_token_ids)
+    for text in config.stop_strings:
+        try:
+            ids = encode(_raw_tokenizer(tokenizer), text, special=False)
+        except ValueError as err:
+            raise ValueError(f"sampling.stop_strings: {text!r} is not encodable by the run's tokenizer ({err})") \
+                from None
+        if len(ids) != 1:
+            raise ValueError(f"sampling.stop_strings: expected strings of one token each, got {text!r} = "
+                             f"{len(ids)} tokens {ids}; give its ids in sampling.stop_token_ids instead")
+        stops.add(ids[0])
+    return SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                          max_new_tokens=config.max_new_tokens, stop_token_ids=tuple(sorted(stops)))
+
+
 def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module):
     """``evaluate(model)``: greedy held-out accuracy and a sampled estimate of KL(π ‖ π_ref) per sequence."""
     tok, prompts = setup.tokenizer, [setup.tokenizer.encode(p.prompt) for p in setup.test]
-    base = SamplingParams(max_new_tokens=config.sampling.max_new_tokens, temperature=0.0)
+    base = dataclasses.replace(sampling_params(config.sampling, tok), temperature=0.0, top_p=1.0, top_k=0)
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -147,9 +170,9 @@ def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module):
         rewards = setup.reward_fn(setup.test, [tok.decode(c.token_ids) for c in greedy])
         sampled = engine.generate(prompts, dataclasses.replace(base, temperature=1.0, seed=config.loop.seed))
         from hotloop.algorithms.base import pack_rows
-        ids, mask, comp = pack_rows(prompts, [c.token_ids for c in sampled], _token_id(tok, "pad"))
+        rows = pack_rows(prompts, [c.token_ids for c in sampled], _token_id(tok, "pad"))
         policy = torch.tensor([sum(c.logprobs) for c in sampled])
-        kl = (policy - sequence_logprobs(reference, ids, mask, comp)).mean().item()
+        kl = (policy - sequence_logprobs(reference, *(r.to(setup.device) for r in rows)).cpu()).mean().item()
         return {"accuracy": rewards.float().mean().item(), "kl": kl}
 
     return evaluate
@@ -161,9 +184,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     setup = build_setup(config, progress=progress)
     reference = make_reference(setup.model)
     trainer = Trainer(setup.model, config.trainer, reference=reference)
-    sampling = SamplingParams(temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-                              top_k=config.sampling.top_k, max_new_tokens=config.sampling.max_new_tokens)
     tok = setup.tokenizer
+    sampling = sampling_params(config.sampling, tok)
     engine = make_engine(setup.model, sync_every=config.loop.sync_every, pad_token_id=_token_id(tok, "pad"),
                          eos_token_id=_token_id(tok, "eos"), max_batch_size=config.sampling.max_batch_size,
                          seed=config.loop.seed)
@@ -173,8 +195,10 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     context = BuildContext(pad_token_id=_token_id(tok, "pad"), engine=engine, problems=setup.train, tokenizer=tok,
                            reward_fn=setup.reward_fn, sampling=sampling)
     algorithm = factory(getattr(config, section), context)
+    # an offline set read from a file brings its own prompts: the loop draws from those
+    problems = algorithm.problems if isinstance(algorithm, OfflineDPO) else setup.train
     loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
-                      problems=setup.train, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=progress)
+                      problems=problems, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=progress)
     result = loop.run(resume=resume)
     after = evaluate(trainer.model) if result.interrupted else _last_eval(result, evaluate, trainer.model)
     return write_summary(config, result, before, after, setup.warm_start_seconds, time.perf_counter() - t0)
@@ -282,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"loop.out_dir={args.out}")
     try:
         config = load_config(getattr(args, "config", None), overrides + args.overrides)
+        resolve_device(config.model.device)
     except ValueError as err:
         print(f"hotloop: config error: {err}", file=sys.stderr)
         return 2

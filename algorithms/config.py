@@ -10,7 +10,8 @@ what it changes::
 
 and ``load_config(path, ["loop.sync_every=1", "dpo.loss_type=ipo"])`` applies overrides on top
 (each value parsed as YAML). Unknown keys, unknown algorithms, ``sync_every < 1`` and a task
-without a reward fail with a ``ValueError`` naming the dotted field.
+without a reward fail with a ``ValueError`` naming the dotted field. Nothing here looks at the
+hardware: ``model.device`` is resolved when a run starts (``hotloop.algorithms.cli.resolve_device``).
 
 Adding an algorithm: give it a frozen ``Config`` section field on :class:`RunConfig` and an entry
 ``name → (section, factory)`` in :data:`ALGORITHMS`; ``factory(section_config, context)`` gets a
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,13 +34,19 @@ from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
 from hotloop.algorithms.grpo import GRPO, GRPOConfig
 from hotloop.algorithms.kto import KTO, KTOConfig
 from hotloop.algorithms.rejection_sampling import RejectionSampling, RejectionSamplingConfig
+from hotloop.algorithms.rewards.judge import JudgeConfig
+from hotloop.algorithms.rewards.style import StyleConfig
 from hotloop.algorithms.rwr import RWR, RWRConfig
 from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewardingDPO
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
 TASKS = ("arithmetic", "preference", "jsonl")
-REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule")
+REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule", "llm_judge")
+"""Reward kinds: the task's verifier, math-verify, a sequence classifier, the rule-based style model
+(:mod:`hotloop.algorithms.rewards.style`, settings in ``reward.style``) and a pointwise LLM judge
+(``reward.judge``)."""
+DEVICES = ("auto", "cpu", "cuda")
 
 ALGORITHMS = {
     "online-dpo": ("dpo", OnlineDPO.from_config),
@@ -64,6 +72,13 @@ class ModelConfig:
     """Probability that the warm start's teacher drops a carry (makes the SFT policy imperfect)."""
     cache_dir: str = "~/.cache/hotloop"
     """Where warm-started models are cached."""
+    device: str = "auto"
+    """Where policy, reference, sampler and model-based rewards run: "auto" (cuda when available, else
+    cpu), "cpu", "cuda" or "cuda:N"; an unavailable cuda fails when the run starts."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
+            raise ValueError(f"device: expected one of {DEVICES} or 'cuda:N', got {self.device!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +113,10 @@ class RewardConfig:
     """One of REWARDS; None = the task's own verifier (arithmetic: exact_match; preference: its rule)."""
     model: str | None = None
     """Local sequence-classifier directory (kind "reward_model")."""
+    style: StyleConfig = field(default_factory=StyleConfig)
+    """Rules of the style reward model (kind "preference_rule")."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Judge model and prompt (kind "llm_judge"); ``judge.model: policy`` lets the policy judge itself."""
     mixture: tuple[tuple[str, float], ...] = ()
     """(kind, weight) pairs, e.g. [[exact_match, 1.0], [reward_model, 0.2]]: r = Σ weight · r_kind
     (verifiable + non-verifiable); replaces kind when given."""
@@ -115,6 +134,8 @@ class RewardConfig:
             raise ValueError(f"mixture: expected at least one positive weight, got {self.mixture!r}")
         if "reward_model" in self.kinds and not self.model:
             raise ValueError("model: kind 'reward_model' needs a local model directory, got None")
+        if "llm_judge" in self.kinds and not self.judge.model:
+            raise ValueError("judge.model: kind 'llm_judge' needs a local causal-LM directory or 'policy', got None")
 
     @property
     def kinds(self) -> tuple[str | None, ...]:
@@ -132,6 +153,18 @@ class SamplingConfig:
     max_new_tokens: int = 5
     max_batch_size: int = 512
     """Rows the engine decodes together."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a completion besides eos (kept as its last token, so rewards see them)."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a completion, each one token of the run's tokenizer (mapped to its id at start)."""
+
+    def __post_init__(self) -> None:
+        ids = self.stop_token_ids
+        if not isinstance(ids, tuple) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                 for t in ids):
+            raise ValueError(f"stop_token_ids: expected a list of ints >= 0, got {ids!r}")
+        if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):
+            raise ValueError(f"stop_strings: expected a list of non-empty strings, got {self.stop_strings!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,7 +186,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
-                                                                eval_every=10))
+                                                                eval_every=10, checkpoint_every=10))
+    """A kill (SIGKILL, power loss) loses at most ``checkpoint_every`` steps; SIGINT/SIGTERM lose none."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -161,6 +195,9 @@ class RunConfig:
         if self.task.name == "jsonl" and self.reward.kinds == (None,):
             raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
                              f"(or a reward.mixture), got None (missing reward)")
+        if self.dpo.pairs_file is not None and self.algorithm != "offline-dpo":
+            raise ValueError(f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, "
+                             f"got algorithm {self.algorithm!r}")
 
     @property
     def algorithm_section(self):
