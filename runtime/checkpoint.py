@@ -7,7 +7,7 @@ Layout of a run directory::
       step-000040/  step-000042/
         model.safetensors        # policy weights (safetensors, shared tensors handled)
         reference.safetensors    # frozen reference model, when there is one
-        <name>.safetensors       # each of extra_models (e.g. an engine's own copy of the policy)
+        <name>.safetensors       # each of extra_models (the online loop's "engine": the sampler's weights)
         trainer.pt               # optimizer and scheduler state dicts
         rng.pt                   # python, numpy, torch CPU, CUDA (all devices) and named torch.Generators
         loop_state.json          # whatever the loop needs to continue (step, data cursor, metrics, ...)
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
@@ -43,7 +43,8 @@ LATEST = "latest"
 def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loop_state: dict,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    extra_models: dict[str, nn.Module] | None = None, rng: bool = True, keep: int = 3) -> Path:
+                    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None, rng: bool = True,
+                    keep: int = 3) -> Path:
     """Write ``run_dir/step-<step>`` atomically, point ``latest`` at it and prune to ``keep`` checkpoints.
 
     Args:
@@ -53,7 +54,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
         loop_state: JSON-serialisable dict the loop restores from.
         reference: frozen reference model to save alongside, if any.
         generators: named ``torch.Generator`` s to save (e.g. the engine's sampler stream).
-        extra_models: more modules to save as ``<name>.safetensors`` (names: letters, digits, _ and -).
+        extra_models: more modules, or state dicts of tensors that share no memory, to save as
+            ``<name>.safetensors`` (names: letters, digits, _ and -).
         rng: also save the global python / numpy / torch / CUDA RNG states.
         keep: number of newest checkpoints to keep (>= 1).
 
@@ -97,14 +99,15 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
 def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    extra_models: dict[str, nn.Module] | None = None, rng: bool = True) -> dict:
+                    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+                    rng: bool = True) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns ``loop_state``.
 
     Args:
         path: a checkpoint directory (``step-XXXXXX``) or a run directory (its ``latest`` is used).
         model, optimizer, scheduler, reference: objects to load into, in place (None: skipped).
         generators: named generators to restore; every name must be in the checkpoint.
-        extra_models: modules saved with ``extra_models`` to load into, by name.
+        extra_models: modules or state dicts saved with ``extra_models`` to load into, in place, by name.
         rng: also restore the global python / numpy / torch / CUDA RNG states.
     """
     path = Path(path)
@@ -116,8 +119,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     load_model(model, path / "model.safetensors", strict=True, device=str(_device(model)))
     if reference is not None:
         load_model(reference, path / "reference.safetensors", strict=True, device=str(_device(reference)))
-    for name, module in (extra_models or {}).items():
-        load_model(module, path / f"{name}.safetensors", strict=True, device=str(_device(module)))
+    for name, target in (extra_models or {}).items():
+        _load_tensors(target, path / f"{name}.safetensors")
     trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
@@ -144,7 +147,10 @@ def _write_state(out: Path, *, model, optimizer, scheduler, loop_state, referenc
     """Write every file of one checkpoint into ``out``, each fsynced; loop_state.json last."""
     modules = {"model": model, **({"reference": reference} if reference is not None else {}), **extra_models}
     for name, module in modules.items():
-        save_model(module, str(out / f"{name}.safetensors"))
+        if isinstance(module, nn.Module):
+            save_model(module, str(out / f"{name}.safetensors"))
+        else:
+            save_file({k: v.detach().contiguous() for k, v in module.items()}, str(out / f"{name}.safetensors"))
     trainer_state = {"optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(trainer_state, out / "trainer.pt")
@@ -152,6 +158,20 @@ def _write_state(out: Path, *, model, optimizer, scheduler, loop_state, referenc
     (out / "loop_state.json").write_text(json.dumps(loop_state, indent=1, sort_keys=True))
     for file in out.iterdir():
         _fsync_file(file)
+
+
+def _load_tensors(target: nn.Module | dict[str, torch.Tensor], file: Path) -> None:
+    """Copy ``file``'s tensors into a module (shared tensors handled) or a state dict with the same keys."""
+    if isinstance(target, nn.Module):
+        load_model(target, file, strict=True, device=str(_device(target)))
+        return
+    loaded = load_file(str(file))
+    if set(loaded) != set(target):
+        missing, unexpected = sorted(set(target) - set(loaded)), sorted(set(loaded) - set(target))
+        raise KeyError(f"extra_models: {file.name} lacks {missing[:5]} and has unexpected {unexpected[:5]}; "
+                       f"expected the keys of the state dict to load into")
+    for name, tensor in target.items():
+        tensor.copy_(loaded[name])
 
 
 def _capture_rng(generators: dict[str, torch.Generator], rng: bool) -> dict:

@@ -2,8 +2,15 @@
 
 An engine turns prompts (token ids) into sampled completions with the *current* policy weights and
 says which weight version produced each one. Two engines implement it: ``TorchEngine`` (samples
-from the very ``nn.Module`` the trainer updates, so a weight sync is free) and ``SGLangEngine``
-(SGLang's offline engine colocated on the trainer's GPU, refit from tensors).
+from an ``nn.Module``: the very one the trainer updates, so a weight sync is free, or its own copy)
+and ``SGLangEngine`` (SGLang's offline engine colocated on the trainer's GPU, refit from tensors).
+
+Zero-copy rule. ``engine.shares_weights_with(trainer.model)`` is True only when ``generate`` reads
+the trainer's live parameters (a ``TorchEngine`` built on that module): a sync is then a version
+bump, and the engine cannot lag behind the trainer. Every other engine holds its own weights and
+receives a state dict at each sync. ``local_model`` is the in-process module holding the weights
+``generate`` uses (the online loop checkpoints it), or None when they live elsewhere (SGLang's
+scheduler process; the loop then keeps a host copy of what it last sent).
 
 Sampler log-probs. ``Completion.logprobs[t]`` is ``log_softmax(logits / T)[token_t]``: the
 log-probability of the sampled token under the temperature-scaled distribution *before* top-p /
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
+
+from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,9 +98,10 @@ class RolloutEngine(Protocol):
             completions = engine.generate(prompts, SamplingParams(temperature=1.0, n=4))
             engine.sleep()                                  # give the KV cache back to the trainer
             metrics = trainer.step(loss_fn, micro_batches)  # trainer.version += 1
-            engine.sync_weights(trainer.version)            # zero-copy engines: only the version
-            # engines with their own copy of the weights:
-            # engine.sync_weights(trainer.version, model.state_dict())
+            if engine.shares_weights_with(trainer.model):   # zero-copy: only the version
+                engine.sync_weights(trainer.version)
+            else:                                            # the engine holds its own weights
+                engine.sync_weights(trainer.version, trainer.model.state_dict())
 
     ``generate`` returns ``len(prompt_token_ids) * sampling.n`` completions, prompt-major: the n
     completions of prompt 0, then those of prompt 1, ...
@@ -104,6 +114,15 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """Sample ``sampling.n`` completions per prompt, prompt-major."""
+        ...
+
+    @property
+    def local_model(self) -> nn.Module | None:
+        """The in-process module whose weights ``generate`` uses, or None when they live in another process."""
+        ...
+
+    def shares_weights_with(self, module: nn.Module) -> bool:
+        """True when ``generate`` reads ``module``'s live parameters (zero-copy; the engine cannot lag)."""
         ...
 
     def sync_weights(self, version: int, state_dict: dict | None = None) -> None:

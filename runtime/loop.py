@@ -8,17 +8,25 @@ trains on, ``trainer.version − sampler version``, follows ``t mod s`` (0 for `
 ``s = ∞``), and is logged on every step.
 
 Where the sampler's weights live. With ``s = 1`` a ``TorchEngine`` samples from the trainer's own
-module (zero-copy): a sync is a version bump. With ``s > 1`` or offline the sampler must see
-*stale* weights, so :func:`make_engine` gives it its own copy of the model and a sync copies the
-trainer's tensors into it in place (``load_state_dict`` → ``param.copy_``; no reallocation), a
-cost measured as the ``sync`` phase. A zero-copy engine with ``s ≠ 1`` is refused.
+module (zero-copy, ``engine.shares_weights_with(trainer.model)``): a sync is a version bump. With
+``s > 1`` or offline the sampler must see *stale* weights, so :func:`make_engine` gives it its own
+copy of the model and a sync copies the trainer's tensors into it in place (``load_state_dict`` →
+``param.copy_``; no reallocation), a cost measured as the ``sync`` phase. A zero-copy engine with
+``s ≠ 1`` is refused. An engine whose weights live in another process (SGLang: ``local_model`` is
+None) gets the trainer's state dict at each sync, and the loop keeps a host copy of what it sent.
+
+Gradient accumulation. With ``TrainerConfig.grad_accum_steps = k > 1`` each batch is cut into up to
+k micro batches of whole units (pairs, groups) weighted by their share of the loss normaliser
+(``hotloop.algorithms.base.split_batch``), so the step's gradient is that of the whole batch; an
+algorithm whose loss couples the whole batch is refused when the loop is built.
 
 Exact resume. Every source of randomness is a function of ``(seed, step)``: the prompts drawn
 (``random.Random``) and the sampler's generator (``SamplingParams.seed``), so a run resumed from a
-checkpoint takes the same next step as an uninterrupted one. A checkpoint (model, reference,
-optimizer, scheduler, loop state, and the sampler's own copy of the weights) is written every
-``checkpoint_every`` steps, at the end, and when SIGINT/SIGTERM arrives (after the step in flight
-finishes; a second Ctrl-C aborts at once).
+checkpoint takes the same next step as an uninterrupted one. One atomic checkpoint (model,
+reference, optimizer, scheduler, loop state and, unless zero-copy, the sampler's weights as
+``engine.safetensors``) is written every ``checkpoint_every`` steps, at the end, and when
+SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C aborts at once); a
+SIGKILL loses at most the steps since the last one.
 """
 
 from __future__ import annotations
@@ -37,16 +45,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from hotloop.algorithms.base import micro_batch_rule, split_batch
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
 
 PHASES = ("sync", "sampling", "scoring", "batching", "training")
-_ENGINE_FILE = "engine.safetensors"
+_ENGINE = "engine"
 _METRICS_FILE = "metrics.jsonl"
 
 
@@ -62,8 +70,8 @@ class LoopConfig:
     """Prompts drawn (without replacement within a step) per loop step."""
     eval_every: int = 10
     """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
-    checkpoint_every: int = 0
-    """Checkpoint every this many steps; 0 = only at the end and on interruption."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0 = only then."""
     out_dir: str = "runs/demo"
     """Directory for metrics.jsonl and checkpoints."""
     seed: int = 0
@@ -112,7 +120,7 @@ class OnlineLoop:
     Args:
         config: schedule, output directory and seed.
         trainer: ``hotloop.runtime.trainer.Trainer`` (its ``reference`` feeds the algorithm's loss).
-        engine: a ``RolloutEngine``; a ``TorchEngine`` on the trainer's module only when ``sync_every == 1``.
+        engine: a ``RolloutEngine``; one sharing the trainer's module (zero-copy) only when ``sync_every == 1``.
         algorithm: ``hotloop.algorithms.base.Algorithm``.
         reward_fn: ``RewardFn`` (problems, texts) -> [n] float32.
         problems: training pool (objects with ``.prompt``); each step draws ``prompts_per_step`` of them.
@@ -127,9 +135,15 @@ class OnlineLoop:
                  progress: bool = True) -> None:
         if not isinstance(config, LoopConfig):
             raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
-        if getattr(engine, "model", None) is trainer.model and config.sync_period != 1:
+        zero_copy, local_model = _sampler_module(engine, trainer.model)
+        if zero_copy and config.sync_period != 1:
             raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag; "
                              f"sync_every={config.sync_every!r} needs an engine on a copy (make_engine)")
+        k = trainer.config.grad_accum_steps
+        try:
+            self.split_rule = micro_batch_rule(algorithm) if k > 1 else None
+        except ValueError as error:
+            raise ValueError(f"grad_accum_steps: expected 1, got {k}: {error}") from None
         if algorithm.needs_reference and trainer.reference is None:
             raise ValueError(f"trainer: {type(algorithm).__name__} needs a reference model, got trainer.reference=None")
         if algorithm.samples_per_prompt and len(problems) < config.prompts_per_step:
@@ -137,13 +151,24 @@ class OnlineLoop:
         self.config, self.trainer, self.engine, self.algorithm = config, trainer, engine, algorithm
         self.reward_fn, self.problems, self.tokenizer, self.sampling = reward_fn, problems, tokenizer, sampling
         self.evaluate, self.progress = evaluate, progress
-        self.zero_copy = getattr(engine, "model", None) is trainer.model
+        self.zero_copy = zero_copy
+        # the sampler's weights, checkpointed as engine.safetensors: none of its own (zero-copy), its
+        # in-process module (a TorchEngine on a copy), or a host copy of what the loop last sent (SGLang)
+        self._sent: dict[str, torch.Tensor] | None = None
+        self._sampler_weights: nn.Module | dict[str, torch.Tensor] | None = None
+        if not zero_copy and local_model is None:
+            self._sent = self._sampler_weights = _host_copy(trainer.model.state_dict())
+        elif not zero_copy:
+            self._sampler_weights = local_model
         self.out_dir = Path(config.out_dir)
         self._stop = False
 
     def run(self, *, resume: bool = False) -> LoopResult:
         """Run (or, with ``resume``, continue from the latest checkpoint in ``out_dir``) to ``config.steps``."""
         start = self._resume() if resume else 0
+        if start == 0 and self._sent is not None and self.config.sync_period is None:
+            # offline: pin the sampler to the initial policy, which is what the host copy assumes
+            self.engine.sync_weights(self.engine.weight_version, self._sent)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics(start)
         records, t0, step = [], time.perf_counter(), start
@@ -172,6 +197,8 @@ class OnlineLoop:
             if self._sync_due(step):
                 state = None if self.zero_copy else self.trainer.model.state_dict()
                 self.engine.sync_weights(self.trainer.version, state)
+                if self._sent is not None:
+                    _copy_into(self._sent, state)
         problems = self._draw(step)
         prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
         completions, rewards = [], torch.zeros(0)
@@ -193,33 +220,38 @@ class OnlineLoop:
             if self.config.sleep_between_phases:
                 self.engine.sleep()
             if batch is not None:
-                reference = self.trainer.reference
-                record.update(self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                                [batch]))
+                record.update(self._train(batch))
         record.update({f"time/{name}": seconds for name, seconds in times.items()})
         record["skipped"] = batch is None
         return record
 
     def checkpoint(self, next_step: int) -> Path:
-        """Write a checkpoint from which ``run(resume=True)`` continues at ``next_step``."""
+        """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""
         state = {"next_step": next_step, "engine_version": self.engine.weight_version,
                  "config": dataclasses.asdict(self.config)}
-        path = self.trainer.save(self.out_dir, state)
-        if not self.zero_copy:
-            tmp = path / (_ENGINE_FILE + ".tmp")
-            save_file({k: v.detach().contiguous() for k, v in self.engine.model.state_dict().items()}, str(tmp))
-            tmp.replace(path / _ENGINE_FILE)
-        return path
+        return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
+
+    def _train(self, batch) -> dict:
+        """One optimizer step on ``batch``, cut into micro batches when ``grad_accum_steps > 1``."""
+        k = self.trainer.config.grad_accum_steps
+        parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
+        reference = self.trainer.reference
+        return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
+                                 [b for b, _ in parts], weights=[w for _, w in parts])
 
     def _resume(self) -> int:
-        """Load the latest checkpoint of ``out_dir`` into trainer and engine; the step to continue at."""
+        """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""
         path = latest_checkpoint(self.out_dir)
         if path is None:
             return 0
-        state = self.trainer.load(path)
-        engine_state = None if self.zero_copy else load_file(str(Path(path) / _ENGINE_FILE))
-        self.engine.sync_weights(int(state["engine_version"]), engine_state)
+        state = self.trainer.load(path, extra_models=self._engine_models())
+        # a module was loaded in place; a host copy still has to be sent
+        self.engine.sync_weights(int(state["engine_version"]), self._sent)
         return int(state["next_step"])
+
+    def _engine_models(self) -> dict:
+        """``extra_models`` of a checkpoint: the sampler's weights unless it shares the trainer's."""
+        return {} if self._sampler_weights is None else {_ENGINE: self._sampler_weights}
 
     def _sync_due(self, step: int) -> bool:
         period = self.config.sync_period
@@ -242,7 +274,9 @@ class OnlineLoop:
         path = self.out_dir / _METRICS_FILE
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+        # the text after the last newline is a line a kill cut short
+        lines = path.read_text().split("\n")[:-1]
+        keep = [line for line in lines if line and json.loads(line)["step"] < start]
         path.write_text("".join(line + "\n" for line in keep))
 
     @staticmethod
@@ -267,6 +301,30 @@ class OnlineLoop:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def _sampler_module(engine, trainer_model: nn.Module) -> tuple[bool, nn.Module | None]:
+    """Whether ``engine`` is zero-copy on ``trainer_model``, and the in-process module of its weights (or None).
+
+    Engines written before ``RolloutEngine.shares_weights_with`` / ``local_model`` (the experiments'
+    ``BanditEngine``, ``RecordingEngine``, ``ReplayEngine``) expose only ``model``, the module they
+    sample from, which then answers both.
+    """
+    if hasattr(engine, "shares_weights_with"):
+        return engine.shares_weights_with(trainer_model), engine.local_model
+    model = getattr(engine, "model", None)
+    return model is trainer_model, model
+
+
+def _host_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU clones of a state dict (tied weights become separate tensors)."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
+
+
+def _copy_into(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target[name].copy_(tensor)
 
 
 @contextlib.contextmanager

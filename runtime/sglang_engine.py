@@ -7,6 +7,17 @@ first to receive new ones (``resume_memory_occupation(tags=["weights"])`` then
 ``update_weights_from_tensor``, which ships CUDA IPC handles, so no weight copy through the host),
 and the KV cache last (``wake``). Peak memory during a sync is the trainer's plus SGLang's weights.
 
+Sleep without a sync. Memory released by ``release_memory_occupation`` comes back uninitialised
+unless SGLang backs the weights up in host memory first (``ServerArgs.enable_weights_cpu_backup``,
+sglang >= 0.5.3, which verl turns on for colocated rollouts). This engine turns it on by default
+(``weights_cpu_backup=True``: ``sleep`` → ``wake`` restores the same weights, at the cost of a host
+copy of them and two transfers per sleep), so a semi-online loop (``s > 1``) may sleep between
+syncs. With ``weights_cpu_backup=False`` a ``sleep`` loses the weights, and ``generate`` refuses to
+run until ``sync_weights`` has sent new ones.
+
+Weights live in SGLang's scheduler process, not in this one: ``shares_weights_with`` is always
+False and ``local_model`` is None (the online loop keeps a host copy of the last sync to checkpoint).
+
 Log-probs: SGLang's ``output_token_logprobs`` are ``log_softmax(logits / T)`` before top-k/top-p
 (unless the server sets ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which this engine refuses), the same
 convention as ``TorchEngine``. ``SamplingParams.seed`` is honoured only when the engine was built
@@ -19,6 +30,7 @@ of the returned completions is fixed by construction.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -38,11 +50,12 @@ class SGLangEngine:
         model: the trainer's module; ``sync_weights(version)`` without a state dict sends its weights.
         mem_fraction_static: fraction of GPU memory SGLang may take for weights and KV cache.
         deterministic: SGLang's deterministic inference (needed for ``SamplingParams.seed``).
+        weights_cpu_backup: keep a host copy of the weights across ``sleep`` (see the module docstring).
         **engine_kwargs: passed to ``sglang.Engine`` (e.g. ``dtype``, ``attention_backend``).
     """
 
     def __init__(self, model_path: str | Path, *, model: nn.Module | None = None, mem_fraction_static: float = 0.3,
-                 deterministic: bool = False, **engine_kwargs) -> None:
+                 deterministic: bool = False, weights_cpu_backup: bool = True, **engine_kwargs) -> None:
         try:
             import sglang
         except ImportError as error:
@@ -53,12 +66,21 @@ class SGLangEngine:
             raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB: expected unset (tempered log-probs), got it set")
         if not Path(model_path).is_dir():
             raise ValueError(f"model_path: expected a model directory, got {model_path!r}")
+        if weights_cpu_backup:
+            from sglang.srt.server_args import ServerArgs
+
+            if "enable_weights_cpu_backup" not in {f.name for f in dataclasses.fields(ServerArgs)}:
+                raise ValueError(f"weights_cpu_backup: sglang {sglang.__version__} has no enable_weights_cpu_backup "
+                                 f"(sglang >= 0.5.3); expected False, with a sync_weights after every wake")
+            engine_kwargs["enable_weights_cpu_backup"] = True
         self.model = model
         self.deterministic = deterministic
+        self.weights_cpu_backup = weights_cpu_backup
         self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=True, enable_memory_saver=True,
                                      mem_fraction_static=mem_fraction_static,
                                      enable_deterministic_inference=deterministic, **engine_kwargs)
         self._released: list[str] = []
+        self._weights_lost = False
         self._version = 0
 
     @property
@@ -66,10 +88,22 @@ class SGLangEngine:
         """Version of the weights the next ``generate`` samples with."""
         return self._version
 
+    @property
+    def local_model(self) -> None:
+        """None: the weights ``generate`` uses live in SGLang's scheduler process."""
+        return None
+
+    def shares_weights_with(self, module: nn.Module) -> bool:
+        """False: SGLang samples from its own copy, which only ``sync_weights`` updates."""
+        return False
+
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """Sample ``sampling.n`` completions per prompt, prompt-major (see ``RolloutEngine``)."""
         if self._released:
             raise RuntimeError(f"generate: the engine released {self._released}; call wake() first")
+        if self._weights_lost:
+            raise RuntimeError("generate: sleep() released SGLang's weights without a CPU backup; expected "
+                               "sync_weights(version, state_dict) after wake() (or weights_cpu_backup=True)")
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
         if not prompt_token_ids or not all(isinstance(p, (list, tuple)) and p for p in prompt_token_ids):
@@ -93,6 +127,7 @@ class SGLangEngine:
         tensors = state_dict if state_dict is not None else self.model.state_dict()
         named = [(name, t.detach()) for name, t in tensors.items()]
         self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=True)
+        self._weights_lost = False
         self._version = version
 
     def sleep(self) -> None:
@@ -100,6 +135,7 @@ class SGLangEngine:
         if not self._released:
             self._engine.release_memory_occupation()
             self._released = ["weights", "kv_cache"]
+            self._weights_lost = not self.weights_cpu_backup
 
     def wake(self) -> None:
         """Take back whatever ``sleep`` released; no-op when awake."""

@@ -63,6 +63,15 @@ class TorchEngine:
         """Version of the weights the next ``generate`` samples with (trainer optimizer steps)."""
         return self._version
 
+    @property
+    def local_model(self) -> nn.Module:
+        """The module ``generate`` samples from (the trainer's own, or a copy)."""
+        return self.model
+
+    def shares_weights_with(self, module: nn.Module) -> bool:
+        """True when this engine samples from ``module`` itself, so it sees every optimizer step at once."""
+        return module is self.model
+
     def sync_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Record ``version``; copy ``state_dict`` into the module in place when given."""
         if not isinstance(version, int) or version < self._version:

@@ -2,10 +2,11 @@
 gradient clipping, a warmup + constant/linear/cosine learning-rate schedule, and a version counter
 that names the policy weights (the rollout engine stamps completions with it).
 
-One ``step`` = ``zero_grad`` → for each of the k micro batches: forward + ``(loss / k).backward()``
-→ clip to ``max_grad_norm`` → ``optimizer.step()`` → ``scheduler.step()`` → version + 1. Scaling
-each micro-batch loss by 1/k makes k micro batches of equal size give the gradient of one batch
-holding all of them (for losses that are means over the micro batch). Memory: AdamW keeps two
+One ``step`` = ``zero_grad`` → for each of the n ≤ k micro batches: forward + ``(w_i · loss_i).backward()``
+→ clip to ``max_grad_norm`` → ``optimizer.step()`` → ``scheduler.step()`` → version + 1. With
+``w_i = N_i / N``, micro batch i's share of the loss normaliser (rows or tokens; the online loop gets
+them from ``hotloop.algorithms.base.split_batch``), the micro batches give the gradient of one batch
+holding all of them; the default ``w_i = 1/n`` does so for equal micro batches of a mean loss. Memory: AdamW keeps two
 float32 moments per parameter (``2 · 4`` bytes per parameter on top of weights and grads).
 
 Learning rate at optimizer step s (0-based), W = warmup_steps, S = total_steps:
@@ -48,7 +49,7 @@ class TrainerConfig:
     eps: float = 1e-8
     """AdamW denominator epsilon."""
     grad_accum_steps: int = 1
-    """Micro batches per optimizer step; ``step`` expects exactly this many."""
+    """Most micro batches per optimizer step; the online loop splits each batch into this many."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient L2 norm to this; None = no clipping (the norm is still reported)."""
     warmup_steps: int = 0
@@ -151,30 +152,31 @@ class Trainer:
         """Learning rate the next ``step`` uses."""
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any]) -> dict[str, float]:
+    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *,
+             weights: Sequence[float] | None = None) -> dict[str, float]:
         """One optimizer step accumulating gradients over ``micro_batches``.
 
         Args:
             loss_fn: ``loss_fn(model, micro_batch)`` returning a scalar loss tensor, or an object with
                 ``.loss`` and ``.metrics`` (``LossOutput``), or a ``(loss, metrics)`` tuple.
-            micro_batches: exactly ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
+            micro_batches: 1 to ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
+            weights: one float >= 0 per micro batch, summing to 1 (e.g. its share of the loss normaliser,
+                see ``hotloop.algorithms.base.split_batch``); None = equal weights.
 
         Returns:
-            ``loss`` (mean over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by this
-            step) and the mean of each metric the loss returned; ``self.version`` is then one higher.
+            ``loss`` (the weighted sum over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by
+            this step) and the weighted mean of each metric the loss returned; ``self.version`` is then one higher.
         """
-        k = self.config.grad_accum_steps
-        if len(micro_batches) != k:
-            raise ValueError(f"micro_batches: expected grad_accum_steps = {k} micro batches, got {len(micro_batches)}")
+        weights = self._check_micro_batches(micro_batches, weights)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        for micro_batch in micro_batches:
+        for micro_batch, weight in zip(micro_batches, weights):
             with self._autocast():
                 loss, metrics = _unpack(loss_fn(self.model, micro_batch))
-            (loss / k).backward()
+            (loss * weight).backward()
             for name, value in {"loss": loss, **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().float() / k
+                totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().float() * weight
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         lr = self.lr
@@ -185,17 +187,30 @@ class Trainer:
         return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
 
     def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
-             extra_models: dict[str, nn.Module] | None = None, keep: int = 3) -> Path:
+             extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+             keep: int = 3) -> Path:
         """Checkpoint model, reference, optimizer, scheduler, RNGs and ``loop_state`` as ``step-<version>``."""
         return checkpoint.save_checkpoint(run_dir, step=self.version, model=self.model, optimizer=self.optimizer,
                                           scheduler=self.scheduler, loop_state=loop_state, reference=self.reference,
                                           generators=generators, extra_models=extra_models, keep=keep)
 
     def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None,
-             extra_models: dict[str, nn.Module] | None = None) -> dict:
+             extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None) -> dict:
         """Restore everything ``save`` wrote from a checkpoint (or run) directory; returns its ``loop_state``."""
         return checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                           reference=self.reference, generators=generators, extra_models=extra_models)
+
+    def _check_micro_batches(self, micro_batches: Sequence[Any], weights: Sequence[float] | None) -> list[float]:
+        """The micro-batch weights after checking the counts (equal weights when None)."""
+        k, n = self.config.grad_accum_steps, len(micro_batches)
+        if not 1 <= n <= k:
+            raise ValueError(f"micro_batches: expected 1 to grad_accum_steps = {k} micro batches, got {n}")
+        if weights is None:
+            return [1.0 / n] * n
+        weights = [float(w) for w in weights]
+        if len(weights) != n or min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"weights: expected {n} floats >= 0 summing to 1 (one per micro batch), got {weights}")
+        return weights
 
     def _autocast(self):
         on_cuda = self.params[0].device.type == "cuda" if self.params else False

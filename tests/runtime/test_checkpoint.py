@@ -160,3 +160,15 @@ def test_extra_models_round_trip_inside_the_atomic_checkpoint(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(params(stale_copy), params(model_2)))
     with pytest.raises(ValueError, match="extra_models"):
         trainer.save(tmp_path, {}, extra_models={"../x": stale_copy})
+
+
+def test_a_state_dict_as_extra_model_is_loaded_back_in_place_and_its_keys_are_checked(tmp_path):
+    model, trainer, _ = fresh_run()
+    host_copy = {k: v.detach().clone() + 1.0 for k, v in tiny_llama().state_dict().items()}
+    path = trainer.save(tmp_path, {}, extra_models={"engine": host_copy})
+    target = {k: torch.zeros_like(v) for k, v in host_copy.items()}
+    trainer.load(path, extra_models={"engine": target})
+    assert all(torch.equal(target[k], v) for k, v in host_copy.items())
+    del target["lm_head.weight"]
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        trainer.load(path, extra_models={"engine": target})

@@ -1,5 +1,6 @@
 """OnlineLoop bookkeeping on a tiny model: sync schedule and staleness, sampler log-probs vs a fresh
-forward, learning signal, and exact resume after an interruption."""
+forward, learning signal, exact resume after an interruption, a failed save, and with an engine
+that holds no in-process weights."""
 
 import math
 import os
@@ -7,44 +8,18 @@ import signal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hotloop.algorithms.base import pack_rows
-from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
 from hotloop.algorithms.logprobs import token_logprobs
-from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
-from hotloop.algorithms.tasks.tokenizer import CharTokenizer
+from hotloop.runtime import checkpoint
+from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop, make_engine
+from hotloop.runtime.loop import LoopConfig, OnlineLoop
 from hotloop.runtime.torch_engine import TorchEngine
-from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 from tests.helpers import assert_close
-
-TOK = CharTokenizer("0123456789+=")
-PROBLEMS = [Problem(prompt=f"{a}+{b}=", answer=str(a + b)) for a in range(7) for b in range(5)]
-
-
-def sevens(problems, texts):
-    """Reward: fraction of '7' characters in the completion (a rule a tiny model can learn quickly)."""
-    return torch.tensor([t.count("7") / max(1, len(t)) for t in texts], dtype=torch.float32)
-
-
-def random_reward(problems, texts):
-    """Reward without ties, so every group has a contrast and every step trains."""
-    return torch.rand(len(texts))
-
-
-def make_loop(tmp_path, *, sync_every, steps, reward=random_reward, lr=1e-3, seed=0, checkpoint_every=0,
-              model_seed=3, samples=4):
-    model = build_tiny_model(tiny_llama_config(TOK.vocab_size, hidden_size=32, layers=1, intermediate=64),
-                             seed=model_seed)
-    trainer = Trainer(model, TrainerConfig(lr=lr), reference=make_reference(model))
-    engine = make_engine(model, sync_every=sync_every, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
-    config = LoopConfig(steps=steps, sync_every=sync_every, prompts_per_step=4, eval_every=0,
-                        checkpoint_every=checkpoint_every, out_dir=str(tmp_path), seed=seed)
-    algorithm = OnlineDPO(DPOConfig(beta=0.5, samples_per_prompt=samples), pad_token_id=TOK.pad_id)
-    return OnlineLoop(config, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=reward,
-                      problems=PROBLEMS, tokenizer=TOK, sampling=SamplingParams(max_new_tokens=4), progress=False)
+from tests.runtime.tiny_loop import PROBLEMS, TOK, make_loop, random_reward, sevens
 
 
 @pytest.mark.parametrize("sync_every, expected", [
@@ -99,33 +74,89 @@ def test_short_online_loop_raises_reward(tmp_path):
     assert last > first + 0.2, (first, last)
 
 
+def sigterm_while_scoring(step, reward=sevens):
+    """``reward`` that sends this process SIGTERM while scoring loop step ``step`` (counted from its first call)."""
+    calls = []
+
+    def reward_fn(problems, texts):
+        calls.append(1)
+        if len(calls) == step + 1:
+            os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-step; the loop finishes it, checkpoints, stops
+        return reward(problems, texts)
+
+    return reward_fn
+
+
+def assert_same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_interrupted_then_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
     steps, stop_at = 7, 4
     straight = make_loop(tmp_path / "a", sync_every=3, steps=steps, reward=sevens, lr=1e-2)
     straight.run()
-
-    calls = []
-
-    def interrupting_reward(problems, texts):
-        calls.append(1)
-        if len(calls) == stop_at + 1:
-            os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-step; the loop finishes it, checkpoints, stops
-        return sevens(problems, texts)
-
-    first = make_loop(tmp_path / "b", sync_every=3, steps=steps, reward=interrupting_reward, lr=1e-2)
+    first = make_loop(tmp_path / "b", sync_every=3, steps=steps, reward=sigterm_while_scoring(stop_at), lr=1e-2)
     result = first.run()
     assert result.interrupted and result.next_step == stop_at + 1
     resumed = make_loop(tmp_path / "b", sync_every=3, steps=steps, reward=sevens, lr=1e-2)
     assert resumed.run(resume=True).next_step == steps
-    for (name, a), b in zip(straight.trainer.model.state_dict().items(), resumed.trainer.model.state_dict().values()):
-        assert torch.equal(a, b), name
-    for a, b in zip(straight.engine.model.state_dict().values(), resumed.engine.model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_same_weights(straight.trainer.model, resumed.trainer.model)
+    assert_same_weights(straight.engine.model, resumed.engine.model)
     lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines_a) == len(lines_b) == steps
 
 
-def test_loop_config_rejects_sync_every_below_one():
+def test_a_save_that_fails_while_writing_the_sampler_copy_keeps_the_previous_checkpoint_and_resume_is_exact(
+        tmp_path, monkeypatch):
+    steps = 6
+    straight = make_loop(tmp_path / "a", sync_every=3, steps=steps)
+    torch.manual_seed(0)   # random_reward draws from the global RNG (which checkpoints restore)
+    straight.run()
+    real_save_model = checkpoint.save_model
+
+    def disk_full_on_engine_of_step_4(module, filename):
+        if "step-000004" in filename and filename.endswith("engine.safetensors"):
+            raise OSError("No space left on device")   # after model.safetensors of that save was written
+        real_save_model(module, filename)
+
+    monkeypatch.setattr(checkpoint, "save_model", disk_full_on_engine_of_step_4)
+    torch.manual_seed(0)
+    with pytest.raises(OSError, match="No space"):
+        make_loop(tmp_path / "b", sync_every=3, steps=steps, checkpoint_every=1).run()
+    monkeypatch.undo()
+    latest = latest_checkpoint(tmp_path / "b")
+    assert latest.name == "step-000003" and (latest / "engine.safetensors").exists()
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".tmp-")]
+    resumed = make_loop(tmp_path / "b", sync_every=3, steps=steps, checkpoint_every=1)
+    assert resumed.run(resume=True).next_step == steps
+    assert_same_weights(straight.trainer.model, resumed.trainer.model)
+    assert_same_weights(straight.engine.model, resumed.engine.model)
+
+
+def test_engine_without_in_process_weights_lags_is_checkpointed_from_the_host_copy_and_resumes_exactly(tmp_path):
+    steps, stop_at = 7, 4
+    straight = make_loop(tmp_path / "a", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True)
+    assert not straight.zero_copy
+    torch.manual_seed(0)   # random_reward draws from the global RNG (which checkpoints restore)
+    records = straight.run().records
+    assert [r["staleness"] for r in records] == [0, 1, 2, 0, 1, 2, 0]
+    first = make_loop(tmp_path / "b", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True,
+                      reward=sigterm_while_scoring(stop_at, random_reward))
+    torch.manual_seed(0)
+    assert first.run().next_step == stop_at + 1
+    saved = load_file(str(latest_checkpoint(tmp_path / "b") / "engine.safetensors"))
+    held = first.engine.model.state_dict()   # stale: synced at step 3, two optimizer steps behind
+    assert saved.keys() == held.keys() and all(torch.equal(saved[k], held[k]) for k in held)
+    assert not all(torch.equal(held[k], v) for k, v in first.trainer.model.state_dict().items())
+    resumed = make_loop(tmp_path / "b", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True)
+    assert resumed.run(resume=True).next_step == steps
+    assert_same_weights(straight.trainer.model, resumed.trainer.model)
+    assert_same_weights(straight.engine.model, resumed.engine.model)
+
+
+def test_loop_config_rejects_sync_every_below_one_and_checkpoints_periodically_by_default():
     with pytest.raises(ValueError, match="sync_every"):
         LoopConfig(sync_every=0)
+    assert LoopConfig().checkpoint_every == 10

@@ -155,6 +155,8 @@ def test_sync_weights_is_zero_copy_in_place_updates_change_outputs(model):
 
 def test_sync_weights_with_state_dict_loads_into_an_engine_copy(model):
     copy_engine = TorchEngine(copy.deepcopy(model), pad_token_id=PAD, eos_token_id=None)
+    assert not copy_engine.shares_weights_with(model) and copy_engine.local_model is copy_engine.model
+    assert TorchEngine(model, pad_token_id=PAD, eos_token_id=None).shares_weights_with(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))

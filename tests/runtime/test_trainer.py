@@ -91,7 +91,22 @@ def test_step_counts_versions_and_accepts_loss_outputs_with_metrics():
     assert trainer.version == 1 and "version" not in metrics
     assert metrics["tokens"] == pytest.approx((6 + 18) / 2)
     with pytest.raises(ValueError, match="micro_batches"):
-        trainer.step(loss_fn, [ids])
+        trainer.step(loss_fn, [ids[:1], ids[1:2], ids[2:]])
+    with pytest.raises(ValueError, match="weights"):
+        trainer.step(loss_fn, [ids[:1], ids[1:]], weights=[0.5, 0.6])
+
+
+def test_unequal_micro_batches_weighted_by_their_share_give_the_gradient_of_one_batch():
+    model = tiny_llama()
+    twin = LlamaForCausalLM(model.config)
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 20, (5, 7))
+    accum = Trainer(model, TrainerConfig(lr=1e-3, grad_accum_steps=3, max_grad_norm=None))
+    whole = Trainer(twin, TrainerConfig(lr=1e-3, grad_accum_steps=1, max_grad_norm=None))
+    m_accum = accum.step(lm_loss, [ids[:1], ids[1:]], weights=[1 / 5, 4 / 5])   # 2 <= k micro batches
+    m_whole = whole.step(lm_loss, [ids])
+    assert relative_error(grads(model), grads(twin)) <= 1e-6
+    assert m_accum["loss"] == pytest.approx(m_whole["loss"], rel=1e-6)
 
 
 def test_step_changes_parameters_and_puts_the_model_in_train_mode():
