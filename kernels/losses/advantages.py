@@ -29,6 +29,12 @@ def _grouped(rewards: Tensor, group_size: int, min_size: int) -> Tensor:
     return rewards.reshape(-1, group_size)
 
 
+def _shifted(r: Tensor) -> Tensor:
+    """``r`` minus each group's first reward: same centred values and std, but a group of equal rewards becomes
+    exact zeros (their float mean can be an ulp off the common value, and ulp / (std ≈ ulp + eps) is not small)."""
+    return r - r[:, :1]
+
+
 def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-6) -> Tensor:
     """GRPO advantages: rewards centred (and scaled by the std) within each group.
 
@@ -42,7 +48,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", ep
         ``[B*G]`` advantages in ``rewards``' dtype.
     """
     check_choice("scale", scale, ("std", "none"))
-    r = _grouped(rewards, group_size, 2 if scale == "std" else 1)
+    r = _shifted(_grouped(rewards, group_size, 2 if scale == "std" else 1))
     adv = r - r.mean(dim=1, keepdim=True)
     if scale == "std":
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
@@ -59,7 +65,7 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     Returns:
         ``[B*G]`` advantages.
     """
-    r = _grouped(rewards, group_size, 2)
+    r = _shifted(_grouped(rewards, group_size, 2))
     return (r - r.mean(dim=1, keepdim=True)).reshape(-1) * (group_size / (group_size - 1))
 
 
