@@ -24,9 +24,14 @@ def check_tensor(name: str, t: Tensor, shape: tuple[int, ...] | None = None, *, 
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def as_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
-    """A bool or 0/1 ``mask`` with ``like``'s shape, as a float tensor in ``like``'s dtype."""
+def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
+    """Raise unless ``mask`` is a bool or real-number tensor of ``like``'s shape."""
     check_tensor(name, mask, tuple(like.shape))
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be bool or 0/1 numbers, got dtype {mask.dtype}")
+
+
+def as_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    """A bool or 0/1 ``mask`` with ``like``'s shape, as a float tensor in ``like``'s dtype."""
+    check_mask(mask, like, name)
     return mask.to(like.dtype)

@@ -12,7 +12,8 @@ sequence (``importance_sampling_level="sequence"``, GSPO https://arxiv.org/abs/2
 Then ``× ρ_s`` (sampler correction, ``ρ_s = min(exp(old_logp − sampler_logp), cap)`` detached, TIS,
 https://fengyao.notion.site/off-policy-rl; folded into φ for vespo), ``+ β·KL`` (``kl_estimator`` k1/k2/k3 from
 :mod:`.kl_penalty`, Liger uses k3; ``× w`` with ``use_bias_correction_kl``), ``− entropy_coef·entropy``.
-Reductions, as weights on the ``[B, T]`` per-token loss (``loss = Σ weights · per_token_loss``):
+Reductions, as weights ``m · c_b`` on the ``[B, T]`` per-token loss (``loss = Σ weights · per_token_loss``,
+``c_b`` from :func:`row_scale`):
 grpo/sapo ``m/(B·max(|y_b|,1))``; bnpo ``m/max(Σm,1)``; dr_grpo ``m/(B·max_completion_length)`` (None → T);
 dapo/cispo/vespo ``m/max(num_items_in_batch or Σm, 1)``; luspo ``m/B``.
 
@@ -23,9 +24,10 @@ selectable; no ``torch.distributed`` all-reduce hides inside the dapo normalizer
 ``old_logp``, ``ref_logp``, ``sampler_logp`` and ``advantages`` are constants; gradients flow to ``logp`` and
 ``entropy``. bf16/fp16 inputs are computed in float32.
 
-CUDA path: ``_grpo_triton`` computes loss and d loss/d logp in one pass for token-level clipped-family losses
-without bias-corrected KL; other settings (sequence level, cispo, sapo, vespo) run the torch code below.
-Memory: a few ``[B, T]`` float32 temporaries.
+CUDA path: at ``importance_sampling_level="token"`` every loss type and option (δ, sampler ratio and cap, k1/k2/k3,
+bias-corrected KL, entropy bonus) runs as one Triton kernel (``_grpo_triton``) that computes the loss row sums, the
+metrics' sums and d loss/d logp in one pass; sequence level (GSPO) and float64 inputs run the torch code below.
+Memory: torch path a few ``[B, T]`` float32 temporaries; kernel one float32 ``[B, T]`` gradient.
 
 Fused-linear use (``kernels/fused_linear_grpo.py``): :func:`grpo_per_token` returns ``(per_token_loss, weights)``
 for a group of rows; ``weights`` depend only on the mask, so the fused module computes them once for the whole
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
-from ._checks import as_mask, check_choice, check_tensor
+from ._checks import as_mask, check_choice, check_mask, check_tensor
 from .kl_penalty import ESTIMATORS, _kl
 from .output import LossOutput
 
@@ -91,25 +93,39 @@ class _Terms(NamedTuple):
     kl: Tensor | None  # [B, T]
 
 
+def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: int | None = None,
+              num_items_in_batch=None) -> Tensor:
+    """``[B]`` per-row factors ``c_b`` with ``weights = m · c_b`` for ``loss_type`` (constants; module docstring).
+
+    Args:
+        counts: ``[B]`` float ``Σ_t m`` per row.  loss_type: one of ``LOSS_TYPES``.  t: the padded length T.
+        max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
+    """
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    b = counts.shape[0]
+    if loss_type in ("grpo", "sapo"):
+        return 1.0 / (counts.clamp_min(1.0) * b)
+    if loss_type == "dr_grpo":
+        return torch.full_like(counts, 1.0 / (b * (t if max_completion_length is None else max_completion_length)))
+    if loss_type == "luspo":
+        return torch.full_like(counts, 1.0 / b)
+    if loss_type == "bnpo" or num_items_in_batch is None:
+        total = counts.sum()
+    else:
+        total = torch.as_tensor(num_items_in_batch, dtype=counts.dtype, device=counts.device)
+    return (1.0 / total.clamp_min(1.0)).expand(b)
+
+
 def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None, num_items_in_batch=None) -> Tensor:
-    """``[B, T]`` weights with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
+    """``[B, T]`` weights ``m · row_scale`` with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
 
     Args:
         m: ``[B, T]`` float mask.  loss_type: one of ``LOSS_TYPES``.
         max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
     """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    b, t = m.shape
-    if loss_type in ("grpo", "sapo"):
-        return m / (m.sum(-1, keepdim=True).clamp_min(1.0) * b)
-    if loss_type == "bnpo":
-        return m / m.sum().clamp_min(1.0)
-    if loss_type == "dr_grpo":
-        return m / (b * (t if max_completion_length is None else max_completion_length))
-    if loss_type == "luspo":
-        return m / b
-    total = m.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=m.dtype, device=m.device)
-    return m / total.clamp_min(1.0)
+    scale = row_scale(m.sum(-1), loss_type, m.shape[1], max_completion_length=max_completion_length,
+                      num_items_in_batch=num_items_in_batch)  # fmt: skip
+    return m * scale.unsqueeze(-1)
 
 
 def _pick(cond: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
@@ -171,18 +187,25 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
     return _Terms(ptl, low & (adv.unsqueeze(-1) < 0), high & (adv.unsqueeze(-1) > 0), kl)
 
 
-def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options):
-    """Checked float32 (float64 stays) inputs; constants detached; the sampler IS ratio."""
+def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options) -> None:
+    """Shapes and the options' tensor requirements (ValueError naming the argument)."""
     check_tensor("logp", logp, ndim=2)
     shape = tuple(logp.shape)
     check_tensor("advantages", advantages, shape[:1])
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp), ("entropy", entropy)):
+    check_mask(mask, logp)
+    per_token = (("old_logp", old_logp), ("ref_logp", ref_logp), ("sampler_logp", sampler_logp), ("entropy", entropy))
+    for name, t in per_token:
         if t is not None:
             check_tensor(name, t, shape)
     if o.beta != 0.0 and ref_logp is None:
         raise ValueError(f"beta={o.beta} needs ref_logp [B, T], got None")
     if o.sampler_is_cap is not None and sampler_logp is None:
         raise ValueError(f"sampler_is_cap={o.sampler_is_cap} needs sampler_logp [B, T], got None")
+
+
+def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options):
+    """Checked float32 (float64 stays) inputs; constants detached; the sampler IS ratio."""
+    _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     lp = logp.to(dt)
     old = lp.detach() if old_logp is None else old_logp.detach().to(dt)
@@ -222,11 +245,8 @@ def grpo_per_token(
     return _terms(lp, old, adv, m, ref, is_ratio, ent, o).per_token_loss, weights
 
 
-def _triton_ok(lp: Tensor, o: _Options) -> bool:
-    return (
-        o.loss_type in CLIPPED and o.importance_sampling_level == "token" and lp.dtype == torch.float32
-        and not o.use_bias_correction_kl and use_triton(lp.device)
-    )  # fmt: skip
+def _triton_ok(logp: Tensor, o: _Options) -> bool:
+    return o.importance_sampling_level == "token" and logp.dtype != torch.float64 and use_triton(logp.device)
 
 
 def grpo_loss(
@@ -276,26 +296,31 @@ def grpo_loss(
     """
     args = locals()
     o = _Options(**{f.name: args[f.name] for f in fields(_Options)})
-    lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
-    weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
-                           num_items_in_batch=num_items_in_batch)  # fmt: skip
-    n = m.sum().clamp_min(1.0)
-    if _triton_ok(lp, o):
-        from ._grpo_triton import grpo_token_loss
+    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    if _triton_ok(logp, o):
+        _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+        from ._grpo_triton import GrpoTokenLossFunction
 
-        loss, low, high, kl_sum = grpo_token_loss(lp, old, adv, m, weights, ref, is_ratio, o)
-        if ent is not None and o.entropy_coef != 0.0:
-            loss = loss - o.entropy_coef * (ent * weights).sum()
-        low, high, kl = low / n, high / n, (None if kl_sum is None else kl_sum / n)
+        def scale(counts):
+            return row_scale(counts, o.loss_type, logp.shape[1], **totals)
+
+        loss, sums = GrpoTokenLossFunction.apply(logp, entropy, old_logp, advantages, mask, ref_logp, sampler_logp, o,
+                                                 scale)  # fmt: skip
+        n, low, high, kl, ent = sums[0].clamp_min(1.0), sums[1], sums[2], sums[3], sums[4]
+        low, high, kl, ent = low / n, high / n, kl / n, ent / n
     else:
-        t = _terms(lp, old, adv, m, ref, is_ratio, ent, o)
-        loss = (t.per_token_loss * weights).sum()
+        lp, old, adv, m, ref, is_ratio, ent_ = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp,
+                                                        entropy, o)  # fmt: skip
+        t = _terms(lp, old, adv, m, ref, is_ratio, ent_, o)
+        loss = (t.per_token_loss * loss_weights(m, o.loss_type, **totals)).sum()
         with torch.no_grad():
+            n = m.sum().clamp_min(1.0)
             low, high = (t.is_low * m).sum() / n, (t.is_high * m).sum() / n
             kl = None if t.kl is None else (t.kl * m).sum() / n
+            ent = None if ent_ is None else (ent_ * m).sum() / n
     metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high}
-    if kl is not None:
+    if o.beta != 0.0:
         metrics["kl"] = kl
-    if ent is not None:
-        metrics["entropy"] = (ent * m).sum() / n
+    if entropy is not None:
+        metrics["entropy"] = ent
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})

@@ -8,14 +8,18 @@ With ``r = ref_logp - logp`` (log ratio of reference to policy at the sampled to
 
 All three estimate KL(π ‖ π_ref) under samples from π. No clamps: verl's ±10/±20 clamps and slime's
 ``low_var_kl`` are not applied here (a caller who wants one clamps ``ref_logp - logp`` itself).
-Memory: a few ``[B, T]`` temporaries.
+:func:`kl_penalty` runs as one Triton kernel on CUDA (``_kl_penalty_triton``: row sums and d/d logp in one pass);
+elsewhere torch ops. ``ref_logp`` is a constant; bf16/fp16 inputs are computed in float32.
+Memory: a few ``[B, T]`` temporaries (kernel: one float32 ``[B, T]`` gradient).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from ._checks import as_mask, check_choice, check_tensor
+from .._dispatch import use_triton
+from ._checks import as_mask, check_choice, check_mask, check_tensor
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -50,14 +54,23 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
 
     Args:
         logp: ``[B, T]`` policy log-probs.
-        ref_logp: ``[B, T]`` reference log-probs.
+        ref_logp: ``[B, T]`` reference log-probs (a constant).
         mask: ``[B, T]`` bool or 0/1.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
 
     Returns:
-        0-d tensor.
+        0-d tensor (a penalty term, not a ``LossOutput``): float32, or float64 for float64 input.
     """
-    kl = kl_per_token(logp, ref_logp, estimator=estimator)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_tensor("logp", logp, ndim=2)
+    check_tensor("ref_logp", ref_logp, tuple(logp.shape))
+    check_mask(mask, logp)
+    if use_triton(logp.device) and logp.dtype != torch.float64:
+        from ._kl_penalty_triton import KLPenaltyFunction
+
+        return KLPenaltyFunction.apply(logp, ref_logp, mask, estimator)
+    dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    kl = _kl(logp.to(dt), ref_logp.detach().to(dt), estimator)
     m = as_mask(mask, kl)
     return (kl * m).sum() / m.sum().clamp_min(1.0)
 

@@ -7,6 +7,8 @@
 - ``normalize="sequence"``: ``(1/B) Σ_b Σ_t m·loss / max(|y_b|, 1)`` (every sequence weighs the same).
 
 Williams 1992 (REINFORCE); Ahmadian et al. 2024 (RLOO, https://arxiv.org/abs/2402.14740).
+On CUDA the loss, its metrics' sums and d loss/d logp come from one Triton kernel (``_policy_gradient_triton``, shared
+with :mod:`.sft`); elsewhere torch ops. bf16/fp16 inputs are computed in float32. Memory: a few ``[B, T]`` temporaries.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import as_mask, check_choice, check_tensor
+from .._dispatch import use_triton
+from ._checks import as_mask, check_choice, check_mask, check_tensor
 from .output import LossOutput
 
 
@@ -23,6 +26,32 @@ def masked_reduce(per_token: Tensor, m: Tensor, normalize: str) -> Tensor:
     if normalize == "token":
         return (per_token * m).sum() / m.sum().clamp_min(1.0)
     return ((per_token * m).sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
+
+
+def compute_dtype(logp: Tensor) -> torch.dtype:
+    """float64 stays; every other float dtype is computed in float32."""
+    return torch.float64 if logp.dtype == torch.float64 else torch.float32
+
+
+def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize: str) -> tuple[Tensor, Tensor]:
+    """``(loss, sums [4])`` of ``Σ_b c_b Σ_t m·(−coef·logp)``, coef ``[B]``, ``[B, T]`` or None (= 1); inputs checked.
+
+    ``sums``: detached ``Σ m·coef·logp``, ``Σ m``, ``Σ m·logp``, ``Σ m·coef``. One Triton kernel on CUDA
+    (``_policy_gradient_triton``), torch elsewhere; float32 (float64 stays).
+    """
+    if use_triton(logp.device) and logp.dtype != torch.float64:
+        from ._policy_gradient_triton import LinearTokenLossFunction
+
+        loss, rows = LinearTokenLossFunction.apply(logp, coef, mask, normalize)
+        return loss, rows.sum(0)
+    dt = compute_dtype(logp)
+    lp, m = logp.to(dt), as_mask(mask, logp).to(dt)
+    c = torch.ones((), dtype=dt, device=lp.device) if coef is None else coef.detach().to(dt)
+    c = c.unsqueeze(-1) if c.dim() == 1 else c
+    loss = masked_reduce(-c * lp, m, normalize)
+    with torch.no_grad():
+        sums = torch.stack(((c * lp * m).sum(), m.sum(), (lp * m).sum(), (c.expand_as(m) * m).sum()))
+    return loss, sums
 
 
 def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token") -> LossOutput:
@@ -35,20 +64,17 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         normalize: ``"token"`` or ``"sequence"``.
 
     Returns:
-        ``LossOutput`` with metrics ``advantages/mean`` and ``logps/mean`` (token means).
+        ``LossOutput`` (float32 loss; float64 for float64 input) with metrics ``advantages/mean`` and ``logps/mean``
+        (token means).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
     check_tensor("logp", logp, ndim=2)
     if tuple(advantages.shape) not in (tuple(logp.shape[:1]), tuple(logp.shape)):
         raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
-    m = as_mask(mask, logp)
-    adv = advantages.detach().to(logp.dtype)
-    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
-    loss = masked_reduce(-adv * logp, m, normalize)
-    with torch.no_grad():
-        n = m.sum().clamp_min(1.0)
-        metrics = {"advantages/mean": (adv.expand_as(m) * m).sum() / n, "logps/mean": (logp * m).sum() / n}
-    return LossOutput(loss, metrics)
+    check_mask(mask, logp)
+    loss, sums = linear_token_loss(logp, advantages, mask, normalize)
+    n = sums[1].clamp_min(1.0)
+    return LossOutput(loss, {"advantages/mean": sums[3] / n, "logps/mean": sums[2] / n})
 
 
 def reference_policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, normalize: str) -> Tensor:

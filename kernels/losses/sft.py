@@ -5,7 +5,8 @@ sampling / Best-of-N / RAFT (Dong et al. 2023, https://arxiv.org/abs/2304.06767)
 https://arxiv.org/abs/2308.08998) with ``w ∈ {0, 1}`` (or the kept samples only), and reward-weighted
 regression (Peters & Schaal 2007) with ``w_b = exp(r_b / τ)`` normalized by the caller.
 ``Z = max(Σ m, 1)`` for ``normalize="token"``; for ``"sequence"`` each row is divided by ``max(|y_b|, 1)`` and the
-rows averaged over ``B``. Weights are treated as constants.
+rows averaged over ``B``. Weights are treated as constants. On CUDA one Triton kernel computes the loss, the metrics'
+sums and d loss/d logp (``_policy_gradient_triton``, with ``A = w``); bf16/fp16 inputs are computed in float32.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import as_mask, check_choice, check_tensor
+from ._checks import check_choice, check_mask, check_tensor
 from .output import LossOutput
-from .policy_gradient import masked_reduce
+from .policy_gradient import linear_token_loss
 
 
 def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token") -> LossOutput:
@@ -28,19 +29,16 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
         normalize: ``"token"`` or ``"sequence"``.
 
     Returns:
-        ``LossOutput`` with metric ``nll`` (unweighted token mean).
+        ``LossOutput`` (float32 loss; float64 for float64 input) with metrics ``nll`` (unweighted token mean) and
+        ``num_tokens`` (``Σ mask``).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
     check_tensor("logp", logp, ndim=2)
-    m = as_mask(mask, logp)
-    nll = -logp
+    check_mask(mask, logp)
     if weights is not None:
         check_tensor("weights", weights, tuple(logp.shape[:1]))
-        nll = nll * weights.detach().to(logp.dtype).unsqueeze(-1)
-    loss = masked_reduce(nll, m, normalize)
-    with torch.no_grad():
-        metrics = {"nll": (-logp * m).sum() / m.sum().clamp_min(1.0)}
-    return LossOutput(loss, metrics)
+    loss, sums = linear_token_loss(logp, weights, mask, normalize)
+    return LossOutput(loss, {"nll": -sums[2] / sums[1].clamp_min(1.0), "num_tokens": sums[1]})
 
 
 def reference_sft_loss(logp: Tensor, mask: Tensor, weights: Tensor | None, normalize: str) -> Tensor:

@@ -42,7 +42,7 @@ def _check(hidden, weight, targets, bias, dtype=torch.float32, metrics=True, **k
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
     assert_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
-        assert out.metrics.keys() == ref.metrics.keys() == {"nll", "entropy"}
+        assert out.metrics.keys() == ref.metrics.keys() == {"nll", "entropy", "num_tokens"}
         for name, value in out.metrics.items():
             assert_close(value, ref.metrics[name], dtype, name)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):

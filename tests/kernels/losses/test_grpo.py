@@ -18,18 +18,36 @@ def _inputs(dtype=torch.float32, empty_row=True):
     mask = torch.rand(B, T) > 0.3
     if empty_row:
         mask[2] = False
-    adv = torch.randn(B)
+    # Both signs (clip-low counts, SAPO's τ_neg and VESPO's negative shape need A < 0), but three of the four
+    # non-empty rows positive: with random signs the rows' terms can cancel to ~1e-3 of their size, where no fp32
+    # sum gets a relative 1e-5.
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0]) * (0.5 + torch.rand(B))
     return logp, old, ref, mask, adv
 
 
+def _vespo_phi(b, logp, old, mask, a, is_ratio, shape):
+    """VESPO φ = w^k · e^{λ(1 − w)} of sequence b, log w = Σ_mask clamp(log ratio) + Σ_T clamp(log ρ_s), with
+    Liger's clamps (±20; log 1e-8) and λ ≥ 1e-4."""
+    low = math.log(1e-8)
+    k, lam = (shape[0], shape[1]) if a >= 0 else (shape[2], shape[3])
+    s = sum(float(torch.clamp(logp[b, t] - old[b, t], -20, 20)) for t in range(logp.shape[1]) if mask[b, t])
+    if is_ratio is not None:
+        s += sum(min(max(math.log(float(r)), low), 20.0) for r in is_ratio[b])
+    w = math.exp(min(max(s, low), 20.0))
+    lam = max(lam, 1e-4)
+    return w**k * math.exp(lam * (1 - w))
+
+
 def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", el=0.2, eh=0.2, delta=None,
-                   level="token", is_ratio=None, max_len=None, entropy=None, ent_coef=0.0, sapo=(1.0, 1.05)):  # fmt: skip
-    """Float64 GRPO-family loss, one sequence and one token at a time (clipped family, cispo, sapo)."""
+                   level="token", is_ratio=None, max_len=None, entropy=None, ent_coef=0.0, sapo=(1.0, 1.05),
+                   bias_kl=False, vespo=(2.0, 3.0, 3.0, 2.0)):  # fmt: skip
+    """Float64 GRPO-family loss, one sequence and one token at a time (every loss type)."""
     rows, lens = [], mask.sum(-1).tolist()
     for b in range(logp.shape[0]):
         a = adv[b].item()
         toks = [t for t in range(logp.shape[1]) if mask[b, t]]
         seq_lw = sum(logp[b, t] - old[b, t] for t in toks) / max(len(toks), 1)
+        phi = _vespo_phi(b, logp.detach(), old, mask, a, is_ratio, vespo) if loss_type == "vespo" else None
         row = []
         for t in toks:
             lw = seq_lw if level == "sequence" else logp[b, t] - old[b, t]
@@ -39,14 +57,17 @@ def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", 
             elif loss_type == "sapo":
                 tau = sapo[0] if a > 0 else sapo[1]
                 pg = -a * 4 / tau / (1 + torch.exp(-tau * (w - 1)))
+            elif loss_type == "vespo":
+                pg = -phi * a * logp[b, t]
             else:
                 w1 = w if delta is None or w.item() <= delta else w * 0 + delta
                 pg = -torch.minimum(w1 * a, torch.clamp(w, 1 - el, 1 + eh) * a)
-            if is_ratio is not None:
+            if is_ratio is not None and loss_type != "vespo":
                 pg = pg * is_ratio[b, t]
             if beta:
                 x = ref[b, t] - logp[b, t]
-                pg = pg + beta * {"k1": -x, "k2": x * x / 2, "k3": torch.exp(x) - x - 1}[est]
+                kl = {"k1": -x, "k2": x * x / 2, "k3": torch.exp(x) - x - 1}[est]
+                pg = pg + beta * (kl * w if bias_kl else kl)
             if entropy is not None:
                 pg = pg - ent_coef * entropy[b, t]
             row.append(pg)
@@ -62,15 +83,22 @@ def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", 
 
 
 def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
+    """grpo_loss vs reference_grpo in float64: value, d/dlogp and (when it requires grad) d/dentropy."""
     out = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
     g = 1.7
-    (grad,) = torch.autograd.grad(out.loss * g, logp)
+    ent = kw.get("entropy")
+    with_ent = ent is not None and ent.requires_grad
+    grads = torch.autograd.grad(out.loss * g, (logp, ent) if with_ent else (logp,))
     lp64 = logp.detach().double().requires_grad_()
-    r = reference_grpo(lp64, old.double(), ref.double(), mask, adv.double(), **(ref_kw or {}))
-    (rgrad,) = torch.autograd.grad(r * g, lp64)
+    ref_kw = dict(ref_kw or {})
+    if with_ent:
+        ref_kw["entropy"] = ent.detach().double().requires_grad_()
+    r = reference_grpo(lp64, old.double(), ref.double(), mask, adv.double(), **ref_kw)
+    rgrads = torch.autograd.grad(r * g, (lp64, ref_kw["entropy"]) if with_ent else (lp64,))
     assert_close(out.loss, r.detach(), dtype, "loss")
-    assert_close(grad, rgrad, dtype, "grad")
-    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    for name, grad, rgrad in zip(("grad", "entropy grad"), grads, rgrads):
+        assert_close(grad, rgrad, dtype, name)
+        assert grad.dtype == logp.dtype and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
     return out
 
 
@@ -103,6 +131,30 @@ def test_delta_sampler_correction_and_entropy_bonus_match_formula():
     torch.testing.assert_close(out.metrics["entropy"], (entropy.detach() * m).sum() / m.sum())
 
 
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_vespo_matches_formula_with_sampler_ratio_and_kl(kl_estimator):
+    logp, old, ref, mask, adv = _inputs()
+    sampler = old + 0.3 * torch.randn(B, T)
+    is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.5)
+    shape = (1.5, 2.5, 2.0, 1.5)
+    _compare(logp, old, ref, mask, adv, loss_type="vespo", beta=0.05, kl_estimator=kl_estimator, sampler_logp=sampler,
+             sampler_is_cap=1.5, vespo_shape=shape,
+             ref_kw=dict(loss_type="vespo", beta=0.05, est=kl_estimator, is_ratio=is_ratio, vespo=shape))  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "cispo"])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_bias_corrected_kl_matches_formula_value_and_grad(loss_type, kl_estimator):
+    logp, old, ref, mask, adv = _inputs()
+    eh = 1.25 if loss_type == "cispo" else 0.2
+    out = _compare(logp, old, ref, mask, adv, loss_type=loss_type, beta=0.3, kl_estimator=kl_estimator, epsilon_high=eh,
+                   use_bias_correction_kl=True,
+                   ref_kw=dict(loss_type=loss_type, beta=0.3, est=kl_estimator, eh=eh, bias_kl=True))  # fmt: skip
+    lp, rf, w = logp.detach().double(), ref.double(), torch.exp(logp.detach().double() - old.double())
+    k = {"k1": lp - rf, "k2": (lp - rf) ** 2 / 2, "k3": torch.exp(rf - lp) - (rf - lp) - 1}[kl_estimator]
+    assert_close(out.metrics["kl"], (k * w * mask).sum() / mask.sum(), torch.float32, "bias-corrected kl metric")
+
+
 def test_old_logp_none_is_on_policy_ratio_one():
     logp, _, ref, mask, adv = _inputs()
     out = grpo_loss(logp, None, adv, mask, loss_type="bnpo")
@@ -124,18 +176,24 @@ def test_clip_metrics_count_low_and_high_clipped_tokens_as_trl():
     assert "kl" not in m
 
 
-def test_bf16_inputs_within_bf16_tolerance():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo", "vespo"])
+def test_bf16_inputs_within_bf16_tolerance(monkeypatch, backend, loss_type):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp, old, ref, mask, adv = _inputs(torch.bfloat16)
-    _compare(logp, old, ref, mask, adv, torch.bfloat16, loss_type="grpo", beta=0.1,
-             ref_kw=dict(loss_type="grpo", beta=0.1))  # fmt: skip
+    _compare(logp, old, ref, mask, adv, torch.bfloat16, loss_type=loss_type, beta=0.1,
+             ref_kw=dict(loss_type=loss_type, beta=0.1))  # fmt: skip
 
 
-def test_all_empty_mask_gives_zero_loss_and_zero_grad():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_all_empty_mask_gives_zero_loss_and_zero_grad(monkeypatch, backend):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp, old, ref, mask, adv = _inputs()
     for lt in LOSS_TYPES:
         out = grpo_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=ref, beta=0.1, loss_type=lt)
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert out.loss.item() == 0 and (grad == 0).all(), lt
+        assert all(v.item() == 0 for v in out.metrics.values()), lt
 
 
 def test_per_token_helper_reproduces_loss_and_grad():
@@ -207,34 +265,56 @@ def test_matches_liger_ppo_loss_fn_value_and_grad(loss_type, level):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
-@pytest.mark.parametrize("est", ["k1", "k3"])
-def test_triton_kernel_matches_torch_path(monkeypatch, loss_type, est):
-    logp, old, ref, mask, adv = _inputs()
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+def test_triton_kernel_matches_formula_for_every_token_level_loss_type(monkeypatch, nan_empty, loss_type, est):
+    logp, old, ref, mask, adv = _inputs()  # row 2 is empty
     sampler = old + 0.2 * torch.randn(B, T)
-    kw = dict(ref_logp=ref, beta=0.08, kl_estimator=est, loss_type=loss_type, sampler_logp=sampler,
-              sampler_is_cap=1.4, delta=1.15 if est == "k3" else None)  # fmt: skip
-    outs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("HOTLOOP_BACKEND", backend)
-        o = grpo_loss(logp, old, adv, mask, **kw)
-        outs[backend] = (o, torch.autograd.grad(o.loss * 1.3, logp)[0])
-    (a, ga), (b, gb) = outs["triton"], outs["torch"]
-    assert_close(a.loss, b.loss.detach().double(), torch.float32, "loss")
-    assert_close(ga, gb.double(), torch.float32, "grad")
-    assert (ga[~mask] == 0).all()
-    for k in b.metrics:
-        torch.testing.assert_close(a.metrics[k], b.metrics[k])
+    entropy = (1 + torch.rand(B, T)).requires_grad_()
+    is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.4)
+    eh, bias_kl = (1.25 if loss_type == "cispo" else 0.28), est == "k2"
+    delta = 1.15 if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and est == "k3" else None
+    kw = dict(beta=0.08, kl_estimator=est, loss_type=loss_type, sampler_logp=sampler, sampler_is_cap=1.4, delta=delta,
+              epsilon_high=eh, entropy=entropy, entropy_coef=0.02, use_bias_correction_kl=bias_kl,
+              max_completion_length=17)  # fmt: skip
+    ref_kw = dict(loss_type=loss_type, beta=0.08, est=est, eh=eh, delta=delta, is_ratio=is_ratio, ent_coef=0.02,
+                  bias_kl=bias_kl, max_len=17)  # fmt: skip
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    ours = _compare(logp, old, ref, mask, adv, ref_kw=ref_kw, **kw)
+    monkeypatch.setenv("HOTLOOP_BACKEND", "torch")
+    eager = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    assert ours.metrics.keys() == eager.metrics.keys()
+    for k in eager.metrics:
+        torch.testing.assert_close(ours.metrics[k], eager.metrics[k], msg=k)
 
 
 @pytest.mark.interpreter
-def test_triton_kernel_ignores_non_finite_padding(monkeypatch):
-    logp, old, ref, mask, adv = _inputs()
-    old = old.masked_fill(~mask, math.inf)
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "vespo"])
+def test_triton_kernel_walks_rows_longer_than_one_block(monkeypatch, nan_empty, loss_type):
+    b, t = 3, 150  # the interpreter's BLOCK_T is 64: three blocks per row, the last one ragged
+    logp = (-1.5 + 0.6 * torch.randn(b, t)).requires_grad_()
+    old, ref = logp.detach() + 0.05 * torch.randn(b, t), logp.detach() + 0.3 * torch.randn(b, t)
+    sampler = old + 0.01 * torch.randn(b, t)
+    mask, adv = torch.rand(b, t) > 0.2, torch.randn(b)
+    is_ratio = torch.exp(old.double() - sampler.double())
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
-    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type="grpo")
+    shape = (1.0, 0.5, 1.0, 0.5)
+    _compare(logp, old, ref, mask, adv, loss_type=loss_type, beta=0.1, sampler_logp=sampler, epsilon_high=1.2,
+             vespo_shape=shape, ref_kw=dict(loss_type=loss_type, beta=0.1, is_ratio=is_ratio, eh=1.2, vespo=shape))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_triton_kernel_ignores_non_finite_padding(monkeypatch, loss_type):
+    logp, old, ref, mask, adv = _inputs()
+    old, ref = old.masked_fill(~mask, math.inf), ref.masked_fill(~mask, -math.inf)
+    entropy = torch.rand(B, T).masked_fill(~mask, math.nan)
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type=loss_type, entropy=entropy,
+                    use_bias_correction_kl=True)  # fmt: skip
     (grad,) = torch.autograd.grad(out.loss, logp)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    assert all(torch.isfinite(v) for v in out.metrics.values())
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])

@@ -1,4 +1,7 @@
-"""KL estimators k1/k2/k3 vs their definitions in float64; masked mean; no hidden clamps."""
+"""KL estimators k1/k2/k3 vs their definitions in float64 (torch path and the Triton kernel under the interpreter);
+masked mean; no hidden clamps."""
+
+import math
 
 import pytest
 import torch
@@ -6,29 +9,74 @@ import torch
 from hotloop.kernels.losses.kl_penalty import kl_penalty, kl_per_token, reference_kl_per_token
 from tests.helpers import assert_close
 
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_mean_matches_reference_value_and_grad(estimator, dtype):
-    logp = (-2 + torch.randn(4, 11)).to(dtype).requires_grad_()
-    ref = (logp.detach().float() + 0.5 * torch.randn(4, 11)).to(dtype)
-    mask = torch.rand(4, 11) > 0.4
+
+def _inputs(dtype, b=4, t=11):
+    logp = (-2 + torch.randn(b, t)).to(dtype).requires_grad_()
+    ref = (logp.detach().float() + 0.5 * torch.randn(b, t)).to(dtype)
+    mask = torch.rand(b, t) > 0.4
     mask[1] = False
+    return logp, ref, mask
+
+
+def _check(logp, ref, mask, estimator, dtype):
     out = kl_penalty(logp, ref, mask, estimator=estimator)
     lp64 = logp.detach().double().requires_grad_()
     r = (reference_kl_per_token(lp64, ref, estimator) * mask).sum() / mask.sum()
+    g = 0.5 + torch.rand(())
+    grad = torch.autograd.grad(out * g, logp)[0]
     assert_close(out, r.detach(), dtype, "value")
-    assert_close(torch.autograd.grad(out, logp)[0], torch.autograd.grad(r, lp64)[0], dtype, "grad")
+    assert_close(grad, torch.autograd.grad(r * g.double(), lp64)[0], dtype, "grad")
+    assert grad.dtype == logp.dtype and (grad[~mask] == 0).all()
 
 
-def test_k3_has_no_clamp_for_large_log_ratios():
-    logp, ref = torch.tensor([0.0]), torch.tensor([30.0])
-    assert kl_per_token(logp, ref, estimator="k3").item() == pytest.approx(torch.tensor(30.0).exp().item() - 31, rel=1e-5)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_mean_matches_reference_value_and_grad(monkeypatch, nan_empty, backend, estimator, dtype):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    _check(*_inputs(dtype), estimator, dtype)
 
 
-def test_empty_mask_gives_zero_and_unknown_estimator_is_an_error():
+@pytest.mark.interpreter
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_triton_kernel_walks_rows_longer_than_one_block(monkeypatch, nan_empty, estimator):
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    _check(*_inputs(torch.float32, b=3, t=150), estimator, torch.float32)  # BLOCK_T 64 under the interpreter
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_has_no_clamp_for_large_log_ratios(monkeypatch, backend):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    logp, ref = torch.tensor([[0.0]]), torch.tensor([[30.0]])
+    assert kl_per_token(logp, ref, estimator="k3").item() == pytest.approx(math.exp(30.0) - 31, rel=1e-5)
+    assert kl_penalty(logp, ref, torch.ones(1, 1)).item() == pytest.approx(math.exp(30.0) - 31, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_mask_gives_zero_loss_and_grad(monkeypatch, backend):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp = torch.randn(2, 3, requires_grad=True)
     out = kl_penalty(logp, torch.randn(2, 3), torch.zeros(2, 3))
     assert out.item() == 0 and (torch.autograd.grad(out, logp)[0] == 0).all()
+
+
+@pytest.mark.interpreter
+def test_triton_kernel_ignores_non_finite_padding(monkeypatch):
+    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
+    logp = torch.randn(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    out = kl_penalty(logp, torch.randn(2, 3).masked_fill(~mask, math.inf), mask)
+    grad = torch.autograd.grad(out, logp)[0]
+    assert torch.isfinite(out) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+def test_unknown_estimator_and_bad_shapes_are_errors():
+    logp = torch.randn(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="estimator"):
         kl_penalty(logp, logp, torch.ones(2, 3), estimator="low_var_kl")
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl_penalty(logp, logp[:, :2], torch.ones(2, 3))
+    with pytest.raises(ValueError, match="mask"):
+        kl_penalty(logp, logp, torch.ones(2, 2))
