@@ -135,7 +135,7 @@ class OnlineLoop:
                  progress: bool = True) -> None:
         if not isinstance(config, LoopConfig):
             raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
-        zero_copy, local_model = _sampler_module(engine, trainer.model)
+        zero_copy, local_model = engine.shares_weights_with(trainer.model), engine.local_model
         if zero_copy and config.sync_period != 1:
             raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag; "
                              f"sync_every={config.sync_every!r} needs an engine on a copy (make_engine)")
@@ -301,19 +301,6 @@ class OnlineLoop:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-def _sampler_module(engine, trainer_model: nn.Module) -> tuple[bool, nn.Module | None]:
-    """Whether ``engine`` is zero-copy on ``trainer_model``, and the in-process module of its weights (or None).
-
-    Engines written before ``RolloutEngine.shares_weights_with`` / ``local_model`` (the experiments'
-    ``BanditEngine``, ``RecordingEngine``, ``ReplayEngine``) expose only ``model``, the module they
-    sample from, which then answers both.
-    """
-    if hasattr(engine, "shares_weights_with"):
-        return engine.shares_weights_with(trainer_model), engine.local_model
-    model = getattr(engine, "model", None)
-    return model is trainer_model, model
 
 
 def _host_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

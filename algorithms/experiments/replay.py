@@ -48,15 +48,22 @@ class Call:
 class RecordingEngine:
     """A ``RolloutEngine`` that forwards to ``inner`` and records every ``generate`` call in order.
 
-    ``model`` is the inner engine's, so an engine on the trainer's own module stays zero-copy.
+    Weights are the inner engine's, so an engine on the trainer's own module stays zero-copy.
     """
 
     def __init__(self, inner) -> None:
-        self.inner, self.model, self.calls = inner, inner.model, []
+        self.inner, self.calls = inner, []
 
     @property
     def weight_version(self) -> int:
         return self.inner.weight_version
+
+    @property
+    def local_model(self):
+        return self.inner.local_model
+
+    def shares_weights_with(self, module) -> bool:
+        return self.inner.shares_weights_with(module)
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         completions = self.inner.generate(prompt_token_ids, sampling)
@@ -90,6 +97,15 @@ class ReplayEngine:
     @property
     def weight_version(self) -> int:
         return self._version
+
+    @property
+    def local_model(self):
+        """The weights an offline engine holds (checkpointed; never sampled from)."""
+        return self.model
+
+    def shares_weights_with(self, module) -> bool:
+        """Never: a replay holds its own (offline) copy of the weights."""
+        return False
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if self.served >= len(self.calls):

@@ -169,6 +169,15 @@ class BanditEngine:
     def weight_version(self) -> int:
         return self._version
 
+    @property
+    def local_model(self) -> TabularPolicy:
+        """The policy ``generate`` samples from (the trainer's own, or a copy)."""
+        return self.model
+
+    def shares_weights_with(self, module) -> bool:
+        """True when this engine samples from ``module`` itself (online, zero-copy)."""
+        return module is self.model
+
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """``sampling.n`` one-token completions per prompt, prompt-major, stamped with the weight version."""
         if sampling.top_p != 1.0 or sampling.top_k != 0:

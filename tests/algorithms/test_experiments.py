@@ -112,7 +112,7 @@ def test_replaying_a_recorded_run_offline_gives_bit_identical_parameters(algorit
 def test_replay_engine_refuses_a_request_that_was_not_recorded():
     engine = replay.RecordingEngine(tabular.BanditEngine(tabular.TabularPolicy(torch.zeros(100))))
     engine.generate([[0], [0]], SamplingParams(max_new_tokens=1, n=2, seed=1))
-    replayer = replay.ReplayEngine(engine.model, engine.calls)
+    replayer = replay.ReplayEngine(engine.local_model, engine.calls)
     with pytest.raises(ValueError, match="generate"):
         replayer.generate([[0], [0]], SamplingParams(max_new_tokens=1, n=2, seed=2))
     assert len(replayer.generate([[0], [0]], SamplingParams(max_new_tokens=1, n=2, seed=1))) == 4
