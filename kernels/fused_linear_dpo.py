@@ -116,7 +116,7 @@ def fused_linear_dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    length_normalize: bool = False,
+    length_normalize: bool | None = None,
     gamma: float = 0.0,
     nll_coef: float = 0.0,
     reference_free: bool = False,
@@ -180,7 +180,7 @@ class FusedLinearDPOLoss(nn.Module):
     """Module form of :func:`fused_linear_dpo_loss`: loss options at construction, tensors in ``forward``."""
 
     def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 length_normalize: bool = False, gamma: float = 0.0, nll_coef: float = 0.0,
+                 length_normalize: bool | None = None, gamma: float = 0.0, nll_coef: float = 0.0,
                  reference_free: bool = False, discopop_tau: float = 0.05, temperature: float = 1.0,
                  ignore_index: int = -100, strategy: str = "auto"):  # fmt: skip
         super().__init__()

@@ -25,7 +25,8 @@ Differences from Liger, all deliberate:
 
 - ``compiled`` and ``chunk_size`` are accepted and ignored: nothing is compiled (no warm-up); chunks are chosen by
   memory (``docs/fused-losses.md``). No host sync in backward (Liger compares ``grad_output`` with 1.0).
-- DPO: ``loss_type="ipo"`` works (length-averaged log-ratios, Azar et al. / TRL; Liger raises NotImplementedError);
+- DPO: ``loss_type="ipo"`` works (length-averaged log-ratios as TRL's IPO, whatever ``average_log_prob``; Liger
+  raises NotImplementedError);
   ``label_smoothing`` is applied to ``"sigmoid"`` (cDPO; Liger ignores it there).
 - Cached reference log-probs (Liger recomputes the reference head every step): DPO ``ref_chosen_logps``,
   ``ref_rejected_logps`` ``[B]`` and KTO ``ref_logps`` ``[B]`` keyword arguments, in the form the class returns
@@ -124,7 +125,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
                                average=self.average_log_prob, nll=self.compute_nll_loss, ignore_index=self.ignore_index,
                                loss_type=self.loss_type, label_smoothing=self.label_smoothing,
                                discopop_tau=self.discopop_tau, reference_free=ref is None,
-                               length_normalize=self.average_log_prob, strategy=self.strategy,
+                               length_normalize=self.average_log_prob or None, strategy=self.strategy,
                                nll_coef=self.alpha if self.compute_nll_loss else 0.0)  # fmt: skip
         return out.loss, aux
 

@@ -2,13 +2,14 @@
 
 Inputs are per-pair sequence log-probs ``[B]`` (sums over completion tokens) of the policy and, unless
 ``reference_free``, of the reference. With ``ρ_c = logp_c − ref_c``, ``ρ_r = logp_r − ref_r`` (divided by the
-completion lengths when ``length_normalize``) and ``z = β(ρ_c − ρ_r) − γ``, the per-pair losses are those of
+completion lengths when length-normalized) and ``z = β(ρ_c − ρ_r) − γ``, the per-pair losses are those of
 Liger-Kernel 0.8.5 ``LigerFusedLinearDPOFunction.preference_loss_fn`` (and TRL's ``DPOTrainer``):
 
 - ``sigmoid`` (DPO, https://arxiv.org/abs/2305.18290): ``−(1−ε) logσ(z) − ε logσ(−z)`` (cDPO smoothing ε;
   Liger 0.8.5's DPO ignores ε here, TRL and Liger's CPO/SimPO apply it — we apply it);
-- ``hinge`` (SLiC): ``relu(1 − z)``;  ``ipo`` (https://arxiv.org/abs/2310.12036, TRL):
-  ``(ρ̄_c − ρ̄_r − 1/(2β))²`` with length-averaged log-ratios (lengths required; Liger lacks ipo);
+- ``hinge`` (SLiC): ``relu(1 − z)``;  ``ipo`` (https://arxiv.org/abs/2310.12036): ``(ρ_c − ρ_r − 1/(2β))²``;
+  length-averaged log-ratios by default (TRL's IPO; lengths required), the paper's sums with
+  ``length_normalize=False`` (Liger lacks ipo);
 - ``exo_pair`` (https://arxiv.org/abs/2402.00856): ``σ(z)(logσ(z) − log(1−ε)) + σ(−z)(logσ(−z) − log ε)``, ε > 0;
 - ``nca_pair``: ``−logσ(βρ_c) − ½logσ(−βρ_c) − ½logσ(−βρ_r)``;
 - ``robust``: ``[−(1−ε)logσ(z) + ε logσ(−z)] / (1 − 2ε)``, 0 ≤ ε < ½;
@@ -89,8 +90,9 @@ def _check_options(loss_type: str, beta: float, eps: float, gamma: float, length
         raise ValueError(f"label_smoothing applies to sigmoid, robust and exo_pair only; got {eps} with {loss_type!r}")
     if gamma != 0 and loss_type != "sigmoid":
         raise ValueError(f"gamma (SimPO margin) applies to loss_type='sigmoid' only; got {gamma} with {loss_type!r}")
-    if (length_normalize or loss_type == "ipo") and None in lengths:
-        raise ValueError(f"chosen_lengths and rejected_lengths are required for length normalization / ipo, got {lengths}")
+    if length_normalize and None in lengths:
+        raise ValueError(f"chosen_lengths and rejected_lengths are required for length normalization (ipo's default), "
+                         f"got {lengths}")  # fmt: skip
 
 
 def _check_pairs(names: tuple[str, ...], tensors: tuple, n: int) -> None:
@@ -110,7 +112,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
-    length_normalize: bool = False,
+    length_normalize: bool | None = None,
     gamma: float = 0.0,
     nll_loss: Tensor | None = None,
     nll_coef: float = 0.0,
@@ -125,7 +127,8 @@ def dpo_loss(
         beta: inverse temperature β (> 0).  loss_type: one of ``LOSS_TYPES``.
         label_smoothing: ε for sigmoid (cDPO), robust and exo_pair.
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (for length normalization and ipo).
-        length_normalize: divide all log-probs by their lengths (SimPO). ipo always normalizes.
+        length_normalize: divide all log-probs by their lengths (SimPO); None: the loss type's default, True for ipo
+            (TRL), False for the others; ``False`` with ipo is Azar et al.'s form on sequence sums.
         gamma: SimPO margin γ subtracted from ``β(ρ_c − ρ_r)`` (sigmoid only).
         nll_loss: ``[B]`` or 0-d NLL of the chosen completions (RPO/CPO); its mean times ``nll_coef`` is added.
         reference_free: use ``ref = 0`` (SimPO, CPO).  discopop_tau: τ of discopop.
@@ -141,6 +144,7 @@ def dpo_loss(
         ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"),
         (rejected_logps, *refs, chosen_lengths, rejected_lengths), n,
     )  # fmt: skip
+    length_normalize = loss_type == "ipo" if length_normalize is None else bool(length_normalize)
     _check_options(loss_type, beta, label_smoothing, gamma, length_normalize, (chosen_lengths, rejected_lengths))
     if reference_free and any(r is not None for r in refs):
         raise ValueError("reference_free=True takes no ref_chosen_logps / ref_rejected_logps, got tensors")
@@ -148,7 +152,7 @@ def dpo_loss(
         raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (or reference_free=True)")
     rho_c = chosen_logps if reference_free else chosen_logps - ref_chosen_logps
     rho_r = rejected_logps if reference_free else rejected_logps - ref_rejected_logps
-    if length_normalize or loss_type == "ipo":
+    if length_normalize:
         rho_c = rho_c / chosen_lengths.to(rho_c.dtype).clamp_min(1.0)
         rho_r = rho_r / rejected_lengths.to(rho_r.dtype).clamp_min(1.0)
     losses = _pair_losses(rho_c, rho_r, loss_type, beta, label_smoothing, gamma, discopop_tau)

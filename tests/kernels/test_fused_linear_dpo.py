@@ -84,6 +84,7 @@ def test_every_loss_type_matches_float64_reference(loss_type, strategy, monkeypa
     [
         {"loss_type": "sigmoid", "nll_coef": 0.7},  # RPO
         {"loss_type": "ipo", "nll_coef": 0.3, "beta": 0.5},  # IPO + RPO term
+        {"loss_type": "ipo", "length_normalize": False, "beta": 0.5},  # IPO on sequence sums (Azar et al.)
         {"loss_type": "sigmoid", "reference_free": True, "length_normalize": True, "gamma": 0.6, "beta": 2.0},  # SimPO
         {"loss_type": "sigmoid", "reference_free": True, "nll_coef": 1.0, "label_smoothing": 0.1},  # CPO
         {"loss_type": "hinge", "length_normalize": True},

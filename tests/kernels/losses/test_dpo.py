@@ -70,6 +70,18 @@ def test_each_loss_type_matches_paper_formula_value_and_grad(loss_type):
     _check(out.loss, c, r, ref, c64, r64, torch.float32, loss_type)
 
 
+@pytest.mark.parametrize("length_normalize", [None, True, False])
+def test_ipo_averages_log_ratios_by_default_and_takes_the_papers_sums_with_length_normalize_false(length_normalize):
+    c, r, rc, rr, lc, lr = _inputs()
+    averaged = length_normalize is not False
+    lens = dict(chosen_lengths=lc, rejected_lengths=lr) if averaged else {}
+    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type="ipo", length_normalize=length_normalize, **lens)
+    c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    lcd, lrd = (lc.double(), lr.double()) if averaged else (None, None)
+    ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "ipo", 0.1, lc=lcd, lr=lrd).mean()
+    _check(out.loss, c, r, ref, c64, r64, torch.float32, f"ipo length_normalize={length_normalize}")
+
+
 def test_cdpo_label_smoothing_on_sigmoid_matches_formula():
     c, r, rc, rr, _, _ = _inputs()
     out = dpo_loss(c, r, rc, rr, beta=0.3, label_smoothing=0.2)
