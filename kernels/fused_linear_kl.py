@@ -291,6 +291,7 @@ class FusedLinearKL(nn.Module):
     def __init__(self, *, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, normalize: str = "token"):  # fmt: skip
         super().__init__()
+        _check_options(divergence, beta, normalize)  # at construction, as the other fused modules
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.ignore_index, self.normalize = ignore_index, normalize
 
