@@ -2,7 +2,7 @@
 
 Unpaired samples: ``B`` sequences with ``labels [B]`` (True = desirable). ``S_b = Σ_t logp_bt`` over active tokens,
 then :func:`~.losses.kto.kto_loss` (``λ_D (1 − σ(β(ρ − z₀)))`` / ``λ_U (1 − σ(β(z₀ − ρ)))``, ``ρ = S − S_ref``, mean
-over B). The reference point ``z₀`` (``kl_ref_point``) is a constant: TRL estimates it from mismatched
+over B; ``length_normalize``: ``ρ = (S − S_ref) / |y_b|``, Liger's ``average_log_prob``). The reference point ``z₀`` (``kl_ref_point``) is a constant: TRL estimates it from mismatched
 (prompt, completion) pairs; compute those sequence log-probs forward-only (``torch.no_grad()`` with this module's
 layout, or ``fused_linear_logprob``) and pass :func:`~.losses.kto.kto_kl_estimate` of them.
 
@@ -45,6 +45,7 @@ def fused_linear_kto_loss(
     kl_ref_point: Tensor | float | None = None,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    length_normalize: bool = False,
     temperature: float = 1.0,
     ignore_index: int = -100,
     strategy: str = "auto",
@@ -60,6 +61,7 @@ def fused_linear_kto_loss(
         ref_logps: ``[B]`` reference sequence log-probs, or the reference head ``ref_hidden`` (hidden's layout,
             ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad).
         beta, kl_ref_point, desirable_weight, undesirable_weight: as :func:`~hotloop.kernels.losses.kto.kto_loss`.
+        length_normalize: per-token means of the policy and reference sequence log-probs (``ref_logps`` stay sums).
         temperature: logits are divided by it.  strategy: ``"auto"`` | ``"grouped"`` | ``"two_pass"``.
 
     Returns:
@@ -79,9 +81,12 @@ def fused_linear_kto_loss(
         check_tensor("ref_logps", ref_logps, (b,))
         ref = ref_logps.detach().float()
 
+    lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
+
     def sample_loss(seq_logps: Tensor, samples: Tensor) -> LossOutput:
         return kto_loss(seq_logps[:, 0], ref[samples], labels[samples], beta=beta, kl_ref_point=kl_ref_point,
-                        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)  # fmt: skip
+                        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                        lengths=lengths[samples], length_normalize=length_normalize)  # fmt: skip
 
     samples = torch.arange(b, device=ref.device)
     sample_loss(torch.zeros(b, 1, device=ref.device), samples)  # checks every option before any matmul
@@ -106,11 +111,13 @@ class FusedLinearKTOLoss(nn.Module):
     """Module form of :func:`fused_linear_kto_loss`: loss options at construction, tensors in ``forward``."""
 
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 temperature: float = 1.0, ignore_index: int = -100, strategy: str = "auto"):  # fmt: skip
+                 length_normalize: bool = False, temperature: float = 1.0, ignore_index: int = -100,
+                 strategy: str = "auto"):  # fmt: skip
         super().__init__()
         check_choice("strategy", strategy, STRATEGIES)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                            temperature=temperature, ignore_index=ignore_index, strategy=strategy)  # fmt: skip
+                            length_normalize=length_normalize, temperature=temperature, ignore_index=ignore_index,
+                            strategy=strategy)  # fmt: skip
 
     def forward(self, hidden, weight, targets, labels, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
                 ref_hidden=None, ref_weight=None, ref_bias=None, kl_ref_point=None) -> LossOutput:  # fmt: skip
@@ -129,4 +136,5 @@ def reference_fused_linear_kto_loss(hidden, weight, targets, labels, bias=None, 
                                               temperature=temperature, ignore_index=ignore_index).sum(-1)  # fmt: skip
 
     ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias).detach()
-    return kto_loss(seq_logp(hidden, weight, bias), ref, labels, **options)
+    lengths = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2].sum(-1)
+    return kto_loss(seq_logp(hidden, weight, bias), ref, labels, lengths=lengths, **options)

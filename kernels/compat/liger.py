@@ -37,7 +37,7 @@ Differences from Liger, all deliberate:
   completion tokens only; the ``dapo`` normalizer does no hidden all-reduce (pass ``num_items_in_batch``)
   (``losses/grpo.py``). ``vllm_is_ratio`` with ``old_per_token_logps=None`` costs one forward-only pass (the old
   log-probs are needed to express the ratio as sampler log-probs).
-- KTO: ``average_log_prob=True`` raises NotImplementedError; ``kl`` must be a scalar (a float or one-element tensor).
+- KTO: ``kl`` must be a scalar (a float or one-element tensor).
 - ORPO with ``compute_nll_loss=False`` or ``nll_target``: the NLL on ``target`` is taken out (and the one on
   ``nll_target`` added) by ``fused_linear_sft_loss`` on the chosen half, 3 matmuls over those rows each.
 - Empty sequences (all targets ignored) count as length 1 where Liger divides 0 by 0.
@@ -221,8 +221,6 @@ class LigerFusedLinearKTOLoss(nn.Module):
     def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True, use_ref_model: bool = False,
                  average_log_prob: bool = False, chunk_size: int = 1, *, strategy: str = "auto"):  # fmt: skip
         super().__init__()
-        if average_log_prob:
-            raise NotImplementedError("average_log_prob=True: hotloop's KTO takes sequence sums only")
         self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, beta, compiled, use_ref_model
         self.average_log_prob, self.chunk_size, self.strategy = average_log_prob, chunk_size, strategy
 
@@ -236,13 +234,15 @@ class LigerFusedLinearKTOLoss(nn.Module):
         if ref_logps is not None and not self.use_ref_model:
             raise ValueError("use_ref_model=False takes no ref_logps, got a tensor")
         reference = dict(ref_logps=torch.zeros(target.shape[0], device=target.device))  # Liger: no model, ref = 0
-        if self.use_ref_model and ref_logps is not None:
-            reference = dict(ref_logps=ref_logps)
+        if self.use_ref_model and ref_logps is not None:  # in the form forward returns: means with average_log_prob
+            lengths = (target != self.ignore_index).sum(-1).float().clamp_min(1.0)
+            reference = dict(ref_logps=ref_logps.detach().float() * lengths if self.average_log_prob else ref_logps)
         elif self.use_ref_model:
             reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
         out = fused_linear_kto_loss(_input, lin_weight, target, preference_labels, bias, beta=self.beta,
-                                    kl_ref_point=None if z0 is None else z0.reshape(()), ignore_index=self.ignore_index, strategy=self.strategy,
-                                    **reference)  # fmt: skip
+                                    kl_ref_point=None if z0 is None else z0.reshape(()),
+                                    length_normalize=self.average_log_prob, ignore_index=self.ignore_index,
+                                    strategy=self.strategy, **reference)  # fmt: skip
         m = out.metrics
         sums = _logits_sums(_input, lin_weight, bias, torch.stack((preference_labels, ~preference_labels)))
         return out.loss, (m["logps/chosen_sum"], m["logps/rejected_sum"], sums[0], sums[1], m["rewards/chosen_sum"],

@@ -8,7 +8,8 @@ With ``ρ = logp − ref_logp`` and the reference point ``z₀`` (a detached est
 averaged over all ``B`` samples, as TRL's ``KTOTrainer`` (``nanmean`` of the concatenated weighted losses)
 and Liger 0.8.5 ``LigerFusedLinearKTOFunction.preference_loss_fn`` (sum / B, no weights: λ_D = λ_U = 1).
 
-``kl_ref_point=None`` uses ``z₀ = 0``, like Liger's ``kl=None``. TRL estimates ``z₀`` from mismatched
+With ``length_normalize`` both log-probs are divided by the completion lengths first (``ρ = (logp − ref_logp) / |y|``,
+Liger's ``average_log_prob``). ``kl_ref_point=None`` uses ``z₀ = 0``, like Liger's ``kl=None``. TRL estimates ``z₀`` from mismatched
 (prompt, completion) pairs of the batch: :func:`kto_kl_estimate` computes that estimate,
 ``mean(logp_mismatch − ref_logp_mismatch)`` clamped at 0 and detached (TRL also all-gathers it across
 ranks before averaging; do that before calling when training data-parallel).
@@ -46,6 +47,8 @@ def kto_loss(
     kl_ref_point: Tensor | float | None = None,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    lengths: Tensor | None = None,
+    length_normalize: bool = False,
 ) -> LossOutput:
     """KTO loss averaged over ``B`` samples.
 
@@ -54,10 +57,12 @@ def kto_loss(
         labels: ``[B]`` bool, True for desirable completions.
         beta: β (> 0).  kl_ref_point: ``z₀`` (0-d tensor or float, treated as a constant); None means 0.
         desirable_weight, undesirable_weight: λ_D, λ_U.
+        lengths: ``[B]`` completion token counts (needed with ``length_normalize``).
+        length_normalize: use per-token means ``logps / max(lengths, 1)`` (and the same for ``ref_logps``).
 
     Returns:
-        ``LossOutput``; metrics ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum``,
-        ``count/{chosen,rejected}`` as TRL logs them.
+        ``LossOutput``; metrics ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum`` (of the
+        means with ``length_normalize``), ``count/{chosen,rejected}`` as TRL logs them.
     """
     check_tensor("logps", logps, ndim=1)
     check_tensor("ref_logps", ref_logps, tuple(logps.shape))
@@ -66,6 +71,12 @@ def kto_loss(
         raise TypeError(f"labels must be a bool tensor, got dtype {labels.dtype}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if length_normalize:
+        if lengths is None:
+            raise ValueError("length_normalize=True needs lengths [B] (completion token counts), got None")
+        check_tensor("lengths", lengths, tuple(logps.shape))
+        scale = lengths.to(logps.dtype).clamp_min(1.0)
+        logps, ref_logps = logps / scale, ref_logps / scale
     z0 = 0.0 if kl_ref_point is None else kl_ref_point
     z0 = z0.detach() if isinstance(z0, Tensor) else z0
     rho = logps - ref_logps

@@ -64,6 +64,7 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
         {},
         {"beta": 0.5, "kl_ref_point": 0.8, "desirable_weight": 1.3, "undesirable_weight": 0.6},
         {"kl_ref_point": torch.tensor(2.5), "temperature": 0.7},
+        {"length_normalize": True, "beta": 2.0, "kl_ref_point": 0.1},  # Liger's average_log_prob
     ],
 )
 def test_options_and_strategies_match_float64_reference(options, strategy, monkeypatch):

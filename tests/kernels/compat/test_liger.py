@@ -136,9 +136,10 @@ def _kto_args(ref=True, kl=0.3):
     return [hidden, weight, _targets((2 * B, T)), b, labels, *_head((2 * B, T), grad=False), torch.tensor(kl)]
 
 
+@pytest.mark.parametrize("average_log_prob", [False, True])
 @pytest.mark.parametrize("use_ref_model", [True, False])
-def test_kto_matches_liger(use_ref_model):
-    _assert_same("KTO", dict(use_ref_model=use_ref_model, beta=0.2), _kto_args())
+def test_kto_matches_liger(use_ref_model, average_log_prob):
+    _assert_same("KTO", dict(use_ref_model=use_ref_model, beta=0.2, average_log_prob=average_log_prob), _kto_args())
 
 
 def _grpo_args(*, ref_head=False, ratio=None, old=True, padding=True, bias=True, dtype=torch.float32):
@@ -273,11 +274,14 @@ def test_dpo_cached_reference_log_probs_equal_the_reference_head(average_log_pro
         assert _error(a, b) <= 1e-5, f"element {i}: error {_error(a, b):.2e}"
 
 
-def test_kto_cached_reference_log_probs_equal_the_reference_head():
+@pytest.mark.parametrize("average_log_prob", [False, True])
+def test_kto_cached_reference_log_probs_equal_the_reference_head(average_log_prob):
     hidden, weight, target, bias, labels, ref_hidden, ref_weight, ref_bias, kl = _kto_args()
-    loss_fn = compat.LigerFusedLinearKTOLoss(use_ref_model=True)
+    loss_fn = compat.LigerFusedLinearKTOLoss(use_ref_model=True, average_log_prob=average_log_prob)
     head = _run(loss_fn, [hidden, weight, target, bias, labels, ref_hidden, ref_weight, ref_bias, kl], {}, 1.0)
     ref_logps = fused_linear_logprob(ref_hidden, ref_weight, target, ref_bias).sum(-1)
+    if average_log_prob:  # cached in the form the class returns
+        ref_logps = ref_logps / (target != IGNORE).sum(-1)
     cached = _run(loss_fn, [hidden, weight, target, bias, labels, None, None, None, kl], dict(ref_logps=ref_logps), 1.0)
     for i, (a, b) in enumerate(zip(_flat(head[0]) + list(head[1]), _flat(cached[0]) + list(cached[1]))):
         assert _error(a, b) <= 1e-5, f"element {i}: error {_error(a, b):.2e}"
@@ -300,8 +304,6 @@ def test_grpo_kl_estimator_option_matches_the_float64_reference(kl_estimator):
 
 
 def test_unsupported_or_missing_arguments_raise_naming_them():
-    with pytest.raises(NotImplementedError, match="average_log_prob"):
-        compat.LigerFusedLinearKTOLoss(average_log_prob=True)
     with pytest.raises(ValueError, match="loss_type"):
         compat.LigerFusedLinearDPOLoss(loss_type="orpo")
     with pytest.raises(ValueError, match="label_smoothing"):

@@ -42,6 +42,21 @@ def test_matches_formula_with_reference_point_and_weights(dtype):
     assert_close(g, rg, dtype, "grad")
 
 
+def test_length_normalize_uses_per_token_mean_log_ratios():
+    logps, ref, labels = _inputs()
+    lengths = torch.randint(0, 30, (B,))
+    lengths[2] = 0  # an empty completion counts as length 1
+    out = kto_loss(logps, ref, labels, beta=2.0, kl_ref_point=0.1, lengths=lengths, length_normalize=True)
+    lp64, n = logps.detach().double().requires_grad_(), lengths.double().clamp_min(1.0)
+    r = reference_kto(lp64 / n, ref.double() / n, labels, 2.0, 0.1, 1.0, 1.0)
+    g = torch.autograd.grad(out.loss * 1.5, logps)[0]
+    assert_close(out.loss, r.detach(), torch.float32, "value")
+    assert_close(g, torch.autograd.grad(r * 1.5, lp64)[0], torch.float32, "grad")
+    assert_close(out.metrics["logps/chosen_sum"], (lp64.detach() / n)[labels].sum(), torch.float32, "logps sum")
+    with pytest.raises(ValueError, match="lengths"):
+        kto_loss(logps, ref, labels, length_normalize=True)
+
+
 def test_reference_point_is_a_constant():
     logps, ref, labels = _inputs()
     z0 = torch.tensor(0.2, requires_grad=True)
