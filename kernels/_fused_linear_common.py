@@ -40,6 +40,7 @@ from .losses.output import LossOutput
 from .losses.segments import segment_ids
 
 STRATEGIES = ("auto", "grouped", "two_pass")
+_LOGIT_SUM_ROWS = 1024  # rows per float32 copy in logit_sums: 16 MiB at D = 4096
 _GRADS = tuple[Tensor | None, Tensor | None, Tensor | None]
 
 
@@ -273,6 +274,22 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
     return stats, tuple(grads)
 
 
+def logit_sums(layout: Layout, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """``[B]`` float32 Σ over each sequence's active tokens of the vocabulary-mean logit ``mean_v(x_iv) / temperature``.
+
+    No logits: ``Σ_i mean_v x_iv = (Σ_i h_i)·(Σ_v w_v) / V + n_b·mean(bias)``; ``N_a·D + V·D`` FLOPs. Hidden rows are
+    summed per sequence in float32, ``_LOGIT_SUM_ROWS`` rows at a time (no full float32 copy of a bf16 hidden).
+    """
+    h = layout.hidden
+    h_sum = torch.zeros(layout.num_seqs, h.shape[1], device=h.device)
+    for r0 in range(0, h.shape[0], _LOGIT_SUM_ROWS):
+        h_sum.index_add_(0, layout.seq_ids[r0 : r0 + _LOGIT_SUM_ROWS], h[r0 : r0 + _LOGIT_SUM_ROWS].float())
+    sums = h_sum @ (weight.detach().sum(0, dtype=torch.float32) / weight.shape[0])
+    if bias is not None:
+        sums = sums + layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32)) * bias.detach().float().mean()
+    return sums / temperature
+
+
 def float32_output(out: LossOutput) -> LossOutput:
     """``out`` with its loss and metrics cast to float32 (sequence-level losses are evaluated in float64)."""
     return LossOutput(out.loss.float(), {name: value.float() for name, value in out.metrics.items()})
@@ -303,3 +320,10 @@ def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[T
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
         out_h[i, : b - a], out_t[i, : b - a], out_m[i, : b - a] = hidden[a:b], targets[a:b], mask[a:b]
     return out_h, out_t.masked_fill(~out_m, ignore_index), out_m
+
+
+def reference_logit_sums(hidden, weight, bias, targets, mask, cu_seqlens, ignore_index, temperature) -> Tensor:
+    """Float64 reference for :func:`logit_sums`: materialized logits, vocabulary mean, masked sum per sequence."""
+    h_pad, _, m = reference_padded(hidden.double(), targets, mask, cu_seqlens, ignore_index)
+    logits = h_pad @ weight.double().T + (0.0 if bias is None else bias.double())
+    return ((logits / temperature).mean(-1) * m).sum(-1)

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, make_layout,
-    reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
+    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, logit_sums, make_layout,
+    reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
@@ -101,6 +101,13 @@ def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, op
     return None
 
 
+def _logit_means(sums: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+    """TRL's ``logits/{chosen,rejected}``: per-sequence logit sums ``[2B]`` → means over each half's active tokens."""
+    half = lengths.numel() // 2
+    means = sums.view(2, half).sum(1) / lengths.view(2, half).sum(1).clamp_min(1.0)
+    return {"logits/chosen": means[0], "logits/rejected": means[1]}
+
+
 def fused_linear_dpo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -143,8 +150,9 @@ def fused_linear_dpo_loss(
     Returns:
         ``LossOutput``: scalar loss (differentiable w.r.t. hidden, weight, bias) and the metrics of the functional
         loss: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``, ``nll_loss``
-        (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO); a ``DPOOutput`` whose ``seq_logps``
-        are the ``[2B]`` sequence log-probs behind them.
+        (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO), plus TRL's ``logits/{chosen,rejected}``
+        (mean over active tokens and the vocabulary of logits / temperature, without forming them); a
+        ``DPOOutput`` whose ``seq_logps`` are the ``[2B]`` sequence log-probs behind them.
     """
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("strategy", strategy, STRATEGIES)
@@ -172,6 +180,7 @@ def fused_linear_dpo_loss(
     with torch.no_grad():
         seq_logps = layout.seq_sum(stats.logp)
         out = float32_output(pair_loss(seq_logps.double().view(2, num_pairs).T, pairs))
+        out.metrics.update(_logit_means(logit_sums(layout, weight, bias, temperature), pair_loss.lengths))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return DPOOutput(loss, out.metrics, seq_logps=seq_logps)
 
@@ -215,10 +224,15 @@ def reference_fused_linear_dpo_loss(hidden, weight, targets, bias=None, *, mask=
     nll = -logp[:half].sum() / m[:half].sum().clamp_min(1.0)
     kw = dict(chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
     if loss_type == "orpo":
-        return _dpo.orpo_loss(seq[:half], seq[half:], beta=beta, nll_loss=nll, **kw)
-    refs = (None, None)
-    if not reference_free:
-        ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias)[0].detach()
-        refs = (ref[:half], ref[half:])
-    return _dpo.dpo_loss(seq[:half], seq[half:], *refs, beta=beta, loss_type=loss_type, nll_coef=nll_coef,
-                         nll_loss=nll if nll_coef != 0 else None, reference_free=reference_free, **kw, **options)
+        out = _dpo.orpo_loss(seq[:half], seq[half:], beta=beta, nll_loss=nll, **kw)
+    else:
+        refs = (None, None)
+        if not reference_free:
+            ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias)[0].detach()
+            refs = (ref[:half], ref[half:])
+        out = _dpo.dpo_loss(seq[:half], seq[half:], *refs, beta=beta, loss_type=loss_type, nll_coef=nll_coef,
+                            nll_loss=nll if nll_coef != 0 else None, reference_free=reference_free, **kw, **options)
+    with torch.no_grad():
+        sums = reference_logit_sums(hidden, weight, bias, targets, mask, cu_seqlens, ignore_index, temperature)
+        out.metrics.update(_logit_means(sums, lengths))
+    return out

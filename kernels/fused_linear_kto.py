@@ -19,13 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, make_layout,
-    reference_head_logp, reference_padded, sequence_loss_grads, sequence_strategy,
+    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, logit_sums, make_layout,
+    reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses._checks import check_choice, check_tensor
 from .losses.kto import kto_loss
 from .losses.output import LossOutput
+
+
+def _logit_totals(sums: Tensor, labels: Tensor, vocab: int) -> dict[str, Tensor]:
+    """``logits/{chosen,rejected}_sum``: Σ over the desirable / undesirable samples' active tokens and the vocabulary,
+    from the per-sequence sums of vocabulary-mean logits ``[B]``."""
+    return {"logits/chosen_sum": sums[labels].sum() * vocab, "logits/rejected_sum": sums[~labels].sum() * vocab}
 
 
 def fused_linear_kto_loss(
@@ -66,7 +72,9 @@ def fused_linear_kto_loss(
 
     Returns:
         ``LossOutput`` with the metrics of ``kto_loss``: ``kl``, ``rewards/{chosen,rejected}_sum``,
-        ``logps/{chosen,rejected}_sum``, ``count/{chosen,rejected}``.
+        ``logps/{chosen,rejected}_sum``, ``count/{chosen,rejected}``; plus ``logits/{chosen,rejected}_sum``: Σ of
+        logits / temperature over the samples' active tokens and the vocabulary (never formed; Liger sums every
+        position, padding included; TRL 1.16's ``logits/chosen`` is this over V × the chosen completion tokens).
     """
     check_choice("strategy", strategy, STRATEGIES)
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
@@ -103,6 +111,7 @@ def fused_linear_kto_loss(
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
         out = float32_output(sample_loss(layout.seq_sum(stats.logp).double().unsqueeze(1), samples))
+        out.metrics.update(_logit_totals(logit_sums(layout, weight, bias, temperature), labels, weight.shape[0]))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
 
@@ -137,4 +146,8 @@ def reference_fused_linear_kto_loss(hidden, weight, targets, labels, bias=None, 
 
     ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias).detach()
     lengths = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2].sum(-1)
-    return kto_loss(seq_logp(hidden, weight, bias), ref, labels, lengths=lengths, **options)
+    out = kto_loss(seq_logp(hidden, weight, bias), ref, labels, lengths=lengths, **options)
+    with torch.no_grad():
+        sums = reference_logit_sums(hidden, weight, bias, targets, mask, cu_seqlens, ignore_index, temperature)
+        out.metrics.update(_logit_totals(sums, labels, weight.shape[0]))
+    return out

@@ -50,7 +50,9 @@ def fused_linear_sft_loss(
         temperature: logits are divided by it.
 
     Returns:
-        ``LossOutput``; metrics ``nll`` (unweighted token mean) and ``entropy`` (token mean).
+        ``LossOutput``; metrics ``nll`` (unweighted token mean), ``entropy`` (token mean) and ``num_tokens`` (the
+        tokens counted in this batch; TRL's ``num_tokens`` is the running total of attention-mask tokens, prompts
+        included, which the trainer accumulates).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
