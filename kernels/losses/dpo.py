@@ -22,7 +22,9 @@ Every type needs the reference log-probs unless ``reference_free=True`` (then ``
 default ``ref=None``). SimPO (https://arxiv.org/abs/2405.14734) = ``reference_free, length_normalize,
 gamma``; CPO (https://arxiv.org/abs/2401.08417) = ``reference_free`` sigmoid plus ``nll_loss`` with
 ``nll_coef``; RPO (https://arxiv.org/abs/2404.19733) = any type plus ``nll_coef · mean(nll_loss)``.
-The loss is the mean over pairs (Liger divides the sum by ``B``). Memory: a few ``[B]`` temporaries.
+The loss is the mean over pairs (Liger divides the sum by ``B``). bf16/fp16 inputs are computed in float32.
+Eager PyTorch on every device: the inputs are ``[B]``-sized, so a fused kernel would save nothing but launches.
+Memory: a few ``[B]`` temporaries.
 """
 
 from __future__ import annotations
@@ -95,6 +97,12 @@ def _check_options(loss_type: str, beta: float, eps: float, gamma: float, length
                          f"got {lengths}")  # fmt: skip
 
 
+def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors in float32 (float64 when any is float64): ``[B]``-sized math costs nothing at full precision."""
+    dt = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return [None if t is None else t.to(dt) for t in tensors]
+
+
 def _check_pairs(names: tuple[str, ...], tensors: tuple, n: int) -> None:
     for name, t in zip(names, tensors):
         if t is not None:
@@ -150,6 +158,8 @@ def dpo_loss(
         raise ValueError("reference_free=True takes no ref_chosen_logps / ref_rejected_logps, got tensors")
     if not reference_free and any(r is None for r in refs):
         raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (or reference_free=True)")
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, nll_loss = _upcast(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, nll_loss)  # fmt: skip
     rho_c = chosen_logps if reference_free else chosen_logps - ref_chosen_logps
     rho_r = rejected_logps if reference_free else rejected_logps - ref_rejected_logps
     if length_normalize:
@@ -202,6 +212,7 @@ def orpo_loss(
     check_tensor("chosen_logps", chosen_logps, ndim=1)
     n = chosen_logps.shape[0]
     _check_pairs(("rejected_logps", "chosen_lengths", "rejected_lengths"), (rejected_logps, chosen_lengths, rejected_lengths), n)
+    chosen_logps, rejected_logps, nll_loss = _upcast(chosen_logps, rejected_logps, nll_loss)
     avg_c = chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp_min(1.0)
     avg_r = rejected_logps / rejected_lengths.to(rejected_logps.dtype).clamp_min(1.0)
     log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))

@@ -179,11 +179,11 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "two_pass"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "bco_pair", "apo_zero", "discopop"])
 def test_bf16_matches_float64_reference(loss_type, strategy):
     hidden, weight, targets, bias, mask = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, bias, torch.bfloat16, metrics=False, mask=mask, ref_logps=_ref_logps(),
-           loss_type=loss_type, strategy=strategy)
+    _check(hidden, weight, targets, bias, torch.bfloat16, metrics=False, strategy=strategy, mask=mask,
+           **_options(loss_type))
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):

@@ -124,12 +124,18 @@ def test_metrics_are_trl_rewards_of_the_log_ratios():
     assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
 
 
-def test_bf16_inputs_within_bf16_tolerance():
-    c, r, rc, rr, _, _ = _inputs(torch.bfloat16)
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type="sigmoid")
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_down",
+                                       "discopop"])
+def test_bf16_inputs_within_bf16_tolerance(loss_type):
+    c, r, rc, rr, lc, lr = _inputs(torch.bfloat16)
+    eps = {"robust": 0.1, "sigmoid": 0.1}.get(loss_type, 0.0)
+    lens = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
+    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
-    ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "sigmoid", 0.1).mean()
-    _check(out.loss, c, r, ref, c64, r64, torch.bfloat16, "bf16")
+    lcd, lrd = (lc.double(), lr.double()) if loss_type == "ipo" else (None, None)
+    ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), loss_type, 0.1, eps, lc=lcd, lr=lrd).mean()
+    _check(out.loss, c, r, ref, c64, r64, torch.bfloat16, f"bf16 {loss_type}")
+    assert out.loss.dtype == torch.float32 and c.dtype == torch.bfloat16  # [B]-sized math runs in float32
 
 
 def test_orpo_matches_odds_ratio_formula_with_average_logps():
