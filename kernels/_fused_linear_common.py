@@ -37,7 +37,7 @@ from ._torch_tiles import block_rows
 from .fused_linear_logprob import _FLOAT_DTYPES, TokenStats, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
-from .losses.segments import segment_ids
+from .losses.segments import check_cu_seqlens, segment_ids
 
 STRATEGIES = ("auto", "grouped", "two_pass")
 _LOGIT_SUM_ROWS = 1024  # rows per float32 copy in logit_sums: 16 MiB at D = 4096
@@ -87,17 +87,6 @@ class Layout:
         return full.index_copy_(0, self.rows, grad).reshape(self.input_shape)
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, n: int) -> list[int]:
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1)
-    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be int32/int64 [B + 1] with B >= 1, got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")  # fmt: skip
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] > n or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= N={n}, got {cu}")
-    return cu
-
-
 def _seq_positions(n: int, t: int | None, cu_seqlens: Tensor | None, device) -> tuple[Tensor, Tensor]:
     """(sequence, position) int64 [N] of every flat row; rows past the last packed boundary get sequence B."""
     idx = torch.arange(n, device=device)
@@ -119,7 +108,7 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
         targets = targets.masked_fill(~mask.bool(), ignore_index)
     n = hidden.shape[:-1].numel()
     if cu_seqlens is not None:
-        cu = _check_cu_seqlens(cu_seqlens, n)
+        cu = check_cu_seqlens(cu_seqlens, n)
         num_seqs, max_len = len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))
         targets = targets.clone() if mask is None else targets
         targets[cu[-1]:] = ignore_index

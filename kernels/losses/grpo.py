@@ -49,6 +49,7 @@ from .._dispatch import use_triton
 from ._checks import as_mask, check_choice, check_mask, check_tensor
 from .kl_penalty import ESTIMATORS, _kl
 from .output import LossOutput
+from .segments import unpack
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -273,8 +274,9 @@ def grpo_loss(
     sapo_temperature_neg: float = 1.05,
     vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
     use_bias_correction_kl: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> LossOutput:
-    """GRPO-family loss over a padded batch.
+    """GRPO-family loss over a padded (or packed, with ``cu_seqlens``) batch.
 
     Args:
         logp: ``[B, T]`` policy log-probs of the sampled tokens (differentiable).
@@ -289,6 +291,8 @@ def grpo_loss(
         importance_sampling_level: "token" | "sequence" (GSPO).  sampler_is_cap: TIS truncation, or None.
         entropy_coef: entropy bonus weight.  sapo_temperature_pos/neg: SAPO τ.
         vespo_shape: VESPO ``(k_pos, λ_pos, k_neg, λ_neg)``.  use_bias_correction_kl: KL × importance weight.
+        cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch: then ``logp``, ``mask`` and every per-token
+            input are ``[N]``, padded to ``[B, T]`` by :func:`~.segments.unpack` (T = the longest sequence).
 
     Returns:
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
@@ -296,6 +300,10 @@ def grpo_loss(
     """
     args = locals()
     o = _Options(**{f.name: args[f.name] for f in fields(_Options)})
+    if cu_seqlens is not None:
+        logp, old_logp, mask, ref_logp, sampler_logp, entropy = unpack(
+            cu_seqlens, ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy"),
+            logp, old_logp, mask, ref_logp, sampler_logp, entropy)  # fmt: skip
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     if _triton_ok(logp, o):
         _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)

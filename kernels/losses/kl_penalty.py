@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._dispatch import use_triton
 from ._checks import as_mask, check_choice, check_mask, check_tensor
+from .segments import unpack
 
 ESTIMATORS = ("k1", "k2", "k3")
 
@@ -49,7 +50,8 @@ def _kl(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     return r.exp() - r - 1.0
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str = "k3") -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str = "k3",
+               cu_seqlens: Tensor | None = None) -> Tensor:
     """Mean of the per-token KL estimate over masked tokens (0 when the mask is empty).
 
     Args:
@@ -57,11 +59,14 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
         ref_logp: ``[B, T]`` reference log-probs (a constant).
         mask: ``[B, T]`` bool or 0/1.
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch (the three tensors ``[N]``), or None.
 
     Returns:
         0-d tensor (a penalty term, not a ``LossOutput``): float32, or float64 for float64 input.
     """
     check_choice("estimator", estimator, ESTIMATORS)
+    if cu_seqlens is not None:
+        logp, ref_logp, mask = unpack(cu_seqlens, ("logp", "ref_logp", "mask"), logp, ref_logp, mask)
     check_tensor("logp", logp, ndim=2)
     check_tensor("ref_logp", ref_logp, tuple(logp.shape))
     check_mask(mask, logp)

@@ -19,6 +19,7 @@ from torch import Tensor
 from .._dispatch import use_triton
 from ._checks import as_mask, check_choice, check_mask, check_tensor
 from .output import LossOutput
+from .segments import unpack
 
 
 def masked_reduce(per_token: Tensor, m: Tensor, normalize: str) -> Tensor:
@@ -54,7 +55,8 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
     return loss, sums
 
 
-def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token") -> LossOutput:
+def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token",
+                         cu_seqlens: Tensor | None = None) -> LossOutput:
     """REINFORCE loss ``−A·logp`` over masked tokens.
 
     Args:
@@ -62,12 +64,19 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         advantages: ``[B]`` (per sequence) or ``[B, T]`` (per token); treated as constants.
         mask: ``[B, T]`` bool or 0/1 completion mask.
         normalize: ``"token"`` or ``"sequence"``.
+        cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch (``logp``, ``mask``: ``[N]``; ``advantages``
+            ``[B]`` per sequence or ``[N]`` per token, read per sequence when N = B), or None.
 
     Returns:
         ``LossOutput`` (float32 loss; float64 for float64 input) with metrics ``advantages/mean`` and ``logps/mean``
         (token means).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
+    if cu_seqlens is not None:
+        per_token = tuple(advantages.shape) != (cu_seqlens.numel() - 1,)
+        logp, mask, token_adv = unpack(cu_seqlens, ("logp", "mask", "advantages"), logp, mask,
+                                       advantages if per_token else None)  # fmt: skip
+        advantages = token_adv if per_token else advantages
     check_tensor("logp", logp, ndim=2)
     if tuple(advantages.shape) not in (tuple(logp.shape[:1]), tuple(logp.shape)):
         raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")

@@ -1,9 +1,15 @@
-"""Per-sequence sums over a packed batch: ``out[b] = Σ values[cu_seqlens[b] : cu_seqlens[b+1]]``.
+"""Packed batches: per-sequence sums, and the padded view the per-token losses take.
 
 Packed layout (``[N]`` tokens of ``B`` sequences back to back, boundaries ``cu_seqlens [B + 1]``) as in
-FlashAttention's varlen API. The segment id of each token comes from ``searchsorted`` (no host sync, no
-Python loop), then one ``index_add`` accumulates in float32 (or float64 for float64 input); the result is
-cast back to ``values``' dtype. Differentiable in ``values``. Empty segments give 0.
+FlashAttention's varlen API; tokens past ``cu_seqlens[-1]`` belong to no sequence.
+
+- :func:`segment_sum`: ``out[b] = Σ values[cu_seqlens[b] : cu_seqlens[b+1]]``. The segment id of each token comes
+  from ``searchsorted`` (no host sync, no Python loop), then one ``index_add`` accumulates in float32 (or float64
+  for float64 input); the result is cast back to ``values``' dtype. Differentiable in ``values``. Empty segments
+  give 0.
+- :func:`unpack`: packed ``[N]`` per-token tensors → padded ``[B, T]`` (T the longest sequence, 0 at padding),
+  differentiable; ``grpo_loss``, ``sft_loss``, ``policy_gradient_loss`` and ``kl_penalty`` use it for ``cu_seqlens``.
+  It checks ``cu_seqlens`` on the host (one sync: T and the boundaries).
 """
 
 from __future__ import annotations
@@ -42,7 +48,49 @@ def segment_sum(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     return out[:b].to(values.dtype)
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, n: int) -> list[int]:
+    """``cu_seqlens`` as a host list, after checking it: int32/int64 ``[B + 1]``, B ≥ 1, from 0, non-decreasing, ≤ n."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32/int64 [B + 1] with B >= 1, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")  # fmt: skip
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] > n or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= N={n}, got {cu}")
+    return cu
+
+
+def unpack(cu_seqlens: Tensor, names: tuple[str, ...], *values: Tensor | None) -> list[Tensor | None]:
+    """Packed per-token tensors → padded ``[B, T]`` ones (T: the longest sequence; 0 at padding; differentiable).
+
+    Args:
+        cu_seqlens: ``[B + 1]`` int32/int64 boundaries.  names: the argument name of each value (for errors).
+        values: ``[N]`` tensors (all the same N) or None.
+
+    Returns:
+        The values in order, each ``[B, T]`` in its own dtype (None stays None).
+    """
+    n = next(v.numel() for v in values if v is not None)
+    for name, v in zip(names, values):
+        if v is not None:
+            check_tensor(name, v, (n,))
+    cu = check_cu_seqlens(cu_seqlens, n)
+    b, t = len(cu) - 1, max(hi - lo for lo, hi in zip(cu, cu[1:]))
+    device = next(v.device for v in values if v is not None)
+    starts = torch.tensor(cu, device=device)
+    ids = segment_ids(starts, cu[-1])
+    idx = (ids, torch.arange(cu[-1], device=device) - starts[ids])
+    return [None if v is None else v.new_zeros(b, t).index_put(idx, v[: cu[-1]]) for v in values]
+
+
 def reference_segment_sum(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     """Float64 reference: one slice per segment."""
     cu = cu_seqlens.tolist()
     return torch.stack([values.double()[cu[i] : cu[i + 1]].sum() for i in range(len(cu) - 1)])
+
+
+def reference_unpack(values: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Reference for :func:`unpack`: one slice per segment, right-padded with zeros to the longest."""
+    cu = cu_seqlens.tolist()
+    t = max(hi - lo for lo, hi in zip(cu, cu[1:]))
+    return torch.stack([torch.nn.functional.pad(values[lo:hi], (0, t - (hi - lo))) for lo, hi in zip(cu, cu[1:])])

@@ -17,9 +17,11 @@ from torch import Tensor
 from ._checks import check_choice, check_mask, check_tensor
 from .output import LossOutput
 from .policy_gradient import linear_token_loss
+from .segments import unpack
 
 
-def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token") -> LossOutput:
+def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token",
+             cu_seqlens: Tensor | None = None) -> LossOutput:
     """Negative log-likelihood of the target tokens, optionally weighted per sequence.
 
     Args:
@@ -27,12 +29,15 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
         mask: ``[B, T]`` bool or 0/1.
         weights: ``[B]`` per-sequence weights (constants) or None.
         normalize: ``"token"`` or ``"sequence"``.
+        cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch (``logp``, ``mask``: ``[N]``), or None.
 
     Returns:
         ``LossOutput`` (float32 loss; float64 for float64 input) with metrics ``nll`` (unweighted token mean) and
         ``num_tokens`` (``Σ mask``).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
+    if cu_seqlens is not None:
+        logp, mask = unpack(cu_seqlens, ("logp", "mask"), logp, mask)
     check_tensor("logp", logp, ndim=2)
     check_mask(mask, logp)
     if weights is not None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss, grpo_per_token
+from hotloop.kernels.losses.segments import reference_unpack
 from tests.helpers import assert_close
 
 B, T = 5, 13
@@ -153,6 +154,28 @@ def test_bias_corrected_kl_matches_formula_value_and_grad(loss_type, kl_estimato
     lp, rf, w = logp.detach().double(), ref.double(), torch.exp(logp.detach().double() - old.double())
     k = {"k1": lp - rf, "k2": (lp - rf) ** 2 / 2, "k3": torch.exp(rf - lp) - (rf - lp) - 1}[kl_estimator]
     assert_close(out.metrics["kl"], (k * w * mask).sum() / mask.sum(), torch.float32, "bias-corrected kl metric")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "vespo"])
+def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backend, loss_type):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    cu, n = torch.tensor([0, 6, 6, 13, 20, 29]), 31  # an empty sequence, two trailing tokens in none
+    logp = (-1.5 + 0.6 * torch.randn(n)).requires_grad_()
+    old, ref, sampler = (logp.detach() + 0.25 * torch.randn(n) for _ in range(3))
+    entropy = (1 + torch.rand(n)).requires_grad_()
+    mask, adv = torch.rand(n) > 0.2, torch.randn(5)
+    kw = dict(loss_type=loss_type, beta=0.1, entropy_coef=0.01, sampler_is_cap=1.3)
+    packed = grpo_loss(logp, old, adv, mask, ref_logp=ref, sampler_logp=sampler, entropy=entropy, cu_seqlens=cu, **kw)
+    pad = (lambda x: reference_unpack(x.detach(), cu))  # noqa: E731
+    lp, ent = pad(logp).requires_grad_(), pad(entropy).requires_grad_()
+    padded = grpo_loss(lp, pad(old), adv, pad(mask), ref_logp=pad(ref), sampler_logp=pad(sampler), entropy=ent, **kw)
+    torch.testing.assert_close(packed.loss, padded.loss)
+    for k in padded.metrics:
+        torch.testing.assert_close(packed.metrics[k], padded.metrics[k])
+    for x, y in zip(torch.autograd.grad(packed.loss, (logp, entropy)), torch.autograd.grad(padded.loss, (lp, ent))):
+        torch.testing.assert_close(pad(x), y)
+        assert (x[29:] == 0).all()
 
 
 def test_old_logp_none_is_on_policy_ratio_one():

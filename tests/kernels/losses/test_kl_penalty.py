@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hotloop.kernels.losses.kl_penalty import kl_penalty, kl_per_token, reference_kl_per_token
+from hotloop.kernels.losses.segments import reference_unpack
 from tests.helpers import assert_close
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -70,6 +71,20 @@ def test_triton_kernel_ignores_non_finite_padding(monkeypatch):
     out = kl_penalty(logp, torch.randn(2, 3).masked_fill(~mask, math.inf), mask)
     grad = torch.autograd.grad(out, logp)[0]
     assert torch.isfinite(out) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backend):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    cu, n = torch.tensor([0, 6, 6, 13, 20]), 22  # an empty sequence, two trailing tokens in none
+    logp, mask = (-2 + torch.randn(n)).requires_grad_(), torch.rand(n) > 0.2
+    ref = logp.detach() + 0.5 * torch.randn(n)
+    packed = kl_penalty(logp, ref, mask, cu_seqlens=cu)
+    lp = reference_unpack(logp.detach(), cu).requires_grad_()
+    padded = kl_penalty(lp, reference_unpack(ref, cu), reference_unpack(mask, cu))
+    torch.testing.assert_close(packed, padded)
+    grad = torch.autograd.grad(packed, logp)[0]
+    torch.testing.assert_close(reference_unpack(grad, cu), torch.autograd.grad(padded, lp)[0])
 
 
 def test_unknown_estimator_and_bad_shapes_are_errors():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hotloop.kernels.losses.policy_gradient import policy_gradient_loss, reference_policy_gradient_loss
+from hotloop.kernels.losses.segments import reference_unpack
 from tests.helpers import assert_close
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
@@ -62,6 +63,24 @@ def test_all_masked_gives_zero_and_padding_is_not_read(monkeypatch, backend):
         adv = torch.randn(5, 9).masked_fill(~mask, math.nan)
         out = policy_gradient_loss(logp, adv, mask)
         assert torch.isfinite(out.loss) and torch.isfinite(torch.autograd.grad(out.loss, logp)[0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adv_shape", ["seq", "token"])
+def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backend, adv_shape):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    cu, n = torch.tensor([0, 6, 6, 13, 20]), 22  # an empty sequence, two trailing tokens in none
+    logp, mask = (-2 + torch.randn(n)).requires_grad_(), torch.rand(n) > 0.2
+    adv = torch.randn(4) if adv_shape == "seq" else torch.randn(n)
+    packed = policy_gradient_loss(logp, adv, mask, normalize="sequence", cu_seqlens=cu)
+    lp = reference_unpack(logp.detach(), cu).requires_grad_()
+    padded_adv = adv if adv_shape == "seq" else reference_unpack(adv, cu)
+    padded = policy_gradient_loss(lp, padded_adv, reference_unpack(mask, cu), normalize="sequence")
+    torch.testing.assert_close(packed.loss, padded.loss)
+    for k in padded.metrics:
+        torch.testing.assert_close(packed.metrics[k], padded.metrics[k])
+    grad = torch.autograd.grad(packed.loss, logp)[0]
+    torch.testing.assert_close(reference_unpack(grad, cu), torch.autograd.grad(padded.loss, lp)[0])
 
 
 def test_validation_errors():

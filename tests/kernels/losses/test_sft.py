@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hotloop.kernels.losses.segments import reference_unpack
 from hotloop.kernels.losses.sft import reference_sft_loss, sft_loss
 from tests.helpers import assert_close
 
@@ -56,6 +57,24 @@ def test_all_masked_gives_zero_loss_grad_and_metrics(monkeypatch, backend):
     out = sft_loss(logp, torch.zeros_like(mask), weights=torch.rand(5))
     assert out.loss.item() == 0 and (torch.autograd.grad(out.loss, logp)[0] == 0).all()
     assert out.metrics["nll"].item() == 0 and out.metrics["num_tokens"].item() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backend, normalize):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    cu, n = torch.tensor([0, 6, 6, 13, 20]), 22  # an empty sequence, two trailing tokens in none
+    logp, mask, w = (-2 + torch.randn(n)).requires_grad_(), torch.rand(n) > 0.2, torch.rand(4)
+    packed = sft_loss(logp, mask, weights=w, normalize=normalize, cu_seqlens=cu)
+    lp = reference_unpack(logp.detach(), cu).requires_grad_()
+    padded = sft_loss(lp, reference_unpack(mask, cu), weights=w, normalize=normalize)
+    torch.testing.assert_close(packed.loss, padded.loss)
+    assert packed.metrics.keys() == padded.metrics.keys()
+    for k in padded.metrics:
+        torch.testing.assert_close(packed.metrics[k], padded.metrics[k])
+    grad = torch.autograd.grad(packed.loss, logp)[0]
+    torch.testing.assert_close(reference_unpack(grad, cu), torch.autograd.grad(padded.loss, lp)[0])
+    assert (grad[20:] == 0).all()
 
 
 def test_validation_errors():
