@@ -66,7 +66,7 @@ class ModelConfig:
 
     path: str | None = None
     """Local transformers causal-LM directory; None = the built-in tiny Llama after an SFT warm start."""
-    warm_start_steps: int = 2000
+    warm_start_steps: int = 3000
     """SFT steps of the built-in warm start (cached under cache_dir)."""
     warm_start_error_rate: float = 0.7
     """Probability that the warm start's teacher drops a carry (makes the SFT policy imperfect)."""

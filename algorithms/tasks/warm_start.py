@@ -77,8 +77,8 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int = 2000,
-                   batch_size: int = 128, lr: float = 3e-3, error_rate: float = 0.65, seed: int = 0,
+def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int = 3000,
+                   batch_size: int = 128, lr: float = 3e-3, error_rate: float = 0.7, seed: int = 0,
                    model_config: LlamaConfig | None = None, progress: bool = True) -> LlamaForCausalLM:
     """Train (or load from ``out_dir``) a tiny model fitted to ``task.teacher`` at ``error_rate``.
 
