@@ -20,8 +20,8 @@ Micro batches (gradient accumulation). Every built-in loss is ``S / N``: a sum o
 pairs, tokens) divided by a normaliser N that is the number of rows or of completion tokens. So
 :func:`split_batch` cuts a batch into micro batches of whole units (a DPO pair, a GRPO group) and
 weights micro batch i by ``N_i / N``: ``Σ_i (N_i / N) · S_i / N_i = S / N``, the gradient of the
-whole batch up to float rounding. :func:`micro_batch_rule` says, per algorithm, what a unit is and
-what N counts, and refuses losses that couple a whole batch (KTO's mismatched reference point).
+whole batch up to float rounding. Each algorithm's ``split_rule()`` says what a unit is and what N
+counts, or refuses when its loss couples a whole batch (KTO's mismatched reference point).
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ class Algorithm(Protocol):
 
     def loss(self, policy: nn.Module, batch: Batch, *, reference: nn.Module | None) -> LossOutput:
         """Scalar loss (differentiable in ``policy``) and detached metrics for ``batch``."""
+        ...
+
+    def split_rule(self) -> SplitRule:
+        """How batches split into micro batches (gradient accumulation); ValueError if they cannot."""
         ...
 
 
@@ -212,28 +216,12 @@ class SplitRule:
 
 
 def micro_batch_rule(algorithm: Algorithm) -> SplitRule:
-    """The :class:`SplitRule` of a built-in algorithm; ValueError naming it when its loss cannot be split."""
-    # imported here: these modules import this one
-    from hotloop.algorithms.dpo import _DPOLoss
-    from hotloop.algorithms.grpo import GRPO
-    from hotloop.algorithms.kto import KTO
-    from hotloop.algorithms.rejection_sampling import RejectionSampling
-    from hotloop.algorithms.rwr import RWR
-
-    name = type(algorithm).__name__
-    if isinstance(algorithm, _DPOLoss):  # mean over pairs; pair p = rows (2p, 2p + 1)
-        return SplitRule(unit_rows=2, normalizer="rows", row_index_fields=("chosen", "rejected"))
-    if isinstance(algorithm, GRPO):  # see the reductions of hotloop.kernels.losses.grpo
-        per_token = algorithm.config.loss_type in ("bnpo", "dapo", "cispo", "vespo")
-        return SplitRule(unit_rows=algorithm.samples_per_prompt, normalizer="tokens" if per_token else "rows")
-    if isinstance(algorithm, KTO):
-        if algorithm.config.reference_point == "mismatched":
-            raise ValueError(f"{name}: reference_point='mismatched' makes z0 a mean over the whole batch, so "
-                             f"micro batches would change the loss; expected reference_point='zero'")
-        return SplitRule(unit_rows=algorithm.samples_per_prompt, normalizer="rows")
-    if isinstance(algorithm, (RejectionSampling, RWR)):  # row weights are constants fixed by build_batch
-        return SplitRule(unit_rows=1, normalizer="tokens" if algorithm.config.normalize == "token" else "rows")
-    raise ValueError(f"{name}: no micro-batch rule (hotloop.algorithms.base.micro_batch_rule) for this algorithm")
+    """``algorithm.split_rule()``; ValueError naming the algorithm when it has none (or refuses to split)."""
+    split_rule = getattr(algorithm, "split_rule", None)
+    if split_rule is None:
+        raise ValueError(f"{type(algorithm).__name__}: no split_rule(), so its batches cannot be cut into micro "
+                         f"batches")
+    return split_rule()
 
 
 def split_batch(batch: Batch, k: int, rule: SplitRule) -> list[tuple[Batch, float]]:

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
+from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, check_scored, group_by_prompt, pack_rows,
+                                     sampler_version)
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
@@ -213,6 +214,10 @@ class _DPOLoss:
         if not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
         self.config, self.pad_token_id = config, pad_token_id
+
+    def split_rule(self) -> SplitRule:
+        """Mean over pairs; pair p is rows (2p, 2p + 1), indexed by ``chosen`` / ``rejected``."""
+        return SplitRule(unit_rows=2, normalizer="rows", row_index_fields=("chosen", "rejected"))
 
     def loss(self, policy: nn.Module, batch: PairBatch, *, reference: nn.Module | None) -> LossOutput:
         """DPO-family loss of ``batch``; metrics add ``kl`` = mean over rows of log π − log π_ref."""

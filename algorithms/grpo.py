@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import (Batch, BuildContext, completion_rows, grouped_rewards, sampler_version,
-                                     token_values)
+from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, completion_rows, grouped_rewards,
+                                     sampler_version, token_values)
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.advantages import group_advantages, rloo_advantages
 from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss
@@ -155,6 +155,11 @@ class GRPO:
         return GRPOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
                          rewards=grouped.reshape(-1)[rows], sampler_version=sampler_version(completions),
                          advantages=advantages(grouped, self.config.advantage)[rows], old_logprobs=old)
+
+    def split_rule(self) -> SplitRule:
+        """Whole groups; N counts completion tokens for the token-mean losses, rows otherwise (``losses.grpo``)."""
+        per_token = self.config.loss_type in ("bnpo", "dapo", "cispo", "vespo")
+        return SplitRule(unit_rows=self.samples_per_prompt, normalizer="tokens" if per_token else "rows")
 
     def loss(self, policy: nn.Module, batch: GRPOBatch, *, reference: nn.Module | None) -> LossOutput:
         """GRPO-family loss of ``batch``; metrics add ``ratio`` (token mean of π_θ/π_sampler) and ``rows``."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import Batch, BuildContext, grouped_rewards, pack_rows, sampler_version
+from hotloop.algorithms.base import Batch, BuildContext, SplitRule, grouped_rewards, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.kernels.losses.kto import kto_kl_estimate, kto_loss
 from hotloop.kernels.losses.output import LossOutput
@@ -117,6 +117,13 @@ class KTO:
         return KTOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
                         rewards=flat, sampler_version=sampler_version(completions),
                         labels=flat > self.config.threshold, **kl)
+
+    def split_rule(self) -> SplitRule:
+        """Whole groups, mean over rows; refused with the mismatched reference point (z0 couples the batch)."""
+        if self.config.reference_point == "mismatched":
+            raise ValueError(f"{type(self).__name__}: reference_point='mismatched' makes z0 a mean over the whole "
+                             f"batch, so micro batches would change the loss; expected reference_point='zero'")
+        return SplitRule(unit_rows=self.samples_per_prompt, normalizer="rows")
 
     def loss(self, policy: nn.Module, batch: KTOBatch, *, reference: nn.Module | None) -> LossOutput:
         """KTO loss of ``batch``; metrics: ``kl`` (mean ρ over rows), ``reference_point`` (z₀) and TRL's sums."""

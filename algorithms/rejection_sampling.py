@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import Batch, BuildContext, completion_rows, grouped_rewards, sampler_version
+from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, completion_rows, grouped_rewards,
+                                     sampler_version)
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.kernels.losses.sft import sft_loss
@@ -73,6 +74,11 @@ class WeightedSFTBatch(Batch):
 
     weights: torch.Tensor
     """[R] float32 per-row weight (1 for every kept row in rejection sampling)."""
+
+
+def weighted_sft_split_rule(normalize: str) -> SplitRule:
+    """Rows are independent (their weights are constants fixed by ``build_batch``); N counts rows or tokens."""
+    return SplitRule(unit_rows=1, normalizer="tokens" if normalize == "token" else "rows")
 
 
 def weighted_sft_loss(policy: nn.Module, batch: WeightedSFTBatch, normalize: str) -> LossOutput:
@@ -135,3 +141,6 @@ class RejectionSampling:
     def loss(self, policy: nn.Module, batch: WeightedSFTBatch, *, reference: nn.Module | None) -> LossOutput:
         """Negative log-likelihood of the kept completions (``reference`` is not used)."""
         return weighted_sft_loss(policy, batch, self.config.normalize)
+
+    def split_rule(self) -> SplitRule:
+        return weighted_sft_split_rule(self.config.normalize)

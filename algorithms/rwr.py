@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import BuildContext, completion_rows, grouped_rewards, sampler_version
-from hotloop.algorithms.rejection_sampling import NORMALIZE, WeightedSFTBatch, weighted_sft_loss
+from hotloop.algorithms.base import BuildContext, SplitRule, completion_rows, grouped_rewards, sampler_version
+from hotloop.algorithms.rejection_sampling import NORMALIZE, WeightedSFTBatch, weighted_sft_loss, weighted_sft_split_rule
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
 
@@ -99,3 +99,6 @@ class RWR:
     def loss(self, policy: nn.Module, batch: WeightedSFTBatch, *, reference: nn.Module | None) -> LossOutput:
         """Weighted negative log-likelihood of every sample (``reference`` is not used)."""
         return weighted_sft_loss(policy, batch, self.config.normalize)
+
+    def split_rule(self) -> SplitRule:
+        return weighted_sft_split_rule(self.config.normalize)
