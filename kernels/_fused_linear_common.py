@@ -14,10 +14,12 @@ Only active rows enter the matmuls: padding and prompt tokens cost no FLOPs. The
 Sequence-sum losses (DPO family, KTO) depend on ``S_b = Σ_t logp_bt``, so ``d loss / d logp_bt = d loss / d S_b``
 is known once every row of a *unit* (a pair, or one sample) has its log-prob:
 
-- ``"grouped"``: units are the row groups of ``logprob_fwd_bwd``; three matmuls (6·N_a·V·D FLOPs), but a chunk
-  must hold a whole unit: an fp32 ``[rows of the largest unit, V]`` block.
+- ``"grouped"``: units are the row groups of ``logprob_fwd_bwd``; three matmuls (6·N_a·V·D FLOPs) on the PyTorch
+  path, but a chunk must hold a whole unit: an fp32 ``[rows of the largest unit, V]`` block. (On Triton the fused
+  pass is a forward + a recomputing backward, four matmuls, and stores no block.)
 - ``"two_pass"``: a forward-only pass (2·N_a·V·D) gives S, autograd on the loss gives d loss / d S, then
-  ``logprob_fwd_bwd`` with those known token gradients (6·N_a·V·D): four matmuls, blocks at the usual budget.
+  ``logprob_fwd_bwd`` with those known token gradients (6·N_a·V·D): four matmuls (five on Triton), blocks at the
+  usual budget.
 - ``"auto"``: grouped when the largest unit fits the row chunk ``logprob_fwd_bwd`` uses anyway (``HOTLOOP_BLOCK_BYTES``
   budget) or on the Triton path (which never stores a block; its fused pass is one forward + one backward).
 

@@ -16,9 +16,10 @@ Reference: ``ref_logps [2B]`` per-sequence sums (same order; computed once per d
 reference head ``(ref_hidden, ref_weight, ref_bias)`` run forward-only, or none (``reference_free``, ORPO).
 
 Gradients are computed in the forward (``strategy``; rule in ``_fused_linear_common``): ``"grouped"`` per pair,
-three matmuls and an fp32 ``[rows of a pair, V]`` block; ``"two_pass"``, four matmuls at the usual block budget.
-Memory: the gradients ``[N, D] + [V, D] (+ [V])`` held until backward (as Liger), one logits block, ``[B]``
-vectors. FLOPs: ``6·N_a·V·D`` grouped or ``8·N_a·V·D`` two-pass, ``+ 2·N_a·V·D_ref`` with a reference head;
+three matmuls on the PyTorch path (four on Triton: forward + recomputing backward) and an fp32 ``[rows of a pair,
+V]`` block on CPU; ``"two_pass"``, one matmul more at the usual block budget. Memory: the gradients
+``[N, D] + [V, D] (+ [V])`` held until backward (as Liger), one logits block, ``[B]`` vectors. FLOPs (a matmul is
+``2·N_a·V·D``): 3 grouped / 4 two-pass on CPU, 4 / 5 on Triton, ``+ 2·N_a·V·D_ref`` with a reference head;
 ``2·N_a·V·D`` under ``torch.no_grad()``.
 """
 

@@ -9,7 +9,8 @@ layout, or ``fused_linear_logprob``) and pass :func:`~.losses.kto.kto_kl_estimat
 Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``
 (``_fused_linear_common``). Reference: ``ref_logps [B]`` (cached per data set) or a reference head, forward-only.
 Each sample's loss depends on its own ``S_b`` only, so the ``"grouped"`` strategy uses one row group per sequence
-(three matmuls, an fp32 ``[T, V]`` block); ``"two_pass"`` takes four matmuls at the usual block budget.
+(three matmuls on the PyTorch path, four on Triton; an fp32 ``[T, V]`` block on CPU); ``"two_pass"`` takes one
+matmul more at the usual block budget.
 Memory and FLOPs as ``fused_linear_dpo``.
 """
 

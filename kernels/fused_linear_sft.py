@@ -6,8 +6,9 @@ weights ``w [B]`` serve rejection sampling / Best-of-N / RAFT / ReST (``w ∈ {0
 
 The loss is linear in ``logp``, so its per-token upstream gradient is the gradient of ``sft_loss`` itself (autograd
 at ``logp = 0`` on the ``[B, T]`` mask) and is known before any matmul: ``logprob_fwd_bwd`` computes
-log-probs and all gradients in one pass, three matmuls (``6·N_a·V·D`` FLOPs; ``2·N_a·V·D`` under
-``torch.no_grad()``). Loss value and metrics come from one ``sft_loss`` call on the ``[B, T]`` log-probs.
+log-probs and all gradients in one pass: three matmuls on the PyTorch path (``6·N_a·V·D`` FLOPs), four on CUDA
+(``_fwd_bwd_triton``: forward, then a backward that recomputes the logits; ``8·N_a·V·D``); ``2·N_a·V·D`` under
+``torch.no_grad()``. Loss value and metrics come from one ``sft_loss`` call on the ``[B, T]`` log-probs.
 Memory: the gradients ``[N, D] + [V, D] (+ [V])`` held until backward, one logits block, a few ``[B, T]`` floats.
 
 Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``

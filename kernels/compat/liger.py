@@ -13,10 +13,12 @@ tensors in Liger's order, or JSD's ``loss`` / ``(loss, soft_loss, hard_loss)``. 
 
 - DPO, CPO, SimPO, ORPO → ``fused_linear_dpo_loss`` (``reference_free`` without a reference, ``length_normalize`` =
   ``average_log_prob``, ``nll_coef`` = ``alpha``, ``loss_type="orpo"``): 3 matmuls (2·N_a·V·D FLOPs each) with the
-  ``"grouped"`` strategy, 4 with ``"two_pass"``, + 1 for a reference head;
-- KTO → ``fused_linear_kto_loss`` (as DPO); GRPO → ``fused_linear_grpo_loss`` (3, + 1 for a reference head);
-- JSD → ``fused_linear_kl`` (Liger's β = 0 is ``"reverse_kl"``, β = 1 ``"kl"``, else ``"jsd"``; 4 matmuls) plus
-  ``fused_linear_sft_loss`` for the hard loss (3 more over the student). Liger: 3 per loss, + 1 for a reference.
+  ``"grouped"`` strategy, 4 with ``"two_pass"``, + 1 for a reference head (on CUDA one more each: the Triton
+  backward recomputes the logits);
+- KTO → ``fused_linear_kto_loss`` (as DPO); GRPO → ``fused_linear_grpo_loss`` (3, CUDA 4; + 1 for a reference head);
+- JSD → ``fused_linear_kl`` (Liger's β = 0 is ``"reverse_kl"``, β = 1 ``"kl"``, else ``"jsd"``; 4 matmuls, CUDA 6,
+  ``"jsd"`` 8) plus ``fused_linear_sft_loss`` for the hard loss (3 more over the student, CUDA 4). Liger: 3 per
+  loss, + 1 for a reference.
 
 ``chosen/rejected_logits_mean`` (and KTO's ``*_logits_sum``) are sums of the logits over all positions (padding
 included, as Liger) without forming them: ``Σ_{i,v} (h_i·w_v + b_v) = (Σ_i h_i)·(Σ_v w_v) + n·Σ_v b_v``.
