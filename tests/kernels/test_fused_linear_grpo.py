@@ -33,10 +33,11 @@ def _batch(dtype=torch.float32, *, bias=True):
     return hidden, weight, targets, torch.randn(B), b, mask, near
 
 
-def _assert_loss_close(out, ref, dtype, natural_scale):
-    """Loss within the dtype tolerance of max(|ref|, mean |A|): terms of both signs of A cancel in the sum."""
+def _assert_loss_close(out, ref, dtype, natural_scale, what="loss"):
+    """Within the dtype tolerance of max(|ref|, natural_scale): terms of both signs cancel in the sum (the loss:
+    signs of A; the k1 ``kl`` metric: signs of logp − ref, whose token mean can be far below its terms)."""
     err = abs(out.item() - ref.item()) / max(abs(ref.item()), natural_scale)
-    assert err <= TOLERANCE[dtype], f"loss: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
 
 
 def _check(hidden, weight, targets, advantages, bias, dtype=torch.float32, metrics=True, **kw):
@@ -52,8 +53,8 @@ def _check(hidden, weight, targets, advantages, bias, dtype=torch.float32, metri
     _assert_loss_close(out.loss, ref.loss, dtype, advantages.abs().mean().item())
     if metrics:
         assert out.metrics.keys() == ref.metrics.keys()
-        for name, value in out.metrics.items():
-            assert_close(value, ref.metrics[name], dtype, name)
+        for name, value in out.metrics.items():  # token means of O(0.1)-O(1) terms (_batch: |logp − ref| ~ 0.3)
+            _assert_loss_close(value, ref.metrics[name], dtype, 0.1, name)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == dtype, f"grad {name} dtype {g.dtype}"
         assert_close(g, r, dtype, f"grad {name}")
