@@ -296,8 +296,8 @@ def test_grpo_kl_estimator_option_matches_the_float64_reference(kl_estimator):
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight)]
     expect = reference_fused_linear_grpo_loss(*leaves, ids, adv, bias.detach(), mask=mask.bool(), ref_logp=ref_logp,
                                               old_logp=old_logp, beta=0.5, kl_estimator=kl_estimator)  # fmt: skip
-    assert_close(loss, expect.loss, torch.float32, "loss")
-    assert_close(kl, expect.metrics["kl"], torch.float32, "kl")
+    for name, value, exact in (("loss", loss, expect.loss), ("kl", kl, expect.metrics["kl"])):
+        assert _error(value, exact) <= 1e-5, f"{name}: error {_error(value, exact):.2e}"  # k1 and A: signed terms
     assert_close(clipped, expect.metrics["clip_ratio/region_mean"], torch.float32, "clip ratio")
     for g, r in zip(grads, torch.autograd.grad(expect.loss, leaves)):
         assert_close(g, r, torch.float32, "grad")

@@ -7,7 +7,7 @@ import torch
 
 from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss, grpo_per_token
 from hotloop.kernels.losses.segments import reference_unpack
-from tests.helpers import assert_close
+from tests.helpers import TOLERANCE, assert_close
 
 B, T = 5, 13
 
@@ -19,9 +19,7 @@ def _inputs(dtype=torch.float32, empty_row=True):
     mask = torch.rand(B, T) > 0.3
     if empty_row:
         mask[2] = False
-    # Both signs (clip-low counts, SAPO's τ_neg and VESPO's negative shape need A < 0), but three of the four
-    # non-empty rows positive: with random signs the rows' terms can cancel to ~1e-3 of their size, where no fp32
-    # sum gets a relative 1e-5.
+    # Both signs on non-empty rows, always (clip-low counts, SAPO's τ_neg and VESPO's negative shape need A < 0).
     adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0]) * (0.5 + torch.rand(B))
     return logp, old, ref, mask, adv
 
@@ -96,7 +94,10 @@ def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
         ref_kw["entropy"] = ent.detach().double().requires_grad_()
     r = reference_grpo(lp64, old.double(), ref.double(), mask, adv.double(), **ref_kw)
     rgrads = torch.autograd.grad(r * g, (lp64, ref_kw["entropy"]) if with_ent else (lp64,))
-    assert_close(out.loss, r.detach(), dtype, "loss")
+    # Loss within the tolerance of max(|exact|, mean |A|): rows of both signs of A (and k1's signed terms) can
+    # cancel the sum far below its terms, where no fp32 sum gets a relative 1e-5 of the result.
+    err = abs(out.loss.item() - r.item()) / max(abs(r.item()), adv.abs().mean().item())
+    assert err <= TOLERANCE[dtype], f"loss: error {err:.3e} > {TOLERANCE[dtype]:.0e}"
     for name, grad, rgrad in zip(("grad", "entropy grad"), grads, rgrads):
         assert_close(grad, rgrad, dtype, name)
         assert grad.dtype == logp.dtype and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
