@@ -60,8 +60,9 @@ class DPOConfig:
     """Pairwise loss, one of ``hotloop.kernels.losses.dpo.LOSS_TYPES``: "sigmoid" (DPO), "ipo", "hinge", ..."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped (conservative DPO); 0 = off."""
-    length_normalize: bool = False
-    """Divide each sequence log-prob by its completion length (SimPO/IPO-style) before the margin."""
+    length_normalize: bool | None = None
+    """Divide each sequence log-prob by its completion length before the margin; None = the loss type's
+    default (averaged for ipo, as TRL; summed otherwise); False with ipo = Azar et al.'s sum form."""
     samples_per_prompt: int = 8
     """Completions sampled per prompt to pick pairs from."""
     pairs_per_prompt: int = 1

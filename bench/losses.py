@@ -164,7 +164,7 @@ IMPLEMENTATIONS = (
          lambda c, _: _hotloop(c, "two_pass")),
     Impl("hotloop cached-ref", "hotloop", ("dpo",), "ref_logps precomputed once (not timed); strategy='auto'",
          lambda c, _: _hotloop(c, None)),
-    Impl("hotloop", "hotloop", ("grpo",), "fused_linear_grpo_loss (3 matmuls)", lambda c, _: _hotloop(c, None)),
+    Impl("hotloop", "hotloop", ("grpo",), "fused_linear_grpo_loss (3 matmuls on CPU, 4 on CUDA)", lambda c, _: _hotloop(c, None)),
     Impl("liger", "liger", LOSSES, "liger_kernel.chunked_loss, chunk_size=1",
          _liger_style(_import("liger_kernel.chunked_loss"))),
     Impl("compat", "compat", LOSSES, "hotloop.kernels.compat.liger, called as Liger's",
