@@ -36,12 +36,12 @@ void row_stats_fold(uintptr_t logits, uintptr_t targets, uintptr_t m, uintptr_t 
   hotloop::row_stats_fold_cpu(p);
 }
 
-void row_grad(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t entropy, uintptr_t grad_logp,
-              uintptr_t grad_entropy, int64_t rows, int64_t block, int64_t row_stride,
+void row_grad(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t lse_lo, uintptr_t entropy,
+              uintptr_t grad_logp, uintptr_t grad_entropy, int64_t rows, int64_t block, int64_t row_stride,
               int64_t vocab_start, int dtype, float inv_temperature, int64_t ignore_index,
               int num_threads) {
   hotloop::RowGradParams p{ptr<void>(logits), ptr<const int64_t>(targets), ptr<const float>(lse),
-                           ptr<const float>(entropy), ptr<const float>(grad_logp),
+                           ptr<const float>(lse_lo), ptr<const float>(entropy), ptr<const float>(grad_logp),
                            ptr<const float>(grad_entropy), rows, block, row_stride, vocab_start,
                            to_dtype(dtype), inv_temperature, ignore_index, num_threads};
   py::gil_scoped_release release;
@@ -60,8 +60,10 @@ PYBIND11_MODULE(_row_kernels, m) {
         py::arg("vocab_start"), py::arg("dtype"), py::arg("inv_temperature"), py::arg("num_threads"));
   m.def("row_grad", &row_grad,
         "Overwrites logits [R, Vb] (columns vocab_start.. of the row) with d(g_lp logp + g_ent H)/dx; "
-        "entropy and grad_entropy may be 0 (null) to skip the entropy term.",
-        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("grad_logp"),
+        "lse_lo (the remainder of an fp64 lse) may be 0 (null); entropy and grad_entropy may be 0 (null) to "
+        "skip the entropy term.",
+        py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("lse_lo"), py::arg("entropy"),
+        py::arg("grad_logp"),
         py::arg("grad_entropy"), py::arg("rows"), py::arg("block"), py::arg("row_stride"),
         py::arg("vocab_start"), py::arg("dtype"), py::arg("inv_temperature"), py::arg("ignore_index"),
         py::arg("num_threads"));

@@ -55,7 +55,9 @@ struct RowStatsParams {
 struct RowGradParams {
   void* logits;               // [R, Vb] fp32 | bf16, in: logits, out: gradient (same dtype)
   const int64_t* targets;     // [R]
-  const float* lse;           // [R]
+  const float* lse;           // [R]  lse = lse[r] + lse_lo[r]: the fp32 rounding of an fp64 lse ...
+  const float* lse_lo;        // [R]  ... and its remainder (null: 0). log p = (z - lse) - lse_lo keeps
+                              //      full fp32 accuracy when |z| ~ 1e4 (z - lse is then exact)
   const float* entropy;       // [R]  may be null when grad_entropy is null
   const float* grad_logp;     // [R]
   const float* grad_entropy;  // [R]  null: no entropy term

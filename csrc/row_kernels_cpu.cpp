@@ -162,12 +162,12 @@ HOTLOOP_CLONES void fold_row_any(const RowFoldParams& p, int64_t r) {
 // g_j = s * [g_lp (1[j = t] - p_j) - g_ent p_j (log p_j + H)] over one block row, in place.
 template <typename T>
 HOTLOOP_INLINE void grad_row(T* __restrict x, int64_t n, int64_t local_t, float inv_t, float lse,
-                             float h, float g_lp, float g_ent) {
+                             float lse_lo, float h, float g_lp, float g_ent) {
   const bool has_t = local_t >= 0 && local_t < n;
-  const float lp_t = has_t ? inv_t * load(x, local_t) - lse : 0.0f;
+  const float lp_t = has_t ? (inv_t * load(x, local_t) - lse) - lse_lo : 0.0f;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float lp = inv_t * load(x, j) - lse;
+    const float lp = (inv_t * load(x, j) - lse) - lse_lo;
     const float pj = exp_nonpositive(lp);
     const float g = pj > 0.0f ? -inv_t * pj * (g_lp + g_ent * (lp + h)) : 0.0f;
     store(x, j, g);
@@ -191,14 +191,15 @@ HOTLOOP_CLONES void grad_row_any(const RowGradParams& p, int64_t r) {
   const float h = p.grad_entropy != nullptr ? p.entropy[r] : 0.0f;
   const float g_ent = p.grad_entropy != nullptr ? p.grad_entropy[r] : 0.0f;
   const int64_t local_t = t - p.vocab_start;
+  const float lse_lo = p.lse_lo != nullptr ? p.lse_lo[r] : 0.0f;
   if (p.dtype == DType::kFloat32) {
     float* x = static_cast<float*>(p.logits) + r * p.row_stride;
     if (ignored) return zero_row(x, p.block);
-    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], h, p.grad_logp[r], g_ent);
+    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], lse_lo, h, p.grad_logp[r], g_ent);
   } else {
     uint16_t* x = static_cast<uint16_t*>(p.logits) + r * p.row_stride;
     if (ignored) return zero_row(x, p.block);
-    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], h, p.grad_logp[r], g_ent);
+    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], lse_lo, h, p.grad_logp[r], g_ent);
   }
 }
 

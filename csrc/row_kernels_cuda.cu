@@ -107,11 +107,12 @@ __global__ void __launch_bounds__(kThreads) row_grad_kernel(RowGradParams p) {
     return;
   }
   const float s = p.inv_temperature, lse = p.lse[r], g_lp = p.grad_logp[r];
+  const float lse_lo = p.lse_lo != nullptr ? p.lse_lo[r] : 0.0f;
   const float g_ent = p.grad_entropy != nullptr ? p.grad_entropy[r] : 0.0f;
   const float h = p.grad_entropy != nullptr ? p.entropy[r] : 0.0f;
   const int64_t local_t = t - p.vocab_start;
   for (int64_t j = threadIdx.x; j < p.block; j += kThreads) {
-    const float lp = s * load(x, j) - lse;
+    const float lp = (s * load(x, j) - lse) - lse_lo;
     const float pj = expf(lp);
     const float one_hot = j == local_t ? g_lp : 0.0f;
     const float ent = pj > 0.0f ? g_ent * pj * (lp + h) : 0.0f;

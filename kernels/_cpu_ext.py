@@ -127,14 +127,18 @@ def row_stats_fold_(
 
 def finish_row_state(state: torch.Tensor, targets: torch.Tensor, ignore_index: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lse, logp, entropy) [R] float32 of a folded state; logp = entropy = 0 on ignored rows."""
+    """(lse [R] float64, logp, entropy [R] float32) of a folded state; logp = entropy = 0 on ignored rows.
+
+    lse stays float64 for ``row_grad_`` (see there): at |z| ~ 1e4 its fp32 rounding alone would
+    scale every probability of the row by up to 1 ± 5e-4.
+    """
     m, total, shifted, target_logit = state.unbind(0)
     log_total = torch.log(total)
     lse = m + log_total
     ignored = targets == ignore_index
     logp = (target_logit - lse).masked_fill_(ignored, 0.0)
     entropy = (log_total - shifted / total).masked_fill_(ignored, 0.0)
-    return lse.float(), logp.float(), entropy.float()
+    return lse, logp.float(), entropy.float()
 
 
 def row_stats(
@@ -146,7 +150,7 @@ def row_stats(
         logits: [R, V] float32 | bfloat16 on CPU, rows contiguous (row stride may exceed V).
         targets: [R] int64; rows equal to ``ignore_index`` get logp = entropy = 0.
     Returns:
-        (lse, logp, entropy), each [R] float32; lse is computed for ignored rows too.
+        (lse [R] float64, logp [R] float32, entropy [R] float32); lse is computed for ignored rows too.
     Raises:
         IndexError: a non-ignored target outside [0, V).
     """
@@ -183,14 +187,18 @@ def row_grad_(
         logits: [R, Vb] float32 | bfloat16 on CPU, columns ``vocab_start .. vocab_start + Vb`` of
             the full rows; rows contiguous. Becomes the gradient, same dtype (math in fp32).
         targets: [R] int64 column in the full row; ``ignore_index`` rows become 0.
-        lse: [R] float32 from ``row_stats``. entropy: [R] float32, needed when ``grad_entropy`` is given.
+        lse: [R] float64 from ``row_stats`` (or float32). A float64 lse is passed as its fp32 rounding
+            plus the remainder, so ``log p = (z − lse_hi) − lse_lo`` stays exact to fp32 even where
+            |z| ~ 1e4 (a lone fp32 lse is off by up to half an ulp there, ~5e-4, and so is every p_j).
+        entropy: [R] float32, needed when ``grad_entropy`` is given.
         grad_logp: [R] float32 upstream gradient of logp. grad_entropy: [R] float32 or None (no entropy term).
     """
     ext = _require_module()
     _check_logits(logits)
     rows, block = logits.shape
     _check_vector("targets", targets, rows, torch.int64)
-    for name, t in (("lse", lse), ("entropy", entropy), ("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
+    lse_hi, lse_lo = split_lse(lse, rows)
+    for name, t in (("entropy", entropy), ("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
         _check_vector(name, t, rows, torch.float32)
     if grad_entropy is not None and entropy is None:
         raise ValueError("entropy must be given when grad_entropy is given, got entropy=None")
@@ -201,10 +209,20 @@ def row_grad_(
         return
     use_entropy = grad_entropy is not None
     ext.row_grad(
-        logits.data_ptr(), targets.data_ptr(), lse.data_ptr(), entropy.data_ptr() if use_entropy else 0,
+        logits.data_ptr(), targets.data_ptr(), lse_hi.data_ptr(), lse_lo.data_ptr(),
+        entropy.data_ptr() if use_entropy else 0,
         grad_logp.data_ptr(), grad_entropy.data_ptr() if use_entropy else 0, rows, block, logits.stride(0),
         int(vocab_start), _DTYPE_FLAG[logits.dtype], s, int(ignore_index), torch.get_num_threads(),
     )  # fmt: skip
+
+
+def split_lse(lse: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous float32 (hi, lo) [R] with hi + lo = ``lse`` (float64: to ~1e-12 relative; float32: lo = 0)."""
+    if not isinstance(lse, torch.Tensor) or lse.dtype not in (torch.float32, torch.float64) or lse.shape != (rows,):
+        seen = f"{lse.dtype} {tuple(lse.shape)}" if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be a float64 or float32 tensor of shape ({rows},), got {seen}")
+    hi = lse.float().contiguous()
+    return hi, (lse - hi.to(lse.dtype)).float().contiguous()
 
 
 def reference_row_stats(

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _torch_tiles, _triton_utils
+from . import _cpu_ext, _torch_tiles, _triton_utils
 from .fused_linear_logprob import TokenStats
 
 
@@ -109,7 +109,7 @@ def _logprob_fwd_kernel(
 
 @triton.jit
 def _logprob_bwd_kernel(
-    H, W, Bias, Targets, Lse, Ent, GradLogp, GradEnt,  # [N, D], [V, D], [V], [N] × 5
+    H, W, Bias, Targets, Lse, LseLo, Ent, GradLogp, GradEnt,  # [N, D], [V, D], [V], [N] × 6; lse = Lse + LseLo
     Buf,  # [N, width] view of the chunk buffer (row stride stride_buf), input dtype
     N, V, D, stride_h, stride_w, stride_buf, vocab_start, width, scale, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, UPCAST: tl.constexpr,
@@ -125,8 +125,10 @@ def _logprob_bwd_kernel(
                      HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
     tgt = tl.load(Targets + rows, mask=row_ok, other=ignore_index)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
+    lse_lo = tl.load(LseLo + rows, mask=row_ok, other=0.0)
     g_lp = tl.load(GradLogp + rows, mask=row_ok, other=0.0)
-    log_p = tl.where(row_ok[:, None], z - lse[:, None], 0.0)  # padding rows: keep exp() finite
+    # (z − lse) − lse_lo: exact to fp32 where z ≈ lse ~ 1e4; padding rows: keep exp() finite
+    log_p = tl.where(row_ok[:, None], (z - lse[:, None]) - lse_lo[:, None], 0.0)
     p = tl.exp(log_p)
     grad = g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
     if HAS_ENT_GRAD:
@@ -173,16 +175,17 @@ def triton_logprob_fwd(hidden2d, weight, targets, bias, *, temperature: float, i
 
 
 def _combine_splits(m, s, e, zt, keep) -> TokenStats:
-    """Merge [SPLITS, N] online-softmax partials into per-row lse, logp and entropy."""
+    """Merge [SPLITS, N] fp32 online-softmax partials into per-row lse (fp64), logp and entropy (fp32)."""
+    m, s, zt = m.double(), s.double(), zt.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
     m_max = m.amax(dim=0)
     scale = torch.exp(m - m_max)  # every split saw ≥ 1 real column: m finite, scale ∈ (0, 1]
     total = (s * scale).sum(dim=0)
     lse = m_max + torch.log(total)
-    logp = torch.where(keep, zt.sum(dim=0) - lse, 0.0)
+    logp = torch.where(keep, zt.sum(dim=0) - lse, 0.0).float()
     entropy = None
     if e is not None:
-        shifted = (scale * (e + (m - m_max) * s)).sum(dim=0)
-        entropy = torch.where(keep, torch.log(total) - shifted / total, 0.0)
+        shifted = (scale * (e.double() + (m - m_max) * s)).sum(dim=0)
+        entropy = torch.where(keep, torch.log(total) - shifted / total, 0.0).float()
     return TokenStats(logp=logp, entropy=entropy, lse=lse)
 
 
@@ -217,7 +220,7 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
                                                      budget_bytes=_torch_tiles.block_bytes(dev))
     chunk = triton.cdiv(chunk, tiles.block_v) * tiles.block_v
     buf = torch.empty(n, min(chunk, triton.cdiv(v, tiles.block_v) * tiles.block_v), device=dev, dtype=dtype)
-    rows = _RowInputs(targets.contiguous(), stats.lse.contiguous(), grad_logp.to(torch.float32).contiguous(),
+    rows = _RowInputs(targets.contiguous(), *_cpu_ext.split_lse(stats.lse, n), grad_logp.to(torch.float32).contiguous(),
                       None if grad_entropy is None else stats.entropy.contiguous(),
                       None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous())
     for v0 in range(0, v, buf.shape[1]):
@@ -240,7 +243,8 @@ class _RowInputs:
     """Per-row [N] tensors the backward kernel reads (entropy pair None when there is no entropy grad)."""
 
     targets: torch.Tensor
-    lse: torch.Tensor
+    lse: torch.Tensor  # fp32 rounding of the fp64 lse ...
+    lse_lo: torch.Tensor  # ... and its remainder
     grad_logp: torch.Tensor
     entropy: torch.Tensor | None
     grad_entropy: torch.Tensor | None
@@ -251,7 +255,7 @@ def _logit_grads(hidden2d, weight, bias, rows: _RowInputs, block, vocab_start, t
     n, width = block.shape
     has_ent = rows.grad_entropy is not None
     _logprob_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-        hidden2d, weight, bias if bias is not None else hidden2d, rows.targets, rows.lse,
+        hidden2d, weight, bias if bias is not None else hidden2d, rows.targets, rows.lse, rows.lse_lo,
         rows.entropy if has_ent else rows.lse, rows.grad_logp, rows.grad_entropy if has_ent else rows.grad_logp,
         block, n, weight.shape[0], hidden2d.shape[1], hidden2d.stride(0), weight.stride(0), block.stride(0),
         vocab_start, width, scale, ignore_index,

@@ -101,21 +101,22 @@ def fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperatur
 
 
 def row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_index: int):
-    """(lse, logp, entropy), each [R] fp32, of whole rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
+    """(lse [R] fp64, logp, entropy [R] fp32) of whole rows ``inv_temperature · logits`` [R, V] fp32 (unchanged)."""
     state = _cpu_ext.new_row_state(logits.shape[0], logits.device)
     fold_block_(logits, targets, 0, inv_temperature, state)
     return _cpu_ext.finish_row_state(state, targets, ignore_index)
 
 
 def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
-    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit."""
+    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit (lse: [R] fp64)."""
     if block.device.type == "cpu" and _cpu_ext.available():
         _cpu_ext.row_grad_(block, targets, vocab_start=vocab_start, lse=lse, entropy=entropy, grad_logp=grad_logp,
                            grad_entropy=grad_entropy, inv_temperature=inv_temperature, ignore_index=ignore_index)
         return
     s, keep = inv_temperature, targets != ignore_index
     g_lp = torch.where(keep, grad_logp, 0.0)
-    log_p = block.mul_(s).sub_(lse.unsqueeze(1))  # log p_j, in place
+    lse_hi, lse_lo = _cpu_ext.split_lse(lse, block.shape[0])
+    log_p = block.mul_(s).sub_(lse_hi.unsqueeze(1)).sub_(lse_lo.unsqueeze(1))  # log p_j = (z − hi) − lo, in place
     if grad_entropy is None:
         log_p.exp_().mul_((-s * g_lp).unsqueeze(1))
     else:  # -s·p·[g_lp + g_ent·H + g_ent·log p]

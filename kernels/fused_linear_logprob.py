@@ -12,7 +12,8 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
   unless that would make Vb < 1024 columns (then row tiles, so GEMMs never turn skinny).
 - Forward: per row tile, vocabulary blocks folded into running fp64 row statistics
   (``tiles.fold_block_``: max, Σe^{z−m}, Σe^{z−m}(z−m), z_t), then lse, logp, entropy; saved for
-  backward: lse, entropy ([N] fp32). One matmul (2·N·V·D FLOPs).
+  backward: lse ([N] fp64: its fp32 rounding would scale every p_j by up to 1 ± 5e-4 at |z| ~ 1e4)
+  and entropy ([N] fp32). One matmul (2·N·V·D FLOPs).
 - Backward: per vocabulary block: recompute, turn into d/dx in place (``tiles.row_grad_``), then
   grad_W[v0:v1] = block.T @ H (K = R, straight into the output), grad_H += block @ W[v0:v1],
   grad_b[v0:v1] = block.sum(0). Three matmuls: four in all (8·N·V·D FLOPs); ``logprob_fwd_bwd``
@@ -40,22 +41,23 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class TokenStats:
-    """Per-row float32 [N] results of the forward."""
+    """Per-row [N] results of the forward: float32, but lse float64."""
 
     logp: Tensor  # log p(target); 0 where ignored
     entropy: Tensor | None  # entropy of the full distribution; 0 where ignored; None if not asked
-    lse: Tensor  # logsumexp of the temperature-scaled logits
+    lse: Tensor  # float64: logsumexp of the temperature-scaled logits (the backward splits it into fp32 hi + lo)
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
-    """Per-row logp, entropy and lse [N] fp32 by [R, Vb] tiles folded into running row statistics."""
+    """Per-row logp, entropy [N] fp32 and lse [N] fp64 by [R, Vb] tiles folded into running row statistics."""
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_fwd
 
         return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
                                   ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
     (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
-    lse, logp, entropy = torch.empty(3, n, device=dev).unbind(0)
+    logp, entropy = torch.empty(2, n, device=dev).unbind(0)
+    lse = torch.empty(n, device=dev, dtype=torch.float64)
     rows, cols = tiles.block_shape(n, v, dev)
     buf = torch.empty(rows * cols, device=dev)
     for r0, r1 in tiles.spans(n, rows):
@@ -156,7 +158,8 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
-    lse, logp, entropy = torch.zeros(3, n, device=dev).unbind(0)
+    logp, entropy = torch.zeros(2, n, device=dev).unbind(0)
+    lse = torch.zeros(n, device=dev, dtype=torch.float64)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None

@@ -96,9 +96,9 @@ def test_logits_of_magnitude_1e4_are_finite_and_as_accurate_as_eager_fp32(offset
     """Peaked rows (|h @ W.T| ~ 1e4) and flat rows shifted by 1e4: no overflow, no cancellation.
 
     fp32 logits of size 1e4 carry absolute rounding ~1e-3, so the criterion is the error of eager
-    fp32 PyTorch on the materialized logits (CCE style). Ours may be at most 4x larger (+1e-6): the
-    backward reads the saved fp32 lse, whose own rounding (half an ulp of 1e4, ~5e-4) scales every p_j
-    of the row, where eager recomputes log-softmax from the exact row max.
+    fp32 PyTorch on the materialized logits (CCE style): ours at most 1.5x it (+1e-6). The saved lse is
+    float64 and the backward forms log p = (z − lse_hi) − lse_lo; with an fp32 lse alone (rounded by up
+    to 5e-4 at 1e4) our error was up to ~5x eager's. Over 30 seeds the worst ratio is now 1.0.
     """
     hidden, weight, targets, bias = _inputs(33, 16, 517, torch.float32, scale=1.0 if offset else 2500.0)
     bias = (bias.detach() + offset).requires_grad_(True)
@@ -110,7 +110,7 @@ def test_logits_of_magnitude_1e4_are_finite_and_as_accurate_as_eager_fp32(offset
     ref = _value_and_grads(reference_fused_linear_logprob, leaves, targets, g_lp.double(), g_ent.double())
     for name, o, e, r in zip(("logp", "entropy", "grad hidden", "grad weight", "grad bias"), ours, eager, ref):
         assert torch.isfinite(o).all(), name
-        assert _relative_error(o, r) <= 4 * _relative_error(e, r) + 1e-6, name
+        assert _relative_error(o, r) <= 1.5 * _relative_error(e, r) + 1e-6, name
 
 
 def test_leading_dims_keep_shape_and_match_reference(row_path):
