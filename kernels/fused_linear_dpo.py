@@ -98,7 +98,7 @@ def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, op
         return layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **opts))
     if ref_logps is not None:
         check_tensor("ref_logps", ref_logps, (layout.num_seqs,))
-        return ref_logps.detach().float()
+        return ref_logps.detach().double()
     return None
 
 
@@ -183,7 +183,7 @@ def fused_linear_dpo_loss(
         out = float32_output(pair_loss(seq_logps.double().view(2, num_pairs).T, pairs))
         out.metrics.update(_logit_means(logit_sums(layout, weight, bias, temperature), pair_loss.lengths))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
-    return DPOOutput(loss, out.metrics, seq_logps=seq_logps)
+    return DPOOutput(loss, out.metrics, seq_logps=seq_logps.float())
 
 
 class FusedLinearDPOLoss(nn.Module):

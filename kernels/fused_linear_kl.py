@@ -227,7 +227,7 @@ def _row_weights(layout: Layout, normalize: str) -> Tensor:
         return ones
     if normalize == "token":
         return ones / max(ones.numel(), 1)
-    per_seq = layout.seq_sum(ones).clamp_min(1.0) * layout.num_seqs
+    per_seq = layout.seq_sum(ones).float().clamp_min(1.0) * layout.num_seqs
     return ones / per_seq[layout.seq_ids]
 
 

@@ -88,7 +88,7 @@ def fused_linear_kto_loss(
         ref = layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **opts))
     else:
         check_tensor("ref_logps", ref_logps, (b,))
-        ref = ref_logps.detach().float()
+        ref = ref_logps.detach().double()
 
     lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
 

@@ -98,7 +98,7 @@ def _preference(lin_weight, _input, target, bias, *, ref_logps, beta, average, n
     half, lengths = target.shape[0] // 2, (target != ignore_index).sum(-1).float()
     scale = lengths.clamp_min(1.0) if average else torch.ones_like(lengths)
     logps = out.seq_logps / scale
-    rewards = beta * (logps if ref_logps is None else logps - ref_logps / scale)
+    rewards = (beta * (logps if ref_logps is None else logps - ref_logps / scale)).float()
     nll_loss = -out.seq_logps[:half].sum() / lengths[:half].sum().clamp_min(1.0) if nll else logps.new_zeros(())
     chosen = torch.arange(2 * half, device=target.device) < half
     means = _logits_sums(_input, lin_weight, bias, torch.stack((chosen, ~chosen)))
@@ -141,7 +141,7 @@ class LigerFusedLinearDPOLoss(nn.Module):
         if cached:
             if ref_chosen is None or ref_rejected is None:
                 raise ValueError("ref_chosen_logps and ref_rejected_logps go together, got only one")
-            ref = torch.cat((ref_chosen, ref_rejected)).detach().float()
+            ref = torch.cat((ref_chosen, ref_rejected)).detach().double()
             lengths = (target != self.ignore_index).sum(-1).float().clamp_min(1.0)
             return ref * lengths if self.average_log_prob else ref
         if ref_input is None or ref_weight is None:
