@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, check_scored, group_by_prompt, pack_rows,
-                                     sampler_version)
+from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.micro_batches import SplitRule
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 """Keys of one line of a preference-pairs JSONL file (texts)."""

@@ -38,14 +38,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, completion_rows, grouped_rewards,
-                                     sampler_version, token_values)
+from hotloop.algorithms.base import (Batch, BuildContext, completion_rows, grouped_rewards, sampler_version,
+                                     token_values)
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.advantages import group_advantages, rloo_advantages
 from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss
 from hotloop.kernels.losses.kl_penalty import ESTIMATORS
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
+from hotloop.runtime.micro_batches import SplitRule
 
 ADVANTAGES = ("group_std", "group_mean", "rloo")
 OLD_LOGPROBS = ("sampler", "policy")

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import Batch, BuildContext, SplitRule, grouped_rewards, pack_rows, sampler_version
+from hotloop.algorithms.base import Batch, BuildContext, grouped_rewards, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.kernels.losses.kto import kto_kl_estimate, kto_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
+from hotloop.runtime.micro_batches import SplitRule
 
 REFERENCE_POINTS = ("mismatched", "zero")
 

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import (Batch, BuildContext, SplitRule, completion_rows, grouped_rewards,
-                                     sampler_version)
+from hotloop.algorithms.base import Batch, BuildContext, completion_rows, grouped_rewards, sampler_version
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.kernels.losses.sft import sft_loss
 from hotloop.runtime.engine import Completion
+from hotloop.runtime.micro_batches import SplitRule
 
 NORMALIZE = ("token", "sequence")
 

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import BuildContext, SplitRule, completion_rows, grouped_rewards, sampler_version
-from hotloop.algorithms.rejection_sampling import NORMALIZE, WeightedSFTBatch, weighted_sft_loss, weighted_sft_split_rule
+from hotloop.algorithms.base import BuildContext, completion_rows, grouped_rewards, sampler_version
+from hotloop.algorithms.rejection_sampling import (NORMALIZE, WeightedSFTBatch, weighted_sft_loss,
+                                                   weighted_sft_split_rule)
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
+from hotloop.runtime.micro_batches import SplitRule
 
 NORMALIZE_OVER = ("group", "batch")
 

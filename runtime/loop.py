@@ -17,7 +17,7 @@ None) gets the trainer's state dict at each sync, and the loop keeps a host copy
 
 Gradient accumulation. With ``TrainerConfig.grad_accum_steps = k > 1`` each batch is cut into up to
 k micro batches of whole units (pairs, groups) weighted by their share of the loss normaliser
-(``hotloop.algorithms.base.split_batch``), so the step's gradient is that of the whole batch; an
+(``hotloop.runtime.micro_batches.split_batch``), so the step's gradient is that of the whole batch; an
 algorithm whose loss couples the whole batch is refused when the loop is built.
 
 Exact resume. Every source of randomness is a function of ``(seed, step)``: the prompts drawn
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hotloop.algorithms.base import micro_batch_rule, split_batch
+from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine

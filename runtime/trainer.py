@@ -5,7 +5,7 @@ that names the policy weights (the rollout engine stamps completions with it).
 One ``step`` = ``zero_grad`` → for each of the n ≤ k micro batches: forward + ``(w_i · loss_i).backward()``
 → clip to ``max_grad_norm`` → ``optimizer.step()`` → ``scheduler.step()`` → version + 1. With
 ``w_i = N_i / N``, micro batch i's share of the loss normaliser (rows or tokens; the online loop gets
-them from ``hotloop.algorithms.base.split_batch``), the micro batches give the gradient of one batch
+them from ``hotloop.runtime.micro_batches.split_batch``), the micro batches give the gradient of one batch
 holding all of them; the default ``w_i = 1/n`` does so for equal micro batches of a mean loss. Memory: AdamW keeps two
 float32 moments per parameter (``2 · 4`` bytes per parameter on top of weights and grads).
 
@@ -161,7 +161,7 @@ class Trainer:
                 ``.loss`` and ``.metrics`` (``LossOutput``), or a ``(loss, metrics)`` tuple.
             micro_batches: 1 to ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
             weights: one float >= 0 per micro batch, summing to 1 (e.g. its share of the loss normaliser,
-                see ``hotloop.algorithms.base.split_batch``); None = equal weights.
+                see ``hotloop.runtime.micro_batches.split_batch``); None = equal weights.
 
         Returns:
             ``loss`` (the weighted sum over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by

@@ -5,7 +5,7 @@ batch are refused when the loop is built."""
 import pytest
 import torch
 
-from hotloop.algorithms.base import SplitRule, split_batch
+from hotloop.runtime.micro_batches import SplitRule, split_batch
 from hotloop.algorithms.dpo import PairBatch
 from hotloop.algorithms.kto import KTO, KTOConfig
 from hotloop.runtime.loop import OnlineLoop
