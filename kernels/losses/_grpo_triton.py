@@ -37,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._kl_penalty_triton import KL_CODES, kl_term
-from ._triton_rows import block_t, mask_operand, num_warps
+from ._triton_rows import block_t, load_row_chunk, mask_operand, num_warps
 
 LOSS_CODES = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2, "vespo": 3}
 _LOG_MIN = tl.constexpr(math.log(1e-8))  # vespo's lower clamp of log-ratios (Liger's get_gamma_weights)
@@ -127,12 +127,7 @@ def _grpo_token_kernel(
     kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     ent_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inb = cols < T
-        offs = b * T + cols
-        m = tl.load(Mask + offs, mask=inb, other=0).to(tl.float32)
-        live = m != 0.0
-        lp = tl.load(Logp + offs, mask=live, other=0.0).to(tl.float32)
+        offs, inb, m, live, lp = load_row_chunk(Mask, Logp, b, start, T, BLOCK_T)
         old = lp
         if HAS_OLD:
             old = tl.load(Old + offs, mask=live, other=0.0).to(tl.float32)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_rows import block_t, mask_operand, num_warps
+from ._triton_rows import block_t, load_row_chunk, mask_operand, num_warps
 
 KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -57,12 +57,7 @@ def _kl_penalty_kernel(
     kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     m_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inb = cols < T
-        offs = b * T + cols
-        m = tl.load(Mask + offs, mask=inb, other=0).to(tl.float32)
-        live = m != 0.0
-        lp = tl.load(Logp + offs, mask=live, other=0.0).to(tl.float32)
+        offs, inb, m, live, lp = load_row_chunk(Mask, Logp, b, start, T, BLOCK_T)
         ref = tl.load(Ref + offs, mask=live, other=0.0).to(tl.float32)
         kl, dkl = kl_term(lp, ref, KL_EST)
         tl.store(Grad + offs, tl.where(live, dkl * m, 0.0), mask=inb)

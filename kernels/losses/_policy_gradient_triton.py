@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_rows import block_t, mask_operand, num_warps
+from ._triton_rows import block_t, load_row_chunk, mask_operand, num_warps
 
 _STATS = 4  # Σ m·A·logp, Σ m, Σ m·logp, Σ m·A
 
@@ -42,12 +42,7 @@ def _linear_token_kernel(
     lp_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     coef_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
-        cols = start + tl.arange(0, BLOCK_T)
-        inb = cols < T
-        offs = b * T + cols
-        m = tl.load(Mask + offs, mask=inb, other=0).to(tl.float32)
-        live = m != 0.0
-        lp = tl.load(Logp + offs, mask=live, other=0.0).to(tl.float32)
+        offs, inb, m, live, lp = load_row_chunk(Mask, Logp, b, start, T, BLOCK_T)
         a = tl.zeros([BLOCK_T], dtype=tl.float32) + row_coef
         if COEF == 2:
             a = tl.load(Coef + offs, mask=live, other=0.0).to(tl.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from .._dispatch import triton_interpreting
@@ -29,3 +30,19 @@ def mask_operand(mask: Tensor) -> Tensor:
     """``mask`` as a contiguous kernel operand (bool reinterpreted as uint8, no copy)."""
     mask = mask.contiguous()
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+@triton.jit
+def load_row_chunk(Mask, Logp, b, start, T, BLOCK_T: tl.constexpr):
+    """Columns ``start .. start + BLOCK_T`` of row ``b`` of ``[B, T]`` operands.
+
+    Returns (offs, inb, m, live, lp): flat offsets, in-bounds flags, the mask as fp32, ``m != 0``, and
+    the log-probs as fp32 (0 where not live, so padding NaN never enters).
+    """
+    cols = start + tl.arange(0, BLOCK_T)
+    inb = cols < T
+    offs = b * T + cols
+    m = tl.load(Mask + offs, mask=inb, other=0).to(tl.float32)
+    live = m != 0.0
+    lp = tl.load(Logp + offs, mask=live, other=0.0).to(tl.float32)
+    return offs, inb, m, live, lp

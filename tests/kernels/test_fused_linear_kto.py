@@ -8,7 +8,7 @@ from hotloop.kernels import FusedLinearKTOLoss, fused_linear_kto_loss, fused_lin
 from hotloop.kernels import _fused_linear_common as common
 from hotloop.kernels._fused_linear_common import reference_padded
 from hotloop.kernels.fused_linear_kto import reference_fused_linear_kto_loss
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import assert_close, assert_scalar_close, logit_scale
 
 B, T, D, V = 5, 7, 16, 97
 
@@ -30,23 +30,6 @@ def _batch(dtype=torch.float32, *, bias=True):
     return hidden, weight, targets, labels, b, mask, -25.0 + 4.0 * torch.randn(B)
 
 
-def _assert_value_close(out, ref, dtype, what, scale=1.0):
-    """Scalar within the dtype tolerance of max(|ref|, scale): rewards are differences of O(10) log-prob sums, so
-    fp32 sums (absolute error ~1e-6) leave ~1e-6 absolute error however small the difference is."""
-    err = abs(out.item() - ref.item()) / max(abs(ref.item()), scale)
-    assert err <= TOLERANCE[dtype], f"{what}: error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
-
-
-def _logit_scale(hidden, weight, bias, targets, mask=None, cu_seqlens=None, temperature=1.0, **_):
-    """(mean, total) over active tokens of mean_v |logits| / temperature, float64: the size of the summands of the
-    logits metrics. With zero-mean random weights the mean logit cancels to far below it, where no fp32 sum gets
-    a relative 1e-5 of the result; the metrics are held to 1e-5 of max(|exact|, this scale)."""
-    h, _, m = reference_padded(hidden.detach().double(), targets, mask, cu_seqlens, -100)
-    x = h @ weight.detach().double().T + (0.0 if bias is None else bias.detach().double())
-    total = ((x / temperature).abs().mean(-1) * m).sum().item()
-    return total / max(m.sum().item(), 1.0), total
-
-
 def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
     out = fused_linear_kto_loss(hidden, weight, targets, labels, bias, **kw)
@@ -57,13 +40,13 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
     ref = reference_fused_linear_kto_loss(leaves[0], leaves[1], targets, labels,
                                           leaves[2] if bias is not None else None, **kw)
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
-    _assert_value_close(out.loss, ref.loss, dtype, "loss")
+    assert_scalar_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
         assert out.metrics.keys() == ref.metrics.keys()
-        logit_total = _logit_scale(hidden, weight, bias, targets, **kw)[1] * weight.shape[0]
+        logit_total = logit_scale(hidden, weight, bias, targets, **kw)[1] * weight.shape[0]
         for name, value in out.metrics.items():
             scale = logit_total if name.startswith("logits/") else 1.0
-            _assert_value_close(value, ref.metrics[name], dtype, name, scale)
+            assert_scalar_close(value, ref.metrics[name], dtype, name, scale)
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert g.dtype == dtype, f"grad {name} dtype {g.dtype}"
         assert_close(g, r, dtype, f"grad {name}")

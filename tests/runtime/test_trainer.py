@@ -30,13 +30,19 @@ def params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_two_micro_batches_give_the_gradient_and_update_of_one_batch():
+def _accumulating_and_whole(k):
+    """(model, twin, accumulating trainer with k micro batches, one-batch trainer): same weights, lr 1e-3, no clip."""
     model = tiny_llama()
     twin = LlamaForCausalLM(model.config)
     twin.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 20, (6, 9))
-    accum = Trainer(model, TrainerConfig(lr=1e-3, grad_accum_steps=2, max_grad_norm=None))
+    accum = Trainer(model, TrainerConfig(lr=1e-3, grad_accum_steps=k, max_grad_norm=None))
     whole = Trainer(twin, TrainerConfig(lr=1e-3, grad_accum_steps=1, max_grad_norm=None))
+    return model, twin, accum, whole
+
+
+def test_two_micro_batches_give_the_gradient_and_update_of_one_batch():
+    model, twin, accum, whole = _accumulating_and_whole(2)
+    ids = torch.randint(0, 20, (6, 9))
     m_accum = accum.step(lm_loss, [ids[:3], ids[3:]])
     m_whole = whole.step(lm_loss, [ids])
     assert relative_error(grads(model), grads(twin)) <= 1e-6
@@ -97,12 +103,8 @@ def test_step_counts_versions_and_accepts_loss_outputs_with_metrics():
 
 
 def test_unequal_micro_batches_weighted_by_their_share_give_the_gradient_of_one_batch():
-    model = tiny_llama()
-    twin = LlamaForCausalLM(model.config)
-    twin.load_state_dict(model.state_dict())
+    model, twin, accum, whole = _accumulating_and_whole(3)
     ids = torch.randint(0, 20, (5, 7))
-    accum = Trainer(model, TrainerConfig(lr=1e-3, grad_accum_steps=3, max_grad_norm=None))
-    whole = Trainer(twin, TrainerConfig(lr=1e-3, grad_accum_steps=1, max_grad_norm=None))
     m_accum = accum.step(lm_loss, [ids[:1], ids[1:]], weights=[1 / 5, 4 / 5])   # 2 <= k micro batches
     m_whole = whole.step(lm_loss, [ids])
     assert relative_error(grads(model), grads(twin)) <= 1e-6
