@@ -268,7 +268,8 @@ def add_ratios(rows: list[Row], ratios_to: tuple[str, ...]) -> list[Row]:
 
 
 def collect_meta(device: torch.device | str, **extra) -> dict:
-    """Git SHA (``-dirty`` if the tree has changes), torch/triton versions, device, UTC date, load average."""
+    """Git SHA (``-dirty`` if tracked files other than bench/results/ changed), torch/triton versions, device, UTC date,
+    load average."""
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -277,7 +278,7 @@ def collect_meta(device: torch.device | str, **extra) -> dict:
             return ""
 
     sha = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"):  # results are outputs
         sha += "-dirty"
     try:
         import triton
