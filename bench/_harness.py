@@ -333,19 +333,22 @@ def _plot(path: Path, area: str, rows: list[Row], meta: dict) -> None:
     modes = list(dict.fromkeys(r.mode for r in ok)) or ["(none)"]
     sizes = list(dict.fromkeys(r.size for r in ok))
     impls = list(dict.fromkeys(r.impl for r in ok))
+    colors = {impl: plt.cm.tab10(i % 10) for i, impl in enumerate(impls)}  # one colour per impl in every panel
     fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 7), squeeze=False)
-    width = 0.8 / max(len(impls), 1)
     for col, mode in enumerate(modes):
+        present = [impl for impl in impls if any(r.mode == mode and r.impl == impl for r in ok)]
+        width = 0.8 / max(len(present), 1)
         for row_i, (attr, label) in enumerate((("median_ms", "median ms"), ("peak_extra_mb", "peak extra MB"))):
             ax = axes[row_i][col]
-            for k, impl in enumerate(impls):
+            for k, impl in enumerate(present):
                 values = {r.size: getattr(r, attr) for r in ok if r.mode == mode and r.impl == impl}
                 xs = [i + k * width for i, s in enumerate(sizes) if values.get(s) is not None]
-                ax.bar(xs, [values[s] for s in sizes if values.get(s) is not None], width, label=impl)
+                ax.bar(xs, [values[s] for s in sizes if values.get(s) is not None], width, label=impl,
+                       color=colors[impl])
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes, fontsize=7, rotation=15)
             ax.set_ylabel(label)
             ax.set_title(f"{mode}: {label}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+        axes[0][col].legend(fontsize=7)
     fig.suptitle(f"{area} — {meta['device']} — {meta['git_sha']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
