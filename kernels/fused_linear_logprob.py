@@ -260,8 +260,9 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
                          return_entropy=False):
     """log p(target) (and entropy) of logits = (hidden @ weight.T + bias) / temperature, never materialized.
 
-    Rows whose target is ``ignore_index`` (padding, prompts) are dropped before any matmul, so a padded
-    batch costs what the packed one does; packed variable-length input is simply ``[N, D]`` rows.
+    Rows whose target is ``ignore_index`` (padding, prompts) are dropped before any matmul (one host sync
+    to count them), so a padded batch costs what the packed one does; packed variable-length input is
+    simply ``[N, D]`` rows.
 
     Args:
         hidden: [..., D] float32 / bfloat16 / float16. weight: [V, D], same dtype. bias: [V] or None.
