@@ -223,7 +223,7 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
         ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref], same dtype. ref_bias: [V] | None.
         row_weight: [N] float32 weight of each row in the loss. opts: ``fused_linear_kl.KLOptions``.
         needs_grad: which of (hidden, weight, bias) to return. vocab_chunk: gradient buffer columns
-            (rounded up to a tile; default ``_triton_utils.vocab_chunk``).
+            (rounded up to a tile; default ``_triton_utils.vocab_chunk`` within the tile budget).
     Returns:
         (KLStats of float32 [N], grad_hidden | None, grad_weight | None, grad_bias | None), grads in the input dtype.
     """
@@ -276,8 +276,7 @@ def _grads(launch, row_stats, bias, opts, needs_grad, tiles, vocab_chunk, log_ab
     grad_h = torch.zeros(n, d, device=dev, dtype=torch.float32) if want_h else None
     grad_w = torch.empty(v, d, device=dev, dtype=weight.dtype) if want_w else None
     grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if want_b else None
-    chunk = triton.cdiv(vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v), tiles.block_v) * tiles.block_v
-    buf = torch.empty(n, min(chunk, triton.cdiv(v, tiles.block_v) * tiles.block_v), device=dev, dtype=dtype)
+    buf = _triton_utils.grad_chunk_buffer(n, v, tiles.block_v, dtype, dev, vocab_chunk)
     for v0 in range(0, v, buf.shape[1]):
         block = buf[:, : min(buf.shape[1], v - v0)]
         v1 = v0 + block.shape[1]

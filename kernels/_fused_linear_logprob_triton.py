@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _cpu_ext, _torch_tiles, _triton_utils
+from . import _cpu_ext, _triton_utils
 from .fused_linear_logprob import TokenStats
 
 
@@ -216,10 +216,7 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
     grad_w = torch.empty(v, d, device=dev, dtype=weight.dtype) if want_w else None
     grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if want_b else None
     tiles = _triton_utils.logits_tiles(dev, n, d, dtype)
-    chunk = vocab_chunk or _triton_utils.vocab_chunk(v, tiles.block_v, rows=n, itemsize=dtype.itemsize,
-                                                     budget_bytes=_torch_tiles.block_bytes(dev))
-    chunk = triton.cdiv(chunk, tiles.block_v) * tiles.block_v
-    buf = torch.empty(n, min(chunk, triton.cdiv(v, tiles.block_v) * tiles.block_v), device=dev, dtype=dtype)
+    buf = _triton_utils.grad_chunk_buffer(n, v, tiles.block_v, dtype, dev, vocab_chunk)
     rows = _RowInputs(targets.contiguous(), *_cpu_ext.split_lse(stats.lse, n), grad_logp.to(torch.float32).contiguous(),
                       None if grad_entropy is None else stats.entropy.contiguous(),
                       None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous())

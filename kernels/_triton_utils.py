@@ -14,6 +14,7 @@ import torch
 import triton
 
 from . import _dispatch
+from ._torch_tiles import block_bytes
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,28 @@ def vocab_splits(device: torch.device, row_blocks: int, vocab_tiles: int) -> tup
     return triton.cdiv(vocab_tiles, tiles_per_split), tiles_per_split
 
 
-def vocab_chunk(vocab: int, block_v: int, *, rows: int = 1, itemsize: int = 4, budget_bytes: int | None = None) -> int:
+def vocab_chunk(vocab: int, block_v: int, *, rows: int, itemsize: int, budget_bytes: int | None) -> int:
     """Width Vc of the backward's [N, Vc] logit-gradient buffer, a multiple of ``block_v``.
 
     At most V/8 (an eighth of the naive logits) and, given ``budget_bytes``, at most what an
-    [rows, Vc] buffer of ``itemsize``-byte elements fits in it (``_torch_tiles.block_bytes``: 1/64 of
-    free GPU memory within [32, 256] MiB), so the buffer stays O(budget) however large N·V grows;
-    at least one tile.
+    [rows, Vc] buffer of ``itemsize``-byte elements fits in it, so the buffer stays O(budget) however
+    large N·V grows; at least one tile.
     """
     chunk = vocab // 8
     if budget_bytes is not None:
         chunk = min(chunk, budget_bytes // max(rows * itemsize, 1))
     return max(block_v, chunk // block_v * block_v)
+
+
+def grad_chunk_buffer(rows: int, vocab: int, block_v: int, dtype: torch.dtype, device: torch.device,
+                      vocab_chunk_cols: int | None = None) -> torch.Tensor:
+    """The backward's [N, Vc] logit-gradient buffer: ``vocab_chunk_cols`` rounded up to a tile, by default
+    :func:`vocab_chunk` within the tile budget (``_torch_tiles.block_bytes``: 1/64 of free GPU memory in
+    [32, 256] MiB); never wider than the vocabulary's tiles."""
+    chunk = vocab_chunk_cols or vocab_chunk(vocab, block_v, rows=rows, itemsize=dtype.itemsize,
+                                            budget_bytes=block_bytes(device))
+    width = min(triton.cdiv(chunk, block_v), triton.cdiv(vocab, block_v)) * block_v
+    return torch.empty(rows, width, device=device, dtype=dtype)
 
 
 def upcast_dot_operands(device: torch.device, dtype: torch.dtype) -> bool:
