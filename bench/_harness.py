@@ -174,7 +174,10 @@ def _peak_extra_bytes(contender: Contender, device: torch.device) -> int:
     """Peak extra memory of one call, after the contender's ``between``; ``between`` runs again after it."""
     if contender.between is not None:
         contender.between()
-    peak = _cuda_peak_extra_bytes(contender.fn, device) if device.type == "cuda" else _cpu_peak_extra_bytes(contender.fn)
+    if device.type == "cuda":
+        peak = _cuda_peak_extra_bytes(contender.fn, device)
+    else:
+        peak = _cpu_peak_extra_bytes(contender.fn)
     if contender.between is not None:
         contender.between()
     return peak

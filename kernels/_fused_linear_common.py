@@ -283,7 +283,8 @@ def logit_sums(layout: Layout, weight: Tensor, bias: Tensor | None, temperature:
         h_sum.index_add_(0, layout.seq_ids[r0 : r0 + _LOGIT_SUM_ROWS], h[r0 : r0 + _LOGIT_SUM_ROWS].float())
     sums = h_sum @ (weight.detach().sum(0, dtype=torch.float32) / weight.shape[0])
     if bias is not None:
-        sums = sums + layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32)).float() * bias.detach().float().mean()
+        lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32)).float()
+        sums = sums + lengths * bias.detach().float().mean()
     return sums / temperature
 
 

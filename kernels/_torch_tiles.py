@@ -108,7 +108,10 @@ def row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_in
 
 
 def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
-    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit (lse: [R] fp64)."""
+    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit.
+
+    ``lse`` [R] is float64 (``finish_row_state``); it is applied as fp32 hi + lo (``_cpu_ext.split_lse``).
+    """
     if block.device.type == "cpu" and _cpu_ext.available():
         _cpu_ext.row_grad_(block, targets, vocab_start=vocab_start, lse=lse, entropy=entropy, grad_logp=grad_logp,
                            grad_entropy=grad_entropy, inv_temperature=inv_temperature, ignore_index=ignore_index)

@@ -13,7 +13,8 @@ once for the whole batch (``loss_weights``), and each chunk of ``logprob_fwd_bwd
 
 Three matmuls in all on the PyTorch path (``6·N_a·V·D`` FLOPs: logits, grad_W, grad_H from one stored chunk); on
 CUDA ``fused_linear_logprob._fwd_bwd_triton`` stores no logits, so it runs the forward and a backward that recomputes
-them: four (``8·N_a·V·D``). Plus ``2·N_a·V·D_ref`` with a reference head; ``2·N_a·V·D`` under ``torch.no_grad()``. Loss value and metrics come from one ``grpo_loss`` call on the ``[B, T]`` log-probs.
+them: four (``8·N_a·V·D``). Plus ``2·N_a·V·D_ref`` with a reference head; ``2·N_a·V·D`` under ``torch.no_grad()``.
+Loss value and metrics come from one ``grpo_loss`` call on the ``[B, T]`` log-probs.
 Memory: the gradients ``[N, D] + [V, D] (+ [V])`` held until backward, one logits block, a few ``[B, T]`` floats.
 
 Layout: padded ``hidden [B, T, D]`` + ``mask [B, T]`` or packed ``hidden [N, D]`` + ``cu_seqlens [B + 1]``

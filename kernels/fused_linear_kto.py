@@ -2,7 +2,8 @@
 
 Unpaired samples: ``B`` sequences with ``labels [B]`` (True = desirable). ``S_b = Σ_t logp_bt`` over active tokens,
 then :func:`~.losses.kto.kto_loss` (``λ_D (1 − σ(β(ρ − z₀)))`` / ``λ_U (1 − σ(β(z₀ − ρ)))``, ``ρ = S − S_ref``, mean
-over B; ``length_normalize``: ``ρ = (S − S_ref) / |y_b|``, Liger's ``average_log_prob``). The reference point ``z₀`` (``kl_ref_point``) is a constant: TRL estimates it from mismatched
+over B; ``length_normalize``: ``ρ = (S − S_ref) / |y_b|``, Liger's ``average_log_prob``). The reference point ``z₀``
+(``kl_ref_point``) is a constant: TRL estimates it from mismatched
 (prompt, completion) pairs; compute those sequence log-probs forward-only (``torch.no_grad()`` with this module's
 layout, or ``fused_linear_logprob``) and pass :func:`~.losses.kto.kto_kl_estimate` of them.
 

@@ -48,9 +48,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
+from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.torch_engine import TorchEngine
 
 PHASES = ("sync", "sampling", "scoring", "batching", "training")

@@ -59,7 +59,7 @@ def _linear_token_kernel(
 
 
 def linear_token_fwd(logp: Tensor, coef: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Launch the kernel (``coef``: ``[B]``, ``[B, T]`` or None); returns ``(row_stats [B, 4], grad [B, T])`` float32."""
+    """Launch the kernel (``coef``: ``[B]``, ``[B, T]`` or None); returns fp32 ``(row_stats [B, 4], grad [B, T])``."""
     lp = logp.detach().contiguous()
     b, t = lp.shape
     grad = torch.empty(b, t, device=lp.device, dtype=torch.float32)

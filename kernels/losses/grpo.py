@@ -117,7 +117,8 @@ def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: 
     return (1.0 / total.clamp_min(1.0)).expand(b)
 
 
-def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None, num_items_in_batch=None) -> Tensor:
+def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None,
+                 num_items_in_batch=None) -> Tensor:
     """``[B, T]`` weights ``m · row_scale`` with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
 
     Args:

@@ -9,7 +9,8 @@ averaged over all ``B`` samples, as TRL's ``KTOTrainer`` (``nanmean`` of the con
 and Liger 0.8.5 ``LigerFusedLinearKTOFunction.preference_loss_fn`` (sum / B, no weights: λ_D = λ_U = 1).
 
 With ``length_normalize`` both log-probs are divided by the completion lengths first (``ρ = (logp − ref_logp) / |y|``,
-Liger's ``average_log_prob``). ``kl_ref_point=None`` uses ``z₀ = 0``, like Liger's ``kl=None``. TRL estimates ``z₀`` from mismatched
+Liger's ``average_log_prob``). ``kl_ref_point=None`` uses ``z₀ = 0``, like Liger's ``kl=None``. TRL estimates ``z₀``
+from mismatched
 (prompt, completion) pairs of the batch: :func:`kto_kl_estimate` computes that estimate,
 ``mean(logp_mismatch − ref_logp_mismatch)`` clamped at 0 and detached (TRL also all-gathers it across
 ranks before averaging; do that before calling when training data-parallel).

@@ -268,7 +268,8 @@ def test_equals_liger_fused_linear_jsd_loss(beta, divergence):
         assert relative_error(a, b) <= 1e-5, name  # two fp32 computations: the fp32 contract between them
 
 
-@pytest.mark.parametrize("options, name", [({"divergence": "forward_kl"}, "divergence"), ({"normalize": "mean"}, "normalize"),
+@pytest.mark.parametrize("options, name", [({"divergence": "forward_kl"}, "divergence"),
+                                           ({"normalize": "mean"}, "normalize"),
                                            ({"divergence": "jsd", "beta": 1.0}, "beta")])
 def test_module_checks_its_options_at_construction(options, name):
     with pytest.raises(ValueError, match=name):
