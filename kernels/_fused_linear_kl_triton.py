@@ -65,22 +65,26 @@ def _kl_fwd_kernel(
                           HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         zq = _logits_tile(RH, RW, RBias, rows, cols, N, V, DR, stride_rh, stride_rw, scale,
                           HAS_RBIAS, R_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-        # Every tile holds at least one real column, so the new maxima are finite.
         mp_new = tl.maximum(mp, tl.max(tl.where(col_ok, zp, float("-inf")), axis=1))
         mq_new = tl.maximum(mq, tl.max(tl.where(col_ok, zq, float("-inf")), axis=1))
-        # Shifts guarded: before the first tile m = −inf and S = 0 (−inf·0 = NaN).
-        dp = tl.where(sp > 0, mp - mp_new, 0.0)
-        dq = tl.where(sq > 0, mq - mq_new, 0.0)
-        alpha_p = tl.exp(mp - mp_new)
-        alpha_q = tl.exp(mq - mq_new)
-        xp = tl.where(col_ok, zp - mp_new[:, None], 0.0)  # padding columns: 0 here, e^{…} masked below
-        xq = tl.where(col_ok, zq - mq_new[:, None], 0.0)
+        # A row whose columns so far are all −inf (a −inf bias masking whole tiles) keeps m = −inf: shift
+        # it by 0 instead, so its e^{z−0} = 0 and α = 0, never e^{−inf+inf} = NaN.
+        mp_ref = tl.where(mp_new > float("-inf"), mp_new, 0.0)
+        mq_ref = tl.where(mq_new > float("-inf"), mq_new, 0.0)
+        # Shifts guarded: before the first real column m = −inf and S = 0 (−inf·0 = NaN).
+        dp = tl.where(sp > 0, mp - mp_ref, 0.0)
+        dq = tl.where(sq > 0, mq - mq_ref, 0.0)
+        alpha_p = tl.exp(mp - mp_ref)
+        alpha_q = tl.exp(mq - mq_ref)
+        xp = tl.where(col_ok, zp - mp_ref[:, None], 0.0)  # padding columns: 0 here, e^{…} masked below
+        xq = tl.where(col_ok, zq - mq_ref[:, None], 0.0)  # −inf where the bias masks a column
         ep = tl.where(col_ok, tl.exp(xp), 0.0)
-        e = alpha_p * (e + dp * sp) + tl.sum(ep * xp, axis=1)
-        a = alpha_p * (a + sp * (dp - dq)) + tl.sum(ep * (xp - xq), axis=1)
+        # 0·log 0 = 0: terms of columns with p = 0 are dropped before they multiply a −inf
+        e = alpha_p * (e + dp * sp) + tl.sum(ep * tl.where(ep > 0, xp, 0.0), axis=1)
+        a = alpha_p * (a + sp * (dp - dq)) + tl.sum(ep * tl.where(ep > 0, xp - xq, 0.0), axis=1)
         if REVERSE:
             eq = tl.where(col_ok, tl.exp(xq), 0.0)
-            b = alpha_q * (b + sq * (dq - dp)) + tl.sum(eq * (xq - xp), axis=1)
+            b = alpha_q * (b + sq * (dq - dp)) + tl.sum(eq * tl.where(eq > 0, xq - xp, 0.0), axis=1)
             sq = sq * alpha_q + tl.sum(eq, axis=1)
         else:
             sq = sq * alpha_q + tl.sum(tl.where(col_ok, tl.exp(xq), 0.0), axis=1)
@@ -126,7 +130,8 @@ def _log_mixture(lp, lq, log_a, log_b):
     x = lp + log_a
     y = lq + log_b
     hi = tl.maximum(x, y)
-    return hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi))
+    hi_ref = tl.where(hi > float("-inf"), hi, 0.0)  # p = q = 0 (a masked column): log M = −inf, not NaN
+    return hi + tl.log(1.0 + tl.exp(tl.minimum(x, y) - hi_ref))
 
 
 @triton.jit
@@ -150,8 +155,10 @@ def _jsd_fwd_kernel(
                             BLOCK_N, BLOCK_V, BLOCK_D)
         lm = _log_mixture(lp, lq, log_a, log_b)
         col_ok = (cols < V)[None, :]
-        jp += tl.sum(tl.where(col_ok, tl.exp(lp) * (lp - lm), 0.0), axis=1)
-        jq += tl.sum(tl.where(col_ok, tl.exp(lq) * (lq - lm), 0.0), axis=1)
+        p = tl.where(col_ok, tl.exp(lp), 0.0)
+        q = tl.where(col_ok, tl.exp(lq), 0.0)
+        jp += tl.sum(p * tl.where(p > 0, lp - lm, 0.0), axis=1)  # 0·log 0 = 0
+        jq += tl.sum(q * tl.where(q > 0, lq - lm, 0.0), axis=1)
     row_ok = rows < N
     out = Part + pid_s * N + rows
     tl.store(out, jp, mask=row_ok)
@@ -180,11 +187,11 @@ def _kl_bwd_kernel(
     row_scale = tl.load(Stats + 5 * N + rows, mask=row_ok, other=0.0)
     p = tl.exp(lp)
     if KIND == 0:
-        grad = p * (lp - lq - c[:, None])
+        grad = p * tl.where(p > 0, lp - lq - c[:, None], 0.0)  # masked columns (p = 0): 0, not 0·(−inf)
     elif KIND == 1:
         grad = p - tl.exp(lq)
     else:
-        grad = one_minus_beta * p * (lp - _log_mixture(lp, lq, log_a, log_b) - c[:, None])
+        grad = one_minus_beta * p * tl.where(p > 0, lp - _log_mixture(lp, lq, log_a, log_b) - c[:, None], 0.0)
     mask = row_ok[:, None] & (local < width)[None, :]
     grad = grad * row_scale[:, None]
     tl.store(Buf + rows[:, None] * stride_buf + local[None, :], grad.to(Buf.dtype.element_ty), mask=mask)
@@ -204,8 +211,9 @@ def _combine_splits(part: torch.Tensor, reverse: bool):
     """Merge [7, SPLITS, N] partials into (row stats [4, N]: m_p, log S_p, m_q, log S_q; KL; entropy; reverse KL)."""
     mp, sp, e, a, mq, sq, b = part.unbind(0)
     mp_max, mq_max = mp.amax(dim=0), mq.amax(dim=0)
-    dp, dq = mp - mp_max, mq - mq_max  # every split saw ≥ 1 real column: finite, ≤ 0
-    wp, wq = torch.exp(dp), torch.exp(dq)
+    # a split whose columns are all −inf (a masking bias) has m = −inf, S = 0: weight 0, shift 0
+    dp, dq = torch.where(sp > 0, mp - mp_max, 0.0), torch.where(sq > 0, mq - mq_max, 0.0)
+    wp, wq = torch.where(sp > 0, torch.exp(dp), 0.0), torch.where(sq > 0, torch.exp(dq), 0.0)
     sp_tot, sq_tot = (sp * wp).sum(dim=0), (sq * wq).sum(dim=0)
     lsp, lsq = torch.log(sp_tot), torch.log(sq_tot)
     entropy = lsp - (wp * (e + dp * sp)).sum(dim=0) / sp_tot

@@ -88,14 +88,17 @@ def _logprob_fwd_kernel(
         z = _logits_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
                          HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        # Every tile holds at least one real column, so m_new is finite; e^{−inf} = 0 drops padding.
         m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new[:, None])
+        # A row whose columns so far are all −inf (padding, or a −inf bias masking whole tiles) keeps
+        # m = −inf: shift it by 0 instead, so e^{z−0} = e^{−inf} = 0 and α = 0, never e^{−inf+inf} = NaN.
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(z - m_ref[:, None])
         if WITH_ENTROPY:
             # Re-centre E on m_new: E' = α(E + (m − m_new)S). Guarded: m = −inf while S = 0 (−inf·0 = NaN).
-            shift = tl.where(s > 0, m - m_new, 0.0) * s
-            e = alpha * (e + shift) + tl.sum(p * tl.where(col_ok[None, :], z - m_new[:, None], 0.0), axis=1)
+            shift = tl.where(s > 0, m - m_ref, 0.0) * s
+            # 0·log 0 = 0: p = 0 where z = −inf, and p·(z − m) would be 0·(−inf) = NaN
+            e = alpha * (e + shift) + tl.sum(p * tl.where(p > 0, z - m_ref[:, None], 0.0), axis=1)
         s = s * alpha + tl.sum(p, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
@@ -134,7 +137,7 @@ def _logprob_bwd_kernel(
     if HAS_ENT_GRAD:
         ent = tl.load(Ent + rows, mask=row_ok, other=0.0)
         g_ent = tl.load(GradEnt + rows, mask=row_ok, other=0.0)
-        grad -= g_ent[:, None] * p * (log_p + ent[:, None])
+        grad -= g_ent[:, None] * p * tl.where(p > 0, log_p + ent[:, None], 0.0)  # z = −inf: 0, not 0·(−inf)
     grad = tl.where((tgt != ignore_index)[:, None], grad * scale, 0.0)
     mask = row_ok[:, None] & (local < width)[None, :]
     tl.store(Buf + rows[:, None] * stride_buf + local[None, :], grad.to(Buf.dtype.element_ty), mask=mask)
@@ -178,13 +181,15 @@ def _combine_splits(m, s, e, zt, keep) -> TokenStats:
     """Merge [SPLITS, N] fp32 online-softmax partials into per-row lse (fp64), logp and entropy (fp32)."""
     m, s, zt = m.double(), s.double(), zt.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
     m_max = m.amax(dim=0)
-    scale = torch.exp(m - m_max)  # every split saw ≥ 1 real column: m finite, scale ∈ (0, 1]
+    # a split whose columns are all −inf (a masking bias) has m = −inf, S = E = 0: weight 0, shift 0
+    shift = torch.where(s > 0, m - m_max, 0.0)
+    scale = torch.where(s > 0, torch.exp(shift), 0.0)
     total = (s * scale).sum(dim=0)
     lse = m_max + torch.log(total)
     logp = torch.where(keep, zt.sum(dim=0) - lse, 0.0).float()
     entropy = None
     if e is not None:
-        shifted = (scale * (e.double() + (m - m_max) * s)).sum(dim=0)
+        shifted = (scale * (e.double() + shift * s)).sum(dim=0)
         entropy = torch.where(keep, torch.log(total) - shifted / total, 0.0).float()
     return TokenStats(logp=logp, entropy=entropy, lse=lse)
 

@@ -4,6 +4,10 @@ The interpreter runs a kernel as Python, so code the Triton compiler rejects (a 
 variable undefined, a global that is not a constexpr, an unsupported op) passes every interpreter test. This test
 runs the compiler's whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin, ptxas ships with triton) on every kernel in
 every constexpr branch, in a subprocess without ``TRITON_INTERPRET`` (kernels are decorated at import).
+
+It also reads each kernel's TTIR for 32-bit offset products: every multiplication by a row stride or a row length
+(``row · stride_h``, ``b · T``) must be 64-bit, since N·V and N·D reach 2^31 at real shapes (8 × 4096 tokens ×
+151936 vocabulary is 5e9). The interpreter cannot show such an overflow without tensors of that size.
 """
 
 import os
@@ -18,6 +22,7 @@ pytest.importorskip("triton.compiler")
 SCRIPT = textwrap.dedent(
     """
     import itertools
+    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -27,8 +32,21 @@ SCRIPT = textwrap.dedent(
         sig = {n: pointers.get(n, "fp32" if n in scalars else "i32" if n in ints else "constexpr")
                for n in fn.arg_names}
         idx = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        triton.compile(ASTSource(fn, sig, constexprs=idx), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, **options})
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=idx), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, **options})
+        check_64bit_offsets(fn.__name__, kernel.asm["ttir"])
+
+    def check_64bit_offsets(name, ttir):
+        # no 32-bit product of a row stride or a row length: row * stride exceeds 2^31 at N*V or N*D scale
+        defs = dict(re.findall(r"(%[\\w.]+) = (.*)", ttir))
+        def root(value):  # follow splats / broadcasts / reshapes back to a kernel argument
+            line = defs.get(value, "")
+            op = re.match(r"tt\\.(splat|broadcast|expand_dims|reshape) (%[\\w.]+)", line)
+            return root(op.group(2)) if op else value
+        for lhs, rhs, ty in re.findall(r"arith\\.muli (%[\\w.]+), (%[\\w.]+)[^:]*: (\\S+)", ttir):
+            args = {root(lhs), root(rhs)}
+            if "i64" not in ty and args & {"%T", "%stride_h", "%stride_w", "%stride_rh", "%stride_rw", "%stride_buf"}:
+                raise AssertionError(f"{name}: 32-bit product {lhs} * {rhs} ({ty}) of {sorted(args)}")
 
     grpo = {n: "*fp32" for n in ("Old", "Ref", "Sampler", "Entropy", "Adv", "Grad", "RowStats")}
     grpo.update(Logp="*bf16", Mask="*u8")
