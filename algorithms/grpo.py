@@ -169,11 +169,12 @@ class GRPO:
             raise ValueError(f"reference: beta={cfg.beta} needs the frozen reference model, got None")
         batch = batch.to(next(policy.parameters()).device)
         args = (batch.input_ids, batch.attention_mask)
-        logp = token_logprobs(policy, *args, temperature=self.temperature)
+        opts = dict(temperature=self.temperature, completion_mask=batch.completion_mask)  # prompts: no head work
+        logp = token_logprobs(policy, *args, **opts)
         ref = None
         if self.needs_reference:
             with torch.no_grad():
-                ref = token_logprobs(reference, *args, temperature=self.temperature)
+                ref = token_logprobs(reference, *args, **opts)
         mask = batch.completion_mask[:, 1:]
         old = batch.old_logprobs if cfg.old_logprobs == "sampler" else None
         out = grpo_loss(logp, old, batch.advantages, mask, ref_logp=ref, beta=cfg.beta,

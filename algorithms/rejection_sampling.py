@@ -84,7 +84,7 @@ def weighted_sft_split_rule(normalize: str) -> SplitRule:
 def weighted_sft_loss(policy: nn.Module, batch: WeightedSFTBatch, normalize: str) -> LossOutput:
     """``sft_loss`` of the batch's completion tokens with its row weights; metrics add ``rows``."""
     batch = batch.to(next(policy.parameters()).device)
-    logp = token_logprobs(policy, batch.input_ids, batch.attention_mask)
+    logp = token_logprobs(policy, batch.input_ids, batch.attention_mask, completion_mask=batch.completion_mask)
     out = sft_loss(logp, batch.completion_mask[:, 1:], weights=batch.weights, normalize=normalize)
     return LossOutput(loss=out.loss, metrics={**out.metrics, "rows": torch.tensor(float(batch.rows))})
 

@@ -20,8 +20,11 @@ is known once every row of a *unit* (a pair, or one sample) has its log-prob:
 - ``"two_pass"``: a forward-only pass (2·N_a·V·D) gives S, autograd on the loss gives d loss / d S, then
   ``logprob_fwd_bwd`` with those known token gradients (6·N_a·V·D): four matmuls (five on Triton), blocks at the
   usual budget.
-- ``"auto"``: grouped when the largest unit fits the row chunk ``logprob_fwd_bwd`` uses anyway (``HOTLOOP_BLOCK_BYTES``
-  budget) or on the Triton path (which never stores a block; its fused pass is one forward + one backward).
+- ``"auto"``: grouped when the largest unit fits the row chunk ``logprob_fwd_bwd`` uses anyway, or its ``[rows, V]``
+  block fits ``_torch_tiles.unit_block_bytes`` (1/8 of the available memory; ``HOTLOOP_BLOCK_BYTES`` when set), or on
+  the Triton path (which never stores a block; its fused pass is one forward + one backward). The one matmul it
+  saves outweighs the cache misses of a block larger than the cache (4 pairs × 2 × 512 rows, V = 32000, 2-core
+  CPU: grouped 1.07× the floor, two-pass 1.42×), and one pair's block is what Liger's chunked losses materialize.
 
 Host syncs: layout and argument checks read a few scalars (active-row count, ``cu_seqlens``, largest unit).
 """
@@ -35,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import use_triton
-from ._torch_tiles import block_rows
+from ._torch_tiles import block_rows, unit_block_bytes
 from .fused_linear_logprob import _FLOAT_DTYPES, TokenStats, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
@@ -184,7 +187,8 @@ def grads_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[b
 class FusedLossFunction(torch.autograd.Function):
     """A scalar loss whose gradients w.r.t. hidden, weight, bias were computed in the forward.
 
-    Backward only scales the stored gradients by the scalar ``grad_output`` (no matmul, no host sync).
+    Backward only scales the stored gradients by the scalar ``grad_output`` (no matmul, no host sync on CUDA); on
+    CPU a ``grad_output`` of exactly 1 hands them over unscaled (no [V, D] copy).
     """
 
     @staticmethod
@@ -194,8 +198,11 @@ class FusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        grads = ctx.saved_tensors
+        if grad_output.device.type == "cpu" and bool(grad_output == 1):  # the usual loss.backward(): no copy
+            return (None, *grads, None, None, None)
         # A 0-d fp32 factor keeps the stored dtype and multiplies in fp32 (no bf16 rounding of the factor).
-        scaled = [None if g is None else g * grad_output for g in ctx.saved_tensors]
+        scaled = [None if g is None else g * grad_output for g in grads]
         return (None, *scaled, None, None, None)
 
 
@@ -214,7 +221,8 @@ def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: s
         return "grouped"
     rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
     largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
-    fits = largest <= block_rows(layout.hidden.shape[0], weight.shape[0], layout.hidden.device)
+    n, v, device = layout.hidden.shape[0], weight.shape[0], layout.hidden.device
+    fits = largest <= block_rows(n, v, device) or largest * v * 4 <= unit_block_bytes(device)
     return "grouped" if fits else "two_pass"
 
 

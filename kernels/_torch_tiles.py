@@ -9,13 +9,17 @@ that one GEMM writes and the row passes then read while it is still in cache:
 
 Both use the csrc/ row kernels on CPU when they were built (``_cpu_ext``), else a few fp32 torch
 passes (max-shifted, so |logits| ~ 1e4 neither overflows nor cancels). Budget: ``HOTLOOP_BLOCK_BYTES``
-(CPU default 16 MiB: the tile is still in L3 when its row pass reads it; CUDA with
-``HOTLOOP_BACKEND=torch``: 1/64 of free memory in [32, 256] MiB), at most 1/4 of the [N, V] logits
-once those pass 32 MiB.
+(CPU default: half the last-level cache, read from sysfs, in [8, 64] MiB, 16 MiB if unknown: the tile is
+still in cache when its row pass reads it; CUDA with ``HOTLOOP_BACKEND=torch``: 1/64 of free memory in
+[32, 256] MiB), at most 1/4 of the [N, V] logits once those pass 32 MiB. Full-row chunks are at least
+``min_chunk_rows()`` tall (128 rows per BLAS thread in [256, 1024]: thinner ones make the grad_W GEMM skinny).
+Whole units of the sequence-sum losses (``unit_block_bytes``) may take a larger block, up to 1/8 of the
+available memory: one pair's ``[2T, V]`` logits, which Liger's chunked losses also materialize.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -26,20 +30,58 @@ from torch import Tensor
 from . import _cpu_ext
 
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 32 << 20, 256 << 20
-# CPU: a 16 MiB logits tile stays in a server L3 between its GEMM and its row pass (and keeps the
-# extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of the naive computation's).
-CPU_BLOCK_BYTES = 16 << 20
+# CPU: a tile of half the last-level cache stays there between its GEMM and its row pass (16 MiB on a
+# 32 MiB L3, which also keeps the extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of naive's).
+CPU_BLOCK_BYTES, CPU_BLOCK_RANGE = 16 << 20, (8 << 20, 64 << 20)
 MIN_BLOCK_COLS = 1024  # narrower vocabulary blocks make skinny GEMMs; taller N is split into row tiles
-# Full-row chunks thinner than this make the grad_W GEMM (K = rows) skinny and re-stream the [V, D]
-# weight and its fp32 gradient once per chunk; they exceed the default budget to stay this tall.
-MIN_CHUNK_ROWS = 256
+# Full-row chunks thinner than min_chunk_rows() make the grad_W GEMM (K = rows) skinny and re-stream the
+# [V, D] weight and its fp32 gradient once per chunk; they exceed the default budget to stay that tall.
+ROWS_PER_THREAD, CHUNK_ROWS_RANGE = 128, (256, 1024)
+_LLC_PATH = "/sys/devices/system/cpu/cpu0/cache/index{}/size"
+
+
+@functools.cache
+def cpu_block_bytes() -> int:
+    """Half the largest CPU cache sysfs reports, within ``CPU_BLOCK_RANGE``; ``CPU_BLOCK_BYTES`` if unknown."""
+    sizes = []
+    for index in range(8):
+        try:
+            with open(_LLC_PATH.format(index)) as f:
+                text = f.read().strip().upper()
+        except OSError:
+            break
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    if not sizes:
+        return CPU_BLOCK_BYTES
+    return min(CPU_BLOCK_RANGE[1], max(CPU_BLOCK_RANGE[0], max(sizes) // 2))
+
+
+def min_chunk_rows() -> int:
+    """Least rows of a full-row chunk: ``ROWS_PER_THREAD`` per BLAS thread, within ``CHUNK_ROWS_RANGE``."""
+    return min(CHUNK_ROWS_RANGE[1], max(CHUNK_ROWS_RANGE[0], ROWS_PER_THREAD * torch.get_num_threads()))
+
+
 def block_bytes(device: torch.device) -> int:
-    """Byte budget of one fp32 tile: ``HOTLOOP_BLOCK_BYTES`` if set; CPU 16 MiB; CUDA 1/64 of free memory in [32, 256] MiB."""
+    """Byte budget of one fp32 tile: ``HOTLOOP_BLOCK_BYTES`` if set; CPU ``cpu_block_bytes()``; CUDA 1/64 of free
+    memory in [32, 256] MiB."""
     if "HOTLOOP_BLOCK_BYTES" in os.environ:
         return max(4, int(os.environ["HOTLOOP_BLOCK_BYTES"]))
     if device.type != "cuda":
-        return CPU_BLOCK_BYTES
+        return cpu_block_bytes()
     return min(MAX_BLOCK_BYTES, max(MIN_BLOCK_BYTES, torch.cuda.mem_get_info(device)[0] // 64))
+
+
+def unit_block_bytes(device: torch.device) -> int:
+    """Largest fp32 block of one whole unit (a DPO pair, a KTO sample): ``HOTLOOP_BLOCK_BYTES`` if set (a hard
+    cap), else 1/8 of the available memory (CPU) or of the free memory (CUDA), at least ``block_bytes``."""
+    if "HOTLOOP_BLOCK_BYTES" in os.environ or device.type not in ("cpu", "cuda"):
+        return block_bytes(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(block_bytes(device), free // 8)
 
 
 def block_elements(n: int, v: int, device: torch.device) -> int:
@@ -48,10 +90,10 @@ def block_elements(n: int, v: int, device: torch.device) -> int:
 
 
 def block_rows(n: int, v: int, device: torch.device) -> int:
-    """Rows C of a full-row [C, V] chunk (``logprob_fwd_bwd``): the budget's; with the default budget >= min(N, 256)."""
+    """Rows C of a full-row [C, V] chunk (``logprob_fwd_bwd``): the budget's; by default >= min(N, min_chunk_rows())."""
     rows = block_elements(n, v, device) // max(v, 1)
     if "HOTLOOP_BLOCK_BYTES" not in os.environ:  # an explicit budget is a hard cap
-        rows = max(rows, MIN_CHUNK_ROWS)
+        rows = max(rows, min_chunk_rows())
     return max(1, min(n, rows))
 
 
@@ -166,13 +208,17 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw) -> None:
-    """grad_H[rows] = g @ w and grad_W += g.T @ h into fp32 [N, D] / [V, D] (g [R, V], h [R, D], w [V, D])."""
+def add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw, *,
+                  first: bool = False) -> None:
+    """grad_H[rows] = g @ w and grad_W += g.T @ h (``first``: grad_W = g.T @ h) into fp32 [N, D] / [V, D]
+    (g [R, V], h [R, D], w [V, D])."""
     if gh is not None and span is not None and g.dtype == gh.dtype:
         torch.mm(g, w, out=gh[span])
     elif gh is not None:
         gh.index_copy_(0, rows, torch.mm(g, w).to(gh.dtype))
-    if gw is not None and g.dtype == gw.dtype:
-        gw.addmm_(g.T, h)
-    elif gw is not None:
-        gw.add_(torch.mm(g.T, h))
+    if gw is None:
+        return
+    if g.dtype == gw.dtype:
+        torch.mm(g.T, h, out=gw) if first else gw.addmm_(g.T, h)
+    else:
+        gw.copy_(torch.mm(g.T, h)) if first else gw.add_(torch.mm(g.T, h))

@@ -26,7 +26,7 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,22 +125,21 @@ def _rows_of(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
     return None if t is None else t[r0:r1]
 
 
-def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> Iterator[tuple[Tensor, slice | None]]:
+def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list[tuple[Tensor, slice | None]]:
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
     chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
-        for r0, r1 in tiles.spans(n, chunk):
-            yield torch.arange(r0, r1, device=device), slice(r0, r1)
-        return
-    pending, size = [], 0
+        return [(torch.arange(r0, r1, device=device), slice(r0, r1)) for r0, r1 in tiles.spans(n, chunk)]
+    chunks, pending, size = [], [], 0
     for group in row_groups:
         if pending and size + group.numel() > chunk:
-            yield torch.cat(pending), None
+            chunks.append((torch.cat(pending), None))
             pending, size = [], 0
         pending.append(group.to(device=device, dtype=torch.int64))
         size += group.numel()
     if pending:
-        yield torch.cat(pending), None
+        chunks.append((torch.cat(pending), None))
+    return chunks
 
 
 def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy,
@@ -158,17 +157,20 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
+    chunks = _row_chunks(n, v, row_groups, dev)
+    covered = sum(rows.numel() for rows, _ in chunks) == n  # every row written once: no zero fill needed
     logp, entropy = torch.zeros(2, n, device=dev).unbind(0)
     lse = torch.zeros(n, device=dev, dtype=torch.float64)
-    gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
-    gw = torch.zeros(v, d, device=dev) if needs_grad[1] else None
+    gh = (torch.empty if covered else torch.zeros)(n, d, device=dev) if needs_grad[0] else None
+    gw = torch.empty(v, d, device=dev) if needs_grad[1] else None  # the first chunk's GEMM overwrites it
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
-    buf = torch.empty(tiles.block_rows(n, v, dev) * v, device=dev)
-    for rows, span in _row_chunks(n, v, row_groups, dev):
+    buf = torch.empty(max((rows.numel() for rows, _ in chunks), default=0) * v, device=dev)
+    if gw is not None and not chunks:
+        gw.zero_()
+    for k, (rows, span) in enumerate(chunks):
         h = hidden2d[span] if span is not None else hidden2d.index_select(0, rows)
         t = targets[span] if span is not None else targets.index_select(0, rows)
-        r = rows.numel()
-        block = tiles.scratch(buf, r, v) if r * v <= buf.numel() else torch.empty(r, v, device=dev)
+        block = tiles.scratch(buf, rows.numel(), v)
         tiles.linear_into(block, h.float(), w32, bias)
         c_lse, c_logp, c_ent = tiles.row_stats(block, t, s, ignore_index)
         for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
@@ -178,7 +180,7 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
         tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
         if gb is not None:
             gb.add_(block.sum(dim=0))
-        tiles.add_row_grads(block.to(gdt), h.to(gdt), w_g, rows, span, gh, gw)
+        tiles.add_row_grads(block.to(gdt), h.to(gdt), w_g, rows, span, gh, gw, first=k == 0)
     stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
