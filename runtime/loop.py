@@ -213,8 +213,9 @@ class OnlineLoop:
                 texts = [self.tokenizer.decode(c.token_ids) for c in completions]
                 rewards = self.reward_fn([problems[c.prompt_index] for c in completions], texts)
                 check_rewards(rewards, texts, self.reward_fn, step=step)
+        skip = self.trainer.guard_inputs({"reward": rewards}, label=f"loop step {step}")
         with _timed(times, "batching"):
-            batch = self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
+            batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
                   "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
                   **_reward_metrics(rewards)}
@@ -222,7 +223,8 @@ class OnlineLoop:
             if self.config.sleep_between_phases:
                 self.engine.sleep()
             if batch is not None:
-                record.update(self._train(batch, rewards, step))
+                record.update(self._train(batch, step))
+        record.update(skip or {})
         record.update({f"time/{name}": seconds for name, seconds in times.items()})
         record["skipped"] = batch is None
         return record
@@ -233,15 +235,14 @@ class OnlineLoop:
                  "config": dataclasses.asdict(self.config)}
         return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
 
-    def _train(self, batch, rewards: torch.Tensor, step: int) -> dict:
+    def _train(self, batch, step: int) -> dict:
         """One optimizer step on ``batch``, cut into micro batches when ``grad_accum_steps > 1``; skipped by the
-        trainer when a reward, the loss or the gradient norm is non-finite."""
+        trainer when the loss or the gradient norm is non-finite."""
         k = self.trainer.config.grad_accum_steps
         parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
         reference = self.trainer.reference
         return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                 [b for b, _ in parts], weights=[w for _, w in parts], inputs={"reward": rewards},
-                                 label=f"loop step {step}")
+                                 [b for b, _ in parts], weights=[w for _, w in parts], label=f"loop step {step}")
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""

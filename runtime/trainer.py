@@ -167,7 +167,7 @@ class Trainer:
         return self.scheduler.get_last_lr()[0]
 
     def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *, weights: Sequence[float] | None = None,
-             inputs: dict[str, torch.Tensor] | None = None, label: str | None = None) -> dict[str, float]:
+             label: str | None = None) -> dict[str, float]:
         """One optimizer step accumulating gradients over ``micro_batches``, skipped when anything is non-finite.
 
         Args:
@@ -176,8 +176,6 @@ class Trainer:
             micro_batches: 1 to ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
             weights: one float >= 0 per micro batch, summing to 1 (e.g. its share of the loss normaliser,
                 see ``hotloop.runtime.micro_batches.split_batch``); None = equal weights.
-            inputs: named tensors the step is computed from (the online loop passes ``reward``); a non-finite
-                one skips the step before any forward pass.
             label: names the step in a ``NonFiniteError`` (default: "optimizer step <version>").
 
         Returns:
@@ -192,9 +190,6 @@ class Trainer:
         weights = self._check_micro_batches(micro_batches, weights)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        bad = guards.first_nonfinite(inputs or {})
-        if bad is not None:
-            return self._skip(bad, label)
         totals: dict[str, torch.Tensor] = {}
         for micro_batch, weight in zip(micro_batches, weights):
             with self._autocast():
@@ -213,6 +208,18 @@ class Trainer:
         self.scheduler.step()
         metrics = {name: value.item() for name, value in totals.items()}
         return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "skipped/nonfinite": self.skipped_nonfinite}
+
+    def guard_inputs(self, inputs: dict[str, torch.Tensor], *, label: str | None = None) -> dict | None:
+        """Count a skipped step when one of ``inputs`` (the online loop's rewards) is non-finite.
+
+        Returns:
+            None when every input is finite; else the metrics of a skipped step (as ``step`` returns them).
+
+        Raises:
+            NonFiniteError: when more than ``config.max_skipped_steps`` steps have been skipped.
+        """
+        bad = guards.first_nonfinite(inputs)
+        return None if bad is None else self._skip(bad, label)
 
     def _skip(self, bad: tuple[str, str], label: str | None) -> dict:
         """Drop this step's gradients, count the skip and stop the run past the limit."""
