@@ -1,16 +1,20 @@
-"""Atomic, resumable checkpoints of the online loop.
+"""Atomic, resumable, self-checking checkpoints of the online loop.
 
 Layout of a run directory::
 
     run_dir/
       latest                 # one line: the name of the newest complete checkpoint ("step-000042")
       step-000040/  step-000042/
-        model.safetensors        # policy weights (safetensors, shared tensors handled)
+        model.safetensors        # policy weights (safetensors; tied weights stored once, every name restored)
         reference.safetensors    # frozen reference model, when there is one
         <name>.safetensors       # each of extra_models (the online loop's "engine": the sampler's weights)
-        trainer.pt               # optimizer and scheduler state dicts
-        rng.pt                   # python, numpy, torch CPU, CUDA (all devices) and named torch.Generators
+        trainer.json, trainer.pt # optimizer, scheduler and the trainer's own state: JSON + a list of tensors
+        rng.json, rng.pt         # python, numpy, torch CPU, CUDA (all devices) and named torch.Generators
         loop_state.json          # whatever the loop needs to continue (step, data cursor, metrics, ...)
+        manifest.json            # size and SHA-256 of every file above; written last
+
+Safety: nothing is unpickled. ``.pt`` files hold only tensors and load with ``weights_only=True``;
+the rest is JSON (:mod:`hotloop.runtime.checkpoint_files`).
 
 Atomicity: everything is written into ``.tmp-step-XXXXXX-<pid>`` in the same directory, each file
 fsynced, then the directory is ``os.replace``d onto ``step-XXXXXX`` and ``latest`` is rewritten
@@ -18,8 +22,10 @@ through a temp file and ``os.replace``. A crash at any point leaves the previous
 valid ``latest``; leftover temp directories are removed by the next save. Only the newest ``keep``
 checkpoints are kept.
 
-``rng.pt`` and ``trainer.pt`` are loaded with ``weights_only=False``: they are this module's own
-files (numpy's RNG state holds an ndarray), never untrusted input.
+Self-checking: a load checks every file against the manifest before it changes anything. A run
+directory's newest checkpoint that fails the check (a disk error, a hand edit, a copy cut short) is
+reported by path and the newest good one is used instead, with a :class:`CheckpointFallbackWarning`;
+never silently.
 """
 
 from __future__ import annotations
@@ -29,22 +35,29 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from hotloop.runtime import checkpoint_files as files
+from hotloop.runtime.checkpoint_files import CheckpointError
 
 STEP_PATTERN = re.compile(r"^step-(\d{6,})$")
 LATEST = "latest"
+REQUIRED = ("trainer.json", "trainer.pt", "rng.json", "rng.pt", "loop_state.json")
+"""Files every checkpoint holds besides its weights."""
+
+__all__ = ["CheckpointError", "CheckpointFallbackWarning", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, loop_state: dict,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
                     extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None, rng: bool = True,
-                    keep: int = 3) -> Path:
+                    keep: int = 3, extra_state: dict | None = None) -> Path:
     """Write ``run_dir/step-<step>`` atomically, point ``latest`` at it and prune to ``keep`` checkpoints.
 
     Args:
@@ -58,6 +71,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
             ``<name>.safetensors`` (names: letters, digits, _ and -).
         rng: also save the global python / numpy / torch / CUDA RNG states.
         keep: number of newest checkpoints to keep (>= 1).
+        extra_state: JSON values and tensors of the caller's own (the trainer's guard counters), returned by
+            ``load_checkpoint(extra_state=...)``.
 
     Returns:
         The checkpoint directory.
@@ -80,8 +95,9 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_state(tmp, model=model, optimizer=optimizer, scheduler=scheduler, loop_state=loop_state,
-                     reference=reference, generators=generators, extra_models=extra_models, rng=rng)
+        _write_state(tmp, step=step, model=model, optimizer=optimizer, scheduler=scheduler, loop_state=loop_state,
+                     reference=reference, generators=generators, extra_models=extra_models, rng=rng,
+                     extra_state=extra_state)
         _fsync_dir(tmp)
         final = run_dir / name
         if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
@@ -100,78 +116,126 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
                     extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
-                    rng: bool = True) -> dict:
+                    rng: bool = True, extra_state: dict | None = None) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns ``loop_state``.
 
+    Every file is checked against the manifest and decoded before anything is changed, so a corrupt
+    checkpoint raises ``CheckpointError`` (naming the file) and leaves the objects as they were.
+
     Args:
-        path: a checkpoint directory (``step-XXXXXX``) or a run directory (its ``latest`` is used).
+        path: a checkpoint directory (``step-XXXXXX``), or a run directory: its newest good checkpoint
+            (see :func:`latest_checkpoint`) is used.
         model, optimizer, scheduler, reference: objects to load into, in place (None: skipped).
         generators: named generators to restore; every name must be in the checkpoint.
         extra_models: modules or state dicts saved with ``extra_models`` to load into, in place, by name.
         rng: also restore the global python / numpy / torch / CUDA RNG states.
+        extra_state: a dict updated in place with the ``extra_state`` that was saved.
     """
     path = Path(path)
-    if not (path / "model.safetensors").exists():
+    if not STEP_PATTERN.match(path.name) or not path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"path: expected a checkpoint or a run directory holding one, got {path}")
         path = found
-    load_model(model, path / "model.safetensors", strict=True, device=str(_device(model)))
-    if reference is not None:
-        load_model(reference, path / "reference.safetensors", strict=True, device=str(_device(reference)))
-    for name, target in (extra_models or {}).items():
-        _load_tensors(target, path / f"{name}.safetensors")
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    modules = {"model": model, **({"reference": reference} if reference is not None else {}), **(extra_models or {})}
+    files.verify(path, required=(*(f"{n}.safetensors" for n in modules), *REQUIRED))
+    try:
+        weights = {name: files.load_weights(path / f"{name}.safetensors", _device(target))
+                   for name, target in modules.items()}
+        trainer_state = files.read_state(path, "trainer")
+        rng_state = files.read_state(path, "rng")
+        loop_state = json.loads((path / "loop_state.json").read_text())
+    except Exception as err:  # the manifest matched, so the writer itself was wrong: still name the checkpoint
+        raise files.CheckpointError(f"{path}: unreadable despite a matching manifest ({type(err).__name__}: "
+                                    f"{err})") from err
+    missing = sorted(set(generators or {}) - set(rng_state["generators"]))
+    if missing:
+        raise KeyError(f"generators: {missing} not in the checkpoint, which holds {sorted(rng_state['generators'])}")
+    for name, target in modules.items():
+        _load_tensors(target, weights[name], path / f"{name}.safetensors")
     if optimizer is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(trainer_state["scheduler"])
-    _restore_rng(torch.load(path / "rng.pt", map_location="cpu", weights_only=False), generators or {}, rng)
-    return json.loads((path / "loop_state.json").read_text())
+    if extra_state is not None:
+        extra_state.update(trainer_state.get("extra", {}))
+    _restore_rng(rng_state, generators or {}, rng)
+    return loop_state
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of ``run_dir`` (from ``latest``, else the highest step), or None."""
+    """The newest good checkpoint of ``run_dir``, or None when it holds none.
+
+    ``latest`` names the newest complete one; when that checkpoint fails its manifest check (or
+    ``latest`` is missing), every other ``step-*`` is tried, newest first, with a
+    :class:`CheckpointFallbackWarning` naming each bad path and the one used. When checkpoints exist
+    but none is good, ``CheckpointError`` lists them all.
+    """
     run_dir = Path(run_dir)
+    pointed = _pointed(run_dir)
+    candidates = ([pointed] if pointed else []) + [p for p in reversed(_checkpoints(run_dir)) if p != pointed]
+    bad = []
+    for candidate in candidates:
+        try:
+            files.verify(candidate, required=("model.safetensors", *REQUIRED))
+        except files.CheckpointError as err:
+            bad.append(str(err))
+            continue
+        if bad:
+            warnings.warn(f"skipping corrupt or incomplete checkpoint(s): {'; '.join(bad)}; "
+                          f"falling back to {candidate}", CheckpointFallbackWarning, stacklevel=2)
+        return candidate
+    if bad:
+        raise files.CheckpointError(f"{run_dir}: no good checkpoint; " + "; ".join(bad))
+    return None
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The newest checkpoint was bad and an older one is used instead (the message names both)."""
+
+
+def _pointed(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names, if it exists (not verified)."""
     pointer = run_dir / LATEST
-    if pointer.exists():
+    try:
         candidate = run_dir / pointer.read_text().strip()
-        if STEP_PATTERN.match(candidate.name) and (candidate / "loop_state.json").exists():
-            return candidate
-    steps = _checkpoints(run_dir)
-    return steps[-1] if steps else None
+    except (OSError, UnicodeDecodeError):
+        return None
+    return candidate if STEP_PATTERN.match(candidate.name) and candidate.is_dir() else None
 
 
-def _write_state(out: Path, *, model, optimizer, scheduler, loop_state, reference, generators, extra_models,
-                 rng) -> None:
-    """Write every file of one checkpoint into ``out``, each fsynced; loop_state.json last."""
+def _write_state(out: Path, *, step, model, optimizer, scheduler, loop_state, reference, generators,
+                 extra_models, rng, extra_state) -> None:
+    """Write every file of one checkpoint into ``out``, each fsynced; loop_state.json and the manifest last."""
     modules = {"model": model, **({"reference": reference} if reference is not None else {}), **extra_models}
     for name, module in modules.items():
-        if isinstance(module, nn.Module):
-            save_model(module, str(out / f"{name}.safetensors"))
-        else:
-            save_file({k: v.detach().contiguous() for k, v in module.items()}, str(out / f"{name}.safetensors"))
+        state = module.state_dict() if isinstance(module, nn.Module) else module
+        files.save_weights(state, out / f"{name}.safetensors")
     trainer_state = {"optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    torch.save(trainer_state, out / "trainer.pt")
-    torch.save(_capture_rng(generators or {}, rng), out / "rng.pt")
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "extra": extra_state or {}}
+    files.write_state(out, "trainer", trainer_state)
+    files.write_state(out, "rng", _capture_rng(generators or {}, rng))
     (out / "loop_state.json").write_text(json.dumps(loop_state, indent=1, sort_keys=True))
+    files.write_manifest(out, step)
     for file in out.iterdir():
         _fsync_file(file)
 
 
-def _load_tensors(target: nn.Module | dict[str, torch.Tensor], file: Path) -> None:
-    """Copy ``file``'s tensors into a module (shared tensors handled) or a state dict with the same keys."""
+def _load_tensors(target: nn.Module | dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], file: Path) -> None:
+    """Copy ``loaded`` into a module (strictly: every key of its state dict) or a state dict with the same keys."""
+    keys = set(target.state_dict()) if isinstance(target, nn.Module) else set(target)
+    if set(loaded) != keys:
+        missing, unexpected = sorted(keys - set(loaded)), sorted(set(loaded) - keys)
+        raise KeyError(f"{file}: lacks {missing[:5]} and has unexpected {unexpected[:5]}; "
+                       f"expected the keys of the {'module' if isinstance(target, nn.Module) else 'state dict'} "
+                       f"to load into")
     if isinstance(target, nn.Module):
-        load_model(target, file, strict=True, device=str(_device(target)))
+        target.load_state_dict(loaded, strict=True)
         return
-    loaded = load_file(str(file))
-    if set(loaded) != set(target):
-        missing, unexpected = sorted(set(target) - set(loaded)), sorted(set(loaded) - set(target))
-        raise KeyError(f"extra_models: {file.name} lacks {missing[:5]} and has unexpected {unexpected[:5]}; "
-                       f"expected the keys of the state dict to load into")
-    for name, tensor in target.items():
-        tensor.copy_(loaded[name])
+    with torch.no_grad():
+        for name, tensor in target.items():
+            tensor.copy_(loaded[name])
 
 
 def _capture_rng(generators: dict[str, torch.Generator], rng: bool) -> dict:
@@ -185,9 +249,6 @@ def _capture_rng(generators: dict[str, torch.Generator], rng: bool) -> dict:
 
 
 def _restore_rng(state: dict, generators: dict[str, torch.Generator], rng: bool) -> None:
-    missing = sorted(set(generators) - set(state["generators"]))
-    if missing:
-        raise KeyError(f"generators: {missing} not in the checkpoint, which holds {sorted(state['generators'])}")
     for name, generator in generators.items():
         generator.set_state(state["generators"][name])
     if rng and "python" in state:
@@ -215,7 +276,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    latest = latest_checkpoint(run_dir)
+    latest = _pointed(run_dir)
     for old in _checkpoints(run_dir)[:-keep]:
         if old != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -242,5 +303,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _device(target: nn.Module | dict[str, torch.Tensor]) -> torch.device:
+    tensors = target.values() if isinstance(target, dict) else target.state_dict().values()
+    return next(iter(tensors), torch.empty(0)).device

@@ -49,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hotloop.runtime.checkpoint import latest_checkpoint
+from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.torch_engine import TorchEngine
@@ -170,7 +171,7 @@ class OnlineLoop:
             # offline: pin the sampler to the initial policy, which is what the host copy assumes
             self.engine.sync_weights(self.engine.weight_version, self._sent)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_metrics(start)
+        repair_metrics(self.out_dir / _METRICS_FILE, start)
         records, t0, step = [], time.perf_counter(), start
         bar = tqdm(total=self.config.steps, initial=start, desc="online loop", disable=not self.progress)
         with self._stop_on_signals(), bar, open(self.out_dir / _METRICS_FILE, "a") as log:
@@ -211,8 +212,10 @@ class OnlineLoop:
             with _timed(times, "scoring"):
                 texts = [self.tokenizer.decode(c.token_ids) for c in completions]
                 rewards = self.reward_fn([problems[c.prompt_index] for c in completions], texts)
+                check_rewards(rewards, texts, self.reward_fn, step=step)
+        skip = self.trainer.guard_inputs({"reward": rewards}, label=f"loop step {step}")
         with _timed(times, "batching"):
-            batch = self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
+            batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
                   "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
                   **_reward_metrics(rewards)}
@@ -220,7 +223,8 @@ class OnlineLoop:
             if self.config.sleep_between_phases:
                 self.engine.sleep()
             if batch is not None:
-                record.update(self._train(batch))
+                record.update(self._train(batch, step))
+        record.update(skip or {})
         record.update({f"time/{name}": seconds for name, seconds in times.items()})
         record["skipped"] = batch is None
         return record
@@ -231,13 +235,14 @@ class OnlineLoop:
                  "config": dataclasses.asdict(self.config)}
         return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
 
-    def _train(self, batch) -> dict:
-        """One optimizer step on ``batch``, cut into micro batches when ``grad_accum_steps > 1``."""
+    def _train(self, batch, step: int) -> dict:
+        """One optimizer step on ``batch``, cut into micro batches when ``grad_accum_steps > 1``; skipped by the
+        trainer when the loss or the gradient norm is non-finite."""
         k = self.trainer.config.grad_accum_steps
         parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
         reference = self.trainer.reference
         return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                 [b for b, _ in parts], weights=[w for _, w in parts])
+                                 [b for b, _ in parts], weights=[w for _, w in parts], label=f"loop step {step}")
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""
@@ -268,16 +273,6 @@ class OnlineLoop:
         t0 = time.perf_counter()
         out = {f"eval/{k}": float(v) for k, v in self.evaluate(self.trainer.model).items()}
         return {**out, "time/eval": time.perf_counter() - t0}
-
-    def _truncate_metrics(self, start: int) -> None:
-        """Keep only the metric lines of steps before ``start`` (a resumed run rewrites the rest)."""
-        path = self.out_dir / _METRICS_FILE
-        if not path.exists():
-            return
-        # the text after the last newline is a line a kill cut short
-        lines = path.read_text().split("\n")[:-1]
-        keep = [line for line in lines if line and json.loads(line)["step"] < start]
-        path.write_text("".join(line + "\n" for line in keep))
 
     @staticmethod
     def _due(step: int, every: int) -> bool:

@@ -14,6 +14,9 @@ Learning rate at optimizer step s (0-based), W = warmup_steps, S = total_steps:
 [0, 1] and f = 1 (constant), 1 − p (linear) or (1 + cos πp) / 2 (cosine).
 
 The version is the scheduler's step count, so restoring the scheduler from a checkpoint restores it.
+
+A step whose inputs (rewards), loss or gradient norm is non-finite is skipped and counted
+(:mod:`hotloop.runtime.guards`): the check costs one host sync before the optimizer step.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import copy
 import functools
 import math
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hotloop.runtime import checkpoint
+from hotloop.runtime import checkpoint, guards
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -62,6 +66,9 @@ class TrainerConfig:
     """Run forward and loss under ``torch.autocast(bfloat16)``; applies only to CUDA models."""
     seed: int | None = None
     """Seed python, numpy and torch RNGs when the trainer is built; None leaves them alone."""
+    max_skipped_steps: int = 10
+    """Steps skipped for a non-finite reward, loss or gradient norm before the run stops with
+    ``NonFiniteError``; 0 = stop at the first."""
 
     def __post_init__(self) -> None:
         real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
@@ -83,6 +90,8 @@ class TrainerConfig:
              "an int >= max(1, warmup_steps) (required by the linear and cosine schedules)"),
             ("bf16_autocast", self.bf16_autocast, isinstance(self.bf16_autocast, bool), "a bool"),
             ("seed", self.seed, self.seed is None or count(self.seed), "None or an int"),
+            ("max_skipped_steps", self.max_skipped_steps, count(self.max_skipped_steps) and self.max_skipped_steps >= 0,
+             "an int >= 0"),
         )
         for name, value, ok, expected in checks:
             if not ok:
@@ -123,9 +132,12 @@ class Trainer:
         model: the policy; updated in place (a ``TorchEngine`` may sample from the same module).
         config: optimizer, schedule and precision settings.
         reference: optional frozen reference model (see ``make_reference``); saved with checkpoints.
+        run_config: the whole run's config as JSON values, saved with every checkpoint so that a resume can
+            refuse a different run (``hotloop.runtime.guards.check_resume``).
     """
 
-    def __init__(self, model: nn.Module, config: TrainerConfig, *, reference: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, config: TrainerConfig, *, reference: nn.Module | None = None,
+                 run_config: dict | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainerConfig):
@@ -141,6 +153,8 @@ class Trainer:
         factor = functools.partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
                                    schedule=config.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.skipped_nonfinite = 0
+        self.run_config = run_config
 
     @property
     def version(self) -> int:
@@ -152,9 +166,9 @@ class Trainer:
         """Learning rate the next ``step`` uses."""
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *,
-             weights: Sequence[float] | None = None) -> dict[str, float]:
-        """One optimizer step accumulating gradients over ``micro_batches``.
+    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *, weights: Sequence[float] | None = None,
+             label: str | None = None) -> dict[str, float]:
+        """One optimizer step accumulating gradients over ``micro_batches``, skipped when anything is non-finite.
 
         Args:
             loss_fn: ``loss_fn(model, micro_batch)`` returning a scalar loss tensor, or an object with
@@ -162,10 +176,16 @@ class Trainer:
             micro_batches: 1 to ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
             weights: one float >= 0 per micro batch, summing to 1 (e.g. its share of the loss normaliser,
                 see ``hotloop.runtime.micro_batches.split_batch``); None = equal weights.
+            label: names the step in a ``NonFiniteError`` (default: "optimizer step <version>").
 
         Returns:
             ``loss`` (the weighted sum over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by
-            this step) and the weighted mean of each metric the loss returned; ``self.version`` is then one higher.
+            this step), the weighted mean of each metric the loss returned and ``skipped/nonfinite`` (steps skipped
+            so far); ``self.version`` is then one higher. A skipped step returns ``lr``, ``skipped/nonfinite`` and
+            ``nonfinite`` (the first non-finite quantity) only, and leaves weights, optimizer and version as they were.
+
+        Raises:
+            NonFiniteError: when more than ``config.max_skipped_steps`` steps have been skipped.
         """
         weights = self._check_micro_batches(micro_batches, weights)
         self.model.train()
@@ -179,26 +199,71 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().float() * weight
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # one host sync before the optimizer step: a non-finite loss or gradient must not reach the weights
+        bad = guards.first_nonfinite({"loss": totals["loss"], "grad_norm": grad_norm})
+        if bad is not None:
+            return self._skip(bad, label)
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
-        # one host sync per step, after the optimizer has been queued
         metrics = {name: value.item() for name, value in totals.items()}
-        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr}
+        return {**metrics, "grad_norm": grad_norm.item(), "lr": lr, "skipped/nonfinite": self.skipped_nonfinite}
+
+    def guard_inputs(self, inputs: dict[str, torch.Tensor], *, label: str | None = None) -> dict | None:
+        """Count a skipped step when one of ``inputs`` (the online loop's rewards) is non-finite.
+
+        Returns:
+            None when every input is finite; else the metrics of a skipped step (as ``step`` returns them).
+
+        Raises:
+            NonFiniteError: when more than ``config.max_skipped_steps`` steps have been skipped.
+        """
+        bad = guards.first_nonfinite(inputs)
+        return None if bad is None else self._skip(bad, label)
+
+    def _skip(self, bad: tuple[str, str], label: str | None) -> dict:
+        """Drop this step's gradients, count the skip and stop the run past the limit."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_nonfinite += 1
+        name, value = bad
+        where = label or f"optimizer step {self.version}"
+        if self.skipped_nonfinite > self.config.max_skipped_steps:
+            raise guards.NonFiniteError(
+                f"{where}: {name} is non-finite ({value}); {self.skipped_nonfinite} steps skipped, more than "
+                f"trainer.max_skipped_steps={self.config.max_skipped_steps}; stopping (the last checkpoint is good)")
+        warnings.warn(f"{where}: {name} is non-finite ({value}); step skipped "
+                      f"({self.skipped_nonfinite} of at most {self.config.max_skipped_steps})", stacklevel=3)
+        return {"lr": self.lr, "skipped/nonfinite": self.skipped_nonfinite, "nonfinite": name}
 
     def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
              extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
              keep: int = 3) -> Path:
-        """Checkpoint model, reference, optimizer, scheduler, RNGs and ``loop_state`` as ``step-<version>``."""
+        """Checkpoint model, reference, optimizer, scheduler, RNGs, skip count and ``loop_state`` as
+        ``step-<version>``; a model with a non-finite weight is refused (``NonFiniteError``), never written."""
+        bad = guards.first_nonfinite(dict(self.model.named_parameters()))
+        if bad is not None:
+            raise guards.NonFiniteError(f"model: parameter {bad[0]} is non-finite ({bad[1]}); refusing to "
+                                        f"checkpoint a poisoned model over the good ones in {run_dir}")
         return checkpoint.save_checkpoint(run_dir, step=self.version, model=self.model, optimizer=self.optimizer,
                                           scheduler=self.scheduler, loop_state=loop_state, reference=self.reference,
-                                          generators=generators, extra_models=extra_models, keep=keep)
+                                          generators=generators, extra_models=extra_models, keep=keep,
+                                          extra_state=self._state())
 
     def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None,
              extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None) -> dict:
-        """Restore everything ``save`` wrote from a checkpoint (or run) directory; returns its ``loop_state``."""
-        return checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                          reference=self.reference, generators=generators, extra_models=extra_models)
+        """Restore everything ``save`` wrote from a checkpoint (or run: its newest good checkpoint) directory;
+        returns its ``loop_state``."""
+        state: dict = {}
+        loop_state = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                                scheduler=self.scheduler, reference=self.reference,
+                                                generators=generators, extra_models=extra_models, extra_state=state)
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        self.run_config = state.get("run_config", self.run_config)
+        return loop_state
+
+    def _state(self) -> dict:
+        """The trainer's own state saved with each checkpoint (JSON)."""
+        return {"skipped_nonfinite": self.skipped_nonfinite, "run_config": self.run_config}
 
     def _check_micro_batches(self, micro_batches: Sequence[Any], weights: Sequence[float] | None) -> list[float]:
         """The micro-batch weights after checking the counts (equal weights when None)."""

@@ -73,7 +73,8 @@ def test_save_writes_the_layout_and_latest_points_at_the_newest(tmp_path):
     trainer.step(noisy_loss, [torch.randint(0, 20, (2, 5))])
     second = trainer.save(tmp_path, {"a": 2})
     assert {p.name for p in second.iterdir()} == {"model.safetensors", "reference.safetensors", "trainer.pt",
-                                                  "rng.pt", "loop_state.json"}
+                                                  "trainer.json", "rng.pt", "rng.json", "loop_state.json",
+                                                  "manifest.json"}
     assert (tmp_path / "latest").read_text().strip() == "step-000001"
     assert latest_checkpoint(tmp_path) == second and first.exists()
     assert json.loads((second / "loop_state.json").read_text()) == {"a": 2}

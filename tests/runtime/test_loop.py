@@ -114,14 +114,14 @@ def test_a_save_that_fails_while_writing_the_sampler_copy_keeps_the_previous_che
     straight = make_loop(tmp_path / "a", sync_every=3, steps=steps)
     torch.manual_seed(0)   # random_reward draws from the global RNG (which checkpoints restore)
     straight.run()
-    real_save_model = checkpoint.save_model
+    real_save_weights = checkpoint.files.save_weights
 
-    def disk_full_on_engine_of_step_4(module, filename):
-        if "step-000004" in filename and filename.endswith("engine.safetensors"):
+    def disk_full_on_engine_of_step_4(state, file):
+        if "step-000004" in str(file) and file.name == "engine.safetensors":
             raise OSError("No space left on device")   # after model.safetensors of that save was written
-        real_save_model(module, filename)
+        real_save_weights(state, file)
 
-    monkeypatch.setattr(checkpoint, "save_model", disk_full_on_engine_of_step_4)
+    monkeypatch.setattr(checkpoint.files, "save_weights", disk_full_on_engine_of_step_4)
     torch.manual_seed(0)
     with pytest.raises(OSError, match="No space"):
         make_loop(tmp_path / "b", sync_every=3, steps=steps, checkpoint_every=1).run()
