@@ -32,7 +32,8 @@ from hotloop.algorithms.rewards.build import build_reward
 from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import PHASES, LoopResult, OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import PHASES, LoopResult, OnlineLoop
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, make_reference
 
@@ -178,6 +179,40 @@ def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module):
     return evaluate
 
 
+def engine_options(config: RunConfig) -> dict:
+    """Keyword arguments of ``make_engine`` for ``config.engine`` (besides kind and the token ids)."""
+    engine = config.engine
+    if engine.kind == "torch":
+        return {"max_batch_size": config.sampling.max_batch_size, "seed": config.loop.seed}
+    model_dir = engine.model_dir or config.model.path
+    options = {"seed": config.loop.seed, **({} if engine.dtype == "auto" else {"dtype": engine.dtype})}
+    if engine.kind == "vllm":
+        return {**options, "model_dir": model_dir,
+                **({} if engine.memory_fraction is None else {"gpu_memory_utilization": engine.memory_fraction})}
+    return {**options, "model_path": model_dir, "deterministic": True,
+            **({} if engine.memory_fraction is None else {"mem_fraction_static": engine.memory_fraction})}
+
+
+def probe_logprobs(pad_token_id: int):
+    """The trainer side of the proof on every sync: ``token_logprobs`` (the fused kernel) of each completion."""
+
+    @torch.no_grad()
+    def logprob_fn(model, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        from hotloop.algorithms.base import pack_rows
+        from hotloop.algorithms.logprobs import token_logprobs
+
+        device = next(model.parameters()).device
+        ids, mask, comp = (r.to(device) for r in pack_rows(prompts, completions, pad_token_id))
+        logp = token_logprobs(model, ids, mask)[comp[:, 1:].bool()].tolist()
+        out, start = [], 0
+        for c in completions:
+            out.append(logp[start:start + len(c)])
+            start += len(c)
+        return out
+
+    return logprob_fn
+
+
 def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Warm start (or load) → evaluate → the online loop → evaluate; returns and writes the summary."""
     t0 = time.perf_counter()
@@ -186,9 +221,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     trainer = Trainer(setup.model, config.trainer, reference=reference)
     tok = setup.tokenizer
     sampling = sampling_params(config.sampling, tok)
-    engine = make_engine(setup.model, sync_every=config.loop.sync_every, pad_token_id=_token_id(tok, "pad"),
-                         eos_token_id=_token_id(tok, "eos"), max_batch_size=config.sampling.max_batch_size,
-                         seed=config.loop.seed)
+    engine = make_engine(setup.model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
+                         eos_token_id=_token_id(tok, "eos"), **engine_options(config))
     evaluate = make_evaluate(setup, config, reference)
     before = evaluate(setup.model)
     section, factory = ALGORITHMS[config.algorithm]
@@ -198,7 +232,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     # an offline set read from a file brings its own prompts: the loop draws from those
     problems = algorithm.problems if isinstance(algorithm, OfflineDPO) else setup.train
     loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
-                      problems=problems, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=progress)
+                      problems=problems, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=progress,
+                      logprob_fn=probe_logprobs(_token_id(tok, "pad")))
     result = loop.run(resume=resume)
     after = evaluate(trainer.model) if result.interrupted else _last_eval(result, evaluate, trainer.model)
     return write_summary(config, result, before, after, setup.warm_start_seconds, time.perf_counter() - t0)

@@ -7,6 +7,7 @@ what it changes::
     algorithm: online-dpo
     dpo: {beta: 0.2, samples_per_prompt: 8}
     loop: {steps: 80, sync_every: 4}          # null or .inf: offline
+    engine: {kind: vllm}                      # torch (default) | vllm | sglang
 
 and ``load_config(path, ["loop.sync_every=1", "dpo.loss_type=ipo"])`` applies overrides on top
 (each value parsed as YAML). Unknown keys, unknown algorithms, ``sync_every < 1`` and a task
@@ -38,6 +39,7 @@ from hotloop.algorithms.rewards.judge import JudgeConfig
 from hotloop.algorithms.rewards.style import StyleConfig
 from hotloop.algorithms.rwr import RWR, RWRConfig
 from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewardingDPO
+from hotloop.runtime.engine_factory import ENGINE_KINDS
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
@@ -168,6 +170,36 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Which rollout engine samples (``hotloop.runtime.engine_factory.make_engine``); always on the trainer's model."""
+
+    kind: str = "torch"
+    """"torch" (TorchEngine, the default), "vllm" (pip install "hotloop[vllm]") or "sglang" ("hotloop[sglang]", CUDA)."""
+    model_dir: str | None = None
+    """vllm / sglang: HF model directory the serving engine loads the architecture from; None = model.path
+    (vllm may also write the trainer's model to a temporary directory)."""
+    dtype: str = "auto"
+    """vllm / sglang: weight dtype of the serving engine ("auto": the trainer's)."""
+    memory_fraction: float | None = None
+    """vllm / sglang: fraction of GPU memory the engine may take (gpu_memory_utilization /
+    mem_fraction_static); None = the engine's default."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINE_KINDS:
+            raise ValueError(f"kind: expected one of {ENGINE_KINDS}, got {self.kind!r}")
+        if self.kind == "torch" and (self.model_dir is not None or self.dtype != "auto"
+                                     or self.memory_fraction is not None):
+            raise ValueError(f"kind: 'torch' samples from the trainer's module; expected model_dir, dtype and "
+                             f"memory_fraction unset, got model_dir={self.model_dir!r}, dtype={self.dtype!r}, "
+                             f"memory_fraction={self.memory_fraction!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+        if self.memory_fraction is not None and not (isinstance(self.memory_fraction, (int, float))
+                                                     and 0 < self.memory_fraction <= 1):
+            raise ValueError(f"memory_fraction: expected None or a float in (0, 1], got {self.memory_fraction!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole run: model, task, reward, algorithm and its section, sampler, trainer, loop."""
 
@@ -183,6 +215,7 @@ class RunConfig:
     rwr: RWRConfig = field(default_factory=RWRConfig)
     self_rewarding: SelfRewardingConfig = field(default_factory=SelfRewardingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
@@ -196,6 +229,9 @@ class RunConfig:
         if self.task.name == "jsonl" and self.reward.kinds == (None,):
             raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
                              f"(or a reward.mixture), got None (missing reward)")
+        if self.engine.kind == "sglang" and not (self.engine.model_dir or self.model.path):
+            raise ValueError("engine.model_dir: kind 'sglang' loads a model directory; expected engine.model_dir or "
+                             "model.path, got None for both")
         if self.dpo.pairs_file is not None and self.algorithm != "offline-dpo":
             raise ValueError(f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, "
                              f"got algorithm {self.algorithm!r}")

@@ -1,11 +1,13 @@
 """Runtime: rollout engines colocated with the trainer, the trainer, checkpoints (and the online loop).
 
-``SGLangEngine`` is imported from ``hotloop.runtime.sglang_engine`` on demand (it needs sglang and CUDA).
+``SGLangEngine`` and ``VLLMEngine`` are imported on demand (``make_engine(kind=...)``): they need their packages.
 """
 
 from hotloop.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hotloop.runtime.engine import Completion, RolloutEngine, SamplingParams
-from hotloop.runtime.loop import LoopConfig, LoopResult, OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import LoopConfig, LoopResult, OnlineLoop
+from hotloop.runtime.sync_policy import SyncConfig, SyncPolicy
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
@@ -16,6 +18,8 @@ __all__ = [
     "OnlineLoop",
     "RolloutEngine",
     "SamplingParams",
+    "SyncConfig",
+    "SyncPolicy",
     "TorchEngine",
     "Trainer",
     "TrainerConfig",

@@ -7,13 +7,14 @@ the initial weights). Step ``t`` syncs when ``t % s == 0``, so the staleness of 
 trains on, ``trainer.version − sampler version``, follows ``t mod s`` (0 for ``s = 1``, ``t`` for
 ``s = ∞``), and is logged on every step.
 
-Where the sampler's weights live. With ``s = 1`` a ``TorchEngine`` samples from the trainer's own
-module (zero-copy, ``engine.shares_weights_with(trainer.model)``): a sync is a version bump. With
-``s > 1`` or offline the sampler must see *stale* weights, so :func:`make_engine` gives it its own
-copy of the model and a sync copies the trainer's tensors into it in place (``load_state_dict`` →
-``param.copy_``; no reallocation), a cost measured as the ``sync`` phase. A zero-copy engine with
-``s ≠ 1`` is refused. An engine whose weights live in another process (SGLang: ``local_model`` is
-None) gets the trainer's state dict at each sync, and the loop keeps a host copy of what it sent.
+Where the sampler's weights live, how a sync happens and how it is proved is the sync policy's
+business (:mod:`hotloop.runtime.sync_policy`); the loop only asks it at every step. With ``s = 1``
+a ``TorchEngine`` on the trainer's own module is zero-copy (a sync is a version bump); with
+``s > 1`` or offline the policy gives it a stale copy bound to the sync buckets (a sync is one
+memcpy per tensor); any other engine gets the packed buckets at every sync. The schedule comes from
+``LoopConfig`` alone: build the engine on the trainer's module (``make_engine``) and pass
+``sync_every`` once, here. Each sync is timed as ``time/sync`` and its proof (fingerprints, probe
+log-probs) as ``time/check``.
 
 Gradient accumulation. With ``TrainerConfig.grad_accum_steps = k > 1`` each batch is cut into up to
 k micro batches of whole units (pairs, groups) weighted by their share of the loss normaliser
@@ -24,15 +25,15 @@ Exact resume. Every source of randomness is a function of ``(seed, step)``: the 
 (``random.Random``) and the sampler's generator (``SamplingParams.seed``), so a run resumed from a
 checkpoint takes the same next step as an uninterrupted one. One atomic checkpoint (model,
 reference, optimizer, scheduler, loop state and, unless zero-copy, the sampler's weights as
-``engine.safetensors``) is written every ``checkpoint_every`` steps, at the end, and when
-SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C aborts at once); a
-SIGKILL loses at most the steps since the last one.
+``engine.safetensors``: the sync buckets or the engine's own module) is written every
+``checkpoint_every`` steps (0: never periodically), at the end (unless ``checkpoint_at_end`` is
+False) and when SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C aborts at
+once); a SIGKILL loses at most the steps since the last one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -41,7 +42,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,9 +53,9 @@ from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
-from hotloop.runtime.torch_engine import TorchEngine
+from hotloop.runtime.sync_policy import LogprobFn, SyncConfig, SyncPolicy, sync_period
 
-PHASES = ("sync", "sampling", "scoring", "batching", "training")
+PHASES = ("sync", "check", "sampling", "scoring", "batching", "training")
 _ENGINE = "engine"
 _METRICS_FILE = "metrics.jsonl"
 
@@ -72,13 +73,17 @@ class LoopConfig:
     eval_every: int = 10
     """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
     checkpoint_every: int = 10
-    """Checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0 = only then."""
+    """Checkpoint every this many steps (besides the end and SIGINT/SIGTERM); 0 = no periodic checkpoint."""
+    checkpoint_at_end: bool = True
+    """Write a checkpoint after the last step."""
     out_dir: str = "runs/demo"
     """Directory for metrics.jsonl and checkpoints."""
     seed: int = 0
     """Seeds the prompt draw and the sampler of every step."""
     sleep_between_phases: bool = False
     """Call engine.sleep()/wake() around training (frees sampler memory; useful on GPU only)."""
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    """Buckets, timeout and the proof on every sync (``hotloop.runtime.sync_policy``)."""
 
     def __post_init__(self) -> None:
         if self.sync_every is not None and self.sync_every != math.inf and not (
@@ -90,18 +95,13 @@ class LoopConfig:
         for name in ("eval_every", "checkpoint_every", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.sync, SyncConfig):
+            raise ValueError(f"sync: expected a SyncConfig, got {type(self.sync).__name__}")
 
     @property
     def sync_period(self) -> int | None:
         """``sync_every`` as an int, or None when the sampler is never re-synced."""
-        return None if self.sync_every in (None, math.inf) else int(self.sync_every)
-
-
-def make_engine(model: nn.Module, *, sync_every: int | float | None, pad_token_id: int, eos_token_id: int | None,
-                **engine_kwargs) -> TorchEngine:
-    """A ``TorchEngine`` on ``model`` itself when ``sync_every == 1``, else on a deep copy of it."""
-    own = model if sync_every == 1 else copy.deepcopy(model).requires_grad_(False)
-    return TorchEngine(own, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
+        return sync_period(self.sync_every)
 
 
 @dataclass
@@ -121,7 +121,8 @@ class OnlineLoop:
     Args:
         config: schedule, output directory and seed.
         trainer: ``hotloop.runtime.trainer.Trainer`` (its ``reference`` feeds the algorithm's loss).
-        engine: a ``RolloutEngine``; one sharing the trainer's module (zero-copy) only when ``sync_every == 1``.
+        engine: a ``RolloutEngine``, e.g. ``make_engine(trainer.model, ...)``; the sync policy gives an engine
+            on the trainer's own module a stale copy when ``sync_every != 1``.
         algorithm: ``hotloop.algorithms.base.Algorithm``.
         reward_fn: ``RewardFn`` (problems, texts) -> [n] float32.
         problems: training pool (objects with ``.prompt``); each step draws ``prompts_per_step`` of them.
@@ -129,17 +130,14 @@ class OnlineLoop:
         sampling: temperature / top-p / top-k / max_new_tokens (``n`` and ``seed`` are set per step).
         evaluate: optional ``evaluate(model) -> {name: float}`` run on the trainer's model.
         progress: show a tqdm bar with a live postfix.
+        logprob_fn: trainer-side log-probs of the proof on every sync (default: a plain forward).
     """
 
     def __init__(self, config: LoopConfig, *, trainer, engine, algorithm, reward_fn: Callable, problems: list,
                  tokenizer, sampling: SamplingParams, evaluate: Callable[[nn.Module], dict] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, logprob_fn: LogprobFn | None = None) -> None:
         if not isinstance(config, LoopConfig):
             raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
-        zero_copy, local_model = engine.shares_weights_with(trainer.model), engine.local_model
-        if zero_copy and config.sync_period != 1:
-            raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag; "
-                             f"sync_every={config.sync_every!r} needs an engine on a copy (make_engine)")
         k = trainer.config.grad_accum_steps
         try:
             self.split_rule = micro_batch_rule(algorithm) if k > 1 else None
@@ -152,24 +150,18 @@ class OnlineLoop:
         self.config, self.trainer, self.engine, self.algorithm = config, trainer, engine, algorithm
         self.reward_fn, self.problems, self.tokenizer, self.sampling = reward_fn, problems, tokenizer, sampling
         self.evaluate, self.progress = evaluate, progress
-        self.zero_copy = zero_copy
-        # the sampler's weights, checkpointed as engine.safetensors: none of its own (zero-copy), its
-        # in-process module (a TorchEngine on a copy), or a host copy of what the loop last sent (SGLang)
-        self._sent: dict[str, torch.Tensor] | None = None
-        self._sampler_weights: nn.Module | dict[str, torch.Tensor] | None = None
-        if not zero_copy and local_model is None:
-            self._sent = self._sampler_weights = _host_copy(trainer.model.state_dict())
-        elif not zero_copy:
-            self._sampler_weights = local_model
+        probe = [tokenizer.encode(p.prompt) for p in problems[:config.sync.probe_prompts]]
+        self.sync = SyncPolicy(config.sync, config.sync_period, model=trainer.model, engine=engine,
+                               probe_prompts=probe, logprob_fn=logprob_fn)
+        self.zero_copy = self.sync.zero_copy
         self.out_dir = Path(config.out_dir)
         self._stop = False
 
     def run(self, *, resume: bool = False) -> LoopResult:
         """Run (or, with ``resume``, continue from the latest checkpoint in ``out_dir``) to ``config.steps``."""
         start = self._resume() if resume else 0
-        if start == 0 and self._sent is not None and self.config.sync_period is None:
-            # offline: pin the sampler to the initial policy, which is what the host copy assumes
-            self.engine.sync_weights(self.engine.weight_version, self._sent)
+        if start == 0:
+            self.sync.pin_offline()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         repair_metrics(self.out_dir / _METRICS_FILE, start)
         records, t0, step = [], time.perf_counter(), start
@@ -185,7 +177,8 @@ class OnlineLoop:
                 records.append(record)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
-                if self._due(step, self.config.checkpoint_every) or step == self.config.steps or self._stop:
+                last = step == self.config.steps and self.config.checkpoint_at_end
+                if self._due(step, self.config.checkpoint_every) or last or self._stop:
                     self.checkpoint(step)
         phases = {p: sum(r.get(f"time/{p}", 0.0) for r in records) for p in PHASES}
         return LoopResult(next_step=step, interrupted=step < self.config.steps, records=records,
@@ -193,13 +186,7 @@ class OnlineLoop:
 
     def step(self, step: int) -> dict:
         """One loop step; returns its metrics record."""
-        times: dict[str, float] = {}
-        with _timed(times, "sync"):
-            if self._sync_due(step):
-                state = None if self.zero_copy else self.trainer.model.state_dict()
-                self.engine.sync_weights(self.trainer.version, state)
-                if self._sent is not None:
-                    _copy_into(self._sent, state)
+        times = self.sync.sync(self.trainer.version) if self.sync.due(step) else {}
         problems = self._draw(step)
         prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
         completions, rewards = [], torch.zeros(0)
@@ -250,17 +237,13 @@ class OnlineLoop:
         if path is None:
             return 0
         state = self.trainer.load(path, extra_models=self._engine_models())
-        # a module was loaded in place; a host copy still has to be sent
-        self.engine.sync_weights(int(state["engine_version"]), self._sent)
+        self.sync.restore(int(state["engine_version"]))
         return int(state["next_step"])
 
     def _engine_models(self) -> dict:
         """``extra_models`` of a checkpoint: the sampler's weights unless it shares the trainer's."""
-        return {} if self._sampler_weights is None else {_ENGINE: self._sampler_weights}
-
-    def _sync_due(self, step: int) -> bool:
-        period = self.config.sync_period
-        return period is not None and step % period == 0
+        held = self.sync.checkpoint_state()
+        return {} if held is None else {_ENGINE: held}
 
     def _draw(self, step: int) -> list:
         """The prompts of ``step``: a function of (seed, step) only, so resumed runs draw the same ones."""
@@ -298,17 +281,6 @@ class OnlineLoop:
                 signal.signal(s, handler)
 
 
-def _host_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU clones of a state dict (tied weights become separate tensors)."""
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in state.items()}
-
-
-def _copy_into(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, tensor in state.items():
-            target[name].copy_(tensor)
-
-
 @contextlib.contextmanager
 def _timed(times: dict[str, float], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -331,5 +303,6 @@ def _reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
 def _postfix(record: dict) -> str:
     parts = [f"{name}={record[key]:.3f}" for name, key in
              (("r", "reward"), ("kl", "kl"), ("acc", "eval/accuracy")) if key in record]
-    parts += [f"{p[:5]}={record[f'time/{p}']:.2f}s" for p in ("sampling", "training", "sync") if f"time/{p}" in record]
+    parts += [f"{p[:5]}={record[f'time/{p}']:.2f}s" for p in ("sampling", "training", "sync", "check")
+              if f"time/{p}" in record]
     return " ".join(parts)

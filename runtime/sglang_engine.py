@@ -5,7 +5,19 @@ Follows the colocated pattern of verl's SGLang rollout: the engine starts with
 weights and KV cache back during training (``release_memory_occupation``), takes the weights back
 first to receive new ones (``resume_memory_occupation(tags=["weights"])`` then
 ``update_weights_from_tensor``, which ships CUDA IPC handles, so no weight copy through the host),
-and the KV cache last (``wake``). Peak memory during a sync is the trainer's plus SGLang's weights.
+and everything else it released last (``wake`` resumes every tag ``sleep`` released: SGLang's
+``GPU_MEMORY_ALL_TYPES``, i.e. ``kv_cache``, ``weights``, ``weights_drafter`` where present and
+``cuda_graph``; a graph replayed without its memory would read freed memory). Peak memory during a
+sync is the trainer's plus SGLang's weights.
+
+Weights arrive as the sync protocol's flat buckets (``hotloop.runtime.weight_sync``): one
+``load_format="flattened_bucket"`` update per bucket, the bucket itself as SGLang's
+``flattened_tensor`` and :func:`flattened_bucket_metadata` as its metadata — one CUDA IPC handle
+per bucket instead of one per tensor (slime measured per-tensor IPC 4.3× slower), and no copy
+(``FlattenedTensorBucket(named_tensors=...)`` would ``torch.cat`` them). Other ``weights``
+(a mapping, pairs) are bucketed here first. Every update returns ``(success, message)``: a failure
+raises with SGLang's message and the version stays; SGLang's weights may then be partly updated, so
+the next ``generate`` is refused until a sync succeeds.
 
 Sleep without a sync. Memory released by ``release_memory_occupation`` comes back uninitialised
 unless SGLang backs the weights up in host memory first (``ServerArgs.enable_weights_cpu_backup``,
@@ -16,13 +28,16 @@ syncs. With ``weights_cpu_backup=False`` a ``sleep`` loses the weights, and ``ge
 run until ``sync_weights`` has sent new ones.
 
 Weights live in SGLang's scheduler process, not in this one: ``shares_weights_with`` is always
-False and ``local_model`` is None (the online loop keeps a host copy of the last sync to checkpoint).
+False and ``local_model`` is None (the online loop checkpoints the sync buckets, which hold the last
+version sent; no host copy of the state dict per sync).
 
 Log-probs: SGLang's ``output_token_logprobs`` are ``log_softmax(logits / T)`` before top-k/top-p
 (unless the server sets ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which this engine refuses), the same
 convention as ``TorchEngine``. ``SamplingParams.seed`` is honoured only when the engine was built
 with ``deterministic=True`` (SGLang's ``enable_deterministic_inference``); each row gets
-``seed + row`` so the n samples of a prompt differ.
+``seed + row`` so the n samples of a prompt differ. A seed given to an engine built without it is
+ignored with a ``RuntimeWarning`` (once per engine) saying that runs and resumes are not repeatable,
+so a "bit-exact resume" is never claimed falsely.
 
 Rows are expanded here (prompt-major, n per prompt) instead of with SGLang's own ``n`` so the order
 of the returned completions is fixed by construction.
@@ -32,14 +47,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.weight_sync import BucketedWeights, SyncPlan, named_tensors
 
-_MISSING = "SGLangEngine needs sglang and a CUDA GPU: pip install sglang"
+_MISSING = 'SGLangEngine needs sglang and a CUDA GPU: pip install "hotloop[sglang]"'
+MEMORY_TAGS = ("kv_cache", "weights", "weights_drafter", "cuda_graph")
+"""SGLang's memory-saver tags (``sglang.srt.constants.GPU_MEMORY_ALL_TYPES``; used when that is absent)."""
 
 
 class SGLangEngine:
@@ -79,7 +98,9 @@ class SGLangEngine:
         self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=True, enable_memory_saver=True,
                                      mem_fraction_static=mem_fraction_static,
                                      enable_deterministic_inference=deterministic, **engine_kwargs)
+        self._tp_size = int(getattr(self._engine.server_args, "tp_size", 1))
         self._released: list[str] = []
+        self._warned_seed = False
         self._weights_lost = False
         self._version = 0
 
@@ -102,10 +123,15 @@ class SGLangEngine:
         if self._released:
             raise RuntimeError(f"generate: the engine released {self._released}; call wake() first")
         if self._weights_lost:
-            raise RuntimeError("generate: sleep() released SGLang's weights without a CPU backup; expected "
-                               "sync_weights(version, state_dict) after wake() (or weights_cpu_backup=True)")
+            raise RuntimeError("generate: SGLang's weights are not valid (released by sleep() without a CPU backup, "
+                               "or a failed sync); expected a successful sync_weights(version, weights) first")
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        if sampling.seed is not None and not self.deterministic and not self._warned_seed:
+            warnings.warn(f"sampling.seed={sampling.seed}: SGLang honours seeds only with deterministic inference; "
+                          f"this engine (deterministic=False) samples unseeded, so runs and resumes are not "
+                          f"repeatable (build it with deterministic=True)", RuntimeWarning, stacklevel=2)
+            self._warned_seed = True
         if not prompt_token_ids or not all(isinstance(p, (list, tuple)) and p for p in prompt_token_ids):
             raise ValueError(f"prompt_token_ids: expected a non-empty list of non-empty token-id lists, "
                              f"got {prompt_token_ids!r:.200}")
@@ -115,30 +141,34 @@ class SGLangEngine:
                                         return_logprob=True)
         return [self._completion(i, out) for i, out in zip(rows, outputs)]
 
-    def sync_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Send ``state_dict`` (or the attached ``model``'s weights) to SGLang and record ``version``."""
+    def sync_weights(self, version: int, weights=None) -> None:
+        """Send ``weights`` (or the attached ``model``'s) to SGLang bucket by bucket and record ``version``."""
         if not isinstance(version, int) or version < self._version:
             raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
-        if state_dict is None and self.model is None:
-            raise ValueError("state_dict: expected tensors, or an engine built with model=, got None")
+        if weights is None and self.model is None:
+            raise ValueError("weights: expected tensors, or an engine built with model=, got None")
         if "weights" in self._released:  # weights must be resident to be overwritten
             self._engine.resume_memory_occupation(tags=["weights"])
             self._released.remove("weights")
-        tensors = state_dict if state_dict is not None else self.model.state_dict()
-        named = [(name, t.detach()) for name, t in tensors.items()]
-        self._engine.update_weights_from_tensor(named_tensors=named, flush_cache=True)
+        bucketed = weights if isinstance(weights, BucketedWeights) else _bucketed(weights, self.model)
+        self._weights_lost = True  # until every bucket has landed
+        for i, payload in enumerate(flattened_buckets(bucketed)):
+            result = self._engine.update_weights_from_tensor(named_tensors=[payload] * self._tp_size,
+                                                             load_format="flattened_bucket",
+                                                             flush_cache=i == len(bucketed.buffers) - 1)
+            check_update(result, version, i)
         self._weights_lost = False
         self._version = version
 
     def sleep(self) -> None:
-        """Release SGLang's weights and KV cache (GPU memory goes back to the trainer)."""
+        """Release all of SGLang's GPU memory (every memory-saver tag) back to the trainer."""
         if not self._released:
             self._engine.release_memory_occupation()
-            self._released = ["weights", "kv_cache"]
-            self._weights_lost = not self.weights_cpu_backup
+            self._released = list(_memory_tags())
+            self._weights_lost = self._weights_lost or not self.weights_cpu_backup
 
     def wake(self) -> None:
-        """Take back whatever ``sleep`` released; no-op when awake."""
+        """Resume every tag ``sleep`` released (weights, KV cache, CUDA graphs, ...); no-op when awake."""
         if self._released:
             self._engine.resume_memory_occupation(tags=list(self._released))
             self._released = []
@@ -169,3 +199,48 @@ class SGLangEngine:
         return Completion(prompt_index=prompt_index, token_ids=[int(e[1]) for e in entries],
                           logprobs=[float(e[0]) for e in entries], finish_reason=reason,
                           weight_version=self._version)
+
+
+def flattened_bucket_metadata(plan: SyncPlan, bucket: int) -> list[dict]:
+    """SGLang's ``FlattenedTensorMetadata`` fields of every tensor in ``bucket`` of ``plan``.
+
+    ``start_idx`` / ``end_idx`` are element offsets into the flat bucket (slots start 64-byte aligned, so
+    there may be gaps between tensors, which SGLang's slicing skips); ``dtype`` is the bucket's (no cast).
+    """
+    spec = plan.buckets[bucket]
+    return [{"name": s.name, "shape": torch.Size(s.shape), "dtype": spec.dtype, "start_idx": s.offset,
+             "end_idx": s.offset + s.numel, "numel": s.numel} for s in plan.slots if s.bucket == bucket]
+
+
+def flattened_buckets(weights: BucketedWeights):
+    """One serialized ``{"flattened_tensor", "metadata"}`` payload per bucket (SGLang's flattened_bucket format)."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    for i, buffer in enumerate(weights.buffers):
+        metadata = [FlattenedTensorMetadata(**m) for m in flattened_bucket_metadata(weights.plan, i)]
+        yield MultiprocessingSerializer.serialize({"flattened_tensor": buffer, "metadata": metadata}, output_str=True)
+
+
+def check_update(result, version: int, bucket: int) -> None:
+    """Raise with SGLang's message unless ``update_weights_from_tensor`` returned success."""
+    success, message = result if isinstance(result, tuple) else (getattr(result, "success", result), result)
+    if success is not True:
+        raise RuntimeError(f"sync_weights: SGLang refused bucket {bucket} of version {version}: {message}")
+
+
+def _bucketed(weights, model: nn.Module | None) -> BucketedWeights:
+    """Pack a mapping / (name, tensor) pairs (or ``model``'s weights) into buckets on the tensors' device."""
+    state = model.state_dict() if weights is None else dict(named_tensors(weights))
+    plan = SyncPlan(state)
+    buffers = plan.allocate()
+    plan.pack(state, buffers)
+    return plan.views(buffers)
+
+
+def _memory_tags() -> tuple[str, ...]:
+    try:
+        from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+    except ImportError:
+        return MEMORY_TAGS
+    return tuple(GPU_MEMORY_ALL_TYPES)

@@ -2,10 +2,15 @@
 
 Design: the engine holds a reference to the module the optimizer updates, so after an optimizer
 step the next ``generate`` already sees the new weights and ``sync_weights`` only records the
-version (or, for an engine given a copy, loads a state dict in place). Prompts are left-padded
+version. For ``s > 1`` the sync policy (``hotloop.runtime.sync_policy``) hands it a stale copy
+whose tensors are views into the sync buckets (``adopt_model``), so a sync is the packing memcpy
+and ``sync_weights`` finds every tensor already in place; given other tensors it copies them in
+place (cast to the module's dtype). Prompts are left-padded
 into batches of at most ``max_batch_size`` rows; position ids count only real tokens
 (``cumsum(mask) - 1``), so a padded prompt sees the positions it would see alone. Decoding runs
-one token per step on a ``transformers`` ``DynamicCache``; memory is the KV cache,
+one token per step on a ``transformers`` ``DynamicCache`` (passed as ``cache=``, which replaced the
+deprecated ``past_key_values=`` in transformers 5.2x), and the prefill computes the logits of the
+last position only (``logits_to_keep=1``) where the model's forward takes it; memory is the KV cache,
 ``2 · layers · B · (L + max_new_tokens) · kv_heads · head_dim`` elements, freed when ``generate``
 returns. Sampling: log_softmax(logits / T) in float32 gives the sampler log-probs (before
 truncation, see ``engine.py``); top-k then top-p mask the tempered logits; ``torch.multinomial``
@@ -17,6 +22,8 @@ until the whole batch is done, as ``model.generate`` does.
 from __future__ import annotations
 
 import gc
+import inspect
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -57,6 +64,7 @@ class TorchEngine:
         self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
         self._version = 0
         self._asleep = False
+        self._forward_kwargs = _forward_kwargs(model)
 
     @property
     def weight_version(self) -> int:
@@ -72,13 +80,27 @@ class TorchEngine:
         """True when this engine samples from ``module`` itself, so it sees every optimizer step at once."""
         return module is self.model
 
-    def sync_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Record ``version``; copy ``state_dict`` into the module in place when given."""
+    def sync_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
+                     | None = None) -> None:
+        """Record ``version``; copy ``weights`` (name, tensor) into the module in place when given.
+
+        Names are the module's ``state_dict`` names; a tied alias may be left out (it shares its
+        tensor), every other tensor must come. A tensor that already is the module's own storage
+        (the loop's stale copy is bound to the sync buckets) is not copied; others are cast on copy.
+        On failure the version stays.
+        """
         if not isinstance(version, int) or version < self._version:
             raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
-        if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=True)
+        if weights is not None:
+            _load_in_place(self.model, weights)
         self._version = version
+
+    def adopt_model(self, model: nn.Module) -> None:
+        """Sample from ``model`` from now on (the sync policy's stale copy of the trainer's module)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self._forward_kwargs = _forward_kwargs(model)
 
     def sleep(self) -> None:
         """Release cached memory (the KV cache lives only inside ``generate``) back to the allocator."""
@@ -140,11 +162,12 @@ class TorchEngine:
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(B, dtype=torch.bool, device=self.device)
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
+        cache_arg, keep = self._forward_kwargs
         cache = None
         for t in range(max_new):
-            output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True)
-            cache = output.past_key_values
+            output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **{cache_arg: cache}, **keep)
+            cache = getattr(output, cache_arg)
             token, logp = sample_next(output.logits[:, -1], sampling, generator)
             token = token.masked_fill(done, self.pad_token_id)
             tokens[:, t], logps[:, t] = token, logp.masked_fill(done, 0.0)
@@ -223,6 +246,34 @@ def _left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple
         ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[b, L - len(p):] = 1
     return ids.to(device), mask.to(device)
+
+
+def _forward_kwargs(model: nn.Module) -> tuple[str, dict]:
+    """The KV-cache argument's name (``cache`` since transformers 5.2x; ``past_key_values`` before, now
+    deprecated) and ``logits_to_keep=1`` where the forward takes it (the prefill's logits at the last position only)."""
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    return cache_arg, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
+
+
+def _load_in_place(model: nn.Module, weights) -> None:
+    """Copy (name, tensor) pairs into ``model``'s tensors; every distinct tensor must be covered."""
+    state = model.state_dict(keep_vars=True)
+    pairs = list(weights.items() if isinstance(weights, Mapping) else weights)  # checked before any copy
+    for name, tensor in pairs:
+        if name not in state:
+            raise KeyError(f"weights: unexpected name {name!r}; expected names of the model's state_dict")
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"weights[{name!r}]: expected shape {tuple(state[name].shape)}, got {tuple(tensor.shape)}")
+    covered = {state[name].data_ptr() for name, _ in pairs}
+    missing = [name for name, t in state.items() if t.data_ptr() not in covered and t.numel()]
+    if missing:
+        raise KeyError(f"weights: expected every tensor of the model, missing {missing[:5]}")
+    with torch.no_grad():
+        for name, tensor in pairs:
+            target = state[name]
+            if target.data_ptr() != tensor.data_ptr() or target.dtype != tensor.dtype:
+                target.copy_(tensor)
 
 
 def _check_prompts(prompts: list[list[int]]) -> None:

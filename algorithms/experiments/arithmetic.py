@@ -39,7 +39,8 @@ from hotloop.algorithms.base import BuildContext
 from hotloop.algorithms.config import ALGORITHMS, RunConfig, load_config
 from hotloop.algorithms.experiments import report
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import OnlineLoop
 from hotloop.runtime.trainer import Trainer, make_reference
 
 
@@ -105,7 +106,7 @@ def run_one(setup: cli.Setup, run: RunConfig, *, out_dir: str) -> ArithmeticRun:
     reference = make_reference(model)
     tok = setup.tokenizer
     trainer = Trainer(model, run.trainer, reference=reference)
-    engine = make_engine(model, sync_every=run.loop.sync_every, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
+    engine = make_engine(model, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
                          max_batch_size=run.sampling.max_batch_size, seed=run.loop.seed)
     sampling = SamplingParams(temperature=run.sampling.temperature, top_p=run.sampling.top_p,
                               top_k=run.sampling.top_k, max_new_tokens=run.sampling.max_new_tokens)
@@ -115,7 +116,8 @@ def run_one(setup: cli.Setup, run: RunConfig, *, out_dir: str) -> ArithmeticRun:
     evaluate = cli.make_evaluate(setup, run, reference)
     loop = OnlineLoop(dataclasses.replace(run.loop, out_dir=out_dir), trainer=trainer, engine=engine,
                       algorithm=factory(getattr(run, section), context), reward_fn=setup.reward_fn,
-                      problems=setup.train, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=False)
+                      problems=setup.train, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=False,
+                      logprob_fn=cli.probe_logprobs(tok.pad_id))
     result = loop.run()
     curve = [(r["step"] + 1, r["eval/accuracy"], r["eval/kl"]) for r in result.records if "eval/accuracy" in r]
     period = run.loop.sync_period

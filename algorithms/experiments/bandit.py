@@ -32,6 +32,7 @@ from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
 from hotloop.algorithms.experiments import report, tabular
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.sync_policy import SyncConfig
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 SYNC_PERIODS = (1, 10, 100, math.inf)
@@ -125,15 +126,16 @@ def available_algorithms() -> tuple[str, ...]:
 
 
 def build_loop(algorithm: str, *, reward: str, sync_every: int | float, seed: int, config: BanditConfig, out_dir: str,
-               beta: float | None = None, wrap_engine: Callable | None = None) -> OnlineLoop:
+               beta: float | None = None, wrap_engine: Callable | None = None, check_sync: bool = True) -> OnlineLoop:
     """An ``OnlineLoop`` training a fresh ``TabularPolicy`` (= log π_ref) with ``algorithm`` on ``reward``.
 
-    ``wrap_engine(engine) -> engine`` replaces the sampler (the replay experiment records or replays with it).
+    ``wrap_engine(engine) -> engine`` replaces the sampler (the replay experiment records or replays with it);
+    ``check_sync`` turns the loop's proof on every sync on or off.
     """
     ref_probs = tabular.reference_probs()
     policy = tabular.TabularPolicy(ref_probs.log())
     trainer = Trainer(policy, TrainerConfig(lr=config.lr, max_grad_norm=None), reference=make_reference(policy))
-    engine = tabular.make_bandit_engine(policy, sync_every=sync_every, seed=seed)
+    engine = tabular.BanditEngine(policy, seed=seed)   # the loop's sync policy copies it when s != 1
     engine = wrap_engine(engine) if wrap_engine is not None else engine
     table = tabular.reward_table(reward)
     reward_fn, tokenizer = tabular.BanditReward(table), tabular.ActionTokenizer()
@@ -146,10 +148,12 @@ def build_loop(algorithm: str, *, reward: str, sync_every: int | float, seed: in
         return {"reward": tabular.expected_reward(probs, table), "kl": tabular.kl_divergence(probs, ref_probs)}
 
     loop_config = LoopConfig(steps=config.steps, sync_every=sync_every, prompts_per_step=config.prompts_per_step,
-                             eval_every=config.eval_every, out_dir=out_dir, seed=seed)
+                             eval_every=config.eval_every, out_dir=out_dir, seed=seed,
+                             sync=SyncConfig(check=check_sync, probe_prompts=1, probe_tokens=1))
     return OnlineLoop(loop_config, trainer=trainer, engine=engine,
                       algorithm=make_algorithm(algorithm, config, context, beta=beta), reward_fn=reward_fn,
-                      problems=problems, tokenizer=tokenizer, sampling=sampling, evaluate=evaluate, progress=False)
+                      problems=problems, tokenizer=tokenizer, sampling=sampling, evaluate=evaluate, progress=False,
+                      logprob_fn=tabular.logprobs)
 
 
 def run_loop(loop: OnlineLoop) -> BanditRun:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hotloop.algorithms.experiments import bandit, report
 from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.weight_sync import named_tensors
 
 RECORDED_PERIODS = (1, 10)
 TOLERANCE = 1e-9
@@ -70,8 +71,11 @@ class RecordingEngine:
         self.calls.append(Call(tuple(map(tuple, prompt_token_ids)), sampling, tuple(copy.deepcopy(completions))))
         return completions
 
-    def sync_weights(self, version: int, state_dict: dict | None = None) -> None:
-        self.inner.sync_weights(version, state_dict)
+    def sync_weights(self, version: int, weights=None) -> None:
+        self.inner.sync_weights(version, weights)
+
+    def adopt_model(self, model) -> None:
+        self.inner.adopt_model(model)
 
     def sleep(self) -> None:
         self.inner.sleep()
@@ -118,9 +122,9 @@ class ReplayEngine:
         self.served += 1
         return list(copy.deepcopy(call.completions))
 
-    def sync_weights(self, version: int, state_dict: dict | None = None) -> None:
-        if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=True)
+    def sync_weights(self, version: int, weights=None) -> None:
+        if weights is not None:
+            self.model.load_state_dict(dict(named_tensors(weights)), strict=True)
         self._version = version
 
     def sleep(self) -> None:
@@ -150,11 +154,13 @@ def run_replay(algorithm: str, *, sync_every: int, seed: int, config: bandit.Ban
                reward: str = "R1") -> ReplayResult:
     """Record ``algorithm`` at ``sync_every``, replay it offline, and run the plain offline control."""
     with tempfile.TemporaryDirectory(prefix="hotloop-replay-") as out:
+        # no sync probe while recording: its greedy generate calls would enter the recorded stream
         loop = bandit.build_loop(algorithm, reward=reward, sync_every=sync_every, seed=seed, config=config,
-                                 out_dir=f"{out}/online", wrap_engine=RecordingEngine)
+                                 out_dir=f"{out}/online", wrap_engine=RecordingEngine, check_sync=False)
         online, calls = bandit.run_loop(loop), loop.engine.calls
         loop = bandit.build_loop(algorithm, reward=reward, sync_every=math.inf, seed=seed, config=config,
-                                 out_dir=f"{out}/replay", wrap_engine=lambda engine: ReplayEngine(engine.model, calls))
+                                 out_dir=f"{out}/replay",
+                                 wrap_engine=lambda engine: ReplayEngine(copy.deepcopy(engine.model), calls))
         replay = bandit.run_loop(loop)
         if loop.engine.served != len(calls):
             raise RuntimeError(f"replay: served {loop.engine.served} of {len(calls)} recorded calls")

@@ -20,8 +20,8 @@ computes in float32, so the weights are float32; the metrics are computed in flo
 
 Engine. :class:`BanditEngine` is a ``RolloutEngine`` that samples exactly from ``softmax(W / T)``
 (``torch.multinomial`` on float64 probabilities, generator seeded with ``SamplingParams.seed``),
-with ``TorchEngine``'s sync rule: an engine on the trainer's own module only bumps the version,
-one on a copy loads the state dict in place.
+with ``TorchEngine``'s sync rule: an engine on the trainer's own module only bumps the version;
+for ``s != 1`` the loop's sync policy hands it a stale copy (``adopt_model``) that syncs load in place.
 
 Metrics (exact, float64): expected reward ``Σ_a π(a) R(a)`` and ``KL(π ‖ π_ref) = Σ_a π(a) log(π(a)/π_ref(a))``.
 Cost: O(V) per sample and per metric.
@@ -29,7 +29,6 @@ Cost: O(V) per sample and per metric.
 
 from __future__ import annotations
 
-import copy
 import math
 from types import SimpleNamespace
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.weight_sync import named_tensors
 
 NUM_ACTIONS = 100
 REFERENCE_SAMPLES = 10_000
@@ -194,13 +194,17 @@ class BanditEngine:
         return [Completion(prompt_index=r // sampling.n, token_ids=[int(a)], logprobs=[float(logp[a])],
                            finish_reason="length", weight_version=self._version) for r, a in enumerate(actions)]
 
-    def sync_weights(self, version: int, state_dict: dict | None = None) -> None:
-        """Record ``version``; copy ``state_dict`` into the module in place when given."""
+    def sync_weights(self, version: int, weights=None) -> None:
+        """Record ``version``; copy ``weights`` ((name, tensor) pairs or a mapping) into the policy in place when given."""
         if not isinstance(version, int) or version < self._version:
             raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
-        if state_dict is not None:
-            self.model.load_state_dict(state_dict, strict=True)
+        if weights is not None:
+            self.model.load_state_dict(dict(named_tensors(weights)), strict=True)
         self._version = version
+
+    def adopt_model(self, model: TabularPolicy) -> None:
+        """Sample from ``model`` from now on (the loop's stale copy of the trainer's policy, semi-online / offline)."""
+        self.model = model
 
     def sleep(self) -> None:
         """Nothing to free."""
@@ -212,7 +216,7 @@ class BanditEngine:
         """No cache."""
 
 
-def make_bandit_engine(model: TabularPolicy, *, sync_every: int | float | None, seed: int = 0) -> BanditEngine:
-    """An engine on ``model`` itself when ``sync_every == 1`` (online), else on a frozen copy of it."""
-    own = model if sync_every == 1 else copy.deepcopy(model).requires_grad_(False)
-    return BanditEngine(own, seed=seed)
+def logprobs(model: TabularPolicy, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    """Log-prob of each completion's actions under ``model`` (T = 1): the trainer side of the loop's sync probe."""
+    logp = model.probs().log()
+    return [[float(logp[a]) for a in c] for c in completions]

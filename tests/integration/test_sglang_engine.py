@@ -33,7 +33,7 @@ def tiny_llama() -> LlamaForCausalLM:
 def test_missing_sglang_or_gpu_raises_a_clear_import_error(tmp_path):
     from hotloop.runtime.sglang_engine import SGLangEngine
 
-    with pytest.raises(ImportError, match="pip install sglang"):
+    with pytest.raises(ImportError, match=r"pip install \"hotloop\[sglang\]\""):
         SGLangEngine(tmp_path)
 
 
@@ -91,3 +91,59 @@ def test_sglang_weight_sync_after_sleep_changes_outputs(engines):
     assert {c.weight_version for c in after} == {1}
     assert [c.token_ids for c in after] != before
     assert [c.token_ids for c in after] == [c.token_ids for c in torch_engine.generate(PROMPTS, greedy)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flattened_bucket_metadata_rebuilds_every_tensor_from_the_bucket_as_sglang_slices_it(tied):
+    from hotloop.runtime.sglang_engine import flattened_bucket_metadata
+    from hotloop.runtime.weight_sync import SyncPlan
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.tie_weights()
+    model.model.norm.to(torch.bfloat16)  # a second dtype: a bucket of its own
+    plan = SyncPlan(model, bucket_mb=0.02)
+    buffers = plan.allocate()
+    plan.pack(model, buffers)
+    state, rebuilt = model.state_dict(), {}
+    for i, buffer in enumerate(buffers):
+        for meta in flattened_bucket_metadata(plan, i):  # FlattenedTensorBucket.reconstruct_tensors' slicing
+            assert meta["dtype"] == buffer.dtype and meta["end_idx"] - meta["start_idx"] == meta["numel"]
+            rebuilt[meta["name"]] = buffer[meta["start_idx"]:meta["end_idx"]].reshape(meta["shape"])
+    assert rebuilt.keys() == state.keys() - ({"lm_head.weight"} if tied else set())
+    assert all(torch.equal(rebuilt[k], state[k]) for k in rebuilt)
+
+
+def test_a_failed_sglang_update_raises_with_sglangs_message():
+    from hotloop.runtime.sglang_engine import check_update
+
+    check_update((True, "Succeeded to update model weights."), 3, 0)
+    with pytest.raises(RuntimeError, match="refused bucket 2 of version 7: Failed to update weights: shape"):
+        check_update((False, "Failed to update weights: shape mismatch"), 7, 2)
+
+
+@pytest.mark.sglang
+@needs_sglang
+def test_a_failed_sglang_sync_raises_and_leaves_the_version(engines):
+    model, sglang_engine, _ = engines
+    version = sglang_engine.weight_version
+    with pytest.raises(RuntimeError, match="SGLang refused bucket 0"):
+        sglang_engine.sync_weights(version + 1, {"model.embed_tokens.weight": torch.zeros(3, 5, device="cuda")})
+    assert sglang_engine.weight_version == version
+    sglang_engine.sync_weights(version + 1)  # a good sync makes it usable again
+    assert sglang_engine.weight_version == version + 1
+
+
+@pytest.mark.sglang
+@needs_sglang
+def test_sglang_wake_resumes_every_tag_sleep_released_and_cuda_graphs_replay(engines):
+    model, sglang_engine, torch_engine = engines
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    sglang_engine.sync_weights(sglang_engine.weight_version + 1)
+    before = [c.token_ids for c in sglang_engine.generate(PROMPTS, greedy)]
+    sglang_engine.sleep()
+    assert {"kv_cache", "weights", "cuda_graph"} <= set(sglang_engine._released)
+    sglang_engine.wake()
+    assert sglang_engine._released == []
+    assert [c.token_ids for c in sglang_engine.generate(PROMPTS, greedy)] == before

@@ -2,6 +2,7 @@
 forward, learning signal, exact resume after an interruption, a failed save, and with an engine
 that holds no in-process weights."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -44,12 +45,26 @@ def test_sync_happens_every_s_steps_and_staleness_is_step_mod_s(tmp_path, sync_e
     assert result.phase_seconds["sync"] >= 0 and all("time/sampling" in r for r in result.records)
 
 
-def test_zero_copy_engine_with_lagging_sync_is_refused(tmp_path):
+def test_an_engine_on_the_trainers_module_gets_a_stale_copy_bound_to_the_sync_buckets_when_s_is_not_one(tmp_path):
+    loop = make_loop(tmp_path, sync_every=2, steps=1)
+    copy_, trainer_model = loop.engine.model, loop.trainer.model
+    assert copy_ is not trainer_model and not loop.zero_copy
+    storages = {b.untyped_storage().data_ptr() for b in loop.sync.buffers}
+    assert all(p.untyped_storage().data_ptr() in storages for p in copy_.parameters())
+    assert_same_weights(copy_, trainer_model)
+
+
+def test_an_engine_on_the_trainers_module_that_cannot_take_a_copy_is_refused_when_s_is_not_one(tmp_path):
     loop = make_loop(tmp_path, sync_every=1, steps=1)
+
+    class Bare:  # the engine protocol without adopt_model
+        def __init__(self, engine):
+            self.shares_weights_with, self.local_model = engine.shares_weights_with, engine.local_model
+
     with pytest.raises(ValueError, match="engine"):
-        OnlineLoop(LoopConfig(steps=1, sync_every=2, out_dir=str(tmp_path)), trainer=loop.trainer, engine=loop.engine,
-                   algorithm=loop.algorithm, reward_fn=random_reward, problems=PROBLEMS, tokenizer=TOK,
-                   sampling=SamplingParams())
+        OnlineLoop(LoopConfig(steps=1, sync_every=2, out_dir=str(tmp_path)), trainer=loop.trainer,
+                   engine=Bare(loop.engine), algorithm=loop.algorithm, reward_fn=random_reward, problems=PROBLEMS,
+                   tokenizer=TOK, sampling=SamplingParams())
 
 
 def test_sampler_logprobs_equal_token_logprobs_of_a_fresh_forward():
@@ -147,8 +162,11 @@ def test_engine_without_in_process_weights_lags_is_checkpointed_from_the_host_co
     torch.manual_seed(0)
     assert first.run().next_step == stop_at + 1
     saved = load_file(str(latest_checkpoint(tmp_path / "b") / "engine.safetensors"))
+    # the buckets the engine was last synced from, not a host copy of the state dict
+    buckets = [saved[f"bucket{i}"] for i in range(len(saved))]
     held = first.engine.model.state_dict()   # stale: synced at step 3, two optimizer steps behind
-    assert saved.keys() == held.keys() and all(torch.equal(saved[k], held[k]) for k in held)
+    assert dict(first.sync.plan.views(buckets)).keys() == held.keys() - first.sync.plan.aliases.keys()
+    assert all(torch.equal(t, held[k]) for k, t in first.sync.plan.views(buckets))
     assert not all(torch.equal(held[k], v) for k, v in first.trainer.model.state_dict().items())
     resumed = make_loop(tmp_path / "b", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True)
     assert resumed.run(resume=True).next_step == steps
@@ -159,4 +177,51 @@ def test_engine_without_in_process_weights_lags_is_checkpointed_from_the_host_co
 def test_loop_config_rejects_sync_every_below_one_and_checkpoints_periodically_by_default():
     with pytest.raises(ValueError, match="sync_every"):
         LoopConfig(sync_every=0)
-    assert LoopConfig().checkpoint_every == 10
+    assert LoopConfig().checkpoint_every == 10 and LoopConfig().checkpoint_at_end
+
+
+def test_checkpoint_every_zero_writes_no_periodic_checkpoint_and_the_final_one_is_optional(tmp_path):
+    make_loop(tmp_path / "a", sync_every=2, steps=3, checkpoint_every=0).run()
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("step-")] == ["step-000003"]
+    loop = make_loop(tmp_path / "b", sync_every=2, steps=3, checkpoint_every=0)
+    loop.config = dataclasses.replace(loop.config, checkpoint_at_end=False)
+    loop.run()
+    assert latest_checkpoint(tmp_path / "b") is None
+
+
+@pytest.mark.parametrize("sync_every", [1, 2, math.inf])
+def test_after_every_sync_the_engines_logprobs_equal_the_trainers_and_offline_never_syncs(tmp_path, sync_every):
+    loop = make_loop(tmp_path, sync_every=sync_every, steps=4, lr=1e-2)
+    probes, original = [], loop.sync.probe
+    loop.sync.probe = lambda version: probes.append((version, original(version))) or probes[-1][1]
+    synced, sync_weights = [], loop.engine.sync_weights
+    loop.engine.sync_weights = lambda version, weights=None: (synced.append(version), sync_weights(version, weights))
+    records = loop.run().records
+    period = LoopConfig(sync_every=sync_every).sync_period
+    expected = [r["version"] for r in records if period and r["step"] % period == 0]
+    assert [v for v, _ in probes] == synced == expected and all(worst < 1e-4 for _, worst in probes)
+    assert all(("time/check" in r) == (r["step"] in [s for s in range(4) if period and s % period == 0])
+               for r in records)
+    if period is None:
+        assert synced == [] and loop.engine.weight_version == 0
+
+
+def test_the_probe_fires_when_the_engine_is_handed_wrong_weights(tmp_path):
+    loop = make_loop(tmp_path, sync_every=2, steps=1)
+    wrong = {name: t + 0.05 * torch.randn_like(t) for name, t in loop.trainer.model.state_dict().items()}
+    loop.engine.sync_weights(1, wrong)
+    with pytest.raises(RuntimeError, match=r"sync check v1: probe prompt \d+, token \d+"):
+        loop.sync.probe(1)
+
+
+def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the_bucket(tmp_path):
+    loop = make_loop(tmp_path, sync_every=2, steps=1)
+    send, last = loop.sync.transport.send, len(loop.sync.buffers) - 1
+
+    def send_with_a_flipped_bit(version, weights, *, timeout_s):
+        weights.buffers[last].view(torch.uint8)[5] ^= 1   # after the producer's fingerprint, before the consumer's
+        return send(version, weights, timeout_s=timeout_s)
+
+    loop.sync.transport.send = send_with_a_flipped_bit
+    with pytest.raises(RuntimeError, match=f"weight sync v1: bucket {last}: consumer fingerprint"):
+        loop.sync.sync(1)

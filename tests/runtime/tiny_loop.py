@@ -4,6 +4,8 @@ Everything is built from seeds (model weights, sampler, prompt draw), so two loo
 same arguments take bit-identical steps.
 """
 
+import copy
+
 import torch
 
 from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
@@ -12,7 +14,8 @@ from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import LoopConfig, OnlineLoop
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
@@ -52,9 +55,10 @@ def make_loop(out_dir, *, sync_every, steps, algorithm="dpo", reward=random_rewa
                              seed=model_seed)
     trainer = Trainer(model, TrainerConfig(lr=lr, eps=eps, grad_accum_steps=grad_accum_steps,
                                            max_grad_norm=max_grad_norm), reference=make_reference(model))
-    engine = make_engine(model, sync_every=sync_every, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
-    if host_only_engine:
-        engine = HostOnlyEngine(engine.model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
+    engine = make_engine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
+    if host_only_engine:  # its own copy of the weights, reached only through sync_weights
+        engine = HostOnlyEngine(copy.deepcopy(model).requires_grad_(False), pad_token_id=TOK.pad_id,
+                                eos_token_id=TOK.eos_id, seed=0)
     config = LoopConfig(steps=steps, sync_every=sync_every, prompts_per_step=4, eval_every=0,
                         checkpoint_every=checkpoint_every, out_dir=str(out_dir), seed=seed)
     if algorithm == "dpo":

@@ -1,0 +1,51 @@
+"""Build a rollout engine by kind: ``torch`` (default), ``vllm`` or ``sglang``, always on the trainer's module.
+
+The engine is built on the module the trainer updates; how it then receives weights (zero-copy at
+``s = 1``, a stale copy bound to the sync buckets, buckets sent at every sync) is decided once by
+the online loop's sync policy (``hotloop.runtime.sync_policy``) from ``LoopConfig.sync_every``, so
+``sync_every`` is never passed here. The serving engines are imported only when asked for; a
+missing package raises ``ImportError`` with its install hint.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hotloop.runtime.torch_engine import TorchEngine
+
+ENGINE_KINDS = ("torch", "vllm", "sglang")
+INSTALL_HINTS = {"vllm": 'pip install "hotloop[vllm]"', "sglang": 'pip install "hotloop[sglang]"'}
+
+
+def make_engine(model: nn.Module, *, kind: str = "torch", pad_token_id: int, eos_token_id: int | None,
+                **engine_kwargs):
+    """A ``RolloutEngine`` of ``kind`` for the trainer's ``model``.
+
+    Args:
+        model: the trainer's module (a ``TorchEngine`` samples from it; vLLM / SGLang load it).
+        kind: "torch", "vllm" or "sglang".
+        pad_token_id, eos_token_id: the tokenizer's pad and end-of-sequence ids.
+        **engine_kwargs: the engine's own options (``TorchEngine``: max_batch_size, seed, device;
+            ``VLLMEngine``: model_dir, dtype, seed, LLM options; ``SGLangEngine``: model_path, ...).
+    """
+    if kind == "torch":
+        return TorchEngine(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
+    if kind == "vllm":
+        VLLMEngine = _import("vllm", "hotloop.runtime.vllm_engine", "VLLMEngine")
+        return VLLMEngine(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
+    if kind == "sglang":
+        SGLangEngine = _import("sglang", "hotloop.runtime.sglang_engine", "SGLangEngine")
+        engine_kwargs.pop("max_batch_size", None)  # SGLang schedules its own batches
+        return SGLangEngine(model=model, **engine_kwargs)
+    raise ValueError(f"kind: expected one of {ENGINE_KINDS}, got {kind!r}")
+
+
+def _import(kind: str, module: str, name: str):
+    """``module.name``, or ImportError with the install hint when the engine's package is missing."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise ImportError(f"engine.kind={kind!r} needs the {kind} package ({error}); install it with "
+                          f"{INSTALL_HINTS[kind]}") from error
