@@ -11,8 +11,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from bench.gpu import _kernels
 from bench.gpu._report import Check, Report
+from hotloop.kernels import _triton_utils
 
 SECTIONS = ("logprob", "kl", "forced", "losses", "loop", "kernels", "logprob peers", "losses peers")
 
@@ -42,3 +45,10 @@ def test_report_fails_on_an_out_of_tolerance_or_non_finite_check_and_on_skipped_
     assert report.failed == []
     report.skipped.append(("logprob", "budget"))
     assert report.failed == ["logprob: skipped (budget)"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_forced_tiles_cover_every_choice_of_the_cuda_heuristic(dtype):
+    choices = {(n, d): _kernels.tile_choices(dtype, d) for n in (1, 100, 128, 8192) for d in (8, 24, 1024, 4096)}
+    for (n, d), tiles in choices.items():
+        assert _triton_utils.logits_tiles(torch.device("cuda"), n, d, dtype) in tiles, (n, d)
