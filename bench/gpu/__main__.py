@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir", type=Path, help="folder for gpu-<device>.{md,json,png}")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 450; dry 150)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated sections to run (e.g. kernels,loop for a rerun); the rest are skipped")
     parser.add_argument("--build-dir", type=Path, default=Path("/tmp/hotloop-bench-gpu-build"),
                         help="where the CUDA row kernels are compiled")
     return parser.parse_args(argv)
@@ -32,14 +34,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Runner:
     """Runs sections under the wall-clock budget and records them in the report."""
 
-    def __init__(self, report, budget_s: float) -> None:
-        self.report, self.budget_s, self.start = report, budget_s, time.monotonic()
+    def __init__(self, report, budget_s: float, only: set[str] | None = None) -> None:
+        self.report, self.budget_s, self.start, self.only = report, budget_s, time.monotonic(), only
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.start)
 
     def section(self, name: str, cases: list, run_case, estimate_s: float, *, fatal_skip: bool = True) -> None:
         """``run_case(case)`` for each case while ``estimate_s`` per case still fits in the budget."""
+        if self.only is not None and name not in self.only:
+            self.report.skipped.append((f"timing {name}" if not fatal_skip else f"unselected {name}", "--only"))
+            return
         t0 = time.monotonic()
         print(f"== {name}: {len(cases)} case(s), {self.left():.0f} s left", flush=True)
         for k, case in enumerate(cases):
@@ -81,8 +86,10 @@ def main(argv=None) -> int:
     from ._sections import run_all
 
     device = torch.device("cpu" if args.dry_run else "cuda")
+    only = None if args.only is None else {s.strip() for s in args.only.split(",")}
     budget = args.budget_s if args.budget_s is not None else (150.0 if args.dry_run else 450.0)
-    report = run_all(device, dry=args.dry_run, runner_factory=lambda r: Runner(r, budget), build_dir=args.build_dir)
+    report = run_all(device, dry=args.dry_run, runner_factory=lambda r: Runner(r, budget, only),
+                     build_dir=args.build_dir)
     paths = report.write(args.out_dir)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     for line in report.failed:

@@ -44,7 +44,7 @@ class Report:
         """What makes the run fail: a check out of tolerance, a crashed section, a skipped correctness section."""
         bad = [f"{c.section}: {c.name}: {c.kind} error {c.error:.3e} > {c.tol:.1e}" for c in self.checks if not c.ok]
         bad += [f"{s}: crashed: {e}" for s, e in self.errors]
-        return bad + [f"{s}: skipped ({why})" for s, why in self.skipped if not s.startswith("timing")]
+        return bad + [f"{s}: skipped ({why})" for s, why in self.skipped if not s.startswith(("timing", "unselected"))]
 
     def write(self, out_dir: Path) -> dict[str, Path]:
         meta = dict(self.meta, notes=self.meta.get("notes", []))
@@ -67,7 +67,8 @@ class Report:
             dry = " (dry run: interpreter timings on CPU, not meaningful)" if self.meta.get("dry_run") else ""
             lines += [f"## Targets{dry}", "", "| target | measured | goal | met |", "|---|---|---|---|"]
             lines += [f"| {t['name']} | {t['value']} | {t['goal']} | {t['met']} |" for t in self.targets] + [""]
-        lines += ["## Correctness (float64 references)", "", "| section | check | error | tol | ok |", "|---|---|---|---|---|"]
+        lines += ["## Correctness (float64 references)", "", "| section | check | error | tol | ok |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {c.section} | {c.name} | {c.kind} {c.error:.2e} | {c.tol:.0e} | {'ok' if c.ok else 'FAIL'} |"
                   for c in self.checks]
         lines += ["", *(f"- skipped {s}: {why}" for s, why in self.skipped), "", "## Timings", ""]
