@@ -9,8 +9,10 @@ Accumulated alongside, re-centred whenever a max moves (m → m'):
     A = Σ e^{zp−mp}((zp − mp) − (zq − mq))    A' = α_p(A + S_p·(Δp − Δq)) + …   KL(p‖q) = A/S_p − log S_p + log S_q
     B = Σ e^{zq−mq}((zq − mq) − (zp − mp))    B' = α_q(B + S_q·(Δq − Δp)) + …   KL(q‖p) = B/S_q − log S_q + log S_p
 
-(α = e^{m−m'}, Δ = m − m'). "jsd" needs both normalizers before M = βq + (1−β)p exists, so a second stats
-pass sums J_p = Σ p(log p − log M) and J_q = Σ q(log q − log M); JSD = β·J_q + (1−β)·J_p.
+(α = e^{m−m'}, Δ = m − m'). −inf logits (a masking bias) are shifted and dropped as in the log-prob kernels:
+columns with p = 0 (q = 0) add 0 to E, A, J_p (B, J_q) and get a zero gradient. "jsd" needs both normalizers
+before M = βq + (1−β)p exists, so a second stats pass sums J_p = Σ p(log p − log M) and J_q = Σ q(log q − log M);
+JSD = β·J_q + (1−β)·J_p.
 
 Forward: grid (cdiv(N, BLOCK_N), SPLITS), as ``_fused_linear_logprob_triton``; [k, SPLITS, N] partials are
 merged by a few torch ops. Gradient: the vocabulary is walked in chunks of Vc columns; a kernel recomputes

@@ -7,7 +7,9 @@ Math (notation of ``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T
     d(g_lp·logp + g_ent·H)/dx_j = s·[g_lp(1[j=t] − p_j) − g_ent·p_j(log p_j + H)].
 
 The second form of H (shifted by the running max m) avoids the cancellation of lse − Σ p·z when the
-logits are large (|z| ~ 1e4 keeps full fp32 accuracy).
+logits are large (|z| ~ 1e4 keeps full fp32 accuracy). −inf logits (a bias masking vocabulary, whole tiles
+or splits of it) have p = 0 and add 0·log 0 = 0: a row with no finite column yet is shifted by 0, not by its
+max, and terms with p = 0 are dropped before they multiply a −inf, as on the CPU path.
 
 Forward: grid (cdiv(N, BLOCK_N), SPLITS). A program owns BLOCK_N rows and a contiguous range of
 vocabulary tiles; per [BLOCK_N, BLOCK_V] tile it computes the logits with ``tl.dot`` over D (fp32
