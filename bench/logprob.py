@@ -1,6 +1,7 @@
 """Fused linear log-prob benchmark: per-token ``log p(target)`` of ``hidden @ weight.T``.
 
-    python -m bench.logprob [--sizes N,D,V ...] [--dtype fp32|bf16] [--reps k] [--quick]
+    python -m bench.logprob [--sizes N,D,V ... | --seqs 1,4,16 --tokens 128,512,2048 [--dim D --vocab V]]
+                            [--dtype fp32|bf16] [--reps k] [--quick]
 
 Each implementation is timed in two modes, in the same process on the same inputs:
 ``fwd+bwd`` (forward, then ``logp.backward(g)`` with ``g ~ randn[N]`` float32) and
@@ -38,6 +39,7 @@ from bench._harness import (MB, RESULTS_DIR, Contender, Row, Unavailable, collec
 
 LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("fwd+bwd", "fwd (no grad)")
+RATIOS_TO = ("floor", "naive", "torch", "cce")  # the × columns: the floor, materializing baselines, chunked peers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_SIZES, CPU_QUICK = [(2048, 512, 32000)], [(256, 128, 4096)]
 CUDA_SIZES = [(2048, 2048, 32000), (8192, 2048, 32000), (2048, 4096, 128256), (8192, 4096, 128256),
@@ -227,7 +229,8 @@ def run(sizes, *, dtype: torch.dtype, device: torch.device, warmup: int, reps: i
 
 
 NOTES = [
-    "× floor / × naive: median time over that of `floor` / `naive` at the same size and mode. "
+    "× floor / × naive / × torch / × cce: median time over that of `floor` / `naive` / `torch` / `cce` at the same "
+    "size and mode. "
     "floor = real torch.mm timings of the same shapes and dtype: one h @ W.T without grad; four "
     "matmul-equivalents with grad (logits, logits recomputed, G @ W, G.T @ h).",
     "fwd+bwd: logp.backward(g), g ~ randn[N] float32; its peak memory includes grad_hidden and grad_weight, "
@@ -251,6 +254,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = ["floor"] + [p.name for p in PEERS]
     parser = argparse.ArgumentParser(prog="python -m bench.logprob", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=_parse_size, help="N,D,V triples (default: by device)")
+    parser.add_argument("--seqs", help="grid: comma-separated sequence counts S (with --tokens: N = S·T rows)")
+    parser.add_argument("--tokens", help="grid: comma-separated tokens per sequence T")
+    parser.add_argument("--dim", type=int, default=512, help="grid: hidden size D (default 512)")
+    parser.add_argument("--vocab", type=int, default=32000, help="grid: vocabulary V (default 32000)")
+    parser.add_argument("--max-rows", type=int, default=16384, help="grid: skip cells of more rows (default 16384)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--reps", type=int, help="timed calls (default: 5 CPU, 20 CUDA, 3 with --quick)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default: 2 CPU, 5 CUDA, 1 with --quick)")
@@ -262,6 +270,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.impls.split(",")) - set(names)
     if unknown:
         parser.error(f"--impls: unknown {sorted(unknown)}; expected a subset of {names}")
+    if (args.seqs is None) != (args.tokens is None):
+        parser.error("--seqs and --tokens go together (the grid is S × T)")
+    if args.seqs is not None:
+        try:
+            grid = [(int(s), int(t)) for s in args.seqs.split(",") for t in args.tokens.split(",")]
+        except ValueError:
+            parser.error(f"--seqs / --tokens: expected comma-separated integers, got {args.seqs!r}, {args.tokens!r}")
+        args.sizes = [(s * t, args.dim, args.vocab) for s, t in grid if s * t <= args.max_rows]
     return args
 
 
@@ -279,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     rows = run(sizes, dtype=dtype, device=device, warmup=warmup, reps=reps, impls=args.impls.split(","))
     meta = collect_meta(device, slug=device_slug(device), dtype=str(dtype).removeprefix("torch."), warmup=warmup,
                         reps=reps, threads=torch.get_num_threads(), peers=_peer_versions(), notes=NOTES)
-    paths = write_results("logprob", rows, meta, ratios_to=("floor", "naive"), out_dir=args.out_dir)
+    ratios_to = tuple(impl for impl in RATIOS_TO if impl in args.impls.split(","))
+    paths = write_results("logprob", rows, meta, ratios_to=ratios_to, out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths
 

@@ -13,8 +13,10 @@ tensors in Liger's order, or JSD's ``loss`` / ``(loss, soft_loss, hard_loss)``. 
 
 - DPO, CPO, SimPO, ORPO → ``fused_linear_dpo_loss`` (``reference_free`` without a reference, ``length_normalize`` =
   ``average_log_prob``, ``nll_coef`` = ``alpha``, ``loss_type="orpo"``): 3 matmuls (2·N_a·V·D FLOPs each) with the
-  ``"grouped"`` strategy, 4 with ``"two_pass"``, + 1 for a reference head (on CUDA one more each: the Triton
-  backward recomputes the logits);
+  ``"grouped"`` strategy (what ``"auto"`` picks unless one pair's ``[2T, V]`` fp32 block exceeds 1/8 of the available
+  memory), 4 with ``"two_pass"``, + 1 for a reference head (on CUDA one more each: the Triton backward recomputes
+  the logits). The classes add no matmul and no ``[N, V]``- or ``[V, D]``-sized pass over the direct call: the
+  logits means cost ``N·D + V·D``;
 - KTO → ``fused_linear_kto_loss`` (as DPO); GRPO → ``fused_linear_grpo_loss`` (3, CUDA 4; + 1 for a reference head);
 - JSD → ``fused_linear_kl`` (Liger's β = 0 is ``"reverse_kl"``, β = 1 ``"kl"``, else ``"jsd"``; 4 matmuls, CUDA 6,
   ``"jsd"`` 8) plus ``fused_linear_sft_loss`` for the hard loss (3 more over the student, CUDA 4). Liger: 3 per

@@ -158,7 +158,14 @@ def test_logprob_bench_error_column_is_small_for_exact_implementations(tmp_path,
     assert all(err < 1e-4 for err in errors.values()), errors
 
 
+def test_logprob_grid_axes_give_sizes_and_skip_large_cells():
+    args = logprob.parse_args(["--seqs", "1,16", "--tokens", "128,2048", "--dim", "64", "--vocab", "1000"])
+    assert args.sizes == [(128, 64, 1000), (2048, 64, 1000), (2048, 64, 1000)]  # 16 × 2048 > 16384 rows: skipped
+
+
 def test_logprob_cli_rejects_bad_sizes_and_unknown_impls():
+    with pytest.raises(SystemExit):
+        logprob.parse_args(["--seqs", "1"])  # --tokens missing
     with pytest.raises(SystemExit):
         logprob.parse_args(["--sizes", "1,2"])
     with pytest.raises(SystemExit):
