@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from hotloop.runtime.checkpoint_files import read_json_state
+
 SAFE_ON_RESUME = ("loop.steps", "loop.eval_every", "loop.checkpoint_every", "loop.out_dir", "task.eval_problems",
                   "model.cache_dir")
 """Config keys that leave the trajectory of the steps already taken unchanged: length of the run,
@@ -172,6 +174,11 @@ def check_resume(old: Mapping, new: Mapping, *, allow: Iterable[str] = (), force
             f"({'; '.join(refused)}). Keys safe to change: {', '.join(SAFE_ON_RESUME)}; allow another key with "
             f"--allow-change KEY, or resume anyway with --force-resume")
     return changes
+
+
+def saved_run_config(path: str | Path) -> dict | None:
+    """The run config a checkpoint directory stores (``Trainer(run_config=...)``), or None."""
+    return read_json_state(Path(path), "trainer").get("extra", {}).get("run_config")
 
 
 class _Missing:
