@@ -165,8 +165,9 @@ def check_resume(old: Mapping, new: Mapping, *, allow: Iterable[str] = (), force
         ResumeMismatchError: listing each refused key, old → new, and how to override.
     """
     allowed = (*SAFE_ON_RESUME, *allow)
-    changes = [f"{key}: {_show(a)} → {_show(b)}" for key, a, b in config_diff(old, new)]
-    refused = [line for line, (key, _, _) in zip(changes, config_diff(old, new))
+    diff = config_diff(old, new)
+    changes = [f"{key}: {a!r} → {b!r}" for key, a, b in diff]
+    refused = [line for line, (key, _, _) in zip(changes, diff)
                if not any(key == k or key.startswith(k + ".") for k in allowed)]
     if refused and not force:
         raise ResumeMismatchError(
@@ -196,7 +197,3 @@ def _normal(value):
     if isinstance(value, float) and math.isinf(value):
         return str(value)
     return value
-
-
-def _show(value) -> str:
-    return repr(value) if not isinstance(value, _Missing) else "(absent)"
