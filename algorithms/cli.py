@@ -31,8 +31,11 @@ from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.algorithms.rewards.build import build_reward
 from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
+from hotloop.algorithms.inputs import check_inputs
+from hotloop.runtime.checkpoint import CheckpointError, latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.guards import NonFiniteError, check_resume, saved_run_config
 from hotloop.runtime.loop import PHASES, LoopResult, OnlineLoop
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, make_reference
@@ -218,7 +221,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     t0 = time.perf_counter()
     setup = build_setup(config, progress=progress)
     reference = make_reference(setup.model)
-    trainer = Trainer(setup.model, config.trainer, reference=reference)
+    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config_json(config))
     tok = setup.tokenizer
     sampling = sampling_params(config.sampling, tok)
     engine = make_engine(setup.model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
@@ -322,6 +325,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="config override, e.g. dpo.beta=0.2 (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                       help="with --resume: accept a changed config KEY (or section) beyond the safe ones")
+        p.add_argument("--force-resume", action="store_true",
+                       help="with --resume: continue even if the config differs from the checkpoint's")
     return parser
 
 
@@ -342,12 +349,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(getattr(args, "config", None), overrides + args.overrides)
         resolve_device(config.model.device)
-    except ValueError as err:
-        print(f"hotloop: config error: {err}", file=sys.stderr)
+        check_inputs(config)
+        if args.resume:
+            check_resume_config(config, allow=args.allow_change, force=args.force_resume)
+    except (ValueError, CheckpointError) as err:
+        print(f"hotloop: config error: {_one_line(err)}", file=sys.stderr)
         return 2
-    summary = run(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = run(config, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteError as err:
+        print(f"hotloop: run stopped: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:
+        print(f"hotloop: missing optional package: {err.name} (pip install {err.name})", file=sys.stderr)
+        return 2
     print_table(summary)
     if summary["interrupted"]:
         print(f"interrupted after step {summary['steps']}; continue with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def run_config_json(config: RunConfig) -> dict:
+    """``config`` as JSON values (tuples become lists), as checkpoints store it."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def check_resume_config(config: RunConfig, *, allow=(), force: bool = False) -> None:
+    """Refuse ``--resume`` when the newest good checkpoint of ``loop.out_dir`` was written by another run config
+    (``ResumeMismatchError``, a ValueError); print each accepted change."""
+    path = latest_checkpoint(config.loop.out_dir)
+    saved = None if path is None else saved_run_config(path)
+    if saved is None:
+        return
+    for line in check_resume(saved, run_config_json(config), allow=allow, force=force):
+        print(f"hotloop: resume: {line}", file=sys.stderr)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

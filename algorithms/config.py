@@ -81,6 +81,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device: expected one of {DEVICES} or 'cuda:N', got {self.device!r}")
+        _check_fields(self, (
+            ("path", lambda v: v is None or (isinstance(v, str) and v), "None or a model directory"),
+            ("warm_start_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+            ("warm_start_error_rate", lambda v: _is_real(v) and 0 <= v <= 1, "a float in [0, 1]"),
+            ("cache_dir", lambda v: isinstance(v, str) and v, "a directory"),
+        ))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +111,11 @@ class TaskConfig:
             raise ValueError("prompts: task 'jsonl' needs a JSONL file of prompts, got None")
         if not isinstance(self.eval_problems, int) or self.eval_problems < 1:
             raise ValueError(f"eval_problems: expected an int >= 1, got {self.eval_problems!r}")
+        _check_fields(self, (
+            ("digits", lambda v: _is_int(v) and 1 <= v <= 18, "an int in [1, 18]"),
+            ("op", lambda v: v in ("+", "-"), "'+' or '-'"),
+            ("prompts", lambda v: v is None or (isinstance(v, str) and v), "None or a JSONL file"),
+        ))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +172,13 @@ class SamplingConfig:
     """Strings that end a completion, each one token of the run's tokenizer (mapped to its id at start)."""
 
     def __post_init__(self) -> None:
+        _check_fields(self, (
+            ("temperature", lambda v: _is_real(v) and v >= 0, "a float >= 0 (0 = greedy)"),
+            ("top_p", lambda v: _is_real(v) and 0 < v <= 1, "a float in (0, 1]"),
+            ("top_k", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
+            ("max_new_tokens", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+            ("max_batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+        ))
         ids = self.stop_token_ids
         if not isinstance(ids, tuple) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                                                  for t in ids):
@@ -246,9 +264,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """``RunConfig`` from a YAML file (or the defaults when None) with ``key.sub=value`` overrides applied."""
     data = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+        data = _read_yaml(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -259,8 +275,33 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"{key}: {part!r} is a value, not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{key}: expected a YAML value, got {value!r} ({_yaml_problem(err)})") from None
     return _build(RunConfig, data, "", base=None)
+
+
+def _read_yaml(path: Path) -> dict:
+    """The top-level mapping of a YAML file; a missing file or a syntax error is a ValueError naming file:line:col."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"{path}: expected a readable YAML config file, got {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    return " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part) \
+        or str(err).splitlines()[0]
 
 
 def _build(cls, data: dict, prefix: str, base):
@@ -310,3 +351,19 @@ def _coerce(value, hint):
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_fields(section, checks) -> None:
+    """Raise ``ValueError("name: expected X, got Y")`` for the first field of ``section`` failing its check."""
+    for name, ok, expected in checks:
+        value = getattr(section, name)
+        if not ok(value):
+            raise ValueError(f"{name}: expected {expected}, got {value!r}")

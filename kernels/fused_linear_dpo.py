@@ -36,7 +36,7 @@ from ._fused_linear_common import (
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
-from .losses._checks import check_choice, check_tensor
+from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.output import LossOutput
 
 LOSS_TYPES = (*_dpo.LOSS_TYPES, "orpo")
@@ -158,6 +158,9 @@ def fused_linear_dpo_loss(
     check_choice("loss_type", loss_type, LOSS_TYPES)
     check_choice("strategy", strategy, STRATEGIES)
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
+              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_logps=(ref_logps, "float"),
+              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
     _check_batch(layout, loss_type, nll_coef, reference_free, ref_logps, ref_hidden, ref_weight, ref_bias)
     options = {} if loss_type == "orpo" else dict(label_smoothing=label_smoothing, length_normalize=length_normalize,

@@ -36,7 +36,7 @@ from ._fused_linear_common import (
     reference_padded,
 )  # fmt: skip
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_tensor
+from .losses._checks import check_aux, check_tensor
 from .losses.grpo import _Options, grpo_loss, grpo_per_token, loss_weights
 from .losses.output import LossOutput
 
@@ -170,6 +170,10 @@ def fused_linear_grpo_loss(
     opts = {f.name: args[f.name] for f in fields(_Options)}  # grpo_loss's options, as grpo_loss gathers them
     _Options(**opts)  # checks every option before any matmul
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
+    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
+              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), advantages=(advantages, "float"),
+              old_logp=(old_logp, "float"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
+              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **lp_opts)
     check_tensor("advantages", advantages, (layout.num_seqs,))
     check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")

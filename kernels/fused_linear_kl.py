@@ -48,7 +48,7 @@ from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
 from . import _torch_tiles as tiles
 from .fused_linear_logprob import _FLOAT_DTYPES
-from .losses._checks import check_choice
+from .losses._checks import check_aux, check_choice
 from .losses.output import LossOutput
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -254,6 +254,9 @@ def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weigh
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
     _check_options(divergence, beta, normalize)
+    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
+              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_hidden=(ref_hidden, "float"),
+              ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
                          ignore_index=ignore_index)  # fmt: skip
     _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])

@@ -25,7 +25,7 @@ from ._fused_linear_common import (
     reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
 )  # fmt: skip
 from .fused_linear_logprob import reference_fused_linear_logprob
-from .losses._checks import check_choice, check_tensor
+from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.kto import kto_loss
 from .losses.output import LossOutput
 
@@ -79,6 +79,8 @@ def fused_linear_kto_loss(
         position, padding included; TRL 1.16's ``logits/chosen`` is this over V × the chosen completion tokens).
     """
     check_choice("strategy", strategy, STRATEGIES)
+    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
+              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), labels=(labels, "bool"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
                          ignore_index=ignore_index)  # fmt: skip
     b = layout.num_seqs

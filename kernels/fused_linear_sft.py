@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ._fused_linear_common import attach_grads, forward_stats, grads_needed, make_layout, reference_padded
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_choice, check_tensor
+from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.sft import sft_loss
 
@@ -56,6 +56,8 @@ def fused_linear_sft_loss(
         included, which the trainer accumulates).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
+    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
+              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), weights=(weights, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
                          ignore_index=ignore_index)  # fmt: skip
     if weights is not None:

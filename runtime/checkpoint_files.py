@@ -74,6 +74,16 @@ def read_state(path: Path, name: str):
     return _decode(json.loads((path / f"{name}.json").read_text()), tensors)
 
 
+def read_json_state(path: Path, name: str):
+    """The JSON part of :func:`write_state`'s ``name`` alone (its tensors as None), without reading ``.pt``."""
+    return _decode(json.loads((path / f"{name}.json").read_text()), _NoTensors())
+
+
+class _NoTensors:
+    def __getitem__(self, index: int) -> None:
+        return None
+
+
 def _encode(value, tensors: list):
     if isinstance(value, torch.Tensor):
         tensors.append(value)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from hotloop.runtime.checkpoint_files import read_json_state
+
 SAFE_ON_RESUME = ("loop.steps", "loop.eval_every", "loop.checkpoint_every", "loop.out_dir", "task.eval_problems",
                   "model.cache_dir")
 """Config keys that leave the trajectory of the steps already taken unchanged: length of the run,
@@ -163,8 +165,9 @@ def check_resume(old: Mapping, new: Mapping, *, allow: Iterable[str] = (), force
         ResumeMismatchError: listing each refused key, old → new, and how to override.
     """
     allowed = (*SAFE_ON_RESUME, *allow)
-    changes = [f"{key}: {_show(a)} → {_show(b)}" for key, a, b in config_diff(old, new)]
-    refused = [line for line, (key, _, _) in zip(changes, config_diff(old, new))
+    diff = config_diff(old, new)
+    changes = [f"{key}: {a!r} → {b!r}" for key, a, b in diff]
+    refused = [line for line, (key, _, _) in zip(changes, diff)
                if not any(key == k or key.startswith(k + ".") for k in allowed)]
     if refused and not force:
         raise ResumeMismatchError(
@@ -172,6 +175,11 @@ def check_resume(old: Mapping, new: Mapping, *, allow: Iterable[str] = (), force
             f"({'; '.join(refused)}). Keys safe to change: {', '.join(SAFE_ON_RESUME)}; allow another key with "
             f"--allow-change KEY, or resume anyway with --force-resume")
     return changes
+
+
+def saved_run_config(path: str | Path) -> dict | None:
+    """The run config a checkpoint directory stores (``Trainer(run_config=...)``), or None."""
+    return read_json_state(Path(path), "trainer").get("extra", {}).get("run_config")
 
 
 class _Missing:
@@ -189,7 +197,3 @@ def _normal(value):
     if isinstance(value, float) and math.isinf(value):
         return str(value)
     return value
-
-
-def _show(value) -> str:
-    return repr(value) if not isinstance(value, _Missing) else "(absent)"

@@ -210,7 +210,7 @@ class OnlineLoop:
             if self.config.sleep_between_phases:
                 self.engine.sleep()
             if batch is not None:
-                record.update(self._train(batch, step))
+                record.update(self._train(batch))
         record.update(skip or {})
         record.update({f"time/{name}": seconds for name, seconds in times.items()})
         record["skipped"] = batch is None
@@ -222,14 +222,14 @@ class OnlineLoop:
                  "config": dataclasses.asdict(self.config)}
         return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
 
-    def _train(self, batch, step: int) -> dict:
+    def _train(self, batch) -> dict:
         """One optimizer step on ``batch``, cut into micro batches when ``grad_accum_steps > 1``; skipped by the
         trainer when the loss or the gradient norm is non-finite."""
         k = self.trainer.config.grad_accum_steps
         parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
         reference = self.trainer.reference
         return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                 [b for b, _ in parts], weights=[w for _, w in parts], label=f"loop step {step}")
+                                 [b for b, _ in parts], weights=[w for _, w in parts])
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""

@@ -154,6 +154,7 @@ class Trainer:
                                    schedule=config.schedule)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skipped_nonfinite = 0
+        self.step_label: str | None = None
         self.run_config = run_config
 
     @property
@@ -166,8 +167,8 @@ class Trainer:
         """Learning rate the next ``step`` uses."""
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *, weights: Sequence[float] | None = None,
-             label: str | None = None) -> dict[str, float]:
+    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *,
+             weights: Sequence[float] | None = None) -> dict[str, float]:
         """One optimizer step accumulating gradients over ``micro_batches``, skipped when anything is non-finite.
 
         Args:
@@ -176,7 +177,6 @@ class Trainer:
             micro_batches: 1 to ``config.grad_accum_steps`` micro batches (any objects loss_fn takes).
             weights: one float >= 0 per micro batch, summing to 1 (e.g. its share of the loss normaliser,
                 see ``hotloop.runtime.micro_batches.split_batch``); None = equal weights.
-            label: names the step in a ``NonFiniteError`` (default: "optimizer step <version>").
 
         Returns:
             ``loss`` (the weighted sum over micro batches), ``grad_norm`` (before clipping), ``lr`` (used by
@@ -202,7 +202,7 @@ class Trainer:
         # one host sync before the optimizer step: a non-finite loss or gradient must not reach the weights
         bad = guards.first_nonfinite({"loss": totals["loss"], "grad_norm": grad_norm})
         if bad is not None:
-            return self._skip(bad, label)
+            return self._skip(bad)
         lr = self.lr
         self.optimizer.step()
         self.scheduler.step()
@@ -212,21 +212,25 @@ class Trainer:
     def guard_inputs(self, inputs: dict[str, torch.Tensor], *, label: str | None = None) -> dict | None:
         """Count a skipped step when one of ``inputs`` (the online loop's rewards) is non-finite.
 
+        ``label`` (e.g. "loop step 7") names the step in the warnings and ``NonFiniteError`` of this check and
+        of the ``step`` that follows (default: "optimizer step <version>").
+
         Returns:
             None when every input is finite; else the metrics of a skipped step (as ``step`` returns them).
 
         Raises:
             NonFiniteError: when more than ``config.max_skipped_steps`` steps have been skipped.
         """
+        self.step_label = label
         bad = guards.first_nonfinite(inputs)
-        return None if bad is None else self._skip(bad, label)
+        return None if bad is None else self._skip(bad)
 
-    def _skip(self, bad: tuple[str, str], label: str | None) -> dict:
+    def _skip(self, bad: tuple[str, str]) -> dict:
         """Drop this step's gradients, count the skip and stop the run past the limit."""
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_nonfinite += 1
         name, value = bad
-        where = label or f"optimizer step {self.version}"
+        where = self.step_label or f"optimizer step {self.version}"
         if self.skipped_nonfinite > self.config.max_skipped_steps:
             raise guards.NonFiniteError(
                 f"{where}: {name} is non-finite ({value}); {self.skipped_nonfinite} steps skipped, more than "

@@ -21,6 +21,9 @@ class RewardFn(Protocol):
         completions: n completion texts, ``completions[i]`` answering ``problems[i]``.
     Returns:
         [n] float32 on the CPU; larger is better.
+
+    A reward function may declare ``reward_range = (low, high)``; the online loop reports every reward
+    outside it, or non-finite, with its completion (``hotloop.runtime.guards.check_rewards``).
     """
 
     def __call__(self, problems: list, completions: list[str]) -> torch.Tensor: ...

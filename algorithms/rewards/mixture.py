@@ -32,6 +32,15 @@ class WeightedMixture:
             raise ValueError(f"components: expected at least one positive weight, got {[w for _, w in components]}")
         self.components = [(fn, float(w)) for fn, w in components]
 
+    @property
+    def reward_range(self) -> tuple[float, float] | None:
+        """``(Σ w_k low_k, Σ w_k high_k)`` when every source declares a range, else None."""
+        ranges = [getattr(fn, "reward_range", None) for fn, _ in self.components]
+        if any(r is None for r in ranges):
+            return None
+        return (sum(w * r[0] for (_, w), r in zip(self.components, ranges)),
+                sum(w * r[1] for (_, w), r in zip(self.components, ranges)))
+
     def __call__(self, problems: list, completions: list[str]) -> torch.Tensor:
         check_batch(problems, completions)
         total = torch.zeros(len(problems), dtype=torch.float32)

@@ -22,6 +22,8 @@ from hotloop.algorithms.rewards.reward_model import RuleBasedReward
 class ExactMatchReward(RuleBasedReward):
     """Reward = ``task.score(problem, completion)`` (1.0 for an exact answer, else 0.0)."""
 
+    reward_range = (0.0, 1.0)
+
     def __init__(self, task) -> None:
         if not callable(getattr(task, "score", None)):
             raise TypeError(f"task: expected an object with a score(problem, completion) method, got {task!r}")
@@ -31,6 +33,8 @@ class ExactMatchReward(RuleBasedReward):
 
 class MathVerifyReward:
     """Reward = 1.0 when math-verify finds the completion's answer equal to ``problem.answer``."""
+
+    reward_range = (0.0, 1.0)
 
     def __init__(self, *, timeout_seconds: int = 5) -> None:
         if not isinstance(timeout_seconds, int) or timeout_seconds < 1:

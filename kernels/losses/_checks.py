@@ -1,9 +1,19 @@
-"""Argument checks shared by the public losses (ValueError naming argument, value seen, value expected)."""
+"""Argument checks shared by the public losses and fused entry points (ValueError/TypeError naming the
+argument, the value seen and the value expected).
+
+Masks: a mask *selects* tokens. Any nonzero value (True, 1, 0.5, -2) includes the token with weight 1;
+zero excludes it. The functional losses (``as_mask``) and the fused path (``make_layout``:
+``mask.bool()``) agree; per-token weights belong in the advantages or ``weights``, not the mask.
+
+Devices and dtypes: :func:`check_aux` is called once at every public entry point on the auxiliary
+tensors (advantages, old/ref/sampler log-probs, masks, labels, lengths, cu_seqlens), so a CPU
+``advantages`` beside CUDA hidden states fails here, naming the argument, not deep in a launcher."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor
 
 
@@ -32,6 +42,40 @@ def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
 
 
 def as_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
-    """A bool or 0/1 ``mask`` with ``like``'s shape, as a float tensor in ``like``'s dtype."""
+    """``mask`` (``like``'s shape) as 1.0 where nonzero, 0.0 elsewhere, in ``like``'s dtype (module docstring)."""
     check_mask(mask, like, name)
-    return mask.to(like.dtype)
+    return (mask != 0).to(like.dtype)
+
+
+_KINDS = {"float": "a floating-point", "int": "an integer", "mask": "a bool or real-number", "bool": "a bool"}
+
+
+def _kind_ok(t: Tensor, kind: str) -> bool:
+    if kind == "float":
+        return t.is_floating_point()
+    if kind == "int":
+        return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+    if kind == "bool":
+        return t.dtype == torch.bool
+    return not t.is_complex()
+
+
+def check_aux(like_name: str, like: Tensor, **tensors: tuple[Tensor | None, str]) -> None:
+    """Raise unless each ``name=(tensor, kind)`` (tensor None: skipped) is a tensor on ``like``'s device whose
+    dtype is of ``kind`` ("float", "int", "mask" or "bool")."""
+    if not isinstance(like, Tensor):
+        raise TypeError(f"{like_name} must be a torch.Tensor, got {type(like).__name__}")
+    for name, (t, kind) in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != like.device:
+            raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {t.device}")
+        if not _kind_ok(t, kind):
+            raise TypeError(f"{name} must be {_KINDS[kind]} tensor, got dtype {t.dtype}")
+
+
+def mean_or_zero(x: Tensor) -> Tensor:
+    """Mean of ``x``; an empty ``x`` gives 0 (and a zero gradient), the documented loss of an empty batch."""
+    return x.sum() / max(x.numel(), 1)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice, check_tensor
+from ._checks import check_aux, check_choice, check_tensor, mean_or_zero
 from .output import LossOutput
 
 LOSS_TYPES = (
@@ -146,6 +146,10 @@ def dpo_loss(
         (and ``nll_loss`` when given).
     """
     check_tensor("chosen_logps", chosen_logps, ndim=1)
+    check_aux("chosen_logps", chosen_logps, chosen_logps=(chosen_logps, "float"),
+              rejected_logps=(rejected_logps, "float"), ref_chosen_logps=(ref_chosen_logps, "float"),
+              ref_rejected_logps=(ref_rejected_logps, "float"), chosen_lengths=(chosen_lengths, "mask"),
+              rejected_lengths=(rejected_lengths, "mask"))
     n = chosen_logps.shape[0]
     refs = (ref_chosen_logps, ref_rejected_logps)
     _check_pairs(
@@ -166,24 +170,24 @@ def dpo_loss(
         rho_c = rho_c / chosen_lengths.to(rho_c.dtype).clamp_min(1.0)
         rho_r = rho_r / rejected_lengths.to(rho_r.dtype).clamp_min(1.0)
     losses = _pair_losses(rho_c, rho_r, loss_type, beta, label_smoothing, gamma, discopop_tau)
-    loss = losses.mean()
+    loss = mean_or_zero(losses)
     if nll_loss is not None:
-        loss = loss + nll_coef * nll_loss.mean()
+        loss = loss + nll_coef * mean_or_zero(nll_loss)
     return LossOutput(loss, _pair_metrics(beta * rho_c, beta * rho_r, chosen_logps, rejected_logps, nll_loss))
 
 
 @torch.no_grad()
 def _pair_metrics(rw_c: Tensor, rw_r: Tensor, logp_c: Tensor, logp_r: Tensor, nll: Tensor | None) -> dict:
     out = {
-        "rewards/chosen": rw_c.mean(),
-        "rewards/rejected": rw_r.mean(),
-        "rewards/margins": (rw_c - rw_r).mean(),
-        "rewards/accuracies": (rw_c > rw_r).float().mean(),
-        "logps/chosen": logp_c.mean(),
-        "logps/rejected": logp_r.mean(),
+        "rewards/chosen": mean_or_zero(rw_c),
+        "rewards/rejected": mean_or_zero(rw_r),
+        "rewards/margins": mean_or_zero(rw_c - rw_r),
+        "rewards/accuracies": mean_or_zero((rw_c > rw_r).float()),
+        "logps/chosen": mean_or_zero(logp_c),
+        "logps/rejected": mean_or_zero(logp_r),
     }
     if nll is not None:
-        out["nll_loss"] = nll.mean()
+        out["nll_loss"] = mean_or_zero(nll)
     return {k: v.detach() for k, v in out.items()}
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
-from ._checks import as_mask, check_choice, check_mask, check_tensor
+from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .kl_penalty import ESTIMATORS, _kl
 from .output import LossOutput
 from .segments import unpack
@@ -192,6 +192,9 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
 def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options) -> None:
     """Shapes and the options' tensor requirements (ValueError naming the argument)."""
     check_tensor("logp", logp, ndim=2)
+    check_aux("logp", logp, logp=(logp, "float"), old_logp=(old_logp, "float"), advantages=(advantages, "float"),
+              mask=(mask, "mask"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
+              entropy=(entropy, "float"))
     shape = tuple(logp.shape)
     check_tensor("advantages", advantages, shape[:1])
     check_mask(mask, logp)
@@ -313,7 +316,7 @@ def grpo_loss(
         def scale(counts):
             return row_scale(counts, o.loss_type, logp.shape[1], **totals)
 
-        loss, sums = GrpoTokenLossFunction.apply(logp, entropy, old_logp, advantages, mask, ref_logp, sampler_logp, o,
+        loss, sums = GrpoTokenLossFunction.apply(logp, entropy, old_logp, advantages, mask != 0, ref_logp, sampler_logp, o,
                                                  scale)  # fmt: skip
         n, low, high, kl, ent = sums[0].clamp_min(1.0), sums[1], sums[2], sums[3], sums[4]
         low, high, kl, ent = low / n, high / n, kl / n, ent / n

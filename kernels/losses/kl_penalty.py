@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
-from ._checks import as_mask, check_choice, check_mask, check_tensor
+from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .segments import unpack
 
 ESTIMATORS = ("k1", "k2", "k3")
@@ -65,6 +65,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
         0-d tensor (a penalty term, not a ``LossOutput``): float32, or float64 for float64 input.
     """
     check_choice("estimator", estimator, ESTIMATORS)
+    check_aux("logp", logp, logp=(logp, "float"), ref_logp=(ref_logp, "float"), mask=(mask, "mask"),
+              cu_seqlens=(cu_seqlens, "mask"))
     if cu_seqlens is not None:
         logp, ref_logp, mask = unpack(cu_seqlens, ("logp", "ref_logp", "mask"), logp, ref_logp, mask)
     check_tensor("logp", logp, ndim=2)
@@ -73,7 +75,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
     if use_triton(logp.device) and logp.dtype != torch.float64:
         from ._kl_penalty_triton import KLPenaltyFunction
 
-        return KLPenaltyFunction.apply(logp, ref_logp, mask, estimator)
+        return KLPenaltyFunction.apply(logp, ref_logp, as_mask(mask, logp), estimator)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     kl = _kl(logp.to(dt), ref_logp.detach().to(dt), estimator)
     m = as_mask(mask, kl)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor
+from ._checks import check_aux, check_tensor, mean_or_zero
 from .output import LossOutput
 
 
@@ -66,6 +66,8 @@ def kto_loss(
         means with ``length_normalize``), ``count/{chosen,rejected}`` as TRL logs them.
     """
     check_tensor("logps", logps, ndim=1)
+    check_aux("logps", logps, logps=(logps, "float"), ref_logps=(ref_logps, "float"), labels=(labels, "bool"),
+              lengths=(lengths, "mask"))
     check_tensor("ref_logps", ref_logps, tuple(logps.shape))
     check_tensor("labels", labels, tuple(logps.shape))
     if labels.dtype != torch.bool:
@@ -83,7 +85,7 @@ def kto_loss(
     rho = logps - ref_logps
     sign = torch.full_like(rho, -1.0).masked_fill(labels, 1.0)
     weight = torch.full_like(rho, undesirable_weight).masked_fill(labels, desirable_weight)
-    loss = (weight * (1 - torch.sigmoid(beta * (rho - z0) * sign))).mean()
+    loss = mean_or_zero(weight * (1 - torch.sigmoid(beta * (rho - z0) * sign)))
     with torch.no_grad():
         rewards, lf = beta * rho, labels.to(rho.dtype)
         metrics = {

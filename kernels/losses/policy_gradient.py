@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
-from ._checks import as_mask, check_choice, check_mask, check_tensor
+from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .output import LossOutput
 from .segments import unpack
 
@@ -43,7 +43,7 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
     if use_triton(logp.device) and logp.dtype != torch.float64:
         from ._policy_gradient_triton import LinearTokenLossFunction
 
-        loss, rows = LinearTokenLossFunction.apply(logp, coef, mask, normalize)
+        loss, rows = LinearTokenLossFunction.apply(logp, coef, as_mask(mask, logp), normalize)
         return loss, rows.sum(0)
     dt = compute_dtype(logp)
     lp, m = logp.to(dt), as_mask(mask, logp).to(dt)
@@ -72,6 +72,8 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         (token means).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
+    check_aux("logp", logp, logp=(logp, "float"), advantages=(advantages, "float"), mask=(mask, "mask"),
+              cu_seqlens=(cu_seqlens, "mask"))
     if cu_seqlens is not None:
         per_token = tuple(advantages.shape) != (cu_seqlens.numel() - 1,)
         logp, mask, token_adv = unpack(cu_seqlens, ("logp", "mask", "advantages"), logp, mask,
@@ -88,7 +90,7 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
 
 def reference_policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), mask.double()
+    lp, m = logp.double(), (mask != 0).double()
     adv = advantages.double()
     adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
     rows = [(-adv[b] * lp[b] * m[b]).sum() for b in range(lp.shape[0])]

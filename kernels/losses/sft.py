@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_mask, check_tensor
+from ._checks import check_aux, check_choice, check_mask, check_tensor
 from .output import LossOutput
 from .policy_gradient import linear_token_loss
 from .segments import unpack
@@ -36,6 +36,8 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
         ``num_tokens`` (``Σ mask``).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
+    check_aux("logp", logp, logp=(logp, "float"), mask=(mask, "mask"), weights=(weights, "float"),
+              cu_seqlens=(cu_seqlens, "mask"))
     if cu_seqlens is not None:
         logp, mask = unpack(cu_seqlens, ("logp", "mask"), logp, mask)
     check_tensor("logp", logp, ndim=2)
@@ -48,7 +50,7 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
 
 def reference_sft_loss(logp: Tensor, mask: Tensor, weights: Tensor | None, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), mask.double()
+    lp, m = logp.double(), (mask != 0).double()
     w = torch.ones(lp.shape[0], dtype=torch.float64) if weights is None else weights.double()
     rows = [w[b] * (-lp[b] * m[b]).sum() for b in range(lp.shape[0])]
     if normalize == "token":

@@ -117,3 +117,21 @@ def test_trainer_refuses_to_checkpoint_a_poisoned_model(tmp_path):
         with pytest.raises(NonFiniteError, match=r"model: parameter .* is non-finite"):
             loop.checkpoint(1)
         assert latest_checkpoint(tmp_path) == good
+
+
+def test_rewards_outside_the_declared_range_are_reported_with_the_completion():
+    from hotloop.algorithms.rewards.mixture import WeightedMixture
+    from hotloop.algorithms.rewards.verifiers import ExactMatchReward
+    from hotloop.runtime.guards import check_rewards
+
+    class Task:
+        def score(self, problem, completion):
+            return 1.0
+
+    mixture = WeightedMixture([(ExactMatchReward(Task()), 2.0), (ExactMatchReward(Task()), 0.5)])
+    assert mixture.reward_range == (0.0, 2.5)
+    with fault("reward out of range"):
+        with pytest.warns(RewardRangeWarning, match=r"step 7: 2 of 3 rewards .* outside the declared range "
+                                                    r"\[0.0, 2.5\].*\[0\] reward 3.0 for completion '12'.*"
+                                                    r"\[2\] reward -0.5 for completion 'x'"):
+            assert check_rewards(torch.tensor([3.0, 1.0, -0.5]), ["12", "7", "x"], mixture, step=7) == 2
