@@ -38,6 +38,7 @@ memory to give back: ``sleep``/``wake`` only mark the engine asleep (``generate`
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -209,8 +210,14 @@ class VLLMEngine:
             raise RuntimeError("flush_cache: vLLM did not reset its prefix cache (requests still running)")
 
     def shutdown(self) -> None:
-        """Release vLLM's engine and remove the temporary model directory (when the engine made it)."""
+        """Release vLLM's engine and its process-wide state (another engine may start after it); remove the
+        temporary model directory (when the engine made it)."""
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
         self.llm = None
+        gc.collect()
+        destroy_model_parallel()
+        destroy_distributed_environment()
         if self._own_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
 
