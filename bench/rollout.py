@@ -1,9 +1,9 @@
 """Rollout benchmark: decode tokens/s of ``TorchEngine`` and ``VLLMEngine`` against the floors of the work.
 
-    python -m bench.rollout [--quick] [--reps k] [--compiled]    # in the vLLM venv (docs/vllm.md)
+    python -m bench.rollout [--quick] [--reps k] [--models tiny,135M] [--compiled]    # in the vLLM venv (docs/vllm.md)
 
 Each workload (model, prompts × samples, new tokens) is sampled by every engine in the same
-interleaved rounds (``bench/_harness.py``), at temperature 1 with no stop token, so every row
+interleaved rounds (after one short warm-up call each), at temperature 1 with no stop token, so every row
 decodes exactly ``new tokens``. Models: ``tiny`` (the test model of tests/integration/
 test_vllm_engine.py: D = 64, 2 layers, head_dim 32) and ``135M`` (SmolLM2-135M's shape: D = 576,
 30 layers, 9 heads, 3 KV heads, head_dim 64, MLP 1536, vocab 49152, tied embeddings), random fp32
@@ -29,7 +29,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench._harness import Contender, Row, collect_meta, time_section, unavailable_row, write_results
+from bench._harness import Row, collect_meta, unavailable_row, write_results
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
 
@@ -89,20 +89,28 @@ def start_vllm(model, enforce_eager: bool):
 
 
 def workload_rows(name, model, engines, prompts, samples, new_tokens, reps) -> list[Row]:
-    """Time every engine on one workload in shared rounds; add the floor rows."""
+    """Time every engine on one workload in shared rounds (after a short warm-up call each); add the floor rows.
+
+    Rounds are timed here rather than by ``time_section``: its extra profiled call per contender doubles the cost
+    of a 135M rollout on a shared 2-core machine, so peak memory is not reported.
+    """
     rng = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
-    ids = [torch.randint(3, vocab, (PROMPT_LEN,), generator=rng).tolist() for _ in range(prompts)]
+    ids = [torch.randint(3, model.config.vocab_size, (PROMPT_LEN,), generator=rng).tolist() for _ in range(prompts)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, n=samples, seed=0)
     tokens = prompts * samples * new_tokens
     size = f"{name}: {prompts}x{samples} rows x {new_tokens} tokens"
-    entries = []
-    for impl, engine in engines.items():
-        def run(engine=engine):
-            out = engine.generate(ids, sampling)
+    times: dict[str, list[float]] = {impl: [] for impl in engines}
+    for engine in engines.values():
+        engine.generate(ids[:1], SamplingParams(max_new_tokens=4))
+    for r in range(reps):
+        for impl in list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]:
+            start = time.perf_counter()
+            out = engines[impl].generate(ids, sampling)
+            times[impl].append(time.perf_counter() - start)
             assert sum(len(c.token_ids) for c in out) == tokens, "every row decodes new_tokens tokens"
-        entries.append((Row(impl=impl, mode="decode", size=size), Contender(run)))
-    rows = time_section(entries, warmup=1, reps=reps, device="cpu")
+            print(f"{size}: {impl} {times[impl][-1]:.1f} s", flush=True)
+    rows = [Row(impl=impl, mode="decode", size=size, median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3)
+            for impl, t in times.items()]
     floor = floors(model, tokens, new_tokens)
     for kind in ("compute", "weight-read"):
         rows.append(Row(impl=f"{kind} floor", mode="decode", size=size, median_ms=floor[kind] * 1e3,
@@ -111,8 +119,7 @@ def workload_rows(name, model, engines, prompts, samples, new_tokens, reps) -> l
     rows.append(Row(impl="floor", mode="decode", size=size, median_ms=max(floor["compute"], floor["weight-read"]) * 1e3,
                     note="max(compute, weight-read)"))
     for row in rows:
-        if row.median_ms:
-            row.note = "; ".join(x for x in (f"{tokens / (row.median_ms / 1e3):.0f} tok/s", row.note) if x)
+        row.note = "; ".join(x for x in (f"{tokens / (row.median_ms / 1e3):.0f} tok/s", row.note) if x)
     return rows
 
 
@@ -133,12 +140,14 @@ def engines_for(name, model, compiled: bool) -> tuple[dict, list[Row]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the issue's target workloads")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: tiny, 135M")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per workload")
-    parser.add_argument("--compiled", action="store_true", help="start vLLM with torch.compile instead of eager (minutes)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="start vLLM with torch.compile instead of eager (minutes)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     rows: list[Row] = []
-    workloads = QUICK if args.quick else FULL
+    workloads = [w for w in (QUICK if args.quick else FULL) if w[0] in args.models.split(",")]
     for name in dict.fromkeys(w[0] for w in workloads):
         model = build_model(name)
         engines, startup = engines_for(name, model, args.compiled)
