@@ -41,7 +41,7 @@ from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewarding
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
-TASKS = ("arithmetic", "preference", "jsonl")
+TASKS = ("arithmetic", "preference", "word_problems", "jsonl")
 REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule", "llm_judge")
 """Reward kinds: the task's verifier, math-verify, a sequence classifier, the rule-based style model
 (:mod:`hotloop.algorithms.rewards.style`, settings in ``reward.style``) and a pointwise LLM judge
@@ -65,7 +65,8 @@ class ModelConfig:
     """Which policy to start from."""
 
     path: str | None = None
-    """Local transformers causal-LM directory; None = the built-in tiny Llama after an SFT warm start."""
+    """Local transformers causal-LM directory or ``.gguf`` file (needs ``hotloop[gguf]``; see
+    :mod:`hotloop.algorithms.models`); None = the built-in tiny Llama after an SFT warm start."""
     warm_start_steps: int = 3000
     """SFT steps of the built-in warm start (cached under cache_dir)."""
     warm_start_error_rate: float = 0.7
@@ -86,11 +87,14 @@ class TaskConfig:
     """Where prompts come from."""
 
     name: str = "arithmetic"
-    """"arithmetic" (verifiable), "preference" (rule-scored style task) or "jsonl" (prompts file)."""
+    """"arithmetic" (verifiable), "preference" (rule-scored style task), "word_problems" (multi-step word
+    problems scored by math-verify; needs a pretrained ``model.path``) or "jsonl" (prompts file)."""
     digits: int = 2
     """Operand digits of the arithmetic task."""
     op: str = "+"
     """Arithmetic operator, "+" or "-"."""
+    word_steps: int = 2
+    """Operations per problem of the word_problems task (1-5)."""
     prompts: str | None = None
     """JSONL file of {"prompt": ..., "answer": ...} rows (task "jsonl"); 10% become the held-out set."""
     eval_problems: int = 500
@@ -103,6 +107,28 @@ class TaskConfig:
             raise ValueError("prompts: task 'jsonl' needs a JSONL file of prompts, got None")
         if not isinstance(self.eval_problems, int) or self.eval_problems < 1:
             raise ValueError(f"eval_problems: expected an int >= 1, got {self.eval_problems!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+    """How a prompt's text becomes the policy's input ids (Hugging Face tokenizers only; see
+    :class:`hotloop.algorithms.tasks.tokenizer.HFTokenizer`)."""
+
+    chat_template: bool | None = None
+    """None = the tokenizer's chat template when it has one (a user turn, ``add_generation_prompt=True``);
+    True = require one; False = raw text with the tokenizer's special tokens."""
+    system_prompt: str | None = None
+    """System turn before the prompt (None: none; the template may still write its own default)."""
+    template_options: dict = field(default_factory=dict)
+    """Extra keyword arguments of ``apply_chat_template``, e.g. {enable_thinking: false}."""
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in (None, True, False):
+            raise ValueError(f"chat_template: expected null, true or false, got {self.chat_template!r}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt: expected a string or null, got {self.system_prompt!r}")
+        if not isinstance(self.template_options, dict):
+            raise ValueError(f"template_options: expected a mapping, got {self.template_options!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +201,7 @@ class RunConfig:
     """Name of a registered algorithm (see ALGORITHMS)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -196,6 +223,9 @@ class RunConfig:
         if self.task.name == "jsonl" and self.reward.kinds == (None,):
             raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
                              f"(or a reward.mixture), got None (missing reward)")
+        if self.task.name == "word_problems" and self.model.path is None:
+            raise ValueError("model.path: task 'word_problems' needs a pretrained model (the built-in tiny model's "
+                             "tokenizer has no letters), got None; e.g. hotloop fetch-model smollm2-135m-instruct")
         if self.dpo.pairs_file is not None and self.algorithm != "offline-dpo":
             raise ValueError(f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, "
                              f"got algorithm {self.algorithm!r}")
@@ -204,6 +234,25 @@ class RunConfig:
     def algorithm_section(self):
         """The config section of the chosen algorithm."""
         return getattr(self, ALGORITHMS[self.algorithm][0])
+
+
+DEMO_DEFAULTS = {"sampling.max_new_tokens": (5, "64-256"), "trainer.lr": (2e-4, "1e-6-1e-5"),
+                 "trainer.betas": ((0.9, 0.98), "[0.9, 0.999]"), "trainer.warmup_steps": (5, "0-2")}
+"""Defaults sized for the tiny demo model: field → (demo value, what suits a pretrained model)."""
+
+
+def demo_default_warnings(config: RunConfig) -> list[str]:
+    """One line per demo-sized default still in force while ``model.path`` names a pretrained model."""
+    if config.model.path is None:
+        return []
+    out = []
+    for dotted, (demo, real) in DEMO_DEFAULTS.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value == demo:
+            out.append(f"{dotted}={value!r} is the tiny demo model's default; a pretrained model usually wants "
+                       f"{real} (see examples/ and docs/real-models.md)")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

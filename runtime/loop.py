@@ -24,9 +24,9 @@ Exact resume. Every source of randomness is a function of ``(seed, step)``: the 
 (``random.Random``) and the sampler's generator (``SamplingParams.seed``), so a run resumed from a
 checkpoint takes the same next step as an uninterrupted one. One atomic checkpoint (model,
 reference, optimizer, scheduler, loop state and, unless zero-copy, the sampler's weights as
-``engine.safetensors``) is written every ``checkpoint_every`` steps, at the end, and when
-SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C aborts at once); a
-SIGKILL loses at most the steps since the last one.
+``engine.safetensors``) is written every ``checkpoint_every`` steps and, unless ``final_checkpoint``
+says otherwise, at the end and when SIGINT/SIGTERM arrives (after the step in flight finishes; a
+second Ctrl-C aborts at once); a SIGKILL loses at most the steps since the last one.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
+from hotloop.runtime.rollout_metrics import rollout_metrics
 from hotloop.runtime.torch_engine import TorchEngine
 
 PHASES = ("sync", "sampling", "scoring", "batching", "training")
@@ -71,7 +72,9 @@ class LoopConfig:
     eval_every: int = 10
     """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
     checkpoint_every: int = 10
-    """Checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0 = only then."""
+    """Checkpoint every this many steps; 0 = no periodic checkpoint."""
+    final_checkpoint: bool | None = None
+    """Checkpoint after the last step and on SIGINT/SIGTERM; None = when ``checkpoint_every > 0``."""
     out_dir: str = "runs/demo"
     """Directory for metrics.jsonl and checkpoints."""
     seed: int = 0
@@ -89,6 +92,11 @@ class LoopConfig:
         for name in ("eval_every", "checkpoint_every", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def writes_final_checkpoint(self) -> bool:
+        """Whether the end of the run (or a SIGINT/SIGTERM) writes a checkpoint."""
+        return self.checkpoint_every > 0 if self.final_checkpoint is None else bool(self.final_checkpoint)
 
     @property
     def sync_period(self) -> int | None:
@@ -184,7 +192,8 @@ class OnlineLoop:
                 records.append(record)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
-                if self._due(step, self.config.checkpoint_every) or step == self.config.steps or self._stop:
+                final = (step == self.config.steps or self._stop) and self.config.writes_final_checkpoint
+                if self._due(step, self.config.checkpoint_every) or final:
                     self.checkpoint(step)
         phases = {p: sum(r.get(f"time/{p}", 0.0) for r in records) for p in PHASES}
         return LoopResult(next_step=step, interrupted=step < self.config.steps, records=records,
@@ -215,7 +224,7 @@ class OnlineLoop:
             batch = self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
                   "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
-                  **_reward_metrics(rewards)}
+                  **_reward_metrics(rewards), **rollout_metrics(completions, self.reward_fn, self.algorithm)}
         with _timed(times, "training"):
             if self.config.sleep_between_phases:
                 self.engine.sleep()
