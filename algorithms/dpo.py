@@ -11,7 +11,9 @@ pairs come from is what separates the variants (Tang et al. 2024; Lanchantin et 
 
 - :class:`OnlineDPO`: each step samples n completions per prompt from the sampler and pairs the
   best with the worst by reward (for 0/1 verifiable rewards: a correct with an incorrect one);
-  groups whose rewards are all equal carry no preference and are skipped. With the loop's
+  groups whose rewards are all equal carry no preference and are skipped (counted by reason; with few
+  correct samples ``pair_fallback`` and ``hard_prompt_samples`` keep the step fed without ever pairing
+  two prompts' completions: :mod:`hotloop.algorithms.pairing`). With the loop's
   ``sync_every = 1`` this is online DPO, with ``s > 1`` semi-online (the sampler lags by up to
   ``s − 1`` optimizer steps), with ``s = ∞`` offline-on-policy-at-start. The algorithm itself never
   sees ``s``: the loop decides which weights the sampler holds.

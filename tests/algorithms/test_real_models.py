@@ -135,3 +135,21 @@ def test_export_loads_with_from_pretrained_and_generates_like_the_final_policy(t
     for p, c in zip(prompts, ours):
         hf = exported.generate(torch.tensor([p]), do_sample=False, max_new_tokens=4)[0, len(p):].tolist()
         assert hf[: len(c.token_ids)] == c.token_ids
+
+
+def test_a_gguf_path_without_the_gguf_package_or_file_names_model_path(tmp_path):
+    import importlib.util
+
+    from hotloop.algorithms.models import fetch_model, is_gguf, load_causal_lm
+
+    assert is_gguf("m.Q4_1.GGUF") and not is_gguf(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.path: expected an existing \.gguf file"):
+        load_causal_lm(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match=r"model\.path: expected a model directory"):
+        load_causal_lm(tmp_path / "missing-dir")
+    with pytest.raises(ValueError, match="name: expected one of"):
+        fetch_model("gpt-5", tmp_path)
+    if importlib.util.find_spec("gguf") is None:
+        (tmp_path / "m.gguf").write_bytes(b"GGUF")
+        with pytest.raises(ValueError, match=r"hotloop\[gguf\]"):
+            load_causal_lm(tmp_path / "m.gguf")
