@@ -61,7 +61,6 @@ class Setup:
 def _builtin_task(config: RunConfig):
     from hotloop.algorithms.tasks.arithmetic import ArithmeticTask
     from hotloop.algorithms.tasks.preference import PreferenceTask
-
     from hotloop.algorithms.tasks.word_problems import WordProblemsTask
 
     if config.task.name == "arithmetic":
