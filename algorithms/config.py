@@ -213,9 +213,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
-                                                                eval_every=10))
+                                                                eval_every=10, final_checkpoint=None))
     """A kill (SIGKILL, power loss) loses at most ``checkpoint_every`` steps (LoopConfig's default, 10);
-    SIGINT/SIGTERM lose none."""
+    SIGINT/SIGTERM lose none. ``checkpoint_every: 0`` writes no checkpoint at all unless
+    ``final_checkpoint: true`` (one after the last step and on SIGINT/SIGTERM)."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -73,8 +73,9 @@ class LoopConfig:
     """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
     checkpoint_every: int = 10
     """Checkpoint every this many steps; 0 = no periodic checkpoint."""
-    final_checkpoint: bool | None = None
-    """Checkpoint after the last step and on SIGINT/SIGTERM; None = when ``checkpoint_every > 0``."""
+    final_checkpoint: bool | None = True
+    """Checkpoint after the last step and on SIGINT/SIGTERM; None = only when ``checkpoint_every > 0`` (the run
+    config's default, so that ``checkpoint_every: 0`` there writes nothing unless asked)."""
     out_dir: str = "runs/demo"
     """Directory for metrics.jsonl and checkpoints."""
     seed: int = 0
