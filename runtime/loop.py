@@ -26,9 +26,9 @@ Exact resume. Every source of randomness is a function of ``(seed, step)``: the 
 checkpoint takes the same next step as an uninterrupted one. One atomic checkpoint (model,
 reference, optimizer, scheduler, loop state and, unless zero-copy, the sampler's weights as
 ``engine.safetensors``: the sync buckets or the engine's own module) is written every
-``checkpoint_every`` steps (0: never periodically), at the end (unless ``checkpoint_at_end`` is
-False) and when SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C aborts at
-once); a SIGKILL loses at most the steps since the last one.
+``checkpoint_every`` steps (0: never periodically), after the last step (unless ``final_checkpoint``
+says otherwise) and when SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C
+aborts at once); a SIGKILL loses at most the steps since the last one.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
+from hotloop.runtime.rollout_metrics import rollout_metrics
 from hotloop.runtime.sync_policy import LogprobFn, SyncConfig, SyncPolicy, sync_period
 
 PHASES = ("sync", "check", "sampling", "scoring", "batching", "training")
@@ -74,8 +75,9 @@ class LoopConfig:
     """Run the evaluation callback every this many steps (and after the last); 0 = only after the last."""
     checkpoint_every: int = 10
     """Checkpoint every this many steps (besides the end and SIGINT/SIGTERM); 0 = no periodic checkpoint."""
-    checkpoint_at_end: bool = True
-    """Write a checkpoint after the last step."""
+    final_checkpoint: bool | None = True
+    """Checkpoint after the last step; None = only when ``checkpoint_every > 0`` (the run config's default, so
+    that ``checkpoint_every: 0`` there writes no weights unless asked). SIGINT/SIGTERM always checkpoint."""
     out_dir: str = "runs/demo"
     """Directory for metrics.jsonl and checkpoints."""
     seed: int = 0
@@ -97,6 +99,11 @@ class LoopConfig:
                 raise ValueError(f"{name}: expected an int >= 0, got {getattr(self, name)!r}")
         if not isinstance(self.sync, SyncConfig):
             raise ValueError(f"sync: expected a SyncConfig, got {type(self.sync).__name__}")
+
+    @property
+    def writes_final_checkpoint(self) -> bool:
+        """Whether the end of the run writes a checkpoint."""
+        return self.checkpoint_every > 0 if self.final_checkpoint is None else bool(self.final_checkpoint)
 
     @property
     def sync_period(self) -> int | None:
@@ -177,8 +184,8 @@ class OnlineLoop:
                 records.append(record)
                 bar.update(1)
                 bar.set_postfix_str(_postfix(record))
-                last = step == self.config.steps and self.config.checkpoint_at_end
-                if self._due(step, self.config.checkpoint_every) or last or self._stop:
+                final = step == self.config.steps and self.config.writes_final_checkpoint
+                if self._due(step, self.config.checkpoint_every) or final or self._stop:
                     self.checkpoint(step)
         phases = {p: sum(r.get(f"time/{p}", 0.0) for r in records) for p in PHASES}
         return LoopResult(next_step=step, interrupted=step < self.config.steps, records=records,
@@ -205,7 +212,7 @@ class OnlineLoop:
             batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
                   "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
-                  **_reward_metrics(rewards)}
+                  **_reward_metrics(rewards), **rollout_metrics(completions, self.reward_fn, self.algorithm)}
         with _timed(times, "training"):
             if self.config.sleep_between_phases:
                 self.engine.sleep()

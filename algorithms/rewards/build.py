@@ -36,7 +36,7 @@ def build_reward(config, *, task, tokenizer, policy: torch.nn.Module, device: to
     """
     if config.mixture:
         return WeightedMixture([(_single(kind, config, task, tokenizer, policy, device), w)
-                                for kind, w in config.mixture])
+                                for kind, w in config.mixture], names=[kind for kind, _ in config.mixture])
     return _single(config.kind or "exact_match", config, task, tokenizer, policy, device)
 
 

@@ -1,9 +1,18 @@
-"""Character-level tokenizer for the built-in tasks.
+"""Tokenizers of a run: the character-level one of the built-in tasks, and a Hugging Face wrapper.
 
-One id per character of a small alphabet, after three special ids: ``pad = 0``, ``bos = 1``,
-``eos = 2``. Small enough (V ≈ 20) that a two-layer model learns arithmetic in seconds on a CPU,
-and exact: ``decode(encode(s)) == s`` for every string over the alphabet. :func:`load_tokenizer`
-reads the tokenizer of a local model directory, this one or a Hugging Face one.
+:class:`CharTokenizer`: one id per character of a small alphabet, after three special ids:
+``pad = 0``, ``bos = 1``, ``eos = 2``. Small enough (V ≈ 20) that a two-layer model learns
+arithmetic in seconds on a CPU, and exact: ``decode(encode(s)) == s`` for every string over the
+alphabet. :func:`load_tokenizer` reads the tokenizer of a local model directory, this one or a
+Hugging Face one.
+
+:class:`HFTokenizer` gives a Hugging Face tokenizer the same ``encode(prompt) -> ids`` /
+``decode(ids) -> text`` shape. By default (``chat_template=None``) a prompt is rendered through the
+tokenizer's chat template when it has one, as one user turn after an optional system prompt, with
+``add_generation_prompt=True``, so an instruct model sees what it was tuned on; the rendered text
+is then tokenized without adding special tokens (the template writes them). ``chat_template=False``
+(raw mode) encodes the prompt text itself with the tokenizer's special tokens (bos when it adds
+one); ``True`` requires a template.
 """
 
 from __future__ import annotations
@@ -74,6 +83,59 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(alphabet={self.alphabet!r})"
+
+
+class HFTokenizer:
+    """``encode(prompt) -> ids`` (chat-templated by default) and ``decode(ids) -> text`` up to eos, over a HF
+    tokenizer ``inner``.
+
+    Args:
+        inner: a ``transformers`` tokenizer.
+        chat_template: None = use the tokenizer's chat template when it has one; True = require it; False = raw.
+        system_prompt: system turn before the prompt (None: none of ours; the template may add its default).
+        template_options: extra keyword arguments of ``apply_chat_template`` (e.g. ``enable_thinking``).
+    """
+
+    def __init__(self, inner, *, chat_template: bool | None = None, system_prompt: str | None = None,
+                 template_options: dict | None = None) -> None:
+        has_template = bool(getattr(inner, "chat_template", None))
+        if chat_template is True and not has_template:
+            raise ValueError(f"prompt.chat_template: expected a tokenizer with a chat template, got "
+                             f"{type(inner).__name__} without one; set prompt.chat_template: false (raw prompts)")
+        self.inner = inner
+        self.templated = has_template if chat_template is None else bool(chat_template)
+        self.system_prompt, self.template_options = system_prompt, dict(template_options or {})
+        self.pad_id = inner.pad_token_id if inner.pad_token_id is not None else inner.eos_token_id
+        self.eos_id = inner.eos_token_id
+
+    def render(self, prompt: str) -> str:
+        """The text the model sees for ``prompt``: the chat template's rendering, or ``prompt`` in raw mode."""
+        if not self.templated:
+            return prompt
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
+        messages.append({"role": "user", "content": prompt})
+        return self.inner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              **self.template_options)
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of already rendered ``text`` (special tokens added only in raw mode)."""
+        return self.inner.encode(text, add_special_tokens=not self.templated)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt ids: ``encode_rendered(render(prompt))``."""
+        return self.encode_rendered(self.render(prompt))
+
+    def decode(self, ids) -> str:
+        """Text of ``ids`` up to the first eos, special tokens skipped."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.inner.decode(ids, skip_special_tokens=True)
+
+
+def raw_tokenizer(tokenizer):
+    """The tokenizer itself: a ``CharTokenizer``, or the Hugging Face one inside :class:`HFTokenizer`."""
+    return tokenizer.inner if isinstance(tokenizer, HFTokenizer) else tokenizer
 
 
 def load_tokenizer(directory):

@@ -177,14 +177,14 @@ def test_engine_without_in_process_weights_lags_is_checkpointed_from_the_host_co
 def test_loop_config_rejects_sync_every_below_one_and_checkpoints_periodically_by_default():
     with pytest.raises(ValueError, match="sync_every"):
         LoopConfig(sync_every=0)
-    assert LoopConfig().checkpoint_every == 10 and LoopConfig().checkpoint_at_end
+    assert LoopConfig().checkpoint_every == 10 and LoopConfig().writes_final_checkpoint
 
 
 def test_checkpoint_every_zero_writes_no_periodic_checkpoint_and_the_final_one_is_optional(tmp_path):
     make_loop(tmp_path / "a", sync_every=2, steps=3, checkpoint_every=0).run()
     assert [p.name for p in (tmp_path / "a").iterdir() if p.name.startswith("step-")] == ["step-000003"]
     loop = make_loop(tmp_path / "b", sync_every=2, steps=3, checkpoint_every=0)
-    loop.config = dataclasses.replace(loop.config, checkpoint_at_end=False)
+    loop.config = dataclasses.replace(loop.config, final_checkpoint=False)
     loop.run()
     assert latest_checkpoint(tmp_path / "b") is None
 
