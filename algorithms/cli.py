@@ -191,7 +191,7 @@ def engine_options(config: RunConfig) -> dict:
     if engine.kind == "vllm":
         return {**options, "model_dir": model_dir,
                 **({} if engine.memory_fraction is None else {"gpu_memory_utilization": engine.memory_fraction})}
-    return {**options, "model_path": model_dir, "deterministic": True,
+    return {**options, "model_dir": model_dir, "deterministic": True,
             **({} if engine.memory_fraction is None else {"mem_fraction_static": engine.memory_fraction})}
 
 
@@ -199,13 +199,14 @@ def probe_logprobs(pad_token_id: int):
     """The trainer side of the proof on every sync: ``token_logprobs`` (the fused kernel) of each completion."""
 
     @torch.no_grad()
-    def logprob_fn(model, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+    def logprob_fn(model, prompts: list[list[int]], completions: list[list[int]],
+                   temperature: float = 1.0) -> list[list[float]]:
         from hotloop.algorithms.base import pack_rows
         from hotloop.algorithms.logprobs import token_logprobs
 
         device = next(model.parameters()).device
         ids, mask, comp = (r.to(device) for r in pack_rows(prompts, completions, pad_token_id))
-        logp = token_logprobs(model, ids, mask)[comp[:, 1:].bool()].tolist()
+        logp = token_logprobs(model, ids, mask, temperature=temperature)[comp[:, 1:].bool()].tolist()
         out, start = [], 0
         for c in completions:
             out.append(logp[start:start + len(c)])

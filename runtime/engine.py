@@ -8,9 +8,10 @@ and ``SGLangEngine`` (SGLang's offline engine colocated on the trainer's GPU, re
 Zero-copy rule. ``engine.shares_weights_with(trainer.model)`` is True only when ``generate`` reads
 the trainer's live parameters (a ``TorchEngine`` built on that module): a sync is then a version
 bump, and the engine cannot lag behind the trainer. Every other engine holds its own weights and
-receives a state dict at each sync. ``local_model`` is the in-process module holding the weights
-``generate`` uses (the online loop checkpoints it), or None when they live elsewhere (SGLang's
-scheduler process; the loop then keeps a host copy of what it last sent).
+receives them at each sync as ``(name, tensor)`` pairs — views into the flat buckets of the sync
+protocol (``hotloop.runtime.weight_sync``). ``local_model`` is the in-process module holding the
+weights ``generate`` uses, or None when they live elsewhere (SGLang's scheduler process; the loop
+then checkpoints the sync buckets of the last version sent).
 
 Sampler log-probs. ``Completion.logprobs[t]`` is ``log_softmax(logits / T)[token_t]``: the
 log-probability of the sampled token under the temperature-scaled distribution *before* top-p /
@@ -22,9 +23,11 @@ token for token (importance ratios, train/inference mismatch). With ``temperatur
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -101,7 +104,8 @@ class RolloutEngine(Protocol):
             if engine.shares_weights_with(trainer.model):   # zero-copy: only the version
                 engine.sync_weights(trainer.version)
             else:                                            # the engine holds its own weights
-                engine.sync_weights(trainer.version, trainer.model.state_dict())
+                plan.pack(trainer.model, buffers)            # hotloop.runtime.weight_sync.SyncPlan
+                engine.sync_weights(trainer.version, plan.views(buffers))
 
     ``generate`` returns ``len(prompt_token_ids) * sampling.n`` completions, prompt-major: the n
     completions of prompt 0, then those of prompt 1, ...
@@ -125,8 +129,16 @@ class RolloutEngine(Protocol):
         """True when ``generate`` reads ``module``'s live parameters (zero-copy; the engine cannot lag)."""
         ...
 
-    def sync_weights(self, version: int, state_dict: dict | None = None) -> None:
-        """Adopt the trainer's weights of ``version``; load ``state_dict`` when the engine holds a copy."""
+    def sync_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
+                     | None = None) -> None:
+        """Adopt the trainer's weights of ``version``.
+
+        ``weights`` yields (name as in the trainer module's ``state_dict()``, tensor in the trainer's shape;
+        possibly a view into a flat bucket, possibly another dtype — the engine casts) and may be a
+        one-shot iterator. None = version bump only, valid for an engine sharing the trainer's module.
+        On failure: raise, and leave ``weight_version`` unchanged. After success ``weight_version ==
+        version`` and cached prefixes are dropped.
+        """
         ...
 
     def sleep(self) -> None:

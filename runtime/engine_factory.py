@@ -26,26 +26,28 @@ def make_engine(model: nn.Module, *, kind: str = "torch", pad_token_id: int, eos
         kind: "torch", "vllm" or "sglang".
         pad_token_id, eos_token_id: the tokenizer's pad and end-of-sequence ids.
         **engine_kwargs: the engine's own options (``TorchEngine``: max_batch_size, seed, device;
-            ``VLLMEngine``: model_dir, dtype, seed, LLM options; ``SGLangEngine``: model_path, ...).
+            ``VLLMEngine``: model_dir, dtype, seed, LLM options; ``SGLangEngine``: model_dir (its model_path),
+            deterministic, mem_fraction_static, ...).
     """
     if kind == "torch":
         return TorchEngine(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
-    if kind == "vllm":
-        VLLMEngine = _import("vllm", "hotloop.runtime.vllm_engine", "VLLMEngine")
-        return VLLMEngine(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
-    if kind == "sglang":
-        SGLangEngine = _import("sglang", "hotloop.runtime.sglang_engine", "SGLangEngine")
-        engine_kwargs.pop("max_batch_size", None)  # SGLang schedules its own batches
-        return SGLangEngine(model=model, **engine_kwargs)
-    raise ValueError(f"kind: expected one of {ENGINE_KINDS}, got {kind!r}")
-
-
-def _import(kind: str, module: str, name: str):
-    """``module.name``, or ImportError with the install hint when the engine's package is missing."""
-    import importlib
-
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"kind: expected one of {ENGINE_KINDS}, got {kind!r}")
     try:
-        return getattr(importlib.import_module(module), name)
+        if kind == "vllm":
+            VLLMEngine = _import("hotloop.runtime.vllm_engine", "VLLMEngine")
+            return VLLMEngine(model, pad_token_id=pad_token_id, eos_token_id=eos_token_id, **engine_kwargs)
+        SGLangEngine = _import("hotloop.runtime.sglang_engine", "SGLangEngine")
+        engine_kwargs.pop("max_batch_size", None)  # SGLang schedules its own batches
+        return SGLangEngine(engine_kwargs.pop("model_dir"), model=model, **engine_kwargs)
     except ImportError as error:
+        if INSTALL_HINTS[kind] in str(error):
+            raise
         raise ImportError(f"engine.kind={kind!r} needs the {kind} package ({error}); install it with "
                           f"{INSTALL_HINTS[kind]}") from error
+
+
+def _import(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -193,7 +193,8 @@ class OnlineLoop:
 
     def step(self, step: int) -> dict:
         """One loop step; returns its metrics record."""
-        times = self.sync.sync(self.trainer.version) if self.sync.due(step) else {}
+        synced = self.sync.due(step)
+        times = {"sync": self.sync.sync(self.trainer.version)} if synced else {}
         problems = self._draw(step)
         prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
         completions, rewards = [], torch.zeros(0)
@@ -208,6 +209,9 @@ class OnlineLoop:
                 rewards = self.reward_fn([problems[c.prompt_index] for c in completions], texts)
                 check_rewards(rewards, texts, self.reward_fn, step=step)
         skip = self.trainer.guard_inputs({"reward": rewards}, label=f"loop step {step}")
+        if synced and self.config.sync.check:
+            with _timed(times, "check"):
+                self._check(completions, prompt_ids)
         with _timed(times, "batching"):
             batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
@@ -222,6 +226,15 @@ class OnlineLoop:
         record.update({f"time/{name}": seconds for name, seconds in times.items()})
         record["skipped"] = batch is None
         return record
+
+    def _check(self, completions: list, prompt_ids: list[list[int]]) -> None:
+        """Prove the sync just made: the step's first samples (or the greedy probe when it sampled nothing)."""
+        rows = completions[:self.config.sync.probe_prompts]
+        if not rows:
+            self.sync.probe(self.trainer.version)
+            return
+        self.sync.check(self.trainer.version, [prompt_ids[c.prompt_index] for c in rows], rows,
+                        self.sampling.temperature)
 
     def checkpoint(self, next_step: int) -> Path:
         """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""

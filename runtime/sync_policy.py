@@ -21,14 +21,18 @@ per-sync host copy of the state dict. An engine with its own in-process module: 
 resume the buckets are loaded in place and sent again.
 
 Proof on every sync (``SyncConfig.check``). After each sync the fingerprints of both sides must
-match (``weight_sync``), and the engine's greedy log-probs of a fixed probe (the first
-``probe_prompts`` prompts of the pool, ``probe_tokens`` tokens each) must equal the trainer's
+match (``weight_sync``; timed with the sync), and the engine's log-probs must equal the trainer's
 log-probs of the same tokens within ``LOGPROB_TOLERANCE`` of the trainer's dtype: fp32 1e-4 (two
 kernels, a KV-cached decode against one full forward, differ by ~1e-6 here), bf16 0.1 and fp16
-0.05 (one bf16 rounding of a logit near 10 is 0.04). A mismatch raises naming the version and
-the worst token. The trainer side is ``logprob_fn`` (injected: the CLI passes
-``hotloop.algorithms.logprobs``'s fused kernel; the default is a plain forward + log_softmax,
-since the runtime never imports the kernels).
+0.05 (one bf16 rounding of a logit near 10 is 0.04). The rows checked are the first
+``probe_prompts`` completions the step samples right after the sync (their sampler log-probs at
+the step's temperature, before top-p/top-k, against the trainer's at that temperature): no extra
+generate call, so the check costs one small trainer forward (``time/check``; a fixed greedy probe
+costs ``probe_tokens`` decode steps more, about a quarter of a tiny-model step, measured). A step
+that samples nothing uses :meth:`SyncPolicy.probe`: greedy completions of the pool's first prompts.
+A mismatch raises naming the version and the worst token. The trainer side is ``logprob_fn``
+(injected: the CLI passes ``hotloop.algorithms.logprobs``'s fused kernel; the default is a plain
+forward + log_softmax, since the runtime never imports the kernels).
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ from hotloop.runtime.weight_transport import InProcessTransport, Transport
 LOGPROB_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.05}
 """Absolute probe tolerance on log-probs, by the trainer's parameter dtype (see the module docstring)."""
 
-LogprobFn = Callable[[nn.Module, list[list[int]], list[list[int]]], list[list[float]]]
-"""``logprob_fn(model, prompts, completions) -> per-token log-probs`` of each completion given its prompt (T = 1)."""
+LogprobFn = Callable[[nn.Module, list[list[int]], list[list[int]], float], list[list[float]]]
+"""``logprob_fn(model, prompts, completions, temperature) -> per-token log_softmax(logits / T)[token]`` of each
+completion given its prompt."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +69,10 @@ class SyncConfig:
     check: bool = True
     """Prove every sync: compare fingerprints and the engine's probe log-probs with the trainer's."""
     probe_prompts: int = 2
-    """Prompts of the probe (the first ones of the training pool)."""
+    """Rows checked per sync: the first completions the step samples (or, in a step that samples nothing,
+    greedy completions of the first prompts of the training pool)."""
     probe_tokens: int = 4
-    """Greedy tokens generated per probe prompt."""
+    """Greedy tokens generated per prompt of the greedy probe."""
     probe_tolerance: float | None = None
     """Absolute log-prob tolerance of the probe; None = LOGPROB_TOLERANCE of the trainer's dtype."""
 
@@ -128,18 +134,15 @@ class SyncPolicy:
         """Whether step ``step`` starts with a sync."""
         return self.period is not None and step % self.period == 0
 
-    def sync(self, version: int) -> dict[str, float]:
-        """Hand the trainer's weights of ``version`` to the engine and prove it; seconds of ``sync`` and ``check``."""
+    def sync(self, version: int) -> float:
+        """Hand the trainer's weights of ``version`` to the engine and compare fingerprints; the seconds it took."""
         t0 = time.perf_counter()
         if self.zero_copy:
             self.engine.sync_weights(version)
         else:
             self.plan.pack(self.model, self.buffers)
             self._send(version)
-        t1 = time.perf_counter()
-        if self.config.check:
-            self.probe(version)
-        return {"sync": t1 - t0, "check": time.perf_counter() - t1}
+        return time.perf_counter() - t0
 
     def pin_offline(self) -> None:
         """Send the initial weights to an engine holding them out of process (offline, fresh run)."""
@@ -169,12 +172,15 @@ class SyncPolicy:
             compare_fingerprints(version, sent, received)
 
     def probe(self, version: int) -> float:
-        """Raise unless the engine's greedy probe log-probs equal the trainer's; the worst |difference|."""
+        """The fixed greedy probe: generate ``probe_tokens`` per probe prompt, then :meth:`check` them."""
         self.engine.wake()
         completions = self.engine.generate(self.probe_prompts,
                                            SamplingParams(temperature=0.0, max_new_tokens=self.config.probe_tokens))
-        prompts = [self.probe_prompts[c.prompt_index] for c in completions]
-        expected = self.logprob_fn(self.model, prompts, [c.token_ids for c in completions])
+        return self.check(version, [self.probe_prompts[c.prompt_index] for c in completions], completions, 0.0)
+
+    def check(self, version: int, prompts: list[list[int]], completions: list, temperature: float) -> float:
+        """Raise unless the completions' sampler log-probs equal the trainer's at ``temperature``; the worst |diff|."""
+        expected = self.logprob_fn(self.model, prompts, [c.token_ids for c in completions], temperature or 1.0)
         tolerance = self.config.probe_tolerance or LOGPROB_TOLERANCE.get(_dtype(self.model), 0.1)
         worst, where = 0.0, None
         for i, (c, ref) in enumerate(zip(completions, expected)):
@@ -184,7 +190,7 @@ class SyncPolicy:
                     worst, where = diff, (i, t, c.token_ids[t], got, want)
         if where is not None and worst > tolerance:
             i, t, token, got, want = where
-            raise RuntimeError(f"sync check v{version}: probe prompt {i}, token {t} (id {token}): engine log-prob "
+            raise RuntimeError(f"sync check v{version}: probe row {i}, token {t} (id {token}): engine log-prob "
                                f"{got:.6f}, trainer {want:.6f}; |diff| {worst:.3g} > tolerance {tolerance:g}: the "
                                f"engine does not sample with the trainer's weights of version {version}")
         return worst
@@ -196,8 +202,9 @@ class SyncPolicy:
 
 
 @torch.no_grad()
-def forward_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-    """Per-token log-probs of each completion given its prompt: one plain forward per row + log_softmax (T = 1)."""
+def forward_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                     temperature: float = 1.0) -> list[list[float]]:
+    """Per-token log-probs of each completion given its prompt: a plain forward per row, log_softmax(logits / T)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -205,7 +212,7 @@ def forward_logprobs(model: nn.Module, prompts: list[list[int]], completions: li
         out = []
         for prompt, completion in zip(prompts, completions):
             ids = torch.tensor([prompt + completion], device=device)
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature
             out.append(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].tolist())
         return out
     finally:

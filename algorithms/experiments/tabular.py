@@ -216,7 +216,8 @@ class BanditEngine:
         """No cache."""
 
 
-def logprobs(model: TabularPolicy, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-    """Log-prob of each completion's actions under ``model`` (T = 1): the trainer side of the loop's sync probe."""
-    logp = model.probs().log()
+def logprobs(model: TabularPolicy, prompts: list[list[int]], completions: list[list[int]],
+             temperature: float = 1.0) -> list[list[float]]:
+    """Log-prob of each completion's actions under ``softmax(W / T)``: the trainer side of the loop's sync check."""
+    logp = model.probs(temperature).log()
     return [[float(logp[a]) for a in c] for c in completions]

@@ -12,7 +12,8 @@ from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import Completion, SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import LoopConfig, OnlineLoop
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 PAD = 0
@@ -172,7 +173,7 @@ def test_short_grpo_loop_raises_reward(tmp_path, sync_every):
     problems = [Problem(prompt=f"{a}+{b}=", answer=str(a + b)) for a in range(7) for b in range(5)]
     model = build_tiny_model(tiny_llama_config(TOK.vocab_size, hidden_size=32, layers=1, intermediate=64), seed=3)
     trainer = Trainer(model, TrainerConfig(lr=1e-2), reference=make_reference(model))
-    engine = make_engine(model, sync_every=sync_every, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
+    engine = make_engine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
     config = LoopConfig(steps=24, sync_every=sync_every, prompts_per_step=4, eval_every=0, out_dir=str(tmp_path))
     algo = GRPO(GRPOConfig(samples_per_prompt=6), pad_token_id=TOK.pad_id, max_completion_length=4)
     loop = OnlineLoop(config, trainer=trainer, engine=engine, algorithm=algo, reward_fn=sevens, problems=problems,

@@ -192,26 +192,32 @@ def test_checkpoint_every_zero_writes_no_periodic_checkpoint_and_the_final_one_i
 @pytest.mark.parametrize("sync_every", [1, 2, math.inf])
 def test_after_every_sync_the_engines_logprobs_equal_the_trainers_and_offline_never_syncs(tmp_path, sync_every):
     loop = make_loop(tmp_path, sync_every=sync_every, steps=4, lr=1e-2)
-    probes, original = [], loop.sync.probe
-    loop.sync.probe = lambda version: probes.append((version, original(version))) or probes[-1][1]
+    checks, check = [], loop.sync.check
+    loop.sync.check = lambda version, *args: checks.append((version, check(version, *args))) or checks[-1][1]
     synced, sync_weights = [], loop.engine.sync_weights
     loop.engine.sync_weights = lambda version, weights=None: (synced.append(version), sync_weights(version, weights))
     records = loop.run().records
     period = LoopConfig(sync_every=sync_every).sync_period
-    expected = [r["version"] for r in records if period and r["step"] % period == 0]
-    assert [v for v, _ in probes] == synced == expected and all(worst < 1e-4 for _, worst in probes)
-    assert all(("time/check" in r) == (r["step"] in [s for s in range(4) if period and s % period == 0])
-               for r in records)
+    due = [r["step"] for r in records if period and r["step"] % period == 0]
+    assert [v for v, _ in checks] == synced == [r["version"] for r in records if r["step"] in due]
+    assert all(worst < 1e-4 for _, worst in checks) and len(checks) == len(due)
+    assert [r["step"] for r in records if "time/check" in r] == due
     if period is None:
         assert synced == [] and loop.engine.weight_version == 0
 
 
-def test_the_probe_fires_when_the_engine_is_handed_wrong_weights(tmp_path):
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_check_fires_when_the_engine_is_handed_wrong_weights(tmp_path, temperature):
     loop = make_loop(tmp_path, sync_every=2, steps=1)
     wrong = {name: t + 0.05 * torch.randn_like(t) for name, t in loop.trainer.model.state_dict().items()}
     loop.engine.sync_weights(1, wrong)
-    with pytest.raises(RuntimeError, match=r"sync check v1: probe prompt \d+, token \d+"):
-        loop.sync.probe(1)
+    with pytest.raises(RuntimeError, match=r"sync check v1: probe row \d+, token \d+ \(id \d+\)"):
+        if temperature == 0:
+            loop.sync.probe(1)   # the greedy probe of a step that samples nothing
+        else:
+            prompts = [TOK.encode(p.prompt) for p in PROBLEMS[:3]]
+            rows = loop.engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=4, seed=1))
+            loop.sync.check(1, [prompts[c.prompt_index] for c in rows], rows, temperature)
 
 
 def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the_bucket(tmp_path):
@@ -225,3 +231,5 @@ def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the
     loop.sync.transport.send = send_with_a_flipped_bit
     with pytest.raises(RuntimeError, match=f"weight sync v1: bucket {last}: consumer fingerprint"):
         loop.sync.sync(1)
+    loop.sync.transport.send = send
+    loop.sync.sync(1)  # the next sync packs the bucket again and passes
