@@ -67,7 +67,7 @@ def impl_entry(impl: Impl, case: Case) -> tuple[Row, Contender, float]:
 def floor_entry(case: Case) -> tuple[Row, Contender]:
     """The cell's matmuls as real torch.mm into preallocated buffers; memory = the gradients only."""
     h, w = case.hidden.detach().reshape(-1, case.hidden.shape[-1]), case.weight.detach()
-    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype)
+    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
     grad_h, grad_w = torch.empty_like(h), torch.empty_like(w)
     ref = (case.ref_hidden.reshape(-1, h.shape[1]), case.ref_weight) if case.ref == "head" else None
 
@@ -96,11 +96,11 @@ def cells(args) -> list[tuple[str, str, int, int, torch.dtype]]:
     return out
 
 
-def run(args, impls: list[str]) -> tuple[list[Row], dict]:
+def run(args, impls: list[str], device: torch.device = torch.device("cpu")) -> tuple[list[Row], dict]:
     """Every requested implementation on every cell; returns the rows and (impl, size, loss) -> first-call s."""
     rows, first = [], {}
     for k, (name, ref, s, t, dtype) in enumerate(cells(args)):
-        case = make_case(SPECS[name], ref, s, t, args.dim, args.vocab, dtype, torch.device("cpu"))
+        case = make_case(SPECS[name], ref, s, t, args.dim, args.vocab, dtype, device)
         entries = [floor_entry(case)] if "floor" in impls else []
         unavailable = []
         for impl in (i for i in IMPLEMENTATIONS if i.family in impls):
@@ -111,7 +111,7 @@ def run(args, impls: list[str]) -> tuple[list[Row], dict]:
                 unavailable.append(unavailable_row(impl.name, exc, mode=name, size=case.size, per_token_logp="—",
                                                    note=impl.note))  # fmt: skip
         reps = args.reps or _reps(case.hidden.shape[0] * t)
-        section = time_section(entries, warmup=args.warmup, reps=reps, device="cpu") + unavailable
+        section = time_section(entries, warmup=args.warmup, reps=reps, device=device.type) + unavailable
         for row in section:
             print(f"[{k + 1}] {case.size} {name:<13} {row.impl:<12} {row.status} {row.median_ms or 0:.1f} ms",
                   flush=True)

@@ -21,7 +21,8 @@ from hotloop.algorithms.tasks.arithmetic import Problem
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop, make_engine
+from hotloop.runtime.engine_factory import make_engine
+from hotloop.runtime.loop import LoopConfig, OnlineLoop
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 from ._report import Check
@@ -39,7 +40,7 @@ def run_loop(cfg: dict, device: torch.device) -> tuple[list[Check], dict]:
     model = build_tiny_model(config, seed=0).to(device)
     params = sum(p.numel() for p in model.parameters())
     trainer = Trainer(model, TrainerConfig(lr=1e-5, bf16_autocast=True), reference=make_reference(model))
-    engine = make_engine(model, sync_every=1, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, seed=0)
+    engine = make_engine(model, kind="torch", pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, seed=0)
     algo = GRPO(GRPOConfig(samples_per_prompt=cfg["samples"], loss_type="dapo", beta=0.05), pad_token_id=tok.pad_id,
                 max_completion_length=cfg["max_new_tokens"])
     sampling = SamplingParams(max_new_tokens=cfg["max_new_tokens"])

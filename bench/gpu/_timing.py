@@ -72,9 +72,16 @@ def time_peers(sizes, device, *, warmup, reps, dry: bool) -> list[Row]:
 
 
 def time_losses(sizes, device, *, warmup, reps, dry: bool) -> list[Row]:
-    losses = ("grpo",) if dry else ("grpo", "dpo")  # dry: one loss is enough to run the code path
-    return losses_bench.run(sizes, losses=losses, dtype=torch.bfloat16, device=device, warmup=warmup,
-                            reps=reps, impls=("floor", "hotloop", "liger"), compiled=not dry)
+    """bench.losses' cells (bf16, reference head) at each (S, T, D, V); dry: one loss, Liger not compiled."""
+    losses = "grpo-dapo-kl" if dry else "grpo-dapo-kl,dpo"  # dry: one loss is enough to run the code path
+    impls = ["floor", "hotloop", "liger-eager" if dry else "liger"]
+    rows = []
+    for s, t, d, v in sizes:
+        args = losses_bench.parse_args(["--losses", losses, "--seqs", str(s), "--tokens", str(t), "--refs", "head",
+                                        "--dtypes", "bf16", "--dim", str(d), "--vocab", str(v), "--reps", str(reps),
+                                        "--warmup", str(warmup), "--max-rows", str(2 * s * t)])
+        rows += losses_bench.run(args, impls, device=torch.device(device))[0]
+    return rows
 
 
 def targets(rows: list[Row]) -> list[dict]:

@@ -1,7 +1,6 @@
 """DPO family: pair construction (online best-vs-worst, offline replay) and the loss's wiring."""
 
 import math
-import random
 
 import pytest
 import torch
@@ -78,19 +77,22 @@ def test_offline_dpo_from_policy_builds_its_set_once_from_the_engines_samples():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_gradient_raises_chosen_over_rejected_logprob(loss_type):
+    """At policy == reference both widen the margin the loss reads: summed log-probs for sigmoid, per-token means
+    for IPO (its default length normalisation; the summed margin may shrink when lengths differ)."""
     from hotloop.algorithms.logprobs import sequence_logprobs
     from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
     from hotloop.runtime.trainer import make_reference
 
-    model = build_tiny_model(tiny_llama_config(17, hidden_size=32, layers=1), seed=random.randrange(100))
+    model = build_tiny_model(tiny_llama_config(17, hidden_size=32, layers=1), seed=int(torch.randint(100, ())))
     reference = make_reference(model)
     pairs = [PreferencePair((1, 5, 6), (7, 8, 2), (9, 2)), PreferencePair((1, 4), (10, 2), (11, 12, 13, 2))]
     from hotloop.algorithms.dpo import pair_batch
     batch = pair_batch(pairs, PAD, version=0)
     algo = OnlineDPO(DPOConfig(beta=0.5, loss_type=loss_type, samples_per_prompt=2), pad_token_id=PAD)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if loss_type == "sigmoid" else 0.1)
+    lengths = batch.completion_mask.sum(-1) if loss_type == "ipo" else 1
     margin = lambda: (lambda s: (s[batch.chosen] - s[batch.rejected]).sum().item())(  # noqa: E731
-        sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask))
+        sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask) / lengths)
     start = margin()
     out = algo.loss(model, batch, reference=reference)
     assert out.metrics["kl"].abs().item() < 1e-6   # policy == reference before the step
