@@ -94,11 +94,11 @@ class ArithmeticTask:
 
     def split_size(self, split: str) -> int:
         """Number of distinct problems in ``split``."""
-        return len(_split_pairs(self.digits, self.op)[self._check_split(split)])
+        return len(_split_pairs(self.digits, self.op)[check_split(split)])
 
     def problems(self, n: int, split: str = "train") -> list[Problem]:
         """``n`` distinct problems of ``split``, the same ones for the same (task, n, split)."""
-        pairs = _split_pairs(self.digits, self.op)[self._check_split(split)]
+        pairs = _split_pairs(self.digits, self.op)[check_split(split)]
         if not isinstance(n, int) or not 0 <= n <= len(pairs):
             raise ValueError(f"n: expected an int in [0, {len(pairs)}] for split {split!r}, got {n!r}")
         rng = random.Random(f"arithmetic:{self.digits}:{self.op}:{self.seed}:{split}")
@@ -127,11 +127,12 @@ class ArithmeticTask:
         a, b = problem.prompt.rstrip("=").split(self.op)
         return int(a), int(b)
 
-    @staticmethod
-    def _check_split(split: str) -> str:
-        if split not in _SPLITS:
-            raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
-        return split
-
     def __repr__(self) -> str:
         return f"ArithmeticTask(digits={self.digits}, op={self.op!r}, seed={self.seed})"
+
+
+def check_split(split: str) -> str:
+    """``split`` itself when it names a split of the built-in tasks ("train" or "test"); else a ValueError."""
+    if split not in _SPLITS:
+        raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
+    return split

@@ -22,10 +22,9 @@ import random
 
 from hotloop.algorithms.rewards.style import DIGITS as _DIGITS
 from hotloop.algorithms.rewards.style import StyleConfig, StyleReward
-from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
+from hotloop.algorithms.tasks.arithmetic import Problem, check_split, in_test_split
 
 _MAX_PROMPT_DIGITS = 4
-_SPLITS = ("train", "test")
 _NOISE_CHARS = "+-= "
 
 
@@ -60,11 +59,11 @@ class PreferenceTask:
 
     def split_size(self, split: str) -> int:
         """Number of distinct prompts in ``split``."""
-        return len(_split_prompts()[self._check_split(split)])
+        return len(_split_prompts()[check_split(split)])
 
     def problems(self, n: int, split: str = "train") -> list[Problem]:
         """``n`` distinct prompts of ``split`` (``answer`` is empty), the same for the same arguments."""
-        prompts = _split_prompts()[self._check_split(split)]
+        prompts = _split_prompts()[check_split(split)]
         if not isinstance(n, int) or not 0 <= n <= len(prompts):
             raise ValueError(f"n: expected an int in [0, {len(prompts)}] for split {split!r}, got {n!r}")
         rng = random.Random(f"preference:{self.target_length}:{self.seed}:{split}")
@@ -91,12 +90,6 @@ class PreferenceTask:
         if rng.random() < error_rate:
             chars[rng.randrange(length)] = rng.choice(_NOISE_CHARS)
         return "".join(chars)
-
-    @staticmethod
-    def _check_split(split: str) -> str:
-        if split not in _SPLITS:
-            raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
-        return split
 
     def __repr__(self) -> str:
         return f"PreferenceTask(target_length={self.target_length}, seed={self.seed})"

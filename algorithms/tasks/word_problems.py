@@ -21,10 +21,9 @@ from __future__ import annotations
 import functools
 import random
 
-from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
+from hotloop.algorithms.tasks.arithmetic import Problem, check_split, in_test_split
 
 _POOL = 20_000
-_SPLITS = ("train", "test")
 _MAX_STEPS = 5
 _NAMES = ("Ava", "Ben", "Chloe", "Dev", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kira", "Liam", "Maya",
           "Noah", "Olive", "Priya", "Quinn", "Rosa", "Sam", "Tara")
@@ -86,11 +85,11 @@ class WordProblemsTask:
 
     def split_size(self, split: str) -> int:
         """Number of distinct problems in ``split``."""
-        return len(_split_pool(self.steps)[self._check_split(split)])
+        return len(_split_pool(self.steps)[check_split(split)])
 
     def problems(self, n: int, split: str = "train") -> list[Problem]:
         """``n`` distinct problems of ``split``, the same ones for the same (task, n, split)."""
-        pool = _split_pool(self.steps)[self._check_split(split)]
+        pool = _split_pool(self.steps)[check_split(split)]
         if not isinstance(n, int) or not 0 <= n <= len(pool):
             raise ValueError(f"n: expected an int in [0, {len(pool)}] for split {split!r}, got {n!r}")
         return random.Random(f"word-problems:{self.steps}:{self.seed}:{split}").sample(pool, n)
@@ -100,12 +99,6 @@ class WordProblemsTask:
         from hotloop.algorithms.rewards.verifiers import MathVerifyReward
 
         return MathVerifyReward()([problem], [completion_text]).item()
-
-    @staticmethod
-    def _check_split(split: str) -> str:
-        if split not in _SPLITS:
-            raise ValueError(f"split: expected one of {_SPLITS}, got {split!r}")
-        return split
 
     def __repr__(self) -> str:
         return f"WordProblemsTask(steps={self.steps}, seed={self.seed})"
