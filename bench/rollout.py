@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += workload_rows(name, model, engines, prompts, samples, new_tokens, args.reps)
         for engine in engines.values():
             getattr(engine, "shutdown", lambda: None)()
-    notes = ["The machine (2 CPU cores) was shared with 5 other engineers' jobs: times are noisy; "
-             "engines ran in the same interleaved rounds, so their ratios are the robust numbers.",
+    notes = ["Engines ran in the same interleaved rounds, so their ratios are the robust numbers; other jobs on the "
+             "machine (see the load average above) slow every row.",
              "Floors: compute = 2 x matmul params x tokens at a measured fp32 torch.mm rate; "
              "weight-read = one read of all weights per decode step at a measured copy rate."]
     meta = collect_meta("cpu", slug="cpu", reps=args.reps, quick=args.quick, notes=notes)

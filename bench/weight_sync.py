@@ -49,7 +49,7 @@ SIZES = {"1M": 10**6, "10M": 10**7, "100M": 10**8, "1B": 10**9}
 FULL, QUICK = ["10M", "100M", "1B"], ["1M"]
 BIG_PEERS_MAX = 10**8
 FREE_GIB_FOR_1B = 14
-NOTES = ["Shared machine (2 cores, 6 engineers working): medians of interleaved rounds; ratios are what to read.",
+NOTES = ["Medians of interleaved rounds: read the ratios, and the load average above (other jobs slow all rows).",
          "floor = one memcpy of the same bytes; bucketed (pack) is what a TorchEngine's stale copy costs per sync."]
 
 
