@@ -1,4 +1,4 @@
-"""Numerical helpers shared by the tests: dtype tolerances, relative error, poisoning, scalar checks."""
+"""Helpers shared by the tests: dtype tolerances, relative error, poisoning, scalar checks, equal run states."""
 
 import torch
 
@@ -43,3 +43,14 @@ def logit_scale(hidden, weight, bias, targets, mask=None, cu_seqlens=None, tempe
     x = h @ weight.detach().double().T + (0.0 if bias is None else bias.detach().double())
     total = ((x / temperature).abs().mean(-1) * m).sum().item()
     return total / max(m.sum().item(), 1.0), total
+
+
+def assert_same_final_state(state: tuple[dict, list[dict]], reference: tuple[dict, list[dict]], steps: int) -> None:
+    """Two runs' ``(weights by checkpoint file, metric records)`` are equal: every step logged, tensors bit-equal."""
+    (weights, records), (ref_weights, ref_records) = state, reference
+    assert [r["step"] for r in records] == list(range(steps))
+    assert records == ref_records
+    for name, tensors in ref_weights.items():
+        assert tensors.keys() == weights[name].keys()
+        for key, tensor in tensors.items():
+            assert torch.equal(weights[name][key], tensor), f"{name}.{key}"

@@ -17,6 +17,7 @@ from hotloop.runtime import checkpoint_files
 from hotloop.runtime.checkpoint import latest_checkpoint
 from tests.faults import child
 from tests.faults.tally import TALLY, fault
+from tests.helpers import assert_same_final_state
 
 STEPS, KILL_AT = 4, 2
 TIMEOUT = 300
@@ -69,12 +70,5 @@ def test_sigkill_in_each_phase_then_resume_equals_the_uninterrupted_run(phase, s
         assert spawn(tmp_path, f"{phase}@{KILL_AT}") == -signal.SIGKILL
         assert_no_poisoned_checkpoint(tmp_path)
         assert spawn(tmp_path, resume=True) == 0
-        weights, records = final_state(tmp_path)
-        ref_weights, ref_records = reference
-        assert [r["step"] for r in records] == list(range(STEPS))
-        assert records == ref_records
-        for name, tensors in ref_weights.items():
-            assert tensors.keys() == weights[name].keys()
-            for key, tensor in tensors.items():
-                assert torch.equal(weights[name][key], tensor), f"{name}.{key}"
+        assert_same_final_state(final_state(tmp_path), reference, STEPS)
         assert_no_poisoned_checkpoint(tmp_path)

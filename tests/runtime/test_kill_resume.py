@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from hotloop.runtime.checkpoint import latest_checkpoint
+from tests.helpers import assert_same_final_state
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, PAUSE_AT = 6, 3
@@ -52,13 +52,7 @@ def final_state(out_dir: Path) -> tuple[dict, list[dict]]:
 
 
 def assert_same_run(out_dir: Path, reference_dir: Path) -> None:
-    (weights, records), (ref_weights, ref_records) = final_state(out_dir), final_state(reference_dir)
-    assert [r["step"] for r in records] == list(range(STEPS))
-    assert records == ref_records
-    for name, tensors in ref_weights.items():
-        assert tensors.keys() == weights[name].keys()
-        for key, tensor in tensors.items():
-            assert torch.equal(weights[name][key], tensor), f"{name}.{key}"
+    assert_same_final_state(final_state(out_dir), final_state(reference_dir), STEPS)
 
 
 def next_step(out_dir: Path) -> int:
