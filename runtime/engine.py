@@ -152,3 +152,15 @@ class RolloutEngine(Protocol):
     def flush_cache(self) -> None:
         """Drop cached prefixes / KV state (stale after a weight change)."""
         ...
+
+
+def check_prompt_ids(prompts: list[list[int]], max_len: int | None = None) -> None:
+    """Raise unless ``prompts`` is a non-empty list of non-empty token-id lists (each shorter than ``max_len``)."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompt_token_ids: expected a non-empty list of token-id lists, got {prompts!r:.200}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
+            raise ValueError(f"prompt_token_ids[{i}]: expected a non-empty list of ints >= 0, got {p!r:.200}")
+        if max_len is not None and len(p) >= max_len:
+            raise ValueError(f"prompt_token_ids[{i}]: expected fewer than max_model_len = {max_len} tokens, "
+                             f"got {len(p)}")

@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.engine import Completion, SamplingParams, check_prompt_ids
+from hotloop.runtime.weight_sync import named_tensors
 
 
 class TorchEngine:
@@ -131,7 +132,7 @@ class TorchEngine:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
-        _check_prompts(prompt_token_ids)
+        check_prompt_ids(prompt_token_ids)
         generator = self.generator
         if sampling.seed is not None:
             generator = torch.Generator(device=self.device)
@@ -259,7 +260,7 @@ def _forward_kwargs(model: nn.Module) -> tuple[str, dict]:
 def _load_in_place(model: nn.Module, weights) -> None:
     """Copy (name, tensor) pairs into ``model``'s tensors; every distinct tensor must be covered."""
     state = model.state_dict(keep_vars=True)
-    pairs = list(weights.items() if isinstance(weights, Mapping) else weights)  # checked before any copy
+    pairs = list(named_tensors(weights))  # checked before any copy
     for name, tensor in pairs:
         if name not in state:
             raise KeyError(f"weights: unexpected name {name!r}; expected names of the model's state_dict")
@@ -274,14 +275,6 @@ def _load_in_place(model: nn.Module, weights) -> None:
             target = state[name]
             if target.data_ptr() != tensor.data_ptr() or target.dtype != tensor.dtype:
                 target.copy_(tensor)
-
-
-def _check_prompts(prompts: list[list[int]]) -> None:
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompt_token_ids: expected a non-empty list of token-id lists, got {prompts!r}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
-            raise ValueError(f"prompt_token_ids[{i}]: expected a non-empty list of ints >= 0, got {p!r}")
 
 
 def _opt(token: int | None) -> set[int]:

