@@ -58,10 +58,11 @@ def first_nonfinite(quantities: Mapping[str, torch.Tensor | float | None]) -> tu
         value = torch.as_tensor(value).detach()
         if value.numel() and value.is_floating_point():
             names.append(name)
-            flags.append(torch.isfinite(value).all().to("cpu", non_blocking=True))
+            flags.append(torch.isfinite(value).all())
     if not flags:
         return None
-    finite = torch.stack(flags).tolist()
+    # gathered on one device, then read once: a non_blocking copy to the host could be read before it lands
+    finite = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
     for name, ok in zip(names, finite):
         if not ok:
             return name, _describe(torch.as_tensor(quantities[name]).detach())
