@@ -220,8 +220,9 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     """Warm start (or load) → evaluate → the online loop → evaluate; returns and writes the summary."""
     t0 = time.perf_counter()
     setup = build_setup(config, progress=progress)
+    run_config = run_config_json(config)
     Path(config.loop.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.loop.out_dir) / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(config), default=str, indent=1))
+    (Path(config.loop.out_dir) / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
     tok = setup.tokenizer
     sampling = sampling_params(config.sampling, tok)
     engine = make_engine(setup.model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
@@ -232,7 +233,7 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     algorithm = factory(getattr(config, section), context)
     # a frozen copy only when the loss reads it (GRPO with beta = 0 does not): no KL is reported then
     reference = make_reference(setup.model) if algorithm.needs_reference else None
-    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config_json(config))
+    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config)
     evaluate = make_evaluate(setup, config, reference)
     before = evaluate(setup.model)
     # an offline set read from a file brings its own prompts: the loop draws from those
@@ -266,7 +267,7 @@ def write_summary(config: RunConfig, result: LoopResult, before: dict, after: di
         "eval_seconds": round(sum(r.get("time/eval", 0.0) for r in records), 3),
         "steps": result.next_step, "interrupted": result.interrupted, "algorithm": config.algorithm,
         "sync_every": config.loop.sync_every, "seed": config.loop.seed,
-        "config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+        "config": run_config_json(config),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(records, before, out / "accuracy_kl.png", summary["kl_label"])
