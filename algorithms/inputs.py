@@ -1,9 +1,9 @@
 """Checks of everything a run reads from disk or imports, before any work starts.
 
 :func:`check_inputs` looks at the files and directories a :class:`~hotloop.algorithms.config.RunConfig`
-names — the model directory, the prompts file, the pairs file, reward and judge models — and at the
-optional packages the chosen reward needs, and raises one ``ValueError`` whose message is a single
-line naming the file (and ``file:line`` inside a JSONL file). The CLI prints it and exits with 2,
+names — the model directory (or ``.gguf`` file), the prompts file, the pairs file, reward and judge
+models — and at the optional packages the chosen reward needs, and raises one ``ValueError`` whose
+message is a single line naming the file (and ``file:line`` inside a JSONL file). The CLI prints it and exits with 2,
 so a typo costs a second, not the warm start.
 """
 
@@ -13,6 +13,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from hotloop.algorithms.models import check_gguf_file, is_gguf
+
 OPTIONAL_PACKAGES = {"math_verify": ("math_verify", "math-verify")}
 """Reward kind → (module it imports, pip package that provides it)."""
 ALWAYS = (("matplotlib", "matplotlib"), ("rich", "rich"))
@@ -21,7 +23,9 @@ ALWAYS = (("matplotlib", "matplotlib"), ("rich", "rich"))
 
 def check_inputs(config) -> None:
     """Raise ``ValueError`` (one line) for the first missing or malformed input of ``config``."""
-    if config.model.path is not None:
+    if config.model.path is not None and is_gguf(config.model.path):
+        check_gguf_file(config.model.path)
+    elif config.model.path is not None:
         check_model_dir("model.path", config.model.path)
     if config.reward.model:
         check_model_dir("reward.model", config.reward.model)

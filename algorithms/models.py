@@ -33,13 +33,20 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(".gguf")
 
 
+def check_gguf_file(path: str | Path) -> Path:
+    """``path`` expanded, after checking that it is an existing ``.gguf`` file and that ``gguf`` is installed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"model.path: expected an existing .gguf file, got {str(path)!r} (not found)")
+    _require_gguf()
+    return path
+
+
 def _gguf_args(path: str | Path) -> tuple[str, dict]:
     """``from_pretrained`` arguments of ``path``: (directory, {"gguf_file": name}) for a GGUF file."""
     path = Path(path).expanduser()
     if is_gguf(path):
-        if not path.is_file():
-            raise ValueError(f"model.path: expected an existing .gguf file, got {str(path)!r} (not found)")
-        _require_gguf()
+        path = check_gguf_file(path)
         return str(path.parent), {"gguf_file": path.name}
     if not path.is_dir():
         raise ValueError(f"model.path: expected a model directory or a .gguf file, got {str(path)!r} (not found)")

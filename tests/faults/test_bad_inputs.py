@@ -78,6 +78,17 @@ def test_bad_model_directories_are_refused(tmp_path, capsys):
             "reward.model")
 
 
+def test_a_gguf_model_path_is_checked_as_a_file_not_as_a_directory(tmp_path, capsys):
+    refused(capsys, ["demo", "--set", f"model.path={tmp_path / 'm.gguf'}"], "model.path",
+            "expected an existing .gguf file")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    config = load_config(None, [f"model.path={tmp_path / 'm.gguf'}"])
+    try:
+        inputs.check_inputs(config)   # with the gguf package installed, an existing .gguf file passes
+    except ValueError as err:
+        assert "hotloop[gguf]" in str(err) and "directory" not in str(err)
+
+
 @pytest.mark.parametrize("lines, where", [
     (['{"prompt": "1+1=", "answer": "2"}', '{"prompt": "2+2=", "answer": '], ":2:"),
     (['{"prompt": "1+1="}', "", '["not", "an", "object"]'], ":3:"),
