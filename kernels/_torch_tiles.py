@@ -218,7 +218,13 @@ def add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | N
         gh.index_copy_(0, rows, torch.mm(g, w).to(gh.dtype))
     if gw is None:
         return
-    if g.dtype == gw.dtype:
-        torch.mm(g.T, h, out=gw) if first else gw.addmm_(g.T, h)
+    if g.dtype != gw.dtype:
+        g_w = torch.mm(g.T, h)
+        if first:
+            gw.copy_(g_w)
+        else:
+            gw.add_(g_w)
+    elif first:
+        torch.mm(g.T, h, out=gw)
     else:
-        gw.copy_(torch.mm(g.T, h)) if first else gw.add_(torch.mm(g.T, h))
+        gw.addmm_(g.T, h)

@@ -185,7 +185,8 @@ class SyncPolicy:
         worst, where = 0.0, None
         for i, (c, ref) in enumerate(zip(completions, expected)):
             for t, (got, want) in enumerate(zip(c.logprobs, ref)):
-                diff = abs(got - want) if abs(got - want) == abs(got - want) else math.inf  # NaN: the worst
+                diff = abs(got - want)
+                diff = math.inf if math.isnan(diff) else diff  # NaN: the worst
                 if diff > worst:
                     worst, where = diff, (i, t, c.token_ids[t], got, want)
         if where is not None and worst > tolerance:

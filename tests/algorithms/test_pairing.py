@@ -8,7 +8,6 @@ import torch
 
 from hotloop.algorithms.dpo import DPOConfig, OnlineDPO, best_worst_pairs
 from hotloop.algorithms.pairing import contrast_pairs, skip_reasons
-from hotloop.runtime.engine import Completion
 
 
 def _groups(sizes):
