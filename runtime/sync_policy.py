@@ -166,9 +166,11 @@ class SyncPolicy:
             self.engine.sync_weights(version)
 
     def _send(self, version: int) -> None:
-        sent = fingerprints(self.buffers) if self.config.check else None
-        received = self.transport.send(version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s)
-        if sent is not None:
+        check = self.config.check
+        sent = fingerprints(self.buffers) if check else None
+        received = self.transport.send(version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s,
+                                       with_fingerprints=check)
+        if check:
             compare_fingerprints(version, sent, received)
 
     def probe(self, version: int) -> float:

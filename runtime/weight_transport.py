@@ -2,7 +2,8 @@
 
 All three sit behind :class:`Transport`: ``send(version, weights, timeout_s)`` hands over the
 packed buckets of one sync and returns the consumer's fingerprint of every bucket, which the
-caller compares with its own (``weight_sync.compare_fingerprints``).
+caller compares with its own (``weight_sync.compare_fingerprints``); with
+``with_fingerprints=False`` (the sync check off) no side reads the buckets again and each answer is None.
 
 - :class:`InProcessTransport`: ``engine.sync_weights(version, weights)`` with the bucket views
   themselves; the consumer fingerprint is taken on the buckets after the engine loaded them.
@@ -48,8 +49,9 @@ class Transport(Protocol):
         """The bucket buffers the producer packs into (allocated once, where this transport needs them)."""
         ...
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float) -> list[int]:
-        """Deliver ``weights`` of ``version``; the consumer's fingerprint of every bucket."""
+    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
+             with_fingerprints: bool = True) -> list[int | None]:
+        """Deliver ``weights`` of ``version``; the consumer's fingerprint of every bucket (None each without)."""
         ...
 
     def close(self) -> None:
@@ -66,10 +68,11 @@ class InProcessTransport:
     def buffers(self, plan: SyncPlan) -> list[torch.Tensor]:
         return plan.allocate()
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float) -> list[int]:
+    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
+             with_fingerprints: bool = True) -> list[int | None]:
         # one call in this thread cannot be preempted: timeout_s bounds only the out-of-process waits
         self.engine.sync_weights(version, weights)
-        return fingerprints(weights.buffers)
+        return fingerprints(weights.buffers) if with_fingerprints else [None] * len(weights.buffers)
 
     def close(self) -> None:
         """Nothing held."""
@@ -96,12 +99,13 @@ class ProcessTransport:
         self.conn.send(("plan", plan, buffers if self.device.type == "cpu" else None))
         return buffers
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float) -> list[int]:
+    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
+             with_fingerprints: bool = True) -> list[int | None]:
         """One message per sync (with CUDA IPC handles on GPU), then wait for one answer per bucket."""
         if self._plan is None:
             raise RuntimeError("send: expected buffers(plan) to be called first")
         handles = weights.buffers if self.device.type == "cuda" else None
-        self.conn.send(("sync", version, handles))
+        self.conn.send(("sync", version, handles, with_fingerprints))
         received = [self._answer(version, i, timeout_s) for i in range(len(weights.buffers))]
         if self.device.type == "cuda":
             torch.cuda.ipc_collect()
@@ -145,11 +149,12 @@ def serve(conn, load: Callable[[int, int, torch.Tensor, SyncPlan], torch.Tensor]
         if message[0] == "plan":
             _, plan, shared = message
             continue
-        _, version, handles = message
+        _, version, handles, with_fingerprints = message
         buffers = handles if handles is not None else shared
         for i, bucket in enumerate(buffers):
             try:
-                conn.send(("bucket", i, fingerprint(load(version, i, bucket, plan))))
+                held = load(version, i, bucket, plan)
+                conn.send(("bucket", i, fingerprint(held) if with_fingerprints else None))
             except Exception as error:  # reported to the producer, which raises naming the bucket
                 conn.send(("error", i, f"{type(error).__name__}: {error}"))
                 break

@@ -224,9 +224,9 @@ def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the
     loop = make_loop(tmp_path, sync_every=2, steps=1)
     send, last = loop.sync.transport.send, len(loop.sync.buffers) - 1
 
-    def send_with_a_flipped_bit(version, weights, *, timeout_s):
+    def send_with_a_flipped_bit(version, weights, *, timeout_s, with_fingerprints=True):
         weights.buffers[last].view(torch.uint8)[5] ^= 1   # after the producer's fingerprint, before the consumer's
-        return send(version, weights, timeout_s=timeout_s)
+        return send(version, weights, timeout_s=timeout_s, with_fingerprints=with_fingerprints)
 
     loop.sync.transport.send = send_with_a_flipped_bit
     with pytest.raises(RuntimeError, match=f"weight sync v1: bucket {last}: consumer fingerprint"):

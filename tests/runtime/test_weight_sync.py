@@ -91,6 +91,8 @@ def test_a_torch_engine_loads_bucket_views_of_another_copy_and_a_bad_name_leaves
     plan.pack(trainer, buffers)
     assert InProcessTransport(engine).send(2, plan.views(buffers), timeout_s=1) == fingerprints(buffers)
     assert engine.weight_version == 2
+    unchecked = InProcessTransport(engine).send(2, plan.views(buffers), timeout_s=1, with_fingerprints=False)
+    assert unchecked == [None] * len(buffers)   # the sync check off: the buckets are not read again
     for (name, a), b in zip(engine.model.state_dict().items(), trainer.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(KeyError, match="missing"):
@@ -122,6 +124,8 @@ def test_shared_memory_into_a_real_child_process_matches_fingerprints_on_every_s
                 for p in model.parameters():
                     p.add_(torch.randn_like(p))
         assert seen[0] != seen[1] != seen[2]
+        unchecked = transport.send(3, plan.views(buffers), timeout_s=120, with_fingerprints=False)
+        assert unchecked == [None] * len(buffers)   # every bucket still answered, none fingerprinted
     finally:
         transport.close()
         process.join(30)
