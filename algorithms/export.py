@@ -41,8 +41,9 @@ def _run_config(run_dir: Path):
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = False) -> Path:
     """Write the latest checkpoint's policy of ``run_dir`` as a HF model directory ``out_dir``; returns it."""
-    from safetensors.torch import load_model
     from transformers import GenerationConfig
+
+    from hotloop.runtime.checkpoint_files import load_weights
 
     from hotloop.algorithms.cli import _builtin_task, load_policy
     from hotloop.algorithms.tasks.tokenizer import CharTokenizer
@@ -55,7 +56,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = Fal
     config = _run_config(run_dir)
     task = None if config.model.path is not None else _builtin_task(config)
     model, tokenizer = load_policy(config, task, progress=progress)
-    load_model(model, checkpoint / MODEL_FILE, strict=True)
+    model.load_state_dict(load_weights(checkpoint / MODEL_FILE), strict=True)  # the checkpoint's reader: aliases too
     bos = getattr(tokenizer, "bos_id", None)
     if bos is None:
         bos = tokenizer.inner.bos_token_id
