@@ -60,7 +60,7 @@ def test_online_dpo_on_a_mostly_wrong_arithmetic_policy_gets_more_pairs_with_the
 
     task = ArithmeticTask(2, "+", seed=0)
     tok = CharTokenizer(task.alphabet)
-    model = sft_warm_start(task, tok, out_dir=tmp_path / "warm", steps=400, error_rate=0.8, seed=0, progress=False)
+    model = sft_warm_start(task, tok, out_dir=tmp_path / "warm", steps=400, error_rate=0.6, seed=0, progress=False)
     engine = TorchEngine(model, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, seed=0)
     problems = [p for p in task.problems(400) if task.carries(p) >= 1][:16]
     prompt_ids = [tok.encode(p.prompt) for p in problems]
