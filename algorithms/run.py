@@ -41,7 +41,7 @@ RUN_CONFIG = "run_config.json"
 
 @dataclasses.dataclass
 class Setup:
-    """The pieces one run is built from."""
+    """The pieces one run is built from (:func:`build_setup`)."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -224,8 +224,8 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     evaluate = make_evaluate(setup, config, reference)
     before = evaluate(setup.model)
     loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
-                      problems=algorithm.prompt_pool(setup.train), tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=progress,
-                      logprob_fn=probe_logprobs(_token_id(tok, "pad")))
+                      problems=algorithm.prompt_pool(setup.train), tokenizer=tok, sampling=sampling,
+                      evaluate=evaluate, progress=progress, logprob_fn=probe_logprobs(_token_id(tok, "pad")))
     result = loop.run(resume=resume)
     after = evaluate(trainer.model) if result.interrupted else _last_eval(result, evaluate, trainer.model)
     return write_summary(config, result, before, after, setup.warm_start_seconds, time.perf_counter() - t0)
