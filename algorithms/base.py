@@ -92,6 +92,11 @@ class Algorithm(Protocol):
         """Scalar loss (differentiable in ``policy``) and detached metrics for ``batch``."""
         ...
 
+    def prompt_pool(self, problems: list) -> list:
+        """The problems the loop draws its prompts from, given the run's training ``problems`` (an offline set read
+        from a file brings its own)."""
+        ...
+
     def split_rule(self) -> SplitRule:
         """How batches split into micro batches (gradient accumulation); ValueError if they cannot."""
         ...

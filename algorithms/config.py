@@ -1,18 +1,20 @@
-"""One run's configuration: nested frozen dataclasses, loaded from YAML with ``key.sub=value`` overrides.
+"""One run's configuration: nested frozen dataclasses, one per component, checked in ``__post_init__``.
 
-Every default lives here, in the dataclasses (the defaults *are* ``hotloop demo``: semi-online DPO
-with ``s = 4`` on 2-digit addition from the tiny model's SFT warm start). A YAML file names only
-what it changes::
+Each default is declared once, in the dataclass of the component that owns it (``LoopConfig``,
+``TrainerConfig``, ``DPOConfig``, ...); ``RunConfig()`` is nothing but those defaults. The settings
+of a particular run (the tiny demo, a pretrained SmolLM2) are named presets in
+:mod:`hotloop.algorithms.presets`, and :func:`hotloop.algorithms.loader.load_config` reads a YAML
+file that names only what it changes over ``RunConfig()`` or over the preset it names::
 
+    preset: demo                              # optional: start from hotloop.algorithms.presets.demo()
     algorithm: online-dpo
     dpo: {beta: 0.2, samples_per_prompt: 8}
     loop: {steps: 80, sync_every: 4}          # null or .inf: offline
     engine: {kind: vllm}                      # torch (default) | vllm | sglang
 
-and ``load_config(path, ["loop.sync_every=1", "dpo.loss_type=ipo"])`` applies overrides on top
-(each value parsed as YAML). Unknown keys, unknown algorithms, ``sync_every < 1`` and a task
-without a reward fail with a ``ValueError`` naming the dotted field. Nothing here looks at the
-hardware: ``model.device`` is resolved when a run starts (``hotloop.algorithms.cli.resolve_device``).
+Unknown keys, unknown algorithms, ``sync_every < 1`` and a task without a reward fail with a
+``ValueError`` naming the dotted field. Nothing here looks at the hardware: ``model.device`` is
+resolved when a run starts (``hotloop.algorithms.run.resolve_device``).
 
 Adding an algorithm: give it a frozen ``Config`` section field on :class:`RunConfig` and an entry
 ``name → (section, factory)`` in :data:`ALGORITHMS`; ``factory(section_config, context)`` gets a
@@ -21,15 +23,9 @@ Adding an algorithm: give it a frozen ``Config`` section field on :class:`RunCon
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
 from hotloop.algorithms.grpo import GRPO, GRPOConfig
@@ -39,6 +35,7 @@ from hotloop.algorithms.rewards.judge import JudgeConfig
 from hotloop.algorithms.rewards.style import StyleConfig
 from hotloop.algorithms.rwr import RWR, RWRConfig
 from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewardingDPO
+from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import ENGINE_KINDS
 from hotloop.runtime.loop import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
@@ -182,33 +179,30 @@ class RewardConfig:
         return tuple(k for k, _ in self.mixture) if self.mixture else (self.kind,)
 
 
+_PARAMS = SamplingParams()
+"""The engine's sampling defaults, which :class:`SamplingConfig` shares (declared once, in ``SamplingParams``)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-    """Sampler settings of the rollout engine (n comes from the algorithm)."""
+    """Sampler settings of the rollout engine (n comes from the algorithm); checked by ``SamplingParams``."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 5
+    temperature: float = _PARAMS.temperature
+    """Softmax temperature T; 0 means greedy."""
+    top_p: float = _PARAMS.top_p
+    top_k: int = _PARAMS.top_k
+    max_new_tokens: int = _PARAMS.max_new_tokens
     max_batch_size: int = 512
     """Rows the engine decodes together."""
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = _PARAMS.stop_token_ids
     """Token ids that end a completion besides eos (kept as its last token, so rewards see them)."""
     stop_strings: tuple[str, ...] = ()
     """Strings that end a completion, each one token of the run's tokenizer (mapped to its id at start)."""
 
     def __post_init__(self) -> None:
-        _check_fields(self, (
-            ("temperature", lambda v: _is_real(v) and v >= 0, "a float >= 0 (0 = greedy)"),
-            ("top_p", lambda v: _is_real(v) and 0 < v <= 1, "a float in (0, 1]"),
-            ("top_k", lambda v: _is_int(v) and v >= 0, "an int >= 0 (0 = off)"),
-            ("max_new_tokens", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-            ("max_batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),
-        ))
-        ids = self.stop_token_ids
-        if not isinstance(ids, tuple) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                 for t in ids):
-            raise ValueError(f"stop_token_ids: expected a list of ints >= 0, got {ids!r}")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids)
+        _check_fields(self, (("max_batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),))
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):
             raise ValueError(f"stop_strings: expected a list of non-empty strings, got {self.stop_strings!r}")
 
@@ -253,7 +247,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(beta=0.2, samples_per_prompt=8, pairs_per_prompt=2))
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
@@ -261,13 +255,11 @@ class RunConfig:
     self_rewarding: SelfRewardingConfig = field(default_factory=SelfRewardingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(lr=2e-4, betas=(0.9, 0.98),
-                                                                         max_grad_norm=1.0, warmup_steps=5))
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=80, sync_every=4, prompts_per_step=32,
-                                                                eval_every=10, final_checkpoint=None))
-    """A kill (SIGKILL, power loss) loses at most ``checkpoint_every`` steps (LoopConfig's default, 10);
-    SIGINT/SIGTERM lose none. ``checkpoint_every: 0`` writes no checkpoint at all unless
-    ``final_checkpoint: true`` (one after the last step and on SIGINT/SIGTERM)."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """A kill (SIGKILL, power loss) loses at most ``checkpoint_every`` steps; SIGINT/SIGTERM lose none (they
+    always checkpoint the step they interrupt). ``final_checkpoint`` governs only the checkpoint after the
+    last step: True writes it, False does not, None writes it only when ``checkpoint_every > 0``."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -289,118 +281,6 @@ class RunConfig:
     def algorithm_section(self):
         """The config section of the chosen algorithm."""
         return getattr(self, ALGORITHMS[self.algorithm][0])
-
-
-DEMO_DEFAULTS = {"sampling.max_new_tokens": (5, "64-256"), "trainer.lr": (2e-4, "1e-6-1e-5"),
-                 "trainer.betas": ((0.9, 0.98), "[0.9, 0.999]"), "trainer.warmup_steps": (5, "0-2")}
-"""Defaults sized for the tiny demo model: field → (demo value, what suits a pretrained model)."""
-
-
-def demo_default_warnings(config: RunConfig) -> list[str]:
-    """One line per demo-sized default still in force while ``model.path`` names a pretrained model."""
-    if config.model.path is None:
-        return []
-    out = []
-    for dotted, (demo, real) in DEMO_DEFAULTS.items():
-        section, name = dotted.split(".")
-        value = getattr(getattr(config, section), name)
-        if value == demo:
-            out.append(f"{dotted}={value!r} is the tiny demo model's default; a pretrained model usually wants "
-                       f"{real} (see examples/ and docs/real-models.md)")
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """``RunConfig`` from a YAML file (or the defaults when None) with ``key.sub=value`` overrides applied."""
-    data = {}
-    if path is not None:
-        data = _read_yaml(Path(path))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override: expected key.sub=value, got {item!r}")
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{key}: {part!r} is a value, not a section")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{key}: expected a YAML value, got {value!r} ({_yaml_problem(err)})") from None
-    return _build(RunConfig, data, "", base=None)
-
-
-def _read_yaml(path: Path) -> dict:
-    """The top-level mapping of a YAML file; a missing file or a syntax error is a ValueError naming file:line:col."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"{path}: expected a readable YAML config file, got {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ValueError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    return " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part) \
-        or str(err).splitlines()[0]
-
-
-def _build(cls, data: dict, prefix: str, base):
-    """Instance of dataclass ``cls`` from ``data`` over ``base`` (or the defaults), errors prefixed."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{prefix}{unknown[0]}: unknown key; expected one of {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    defaults = base if base is not None else _defaults(cls)
-    kwargs = {}
-    for name, value in data.items():
-        current = getattr(defaults, name)
-        if dataclasses.is_dataclass(hints[name]) and isinstance(hints[name], type):
-            kwargs[name] = _build(hints[name], value, f"{prefix}{name}.", current)
-        else:
-            kwargs[name] = _coerce(value, hints[name])
-    try:
-        return dataclasses.replace(defaults, **kwargs)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{prefix}{err}") from None
-
-
-def _defaults(cls):
-    try:
-        return cls()
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{cls.__name__}: {err}") from None
-
-
-def _coerce(value, hint):
-    """YAML lists become tuples (nested ones too) for tuple fields, "1e-4" a float for float fields; ``.inf`` stays
-    a float."""
-    if isinstance(value, list) and tuple in (typing.get_origin(h) for h in (hint, *typing.get_args(hint))):
-        return _tuples(value)
-    if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            return value
-    if isinstance(value, float) and value.is_integer() and not math.isinf(value) and int in typing.get_args(hint):
-        return int(value)
-    return value
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _is_int(value) -> bool:

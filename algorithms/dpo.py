@@ -230,6 +230,10 @@ class _DPOLoss:
             raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
         self.config, self.pad_token_id = config, pad_token_id
 
+    def prompt_pool(self, problems: list) -> list:
+        """The problems the loop draws prompts from: the run's training problems."""
+        return problems
+
     def split_rule(self) -> SplitRule:
         """Mean over pairs; pair p is rows (2p, 2p + 1), indexed by ``chosen`` / ``rejected``."""
         return SplitRule(unit_rows=2, normalizer="rows", row_index_fields=("chosen", "rejected"))
@@ -352,6 +356,10 @@ class OfflineDPO(_DPOLoss):
         return cls.from_policy(config, pad_token_id=context.pad_token_id, engine=context.engine,
                                problems=context.problems, prompt_ids=[tok.encode(p.prompt) for p in context.problems],
                                reward_fn=context.reward_fn, decode=tok.decode, sampling=context.sampling)
+
+    def prompt_pool(self, problems: list) -> list:
+        """The set's own prompts: a pairs file's, or the problems the set was sampled from."""
+        return self.problems
 
     def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
                     rewards: torch.Tensor) -> StoredPairBatch | None:

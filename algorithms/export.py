@@ -22,6 +22,8 @@ import json
 import sys
 from pathlib import Path
 
+from hotloop.algorithms.loader import config_from_json
+from hotloop.algorithms.run import RUN_CONFIG, builtin_task, load_policy
 from hotloop.runtime.checkpoint import latest_checkpoint
 
 MODEL_FILE = "model.safetensors"
@@ -29,14 +31,11 @@ MODEL_FILE = "model.safetensors"
 
 def _run_config(run_dir: Path):
     """The ``RunConfig`` a run wrote into ``run_dir``."""
-    from hotloop.algorithms.cli import RUN_CONFIG
-    from hotloop.algorithms.config import RunConfig, _build
-
     path = run_dir / RUN_CONFIG
     if not path.exists():
         raise ValueError(f"run_dir: expected a run directory with {RUN_CONFIG} (written by hotloop train/demo), "
                          f"got {str(run_dir)!r} without one")
-    return _build(RunConfig, json.loads(path.read_text()), "", None)
+    return config_from_json(json.loads(path.read_text()))
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = False) -> Path:
@@ -45,7 +44,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = Fal
 
     from hotloop.runtime.checkpoint_files import load_weights
 
-    from hotloop.algorithms.cli import _builtin_task, load_policy
     from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -54,7 +52,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = Fal
         raise ValueError(f"run_dir: expected a checkpoint in {str(run_dir)!r}, got none (a run with "
                          f"loop.checkpoint_every=0 writes one only with loop.final_checkpoint=true)")
     config = _run_config(run_dir)
-    task = None if config.model.path is not None else _builtin_task(config)
+    task = None if config.model.path is not None else builtin_task(config)
     model, tokenizer = load_policy(config, task, progress=progress)
     model.load_state_dict(load_weights(checkpoint / MODEL_FILE), strict=True)  # the checkpoint's reader: aliases too
     bos = getattr(tokenizer, "bos_id", None)

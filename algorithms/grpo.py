@@ -126,8 +126,6 @@ class GRPO:
             raise TypeError(f"config: expected GRPOConfig, got {type(config).__name__}")
         if not isinstance(pad_token_id, int) or pad_token_id < 0:
             raise ValueError(f"pad_token_id: expected an int >= 0, got {pad_token_id!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a float > 0 (the sampling temperature), got {temperature!r}")
         self.config, self.pad_token_id, self.temperature = config, pad_token_id, float(temperature)
         self.max_completion_length = max_completion_length
         self.samples_per_prompt = config.samples_per_prompt
@@ -137,7 +135,7 @@ class GRPO:
     def from_config(cls, config: GRPOConfig, context: BuildContext) -> GRPO:
         """Factory for the config registry: log-probs at the run's sampling temperature (1 when greedy)."""
         sampling = context.sampling
-        return cls(config, pad_token_id=context.pad_token_id, temperature=sampling.temperature or 1.0,
+        return cls(config, pad_token_id=context.pad_token_id, temperature=sampling.logprob_temperature,
                    max_completion_length=sampling.max_new_tokens)
 
     def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
@@ -156,6 +154,10 @@ class GRPO:
         return GRPOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
                          rewards=grouped.reshape(-1)[rows], sampler_version=sampler_version(completions),
                          advantages=advantages(grouped, self.config.advantage)[rows], old_logprobs=old)
+
+    def prompt_pool(self, problems: list) -> list:
+        """The problems the loop draws prompts from: the run's training problems."""
+        return problems
 
     def split_rule(self) -> SplitRule:
         """Whole groups; N counts completion tokens for the token-mean losses, rows otherwise (``losses.grpo``)."""

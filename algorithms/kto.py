@@ -119,6 +119,10 @@ class KTO:
                         rewards=flat, sampler_version=sampler_version(completions),
                         labels=flat > self.config.threshold, **kl)
 
+    def prompt_pool(self, problems: list) -> list:
+        """The problems the loop draws prompts from: the run's training problems."""
+        return problems
+
     def split_rule(self) -> SplitRule:
         """Whole groups, mean over rows; refused with the mismatched reference point (z0 couples the batch)."""
         if self.config.reference_point == "mismatched":

@@ -102,5 +102,9 @@ class RWR:
         """Weighted negative log-likelihood of every sample (``reference`` is not used)."""
         return weighted_sft_loss(policy, batch, self.config.normalize)
 
+    def prompt_pool(self, problems: list) -> list:
+        """The problems the loop draws prompts from: the run's training problems."""
+        return problems
+
     def split_rule(self) -> SplitRule:
         return weighted_sft_split_rule(self.config.normalize)

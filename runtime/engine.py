@@ -23,6 +23,7 @@ token for token (importance ratios, train/inference mismatch). With ``temperatur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -52,9 +53,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = (
-            ("temperature", self.temperature, isinstance(self.temperature, (int, float)) and self.temperature >= 0,
-             "a float >= 0"),
-            ("top_p", self.top_p, isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "a float in (0, 1]"),
+            ("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
+             "a finite float >= 0 (0 = greedy)"),
+            ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "a float in (0, 1]"),
             ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an int >= 0"),
             ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
              "an int >= 1"),
@@ -68,9 +69,18 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name}: expected {expected}, got {value!r}")
 
+    @property
+    def logprob_temperature(self) -> float:
+        """T of the log-probs an engine reports (module docstring): ``temperature``, or 1 when greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(kw_only=True)

@@ -228,13 +228,18 @@ class OnlineLoop:
         return record
 
     def _check(self, completions: list, prompt_ids: list[list[int]]) -> None:
-        """Prove the sync just made: the step's first samples (or the greedy probe when it sampled nothing)."""
+        """Prove the sync just made: engine and samples carry the trainer's version, and the step's first samples
+        (or the greedy probe when it sampled nothing) have the trainer's log-probs."""
+        version = self.trainer.version
+        stamped = sorted({self.engine.weight_version, *(c.weight_version for c in completions)})
+        if stamped != [version]:
+            raise RuntimeError(f"sync check v{version}: engine and samples carry weight versions {stamped}, expected "
+                               f"[{version}]: the sync did not give the engine the trainer's version")
         rows = completions[:self.config.sync.probe_prompts]
         if not rows:
-            self.sync.probe(self.trainer.version)
+            self.sync.probe(version)
             return
-        self.sync.check(self.trainer.version, [prompt_ids[c.prompt_index] for c in rows], rows,
-                        self.sampling.temperature)
+        self.sync.check(version, [prompt_ids[c.prompt_index] for c in rows], rows, self.sampling.logprob_temperature)
 
     def checkpoint(self, next_step: int) -> Path:
         """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""

@@ -176,13 +176,15 @@ class SyncPolicy:
     def probe(self, version: int) -> float:
         """The fixed greedy probe: generate ``probe_tokens`` per probe prompt, then :meth:`check` them."""
         self.engine.wake()
-        completions = self.engine.generate(self.probe_prompts,
-                                           SamplingParams(temperature=0.0, max_new_tokens=self.config.probe_tokens))
-        return self.check(version, [self.probe_prompts[c.prompt_index] for c in completions], completions, 0.0)
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=self.config.probe_tokens)
+        completions = self.engine.generate(self.probe_prompts, greedy)
+        return self.check(version, [self.probe_prompts[c.prompt_index] for c in completions], completions,
+                          greedy.logprob_temperature)
 
     def check(self, version: int, prompts: list[list[int]], completions: list, temperature: float) -> float:
-        """Raise unless the completions' sampler log-probs equal the trainer's at ``temperature``; the worst |diff|."""
-        expected = self.logprob_fn(self.model, prompts, [c.token_ids for c in completions], temperature or 1.0)
+        """Raise unless the completions' sampler log-probs equal the trainer's at ``temperature`` (> 0: the
+        ``SamplingParams.logprob_temperature`` they were sampled with); the worst |diff|."""
+        expected = self.logprob_fn(self.model, prompts, [c.token_ids for c in completions], temperature)
         tolerance = self.config.probe_tolerance or LOGPROB_TOLERANCE.get(_dtype(self.model), 0.1)
         worst, where = 0.0, None
         for i, (c, ref) in enumerate(zip(completions, expected)):

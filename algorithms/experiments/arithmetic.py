@@ -6,8 +6,8 @@ least (Math500 47.4 → 53.7), semi-online DPO syncing every s steps nearly matc
 (57.2–58.9), and online DPO (58.7) and GRPO (58.1) gain most.
 
 Setting: the demo's task and model (2-digit addition, the tiny Llama SFT-warm-started on a teacher
-that drops carries, cached in ``~/.cache/hotloop`` by ``algorithms/cli.py``'s ``build_setup``),
-the exact-match verifier, and the demo's run settings (``RunConfig`` defaults: prompts and samples
+that drops carries, cached in ``~/.cache/hotloop`` by ``algorithms/run.py``'s ``build_setup``),
+the exact-match verifier, and the demo's run settings (the ``presets.demo()`` preset: prompts and samples
 per step, AdamW, sampling at T = 1) for every algorithm, with the same number of loop steps:
 
 - offline DPO: ``online-dpo`` with ``s = ∞`` (the sampler keeps the SFT weights: fresh pairs from
@@ -17,7 +17,7 @@ per step, AdamW, sampling at T = 1) for every algorithm, with the same number of
 - online DPO: ``s = 1``;  GRPO: ``grpo`` (its registered defaults) with ``s = 1``.
 
 Metric: greedy exact match on held-out problems (the task's test split, never trained on), the
-sampled KL(π ‖ π_SFT) per sequence (``cli.make_evaluate``), optimizer steps taken (a step with no
+sampled KL(π ‖ π_SFT) per sequence (``run.make_evaluate``), optimizer steps taken (a step with no
 reward contrast is skipped) and the loop's wall time. Seeds vary the RL runs (prompt draws and
 sampling); the SFT policy is the one of ``warm_start_seed`` for every seed (None: one per seed).
 """
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from hotloop.algorithms import cli
 from hotloop.algorithms.base import BuildContext
-from hotloop.algorithms.config import ALGORITHMS, RunConfig, load_config
+from hotloop.algorithms.config import ALGORITHMS, RunConfig
 from hotloop.algorithms.experiments import report
-from hotloop.runtime.engine import SamplingParams
+from hotloop.algorithms.loader import load_config
+from hotloop.algorithms.run import Setup, build_setup, make_evaluate, probe_logprobs, sampling_params
 from hotloop.runtime.engine_factory import make_engine
 from hotloop.runtime.loop import OnlineLoop
 from hotloop.runtime.trainer import Trainer, make_reference
@@ -50,7 +50,7 @@ FEW_PERCENT = 5.0
 
 @dataclass(frozen=True, kw_only=True)
 class ArithmeticConfig:
-    """The arithmetic comparison's schedule (everything else is the demo's ``RunConfig``)."""
+    """The arithmetic comparison's schedule (everything else is the demo preset's)."""
 
     steps: int = 80
     """Loop steps of every run."""
@@ -63,7 +63,7 @@ class ArithmeticConfig:
     warm_start_seed: int | None = 0
     """Seed of the SFT warm start shared by every seed; None = each seed warm-starts its own (slow when uncached)."""
     overrides: tuple[str, ...] = ()
-    """``key.sub=value`` overrides of the demo's RunConfig (e.g. ``"trainer.lr=3e-4"``)."""
+    """``key.sub=value`` overrides of the demo preset (e.g. ``"trainer.lr=3e-4"``)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "eval_problems"):
@@ -93,14 +93,14 @@ class ArithmeticRun:
 
 
 def run_config(config: ArithmeticConfig, *, algorithm: str, sync_every: int | float, seed: int) -> RunConfig:
-    """The demo's ``RunConfig`` with this run's algorithm, s, seed and schedule."""
+    """The demo preset's ``RunConfig`` with this run's algorithm, s, seed and schedule."""
     s = ".inf" if sync_every == math.inf else sync_every
     return load_config(None, [*config.overrides, f"algorithm={algorithm}", f"loop.steps={config.steps}",
                               f"loop.sync_every={s}", f"loop.seed={seed}", f"loop.eval_every={config.eval_every}",
-                              f"task.eval_problems={config.eval_problems}"])
+                              f"task.eval_problems={config.eval_problems}"], preset="demo")
 
 
-def run_one(setup: cli.Setup, run: RunConfig, *, out_dir: str) -> ArithmeticRun:
+def run_one(setup: Setup, run: RunConfig, *, out_dir: str) -> ArithmeticRun:
     """Train a copy of the SFT policy with ``run``'s algorithm through ``OnlineLoop``; evaluate on held-out problems."""
     model = copy.deepcopy(setup.model)
     reference = make_reference(model)
@@ -108,16 +108,15 @@ def run_one(setup: cli.Setup, run: RunConfig, *, out_dir: str) -> ArithmeticRun:
     trainer = Trainer(model, run.trainer, reference=reference)
     engine = make_engine(model, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id,
                          max_batch_size=run.sampling.max_batch_size, seed=run.loop.seed)
-    sampling = SamplingParams(temperature=run.sampling.temperature, top_p=run.sampling.top_p,
-                              top_k=run.sampling.top_k, max_new_tokens=run.sampling.max_new_tokens)
+    sampling = sampling_params(run.sampling, tok)
     section, factory = ALGORITHMS[run.algorithm]
     context = BuildContext(pad_token_id=tok.pad_id, engine=engine, problems=setup.train, tokenizer=tok,
                            reward_fn=setup.reward_fn, sampling=sampling)
-    evaluate = cli.make_evaluate(setup, run, reference)
+    evaluate = make_evaluate(setup, run, reference)
     loop = OnlineLoop(dataclasses.replace(run.loop, out_dir=out_dir), trainer=trainer, engine=engine,
                       algorithm=factory(getattr(run, section), context), reward_fn=setup.reward_fn,
                       problems=setup.train, tokenizer=tok, sampling=sampling, evaluate=evaluate, progress=False,
-                      logprob_fn=cli.probe_logprobs(tok.pad_id))
+                      logprob_fn=probe_logprobs(tok.pad_id))
     result = loop.run()
     curve = [(r["step"] + 1, r["eval/accuracy"], r["eval/kl"]) for r in result.records if "eval/accuracy" in r]
     period = run.loop.sync_period
@@ -138,8 +137,8 @@ def run(seeds: list[int], *, progress: bool = True, config: ArithmeticConfig | N
             warm = seed if config.warm_start_seed is None else config.warm_start_seed
             if warm not in setups:
                 setup_config = run_config(config, algorithm="online-dpo", sync_every=1, seed=warm)
-                setups[warm] = cli.build_setup(setup_config, progress=progress)
-                before[warm] = cli.make_evaluate(setups[warm], setup_config, make_reference(setups[warm].model))(
+                setups[warm] = build_setup(setup_config, progress=progress)
+                before[warm] = make_evaluate(setups[warm], setup_config, make_reference(setups[warm].model))(
                     setups[warm].model)
             for label, name, s in variants:
                 bar.set_postfix_str(f"seed {seed}: {label} s={_s(s)}")

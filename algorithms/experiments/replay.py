@@ -5,10 +5,12 @@ sampler and keeps every ``generate`` call (prompts, sampling parameters, complet
 weight versions) in order. A second run of the same algorithm from the same initial policy then
 runs the real ``OnlineLoop`` *offline* (``s = ∞``: the sampler is never synced) on a
 :class:`ReplayEngine` that serves the recorded calls in order and checks that each request matches
-the recorded one. The loop, batching, loss, trainer and optimizer are the same code; if the sync
-bookkeeping were wrong (the online sampler seeing weights other than the trainer's of that step, a
-sync landing on the wrong step, a batch built from a different step's samples) the two runs would
-train on different data, or in a different order, and their parameters would differ.
+the recorded one. The loop, batching, loss, trainer and optimizer are the same code, so equal
+parameters show that training is a deterministic function of the samples and their order (a batch
+built from another step's samples, or a step trained twice, would break it). They do not show that
+the recorded run synced correctly: a sampler that kept stale weights is recorded, and replayed,
+as it was. The proof on every sync (``hotloop.runtime.sync_policy``, the loop's ``_check``) is
+what catches that.
 
 Checks per (algorithm, recorded s, seed): the final LM-head parameters are bit-identical (max
 abs difference 0; the target is ≤ 1e-9), the per-step losses are equal, and the replayed run logs

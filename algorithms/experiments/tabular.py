@@ -184,8 +184,7 @@ class BanditEngine:
             raise ValueError(f"sampling: BanditEngine samples the full softmax; expected top_p=1 and top_k=0, "
                              f"got top_p={sampling.top_p}, top_k={sampling.top_k}")
         rows = len(prompt_token_ids) * sampling.n
-        temperature = sampling.temperature or 1.0
-        logp = self.model.probs(temperature).log()
+        logp = self.model.probs(sampling.logprob_temperature).log()
         if sampling.temperature == 0:
             actions = torch.full((rows,), int(logp.argmax()))
         else:

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from hotloop.algorithms.cli import build_setup, main, resolve_device, sampling_params
-from hotloop.algorithms.config import ALGORITHMS, RunConfig, load_config
+from hotloop.algorithms.cli import main
+from hotloop.algorithms.config import ALGORITHMS, RunConfig
+from hotloop.algorithms.loader import load_config
+from hotloop.algorithms.run import build_setup, resolve_device, sampling_params
 
 
 def test_defaults_are_semi_online_dpo_on_arithmetic():

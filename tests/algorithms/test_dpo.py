@@ -143,6 +143,8 @@ def test_pairs_file_gives_prompt_and_completion_ids_with_eos_and_its_prompts_as_
     rows = ROWS[:2] + [{"prompt": "3+5=", "chosen": "8", "rejected": "80"}]
     algo, tok = _file_dpo(tmp_path, rows)
     assert [p.prompt for p in algo.problems] == ["3+5=", "3+9="]
+    assert algo.prompt_pool(["the run's own training problems"]) is algo.problems   # the loop draws these
+    assert OnlineDPO(DPOConfig(), pad_token_id=tok.pad_id).prompt_pool(ROWS) is ROWS
     first = algo.pairs[tuple(tok.encode("3+5="))]
     assert [p.chosen_ids for p in first] == [(*tok.encode("8", add_bos=False), tok.eos_id)] * 2
     assert first[1].rejected_ids == (*tok.encode("80", add_bos=False), tok.eos_id)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hotloop.algorithms.cli import main
-from hotloop.algorithms.config import demo_default_warnings, load_config
+from hotloop.algorithms.loader import load_config
+from hotloop.algorithms.presets import demo_default_warnings
 from hotloop.algorithms.tasks.tokenizer import HFTokenizer
 from hotloop.algorithms.tasks.word_problems import WordProblemsTask
 from hotloop.runtime.engine import Completion, SamplingParams
@@ -65,10 +66,11 @@ def test_word_problems_are_deterministic_disjoint_and_scored_by_math_verify():
 def test_word_problems_need_a_pretrained_model_and_demo_defaults_warn():
     with pytest.raises(ValueError, match=r"model\.path"):
         load_config(None, ["task.name=word_problems"])
-    config = load_config(None, ["model.path=/some/model", "trainer.lr=1e-6"])
+    config = load_config(None, ["model.path=/some/model", "trainer.lr=1e-6"], preset="demo")
     warnings = demo_default_warnings(config)
     assert any("sampling.max_new_tokens" in w for w in warnings) and not any("trainer.lr" in w for w in warnings)
-    assert demo_default_warnings(load_config()) == []
+    assert demo_default_warnings(load_config(preset="demo")) == []   # the tiny model: its own sizes
+    assert demo_default_warnings(load_config(None, ["model.path=/some/model"])) == []   # no demo preset
 
 
 def test_rollout_metrics_lengths_truncation_entropy_and_mixture_sources():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hotloop.algorithms.config import load_config
+from hotloop.algorithms.loader import load_config
 from hotloop.algorithms.rewards import ExactMatchReward, LLMJudge, StyleReward, WeightedMixture
 from hotloop.algorithms.rewards.build import build_reward
 from hotloop.algorithms.tasks import ArithmeticTask, CharTokenizer, Problem

@@ -45,7 +45,7 @@ def test_export_of_a_smollm2_run_generates_like_its_policy(smollm2_dir, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hotloop.algorithms.config import load_config
+    from hotloop.algorithms.loader import load_config
     from hotloop.algorithms.export import export_run
     from hotloop.algorithms.models import load_causal_lm
     from hotloop.algorithms.tasks.tokenizer import HFTokenizer, load_tokenizer

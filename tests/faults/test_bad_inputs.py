@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hotloop.algorithms import cli, inputs
-from hotloop.algorithms.cli import check_resume_config, main, run_config_json
-from hotloop.algorithms.config import load_config
+from hotloop.algorithms.cli import check_resume_config, main
+from hotloop.algorithms.loader import load_config, run_config_json
 from hotloop.runtime.guards import ResumeMismatchError
 from hotloop.runtime.trainer import Trainer, TrainerConfig
 from tests.faults.tally import TALLY
@@ -123,7 +123,7 @@ def saved_run(out_dir, config):
 
 def test_resume_refuses_a_config_that_changes_the_trajectory_and_lists_each_key(tmp_path, capsys):
     out = tmp_path / "run"
-    saved_run(out, load_config(None, [f"loop.out_dir={out}"]))
+    saved_run(out, load_config(None, [f"loop.out_dir={out}"], preset="demo"))
     err = refused(capsys, ["demo", "--out", str(out), "--resume", "--seed", "5", "--set", "dpo.beta=0.3",
                            "--set", "loop.steps=200"], "loop.seed: 0 → 5", "dpo.beta: 0.2 → 0.3", "--force-resume")
     assert "loop.steps" not in err.split("refusing")[1].split(")")[0]   # a safe key is not refused
@@ -131,8 +131,8 @@ def test_resume_refuses_a_config_that_changes_the_trajectory_and_lists_each_key(
 
 def test_resume_accepts_safe_keys_explicitly_allowed_keys_and_force(tmp_path, capsys):
     out = tmp_path / "run"
-    saved_run(out, load_config(None, [f"loop.out_dir={out}"]))
-    changed = load_config(None, [f"loop.out_dir={out}", "loop.steps=200", "loop.seed=3"])
+    saved_run(out, load_config(None, [f"loop.out_dir={out}"], preset="demo"))
+    changed = load_config(None, [f"loop.out_dir={out}", "loop.steps=200", "loop.seed=3"], preset="demo")
     with pytest.raises(ResumeMismatchError, match="loop.seed: 0 → 3"):
         check_resume_config(changed, allow=(), force=False)
     check_resume_config(changed, allow=("loop.seed",))

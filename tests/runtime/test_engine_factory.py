@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from hotloop.algorithms.cli import engine_options
-from hotloop.algorithms.config import load_config
+from hotloop.algorithms.run import engine_options
+from hotloop.algorithms.loader import load_config
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.runtime.engine_factory import make_engine
 from hotloop.runtime.torch_engine import TorchEngine

@@ -3,6 +3,7 @@ forward, learning signal, exact resume after an interruption, a failed save, and
 that holds no in-process weights."""
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -118,9 +119,14 @@ def test_interrupted_then_resumed_run_matches_an_uninterrupted_one_bit_for_bit(t
     assert resumed.run(resume=True).next_step == steps
     assert_same_weights(straight.trainer.model, resumed.trainer.model)
     assert_same_weights(straight.engine.model, resumed.engine.model)
-    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines_a) == len(lines_b) == steps
+    records_a, records_b = (metrics_without_timings(tmp_path / run) for run in ("a", "b"))
+    assert len(records_a) == steps and records_a == records_b
+
+
+def metrics_without_timings(run_dir):
+    """The records of ``run_dir``'s metrics.jsonl without the wall-clock fields (``time/*``), which differ per run."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
 
 def test_a_save_that_fails_while_writing_the_sampler_copy_keeps_the_previous_checkpoint_and_resume_is_exact(
@@ -218,6 +224,38 @@ def test_the_check_fires_when_the_engine_is_handed_wrong_weights(tmp_path, tempe
             prompts = [TOK.encode(p.prompt) for p in PROBLEMS[:3]]
             rows = loop.engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=4, seed=1))
             loop.sync.check(1, [prompts[c.prompt_index] for c in rows], rows, temperature)
+
+
+def drop_the_weights(engine, sync_weights):
+    """A broken sync: the engine takes the new version but keeps its old weights."""
+    engine.sync_weights = lambda version, weights=None: sync_weights(version)
+
+
+def keep_the_version(engine, sync_weights):
+    """A broken sync: the engine takes the new weights but keeps reporting its old version."""
+    engine.sync_weights = lambda version, weights=None: sync_weights(engine.weight_version, weights)
+
+
+@pytest.mark.parametrize("fault, caught", [
+    (drop_the_weights, r"sync check v2: probe row \d+, token \d+ .* does not sample with the trainer's weights"),
+    (keep_the_version, r"sync check v2: engine and samples carry weight versions \[0\], expected \[2\]"),
+])
+def test_a_wrong_sync_inside_a_run_is_caught_by_the_check_and_passes_silently_without_it(tmp_path, fault, caught):
+    def run(check):
+        loop = make_loop(tmp_path / str(check), sync_every=2, steps=3, lr=1e-2, host_only_engine=True,
+                         sync_check=check)
+        fault(loop.engine, loop.engine.sync_weights)
+        return loop
+
+    with pytest.raises(RuntimeError, match=caught):
+        run(check=True).run()
+    unchecked = run(check=False)
+    initial = {k: v.clone() for k, v in unchecked.engine.model.state_dict().items()}
+    records = unchecked.run().records   # the same fault goes unnoticed: what the check is for
+    assert [r["step"] for r in records] == [0, 1, 2] and records[2]["version"] == 2
+    never_updated = all(torch.equal(v, initial[k]) for k, v in unchecked.engine.model.state_dict().items())
+    assert never_updated == (fault is drop_the_weights)
+    assert (records[2]["sampler_version"] == 0) == (fault is keep_the_version)
 
 
 def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the_bucket(tmp_path):

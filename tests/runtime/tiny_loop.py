@@ -16,6 +16,7 @@ from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import make_engine
 from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.sync_policy import SyncConfig
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
@@ -49,7 +50,7 @@ class HostOnlyEngine(TorchEngine):
 
 def make_loop(out_dir, *, sync_every, steps, algorithm="dpo", reward=random_reward, lr=1e-3, seed=0,
               checkpoint_every=0, model_seed=3, samples=4, grad_accum_steps=1, max_grad_norm=1.0, eps=1e-8,
-              max_new_tokens=4, host_only_engine=False):
+              max_new_tokens=4, host_only_engine=False, sync_check=True):
     """An ``OnlineLoop`` of online DPO (``algorithm="dpo"``) or GRPO (``"grpo"``, ``"grpo-rows"``) on the tiny Llama."""
     model = build_tiny_model(tiny_llama_config(TOK.vocab_size, hidden_size=32, layers=1, intermediate=64),
                              seed=model_seed)
@@ -60,7 +61,8 @@ def make_loop(out_dir, *, sync_every, steps, algorithm="dpo", reward=random_rewa
         engine = HostOnlyEngine(copy.deepcopy(model).requires_grad_(False), pad_token_id=TOK.pad_id,
                                 eos_token_id=TOK.eos_id, seed=0)
     config = LoopConfig(steps=steps, sync_every=sync_every, prompts_per_step=4, eval_every=0,
-                        checkpoint_every=checkpoint_every, out_dir=str(out_dir), seed=seed)
+                        checkpoint_every=checkpoint_every, out_dir=str(out_dir), seed=seed,
+                        sync=SyncConfig(check=sync_check))
     if algorithm == "dpo":
         algo = OnlineDPO(DPOConfig(beta=0.5, samples_per_prompt=samples), pad_token_id=TOK.pad_id)
     else:  # "grpo": dapo, a token-mean loss; "grpo-rows": grpo, a mean of per-row means
