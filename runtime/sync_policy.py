@@ -140,15 +140,13 @@ class SyncPolicy:
         if self.zero_copy:
             self.engine.sync_weights(version)
         else:
-            self.plan.pack(self.model, self.buffers)
-            self._send(version)
+            self._pack_and_send(version)
         return time.perf_counter() - t0
 
     def pin_offline(self) -> None:
         """Send the initial weights to an engine holding them out of process (offline, fresh run)."""
         if self.period is None and self.bucket_backed and self.engine.local_model is None:
-            self.plan.pack(self.model, self.buffers)
-            self._send(self.engine.weight_version)
+            self._pack_and_send(self.engine.weight_version)
 
     def checkpoint_state(self) -> nn.Module | dict[str, torch.Tensor] | None:
         """What holds the engine's weights for a checkpoint (see the module docstring)."""
@@ -165,9 +163,20 @@ class SyncPolicy:
         else:
             self.engine.sync_weights(version)
 
-    def _send(self, version: int) -> None:
+    def _pack_and_send(self, version: int) -> None:
+        """Pack the trainer's tensors (fingerprinting them on the way when the check is on) and send them."""
+        if self.config.check:
+            self._send(version, self.plan.pack_fingerprinted(self.model, self.buffers))
+        else:
+            self.plan.pack(self.model, self.buffers)
+            self._send(version)
+
+    def _send(self, version: int, sent: list[int] | None = None) -> None:
+        """Send the packed buckets; with the check on, compare the consumer's fingerprints with ``sent`` (or the
+        buckets' own, read here when the caller did not fingerprint while packing)."""
         check = self.config.check
-        sent = fingerprints(self.buffers) if check else None
+        if check and sent is None:
+            sent = fingerprints(self.buffers)
         received = self.transport.send(version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s,
                                        with_fingerprints=check)
         if check:
