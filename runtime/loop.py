@@ -230,11 +230,8 @@ class OnlineLoop:
     def _check(self, completions: list, prompt_ids: list[list[int]]) -> None:
         """Prove the sync just made: the step's first samples (or the greedy probe when it sampled nothing)."""
         rows = completions[:self.config.sync.probe_prompts]
-        if not rows:
-            self.sync.probe(self.trainer.version)
-            return
-        self.sync.check(self.trainer.version, [prompt_ids[c.prompt_index] for c in rows], rows,
-                        self.sampling.temperature)
+        self.sync.verify(self.trainer.version, [prompt_ids[c.prompt_index] for c in rows], rows,
+                         self.sampling.temperature)
 
     def checkpoint(self, next_step: int) -> Path:
         """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""

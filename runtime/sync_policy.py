@@ -20,7 +20,12 @@ out-of-process engine): the bucket buffers, which hold exactly the last synced v
 per-sync host copy of the state dict. An engine with its own in-process module: that module. On
 resume the buckets are loaded in place and sent again.
 
-Proof on every sync (``SyncConfig.check``). After each sync the fingerprints of both sides must
+Proof on every sync (``SyncConfig.check``). Zero-copy (``s = 1``, the engine samples from the
+trainer's module object) there is nothing to prove beyond identity: no copy was made, so the check
+is ``engine.shares_weights_with(model)``, which raises if the engine was pointed elsewhere; the
+engine's log-probs are then the trainer module's by construction (that its KV-cached decode agrees
+with one full forward is ``TorchEngine``'s test, not a property of a sync). Otherwise, after each
+sync, the fingerprints of both sides must
 match (``weight_sync``; timed with the sync), and the engine's log-probs must equal the trainer's
 log-probs of the same tokens within ``LOGPROB_TOLERANCE`` of the trainer's dtype: fp32 1e-4 (two
 kernels, a KV-cached decode against one full forward, differ by ~1e-6 here), bf16 0.1 and fp16
@@ -181,6 +186,23 @@ class SyncPolicy:
                                        with_fingerprints=check)
         if check:
             compare_fingerprints(version, sent, received)
+
+    def verify(self, version: int, prompts: list[list[int]], completions: list, temperature: float) -> float:
+        """Prove the sync of ``version`` just made; the worst |diff| (0.0 for zero-copy). See the module docstring.
+
+        Args:
+            prompts: token ids of each completion's prompt.
+            completions: the step's first samples after the sync (empty: the greedy :meth:`probe` runs instead).
+            temperature: the temperature they were sampled at.
+        """
+        if self.zero_copy:
+            if not self.engine.shares_weights_with(self.model):
+                raise RuntimeError(f"sync check v{version}: the engine no longer samples from the trainer's module "
+                                   f"(zero-copy at sync_every=1), so it does not hold version {version}")
+            return 0.0
+        if not completions:
+            return self.probe(version)
+        return self.check(version, prompts, completions, temperature)
 
     def probe(self, version: int) -> float:
         """The fixed greedy probe: generate ``probe_tokens`` per probe prompt, then :meth:`check` them."""
