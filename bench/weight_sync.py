@@ -11,10 +11,12 @@ and the same interleaved rounds:
   bucket (the slots are unpadded here, so these are exactly the bytes a sync moves): the memcpy floor.
 - ``bucketed (pack)``: ``SyncPlan.pack`` into preallocated 512 MiB buckets (one copy per tensor) —
   what a sync costs a ``TorchEngine`` whose stale copy is bound to the buckets.
-- ``bucketed + fingerprints``: the same plus the fingerprint of every bucket on both sides (the
-  in-process transport's whole sync with the proof's byte check on).
-- ``shm → process``: pack into POSIX shared-memory buckets, producer fingerprints, one message to a
-  real child process which maps the buckets (no copy), fingerprints them and answers per bucket.
+- ``bucketed + fingerprints``: ``SyncPlan.pack_fingerprinted`` (the producer's fingerprint summed
+  from cache during the pack) plus the consumer's fingerprint of every bucket (the in-process
+  transport's whole sync with the proof's byte check on).
+- ``shm → process``: the same pack into POSIX shared-memory buckets, one message to a real child
+  process which maps the buckets once (no copy: it keeps views of them as its weights),
+  fingerprints them and answers per bucket.
 - ``shm → process (copy)``: the same, the child copying every bucket into memory of its own.
 - ``load_state_dict``: ``module.load_state_dict(trainer.state_dict())`` into a module whose tensors
   are views into the same destination memory (per-tensor copies, no buckets).
@@ -121,8 +123,7 @@ class _Child:
 
 
 def _process_sync(plan: SyncPlan, trainer: nn.Module, transport: ProcessTransport, buffers) -> None:
-    plan.pack(trainer, buffers)
-    sent = fingerprints(buffers)
+    sent = plan.pack_fingerprinted(trainer, buffers)
     compare_fingerprints(0, sent, transport.send(0, plan.views(buffers), timeout_s=600))
 
 
@@ -146,7 +147,7 @@ def section(size: str, dtype: torch.dtype, *, warmup: int, reps: int) -> list[Ro
                     Contender(lambda: [b.copy_(c) for b, c in chunks])))
     entries.append((row("bucketed (pack)", f"{len(plan.slots)} tensors into {len(plan.buckets)} buckets"),
                     Contender(lambda: plan.pack(trainer, buffers))))
-    entries.append((row("bucketed + fingerprints", "pack, then fingerprint every bucket on both sides"),
+    entries.append((row("bucketed + fingerprints", "pack summing the producer fingerprint; consumer fingerprint"),
                     Contender(lambda: _in_process_sync(plan, trainer, buffers))))
     entries.append((row("load_state_dict", "per-tensor copies into the same destination"),
                     Contender(lambda: engine.load_state_dict(state, strict=False))))
@@ -199,8 +200,7 @@ def _big_peers(plan, trainer, state, engine, children, row) -> list:
 
 
 def _in_process_sync(plan: SyncPlan, trainer: nn.Module, buffers) -> None:
-    plan.pack(trainer, buffers)
-    sent = fingerprints(buffers)
+    sent = plan.pack_fingerprinted(trainer, buffers)
     compare_fingerprints(0, sent, fingerprints(buffers))
 
 

@@ -236,10 +236,7 @@ class OnlineLoop:
             raise RuntimeError(f"sync check v{version}: engine and samples carry weight versions {stamped}, expected "
                                f"[{version}]: the sync did not give the engine the trainer's version")
         rows = completions[:self.config.sync.probe_prompts]
-        if not rows:
-            self.sync.probe(version)
-            return
-        self.sync.check(version, [prompt_ids[c.prompt_index] for c in rows], rows, self.sampling.logprob_temperature)
+        self.sync.verify(version, [prompt_ids[c.prompt_index] for c in rows], rows, self.sampling.logprob_temperature)
 
     def checkpoint(self, next_step: int) -> Path:
         """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""

@@ -20,7 +20,12 @@ out-of-process engine): the bucket buffers, which hold exactly the last synced v
 per-sync host copy of the state dict. An engine with its own in-process module: that module. On
 resume the buckets are loaded in place and sent again.
 
-Proof on every sync (``SyncConfig.check``). After each sync the fingerprints of both sides must
+Proof on every sync (``SyncConfig.check``). Zero-copy (``s = 1``, the engine samples from the
+trainer's module object) there is nothing to prove beyond identity: no copy was made, so the check
+is ``engine.shares_weights_with(model)``, which raises if the engine was pointed elsewhere; the
+engine's log-probs are then the trainer module's by construction (that its KV-cached decode agrees
+with one full forward is ``TorchEngine``'s test, not a property of a sync). Otherwise, after each
+sync, the fingerprints of both sides must
 match (``weight_sync``; timed with the sync), and the engine's log-probs must equal the trainer's
 log-probs of the same tokens within ``LOGPROB_TOLERANCE`` of the trainer's dtype: fp32 1e-4 (two
 kernels, a KV-cached decode against one full forward, differ by ~1e-6 here), bf16 0.1 and fp16
@@ -140,15 +145,13 @@ class SyncPolicy:
         if self.zero_copy:
             self.engine.sync_weights(version)
         else:
-            self.plan.pack(self.model, self.buffers)
-            self._send(version)
+            self._pack_and_send(version)
         return time.perf_counter() - t0
 
     def pin_offline(self) -> None:
         """Send the initial weights to an engine holding them out of process (offline, fresh run)."""
         if self.period is None and self.bucket_backed and self.engine.local_model is None:
-            self.plan.pack(self.model, self.buffers)
-            self._send(self.engine.weight_version)
+            self._pack_and_send(self.engine.weight_version)
 
     def checkpoint_state(self) -> nn.Module | dict[str, torch.Tensor] | None:
         """What holds the engine's weights for a checkpoint (see the module docstring)."""
@@ -165,13 +168,41 @@ class SyncPolicy:
         else:
             self.engine.sync_weights(version)
 
-    def _send(self, version: int) -> None:
+    def _pack_and_send(self, version: int) -> None:
+        """Pack the trainer's tensors (fingerprinting them on the way when the check is on) and send them."""
+        if self.config.check:
+            self._send(version, self.plan.pack_fingerprinted(self.model, self.buffers))
+        else:
+            self.plan.pack(self.model, self.buffers)
+            self._send(version)
+
+    def _send(self, version: int, sent: list[int] | None = None) -> None:
+        """Send the packed buckets; with the check on, compare the consumer's fingerprints with ``sent`` (or the
+        buckets' own, read here when the caller did not fingerprint while packing)."""
         check = self.config.check
-        sent = fingerprints(self.buffers) if check else None
+        if check and sent is None:
+            sent = fingerprints(self.buffers)
         received = self.transport.send(version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s,
                                        with_fingerprints=check)
         if check:
             compare_fingerprints(version, sent, received)
+
+    def verify(self, version: int, prompts: list[list[int]], completions: list, temperature: float) -> float:
+        """Prove the sync of ``version`` just made; the worst |diff| (0.0 for zero-copy). See the module docstring.
+
+        Args:
+            prompts: token ids of each completion's prompt.
+            completions: the step's first samples after the sync (empty: the greedy :meth:`probe` runs instead).
+            temperature: the temperature they were sampled at.
+        """
+        if self.zero_copy:
+            if not self.engine.shares_weights_with(self.model):
+                raise RuntimeError(f"sync check v{version}: the engine no longer samples from the trainer's module "
+                                   f"(zero-copy at sync_every=1), so it does not hold version {version}")
+            return 0.0
+        if not completions:
+            return self.probe(version)
+        return self.check(version, prompts, completions, temperature)
 
     def probe(self, version: int) -> float:
         """The fixed greedy probe: generate ``probe_tokens`` per probe prompt, then :meth:`check` them."""

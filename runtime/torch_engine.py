@@ -7,7 +7,9 @@ whose tensors are views into the sync buckets (``adopt_model``), so a sync is th
 and ``sync_weights`` finds every tensor already in place; given other tensors it copies them in
 place (cast to the module's dtype). Prompts are left-padded
 into batches of at most ``max_batch_size`` rows; position ids count only real tokens
-(``cumsum(mask) - 1``), so a padded prompt sees the positions it would see alone. Decoding runs
+(``cumsum(mask) - 1``), so a padded prompt sees the positions it would see alone. The ``n`` samples
+of a prompt share one prefill: each distinct prompt of a batch is prefilled once and its KV-cache
+rows are repeated (``Cache.batch_select_indices``), which cuts the prefill by ``n``. Decoding runs
 one token per step on a ``transformers`` ``DynamicCache`` (passed as ``cache=``, which replaced the
 deprecated ``past_key_values=`` in transformers 5.2x), and the prefill computes the logits of the
 last position only (``logits_to_keep=1``) where the model's forward takes it; memory is the KV cache,
@@ -152,8 +154,12 @@ class TorchEngine:
     def _generate_batch(self, prompt_index: list[int], prompts: list[list[int]], sampling: SamplingParams,
                         generator: torch.Generator) -> list[Completion]:
         """Decode one left-padded batch until every row stopped or ``max_new_tokens`` ran out."""
-        ids, mask = _left_pad(prompts, self.pad_token_id, self.device)
+        # the n samples of a prompt are neighbours: prefill each distinct prompt once, then repeat its rows
+        runs = _run_index(prompt_index)
+        firsts = [b for b in range(len(runs)) if b == 0 or runs[b] != runs[b - 1]]
+        ids, mask = _left_pad([prompts[b] for b in firsts], self.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        expand = torch.tensor(runs, dtype=torch.long, device=self.device) if len(firsts) < len(prompts) else None
         stop = torch.tensor(sorted(set(sampling.stop_token_ids) | _opt(self.eos_token_id)),
                             dtype=torch.long, device=self.device)
         max_new = min(sampling.max_new_tokens, self._room(ids.shape[1]))
@@ -168,8 +174,11 @@ class TorchEngine:
         for t in range(max_new):
             output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                 **{cache_arg: cache}, **keep)
-            cache = getattr(output, cache_arg)
-            token, logp = sample_next(output.logits[:, -1], sampling, generator)
+            cache, logits = getattr(output, cache_arg), output.logits[:, -1]
+            if t == 0 and expand is not None:
+                cache.batch_select_indices(expand)
+                logits, mask, positions = logits[expand], mask[expand], positions[expand]
+            token, logp = sample_next(logits, sampling, generator)
             token = token.masked_fill(done, self.pad_token_id)
             tokens[:, t], logps[:, t] = token, logp.masked_fill(done, 0.0)
             lengths += (~done).long()
@@ -236,6 +245,14 @@ def _truncate(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
+
+
+def _run_index(prompt_index: list[int]) -> list[int]:
+    """For each row, the index of its run of equal neighbouring prompt indices ([4, 4, 7, 4] -> [0, 0, 1, 2])."""
+    out = [0]
+    for before, here in zip(prompt_index, prompt_index[1:]):
+        out.append(out[-1] + (here != before))
+    return out
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

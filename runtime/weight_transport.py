@@ -6,7 +6,14 @@ caller compares with its own (``weight_sync.compare_fingerprints``); with
 ``with_fingerprints=False`` (the sync check off) no side reads the buckets again and each answer is None.
 
 - :class:`InProcessTransport`: ``engine.sync_weights(version, weights)`` with the bucket views
-  themselves; the consumer fingerprint is taken on the buckets after the engine loaded them.
+  themselves; the consumer fingerprint is taken on the buckets after the engine loaded them. The
+  producer's was summed from cache during the pack (``SyncPlan.pack_fingerprinted``), so this is
+  the sync's one extra read of the weights. Both read the same memory: the comparison shows the
+  buckets did not change between the pack and the engine's load, nothing about the engine's own
+  storage (an engine that copies, as vLLM's repacking loader, holds a layout no bucket sum
+  describes; one whose weights are views of the buckets, as a stale ``TorchEngine`` copy, holds
+  exactly these bytes, so this one read is all the proof a fingerprint can give). That the engine
+  samples with them is the log-prob probe's job (``hotloop.runtime.sync_policy``).
 - :class:`ProcessTransport` over a ``multiprocessing`` pipe to a consumer running :func:`serve`.
   CPU buckets live in POSIX shared memory (``Tensor.share_memory_()``: torch's ``shm_open`` +
   file-descriptor passing), mapped by the consumer once at start-up; a sync is then one short
@@ -40,9 +47,9 @@ class Transport(Protocol):
 
         plan = SyncPlan(trainer.model, bucket_mb=512)
         buffers = transport.buffers(plan)          # allocated once
-        plan.pack(trainer.model, buffers)          # every sync
+        sent = plan.pack_fingerprinted(trainer.model, buffers)   # every sync
         received = transport.send(version, plan.views(buffers), timeout_s=60)
-        compare_fingerprints(version, fingerprints(buffers), received)
+        compare_fingerprints(version, sent, received)
     """
 
     def buffers(self, plan: SyncPlan) -> list[torch.Tensor]:

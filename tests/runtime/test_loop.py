@@ -205,9 +205,17 @@ def test_after_every_sync_the_engines_logprobs_equal_the_trainers_and_offline_ne
     records = loop.run().records
     period = LoopConfig(sync_every=sync_every).sync_period
     due = [r["step"] for r in records if period and r["step"] % period == 0]
-    assert [v for v, _ in checks] == synced == [r["version"] for r in records if r["step"] in due]
-    assert all(worst < 1e-4 for _, worst in checks) and len(checks) == len(due)
+    assert synced == [r["version"] for r in records if r["step"] in due]
     assert [r["step"] for r in records if "time/check" in r] == due
+    if loop.zero_copy:   # s = 1: the engine is the trainer's module, so identity is the check (no log-prob pass)
+        assert checks == [] and loop.engine.shares_weights_with(loop.trainer.model) and len(due) == 4
+        prompts = [TOK.encode(p.prompt) for p in PROBLEMS[:3]]
+        rows = loop.engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=6, seed=3))
+        checks.append((loop.trainer.version, check(loop.trainer.version, [prompts[c.prompt_index] for c in rows],
+                                                   rows, 0.7)))
+    else:
+        assert [v for v, _ in checks] == synced and len(checks) == len(due)
+    assert all(worst < 1e-4 for _, worst in checks)
     if period is None:
         assert synced == [] and loop.engine.weight_version == 0
 
@@ -256,6 +264,14 @@ def test_a_wrong_sync_inside_a_run_is_caught_by_the_check_and_passes_silently_wi
     never_updated = all(torch.equal(v, initial[k]) for k, v in unchecked.engine.model.state_dict().items())
     assert never_updated == (fault is drop_the_weights)
     assert (records[2]["sampler_version"] == 0) == (fault is keep_the_version)
+
+
+def test_at_s_one_the_check_fires_when_the_engine_stops_sampling_from_the_trainers_module(tmp_path):
+    loop = make_loop(tmp_path, sync_every=1, steps=2)
+    loop.run()
+    loop.engine.model = loop.engine.model.__class__(loop.engine.model.config)   # pointed at other weights
+    with pytest.raises(RuntimeError, match="sync check v2: the engine no longer samples from the trainer's module"):
+        loop.step(2)
 
 
 def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the_bucket(tmp_path):

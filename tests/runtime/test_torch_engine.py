@@ -113,6 +113,19 @@ def test_n_samples_per_prompt_come_prompt_major(model):
     assert [c.token_ids for c in greedy_n] == [c.token_ids for c in greedy_once for _ in range(3)]
 
 
+def test_the_n_samples_of_a_prompt_share_one_prefill_also_across_a_batch_boundary(model):
+    engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=EOS, max_batch_size=5)
+    prefills, forward = [], model.forward
+    model.forward = lambda **kw: (prefills.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1
+                                  else None, forward(**kw))[1]
+    out = engine.generate(PROMPTS, SamplingParams(temperature=1.1, max_new_tokens=7, n=3, seed=5))
+    assert prefills == [2, 3, 1]   # batches of rows 0-4 (prompts 0, 1), 5-9 (prompts 1, 2, 3), 10-11 (prompt 3)
+    assert [c.prompt_index for c in out] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    for c in out:
+        ref, _ = fresh_logprobs(model, PROMPTS[c.prompt_index], c, 1.1)
+        assert relative_error(torch.tensor(c.logprobs), ref) <= 1e-5
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(model):
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=EOS)
     greedy = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=8))]

@@ -64,6 +64,30 @@ def test_a_copy_bound_to_the_buckets_follows_every_pack_and_keeps_its_tied_weigh
     assert (stale.lm_head.weight is stale.model.embed_tokens.weight) == tied
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packing_with_fingerprints_equals_packing_then_fingerprinting_with_tensors_above_the_piece_size(dtype):
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    shapes = [(3, 5), (1031, 1031 * 8 // dtype.itemsize), (7,), (517, 3), (1 << 20,), (1,)]
+    state = {f"t{i}": torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+             for i, shape in enumerate(shapes)}
+    state["strided"] = torch.randn(40, 30, generator=generator, dtype=torch.float64).to(dtype).t()
+    plan = SyncPlan(state, bucket_mb=6)   # the big tensors alone in their buckets, the small ones together
+    buffers = plan.allocate()
+    threads_before = torch.__config__.parallel_info()   # the packing threads must leave the caller's settings
+    for buffer in buffers:   # poisoned: stale bytes in the padding too, which the fingerprint must count
+        buffer.view(torch.uint8).copy_(torch.randint(256, (buffer.nbytes,), generator=generator, dtype=torch.uint8))
+    fused = plan.pack_fingerprinted(state, buffers)
+    assert len(buffers) > 2 and fused == fingerprints(buffers)
+    assert torch.__config__.parallel_info() == threads_before
+    for name, view in plan.views(buffers):
+        assert torch.equal(view.view(torch.uint8), state[name].contiguous().view(torch.uint8)), name
+    state["t1"].view(torch.uint8).view(-1)[-1] ^= 1   # one byte of a piece-copied tensor changes its bucket's alone
+    changed = plan.pack_fingerprinted(state, buffers)
+    assert changed == fingerprints(buffers) and [a != b for a, b in zip(fused, changed)].count(True) == 1
+    with pytest.raises(KeyError, match="t0"):   # a failure in a packing thread reaches the caller
+        plan.pack({k: v for k, v in state.items() if k != "t0"}, buffers)
+
+
 def test_one_corrupted_byte_anywhere_changes_the_fingerprint_and_the_comparison_names_the_bucket():
     model = real_model("qwen2", tied=True, dtype=torch.bfloat16)
     plan = SyncPlan(model, bucket_mb=0.01)
