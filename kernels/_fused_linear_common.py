@@ -37,9 +37,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
 from ._dispatch import use_triton
 from ._torch_tiles import block_rows, unit_block_bytes
-from .fused_linear_logprob import _FLOAT_DTYPES, TokenStats, _check_inputs, logprob_fwd, logprob_fwd_bwd
+from ._stats import TokenStats
+from .fused_linear_logprob import _FLOAT_DTYPES, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.segments import check_cu_seqlens, segment_ids
@@ -111,7 +113,7 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     """Check the inputs of a fused loss and gather its active rows (see the module docstring for the layouts)."""
     if not isinstance(hidden, Tensor) or hidden.dim() != (3 if cu_seqlens is None else 2):
         want = "[B, T, D] (padded; pass cu_seqlens for packed [N, D])" if cu_seqlens is None else "[N, D] (packed)"
-        raise ValueError(f"hidden must be {want}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        raise ValueError(expected("hidden", want, getattr(hidden, "shape", type(hidden).__name__)))
     check_tensor("targets", targets, tuple(hidden.shape[:-1]))
     if mask is not None:
         check_tensor("mask", mask, tuple(hidden.shape[:-1]))
@@ -143,29 +145,30 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
     """
     head = (ref_hidden, ref_weight, ref_bias)
     if (ref_hidden is None) != (ref_weight is None) or (ref_bias is not None and ref_weight is None):
-        raise ValueError("the reference head needs ref_hidden and ref_weight together (ref_bias optional), got "
-                         + ", ".join(f"{k}={'tensor' if v is not None else None}"
-                                     for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)))  # fmt: skip
+        seen = ", ".join(f"{k}={'tensor' if v is not None else None}"
+                         for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head))
+        raise ValueError(expected("ref_hidden, ref_weight", "both or neither (ref_bias only with them)", seen))
     given = [k for k, v in ((name, precomputed), ("ref_hidden", ref_hidden)) if v is not None]
     if needed and len(given) != 1:
-        raise ValueError(f"{why} needs the reference: either {name} or ref_hidden + ref_weight, "
-                         f"got {given or 'neither'}")  # fmt: skip
+        raise ValueError(expected(f"{name} / ref_hidden", f"one reference ({why}): {name} or ref_hidden + ref_weight",
+                                  given or "neither"))
     if not needed and given:
-        raise ValueError(f"{why} takes no reference, got {given}")
+        raise ValueError(expected(f"{name} / ref_hidden", f"no reference ({why})", given))
 
 
 def _check_reference_head(ref_hidden, ref_weight, ref_bias, layout: Layout) -> None:
     if ref_hidden.dtype not in _FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
-        raise ValueError(f"ref_hidden must be float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, "
-                         f"D_ref] (hidden's leading shape), got {ref_hidden.dtype} {tuple(ref_hidden.shape)}")
+        want = f"float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, D_ref] (hidden's leading shape)"
+        raise ValueError(expected("ref_hidden", want, f"{ref_hidden.dtype} {tuple(ref_hidden.shape)}"))
     v_min = int(layout.targets.max()) + 1 if layout.targets.numel() else 1
-    if ref_weight.dtype != ref_hidden.dtype or ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[-1] \
-            or ref_weight.shape[0] < v_min:
-        raise ValueError(f"ref_weight must be {ref_hidden.dtype} [V >= {v_min} (largest target + 1), "
-                         f"D_ref={ref_hidden.shape[-1]}], got {ref_weight.dtype} {tuple(ref_weight.shape)}")
+    d_ref = ref_hidden.shape[-1]
+    shape_ok = ref_weight.dim() == 2 and ref_weight.shape[1] == d_ref and ref_weight.shape[0] >= v_min
+    if ref_weight.dtype != ref_hidden.dtype or not shape_ok:
+        want = f"{ref_hidden.dtype} [V >= {v_min} (largest target + 1), D_ref={d_ref}]"
+        raise ValueError(expected("ref_weight", want, f"{ref_weight.dtype} {tuple(ref_weight.shape)}"))
     if ref_bias is not None and (ref_bias.dtype != ref_hidden.dtype or ref_bias.shape != ref_weight.shape[:1]):
-        raise ValueError(f"ref_bias must be {ref_hidden.dtype} [{ref_weight.shape[0]}] (V of ref_weight), "
-                         f"got {ref_bias.dtype} {tuple(ref_bias.shape)}")
+        want = f"{ref_hidden.dtype} [{ref_weight.shape[0]}] (V of ref_weight)"
+        raise ValueError(expected("ref_bias", want, f"{ref_bias.dtype} {tuple(ref_bias.shape)}"))
 
 
 def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index) -> Tensor:

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import _triton_utils
 from ._fused_linear_logprob_triton import _logits_tile, _rowmajor
-from .fused_linear_kl import KLStats
+from ._stats import KLStats
 
 _KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -224,14 +224,15 @@ def _combine_splits(part: torch.Tensor, reverse: bool):
     return torch.stack([mp_max, lsp, mq_max, lsq]), kl, entropy, rev
 
 
-def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts,
-                      needs_grad, vocab_chunk: int | None = None):
+def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, options,
+                      temperature, needs_grad, vocab_chunk: int | None = None):
     """Per-row divergence, KL and entropy, and the gradients of Σ_i row_weight_i·D_i, without [N, V] logits.
 
     Args:
         hidden2d: [N, D] float32 / bfloat16 / float16. weight: [V, D], same dtype. bias: [V] | None.
         ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref], same dtype. ref_bias: [V] | None.
-        row_weight: [N] float32 weight of each row in the loss. opts: ``fused_linear_kl.KLOptions``.
+        row_weight: [N] float32 weight of each row in the loss. options: ``fused_linear_kl.KLOptions``.
+        temperature: > 0; both heads' logits are divided by it.
         needs_grad: which of (hidden, weight, bias) to return. vocab_chunk: gradient buffer columns
             (rounded up to a tile; default ``_triton_utils.vocab_chunk`` within the tile budget).
     Returns:
@@ -244,7 +245,7 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
     tiles = _tiles(dev, n, max(d, dr), wide)
     row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(dev, row_blocks, n_tiles)
-    log_a, log_b = (math.log1p(-opts.beta), math.log(opts.beta)) if opts.divergence == "jsd" else (0.0, 0.0)
+    log_a, log_b = (math.log1p(-options.beta), math.log(options.beta)) if options.divergence == "jsd" else (0.0, 0.0)
     launch = dict(
         heads=(hidden2d, weight, hidden2d if bias is None else bias,
                ref_hidden2d, ref_weight, ref_hidden2d if ref_bias is None else ref_bias),
@@ -258,24 +259,24 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
     part = torch.empty(7, splits, n, device=dev, dtype=torch.float32)
     if n > 0:
         _kl_fwd_kernel[(row_blocks, splits)](*launch["heads"], part, *launch["dims"], tiles_per_split, n_tiles,
-                                             1.0 / opts.temperature, REVERSE=opts.divergence == "reverse_kl",
+                                             1.0 / temperature, REVERSE=options.divergence == "reverse_kl",
                                              **launch["flags"])  # fmt: skip
-    row_stats, kl, entropy, rev = _combine_splits(part, opts.divergence == "reverse_kl")
-    div, c = (kl, kl) if opts.divergence == "kl" else (rev, torch.zeros_like(kl))
-    if opts.divergence == "jsd":
+    row_stats, kl, entropy, rev = _combine_splits(part, options.divergence == "reverse_kl")
+    div, c = (kl, kl) if options.divergence == "kl" else (rev, torch.zeros_like(kl))
+    if options.divergence == "jsd":
         part = torch.empty(2, splits, n, device=dev, dtype=torch.float32)
         if n > 0:
             _jsd_fwd_kernel[(row_blocks, splits)](*launch["heads"], row_stats, part, *launch["dims"], tiles_per_split,
-                                                  n_tiles, 1.0 / opts.temperature, log_a, log_b,
+                                                  n_tiles, 1.0 / temperature, log_a, log_b,
                                                   **launch["flags"])  # fmt: skip
         jp, jq = part.sum(dim=1)
-        div, c = opts.beta * jq + (1.0 - opts.beta) * jp, jp
+        div, c = options.beta * jq + (1.0 - options.beta) * jp, jp
     stats = KLStats(div, kl, entropy)
-    row_stats = torch.cat([row_stats, c[None], (row_weight.float() / opts.temperature)[None]]).contiguous()
-    return (stats, *_grads(launch, row_stats, bias, opts, needs_grad, tiles, vocab_chunk, (log_a, log_b)))
+    row_stats = torch.cat([row_stats, c[None], (row_weight.float() / temperature)[None]]).contiguous()
+    return (stats, *_grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, (log_a, log_b)))
 
 
-def _grads(launch, row_stats, bias, opts, needs_grad, tiles, vocab_chunk, log_ab):
+def _grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, log_ab):
     """(grad_hidden, grad_weight, grad_bias) by [N, Vc] chunks of d/dx and two cuBLAS GEMMs per chunk."""
     hidden2d, weight = launch["heads"][:2]
     (n, d), v, dev, dtype = hidden2d.shape, weight.shape[0], hidden2d.device, hidden2d.dtype
@@ -293,7 +294,7 @@ def _grads(launch, row_stats, bias, opts, needs_grad, tiles, vocab_chunk, log_ab
         if n > 0:
             _kl_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(block.shape[1], tiles.block_v))](
                 *launch["heads"], row_stats, block, *launch["dims"], block.stride(0), v0, block.shape[1],
-                1.0 / opts.temperature, 1.0 - opts.beta, *log_ab, KIND=_KINDS[opts.divergence], **launch["flags"],
+                1.0 / temperature, 1.0 - options.beta, *log_ab, KIND=_KINDS[options.divergence], **launch["flags"],
             )  # fmt: skip
         if grad_w is not None:
             torch.mm(block.t(), hidden2d, out=grad_w[v0:v1])

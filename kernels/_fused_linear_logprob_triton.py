@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import _cpu_ext, _triton_utils
-from .fused_linear_logprob import TokenStats
+from ._stats import TokenStats
 
 
 @triton.jit

@@ -26,7 +26,7 @@ For dr_grpo pass ``max_completion_length``: its default is ``T`` (the padded len
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +36,9 @@ from ._fused_linear_common import (
     reference_padded,
 )  # fmt: skip
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
+from hotloop._errors import expected
 from .losses._checks import check_aux, check_tensor
-from .losses.grpo import _Options, grpo_loss, grpo_per_token, loss_weights
+from .losses.grpo import GRPOOptions, grpo_loss, grpo_per_token, loss_weights
 from .losses.output import LossOutput
 
 
@@ -52,7 +53,7 @@ class _TokenGrad:
     ref: Tensor | None
     sampler: Tensor | None
     whole_rows: bool  # sequence-level ratio or vespo: chunks hold whole sequences, laid out [k, T]
-    options: dict  # the keyword options of grpo_per_token
+    options: GRPOOptions
 
     def _chunk(self, rows: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor, Tensor]:
         """(local row, column, [k, width] shape, advantages [k], weights [k, width]) of a chunk's tokens."""
@@ -75,13 +76,13 @@ class _TokenGrad:
         def take(values):
             return None if values is None else pad(values[rows])
 
-        with_ent = entropy is not None and self.options["entropy_coef"] != 0.0
+        with_ent = entropy is not None and self.options.entropy_coef != 0.0
         lp = pad(logp).requires_grad_(True)
         ent = None if entropy is None else pad(entropy).requires_grad_(with_ent)
         m = pad(torch.ones(rows.numel(), device=rows.device))
         with torch.enable_grad():
-            per_token, _ = grpo_per_token(lp, take(self.old), adv, m, ref_logp=take(self.ref),
-                                          sampler_logp=take(self.sampler), entropy=ent, **self.options)  # fmt: skip
+            per_token, _ = grpo_per_token(lp, adv, m, old_logp=take(self.old), ref_logp=take(self.ref),
+                                          sampler_logp=take(self.sampler), entropy=ent, options=self.options)
             grads = torch.autograd.grad((per_token * weights * m).sum(), (lp, ent) if with_ent else (lp,))
         return grads[0][local, pos], (grads[1][local, pos] if with_ent else None)
 
@@ -116,9 +117,9 @@ def fused_linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    advantages: Tensor,
     bias: Tensor | None = None,
     *,
+    advantages: Tensor,
     mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     old_logp: Tensor | None = None,
@@ -129,19 +130,19 @@ def fused_linear_grpo_loss(
     sampler_logp: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    sampler_is_cap: float | None = None,
-    entropy_coef: float = 0.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-    use_bias_correction_kl: bool = False,
+    beta: float = GRPOOptions.beta,
+    kl_estimator: str = GRPOOptions.kl_estimator,
+    epsilon_low: float = GRPOOptions.epsilon_low,
+    epsilon_high: float = GRPOOptions.epsilon_high,
+    delta: float | None = GRPOOptions.delta,
+    loss_type: str = GRPOOptions.loss_type,
+    importance_sampling_level: str = GRPOOptions.importance_sampling_level,
+    sampler_is_cap: float | None = GRPOOptions.sampler_is_cap,
+    entropy_coef: float = GRPOOptions.entropy_coef,
+    sapo_temperature_pos: float = GRPOOptions.sapo_temperature_pos,
+    sapo_temperature_neg: float = GRPOOptions.sapo_temperature_neg,
+    vespo_shape: tuple[float, float, float, float] = GRPOOptions.vespo_shape,
+    use_bias_correction_kl: bool = GRPOOptions.use_bias_correction_kl,
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> LossOutput:
@@ -157,18 +158,21 @@ def fused_linear_grpo_loss(
             inference engine, or None (on-policy / no sampler correction).
         ref_logp: per-token reference log-probs, or the reference head ``ref_hidden`` (hidden's layout,
             ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad); needed iff ``beta != 0``.
-        max_completion_length, num_items_in_batch, beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type,
-            importance_sampling_level, sampler_is_cap, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
-            vespo_shape, use_bias_correction_kl: as :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        max_completion_length, num_items_in_batch: as :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sampler_is_cap,
+            entropy_coef, sapo_temperature_pos, sapo_temperature_neg, vespo_shape, use_bias_correction_kl: the
+            fields of :class:`~hotloop.kernels.losses.grpo.GRPOOptions`.
         temperature: logits are divided by it (use the sampling temperature).
 
     Returns:
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
         (masked token means).
     """
-    args = locals()
-    opts = {f.name: args[f.name] for f in fields(_Options)}  # grpo_loss's options, as grpo_loss gathers them
-    _Options(**opts)  # checks every option before any matmul
+    options = GRPOOptions(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                          delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                          sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef,
+                          sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                          vespo_shape=vespo_shape, use_bias_correction_kl=use_bias_correction_kl)
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
               mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), advantages=(advantages, "float"),
@@ -178,58 +182,61 @@ def fused_linear_grpo_loss(
     check_tensor("advantages", advantages, (layout.num_seqs,))
     check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
     if sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(f"sampler_is_cap={sampler_is_cap} needs sampler_logp, got None")
-    old, ref, sampler = (_per_token_input(layout, k, v) for k, v in (("old_logp", old_logp), ("ref_logp", ref_logp),
-                                                                       ("sampler_logp", sampler_logp)))  # fmt: skip
+        raise ValueError(expected("sampler_logp", f"per-token sampler log-probs (sampler_is_cap={sampler_is_cap})",
+                                  None))
+    old = _per_token_input(layout, "old_logp", old_logp)
+    ref = _per_token_input(layout, "ref_logp", ref_logp)
+    sampler = _per_token_input(layout, "sampler_logp", sampler_logp)
     if ref_hidden is not None:
         ref = reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **lp_opts)
-    adv, m = advantages.detach().float(), layout.padded_mask()
+    adv = advantages.detach().float()
+    m = layout.padded_mask()
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
-                            ref=ref, sampler=sampler, options=opts,
-                            whole_rows=importance_sampling_level == "sequence" or loss_type == "vespo")
+    whole_rows = options.importance_sampling_level == "sequence" or options.loss_type == "vespo"
+    token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, options.loss_type, **totals),
+                            old=old, ref=ref, sampler=sampler, options=options, whole_rows=whole_rows)
     needs = grads_needed(hidden, weight, bias)
     stats, grads = _stats_and_grads(layout, weight, bias, token_grad, needs, lp_opts)
-    pad = (lambda x: None if x is None else layout.to_padded(x))
     with torch.no_grad():
-        out = grpo_loss(pad(stats.logp), pad(old), adv, m, ref_logp=pad(ref), sampler_logp=pad(sampler),
-                        entropy=pad(stats.entropy), **totals, **opts)  # fmt: skip
+        out = grpo_loss(_padded(layout, stats.logp), adv, m, old_logp=_padded(layout, old),
+                        ref_logp=_padded(layout, ref), sampler_logp=_padded(layout, sampler),
+                        entropy=_padded(layout, stats.entropy), **totals, **asdict(options))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
+
+
+def _padded(layout: Layout, values: Tensor | None) -> Tensor | None:
+    """``[N_a]`` values (or None) → ``[B, T]``, 0 at inactive tokens."""
+    return None if values is None else layout.to_padded(values)
 
 
 class FusedLinearGRPOLoss(nn.Module):
     """Module form of :func:`fused_linear_grpo_loss`: loss options at construction, tensors in ``forward``.
 
-    Constructor keywords: every keyword option of :func:`fused_linear_grpo_loss` except the per-batch tensors and
-    ``num_items_in_batch`` (defaults as there: ``loss_type="dapo"``, ``beta=0``, ``epsilon_low = epsilon_high = 0.2``).
+    Constructor keywords: the fields of :class:`~hotloop.kernels.losses.grpo.GRPOOptions` (checked now), plus
+    ``max_completion_length``, ``temperature`` and ``ignore_index`` (defaults as :func:`fused_linear_grpo_loss`).
     """
 
-    def __init__(self, *, max_completion_length: int | None = None, beta: float = 0.0, kl_estimator: str = "k3",
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
-                 loss_type: str = "dapo", importance_sampling_level: str = "token",
-                 sampler_is_cap: float | None = None, entropy_coef: float = 0.0, sapo_temperature_pos: float = 1.0,
-                 sapo_temperature_neg: float = 1.05,
-                 vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-                 use_bias_correction_kl: bool = False, temperature: float = 1.0, ignore_index: int = -100):  # fmt: skip
+    def __init__(self, *, max_completion_length: int | None = None, temperature: float = 1.0,
+                 ignore_index: int = -100, **options):
         super().__init__()
-        self.options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        _Options(**{k: v for k, v in self.options.items()
-                    if k not in ("max_completion_length", "temperature", "ignore_index")})  # fmt: skip
+        self.options = GRPOOptions(**options)
+        self.max_completion_length, self.temperature, self.ignore_index = max_completion_length, temperature, ignore_index
 
-    def forward(self, hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None, old_logp=None,
+    def forward(self, hidden, weight, targets, bias=None, *, advantages, mask=None, cu_seqlens=None, old_logp=None,
                 ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, sampler_logp=None,
-                num_items_in_batch=None) -> LossOutput:  # fmt: skip
-        return fused_linear_grpo_loss(hidden, weight, targets, advantages, bias, mask=mask, cu_seqlens=cu_seqlens,
-                                      old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden,
-                                      ref_weight=ref_weight, ref_bias=ref_bias, sampler_logp=sampler_logp,
-                                      num_items_in_batch=num_items_in_batch, **self.options)  # fmt: skip
+                num_items_in_batch=None) -> LossOutput:
+        return fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=advantages, mask=mask,
+                                      cu_seqlens=cu_seqlens, old_logp=old_logp, ref_logp=ref_logp,
+                                      ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                                      sampler_logp=sampler_logp, num_items_in_batch=num_items_in_batch,
+                                      max_completion_length=self.max_completion_length, temperature=self.temperature,
+                                      ignore_index=self.ignore_index, **asdict(self.options))
 
 
-def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None,
+def reference_fused_linear_grpo_loss(hidden, weight, targets, bias=None, *, advantages, mask=None, cu_seqlens=None,
                                      old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                                     sampler_logp=None, temperature=1.0, ignore_index=-100,
-                                     **options) -> LossOutput:  # fmt: skip
+                                     sampler_logp=None, temperature=1.0, ignore_index=-100, **options) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd).
 
     Per-token inputs are set to 0 at inactive tokens, as the fused loss ignores them there.
@@ -250,5 +257,5 @@ def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=N
 
     logp, entropy = token_logp(hidden, weight, bias, True)
     ref = padded(ref_logp) if ref_hidden is None else token_logp(ref_hidden, ref_weight, ref_bias, False).detach()
-    return grpo_loss(logp, padded(old_logp), advantages.double(), m, ref_logp=ref, sampler_logp=padded(sampler_logp),
-                     entropy=entropy, **options)  # fmt: skip
+    return grpo_loss(logp, advantages.double(), m, old_logp=padded(old_logp), ref_logp=ref,
+                     sampler_logp=padded(sampler_logp), entropy=entropy, **options)

@@ -39,7 +39,7 @@ since M needs both normalizers first).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -47,21 +47,14 @@ from torch import Tensor, nn
 from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
 from . import _torch_tiles as tiles
+from hotloop._errors import check_choice, is_real, require
+from ._stats import KLStats
 from .fused_linear_logprob import _FLOAT_DTYPES
-from .losses._checks import check_aux, check_choice
+from .losses._checks import check_aux
 from .losses.output import LossOutput
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 NORMALIZE = ("token", "sequence", "sum")
-
-
-@dataclass
-class KLStats:
-    """Per-row float32 [N] results of the forward, for the rows it was given (the counted ones)."""
-
-    divergence: Tensor  # the selected divergence
-    kl: Tensor  # KL(π ‖ π_ref)
-    entropy: Tensor  # entropy of π
 
 
 @dataclass
@@ -73,11 +66,21 @@ class KLOutput(LossOutput):
 
 @dataclass(frozen=True, kw_only=True)
 class KLOptions:
-    """Options of the per-row math, checked by ``fused_linear_kl``."""
+    """The options of :func:`fused_linear_kl` and :class:`FusedLinearKL`: defaults and checks live here only."""
 
-    divergence: str  # "kl" | "reverse_kl" | "jsd"
-    beta: float  # JSD weight of the reference, in (0, 1); unused by the KLs
-    temperature: float  # > 0; both heads' logits are divided by it
+    divergence: str = "kl"
+    """"kl" = KL(π ‖ π_ref), "reverse_kl" = KL(π_ref ‖ π), "jsd" = Liger's generalized JSD_β."""
+    beta: float = 0.5
+    """JSD weight of the reference, in (0, 1); unused by the two KLs."""
+    normalize: str = "token"
+    """"token" (mean over counted rows), "sequence" (mean over sequences of their token mean), "sum"."""
+
+    def __post_init__(self) -> None:
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("normalize", self.normalize, NORMALIZE)
+        require(is_real(self.beta), "beta", "a finite number", repr(self.beta), TypeError)
+        require(self.divergence != "jsd" or 0.0 < self.beta < 1.0, "beta",
+                "a number in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl')", self.beta)
 
 
 def _log_softmax_into(out: Tensor, logits: Tensor, s: float) -> Tensor:
@@ -119,14 +122,16 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
     return teacher + (1.0 - beta) * student, kl, entropy, d_p.sub_(student[:, None]).mul_(p).mul_(1.0 - beta)
 
 
-def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts: KLOptions,
-               needs_grad=(True, True, True)):
+def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, options: KLOptions,
+               temperature: float, needs_grad=(True, True, True)):
     """KLStats [N] and the gradients of Σ_i row_weight_i·D_i w.r.t. (hidden2d, weight, bias) (None where not needed).
 
     Args:
         hidden2d: [N, D] policy hidden. weight: [V, D]. bias: [V] | None (policy dtype).
         ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref]. ref_bias: [V] | None (reference dtype).
         row_weight: [N] float32 weight of each row in the loss.
+        options: the divergence and its beta (``normalize`` is applied by the caller through ``row_weight``).
+        temperature: > 0; both heads' logits are divided by it.
     Returns:
         (KLStats, grad_hidden | None, grad_weight | None, grad_bias | None), grads in the input dtype.
     """
@@ -134,8 +139,8 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
         from ._fused_linear_kl_triton import triton_kl_fwd_bwd
 
         return triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight,
-                                 opts=opts, needs_grad=needs_grad)  # fmt: skip
-    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / opts.temperature
+                                 options=options, temperature=temperature, needs_grad=needs_grad)
+    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
     want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
     gdt = tiles.grad_gemm_dtype(weight.dtype)
@@ -149,7 +154,7 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     # three such blocks live (four for "jsd").
     chunk = tiles.block_rows(n, v, dev)
     bufs = [*torch.empty(3, chunk * v, device=dev).unbind(0), None]
-    if opts.divergence == "jsd":
+    if options.divergence == "jsd":
         bufs[3] = torch.empty(chunk * v, device=dev)
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
     for r0, r1 in tiles.spans(n, chunk):
@@ -162,7 +167,7 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
         tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
         _log_softmax_into(lp, x, s)
         lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
-        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, opts)
+        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, options)
         for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
             dst[r0:r1] = src
         if grads:
@@ -192,32 +197,20 @@ def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice
 
 def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
     """ValueError/TypeError naming the reference argument, the value seen and the value expected."""
-    if ref_hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"ref_hidden must be float32, bfloat16 or float16, got {ref_hidden.dtype}")
-    if ref_hidden.dim() != hidden.dim() or ref_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref], "
-                         f"got {tuple(ref_hidden.shape)}")  # fmt: skip
-    if ref_weight.dtype != ref_hidden.dtype:
-        raise TypeError(f"ref_weight dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_weight.dtype}")
-    if ref_weight.shape != (v, ref_hidden.shape[-1]):
-        raise ValueError(f"ref_weight must have shape [V={v}, D_ref={ref_hidden.shape[-1]}] (V = weight's rows), "
-                         f"got {tuple(ref_weight.shape)}")  # fmt: skip
-    if ref_bias is not None and ref_bias.dtype != ref_hidden.dtype:
-        raise TypeError(f"ref_bias dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_bias.dtype}")
-    if ref_bias is not None and ref_bias.shape != (v,):
-        raise ValueError(f"ref_bias must have shape ({v},) (V), got {tuple(ref_bias.shape)}")
+    dtype, d_ref = ref_hidden.dtype, ref_hidden.shape[-1]
+    require(dtype in _FLOAT_DTYPES, "ref_hidden", "float32, bfloat16 or float16", dtype, TypeError)
+    same_lead = ref_hidden.dim() == hidden.dim() and ref_hidden.shape[:-1] == hidden.shape[:-1]
+    require(same_lead, "ref_hidden", f"hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref]",
+            tuple(ref_hidden.shape))
+    require(ref_weight.dtype == dtype, "ref_weight", f"ref_hidden's dtype {dtype}", ref_weight.dtype, TypeError)
+    require(ref_weight.shape == (v, d_ref), "ref_weight", f"shape [V={v}, D_ref={d_ref}] (V = weight's rows)",
+            tuple(ref_weight.shape))
+    if ref_bias is not None:
+        require(ref_bias.dtype == dtype, "ref_bias", f"ref_hidden's dtype {dtype}", ref_bias.dtype, TypeError)
+        require(ref_bias.shape == (v,), "ref_bias", f"shape ({v},) (V)", tuple(ref_bias.shape))
     for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
-
-
-def _check_options(divergence, beta, normalize) -> None:
-    """ValueError naming the option, the value seen and the value expected."""
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_choice("normalize", normalize, NORMALIZE)
-    if divergence == "jsd" and not 0.0 < float(beta) < 1.0:
-        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl'), "
-                         f"got {beta}")  # fmt: skip
+        if t is not None:
+            require(t.device == hidden.device, name, f"hidden's device {hidden.device}", t.device)
 
 
 def _row_weights(layout: Layout, normalize: str) -> Tensor:
@@ -231,9 +224,23 @@ def _row_weights(layout: Layout, normalize: str) -> Tensor:
     return ones / per_seq[layout.seq_ids]
 
 
-def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                    cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
-                    ignore_index=-100) -> KLOutput:
+def fused_linear_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    divergence: str = KLOptions.divergence,
+    beta: float = KLOptions.beta,
+    normalize: str = KLOptions.normalize,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> KLOutput:
     """Exact full-vocabulary divergence between the policy and a frozen reference head, logits never stored.
 
     Args:
@@ -244,34 +251,33 @@ def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weigh
         ref_hidden: reference hidden in hidden's layout, ``[..., D_ref]``, any float dtype.
         ref_weight: ``[V, D_ref]``, ref_hidden's dtype. ref_bias: ``[V]`` or None. Frozen: never gets a gradient.
         mask: ``[B, T]`` / ``[N]`` bool or 0/1, or None. cu_seqlens: ``[B + 1]`` int32/int64 (packed).
-        divergence: "kl" = KL(π ‖ π_ref), "reverse_kl" = KL(π_ref ‖ π), "jsd" = Liger's generalized JSD.
-        beta: JSD weight of the reference, in (0, 1); unused otherwise.
-        normalize: "token" (mean over counted rows), "sequence" (mean over sequences of their token mean), "sum".
+        divergence, beta, normalize: the fields of :class:`KLOptions`.
         temperature: > 0; both heads' logits are divided by it.
     Returns:
         KLOutput: ``loss`` (0-d float32, differentiable w.r.t. hidden, weight, bias), ``per_token`` (detached,
         targets' shape, float32, 0 where not counted), ``metrics`` {"kl": mean KL(π ‖ π_ref), "entropy": mean
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
-    _check_options(divergence, beta, normalize)
+    options = KLOptions(divergence=divergence, beta=beta, normalize=normalize)
     check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
               mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_hidden=(ref_hidden, "float"),
               ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
+                         ignore_index=ignore_index)
     _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
-    ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
-    opts = KLOptions(divergence=divergence, beta=float(beta), temperature=float(temperature))
-    row_weight, needs = _row_weights(layout, normalize), grads_needed(hidden, weight, bias)
+    if layout.rows is not None:
+        ref2d = ref2d.index_select(0, layout.rows)
+    row_weight = _row_weights(layout, options.normalize)
+    needs = grads_needed(hidden, weight, bias)
     stats, *grads = kl_fwd_bwd(layout.hidden, weight.detach(), None if bias is None else bias.detach(), ref2d,
                                ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), row_weight,
-                               opts=opts, needs_grad=needs)  # fmt: skip
+                               options=options, temperature=float(temperature), needs_grad=needs)
     loss = torch.linalg.vecdot(stats.divergence, row_weight)
     loss = attach_grads(loss, layout, hidden, weight, bias, grads) if any(needs) else loss
     per_token = torch.zeros(layout.token_shape, device=hidden.device)
     per_token.view(-1).index_copy_(0, _active_rows(layout), stats.divergence)
-    return KLOutput(loss=loss, metrics=_metrics(divergence, stats), per_token=per_token)
+    return KLOutput(loss=loss, metrics=_metrics(options.divergence, stats), per_token=per_token)
 
 
 def _active_rows(layout: Layout) -> Tensor:  # [N_a] int64 flat row of each active row
@@ -289,26 +295,24 @@ def _metrics(divergence: str, stats: KLStats) -> dict[str, Tensor]:
 
 
 class FusedLinearKL(nn.Module):
-    """Module form of ``fused_linear_kl``; options fixed at construction."""
+    """Module form of :func:`fused_linear_kl`: :class:`KLOptions` fields (checked now), ``temperature`` and
+    ``ignore_index`` at construction, tensors in ``forward``."""
 
-    def __init__(self, *, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
-                 ignore_index: int = -100, normalize: str = "token"):  # fmt: skip
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, **options):
         super().__init__()
-        _check_options(divergence, beta, normalize)  # at construction, as the other fused modules
-        self.divergence, self.beta, self.temperature = divergence, beta, temperature
-        self.ignore_index, self.normalize = ignore_index, normalize
+        self.options = KLOptions(**options)
+        self.temperature, self.ignore_index = temperature, ignore_index
 
     def forward(self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                cu_seqlens=None):
+                cu_seqlens=None) -> KLOutput:
         return fused_linear_kl(hidden, weight, targets, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                               ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens, divergence=self.divergence,
-                               beta=self.beta, normalize=self.normalize, temperature=self.temperature,
-                               ignore_index=self.ignore_index)  # fmt: skip
+                               ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens, temperature=self.temperature,
+                               ignore_index=self.ignore_index, **asdict(self.options))
 
 
 def reference_fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                              cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
-                              ignore_index=-100) -> KLOutput:
+                              cu_seqlens=None, divergence=KLOptions.divergence, beta=KLOptions.beta,
+                              normalize=KLOptions.normalize, temperature=1.0, ignore_index=-100) -> KLOutput:
     """Float64 materialized ``fused_linear_kl`` from the textbook formulas, differentiable, for tests and benchmarks."""
     def log_probs(h, w, b):
         return torch.log_softmax((h.double() @ w.double().T + (0.0 if b is None else b.double())) / temperature, -1)

@@ -27,25 +27,17 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from hotloop._errors import expected
 from . import _cpu_ext
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
+from ._stats import TokenStats
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class TokenStats:
-    """Per-row [N] results of the forward: float32, but lse float64."""
-
-    logp: Tensor  # log p(target); 0 where ignored
-    entropy: Tensor | None  # entropy of the full distribution; 0 where ignored; None if not asked
-    lse: Tensor  # float64: logsumexp of the temperature-scaled logits (the backward splits it into fp32 hi + lo)
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
@@ -227,35 +219,35 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
     """ValueError/TypeError naming the argument, the value seen and the value expected."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
-                            f"got {type(t).__name__}")
+            raise TypeError(expected(name, "a torch.Tensor" + (" or None" if name == "bias" else ""),
+                                     type(t).__name__))
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
+        raise TypeError(expected("hidden", "float32, bfloat16 or float16", hidden.dtype))
     if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
+        raise ValueError(expected("hidden", "shape [..., D]", "a 0-d tensor"))
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
+        raise TypeError(expected("weight", f"hidden's dtype {hidden.dtype}", weight.dtype))
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V >= 1, D={hidden.shape[-1]}] (D = hidden's last dim), "
-                         f"got {tuple(weight.shape)}")  # fmt: skip
+        want = f"shape [V >= 1, D={hidden.shape[-1]}] (D = hidden's last dim)"
+        raise ValueError(expected("weight", want, tuple(weight.shape)))
     if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64, got {targets.dtype}")
+        raise TypeError(expected("targets", "int64", targets.dtype))
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")  # fmt: skip
+        raise ValueError(expected("targets", f"hidden's leading shape {tuple(hidden.shape[:-1])}",
+                                  tuple(targets.shape)))
     if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"bias dtype must match hidden ({hidden.dtype}), got {bias.dtype}")
+        raise TypeError(expected("bias", f"hidden's dtype {hidden.dtype}", bias.dtype))
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
+        raise ValueError(expected("bias", f"shape ({weight.shape[0]},) (V)", tuple(bias.shape)))
     for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
+            raise ValueError(expected(name, f"hidden's device {hidden.device}", t.device))
     if not (float(temperature) > 0.0 and float(temperature) < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        raise ValueError(expected("temperature", "a finite number > 0", temperature))
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
-                         f"got {targets[bad][0].item()}")  # fmt: skip
+        want = f"values in [0, {weight.shape[0]}) or ignore_index={ignore_index}"
+        raise ValueError(expected("targets", want, targets[bad][0].item()))
 
 
 def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,

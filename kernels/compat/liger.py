@@ -49,16 +49,21 @@ Differences from Liger, all deliberate:
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 from torch import Tensor, nn
 
+from hotloop._errors import check_choice, expected, require
 from .._fused_linear_common import forward_stats, make_layout
 from ..fused_linear_dpo import fused_linear_dpo_loss
-from ..fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss
+from ..fused_linear_grpo import fused_linear_grpo_loss
 from ..fused_linear_kl import fused_linear_kl
 from ..fused_linear_kto import fused_linear_kto_loss
 from ..fused_linear_sft import fused_linear_sft_loss
-from ..losses import dpo as _dpo
+from ..losses.grpo import GRPOOptions
+from ..losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
+from ..losses.dpo import DPOOptions
 
 
 def _logits_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, groups: Tensor) -> Tensor:
@@ -79,12 +84,6 @@ def _forward_logps(hidden, weight, bias, targets, *, mask=None, temperature=1.0,
                          ignore_index=ignore_index)  # fmt: skip
     return layout, forward_stats(layout, weight, bias, temperature=temperature, ignore_index=ignore_index,
                                  with_entropy=False).logp  # fmt: skip
-
-
-def _check_pair_options(**options) -> None:
-    """Raise at construction what ``dpo_loss`` would raise in forward (one dummy pair)."""
-    one = torch.zeros(1)
-    _dpo.dpo_loss(one, one, one, one, chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1), **options)
 
 
 def _preference(lin_weight, _input, target, bias, *, ref_logps, beta, average, nll, ignore_index,
@@ -116,7 +115,8 @@ class LigerFusedLinearDPOLoss(nn.Module):
                  chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  discopop_tau: float = 0.05, *, strategy: str = "auto"):  # fmt: skip
         super().__init__()
-        _check_pair_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+        check_choice("loss_type", loss_type, DPO_LOSS_TYPES)  # Liger's DPO class has no "orpo"
+        DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
         self.ignore_index, self.beta, self.alpha, self.compute_nll_loss = ignore_index, beta, alpha, compute_nll_loss
         self.compiled, self.use_ref_model, self.average_log_prob = compiled, use_ref_model, average_log_prob
         self.chunk_size, self.loss_type, self.label_smoothing = chunk_size, loss_type, label_smoothing
@@ -138,17 +138,17 @@ class LigerFusedLinearDPOLoss(nn.Module):
         cached = ref_chosen is not None or ref_rejected is not None
         if not self.use_ref_model:  # Liger ignores ref_input here too
             if cached:
-                raise ValueError("use_ref_model=False takes no ref_chosen_logps / ref_rejected_logps, got tensors")
+                raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", "None with use_ref_model=False", "tensors"))
             return None
         if cached:
             if ref_chosen is None or ref_rejected is None:
-                raise ValueError("ref_chosen_logps and ref_rejected_logps go together, got only one")
+                raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", "both or neither", "only one"))
             ref = torch.cat((ref_chosen, ref_rejected)).detach().double()
             lengths = (target != self.ignore_index).sum(-1).float().clamp_min(1.0)
             return ref * lengths if self.average_log_prob else ref
         if ref_input is None or ref_weight is None:
-            raise ValueError("use_ref_model=True needs ref_input + ref_weight, or ref_chosen_logps + "
-                             "ref_rejected_logps; got neither")
+            raise ValueError(expected("ref_input, ref_weight", "tensors with use_ref_model=True (or ref_chosen_logps + "
+                                      "ref_rejected_logps)", "None"))
         layout, logp = _forward_logps(ref_input, ref_weight, ref_bias, target, ignore_index=self.ignore_index)
         return layout.seq_sum(logp)
 
@@ -160,7 +160,7 @@ class LigerFusedLinearCPOLoss(nn.Module):
                  compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
                  chunk_size: int = 1, *, strategy: str = "auto"):  # fmt: skip
         super().__init__()
-        _check_pair_options(beta=beta, label_smoothing=label_smoothing)
+        DPOOptions(beta=beta, label_smoothing=label_smoothing)
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
         self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
         self.chunk_size, self.strategy = chunk_size, strategy
@@ -181,7 +181,7 @@ class LigerFusedLinearSimPOLoss(nn.Module):
                  compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
                  strategy: str = "auto"):  # fmt: skip
         super().__init__()
-        _check_pair_options(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+        DPOOptions(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
         self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
         self.chunk_size, self.strategy = chunk_size, strategy
@@ -231,20 +231,20 @@ class LigerFusedLinearKTOLoss(nn.Module):
     def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
                 ref_bias=None, kl=None, *, ref_logps=None):  # fmt: skip
         if preference_labels is None:
-            raise ValueError("preference_labels [B] bool is required (True = desirable), got None")
+            raise ValueError(expected("preference_labels", "[B] bool (True = desirable)", None))
         z0 = None if kl is None else torch.as_tensor(kl, dtype=torch.float32)
         if z0 is not None and z0.numel() != 1:
-            raise ValueError(f"kl must be a float or a one-element tensor, got shape {tuple(z0.shape)}")
+            raise ValueError(expected("kl", "a float or a one-element tensor", f"shape {tuple(z0.shape)}"))
         if ref_logps is not None and not self.use_ref_model:
-            raise ValueError("use_ref_model=False takes no ref_logps, got a tensor")
+            raise ValueError(expected("ref_logps", "None with use_ref_model=False", "a tensor"))
         reference = dict(ref_logps=torch.zeros(target.shape[0], device=target.device))  # Liger: no model, ref = 0
         if self.use_ref_model and ref_logps is not None:  # in the form forward returns: means with average_log_prob
             lengths = (target != self.ignore_index).sum(-1).float().clamp_min(1.0)
             reference = dict(ref_logps=ref_logps.detach().float() * lengths if self.average_log_prob else ref_logps)
         elif self.use_ref_model:
             reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-        out = fused_linear_kto_loss(_input, lin_weight, target, preference_labels, bias, beta=self.beta,
-                                    kl_ref_point=None if z0 is None else z0.reshape(()),
+        out = fused_linear_kto_loss(_input, lin_weight, target, bias, labels=preference_labels, beta=self.beta,
+                                    reference_point=None if z0 is None else z0.reshape(()),
                                     length_normalize=self.average_log_prob, ignore_index=self.ignore_index,
                                     strategy=self.strategy, **reference)  # fmt: skip
         m = out.metrics
@@ -261,7 +261,7 @@ def _token_ratio(ratio: Tensor, mask: Tensor, loss_type: str) -> Tensor:
     """
     b, t = mask.shape
     if ratio.dim() not in (1, 2) or ratio.shape[0] != b or (ratio.dim() == 2 and ratio.shape[1] not in (1, t)):
-        raise ValueError(f"vllm_is_ratio must be [{b}], [{b}, 1] or [{b}, {t}], got {tuple(ratio.shape)}")
+        raise ValueError(expected("vllm_is_ratio", f"[{b}], [{b}, 1] or [{b}, {t}]", tuple(ratio.shape)))
     ratio = ratio.detach().float().reshape(b, -1)
     if ratio.shape[1] == t:
         return ratio
@@ -289,22 +289,25 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, use_bias_correction_kl
         self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
         self.vespo_k_neg, self.vespo_lambda_neg, self.kl_estimator = vespo_k_neg, vespo_lambda_neg, kl_estimator
-        FusedLinearGRPOLoss(**self._options(beta))  # checks every option now, as Liger's constructor does
+        self._options(beta)  # checks every option now, as Liger's constructor does
 
     def _options(self, beta: float) -> dict:
-        return dict(beta=beta, kl_estimator=self.kl_estimator, epsilon_low=self.epsilon_low,
-                    epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
-                    importance_sampling_level=self.importance_sampling_level,
-                    max_completion_length=self.max_completion_length, sapo_temperature_pos=self.sapo_temperature_pos,
-                    sapo_temperature_neg=self.sapo_temperature_neg, use_bias_correction_kl=self.use_bias_correction_kl,
-                    vespo_shape=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
-                    temperature=self.temperature)  # fmt: skip
+        """The fused loss's keywords: the checked ``GRPOOptions`` fields, ``max_completion_length``, ``temperature``."""
+        options = GRPOOptions(beta=beta, kl_estimator=self.kl_estimator, epsilon_low=self.epsilon_low,
+                              epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
+                              importance_sampling_level=self.importance_sampling_level,
+                              sapo_temperature_pos=self.sapo_temperature_pos,
+                              sapo_temperature_neg=self.sapo_temperature_neg,
+                              use_bias_correction_kl=self.use_bias_correction_kl,
+                              vespo_shape=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg,
+                                           self.vespo_lambda_neg))
+        return dict(asdict(options), max_completion_length=self.max_completion_length, temperature=self.temperature)
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
                 vllm_is_ratio=None, num_items_in_batch=None):  # fmt: skip
         if self.use_ref_model and ref_per_token_logps is None and (ref_input is None or ref_weight is None):
-            raise ValueError("use_ref_model=True needs ref_per_token_logps or ref_input + ref_weight, got neither")
+            raise ValueError(expected("ref_per_token_logps", "a tensor with use_ref_model=True (or ref_input + ref_weight)", None))
         reference, beta = {}, self.beta if self.use_ref_model else 0.0
         if beta != 0.0 and ref_per_token_logps is not None:  # Liger prefers the cached log-probs too
             reference = dict(ref_logp=ref_per_token_logps)
@@ -317,7 +320,7 @@ class LigerFusedLinearGRPOLoss(nn.Module):
                                               temperature=self.temperature)  # fmt: skip
                 old = layout.to_padded(logp)
             sampler = old.detach().float() - _token_ratio(vllm_is_ratio, mask, self.loss_type).log()
-        out = fused_linear_grpo_loss(_input, lin_weight, selected_token_ids, advantages, bias, mask=mask,
+        out = fused_linear_grpo_loss(_input, lin_weight, selected_token_ids, bias, advantages=advantages, mask=mask,
                                      old_logp=old, sampler_logp=sampler, num_items_in_batch=num_items_in_batch,
                                      **reference, **self._options(beta))  # fmt: skip
         metrics = (out.metrics["clip_ratio/region_mean"],)
@@ -342,8 +345,8 @@ class LigerFusedLinearJSDLoss(nn.Module):
                  ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
                  return_soft_hard_loss: bool = False):  # fmt: skip
         super().__init__()
-        if temperature == 0 or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"temperature must be != 0 and beta in [0, 1], got {temperature}, {beta}")
+        require(temperature != 0, "temperature", "a number != 0", temperature)
+        require(0.0 <= beta <= 1.0, "beta", "a number in [0, 1]", beta)
         self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
         self.ignore_index, self.return_soft_hard_loss = ignore_index, return_soft_hard_loss
         self.temperature, self.compiled, self.beta, self.chunk_size = temperature, compiled, beta, chunk_size

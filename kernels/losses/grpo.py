@@ -39,15 +39,16 @@ Sequence-level ratios and vespo couple the tokens of a row: their row groups mus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected, is_real, require
 from .._dispatch import use_triton
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
-from .kl_penalty import ESTIMATORS, _kl
+from .kl_penalty import DEFAULT_ESTIMATOR, ESTIMATORS, _kl
 from .output import LossOutput
 from .segments import unpack
 
@@ -55,36 +56,62 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
-@dataclass(frozen=True)
-class _Options:
-    """The float/str options of :func:`grpo_loss` (defaults as Liger's ``LigerFusedLinearGRPOLoss``, beta 0)."""
+@dataclass(frozen=True, kw_only=True)
+class GRPOOptions:
+    """The options of the GRPO family, declared (defaults as Liger's ``LigerFusedLinearGRPOLoss``, beta 0) and
+    checked here only: :func:`grpo_loss`, ``fused_linear_grpo_loss``, its module and ``GRPOConfig`` take theirs."""
 
     beta: float = 0.0
-    kl_estimator: str = "k3"
+    """KL(π ‖ π_ref) weight (>= 0); 0: no KL term and no reference needed."""
+    kl_estimator: str = DEFAULT_ESTIMATOR
+    """Per-token KL estimator, one of ``ESTIMATORS`` (:mod:`.kl_penalty`)."""
     epsilon_low: float = 0.2
+    """Lower clip range: ratios below 1 − epsilon_low stop pushing down (negative advantages)."""
     epsilon_high: float = 0.2
+    """Upper clip range: ratios above 1 + epsilon_high stop pushing up (DAPO: 0.28; cispo: the absolute cap)."""
     delta: float | None = None
+    """INTELLECT-2's two-sided clip of the ratio (> 0, clipped loss types only); None = off."""
     loss_type: str = "dapo"
+    """Per-token loss and reduction, one of ``LOSS_TYPES`` (module docstring)."""
     importance_sampling_level: str = "token"
+    """"token" (GRPO) or "sequence" (GSPO: one geometric-mean ratio per completion; clipped loss types only)."""
     sampler_is_cap: float | None = None
+    """Truncation (> 0) of the sampler correction ``exp(old_logp − sampler_logp)`` (TIS); None = untruncated."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus ``− entropy_coef · entropy`` (needs ``entropy``)."""
     sapo_temperature_pos: float = 1.0
+    """SAPO's τ for positive advantages (> 0)."""
     sapo_temperature_neg: float = 1.05
+    """SAPO's τ for negative advantages (> 0)."""
     vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
+    """VESPO's ``(k_pos, λ_pos, k_neg, λ_neg)``."""
     use_bias_correction_kl: bool = False
+    """Multiply the per-token KL by the importance weight."""
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
         check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo"):
-            raise ValueError(f"importance_sampling_level='sequence' is not defined for loss_type={self.loss_type!r}")
-        if self.delta is not None and (self.loss_type not in CLIPPED or self.delta <= 0):
-            raise ValueError(f"delta must be > 0 with a loss_type in {CLIPPED}, got {self.delta} / {self.loss_type!r}")
-        if min(self.sapo_temperature_pos, self.sapo_temperature_neg) <= 0:
-            raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
-        if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
-            raise ValueError(f"sampler_is_cap must be > 0 or None, got {self.sampler_is_cap}")
+        for name in ("beta", "epsilon_low", "epsilon_high"):
+            require(is_real(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0",
+                    repr(getattr(self, name)))
+        require(is_real(self.entropy_coef), "entropy_coef", "a finite number", repr(self.entropy_coef))
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            require(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0",
+                    repr(getattr(self, name)))
+        for name in ("delta", "sampler_is_cap"):
+            value = getattr(self, name)
+            require(value is None or (is_real(value) and value > 0), name, "None or a number > 0", repr(value))
+        require(self.delta is None or self.loss_type in CLIPPED, "delta", f"None with loss_type={self.loss_type!r} "
+                f"(a two-sided clip needs a loss_type in {CLIPPED})", self.delta)
+        whole = self.importance_sampling_level == "token" or self.loss_type in CLIPPED
+        require(whole, "importance_sampling_level", f"'token' with loss_type={self.loss_type!r} ('sequence' needs a "
+                f"loss_type in {CLIPPED})", repr(self.importance_sampling_level))
+        shape = self.vespo_shape
+        ok = isinstance(shape, tuple) and len(shape) == 4 and all(is_real(x) for x in shape)
+        require(ok, "vespo_shape", "a tuple of 4 numbers (k_pos, lambda_pos, k_neg, lambda_neg)", repr(shape))
+        require(isinstance(self.use_bias_correction_kl, bool), "use_bias_correction_kl", "a bool",
+                repr(self.use_bias_correction_kl), TypeError)
 
 
 class _Terms(NamedTuple):
@@ -164,7 +191,7 @@ def _policy_term(logp, log_w, adv, loss_type, eps_low, eps_high, delta, sapo_t):
     return -torch.minimum(w1 * a, w.clamp(lo, hi) * a), w < lo, w > hi
 
 
-def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
+def _terms(lp, old, adv, m, ref, is_ratio, ent, o: GRPOOptions) -> _Terms:
     log_ratio = lp - old
     if o.importance_sampling_level == "sequence":
         log_w = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)).expand_as(lp)
@@ -189,7 +216,7 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
     return _Terms(ptl, low & (adv.unsqueeze(-1) < 0), high & (adv.unsqueeze(-1) > 0), kl)
 
 
-def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options) -> None:
+def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions) -> None:
     """Shapes and the options' tensor requirements (ValueError naming the argument)."""
     check_tensor("logp", logp, ndim=2)
     check_aux("logp", logp, logp=(logp, "float"), old_logp=(old_logp, "float"), advantages=(advantages, "float"),
@@ -203,12 +230,13 @@ def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o:
         if t is not None:
             check_tensor(name, t, shape)
     if o.beta != 0.0 and ref_logp is None:
-        raise ValueError(f"beta={o.beta} needs ref_logp [B, T], got None")
+        raise ValueError(expected("ref_logp", f"[B, T] reference log-probs (beta={o.beta})", None))
     if o.sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(f"sampler_is_cap={o.sampler_is_cap} needs sampler_logp [B, T], got None")
+        raise ValueError(expected("sampler_logp", f"[B, T] sampler log-probs (sampler_is_cap={o.sampler_is_cap})",
+                                  None))
 
 
-def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options):
+def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions):
     """Checked float32 (float64 stays) inputs; constants detached; the sampler IS ratio."""
     _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -225,76 +253,75 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, 
 
 def grpo_per_token(
     logp: Tensor,
-    old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
+    old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     sampler_logp: Tensor | None = None,
     entropy: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    **options,
+    options: GRPOOptions,
 ) -> tuple[Tensor, Tensor]:
     """Per-token GRPO-family loss and its reduction weights: ``loss = (per_token_loss * weights).sum()``.
 
-    Args and keyword ``options`` as :func:`grpo_loss`. Always the torch path (autograd gives d/d``logp``, d/d``entropy``).
+    Args as :func:`grpo_loss`, its options as one :class:`GRPOOptions`. Always the torch path (autograd gives
+    d/d``logp``, d/d``entropy``).
 
     Returns:
         ``per_token_loss [B, T]`` (float32, or float64 for float64 input) and constant ``weights [B, T]``.
     """
-    o = _Options(**options)
+    o = options
     lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
     weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
-                           num_items_in_batch=num_items_in_batch)  # fmt: skip
+                           num_items_in_batch=num_items_in_batch)
     return _terms(lp, old, adv, m, ref, is_ratio, ent, o).per_token_loss, weights
 
 
-def _triton_ok(logp: Tensor, o: _Options) -> bool:
+def _triton_ok(logp: Tensor, o: GRPOOptions) -> bool:
     return o.importance_sampling_level == "token" and logp.dtype != torch.float64 and use_triton(logp.device)
 
 
 def grpo_loss(
     logp: Tensor,
-    old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
+    old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     sampler_logp: Tensor | None = None,
     entropy: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    sampler_is_cap: float | None = None,
-    entropy_coef: float = 0.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-    use_bias_correction_kl: bool = False,
-    cu_seqlens: Tensor | None = None,
+    beta: float = GRPOOptions.beta,
+    kl_estimator: str = GRPOOptions.kl_estimator,
+    epsilon_low: float = GRPOOptions.epsilon_low,
+    epsilon_high: float = GRPOOptions.epsilon_high,
+    delta: float | None = GRPOOptions.delta,
+    loss_type: str = GRPOOptions.loss_type,
+    importance_sampling_level: str = GRPOOptions.importance_sampling_level,
+    sampler_is_cap: float | None = GRPOOptions.sampler_is_cap,
+    entropy_coef: float = GRPOOptions.entropy_coef,
+    sapo_temperature_pos: float = GRPOOptions.sapo_temperature_pos,
+    sapo_temperature_neg: float = GRPOOptions.sapo_temperature_neg,
+    vespo_shape: tuple[float, float, float, float] = GRPOOptions.vespo_shape,
+    use_bias_correction_kl: bool = GRPOOptions.use_bias_correction_kl,
 ) -> LossOutput:
     """GRPO-family loss over a padded (or packed, with ``cu_seqlens``) batch.
 
     Args:
         logp: ``[B, T]`` policy log-probs of the sampled tokens (differentiable).
-        old_logp: ``[B, T]`` log-probs of the policy that sampled (None: ``logp.detach()``, on-policy).
         advantages: ``[B]``.  mask: ``[B, T]`` bool or 0/1 completion mask.
+        old_logp: ``[B, T]`` log-probs of the policy that sampled (None: ``logp.detach()``, on-policy).
         ref_logp: ``[B, T]`` reference log-probs (needed when ``beta != 0``).
         sampler_logp: ``[B, T]`` log-probs reported by the inference engine (sampler correction), or None.
         entropy: ``[B, T]`` token entropies (metric; bonus with ``entropy_coef``), or None.
         max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
-        beta: KL weight.  kl_estimator: "k1" | "k2" | "k3".  epsilon_low, epsilon_high: clip range (cispo: cap).
-        delta: two-sided clip (clipped family), or None.  loss_type: one of ``LOSS_TYPES``.
-        importance_sampling_level: "token" | "sequence" (GSPO).  sampler_is_cap: TIS truncation, or None.
-        entropy_coef: entropy bonus weight.  sapo_temperature_pos/neg: SAPO τ.
-        vespo_shape: VESPO ``(k_pos, λ_pos, k_neg, λ_neg)``.  use_bias_correction_kl: KL × importance weight.
+        beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sampler_is_cap,
+            entropy_coef, sapo_temperature_pos, sapo_temperature_neg, vespo_shape, use_bias_correction_kl: the
+            fields of :class:`GRPOOptions` (defaults and rules there).
         cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch: then ``logp``, ``mask`` and every per-token
             input are ``[N]``, padded to ``[B, T]`` by :func:`~.segments.unpack` (T = the longest sequence).
 
@@ -302,37 +329,50 @@ def grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
         (when given): masked token means.
     """
-    args = locals()
-    o = _Options(**{f.name: args[f.name] for f in fields(_Options)})
+    o = GRPOOptions(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                    delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                    sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
+                    sapo_temperature_neg=sapo_temperature_neg, vespo_shape=vespo_shape,
+                    use_bias_correction_kl=use_bias_correction_kl)
     if cu_seqlens is not None:
+        names = ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy")
         logp, old_logp, mask, ref_logp, sampler_logp, entropy = unpack(
-            cu_seqlens, ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy"),
-            logp, old_logp, mask, ref_logp, sampler_logp, entropy)  # fmt: skip
+            cu_seqlens, names, logp, old_logp, mask, ref_logp, sampler_logp, entropy
+        )
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    if _triton_ok(logp, o):
-        _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
-        from ._grpo_triton import GrpoTokenLossFunction
-
-        def scale(counts):
-            return row_scale(counts, o.loss_type, logp.shape[1], **totals)
-
-        loss, sums = GrpoTokenLossFunction.apply(logp, entropy, old_logp, advantages, mask != 0, ref_logp, sampler_logp, o,
-                                                 scale)  # fmt: skip
-        n, low, high, kl, ent = sums[0].clamp_min(1.0), sums[1], sums[2], sums[3], sums[4]
-        low, high, kl, ent = low / n, high / n, kl / n, ent / n
-    else:
-        lp, old, adv, m, ref, is_ratio, ent_ = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp,
-                                                        entropy, o)  # fmt: skip
-        t = _terms(lp, old, adv, m, ref, is_ratio, ent_, o)
-        loss = (t.per_token_loss * loss_weights(m, o.loss_type, **totals)).sum()
-        with torch.no_grad():
-            n = m.sum().clamp_min(1.0)
-            low, high = (t.is_low * m).sum() / n, (t.is_high * m).sum() / n
-            kl = None if t.kl is None else (t.kl * m).sum() / n
-            ent = None if ent_ is None else (ent_ * m).sum() / n
+    inputs = (logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy)
+    run = _triton_loss if _triton_ok(logp, o) else _torch_loss
+    loss, low, high, kl, ent = run(*inputs, o, totals)
     metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high}
     if o.beta != 0.0:
         metrics["kl"] = kl
     if entropy is not None:
         metrics["entropy"] = ent
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
+
+def _triton_loss(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions, totals: dict):
+    """(loss, low, high, kl, entropy) token means from the one-pass Triton kernel (``_grpo_triton``)."""
+    _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    from ._grpo_triton import GrpoTokenLossFunction
+
+    def scale(counts):
+        return row_scale(counts, o.loss_type, logp.shape[1], **totals)
+
+    loss, sums = GrpoTokenLossFunction.apply(
+        logp, entropy, old_logp, advantages, mask != 0, ref_logp, sampler_logp, o, scale
+    )
+    n = sums[0].clamp_min(1.0)
+    return loss, sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n
+
+
+def _torch_loss(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions, totals: dict):
+    """(loss, low, high, kl, entropy) token means from torch ops (kl / entropy None when not computed)."""
+    lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    t = _terms(lp, old, adv, m, ref, is_ratio, ent, o)
+    loss = (t.per_token_loss * loss_weights(m, o.loss_type, **totals)).sum()
+    with torch.no_grad():
+        n = m.sum().clamp_min(1.0)
+        kl = None if t.kl is None else (t.kl * m).sum() / n
+        ent_mean = None if ent is None else (ent * m).sum() / n
+        return loss, (t.is_low * m).sum() / n, (t.is_high * m).sum() / n, kl, ent_mean

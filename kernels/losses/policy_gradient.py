@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
 from .._dispatch import use_triton
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .output import LossOutput
@@ -81,7 +82,7 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         advantages = token_adv if per_token else advantages
     check_tensor("logp", logp, ndim=2)
     if tuple(advantages.shape) not in (tuple(logp.shape[:1]), tuple(logp.shape)):
-        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
+        raise ValueError(expected("advantages", f"[B] or [B, T] = {tuple(logp.shape)}", tuple(advantages.shape)))
     check_mask(mask, logp)
     loss, sums = linear_token_loss(logp, advantages, mask, normalize)
     n = sums[1].clamp_min(1.0)

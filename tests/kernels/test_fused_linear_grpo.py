@@ -42,13 +42,13 @@ def _assert_loss_close(out, ref, dtype, natural_scale, what="loss"):
 
 def _check(hidden, weight, targets, advantages, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
-    out = fused_linear_grpo_loss(hidden, weight, targets, advantages, bias, **kw)
+    out = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=advantages, **kw)
     scale = 0.5 + torch.rand(())
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     grads = torch.autograd.grad(out.loss * scale, inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in inputs]
-    ref = reference_fused_linear_grpo_loss(leaves[0], leaves[1], targets, advantages,
-                                           leaves[2] if bias is not None else None, **kw)
+    ref = reference_fused_linear_grpo_loss(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None,
+                                           advantages=advantages, **kw)
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
     _assert_loss_close(out.loss, ref.loss, dtype, advantages.abs().mean().item())
     if metrics:
@@ -124,9 +124,9 @@ def test_packed_layout_equals_padded_layout():
         return reference_padded(x.unsqueeze(-1), targets, mask, cu, -100)[0].squeeze(-1)
 
     opts = {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.1, "entropy_coef": 0.01}
-    packed = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, mask=mask, cu_seqlens=cu, old_logp=old,
+    packed = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, mask=mask, cu_seqlens=cu, old_logp=old,
                                     ref_logp=ref, **opts)
-    padded = fused_linear_grpo_loss(padded_hidden, weight, padded_targets, adv, bias, mask=padded_mask,
+    padded = fused_linear_grpo_loss(padded_hidden, weight, padded_targets, bias, advantages=adv, mask=padded_mask,
                                     old_logp=pad(old), ref_logp=pad(ref), **opts)
     g_packed = torch.autograd.grad(packed.loss, (hidden, weight, bias))
     g_padded = torch.autograd.grad(padded.loss, (padded_hidden, weight, bias))
@@ -147,9 +147,9 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     with torch.no_grad():
         ref_logp = fused_linear_logprob(ref_hidden, ref_weight, targets.masked_fill(~mask, -100))
     opts = {"mask": mask, "old_logp": near["old_logp"], "beta": 0.2, "kl_estimator": "k2"}
-    head = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+    head = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, ref_hidden=ref_hidden, ref_weight=ref_weight,
                                   **opts)
-    cached = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, ref_logp=ref_logp, **opts)
+    cached = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, ref_logp=ref_logp, **opts)
     g_head = torch.autograd.grad(head.loss, (hidden, weight, bias))
     g_cached = torch.autograd.grad(cached.loss, (hidden, weight, bias))
     assert_close(head.loss, cached.loss.double(), torch.float32, "loss")
@@ -170,14 +170,14 @@ def test_bf16_matches_float64_reference(level):
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
     hidden, weight, targets, adv, bias, mask, near = _batch()
     opts = {"mask": mask, "old_logp": near["old_logp"], "ref_logp": near["ref_logp"], "beta": 0.1}
-    with_grad = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, **opts)
+    with_grad = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, **opts)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("logprob_fwd_bwd called without grad")
 
     monkeypatch.setattr(grpo_module, "logprob_fwd_bwd", forbidden)
     with torch.no_grad():
-        out = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, **opts)
+        out = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, **opts)
     assert out.loss.grad_fn is None
     assert_close(out.loss, with_grad.loss.detach().double(), torch.float32, "loss")
     for name, value in out.metrics.items():
@@ -187,8 +187,8 @@ def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
 def test_module_matches_function():
     hidden, weight, targets, adv, bias, mask, near = _batch()
     options = {"loss_type": "dr_grpo", "max_completion_length": 9, "epsilon_high": 0.3, "delta": 1.5}
-    out = FusedLinearGRPOLoss(**options)(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"])
-    ref = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"], **options)
+    out = FusedLinearGRPOLoss(**options)(hidden, weight, targets, bias, advantages=adv, mask=mask, old_logp=near["old_logp"])
+    ref = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, mask=mask, old_logp=near["old_logp"], **options)
     assert torch.equal(out.loss, ref.loss)
 
 
@@ -214,8 +214,7 @@ def test_invalid_arguments_raise_naming_the_argument(change, error, name):
     args = change({"hidden": hidden.detach(), "weight": weight.detach(), "targets": targets, "advantages": adv,
                    "mask": mask})
     with pytest.raises(error, match=name):
-        fused_linear_grpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("advantages"),
-                               **args)
+        fused_linear_grpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
 
 
 @pytest.mark.interpreter

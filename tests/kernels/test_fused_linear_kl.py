@@ -74,9 +74,9 @@ def test_per_row_weights_give_the_gradient_of_the_weighted_sum(divergence, monke
     hidden, weight, _, bias, ref = _inputs(1, 37, 37, 24, 301)
     h2d, r2d = hidden.detach()[0], ref["ref_hidden"][0]
     row_weight = torch.randn(37)
-    opts = KLOptions(divergence=divergence, beta=0.7, temperature=1.3)
+    options = KLOptions(divergence=divergence, beta=0.7)
     stats, *grads = kl_fwd_bwd(h2d, weight.detach(), bias.detach(), r2d, ref["ref_weight"], ref["ref_bias"],
-                               row_weight, opts=opts, needs_grad=(True, True, True))
+                               row_weight, options=options, temperature=1.3, needs_grad=(True, True, True))
     leaves = [x.detach().double().requires_grad_(True) for x in (h2d, weight, bias)]
     expect = reference_fused_linear_kl(leaves[0], leaves[1], torch.zeros(37, dtype=torch.int64), leaves[2],
                                        ref_hidden=r2d, ref_weight=ref["ref_weight"], ref_bias=ref["ref_bias"],
@@ -243,7 +243,7 @@ def test_exact_kl_is_the_policy_expectation_of_the_k1_and_k3_estimators():
         ref_logp = ref_logp.view(n, v)
         exact = fused_linear_kl(hidden, weight, torch.zeros(1, n, dtype=torch.int64), bias, **ref).per_token[0]
     for estimator in ("k1", "k3"):
-        expectation = (logp.exp() * kl_per_token(logp, ref_logp, estimator=estimator)).sum(-1)
+        expectation = (logp.exp() * kl_per_token(logp, ref_logp=ref_logp, kl_estimator=estimator)).sum(-1)
         assert_close(exact, expectation.double(), torch.float32, estimator)
 
 
@@ -316,7 +316,7 @@ def _triton_case(divergence, dtype, *, bias=True, n=37, v=257):
     b = None if b is None else b.detach()
     row_weight = torch.randn(n)
     stats, *grads = triton_kl_fwd_bwd(h2d, w, b, r2d, ref["ref_weight"], ref["ref_bias"], row_weight,
-                                      opts=KLOptions(divergence=divergence, beta=0.3, temperature=0.7),
+                                      options=KLOptions(divergence=divergence, beta=0.3), temperature=0.7,
                                       needs_grad=(True, True, True), vocab_chunk=64)  # fmt: skip
     leaves = [x.double().requires_grad_(True) for x in _leaves(h2d, w, b)]
     kw = dict(ref_hidden=r2d, ref_weight=ref["ref_weight"], ref_bias=ref["ref_bias"], beta=0.3, temperature=0.7,

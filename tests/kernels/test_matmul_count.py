@@ -65,6 +65,6 @@ def test_grpo_takes_three_matmuls(pairs):
     old = torch.randn(t.shape) - 4.0
 
     def step():
-        fused_linear_grpo_loss(h, w, t, torch.randn(t.shape[0]), mask=mask, old_logp=old).loss.backward()
+        fused_linear_grpo_loss(h, w, t, advantages=torch.randn(t.shape[0]), mask=mask, old_logp=old).loss.backward()
 
     assert matmul_units(step, t.numel(), w.shape[0], w.shape[1]) == 3.0

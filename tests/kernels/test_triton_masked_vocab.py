@@ -103,7 +103,7 @@ def test_kl_with_the_same_masked_tiles_in_both_heads_matches_float64_on_the_unma
     ref_bias = torch.randn(V).masked_fill(~keep, float("-inf"))
     row_weight = torch.randn(N)
     stats, *grads = triton_kl_fwd_bwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight,
-                                      opts=KLOptions(divergence=divergence, beta=0.3, temperature=0.7),
+                                      options=KLOptions(divergence=divergence, beta=0.3), temperature=0.7,
                                       needs_grad=(True, True, True), vocab_chunk=64)
     leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
     kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight[keep], ref_bias=ref_bias[keep], beta=0.3,

@@ -294,7 +294,7 @@ def test_grpo_kl_estimator_option_matches_the_float64_reference(kl_estimator):
         hidden, weight, ids, mask, adv, bias, ref_logp, old_logp)  # fmt: skip
     grads = torch.autograd.grad(loss, (hidden, weight))
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight)]
-    expect = reference_fused_linear_grpo_loss(*leaves, ids, adv, bias.detach(), mask=mask.bool(), ref_logp=ref_logp,
+    expect = reference_fused_linear_grpo_loss(*leaves, ids, bias.detach(), advantages=adv, mask=mask.bool(), ref_logp=ref_logp,
                                               old_logp=old_logp, beta=0.5, kl_estimator=kl_estimator)  # fmt: skip
     for name, value, exact in (("loss", loss, expect.loss), ("kl", kl, expect.metrics["kl"])):
         assert _error(value, exact) <= 1e-5, f"{name}: error {_error(value, exact):.2e}"  # k1 and A: signed terms

@@ -63,7 +63,7 @@ def test_each_loss_type_matches_paper_formula_value_and_grad(loss_type):
     c, r, rc, rr, lc, lr = _inputs()
     eps = {"exo_pair": 1e-3, "robust": 0.1}.get(loss_type, 0.0)
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if loss_type == "ipo" else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), loss_type, 0.1, eps, lc=lcd, lr=lrd).mean()
@@ -75,7 +75,7 @@ def test_ipo_averages_log_ratios_by_default_and_takes_the_papers_sums_with_lengt
     c, r, rc, rr, lc, lr = _inputs()
     averaged = length_normalize is not False
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if averaged else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type="ipo", length_normalize=length_normalize, **lens)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, loss_type="ipo", length_normalize=length_normalize, **lens)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if averaged else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "ipo", 0.1, lc=lcd, lr=lrd).mean()
@@ -84,7 +84,7 @@ def test_ipo_averages_log_ratios_by_default_and_takes_the_papers_sums_with_lengt
 
 def test_cdpo_label_smoothing_on_sigmoid_matches_formula():
     c, r, rc, rr, _, _ = _inputs()
-    out = dpo_loss(c, r, rc, rr, beta=0.3, label_smoothing=0.2)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.3, label_smoothing=0.2)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "sigmoid", 0.3, 0.2).mean()
     _check(out.loss, c, r, ref, c64, r64, torch.float32, "cDPO")
@@ -103,8 +103,8 @@ def test_simpo_is_reference_free_length_normalized_sigmoid_with_margin():
 def test_rpo_and_cpo_add_nll_coef_times_mean_nll():
     c, r, rc, rr, _, _ = _inputs()
     nll = (2 + torch.rand(B)).requires_grad_()
-    out = dpo_loss(c, r, rc, rr, beta=0.1, nll_loss=nll, nll_coef=0.6)
-    base = dpo_loss(c, r, rc, rr, beta=0.1)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, nll_loss=nll, nll_coef=0.6)
+    base = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1)
     assert_close(out.loss, base.loss.detach() + 0.6 * nll.detach().double().mean(), torch.float32, "RPO")
     (gn,) = torch.autograd.grad(out.loss, nll)
     assert_close(gn, torch.full((B,), 0.6 / B, dtype=torch.float64), torch.float32, "RPO nll grad")
@@ -115,7 +115,7 @@ def test_rpo_and_cpo_add_nll_coef_times_mean_nll():
 
 def test_metrics_are_trl_rewards_of_the_log_ratios():
     c, r, rc, rr, _, _ = _inputs()
-    m = dpo_loss(c, r, rc, rr, beta=0.5).metrics
+    m = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.5).metrics
     wc, wr = 0.5 * (c.detach() - rc), 0.5 * (r.detach() - rr)
     torch.testing.assert_close(m["rewards/chosen"], wc.mean())
     torch.testing.assert_close(m["rewards/margins"], (wc - wr).mean())
@@ -130,7 +130,7 @@ def test_bf16_inputs_within_bf16_tolerance(loss_type):
     c, r, rc, rr, lc, lr = _inputs(torch.bfloat16)
     eps = {"robust": 0.1, "sigmoid": 0.1}.get(loss_type, 0.0)
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if loss_type == "ipo" else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), loss_type, 0.1, eps, lc=lcd, lr=lrd).mean()
@@ -160,7 +160,7 @@ liger_dpo = pytest.importorskip("liger_kernel.chunked_loss.dpo_loss")
 def test_matches_liger_dpo_preference_loss_fn(loss_type):
     c, r, rc, rr, _, _ = _inputs(torch.float64)
     eps = {"exo_pair": 1e-3, "robust": 0.2}.get(loss_type, 0.0)
-    ours = dpo_loss(c, r, rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.07)
+    ours = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.2, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.07)
     theirs, wc, wr = liger_dpo.LigerFusedLinearDPOFunction.preference_loss_fn(
         c, r, torch.empty(2 * B), rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.07
     )
@@ -197,20 +197,20 @@ def test_matches_liger_simpo_cpo_orpo():
 def test_unknown_loss_type_lists_the_valid_ones():
     c, r, rc, rr, _, _ = _inputs()
     with pytest.raises(ValueError, match="discopop"):
-        dpo_loss(c, r, rc, rr, loss_type="kto")
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="kto")
 
 
 def test_shape_mismatch_and_missing_reference_are_errors():
     c, r, rc, rr, lc, _ = _inputs()
     with pytest.raises(ValueError, match="rejected_logps"):
-        dpo_loss(c, r[:-1], rc, rr)
+        dpo_loss(c, r[:-1], ref_chosen_logps=rc, ref_rejected_logps=rr)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         dpo_loss(c, r)
     with pytest.raises(ValueError, match="reference_free"):
-        dpo_loss(c, r, rc, rr, reference_free=True)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, reference_free=True)
     with pytest.raises(ValueError, match="lengths"):
-        dpo_loss(c, r, rc, rr, loss_type="ipo", chosen_lengths=lc)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="ipo", chosen_lengths=lc)
     with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(c, r, rc, rr, loss_type="exo_pair")
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="exo_pair")
     with pytest.raises(ValueError, match="gamma"):
-        dpo_loss(c, r, rc, rr, loss_type="hinge", gamma=0.5)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="hinge", gamma=0.5)

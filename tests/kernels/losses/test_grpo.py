@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss, grpo_per_token
+from hotloop.kernels.losses.grpo import LOSS_TYPES, GRPOOptions, grpo_loss, grpo_per_token
 from hotloop.kernels.losses.segments import reference_unpack
 from tests.helpers import TOLERANCE, assert_close
 
@@ -83,7 +83,7 @@ def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", 
 
 def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
     """grpo_loss vs reference_grpo in float64: value, d/dlogp and (when it requires grad) d/dentropy."""
-    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    out = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, **kw)
     g = 1.7
     ent = kw.get("entropy")
     with_ent = ent is not None and ent.requires_grad
@@ -167,10 +167,10 @@ def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backen
     entropy = (1 + torch.rand(n)).requires_grad_()
     mask, adv = torch.rand(n) > 0.2, torch.randn(5)
     kw = dict(loss_type=loss_type, beta=0.1, entropy_coef=0.01, sampler_is_cap=1.3)
-    packed = grpo_loss(logp, old, adv, mask, ref_logp=ref, sampler_logp=sampler, entropy=entropy, cu_seqlens=cu, **kw)
+    packed = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, entropy=entropy, cu_seqlens=cu, **kw)
     pad = (lambda x: reference_unpack(x.detach(), cu))  # noqa: E731
     lp, ent = pad(logp).requires_grad_(), pad(entropy).requires_grad_()
-    padded = grpo_loss(lp, pad(old), adv, pad(mask), ref_logp=pad(ref), sampler_logp=pad(sampler), entropy=ent, **kw)
+    padded = grpo_loss(lp, adv, pad(mask), old_logp=pad(old), ref_logp=pad(ref), sampler_logp=pad(sampler), entropy=ent, **kw)
     torch.testing.assert_close(packed.loss, padded.loss)
     for k in padded.metrics:
         torch.testing.assert_close(packed.metrics[k], padded.metrics[k])
@@ -181,7 +181,7 @@ def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backen
 
 def test_old_logp_none_is_on_policy_ratio_one():
     logp, _, ref, mask, adv = _inputs()
-    out = grpo_loss(logp, None, adv, mask, loss_type="bnpo")
+    out = grpo_loss(logp, adv, mask, old_logp=None, loss_type="bnpo")
     (grad,) = torch.autograd.grad(out.loss, logp)
     m = mask.float()
     assert_close(out.loss, -(adv[:, None] * m).sum().double() / m.sum(), torch.float32, "on-policy loss")
@@ -190,7 +190,7 @@ def test_old_logp_none_is_on_policy_ratio_one():
 
 def test_clip_metrics_count_low_and_high_clipped_tokens_as_trl():
     logp, old, ref, mask, adv = _inputs()
-    m = grpo_loss(logp, old, adv, mask, epsilon_low=0.1, epsilon_high=0.15).metrics
+    m = grpo_loss(logp, adv, mask, old_logp=old, epsilon_low=0.1, epsilon_high=0.15).metrics
     w, a, mf = torch.exp(logp.detach() - old), adv[:, None], mask.float()
     low = (((w < 0.9) & (a < 0)) * mf).sum() / mf.sum()
     high = (((w > 1.15) & (a > 0)) * mf).sum() / mf.sum()
@@ -214,7 +214,7 @@ def test_all_empty_mask_gives_zero_loss_and_zero_grad(monkeypatch, backend):
     monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp, old, ref, mask, adv = _inputs()
     for lt in LOSS_TYPES:
-        out = grpo_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=ref, beta=0.1, loss_type=lt)
+        out = grpo_loss(logp, adv, torch.zeros_like(mask), old_logp=old, ref_logp=ref, beta=0.1, loss_type=lt)
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert out.loss.item() == 0 and (grad == 0).all(), lt
         assert all(v.item() == 0 for v in out.metrics.values()), lt
@@ -222,9 +222,9 @@ def test_all_empty_mask_gives_zero_loss_and_zero_grad(monkeypatch, backend):
 
 def test_per_token_helper_reproduces_loss_and_grad():
     logp, old, ref, mask, adv = _inputs()
-    kw = dict(ref_logp=ref, beta=0.05, loss_type="grpo", importance_sampling_level="sequence")
-    ptl, w = grpo_per_token(logp, old, adv, mask, **kw)
-    full = grpo_loss(logp, old, adv, mask, **kw)
+    kw = dict(beta=0.05, loss_type="grpo", importance_sampling_level="sequence")
+    ptl, w = grpo_per_token(logp, adv, mask, old_logp=old, ref_logp=ref, options=GRPOOptions(**kw))
+    full = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, **kw)
     ga = torch.autograd.grad((ptl * w).sum(), logp)[0]
     gb = torch.autograd.grad(full.loss, logp)[0]
     torch.testing.assert_close(ga, gb)
@@ -234,17 +234,17 @@ def test_per_token_helper_reproduces_loss_and_grad():
 def test_validation_errors_name_the_argument():
     logp, old, ref, mask, adv = _inputs()
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+        grpo_loss(logp, adv, mask, old_logp=old, loss_type="ppo")
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, old, adv, mask, beta=0.1)
+        grpo_loss(logp, adv, mask, old_logp=old, beta=0.1)
     with pytest.raises(ValueError, match="advantages"):
-        grpo_loss(logp, old, adv[:-1], mask)
+        grpo_loss(logp, adv[:-1], mask, old_logp=old)
     with pytest.raises(ValueError, match="sequence"):
-        grpo_loss(logp, old, adv, mask, loss_type="cispo", importance_sampling_level="sequence")
+        grpo_loss(logp, adv, mask, old_logp=old, loss_type="cispo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="kl_estimator"):
-        grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, kl_estimator="k4")
+        grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, beta=0.1, kl_estimator="k4")
     with pytest.raises(ValueError, match="sampler_is_cap"):
-        grpo_loss(logp, old, adv, mask, sampler_is_cap=2.0)
+        grpo_loss(logp, adv, mask, old_logp=old, sampler_is_cap=2.0)
 
 
 # --- Liger-Kernel 0.8.5 ---------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_matches_liger_ppo_loss_fn_value_and_grad(loss_type, level):
     eh = 1.3 if loss_type == "cispo" else 0.2
     sampler = old - is_ratio.log()
     delta = 1.2 if loss_type in ("grpo", "dapo") else None
-    ours = grpo_loss(logp, old, adv.double(), mask, ref_logp=ref, sampler_logp=sampler, beta=beta, loss_type=loss_type,
+    ours = grpo_loss(logp, adv.double(), mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, beta=beta, loss_type=loss_type,
                      epsilon_high=eh, importance_sampling_level=level, max_completion_length=T + 3, delta=delta)  # fmt: skip
     theirs, liger_metrics = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
         logp, m, adv.double(), m, ref_per_token_logps=ref, old_per_token_logps=old, beta=beta, loss_type=loss_type,
@@ -306,7 +306,7 @@ def test_triton_kernel_matches_formula_for_every_token_level_loss_type(monkeypat
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
     ours = _compare(logp, old, ref, mask, adv, ref_kw=ref_kw, **kw)
     monkeypatch.setenv("HOTLOOP_BACKEND", "torch")
-    eager = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    eager = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, **kw)
     assert ours.metrics.keys() == eager.metrics.keys()
     for k in eager.metrics:
         torch.testing.assert_close(ours.metrics[k], eager.metrics[k], msg=k)
@@ -334,7 +334,7 @@ def test_triton_kernel_ignores_non_finite_padding(monkeypatch, loss_type):
     old, ref = old.masked_fill(~mask, math.inf), ref.masked_fill(~mask, -math.inf)
     entropy = torch.rand(B, T).masked_fill(~mask, math.nan)
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
-    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type=loss_type, entropy=entropy,
+    out = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, beta=0.1, loss_type=loss_type, entropy=entropy,
                     use_bias_correction_kl=True)  # fmt: skip
     (grad,) = torch.autograd.grad(out.loss, logp)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
@@ -345,7 +345,7 @@ def test_triton_kernel_ignores_non_finite_padding(monkeypatch, loss_type):
 def test_bias_corrected_kl_matches_liger(level):
     logp, old, ref, mask, adv = (t.detach().double() if t.is_floating_point() else t for t in _inputs())
     m = mask.double()
-    ours = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.2, loss_type="bnpo", importance_sampling_level=level,
+    ours = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, beta=0.2, loss_type="bnpo", importance_sampling_level=level,
                      use_bias_correction_kl=True)  # fmt: skip
     theirs, (kl, _) = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
         logp, m, adv, m, ref_per_token_logps=ref, old_per_token_logps=old, beta=0.2, loss_type="bnpo",
@@ -355,7 +355,7 @@ def test_bias_corrected_kl_matches_liger(level):
     assert_close(ours.metrics["kl"], kl, torch.float64, "kl")
 
 
-def test_unknown_option_of_per_token_helper_is_a_type_error():
+def test_unknown_option_is_a_type_error():
     logp, old, ref, mask, adv = _inputs()
     with pytest.raises(TypeError, match="epsilon"):
-        grpo_per_token(logp, old, adv, mask, epsilon=0.2)
+        grpo_loss(logp, adv, mask, old_logp=old, epsilon=0.2)
