@@ -93,7 +93,12 @@ def new_row_state(rows: int, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def row_stats_fold_(
-    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, inv_temperature: float, state: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    inv_temperature: float,
+    state: torch.Tensor,
     with_entropy: bool = True,
 ) -> None:
     """Fold the columns ``vocab_start .. vocab_start + Vb`` of each row into ``state``, in place.
@@ -120,13 +125,25 @@ def row_stats_fold_(
     m, total, shifted, target_logit = (row.data_ptr() for row in state)
     shifted = shifted if with_entropy else 0  # a null T pointer: the kernel skips T
     ext.row_stats_fold(
-        logits.data_ptr(), targets.data_ptr(), m, total, shifted, target_logit, rows, block, logits.stride(0),
-        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, torch.get_num_threads(),
-    )  # fmt: skip
+        logits.data_ptr(),
+        targets.data_ptr(),
+        m,
+        total,
+        shifted,
+        target_logit,
+        rows,
+        block,
+        logits.stride(0),
+        int(vocab_start),
+        _DTYPE_FLAG[logits.dtype],
+        s,
+        torch.get_num_threads(),
+    )
 
 
-def finish_row_state(state: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def finish_row_state(
+    state: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse [R] float64, logp, entropy [R] float32) of a folded state; logp = entropy = 0 on ignored rows.
 
     lse stays float64 for ``row_grad_`` (see there): at |z| ~ 1e4 its fp32 rounding alone would
@@ -209,11 +226,22 @@ def row_grad_(
         return
     use_entropy = grad_entropy is not None
     ext.row_grad(
-        logits.data_ptr(), targets.data_ptr(), lse_hi.data_ptr(), lse_lo.data_ptr(),
+        logits.data_ptr(),
+        targets.data_ptr(),
+        lse_hi.data_ptr(),
+        lse_lo.data_ptr(),
         entropy.data_ptr() if use_entropy else 0,
-        grad_logp.data_ptr(), grad_entropy.data_ptr() if use_entropy else 0, rows, block, logits.stride(0),
-        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, int(ignore_index), torch.get_num_threads(),
-    )  # fmt: skip
+        grad_logp.data_ptr(),
+        grad_entropy.data_ptr() if use_entropy else 0,
+        rows,
+        block,
+        logits.stride(0),
+        int(vocab_start),
+        _DTYPE_FLAG[logits.dtype],
+        s,
+        int(ignore_index),
+        torch.get_num_threads(),
+    )
 
 
 def split_lse(lse: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

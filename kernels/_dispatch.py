@@ -45,4 +45,3 @@ def use_triton(device: torch.device) -> bool:
             )
         return True
     return device.type == "cuda"
-

@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected
+
 from ._dispatch import use_triton
-from ._torch_tiles import block_rows, unit_block_bytes
 from ._stats import TokenStats
+from ._torch_tiles import block_rows, unit_block_bytes
 from .fused_linear_logprob import _FLOAT_DTYPES, _check_inputs, logprob_fwd, logprob_fwd_bwd
 from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
@@ -80,7 +81,8 @@ class Layout:
         of 5000 (5e-4), which is what made the DPO loss err 100x more than the materialized computation.
         """
         return torch.zeros(self.num_seqs, device=values.device, dtype=torch.float64).index_add_(
-            0, self.seq_ids, values.double())
+            0, self.seq_ids, values.double()
+        )
 
     def to_padded(self, values: Tensor) -> Tensor:
         """``[N_a]`` values → ``[B, T]`` in ``values``' dtype, 0 at inactive positions."""
@@ -123,7 +125,7 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
         cu = check_cu_seqlens(cu_seqlens, n)
         num_seqs, max_len = len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))
         targets = targets.clone() if mask is None else targets
-        targets[cu[-1]:] = ignore_index
+        targets[cu[-1] :] = ignore_index
     else:
         num_seqs, max_len = hidden.shape[0], hidden.shape[1]
     _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
@@ -133,8 +135,16 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     rows = None if bool(active.all()) else active.nonzero().squeeze(1)
     if rows is not None:
         hidden2d, flat, seq, pos = (x.index_select(0, rows) for x in (hidden2d, flat, seq, pos))
-    return Layout(hidden=hidden2d, targets=flat.contiguous(), seq_ids=seq, positions=pos, rows=rows,
-                  num_seqs=num_seqs, max_len=max_len, input_shape=hidden.shape)  # fmt: skip
+    return Layout(
+        hidden=hidden2d,
+        targets=flat.contiguous(),
+        seq_ids=seq,
+        positions=pos,
+        rows=rows,
+        num_seqs=num_seqs,
+        max_len=max_len,
+        input_shape=hidden.shape,
+    )
 
 
 def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *, needed: bool, why: str) -> None:
@@ -145,13 +155,17 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
     """
     head = (ref_hidden, ref_weight, ref_bias)
     if (ref_hidden is None) != (ref_weight is None) or (ref_bias is not None and ref_weight is None):
-        seen = ", ".join(f"{k}={'tensor' if v is not None else None}"
-                         for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head))
+        seen = ", ".join(
+            f"{k}={'tensor' if v is not None else None}" for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)
+        )
         raise ValueError(expected("ref_hidden, ref_weight", "both or neither (ref_bias only with them)", seen))
     given = [k for k, v in ((name, precomputed), ("ref_hidden", ref_hidden)) if v is not None]
     if needed and len(given) != 1:
-        raise ValueError(expected(f"{name} / ref_hidden", f"one reference ({why}): {name} or ref_hidden + ref_weight",
-                                  given or "neither"))
+        raise ValueError(
+            expected(
+                f"{name} / ref_hidden", f"one reference ({why}): {name} or ref_hidden + ref_weight", given or "neither"
+            )
+        )
     if not needed and given:
         raise ValueError(expected(f"{name} / ref_hidden", f"no reference ({why})", given))
 
@@ -177,8 +191,15 @@ def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, tem
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
     with torch.no_grad():
-        return logprob_fwd(ref2d, ref_weight.detach(), layout.targets, None if ref_bias is None else ref_bias.detach(),
-                           temperature=temperature, ignore_index=ignore_index, with_entropy=False).logp  # fmt: skip
+        return logprob_fwd(
+            ref2d,
+            ref_weight.detach(),
+            layout.targets,
+            None if ref_bias is None else ref_bias.detach(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=False,
+        ).logp
 
 
 def grads_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
@@ -246,8 +267,18 @@ def _seq_grads(layout: Layout, seq_logps: Tensor, units: Tensor, present: Tensor
     return out.index_put_((seqs.reshape(-1),), grad.reshape(-1).float())
 
 
-def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_loss: Callable, strategy: str,
-                        temperature: float, ignore_index: int, needs_grad) -> tuple[TokenStats, _GRADS]:
+def sequence_loss_grads(
+    layout: Layout,
+    weight,
+    bias,
+    *,
+    units: Tensor,
+    unit_loss: Callable,
+    strategy: str,
+    temperature: float,
+    ignore_index: int,
+    needs_grad,
+) -> tuple[TokenStats, _GRADS]:
     """Token stats and (grad_hidden [N_a, D], grad_weight, grad_bias) of a loss on per-sequence log-prob sums.
 
     Args:
@@ -260,12 +291,14 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
     w = weight.detach()
     b = None if bias is None else bias.detach()
     if strategy == "two_pass":
-        stats = logprob_fwd(layout.hidden, w, layout.targets, b, temperature=temperature, ignore_index=ignore_index,
-                            with_entropy=False)  # fmt: skip
+        stats = logprob_fwd(
+            layout.hidden, w, layout.targets, b, temperature=temperature, ignore_index=ignore_index, with_entropy=False
+        )
         all_units = torch.arange(units.shape[0], device=units.device)
         token = _seq_grads(layout, layout.seq_sum(stats.logp), units, all_units, unit_loss)[layout.seq_ids]
-        stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b,
-                                        token_grad=lambda rows, *_: (token[rows], None), **opts)  # fmt: skip
+        stats, *grads = logprob_fwd_bwd(
+            layout.hidden, w, layout.targets, b, token_grad=lambda rows, *_: (token[rows], None), **opts
+        )
         return stats, tuple(grads)
     unit_of_row = _unit_of_row(layout, units)
     order = torch.argsort(unit_of_row, stable=True)
@@ -273,12 +306,14 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
 
     def token_grad(rows, logp, _entropy):
         seq_logps = torch.zeros(layout.num_seqs, device=logp.device, dtype=torch.float64).index_add_(
-            0, layout.seq_ids[rows], logp.double())
+            0, layout.seq_ids[rows], logp.double()
+        )
         present = torch.unique(unit_of_row[rows])
         return _seq_grads(layout, seq_logps, units, present, unit_loss)[layout.seq_ids[rows]], None
 
-    stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups,
-                                    **opts)  # fmt: skip
+    stats, *grads = logprob_fwd_bwd(
+        layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups, **opts
+    )
     return stats, tuple(grads)
 
 
@@ -307,8 +342,15 @@ def float32_output(out: LossOutput) -> LossOutput:
 def forward_stats(layout: Layout, weight, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
     """Forward-only token stats of the active rows (one matmul, nothing saved)."""
     with torch.no_grad():
-        return logprob_fwd(layout.hidden, weight.detach(), layout.targets, None if bias is None else bias.detach(),
-                           temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
+        return logprob_fwd(
+            layout.hidden,
+            weight.detach(),
+            layout.targets,
+            None if bias is None else bias.detach(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
 
 
 def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[Tensor, Tensor, Tensor]:

@@ -41,12 +41,32 @@ _KINDS = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
 @triton.jit
 def _kl_fwd_kernel(
-    H, W, Bias, RH, RW, RBias,  # [N, D], [V, D], [V], [N, D_ref], [V, D_ref], [V]
+    H,
+    W,
+    Bias,
+    RH,
+    RW,
+    RBias,  # [N, D], [V, D], [V], [N, D_ref], [V, D_ref], [V]
     Part,  # [7, SPLITS, N] fp32: m_p, S_p, E, A, m_q, S_q, B
-    N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, tiles_per_split, n_tiles, scale,
-    HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, REVERSE: tl.constexpr,
-    UPCAST: tl.constexpr, R_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    N,
+    V,
+    D,
+    DR,
+    stride_h,
+    stride_w,
+    stride_rh,
+    stride_rw,
+    tiles_per_split,
+    n_tiles,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    R_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -63,10 +83,27 @@ def _kl_fwd_kernel(
     for tile in range(tile_lo, tl.minimum(tile_lo + tiles_per_split, n_tiles)):
         cols = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = (cols < V)[None, :]
-        zp = _logits_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
-                          HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-        zq = _logits_tile(RH, RW, RBias, rows, cols, N, V, DR, stride_rh, stride_rw, scale,
-                          HAS_RBIAS, R_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+        zp = _logits_tile(
+            H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale, HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D
+        )
+        zq = _logits_tile(
+            RH,
+            RW,
+            RBias,
+            rows,
+            cols,
+            N,
+            V,
+            DR,
+            stride_rh,
+            stride_rw,
+            scale,
+            HAS_RBIAS,
+            R_UPCAST,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         mp_new = tl.maximum(mp, tl.max(tl.where(col_ok, zp, float("-inf")), axis=1))
         mq_new = tl.maximum(mq, tl.max(tl.where(col_ok, zq, float("-inf")), axis=1))
         # A row whose columns so far are all −inf (a −inf bias masking whole tiles) keeps m = −inf: shift
@@ -106,16 +143,40 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _log_probs(
-    H, W, Bias, RH, RW, RBias, Stats, rows, cols, N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, scale,
-    HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, UPCAST: tl.constexpr, R_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    W,
+    Bias,
+    RH,
+    RW,
+    RBias,
+    Stats,
+    rows,
+    cols,
+    N,
+    V,
+    D,
+    DR,
+    stride_h,
+    stride_w,
+    stride_rh,
+    stride_rw,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    R_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """(log p, log q) fp32 [BLOCK_N, BLOCK_V] tiles, from the row stats [4, N]: m_p, log S_p, m_q, log S_q."""
     row_ok = rows < N
-    zp = _logits_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
-                      HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
-    zq = _logits_tile(RH, RW, RBias, rows, cols, N, V, DR, stride_rh, stride_rw, scale,
-                      HAS_RBIAS, R_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+    zp = _logits_tile(
+        H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale, HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D
+    )
+    zq = _logits_tile(
+        RH, RW, RBias, rows, cols, N, V, DR, stride_rh, stride_rw, scale, HAS_RBIAS, R_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D
+    )
     mp = tl.load(Stats + rows, mask=row_ok, other=0.0)
     lsp = tl.load(Stats + N + rows, mask=row_ok, other=0.0)
     mq = tl.load(Stats + 2 * N + rows, mask=row_ok, other=0.0)
@@ -138,11 +199,34 @@ def _log_mixture(lp, lq, log_a, log_b):
 
 @triton.jit
 def _jsd_fwd_kernel(
-    H, W, Bias, RH, RW, RBias, Stats,  # heads as in _kl_fwd_kernel; Stats [4, N] fp32
+    H,
+    W,
+    Bias,
+    RH,
+    RW,
+    RBias,
+    Stats,  # heads as in _kl_fwd_kernel; Stats [4, N] fp32
     Part,  # [2, SPLITS, N] fp32: J_p = Σ p(log p − log M), J_q = Σ q(log q − log M)
-    N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, tiles_per_split, n_tiles, scale, log_a, log_b,
-    HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, UPCAST: tl.constexpr, R_UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    N,
+    V,
+    D,
+    DR,
+    stride_h,
+    stride_w,
+    stride_rh,
+    stride_rw,
+    tiles_per_split,
+    n_tiles,
+    scale,
+    log_a,
+    log_b,
+    HAS_BIAS: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    R_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -152,9 +236,33 @@ def _jsd_fwd_kernel(
     tile_lo = pid_s * tiles_per_split
     for tile in range(tile_lo, tl.minimum(tile_lo + tiles_per_split, n_tiles)):
         cols = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-        lp, lq = _log_probs(H, W, Bias, RH, RW, RBias, Stats, rows, cols, N, V, D, DR, stride_h, stride_w,
-                            stride_rh, stride_rw, scale, HAS_BIAS, HAS_RBIAS, UPCAST, R_UPCAST,
-                            BLOCK_N, BLOCK_V, BLOCK_D)
+        lp, lq = _log_probs(
+            H,
+            W,
+            Bias,
+            RH,
+            RW,
+            RBias,
+            Stats,
+            rows,
+            cols,
+            N,
+            V,
+            D,
+            DR,
+            stride_h,
+            stride_w,
+            stride_rh,
+            stride_rw,
+            scale,
+            HAS_BIAS,
+            HAS_RBIAS,
+            UPCAST,
+            R_UPCAST,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         lm = _log_mixture(lp, lq, log_a, log_b)
         col_ok = (cols < V)[None, :]
         p = tl.where(col_ok, tl.exp(lp), 0.0)
@@ -169,12 +277,37 @@ def _jsd_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    H, W, Bias, RH, RW, RBias, Stats,  # Stats [6, N] fp32: m_p, log S_p, m_q, log S_q, C, row_scale
+    H,
+    W,
+    Bias,
+    RH,
+    RW,
+    RBias,
+    Stats,  # Stats [6, N] fp32: m_p, log S_p, m_q, log S_q, C, row_scale
     Buf,  # [N, width] view of the chunk buffer (row stride stride_buf), policy dtype
-    N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, stride_buf, vocab_start, width, scale,
-    one_minus_beta, log_a, log_b,
-    KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, UPCAST: tl.constexpr,
-    R_UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    N,
+    V,
+    D,
+    DR,
+    stride_h,
+    stride_w,
+    stride_rh,
+    stride_rw,
+    stride_buf,
+    vocab_start,
+    width,
+    scale,
+    one_minus_beta,
+    log_a,
+    log_b,
+    KIND: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RBIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    R_UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Buf ← row_scale·d D/dz: kl p(log p − log q − C), reverse_kl p − q, jsd (1−β)p(log p − log M − C)."""
     pid_n = tl.program_id(0)
@@ -182,9 +315,33 @@ def _kl_bwd_kernel(
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_ok = rows < N
-    lp, lq = _log_probs(H, W, Bias, RH, RW, RBias, Stats, rows, vocab_start + local, N, V, D, DR, stride_h,
-                        stride_w, stride_rh, stride_rw, scale, HAS_BIAS, HAS_RBIAS, UPCAST, R_UPCAST,
-                        BLOCK_N, BLOCK_V, BLOCK_D)
+    lp, lq = _log_probs(
+        H,
+        W,
+        Bias,
+        RH,
+        RW,
+        RBias,
+        Stats,
+        rows,
+        vocab_start + local,
+        N,
+        V,
+        D,
+        DR,
+        stride_h,
+        stride_w,
+        stride_rh,
+        stride_rw,
+        scale,
+        HAS_BIAS,
+        HAS_RBIAS,
+        UPCAST,
+        R_UPCAST,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
     c = tl.load(Stats + 4 * N + rows, mask=row_ok, other=0.0)
     row_scale = tl.load(Stats + 5 * N + rows, mask=row_ok, other=0.0)
     p = tl.exp(lp)
@@ -224,8 +381,20 @@ def _combine_splits(part: torch.Tensor, reverse: bool):
     return torch.stack([mp_max, lsp, mq_max, lsq]), kl, entropy, rev
 
 
-def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, options,
-                      temperature, needs_grad, vocab_chunk: int | None = None):
+def triton_kl_fwd_bwd(
+    hidden2d,
+    weight,
+    bias,
+    ref_hidden2d,
+    ref_weight,
+    ref_bias,
+    row_weight,
+    *,
+    options,
+    temperature,
+    needs_grad,
+    vocab_chunk: int | None = None,
+):
     """Per-row divergence, KL and entropy, and the gradients of Σ_i row_weight_i·D_i, without [N, V] logits.
 
     Args:
@@ -247,33 +416,64 @@ def triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias
     splits, tiles_per_split = _triton_utils.vocab_splits(dev, row_blocks, n_tiles)
     log_a, log_b = (math.log1p(-options.beta), math.log(options.beta)) if options.divergence == "jsd" else (0.0, 0.0)
     launch = dict(
-        heads=(hidden2d, weight, hidden2d if bias is None else bias,
-               ref_hidden2d, ref_weight, ref_hidden2d if ref_bias is None else ref_bias),
+        heads=(
+            hidden2d,
+            weight,
+            hidden2d if bias is None else bias,
+            ref_hidden2d,
+            ref_weight,
+            ref_hidden2d if ref_bias is None else ref_bias,
+        ),
         dims=(n, v, d, dr, hidden2d.stride(0), weight.stride(0), ref_hidden2d.stride(0), ref_weight.stride(0)),
-        flags=dict(HAS_BIAS=bias is not None, HAS_RBIAS=ref_bias is not None,
-                   UPCAST=_triton_utils.upcast_dot_operands(dev, hidden2d.dtype),
-                   R_UPCAST=_triton_utils.upcast_dot_operands(dev, ref_hidden2d.dtype),
-                   BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-                   num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-    )  # fmt: skip
+        flags=dict(
+            HAS_BIAS=bias is not None,
+            HAS_RBIAS=ref_bias is not None,
+            UPCAST=_triton_utils.upcast_dot_operands(dev, hidden2d.dtype),
+            R_UPCAST=_triton_utils.upcast_dot_operands(dev, ref_hidden2d.dtype),
+            BLOCK_N=tiles.block_n,
+            BLOCK_V=tiles.block_v,
+            BLOCK_D=tiles.block_d,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        ),
+    )
     part = torch.empty(7, splits, n, device=dev, dtype=torch.float32)
     if n > 0:
-        _kl_fwd_kernel[(row_blocks, splits)](*launch["heads"], part, *launch["dims"], tiles_per_split, n_tiles,
-                                             1.0 / temperature, REVERSE=options.divergence == "reverse_kl",
-                                             **launch["flags"])  # fmt: skip
+        _kl_fwd_kernel[(row_blocks, splits)](
+            *launch["heads"],
+            part,
+            *launch["dims"],
+            tiles_per_split,
+            n_tiles,
+            1.0 / temperature,
+            REVERSE=options.divergence == "reverse_kl",
+            **launch["flags"],
+        )
     row_stats, kl, entropy, rev = _combine_splits(part, options.divergence == "reverse_kl")
     div, c = (kl, kl) if options.divergence == "kl" else (rev, torch.zeros_like(kl))
     if options.divergence == "jsd":
         part = torch.empty(2, splits, n, device=dev, dtype=torch.float32)
         if n > 0:
-            _jsd_fwd_kernel[(row_blocks, splits)](*launch["heads"], row_stats, part, *launch["dims"], tiles_per_split,
-                                                  n_tiles, 1.0 / temperature, log_a, log_b,
-                                                  **launch["flags"])  # fmt: skip
+            _jsd_fwd_kernel[(row_blocks, splits)](
+                *launch["heads"],
+                row_stats,
+                part,
+                *launch["dims"],
+                tiles_per_split,
+                n_tiles,
+                1.0 / temperature,
+                log_a,
+                log_b,
+                **launch["flags"],
+            )
         jp, jq = part.sum(dim=1)
         div, c = options.beta * jq + (1.0 - options.beta) * jp, jp
     stats = KLStats(div, kl, entropy)
     row_stats = torch.cat([row_stats, c[None], (row_weight.float() / temperature)[None]]).contiguous()
-    return (stats, *_grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, (log_a, log_b)))
+    return (
+        stats,
+        *_grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, (log_a, log_b)),
+    )
 
 
 def _grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, log_ab):
@@ -293,9 +493,19 @@ def _grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, voc
         v1 = v0 + block.shape[1]
         if n > 0:
             _kl_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(block.shape[1], tiles.block_v))](
-                *launch["heads"], row_stats, block, *launch["dims"], block.stride(0), v0, block.shape[1],
-                1.0 / temperature, 1.0 - options.beta, *log_ab, KIND=_KINDS[options.divergence], **launch["flags"],
-            )  # fmt: skip
+                *launch["heads"],
+                row_stats,
+                block,
+                *launch["dims"],
+                block.stride(0),
+                v0,
+                block.shape[1],
+                1.0 / temperature,
+                1.0 - options.beta,
+                *log_ab,
+                KIND=_KINDS[options.divergence],
+                **launch["flags"],
+            )
         if grad_w is not None:
             torch.mm(block.t(), hidden2d, out=grad_w[v0:v1])
         if grad_h is not None and dtype == torch.float32:

@@ -30,12 +30,24 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, logit_sums, make_layout,
-    reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
-)  # fmt: skip
-from .fused_linear_logprob import reference_fused_linear_logprob
 from hotloop._errors import expected
+
+from ._fused_linear_common import (
+    STRATEGIES,
+    attach_grads,
+    check_reference,
+    float32_output,
+    forward_stats,
+    grads_needed,
+    logit_sums,
+    make_layout,
+    reference_head_logp,
+    reference_logit_sums,
+    reference_padded,
+    sequence_loss_grads,
+    sequence_strategy,
+)
+from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
 from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.dpo import DPOOptions
@@ -86,8 +98,15 @@ def _check_batch(layout, options: DPOOptions, ref_logps, ref_hidden, ref_weight,
     if layout.num_seqs % 2:
         raise ValueError(expected("hidden", "2B sequences (B chosen, then B rejected)", f"{layout.num_seqs}"))
     free = options.reference_free or options.loss_type == "orpo"
-    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias, needed=not free,
-                    why=f"loss_type={options.loss_type!r} with reference_free={options.reference_free}")
+    check_reference(
+        "ref_logps",
+        ref_logps,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        needed=not free,
+        why=f"loss_type={options.loss_type!r} with reference_free={options.reference_free}",
+    )
 
 
 def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts):
@@ -152,14 +171,31 @@ def fused_linear_dpo_loss(
         plus TRL's ``logits/{chosen,rejected}`` (mean over active tokens and the vocabulary of logits / temperature,
         without forming them).
     """
-    options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                         length_normalize=length_normalize, gamma=gamma, nll_coef=nll_coef,
-                         reference_free=reference_free, discopop_tau=discopop_tau)
+    options = DPOOptions(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        length_normalize=length_normalize,
+        gamma=gamma,
+        nll_coef=nll_coef,
+        reference_free=reference_free,
+        discopop_tau=discopop_tau,
+    )
     check_choice("strategy", strategy, STRATEGIES)
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_logps=(ref_logps, "float"),
-              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
+    check_aux(
+        "hidden",
+        hidden,
+        weight=(weight, "float"),
+        bias=(bias, "float"),
+        targets=(targets, "int"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+        ref_logps=(ref_logps, "float"),
+        ref_hidden=(ref_hidden, "float"),
+        ref_weight=(ref_weight, "float"),
+        ref_bias=(ref_bias, "float"),
+    )
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
     _check_batch(layout, options, ref_logps, ref_hidden, ref_weight, ref_bias)
     ref = _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts)
@@ -175,8 +211,9 @@ def fused_linear_dpo_loss(
             return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
 
         strategy = sequence_strategy(layout, weight, units, strategy)
-        stats, grads = sequence_loss_grads(layout, weight, bias, units=units, unit_loss=share, needs_grad=needs,
-                                           strategy=strategy, **opts)
+        stats, grads = sequence_loss_grads(
+            layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
+        )
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
@@ -200,24 +237,71 @@ class FusedLinearDPOLoss(nn.Module):
         self.options = DPOOptions(**options)
         self.temperature, self.ignore_index, self.strategy = temperature, ignore_index, strategy
 
-    def forward(self, hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
-                ref_hidden=None, ref_weight=None, ref_bias=None) -> DPOOutput:
-        return fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens,
-                                     ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                     ref_bias=ref_bias, temperature=self.temperature, ignore_index=self.ignore_index,
-                                     strategy=self.strategy, **asdict(self.options))
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        mask=None,
+        cu_seqlens=None,
+        ref_logps=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+    ) -> DPOOutput:
+        return fused_linear_dpo_loss(
+            hidden,
+            weight,
+            targets,
+            bias,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            ref_logps=ref_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            strategy=self.strategy,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_dpo_loss(hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
-                                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=DPOOptions.beta,
-                                    loss_type=DPOOptions.loss_type, nll_coef=DPOOptions.nll_coef,
-                                    reference_free=DPOOptions.reference_free, temperature=1.0, ignore_index=-100,
-                                    strategy="auto", **options) -> LossOutput:
+def reference_fused_linear_dpo_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    mask=None,
+    cu_seqlens=None,
+    ref_logps=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    beta=DPOOptions.beta,
+    loss_type=DPOOptions.loss_type,
+    nll_coef=DPOOptions.nll_coef,
+    reference_free=DPOOptions.reference_free,
+    temperature=1.0,
+    ignore_index=-100,
+    strategy="auto",
+    **options,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax → padded sums → the functional loss (autograd)."""
+
     def seq_logp(h, w, b):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
-        logp = reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
-                                              temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+        logp = reference_fused_linear_logprob(
+            h_pad,
+            w.double(),
+            t_pad,
+            None if b is None else b.double(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+        )
         return logp.sum(-1), logp
 
     seq, logp = seq_logp(hidden, weight, bias)
@@ -232,8 +316,18 @@ def reference_fused_linear_dpo_loss(hidden, weight, targets, bias=None, *, mask=
         if not reference_free:
             ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias)[0].detach()
             refs = dict(ref_chosen_logps=ref[:half], ref_rejected_logps=ref[half:])
-        out = _dpo.dpo_loss(seq[:half], seq[half:], **refs, beta=beta, loss_type=loss_type, nll_coef=nll_coef,
-                            nll_loss=nll if nll_coef != 0 else None, reference_free=reference_free, **kw, **options)
+        out = _dpo.dpo_loss(
+            seq[:half],
+            seq[half:],
+            **refs,
+            beta=beta,
+            loss_type=loss_type,
+            nll_coef=nll_coef,
+            nll_loss=nll if nll_coef != 0 else None,
+            reference_free=reference_free,
+            **kw,
+            **options,
+        )
     with torch.no_grad():
         sums = reference_logit_sums(hidden, weight, bias, targets, mask, cu_seqlens, ignore_index, temperature)
         out.metrics.update(_logit_means(sums, lengths))

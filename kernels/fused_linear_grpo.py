@@ -31,12 +31,19 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ._fused_linear_common import (
-    Layout, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
-    reference_padded,
-)  # fmt: skip
-from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
 from hotloop._errors import expected
+
+from ._fused_linear_common import (
+    Layout,
+    attach_grads,
+    check_reference,
+    forward_stats,
+    grads_needed,
+    make_layout,
+    reference_head_logp,
+    reference_padded,
+)
+from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
 from .losses._checks import check_aux, check_tensor
 from .losses.grpo import GRPOOptions, grpo_loss, grpo_per_token, loss_weights
 from .losses.output import LossOutput
@@ -81,8 +88,16 @@ class _TokenGrad:
         ent = None if entropy is None else pad(entropy).requires_grad_(with_ent)
         m = pad(torch.ones(rows.numel(), device=rows.device))
         with torch.enable_grad():
-            per_token, _ = grpo_per_token(lp, adv, m, old_logp=take(self.old), ref_logp=take(self.ref),
-                                          sampler_logp=take(self.sampler), entropy=ent, options=self.options)
+            per_token, _ = grpo_per_token(
+                lp,
+                adv,
+                m,
+                old_logp=take(self.old),
+                ref_logp=take(self.ref),
+                sampler_logp=take(self.sampler),
+                entropy=ent,
+                options=self.options,
+            )
             grads = torch.autograd.grad((per_token * weights * m).sum(), (lp, ent) if with_ent else (lp,))
         return grads[0][local, pos], (grads[1][local, pos] if with_ent else None)
 
@@ -99,10 +114,17 @@ def _stats_and_grads(layout: Layout, weight, bias, token_grad: _TokenGrad, needs
     """Token stats (with entropy) and, when any input needs one, the gradients from the fused pass."""
     if not any(needs):
         return forward_stats(layout, weight, bias, with_entropy=True, **lp_opts), None
-    stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
-                                    None if bias is None else bias.detach(), with_entropy=True,
-                                    token_grad=token_grad, row_groups=_sequence_groups(layout, token_grad.whole_rows),
-                                    needs_grad=needs, **lp_opts)  # fmt: skip
+    stats, *grads = logprob_fwd_bwd(
+        layout.hidden,
+        weight.detach(),
+        layout.targets,
+        None if bias is None else bias.detach(),
+        with_entropy=True,
+        token_grad=token_grad,
+        row_groups=_sequence_groups(layout, token_grad.whole_rows),
+        needs_grad=needs,
+        **lp_opts,
+    )
     return stats, grads
 
 
@@ -168,22 +190,45 @@ def fused_linear_grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
         (masked token means).
     """
-    options = GRPOOptions(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                          delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                          sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef,
-                          sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                          vespo_shape=vespo_shape, use_bias_correction_kl=use_bias_correction_kl)
+    options = GRPOOptions(
+        beta=beta,
+        kl_estimator=kl_estimator,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        sampler_is_cap=sampler_is_cap,
+        entropy_coef=entropy_coef,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_shape=vespo_shape,
+        use_bias_correction_kl=use_bias_correction_kl,
+    )
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), advantages=(advantages, "float"),
-              old_logp=(old_logp, "float"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
-              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
+    check_aux(
+        "hidden",
+        hidden,
+        weight=(weight, "float"),
+        bias=(bias, "float"),
+        targets=(targets, "int"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+        advantages=(advantages, "float"),
+        old_logp=(old_logp, "float"),
+        ref_logp=(ref_logp, "float"),
+        sampler_logp=(sampler_logp, "float"),
+        ref_hidden=(ref_hidden, "float"),
+        ref_weight=(ref_weight, "float"),
+        ref_bias=(ref_bias, "float"),
+    )
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **lp_opts)
     check_tensor("advantages", advantages, (layout.num_seqs,))
     check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
     if sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(expected("sampler_logp", f"per-token sampler log-probs (sampler_is_cap={sampler_is_cap})",
-                                  None))
+        raise ValueError(
+            expected("sampler_logp", f"per-token sampler log-probs (sampler_is_cap={sampler_is_cap})", None)
+        )
     old = _per_token_input(layout, "old_logp", old_logp)
     ref = _per_token_input(layout, "ref_logp", ref_logp)
     sampler = _per_token_input(layout, "sampler_logp", sampler_logp)
@@ -193,14 +238,30 @@ def fused_linear_grpo_loss(
     m = layout.padded_mask()
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     whole_rows = options.importance_sampling_level == "sequence" or options.loss_type == "vespo"
-    token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, options.loss_type, **totals),
-                            old=old, ref=ref, sampler=sampler, options=options, whole_rows=whole_rows)
+    token_grad = _TokenGrad(
+        layout=layout,
+        advantages=adv,
+        weights=loss_weights(m, options.loss_type, **totals),
+        old=old,
+        ref=ref,
+        sampler=sampler,
+        options=options,
+        whole_rows=whole_rows,
+    )
     needs = grads_needed(hidden, weight, bias)
     stats, grads = _stats_and_grads(layout, weight, bias, token_grad, needs, lp_opts)
     with torch.no_grad():
-        out = grpo_loss(_padded(layout, stats.logp), adv, m, old_logp=_padded(layout, old),
-                        ref_logp=_padded(layout, ref), sampler_logp=_padded(layout, sampler),
-                        entropy=_padded(layout, stats.entropy), **totals, **asdict(options))
+        out = grpo_loss(
+            _padded(layout, stats.logp),
+            adv,
+            m,
+            old_logp=_padded(layout, old),
+            ref_logp=_padded(layout, ref),
+            sampler_logp=_padded(layout, sampler),
+            entropy=_padded(layout, stats.entropy),
+            **totals,
+            **asdict(options),
+        )
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
 
@@ -217,26 +278,76 @@ class FusedLinearGRPOLoss(nn.Module):
     ``max_completion_length``, ``temperature`` and ``ignore_index`` (defaults as :func:`fused_linear_grpo_loss`).
     """
 
-    def __init__(self, *, max_completion_length: int | None = None, temperature: float = 1.0,
-                 ignore_index: int = -100, **options):
+    def __init__(
+        self, *, max_completion_length: int | None = None, temperature: float = 1.0, ignore_index: int = -100, **options
+    ):
         super().__init__()
         self.options = GRPOOptions(**options)
-        self.max_completion_length, self.temperature, self.ignore_index = max_completion_length, temperature, ignore_index
+        self.max_completion_length, self.temperature, self.ignore_index = (
+            max_completion_length,
+            temperature,
+            ignore_index,
+        )
 
-    def forward(self, hidden, weight, targets, bias=None, *, advantages, mask=None, cu_seqlens=None, old_logp=None,
-                ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, sampler_logp=None,
-                num_items_in_batch=None) -> LossOutput:
-        return fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=advantages, mask=mask,
-                                      cu_seqlens=cu_seqlens, old_logp=old_logp, ref_logp=ref_logp,
-                                      ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-                                      sampler_logp=sampler_logp, num_items_in_batch=num_items_in_batch,
-                                      max_completion_length=self.max_completion_length, temperature=self.temperature,
-                                      ignore_index=self.ignore_index, **asdict(self.options))
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        advantages,
+        mask=None,
+        cu_seqlens=None,
+        old_logp=None,
+        ref_logp=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        sampler_logp=None,
+        num_items_in_batch=None,
+    ) -> LossOutput:
+        return fused_linear_grpo_loss(
+            hidden,
+            weight,
+            targets,
+            bias,
+            advantages=advantages,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            sampler_logp=sampler_logp,
+            num_items_in_batch=num_items_in_batch,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_grpo_loss(hidden, weight, targets, bias=None, *, advantages, mask=None, cu_seqlens=None,
-                                     old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                                     sampler_logp=None, temperature=1.0, ignore_index=-100, **options) -> LossOutput:
+def reference_fused_linear_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    advantages,
+    mask=None,
+    cu_seqlens=None,
+    old_logp=None,
+    ref_logp=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    sampler_logp=None,
+    temperature=1.0,
+    ignore_index=-100,
+    **options,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd).
 
     Per-token inputs are set to 0 at inactive tokens, as the fused loss ignores them there.
@@ -251,11 +362,25 @@ def reference_fused_linear_grpo_loss(hidden, weight, targets, bias=None, *, adva
 
     def token_logp(h, w, b, entropy):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
-        return reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
-                                              temperature=temperature, ignore_index=ignore_index,
-                                              return_entropy=entropy)  # fmt: skip
+        return reference_fused_linear_logprob(
+            h_pad,
+            w.double(),
+            t_pad,
+            None if b is None else b.double(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=entropy,
+        )
 
     logp, entropy = token_logp(hidden, weight, bias, True)
     ref = padded(ref_logp) if ref_hidden is None else token_logp(ref_hidden, ref_weight, ref_bias, False).detach()
-    return grpo_loss(logp, advantages.double(), m, old_logp=padded(old_logp), ref_logp=ref,
-                     sampler_logp=padded(sampler_logp), entropy=entropy, **options)
+    return grpo_loss(
+        logp,
+        advantages.double(),
+        m,
+        old_logp=padded(old_logp),
+        ref_logp=ref,
+        sampler_logp=padded(sampler_logp),
+        entropy=entropy,
+        **options,
+    )

@@ -44,10 +44,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from hotloop._errors import check_choice, is_real, require
+
+from . import _torch_tiles as tiles
 from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
-from . import _torch_tiles as tiles
-from hotloop._errors import check_choice, is_real, require
 from ._stats import KLStats
 from .fused_linear_logprob import _FLOAT_DTYPES
 from .losses._checks import check_aux
@@ -79,8 +80,12 @@ class KLOptions:
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("normalize", self.normalize, NORMALIZE)
         require(is_real(self.beta), "beta", "a finite number", repr(self.beta), TypeError)
-        require(self.divergence != "jsd" or 0.0 < self.beta < 1.0, "beta",
-                "a number in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl')", self.beta)
+        require(
+            self.divergence != "jsd" or 0.0 < self.beta < 1.0,
+            "beta",
+            "a number in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl')",
+            self.beta,
+        )
 
 
 def _log_softmax_into(out: Tensor, logits: Tensor, s: float) -> Tensor:
@@ -122,8 +127,19 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
     return teacher + (1.0 - beta) * student, kl, entropy, d_p.sub_(student[:, None]).mul_(p).mul_(1.0 - beta)
 
 
-def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, options: KLOptions,
-               temperature: float, needs_grad=(True, True, True)):
+def kl_fwd_bwd(
+    hidden2d,
+    weight,
+    bias,
+    ref_hidden2d,
+    ref_weight,
+    ref_bias,
+    row_weight,
+    *,
+    options: KLOptions,
+    temperature: float,
+    needs_grad=(True, True, True),
+):
     """KLStats [N] and the gradients of Σ_i row_weight_i·D_i w.r.t. (hidden2d, weight, bias) (None where not needed).
 
     Args:
@@ -138,8 +154,18 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     if use_triton(hidden2d.device):
         from ._fused_linear_kl_triton import triton_kl_fwd_bwd
 
-        return triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight,
-                                 options=options, temperature=temperature, needs_grad=needs_grad)
+        return triton_kl_fwd_bwd(
+            hidden2d,
+            weight,
+            bias,
+            ref_hidden2d,
+            ref_weight,
+            ref_bias,
+            row_weight,
+            options=options,
+            temperature=temperature,
+            needs_grad=needs_grad,
+        )
     (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
     want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
@@ -200,11 +226,16 @@ def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
     dtype, d_ref = ref_hidden.dtype, ref_hidden.shape[-1]
     require(dtype in _FLOAT_DTYPES, "ref_hidden", "float32, bfloat16 or float16", dtype, TypeError)
     same_lead = ref_hidden.dim() == hidden.dim() and ref_hidden.shape[:-1] == hidden.shape[:-1]
-    require(same_lead, "ref_hidden", f"hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref]",
-            tuple(ref_hidden.shape))
+    require(
+        same_lead, "ref_hidden", f"hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref]", tuple(ref_hidden.shape)
+    )
     require(ref_weight.dtype == dtype, "ref_weight", f"ref_hidden's dtype {dtype}", ref_weight.dtype, TypeError)
-    require(ref_weight.shape == (v, d_ref), "ref_weight", f"shape [V={v}, D_ref={d_ref}] (V = weight's rows)",
-            tuple(ref_weight.shape))
+    require(
+        ref_weight.shape == (v, d_ref),
+        "ref_weight",
+        f"shape [V={v}, D_ref={d_ref}] (V = weight's rows)",
+        tuple(ref_weight.shape),
+    )
     if ref_bias is not None:
         require(ref_bias.dtype == dtype, "ref_bias", f"ref_hidden's dtype {dtype}", ref_bias.dtype, TypeError)
         require(ref_bias.shape == (v,), "ref_bias", f"shape ({v},) (V)", tuple(ref_bias.shape))
@@ -259,20 +290,46 @@ def fused_linear_kl(
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
     options = KLOptions(divergence=divergence, beta=beta, normalize=normalize)
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_hidden=(ref_hidden, "float"),
-              ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)
+    check_aux(
+        "hidden",
+        hidden,
+        weight=(weight, "float"),
+        bias=(bias, "float"),
+        targets=(targets, "int"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+        ref_hidden=(ref_hidden, "float"),
+        ref_weight=(ref_weight, "float"),
+        ref_bias=(ref_bias, "float"),
+    )
+    layout = make_layout(
+        hidden,
+        weight,
+        targets,
+        bias,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        temperature=temperature,
+        ignore_index=ignore_index,
+    )
     _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     if layout.rows is not None:
         ref2d = ref2d.index_select(0, layout.rows)
     row_weight = _row_weights(layout, options.normalize)
     needs = grads_needed(hidden, weight, bias)
-    stats, *grads = kl_fwd_bwd(layout.hidden, weight.detach(), None if bias is None else bias.detach(), ref2d,
-                               ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), row_weight,
-                               options=options, temperature=float(temperature), needs_grad=needs)
+    stats, *grads = kl_fwd_bwd(
+        layout.hidden,
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        ref2d,
+        ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(),
+        row_weight,
+        options=options,
+        temperature=float(temperature),
+        needs_grad=needs,
+    )
     loss = torch.linalg.vecdot(stats.divergence, row_weight)
     loss = attach_grads(loss, layout, hidden, weight, bias, grads) if any(needs) else loss
     per_token = torch.zeros(layout.token_shape, device=hidden.device)
@@ -303,17 +360,44 @@ class FusedLinearKL(nn.Module):
         self.options = KLOptions(**options)
         self.temperature, self.ignore_index = temperature, ignore_index
 
-    def forward(self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                cu_seqlens=None) -> KLOutput:
-        return fused_linear_kl(hidden, weight, targets, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                               ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens, temperature=self.temperature,
-                               ignore_index=self.ignore_index, **asdict(self.options))
+    def forward(
+        self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None, cu_seqlens=None
+    ) -> KLOutput:
+        return fused_linear_kl(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                              cu_seqlens=None, divergence=KLOptions.divergence, beta=KLOptions.beta,
-                              normalize=KLOptions.normalize, temperature=1.0, ignore_index=-100) -> KLOutput:
+def reference_fused_linear_kl(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    ref_hidden,
+    ref_weight,
+    ref_bias=None,
+    mask=None,
+    cu_seqlens=None,
+    divergence=KLOptions.divergence,
+    beta=KLOptions.beta,
+    normalize=KLOptions.normalize,
+    temperature=1.0,
+    ignore_index=-100,
+) -> KLOutput:
     """Float64 materialized ``fused_linear_kl`` from the textbook formulas, differentiable, for tests and benchmarks."""
+
     def log_probs(h, w, b):
         return torch.log_softmax((h.double() @ w.double().T + (0.0 if b is None else b.double())) / temperature, -1)
 

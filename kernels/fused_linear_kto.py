@@ -23,9 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, logit_sums, make_layout,
-    reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
-)  # fmt: skip
+    STRATEGIES,
+    attach_grads,
+    check_reference,
+    float32_output,
+    forward_stats,
+    grads_needed,
+    logit_sums,
+    make_layout,
+    reference_head_logp,
+    reference_logit_sums,
+    reference_padded,
+    sequence_loss_grads,
+    sequence_strategy,
+)
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.kto import KTOOptions, kto_loss
@@ -81,11 +92,23 @@ def fused_linear_kto_loss(
         logits / temperature over the samples' active tokens and the vocabulary (never formed; Liger sums every
         position, padding included; TRL 1.16's ``logits/chosen`` is this over V × the chosen completion tokens).
     """
-    options = KTOOptions(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                         length_normalize=length_normalize)
+    options = KTOOptions(
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        length_normalize=length_normalize,
+    )
     check_choice("strategy", strategy, STRATEGIES)
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), labels=(labels, "bool"))
+    check_aux(
+        "hidden",
+        hidden,
+        weight=(weight, "float"),
+        bias=(bias, "float"),
+        targets=(targets, "int"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+        labels=(labels, "bool"),
+    )
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
     b = layout.num_seqs
@@ -99,8 +122,14 @@ def fused_linear_kto_loss(
     lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
 
     def sample_loss(seq_logps: Tensor, samples: Tensor) -> LossOutput:
-        return kto_loss(seq_logps[:, 0], labels[samples], ref_logps=ref[samples], lengths=lengths[samples],
-                        reference_point=reference_point, **asdict(options))
+        return kto_loss(
+            seq_logps[:, 0],
+            labels[samples],
+            ref_logps=ref[samples],
+            lengths=lengths[samples],
+            reference_point=reference_point,
+            **asdict(options),
+        )
 
     samples = torch.arange(b, device=ref.device)
     sample_loss(torch.zeros(b, 1, device=ref.device), samples)  # checks the reference point before any matmul
@@ -112,8 +141,9 @@ def fused_linear_kto_loss(
             return sample_loss(seq_logps, idx).loss * (idx.numel() / b)
 
         strategy = sequence_strategy(layout, weight, units, strategy)
-        stats, grads = sequence_loss_grads(layout, weight, bias, units=units, unit_loss=share, needs_grad=needs,
-                                           strategy=strategy, **opts)
+        stats, grads = sequence_loss_grads(
+            layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
+        )
     else:
         stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
     with torch.no_grad():
@@ -136,24 +166,68 @@ class FusedLinearKTOLoss(nn.Module):
         self.options = KTOOptions(**options)
         self.temperature, self.ignore_index, self.strategy = temperature, ignore_index, strategy
 
-    def forward(self, hidden, weight, targets, bias=None, *, labels, mask=None, cu_seqlens=None, ref_logps=None,
-                ref_hidden=None, ref_weight=None, ref_bias=None, reference_point=None) -> LossOutput:
-        return fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, cu_seqlens=cu_seqlens,
-                                     ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                     ref_bias=ref_bias, reference_point=reference_point, temperature=self.temperature,
-                                     ignore_index=self.ignore_index, strategy=self.strategy, **asdict(self.options))
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        labels,
+        mask=None,
+        cu_seqlens=None,
+        ref_logps=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        reference_point=None,
+    ) -> LossOutput:
+        return fused_linear_kto_loss(
+            hidden,
+            weight,
+            targets,
+            bias,
+            labels=labels,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            ref_logps=ref_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            reference_point=reference_point,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            strategy=self.strategy,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_kto_loss(hidden, weight, targets, bias=None, *, labels, mask=None, cu_seqlens=None,
-                                    ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, temperature=1.0,
-                                    ignore_index=-100, strategy="auto", **options) -> LossOutput:
+def reference_fused_linear_kto_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    labels,
+    mask=None,
+    cu_seqlens=None,
+    ref_logps=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    temperature=1.0,
+    ignore_index=-100,
+    strategy="auto",
+    **options,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax → padded sums → ``kto_loss`` (autograd)."""
 
     def seq_logp(h, w, b):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
         b64 = None if b is None else b.double()
-        logp = reference_fused_linear_logprob(h_pad, w.double(), t_pad, b64, temperature=temperature,
-                                              ignore_index=ignore_index)
+        logp = reference_fused_linear_logprob(
+            h_pad, w.double(), t_pad, b64, temperature=temperature, ignore_index=ignore_index
+        )
         return logp.sum(-1)
 
     ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias).detach()

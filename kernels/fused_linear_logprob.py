@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from hotloop._errors import expected
+
 from . import _cpu_ext
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
@@ -45,8 +46,15 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_fwd
 
-        return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
-                                  ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
+        return triton_logprob_fwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
     (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
     logp, entropy = torch.empty(2, n, device=dev).unbind(0)
     lse = torch.empty(n, device=dev, dtype=torch.float64)
@@ -63,15 +71,25 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
 
 
-def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index,
-                needs_grad):
+def logprob_bwd(
+    hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index, needs_grad
+):
     """(grad_hidden, grad_weight, grad_bias) in the input dtype (None where not needed), by [R, Vb] tiles."""
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_bwd
 
-        return triton_logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
-                                  temperature=temperature, ignore_index=ignore_index,
-                                  needs_grad=needs_grad)  # fmt: skip
+        return triton_logprob_bwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            stats,
+            grad_logp,
+            grad_entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            needs_grad=needs_grad,
+        )
     (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
     if n == 0:  # no rows: every gradient is zero
         zeros = (torch.zeros_like(hidden2d), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
@@ -95,13 +113,24 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
         for r0, r1 in tiles.spans(n, rows):
             block = tiles.scratch(buf, r1 - r0, v1 - v0)
             tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
-            tiles.row_grad_(block, targets[r0:r1], v0, stats.lse[r0:r1], _rows_of(entropy, r0, r1), grad_logp[r0:r1],
-                       _rows_of(grad_entropy, r0, r1), 1.0 / temperature, ignore_index)  # fmt: skip
+            tiles.row_grad_(
+                block,
+                targets[r0:r1],
+                v0,
+                stats.lse[r0:r1],
+                _rows_of(entropy, r0, r1),
+                grad_logp[r0:r1],
+                _rows_of(grad_entropy, r0, r1),
+                1.0 / temperature,
+                ignore_index,
+            )
             if gb is not None:
                 gb[v0:v1] += block.sum(dim=0)
             g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
             if gw_acc is not None and r0 == 0:
-                gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(g.T, h_g[r0:r1], out=gw_acc)
+                gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(
+                    g.T, h_g[r0:r1], out=gw_acc
+                )
             elif gw_acc is not None:
                 gw_acc.add_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else gw_acc.addmm_(g.T, h_g[r0:r1])
             if gh is not None and g.dtype == torch.float32:
@@ -134,17 +163,37 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     return chunks
 
 
-def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy,
-                    token_grad: Callable, row_groups=None, needs_grad=(True, True, True)):
+def logprob_fwd_bwd(
+    hidden2d,
+    weight,
+    targets,
+    bias,
+    *,
+    temperature,
+    ignore_index,
+    with_entropy,
+    token_grad: Callable,
+    row_groups=None,
+    needs_grad=(True, True, True),
+):
     """TokenStats and (grad_hidden, grad_weight, grad_bias) with three matmuls per row chunk.
 
     ``token_grad(rows, logp, entropy) -> (grad_logp, grad_entropy | None)`` is called once per chunk of
     whole row groups (``row_groups``: int64 row-index tensors; None = contiguous chunks).
     """
     if use_triton(hidden2d.device):
-        return _fwd_bwd_triton(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                               with_entropy=with_entropy, token_grad=token_grad, row_groups=row_groups,
-                               needs_grad=needs_grad)  # fmt: skip
+        return _fwd_bwd_triton(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+            token_grad=token_grad,
+            row_groups=row_groups,
+            needs_grad=needs_grad,
+        )
     (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
     gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
@@ -177,8 +226,9 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
 
-def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad,
-                    row_groups, needs_grad):
+def _fwd_bwd_triton(
+    hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad, row_groups, needs_grad
+):
     """Triton path of ``logprob_fwd_bwd``: forward, one token_grad call on all grouped rows, backward."""
     opts = dict(temperature=temperature, ignore_index=ignore_index)
     stats = logprob_fwd(hidden2d, weight, targets, bias, with_entropy=with_entropy, **opts)
@@ -187,8 +237,10 @@ def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
     grad_logp = torch.zeros(n, device=dev).index_copy_(0, rows, g_lp.detach().float())
     grad_entropy = None if g_ent is None else torch.zeros(n, device=dev).index_copy_(0, rows, g_ent.detach().float())
-    return (stats, *logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, needs_grad=needs_grad,
-                                **opts))
+    return (
+        stats,
+        *logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, needs_grad=needs_grad, **opts),
+    )
 
 
 class FusedLinearLogprobFunction(torch.autograd.Function):
@@ -196,8 +248,15 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets, temperature, ignore_index, with_entropy):
-        stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                            with_entropy=with_entropy)  # fmt: skip
+        stats = logprob_fwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
         ctx.save_for_backward(hidden2d, weight, bias, targets, stats.logp, stats.lse, stats.entropy)
         ctx.options = (temperature, ignore_index)
         ctx.set_materialize_grads(False)
@@ -209,9 +268,18 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         temperature, ignore_index = ctx.options
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        grads = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=logp, entropy=entropy, lse=lse),
-                            grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
-                            needs_grad=ctx.needs_input_grad[:3])  # fmt: skip
+        grads = logprob_bwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            TokenStats(logp=logp, entropy=entropy, lse=lse),
+            grad_logp,
+            grad_entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            needs_grad=ctx.needs_input_grad[:3],
+        )
         return (*grads, None, None, None, None)
 
 
@@ -219,8 +287,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
     """ValueError/TypeError naming the argument, the value seen and the value expected."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(expected(name, "a torch.Tensor" + (" or None" if name == "bias" else ""),
-                                     type(t).__name__))
+            raise TypeError(expected(name, "a torch.Tensor" + (" or None" if name == "bias" else ""), type(t).__name__))
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(expected("hidden", "float32, bfloat16 or float16", hidden.dtype))
     if hidden.dim() < 1:
@@ -233,8 +300,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
     if targets.dtype != torch.int64:
         raise TypeError(expected("targets", "int64", targets.dtype))
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(expected("targets", f"hidden's leading shape {tuple(hidden.shape[:-1])}",
-                                  tuple(targets.shape)))
+        raise ValueError(
+            expected("targets", f"hidden's leading shape {tuple(hidden.shape[:-1])}", tuple(targets.shape))
+        )
     if bias is not None and bias.dtype != hidden.dtype:
         raise TypeError(expected("bias", f"hidden's dtype {hidden.dtype}", bias.dtype))
     if bias is not None and bias.shape != (weight.shape[0],):
@@ -250,8 +318,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> N
         raise ValueError(expected("targets", want, targets[bad][0].item()))
 
 
-def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                         return_entropy=False):
+def fused_linear_logprob(
+    hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """log p(target) (and entropy) of logits = (hidden @ weight.T + bias) / temperature, never materialized.
 
     Rows whose target is ``ignore_index`` (padding, prompts) are dropped before any matmul (one host sync
@@ -274,12 +343,20 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
     if compact:  # gather the active rows (autograd scatters their gradient back; ignored rows get 0)
         hidden2d, flat_targets = hidden2d.index_select(0, active), flat_targets.index_select(0, active)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        out = FusedLinearLogprobFunction.apply(hidden2d, weight, bias, flat_targets, temperature, ignore_index,
-                                               return_entropy)  # fmt: skip
+        out = FusedLinearLogprobFunction.apply(
+            hidden2d, weight, bias, flat_targets, temperature, ignore_index, return_entropy
+        )
         outs = out if return_entropy else (out, None)
     else:  # forward only: nothing saved
-        stats = logprob_fwd(hidden2d, weight, flat_targets, bias, temperature=temperature,
-                            ignore_index=ignore_index, with_entropy=return_entropy)  # fmt: skip
+        stats = logprob_fwd(
+            hidden2d,
+            weight,
+            flat_targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=return_entropy,
+        )
         outs = (stats.logp, stats.entropy)
     if compact:
         outs = tuple(None if o is None else o.new_zeros(lead.numel()).index_copy(0, active, o) for o in outs)
@@ -295,12 +372,20 @@ class FusedLinearLogprob(nn.Module):
         self.temperature, self.ignore_index, self.return_entropy = temperature, ignore_index, return_entropy
 
     def forward(self, hidden, weight, targets, bias=None):
-        return fused_linear_logprob(hidden, weight, targets, bias, temperature=self.temperature,
-                                    ignore_index=self.ignore_index, return_entropy=self.return_entropy)  # fmt: skip
+        return fused_linear_logprob(
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            return_entropy=self.return_entropy,
+        )
 
 
-def reference_fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                                   return_entropy=False):
+def reference_fused_linear_logprob(
+    hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """Float64 materialized logp (and entropy) [...], differentiable, for tests and benchmarks."""
     logits = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
     log_probs = torch.log_softmax(logits / temperature, dim=-1)

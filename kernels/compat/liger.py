@@ -55,15 +55,16 @@ import torch
 from torch import Tensor, nn
 
 from hotloop._errors import check_choice, expected, require
+
 from .._fused_linear_common import forward_stats, make_layout
 from ..fused_linear_dpo import fused_linear_dpo_loss
 from ..fused_linear_grpo import fused_linear_grpo_loss
 from ..fused_linear_kl import fused_linear_kl
 from ..fused_linear_kto import fused_linear_kto_loss
 from ..fused_linear_sft import fused_linear_sft_loss
-from ..losses.grpo import GRPOOptions
 from ..losses.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from ..losses.dpo import DPOOptions
+from ..losses.grpo import GRPOOptions
 
 
 def _logits_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, groups: Tensor) -> Tensor:
@@ -80,22 +81,26 @@ def _logits_sums(hidden: Tensor, weight: Tensor, bias: Tensor | None, groups: Te
 
 def _forward_logps(hidden, weight, bias, targets, *, mask=None, temperature=1.0, ignore_index=-100):
     """Forward-only log-probs of the active tokens: ``(layout, logp [N_a])`` (reference heads, old log-probs)."""
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=None, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
-    return layout, forward_stats(layout, weight, bias, temperature=temperature, ignore_index=ignore_index,
-                                 with_entropy=False).logp  # fmt: skip
+    layout = make_layout(
+        hidden, weight, targets, bias, mask=mask, cu_seqlens=None, temperature=temperature, ignore_index=ignore_index
+    )
+    return layout, forward_stats(
+        layout, weight, bias, temperature=temperature, ignore_index=ignore_index, with_entropy=False
+    ).logp
 
 
-def _preference(lin_weight, _input, target, bias, *, ref_logps, beta, average, nll, ignore_index,
-                **fused) -> tuple[Tensor, tuple]:  # fmt: skip
+def _preference(
+    lin_weight, _input, target, bias, *, ref_logps, beta, average, nll, ignore_index, **fused
+) -> tuple[Tensor, tuple]:
     """``fused_linear_dpo_loss`` on Liger's ``[2B, T, D]`` batch → its output and Liger's aux tuple ``(chosen_logps,
     rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, chosen_rewards, rejected_rewards)``.
 
     ``ref_logps``: ``[2B]`` reference sequence sums or None. ``average``: per-token means (Liger's
     ``average_log_prob``). ``nll``: report the chosen NLL (else 0). ``fused``: the remaining fused-loss options.
     """
-    out = fused_linear_dpo_loss(_input, lin_weight, target, bias, ref_logps=ref_logps, beta=beta,
-                                ignore_index=ignore_index, **fused)  # fmt: skip
+    out = fused_linear_dpo_loss(
+        _input, lin_weight, target, bias, ref_logps=ref_logps, beta=beta, ignore_index=ignore_index, **fused
+    )
     half, lengths = target.shape[0] // 2, (target != ignore_index).sum(-1).float()
     scale = lengths.clamp_min(1.0) if average else torch.ones_like(lengths)
     logps = out.seq_logps / scale
@@ -110,10 +115,22 @@ def _preference(lin_weight, _input, target, bias, *, ref_logps, beta, average, n
 class LigerFusedLinearDPOLoss(nn.Module):
     """Liger's DPO (every loss type, plus ``ipo``); extra keyword: ``strategy``; forward: cached ``ref_*_logps``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, compute_nll_loss: bool = False,
-                 compiled: bool = True, use_ref_model: bool = True, average_log_prob: bool = False,
-                 chunk_size: int = 1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 discopop_tau: float = 0.05, *, strategy: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+        *,
+        strategy: str = "auto",
+    ):
         super().__init__()
         check_choice("loss_type", loss_type, DPO_LOSS_TYPES)  # Liger's DPO class has no "orpo"
         DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
@@ -122,15 +139,38 @@ class LigerFusedLinearDPOLoss(nn.Module):
         self.chunk_size, self.loss_type, self.label_smoothing = chunk_size, loss_type, label_smoothing
         self.discopop_tau, self.strategy = discopop_tau, strategy
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
-                ref_chosen_logps=None, ref_rejected_logps=None):  # fmt: skip
+    def forward(
+        self,
+        lin_weight,
+        _input,
+        target,
+        bias=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        *,
+        ref_chosen_logps=None,
+        ref_rejected_logps=None,
+    ):
         ref = self._reference(target, ref_input, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps)
-        out, aux = _preference(lin_weight, _input, target, bias, ref_logps=ref, beta=self.beta,
-                               average=self.average_log_prob, nll=self.compute_nll_loss, ignore_index=self.ignore_index,
-                               loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                               discopop_tau=self.discopop_tau, reference_free=ref is None,
-                               length_normalize=self.average_log_prob or None, strategy=self.strategy,
-                               nll_coef=self.alpha if self.compute_nll_loss else 0.0)  # fmt: skip
+        out, aux = _preference(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            ref_logps=ref,
+            beta=self.beta,
+            average=self.average_log_prob,
+            nll=self.compute_nll_loss,
+            ignore_index=self.ignore_index,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            discopop_tau=self.discopop_tau,
+            reference_free=ref is None,
+            length_normalize=self.average_log_prob or None,
+            strategy=self.strategy,
+            nll_coef=self.alpha if self.compute_nll_loss else 0.0,
+        )
         return out.loss, aux
 
     def _reference(self, target, ref_input, ref_weight, ref_bias, ref_chosen, ref_rejected) -> Tensor | None:
@@ -138,7 +178,9 @@ class LigerFusedLinearDPOLoss(nn.Module):
         cached = ref_chosen is not None or ref_rejected is not None
         if not self.use_ref_model:  # Liger ignores ref_input here too
             if cached:
-                raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", "None with use_ref_model=False", "tensors"))
+                raise ValueError(
+                    expected("ref_chosen_logps, ref_rejected_logps", "None with use_ref_model=False", "tensors")
+                )
             return None
         if cached:
             if ref_chosen is None or ref_rejected is None:
@@ -147,8 +189,13 @@ class LigerFusedLinearDPOLoss(nn.Module):
             lengths = (target != self.ignore_index).sum(-1).float().clamp_min(1.0)
             return ref * lengths if self.average_log_prob else ref
         if ref_input is None or ref_weight is None:
-            raise ValueError(expected("ref_input, ref_weight", "tensors with use_ref_model=True (or ref_chosen_logps + "
-                                      "ref_rejected_logps)", "None"))
+            raise ValueError(
+                expected(
+                    "ref_input, ref_weight",
+                    "tensors with use_ref_model=True (or ref_chosen_logps + ref_rejected_logps)",
+                    "None",
+                )
+            )
         layout, logp = _forward_logps(ref_input, ref_weight, ref_bias, target, ignore_index=self.ignore_index)
         return layout.seq_sum(logp)
 
@@ -156,9 +203,19 @@ class LigerFusedLinearDPOLoss(nn.Module):
 class LigerFusedLinearCPOLoss(nn.Module):
     """Liger's CPO: reference-free sigmoid (+ label smoothing) plus ``alpha`` × NLL; extra keyword: ``strategy``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
-                 compute_nll_loss: bool = True, compiled: bool = True, average_log_prob: bool = False,
-                 chunk_size: int = 1, *, strategy: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        *,
+        strategy: str = "auto",
+    ):
         super().__init__()
         DPOOptions(beta=beta, label_smoothing=label_smoothing)
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
@@ -166,20 +223,41 @@ class LigerFusedLinearCPOLoss(nn.Module):
         self.chunk_size, self.strategy = chunk_size, strategy
 
     def forward(self, lin_weight, _input, target, bias=None):
-        out, aux = _preference(lin_weight, _input, target, bias, ref_logps=None, beta=self.beta,
-                               average=self.average_log_prob, nll=self.compute_nll_loss, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing, reference_free=True,
-                               length_normalize=self.average_log_prob, strategy=self.strategy,
-                               nll_coef=self.alpha if self.compute_nll_loss else 0.0)  # fmt: skip
+        out, aux = _preference(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            ref_logps=None,
+            beta=self.beta,
+            average=self.average_log_prob,
+            nll=self.compute_nll_loss,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reference_free=True,
+            length_normalize=self.average_log_prob,
+            strategy=self.strategy,
+            nll_coef=self.alpha if self.compute_nll_loss else 0.0,
+        )
         return out.loss, aux
 
 
 class LigerFusedLinearSimPOLoss(nn.Module):
     """Liger's SimPO: length-normalized, reference-free sigmoid with margin ``gamma``; extra keyword: ``strategy``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, alpha: float = 1.0, label_smoothing: float = 0.0,
-                 compute_nll_loss: bool = True, compiled: bool = True, gamma: float = 0.5, chunk_size: int = 1, *,
-                 strategy: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+        *,
+        strategy: str = "auto",
+    ):
         super().__init__()
         DPOOptions(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
         self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
@@ -187,28 +265,58 @@ class LigerFusedLinearSimPOLoss(nn.Module):
         self.chunk_size, self.strategy = chunk_size, strategy
 
     def forward(self, lin_weight, _input, target, bias=None):
-        out, aux = _preference(lin_weight, _input, target, bias, ref_logps=None, beta=self.beta, average=True,
-                               nll=self.compute_nll_loss, ignore_index=self.ignore_index,
-                               label_smoothing=self.label_smoothing, gamma=self.gamma, reference_free=True,
-                               length_normalize=True, strategy=self.strategy,
-                               nll_coef=self.alpha if self.compute_nll_loss else 0.0)  # fmt: skip
+        out, aux = _preference(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            ref_logps=None,
+            beta=self.beta,
+            average=True,
+            nll=self.compute_nll_loss,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
+            reference_free=True,
+            length_normalize=True,
+            strategy=self.strategy,
+            nll_coef=self.alpha if self.compute_nll_loss else 0.0,
+        )
         return out.loss, aux
 
 
 class LigerFusedLinearORPOLoss(nn.Module):
     """Liger's ORPO: NLL − β·mean logσ(log odds ratio); aux adds ``log_odds_ratio``, ``log_odds_chosen``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compute_nll_loss: bool = True,
-                 compiled: bool = True, chunk_size: int = 1, *, strategy: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        chunk_size: int = 1,
+        *,
+        strategy: str = "auto",
+    ):
         super().__init__()
         self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
         self.compiled, self.chunk_size, self.strategy = compiled, chunk_size, strategy
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         own_nll = self.compute_nll_loss and nll_target is None  # the fused ORPO's NLL term is on ``target``
-        out, aux = _preference(lin_weight, _input, target, bias, ref_logps=None, beta=self.beta, average=True,
-                               nll=own_nll, ignore_index=self.ignore_index, loss_type="orpo",
-                               strategy=self.strategy)  # fmt: skip
+        out, aux = _preference(
+            lin_weight,
+            _input,
+            target,
+            bias,
+            ref_logps=None,
+            beta=self.beta,
+            average=True,
+            nll=own_nll,
+            ignore_index=self.ignore_index,
+            loss_type="orpo",
+            strategy=self.strategy,
+        )
         loss, half = out.loss, target.shape[0] // 2
         if not own_nll:
             sft = dict(ignore_index=self.ignore_index)
@@ -222,14 +330,35 @@ class LigerFusedLinearORPOLoss(nn.Module):
 class LigerFusedLinearKTOLoss(nn.Module):
     """Liger's KTO; extra keyword: ``strategy``; forward: cached ``ref_logps [B]``."""
 
-    def __init__(self, ignore_index: int = -100, beta: float = 0.1, compiled: bool = True, use_ref_model: bool = False,
-                 average_log_prob: bool = False, chunk_size: int = 1, *, strategy: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        compiled: bool = True,
+        use_ref_model: bool = False,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        *,
+        strategy: str = "auto",
+    ):
         super().__init__()
         self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, beta, compiled, use_ref_model
         self.average_log_prob, self.chunk_size, self.strategy = average_log_prob, chunk_size, strategy
 
-    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
-                ref_bias=None, kl=None, *, ref_logps=None):  # fmt: skip
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        target,
+        bias=None,
+        preference_labels=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        kl=None,
+        *,
+        ref_logps=None,
+    ):
         if preference_labels is None:
             raise ValueError(expected("preference_labels", "[B] bool (True = desirable)", None))
         z0 = None if kl is None else torch.as_tensor(kl, dtype=torch.float32)
@@ -243,14 +372,29 @@ class LigerFusedLinearKTOLoss(nn.Module):
             reference = dict(ref_logps=ref_logps.detach().float() * lengths if self.average_log_prob else ref_logps)
         elif self.use_ref_model:
             reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-        out = fused_linear_kto_loss(_input, lin_weight, target, bias, labels=preference_labels, beta=self.beta,
-                                    reference_point=None if z0 is None else z0.reshape(()),
-                                    length_normalize=self.average_log_prob, ignore_index=self.ignore_index,
-                                    strategy=self.strategy, **reference)  # fmt: skip
+        out = fused_linear_kto_loss(
+            _input,
+            lin_weight,
+            target,
+            bias,
+            labels=preference_labels,
+            beta=self.beta,
+            reference_point=None if z0 is None else z0.reshape(()),
+            length_normalize=self.average_log_prob,
+            ignore_index=self.ignore_index,
+            strategy=self.strategy,
+            **reference,
+        )
         m = out.metrics
         sums = _logits_sums(_input, lin_weight, bias, torch.stack((preference_labels, ~preference_labels)))
-        return out.loss, (m["logps/chosen_sum"], m["logps/rejected_sum"], sums[0], sums[1], m["rewards/chosen_sum"],
-                          m["rewards/rejected_sum"])  # fmt: skip
+        return out.loss, (
+            m["logps/chosen_sum"],
+            m["logps/rejected_sum"],
+            sums[0],
+            sums[1],
+            m["rewards/chosen_sum"],
+            m["rewards/rejected_sum"],
+        )
 
 
 def _token_ratio(ratio: Tensor, mask: Tensor, loss_type: str) -> Tensor:
@@ -274,13 +418,29 @@ def _token_ratio(ratio: Tensor, mask: Tensor, loss_type: str) -> Tensor:
 class LigerFusedLinearGRPOLoss(nn.Module):
     """Liger's GRPO family; extra keyword: ``kl_estimator`` ("k1" | "k2" | "k3")."""
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: int | None = None, importance_sampling_level: str = "token",
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
-                 delta: float | None = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
-                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *,
-                 kl_estimator: str = "k3"):  # fmt: skip
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: float | None = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        *,
+        kl_estimator: str = "k3",
+    ):
         super().__init__()
         self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
         self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
@@ -293,21 +453,41 @@ class LigerFusedLinearGRPOLoss(nn.Module):
 
     def _options(self, beta: float) -> dict:
         """The fused loss's keywords: the checked ``GRPOOptions`` fields, ``max_completion_length``, ``temperature``."""
-        options = GRPOOptions(beta=beta, kl_estimator=self.kl_estimator, epsilon_low=self.epsilon_low,
-                              epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
-                              importance_sampling_level=self.importance_sampling_level,
-                              sapo_temperature_pos=self.sapo_temperature_pos,
-                              sapo_temperature_neg=self.sapo_temperature_neg,
-                              use_bias_correction_kl=self.use_bias_correction_kl,
-                              vespo_shape=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg,
-                                           self.vespo_lambda_neg))
+        options = GRPOOptions(
+            beta=beta,
+            kl_estimator=self.kl_estimator,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            vespo_shape=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg),
+        )
         return dict(asdict(options), max_completion_length=self.max_completion_length, temperature=self.temperature)
 
-    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
-                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-                vllm_is_ratio=None, num_items_in_batch=None):  # fmt: skip
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
         if self.use_ref_model and ref_per_token_logps is None and (ref_input is None or ref_weight is None):
-            raise ValueError(expected("ref_per_token_logps", "a tensor with use_ref_model=True (or ref_input + ref_weight)", None))
+            raise ValueError(
+                expected("ref_per_token_logps", "a tensor with use_ref_model=True (or ref_input + ref_weight)", None)
+            )
         reference, beta = {}, self.beta if self.use_ref_model else 0.0
         if beta != 0.0 and ref_per_token_logps is not None:  # Liger prefers the cached log-probs too
             reference = dict(ref_logp=ref_per_token_logps)
@@ -316,13 +496,24 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         mask, old, sampler = attention_mask.bool(), old_per_token_logps, None
         if vllm_is_ratio is not None:
             if old is None:  # on-policy: the old log-probs are this forward's, needed before it
-                layout, logp = _forward_logps(_input, lin_weight, bias, selected_token_ids, mask=mask,
-                                              temperature=self.temperature)  # fmt: skip
+                layout, logp = _forward_logps(
+                    _input, lin_weight, bias, selected_token_ids, mask=mask, temperature=self.temperature
+                )
                 old = layout.to_padded(logp)
             sampler = old.detach().float() - _token_ratio(vllm_is_ratio, mask, self.loss_type).log()
-        out = fused_linear_grpo_loss(_input, lin_weight, selected_token_ids, bias, advantages=advantages, mask=mask,
-                                     old_logp=old, sampler_logp=sampler, num_items_in_batch=num_items_in_batch,
-                                     **reference, **self._options(beta))  # fmt: skip
+        out = fused_linear_grpo_loss(
+            _input,
+            lin_weight,
+            selected_token_ids,
+            bias,
+            advantages=advantages,
+            mask=mask,
+            old_logp=old,
+            sampler_logp=sampler,
+            num_items_in_batch=num_items_in_batch,
+            **reference,
+            **self._options(beta),
+        )
         metrics = (out.metrics["clip_ratio/region_mean"],)
         if self.beta != 0.0:
             metrics = (out.metrics.get("kl", out.loss.new_zeros(())), *metrics)
@@ -341,9 +532,17 @@ def _pad_vocab(weight: Tensor, bias: Tensor | None, v: int) -> tuple[Tensor, Ten
 class LigerFusedLinearJSDLoss(nn.Module):
     """Liger's JSD distillation: ``weight_soft_loss`` × JSD_β(teacher, student) + ``weight_hard_loss`` × CE."""
 
-    def __init__(self, weight_hard_loss: float = 0.5, weight_soft_loss: float = 0.5, beta: float = 0.5,
-                 ignore_index: int = -100, temperature: float = 1.0, compiled: bool = True, chunk_size: int = 1024,
-                 return_soft_hard_loss: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        weight_hard_loss: float = 0.5,
+        weight_soft_loss: float = 0.5,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        compiled: bool = True,
+        chunk_size: int = 1024,
+        return_soft_hard_loss: bool = False,
+    ):
         super().__init__()
         require(temperature != 0, "temperature", "a number != 0", temperature)
         require(0.0 <= beta <= 1.0, "beta", "a number in [0, 1]", beta)
@@ -351,19 +550,38 @@ class LigerFusedLinearJSDLoss(nn.Module):
         self.ignore_index, self.return_soft_hard_loss = ignore_index, return_soft_hard_loss
         self.temperature, self.compiled, self.beta, self.chunk_size = temperature, compiled, beta, chunk_size
 
-    def forward(self, student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias=None,
-                teacher_bias=None):  # fmt: skip
+    def forward(
+        self,
+        student_input,
+        student_weight,
+        teacher_input,
+        teacher_weight,
+        true_labels,
+        student_bias=None,
+        teacher_bias=None,
+    ):
         # Liger takes [N, D] rows (any leading shape works): one padded sequence of N tokens here
         hidden, labels = student_input.reshape(1, -1, student_input.shape[-1]), true_labels.reshape(1, -1)
         teacher = teacher_input.reshape(1, -1, teacher_input.shape[-1])
         divergence = {0.0: "reverse_kl", 1.0: "kl"}.get(float(self.beta), "jsd")
         weight, bias = _pad_vocab(student_weight, student_bias, teacher_weight.shape[0])
-        soft = fused_linear_kl(hidden, weight, labels, bias, ref_hidden=teacher, ref_weight=teacher_weight,
-                               ref_bias=teacher_bias, divergence=divergence, beta=self.beta,
-                               temperature=self.temperature, ignore_index=self.ignore_index).loss  # fmt: skip
+        soft = fused_linear_kl(
+            hidden,
+            weight,
+            labels,
+            bias,
+            ref_hidden=teacher,
+            ref_weight=teacher_weight,
+            ref_bias=teacher_bias,
+            divergence=divergence,
+            beta=self.beta,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+        ).loss
         hard = soft.new_zeros(())
         if self.weight_hard_loss != 0 or self.return_soft_hard_loss:  # CE at temperature 1, as Liger
-            hard = fused_linear_sft_loss(hidden, student_weight, labels, student_bias,
-                                         ignore_index=self.ignore_index).loss  # fmt: skip
+            hard = fused_linear_sft_loss(
+                hidden, student_weight, labels, student_bias, ignore_index=self.ignore_index
+            ).loss
         loss = self.weight_soft_loss * soft + self.weight_hard_loss * hard
         return (loss, soft.detach(), hard.detach()) if self.return_soft_hard_loss else loss

@@ -74,8 +74,17 @@ def kl_penalty_fwd(logp: Tensor, ref: Tensor, mask: Tensor, kl_estimator: str) -
     grad = torch.empty(b, t, device=lp.device, dtype=torch.float32)
     row_stats = torch.empty(b, 2, device=lp.device, dtype=torch.float32)
     bt = block_t(t, lp.device)
-    _kl_penalty_kernel[(b,)](lp, ref.detach().contiguous(), mask_operand(mask), grad, row_stats, t,
-                             KL_EST=KL_CODES[kl_estimator], BLOCK_T=bt, num_warps=num_warps(bt))  # fmt: skip
+    _kl_penalty_kernel[(b,)](
+        lp,
+        ref.detach().contiguous(),
+        mask_operand(mask),
+        grad,
+        row_stats,
+        t,
+        KL_EST=KL_CODES[kl_estimator],
+        BLOCK_T=bt,
+        num_warps=num_warps(bt),
+    )
     return row_stats, grad
 
 

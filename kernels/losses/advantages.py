@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected
+
 from ._checks import check_choice
 
 

@@ -37,13 +37,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hotloop._errors import expected, is_real, require
+
 from ._checks import check_aux, check_choice, check_tensor, mean_or_zero
 from .output import LossOutput
 
 LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
-    "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
-)  # fmt: skip
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
 
 
 def _log_sigmoid(x: Tensor) -> Tensor:
@@ -106,26 +116,46 @@ class DPOOptions:
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, (*LOSS_TYPES, "orpo"))
         for name in ("beta", "discopop_tau"):
-            require(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0",
-                    repr(getattr(self, name)))
+            require(
+                is_real(getattr(self, name)) and getattr(self, name) > 0,
+                name,
+                "a number > 0",
+                repr(getattr(self, name)),
+            )
         for name in ("label_smoothing", "gamma", "nll_coef"):
             require(is_real(getattr(self, name)), name, "a finite number", repr(getattr(self, name)), TypeError)
         require(isinstance(self.reference_free, bool), "reference_free", "a bool", repr(self.reference_free), TypeError)
-        require(self.length_normalize is None or isinstance(self.length_normalize, bool), "length_normalize",
-                "None or a bool", repr(self.length_normalize), TypeError)
+        require(
+            self.length_normalize is None or isinstance(self.length_normalize, bool),
+            "length_normalize",
+            "None or a bool",
+            repr(self.length_normalize),
+            TypeError,
+        )
         self._check_combinations()
 
     def _check_combinations(self) -> None:
         eps, loss_type = self.label_smoothing, self.loss_type
-        ranges = {"exo_pair": (0 < eps < 1, "(0, 1) (paper: 1e-3)"), "robust": (0 <= eps < 0.5, "[0, 0.5)"),
-                  "sigmoid": (0 <= eps <= 0.5, "[0, 0.5]")}
+        ranges = {
+            "exo_pair": (0 < eps < 1, "(0, 1) (paper: 1e-3)"),
+            "robust": (0 <= eps < 0.5, "[0, 0.5)"),
+            "sigmoid": (0 <= eps <= 0.5, "[0, 0.5]"),
+        }
         ok, interval = ranges.get(loss_type, (eps == 0, "0 (it applies to sigmoid, robust and exo_pair)"))
         require(ok, "label_smoothing", f"a number in {interval} for loss_type={loss_type!r}", eps)
-        require(self.gamma == 0 or loss_type == "sigmoid", "gamma",
-                f"0 with loss_type={loss_type!r} (the SimPO margin applies to 'sigmoid')", self.gamma)
+        require(
+            self.gamma == 0 or loss_type == "sigmoid",
+            "gamma",
+            f"0 with loss_type={loss_type!r} (the SimPO margin applies to 'sigmoid')",
+            self.gamma,
+        )
         orpo_ok = loss_type != "orpo" or (self.nll_coef == 0 and not self.reference_free)
-        require(orpo_ok, "loss_type", "'orpo' with nll_coef=0 and reference_free=False (ORPO has its own NLL term and "
-                "no reference)", f"nll_coef={self.nll_coef}, reference_free={self.reference_free}")
+        require(
+            orpo_ok,
+            "loss_type",
+            "'orpo' with nll_coef=0 and reference_free=False (ORPO has its own NLL term and no reference)",
+            f"nll_coef={self.nll_coef}, reference_free={self.reference_free}",
+        )
 
     def normalizes_length(self) -> bool:
         """Whether log-probs are divided by the completion lengths (``length_normalize``, None: ipo only)."""
@@ -176,8 +206,16 @@ def dpo_loss(
         ``LossOutput``; metrics ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``
         (and ``nll_loss`` when given).
     """
-    o = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, length_normalize=length_normalize,
-                   gamma=gamma, nll_coef=nll_coef, reference_free=reference_free, discopop_tau=discopop_tau)
+    o = DPOOptions(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        length_normalize=length_normalize,
+        gamma=gamma,
+        nll_coef=nll_coef,
+        reference_free=reference_free,
+        discopop_tau=discopop_tau,
+    )
     require(o.loss_type != "orpo", "loss_type", f"one of {LOSS_TYPES} (ORPO: orpo_loss)", repr(o.loss_type))
     refs = (ref_chosen_logps, ref_rejected_logps)
     lengths = (chosen_lengths, rejected_lengths)
@@ -200,20 +238,36 @@ def dpo_loss(
 def _check_pair_inputs(chosen_logps, rejected_logps, refs: tuple, lengths: tuple, o: DPOOptions) -> None:
     """Devices, dtypes and ``[B]`` shapes of :func:`dpo_loss`'s tensors, and what its options need of them."""
     check_tensor("chosen_logps", chosen_logps, ndim=1)
-    check_aux("chosen_logps", chosen_logps, chosen_logps=(chosen_logps, "float"),
-              rejected_logps=(rejected_logps, "float"), ref_chosen_logps=(refs[0], "float"),
-              ref_rejected_logps=(refs[1], "float"), chosen_lengths=(lengths[0], "mask"),
-              rejected_lengths=(lengths[1], "mask"))
+    check_aux(
+        "chosen_logps",
+        chosen_logps,
+        chosen_logps=(chosen_logps, "float"),
+        rejected_logps=(rejected_logps, "float"),
+        ref_chosen_logps=(refs[0], "float"),
+        ref_rejected_logps=(refs[1], "float"),
+        chosen_lengths=(lengths[0], "mask"),
+        rejected_lengths=(lengths[1], "mask"),
+    )
     names = ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths")
     _check_pairs(names, (rejected_logps, *refs, *lengths), chosen_logps.shape[0])
     if o.normalizes_length() and None in lengths:
-        raise ValueError(expected("chosen_lengths, rejected_lengths", "[B] completion token counts (length "
-                                  f"normalization, loss_type={o.loss_type!r})", "None"))
+        raise ValueError(
+            expected(
+                "chosen_lengths, rejected_lengths",
+                f"[B] completion token counts (length normalization, loss_type={o.loss_type!r})",
+                "None",
+            )
+        )
     if o.reference_free and any(r is not None for r in refs):
         raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", "None with reference_free=True", "tensors"))
     if not o.reference_free and any(r is None for r in refs):
-        raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", f"[B] reference log-probs for "
-                                  f"loss_type={o.loss_type!r} (or reference_free=True)", "None"))
+        raise ValueError(
+            expected(
+                "ref_chosen_logps, ref_rejected_logps",
+                f"[B] reference log-probs for loss_type={o.loss_type!r} (or reference_free=True)",
+                "None",
+            )
+        )
 
 
 @torch.no_grad()

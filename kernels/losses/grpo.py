@@ -1,4 +1,5 @@
-"""GRPO-family clipped policy losses on per-token log-probs (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO, VESPO).
+"""GRPO-family clipped policy losses on per-token log-probs (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO,
+VESPO).
 
 Per token, with ``w = exp(logp − old_logp)`` (token level) or ``exp(mean_t m·(logp − old_logp))`` per
 sequence (``importance_sampling_level="sequence"``, GSPO https://arxiv.org/abs/2507.18071) and advantage ``A``:
@@ -46,6 +47,7 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected, is_real, require
+
 from .._dispatch import use_triton
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .kl_penalty import DEFAULT_ESTIMATOR, ESTIMATORS, _kl
@@ -93,25 +95,46 @@ class GRPOOptions:
         check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
         check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         for name in ("beta", "epsilon_low", "epsilon_high"):
-            require(is_real(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0",
-                    repr(getattr(self, name)))
+            require(
+                is_real(getattr(self, name)) and getattr(self, name) >= 0,
+                name,
+                "a number >= 0",
+                repr(getattr(self, name)),
+            )
         require(is_real(self.entropy_coef), "entropy_coef", "a finite number", repr(self.entropy_coef))
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            require(is_real(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0",
-                    repr(getattr(self, name)))
+            require(
+                is_real(getattr(self, name)) and getattr(self, name) > 0,
+                name,
+                "a number > 0",
+                repr(getattr(self, name)),
+            )
         for name in ("delta", "sampler_is_cap"):
             value = getattr(self, name)
             require(value is None or (is_real(value) and value > 0), name, "None or a number > 0", repr(value))
-        require(self.delta is None or self.loss_type in CLIPPED, "delta", f"None with loss_type={self.loss_type!r} "
-                f"(a two-sided clip needs a loss_type in {CLIPPED})", self.delta)
+        require(
+            self.delta is None or self.loss_type in CLIPPED,
+            "delta",
+            f"None with loss_type={self.loss_type!r} (a two-sided clip needs a loss_type in {CLIPPED})",
+            self.delta,
+        )
         whole = self.importance_sampling_level == "token" or self.loss_type in CLIPPED
-        require(whole, "importance_sampling_level", f"'token' with loss_type={self.loss_type!r} ('sequence' needs a "
-                f"loss_type in {CLIPPED})", repr(self.importance_sampling_level))
+        require(
+            whole,
+            "importance_sampling_level",
+            f"'token' with loss_type={self.loss_type!r} ('sequence' needs a loss_type in {CLIPPED})",
+            repr(self.importance_sampling_level),
+        )
         shape = self.vespo_shape
         ok = isinstance(shape, tuple) and len(shape) == 4 and all(is_real(x) for x in shape)
         require(ok, "vespo_shape", "a tuple of 4 numbers (k_pos, lambda_pos, k_neg, lambda_neg)", repr(shape))
-        require(isinstance(self.use_bias_correction_kl, bool), "use_bias_correction_kl", "a bool",
-                repr(self.use_bias_correction_kl), TypeError)
+        require(
+            isinstance(self.use_bias_correction_kl, bool),
+            "use_bias_correction_kl",
+            "a bool",
+            repr(self.use_bias_correction_kl),
+            TypeError,
+        )
 
 
 class _Terms(NamedTuple):
@@ -121,8 +144,9 @@ class _Terms(NamedTuple):
     kl: Tensor | None  # [B, T]
 
 
-def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: int | None = None,
-              num_items_in_batch=None) -> Tensor:
+def row_scale(
+    counts: Tensor, loss_type: str, t: int, *, max_completion_length: int | None = None, num_items_in_batch=None
+) -> Tensor:
     """``[B]`` per-row factors ``c_b`` with ``weights = m · c_b`` for ``loss_type`` (constants; module docstring).
 
     Args:
@@ -144,21 +168,27 @@ def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: 
     return (1.0 / total.clamp_min(1.0)).expand(b)
 
 
-def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None,
-                 num_items_in_batch=None) -> Tensor:
+def loss_weights(
+    m: Tensor, loss_type: str, *, max_completion_length: int | None = None, num_items_in_batch=None
+) -> Tensor:
     """``[B, T]`` weights ``m · row_scale`` with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
 
     Args:
         m: ``[B, T]`` float mask.  loss_type: one of ``LOSS_TYPES``.
         max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
     """
-    scale = row_scale(m.sum(-1), loss_type, m.shape[1], max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch)  # fmt: skip
+    scale = row_scale(
+        m.sum(-1),
+        loss_type,
+        m.shape[1],
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
     return m * scale.unsqueeze(-1)
 
 
 def _pick(cond: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
-    """``if_true`` where ``cond`` else ``if_false``, in ``like``'s dtype (``torch.where`` on floats rounds to float32)."""
+    """``if_true`` where ``cond`` else ``if_false``, in ``like``'s dtype (``torch.where`` on floats: float32)."""
     return torch.full_like(like, if_false).masked_fill(cond, if_true)
 
 
@@ -219,9 +249,17 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: GRPOOptions) -> _Terms:
 def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions) -> None:
     """Shapes and the options' tensor requirements (ValueError naming the argument)."""
     check_tensor("logp", logp, ndim=2)
-    check_aux("logp", logp, logp=(logp, "float"), old_logp=(old_logp, "float"), advantages=(advantages, "float"),
-              mask=(mask, "mask"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
-              entropy=(entropy, "float"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        old_logp=(old_logp, "float"),
+        advantages=(advantages, "float"),
+        mask=(mask, "mask"),
+        ref_logp=(ref_logp, "float"),
+        sampler_logp=(sampler_logp, "float"),
+        entropy=(entropy, "float"),
+    )
     shape = tuple(logp.shape)
     check_tensor("advantages", advantages, shape[:1])
     check_mask(mask, logp)
@@ -232,8 +270,9 @@ def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o:
     if o.beta != 0.0 and ref_logp is None:
         raise ValueError(expected("ref_logp", f"[B, T] reference log-probs (beta={o.beta})", None))
     if o.sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(expected("sampler_logp", f"[B, T] sampler log-probs (sampler_is_cap={o.sampler_is_cap})",
-                                  None))
+        raise ValueError(
+            expected("sampler_logp", f"[B, T] sampler log-probs (sampler_is_cap={o.sampler_is_cap})", None)
+        )
 
 
 def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions):
@@ -274,8 +313,9 @@ def grpo_per_token(
     """
     o = options
     lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
-    weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
-                           num_items_in_batch=num_items_in_batch)
+    weights = loss_weights(
+        m, o.loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch
+    )
     return _terms(lp, old, adv, m, ref, is_ratio, ent, o).per_token_loss, weights
 
 
@@ -329,11 +369,21 @@ def grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
         (when given): masked token means.
     """
-    o = GRPOOptions(beta=beta, kl_estimator=kl_estimator, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                    delta=delta, loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                    sampler_is_cap=sampler_is_cap, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-                    sapo_temperature_neg=sapo_temperature_neg, vespo_shape=vespo_shape,
-                    use_bias_correction_kl=use_bias_correction_kl)
+    o = GRPOOptions(
+        beta=beta,
+        kl_estimator=kl_estimator,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        delta=delta,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        sampler_is_cap=sampler_is_cap,
+        entropy_coef=entropy_coef,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_shape=vespo_shape,
+        use_bias_correction_kl=use_bias_correction_kl,
+    )
     if cu_seqlens is not None:
         names = ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy")
         logp, old_logp, mask, ref_logp, sampler_logp, entropy = unpack(

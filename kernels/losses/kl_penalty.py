@@ -52,8 +52,14 @@ def _kl(logp: Tensor, ref_logp: Tensor, kl_estimator: str) -> Tensor:
     return r.exp() - r - 1.0
 
 
-def kl_penalty(logp: Tensor, mask: Tensor, *, ref_logp: Tensor, kl_estimator: str = DEFAULT_ESTIMATOR,
-               cu_seqlens: Tensor | None = None) -> Tensor:
+def kl_penalty(
+    logp: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor,
+    kl_estimator: str = DEFAULT_ESTIMATOR,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
     """Mean of the per-token KL estimate over masked tokens (0 when the mask is empty).
 
     Args:
@@ -67,8 +73,14 @@ def kl_penalty(logp: Tensor, mask: Tensor, *, ref_logp: Tensor, kl_estimator: st
         0-d tensor (a penalty term, not a ``LossOutput``): float32, or float64 for float64 input.
     """
     check_choice("kl_estimator", kl_estimator, ESTIMATORS)
-    check_aux("logp", logp, logp=(logp, "float"), ref_logp=(ref_logp, "float"), mask=(mask, "mask"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        ref_logp=(ref_logp, "float"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         logp, ref_logp, mask = unpack(cu_seqlens, ("logp", "ref_logp", "mask"), logp, ref_logp, mask)
     check_tensor("logp", logp, ndim=2)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected, is_real, require
+
 from ._checks import check_aux, check_tensor, mean_or_zero
 from .output import LossOutput
 
@@ -61,8 +62,13 @@ class KTOOptions:
         for name in ("desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
             require(is_real(value) and value >= 0, name, "a finite number >= 0", repr(value))
-        require(isinstance(self.length_normalize, bool), "length_normalize", "a bool", repr(self.length_normalize),
-                TypeError)
+        require(
+            isinstance(self.length_normalize, bool),
+            "length_normalize",
+            "a bool",
+            repr(self.length_normalize),
+            TypeError,
+        )
 
 
 def kto_loss(
@@ -90,11 +96,21 @@ def kto_loss(
         ``LossOutput``; metrics ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum`` (of the
         means with ``length_normalize``), ``count/{chosen,rejected}`` as TRL logs them.
     """
-    o = KTOOptions(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
-                   length_normalize=length_normalize)
+    o = KTOOptions(
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        length_normalize=length_normalize,
+    )
     check_tensor("logps", logps, ndim=1)
-    check_aux("logps", logps, logps=(logps, "float"), ref_logps=(ref_logps, "float"), labels=(labels, "bool"),
-              lengths=(lengths, "mask"))
+    check_aux(
+        "logps",
+        logps,
+        logps=(logps, "float"),
+        ref_logps=(ref_logps, "float"),
+        labels=(labels, "bool"),
+        lengths=(lengths, "mask"),
+    )
     check_tensor("ref_logps", ref_logps, tuple(logps.shape))
     check_tensor("labels", labels, tuple(logps.shape))
     if o.length_normalize:

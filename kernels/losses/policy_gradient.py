@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected
+
 from .._dispatch import use_triton
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .output import LossOutput
@@ -56,8 +57,9 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
     return loss, sums
 
 
-def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token",
-                         cu_seqlens: Tensor | None = None) -> LossOutput:
+def policy_gradient_loss(
+    logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token", cu_seqlens: Tensor | None = None
+) -> LossOutput:
     """REINFORCE loss ``−A·logp`` over masked tokens.
 
     Args:
@@ -73,12 +75,19 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         (token means).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux("logp", logp, logp=(logp, "float"), advantages=(advantages, "float"), mask=(mask, "mask"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        advantages=(advantages, "float"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         per_token = tuple(advantages.shape) != (cu_seqlens.numel() - 1,)
-        logp, mask, token_adv = unpack(cu_seqlens, ("logp", "mask", "advantages"), logp, mask,
-                                       advantages if per_token else None)  # fmt: skip
+        logp, mask, token_adv = unpack(
+            cu_seqlens, ("logp", "mask", "advantages"), logp, mask, advantages if per_token else None
+        )
         advantages = token_adv if per_token else advantages
     check_tensor("logp", logp, ndim=2)
     if tuple(advantages.shape) not in (tuple(logp.shape[:1]), tuple(logp.shape)):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hotloop._errors import expected
+
 from ._checks import check_tensor
 
 

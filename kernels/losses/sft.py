@@ -20,8 +20,14 @@ from .policy_gradient import linear_token_loss
 from .segments import unpack
 
 
-def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token",
-             cu_seqlens: Tensor | None = None) -> LossOutput:
+def sft_loss(
+    logp: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    normalize: str = "token",
+    cu_seqlens: Tensor | None = None,
+) -> LossOutput:
     """Negative log-likelihood of the target tokens, optionally weighted per sequence.
 
     Args:
@@ -36,8 +42,14 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
         ``num_tokens`` (``Σ mask``).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux("logp", logp, logp=(logp, "float"), mask=(mask, "mask"), weights=(weights, "float"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        mask=(mask, "mask"),
+        weights=(weights, "float"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         logp, mask = unpack(cu_seqlens, ("logp", "mask"), logp, mask)
     check_tensor("logp", logp, ndim=2)

@@ -27,8 +27,11 @@ def _inputs(b, t, d, d_ref, v, dtype=torch.float32, *, bias=True, ref_dtype=None
     weight = torch.randn(v, d).to(dtype).requires_grad_(True)
     bias_ = torch.randn(v).to(dtype).requires_grad_(True) if bias else None
     rdt = ref_dtype or dtype
-    ref = dict(ref_hidden=(torch.randn(b, t, d_ref) * logit_std / math.sqrt(d_ref)).to(rdt),
-               ref_weight=torch.randn(v, d_ref).to(rdt), ref_bias=torch.randn(v).to(rdt) if bias else None)
+    ref = dict(
+        ref_hidden=(torch.randn(b, t, d_ref) * logit_std / math.sqrt(d_ref)).to(rdt),
+        ref_weight=torch.randn(v, d_ref).to(rdt),
+        ref_bias=torch.randn(v).to(rdt) if bias else None,
+    )
     targets = torch.randint(0, v, (b, t))
     targets[torch.rand(b, t) < ignored] = IGNORE
     return hidden, weight, targets, bias_, ref
@@ -63,8 +66,19 @@ def _check_against_reference(hidden, weight, targets, bias, ref, dtype, **opts):
 def test_each_divergence_matches_float64_value_and_grads(divergence, normalize):
     # V = 301 and D = 37 / D_ref = 24: no power of two anywhere; temperature != 1; a quarter of rows ignored.
     hidden, weight, targets, bias, ref = _inputs(3, 7, 37, 24, 301)
-    _check_against_reference(hidden, weight, targets, bias, ref, torch.float32, divergence=divergence, beta=0.3,
-                             normalize=normalize, temperature=0.7, mask=torch.rand(3, 7) > 0.2)
+    _check_against_reference(
+        hidden,
+        weight,
+        targets,
+        bias,
+        ref,
+        torch.float32,
+        divergence=divergence,
+        beta=0.3,
+        normalize=normalize,
+        temperature=0.7,
+        mask=torch.rand(3, 7) > 0.2,
+    )
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -75,12 +89,32 @@ def test_per_row_weights_give_the_gradient_of_the_weighted_sum(divergence, monke
     h2d, r2d = hidden.detach()[0], ref["ref_hidden"][0]
     row_weight = torch.randn(37)
     options = KLOptions(divergence=divergence, beta=0.7)
-    stats, *grads = kl_fwd_bwd(h2d, weight.detach(), bias.detach(), r2d, ref["ref_weight"], ref["ref_bias"],
-                               row_weight, options=options, temperature=1.3, needs_grad=(True, True, True))
+    stats, *grads = kl_fwd_bwd(
+        h2d,
+        weight.detach(),
+        bias.detach(),
+        r2d,
+        ref["ref_weight"],
+        ref["ref_bias"],
+        row_weight,
+        options=options,
+        temperature=1.3,
+        needs_grad=(True, True, True),
+    )
     leaves = [x.detach().double().requires_grad_(True) for x in (h2d, weight, bias)]
-    expect = reference_fused_linear_kl(leaves[0], leaves[1], torch.zeros(37, dtype=torch.int64), leaves[2],
-                                       ref_hidden=r2d, ref_weight=ref["ref_weight"], ref_bias=ref["ref_bias"],
-                                       divergence=divergence, beta=0.7, temperature=1.3, normalize="sum")
+    expect = reference_fused_linear_kl(
+        leaves[0],
+        leaves[1],
+        torch.zeros(37, dtype=torch.int64),
+        leaves[2],
+        ref_hidden=r2d,
+        ref_weight=ref["ref_weight"],
+        ref_bias=ref["ref_bias"],
+        divergence=divergence,
+        beta=0.7,
+        temperature=1.3,
+        normalize="sum",
+    )
     ref_grads = torch.autograd.grad((expect.per_token * row_weight.double()).sum(), leaves)
     assert_close(stats.divergence, expect.per_token, torch.float32, "divergence")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -96,8 +130,7 @@ def test_single_row_without_bias_and_high_temperature():
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_bf16_policy_within_bf16_tolerance(divergence, ref_dtype):
     hidden, weight, targets, bias, ref = _inputs(3, 7, 37, 24, 301, torch.bfloat16, ref_dtype=ref_dtype)
-    _check_against_reference(hidden, weight, targets, bias, ref, torch.bfloat16, divergence=divergence,
-                             temperature=0.7)
+    _check_against_reference(hidden, weight, targets, bias, ref, torch.bfloat16, divergence=divergence, temperature=0.7)
 
 
 def _eager_fp32(hidden, weight, bias, ref, divergence, beta):
@@ -109,8 +142,10 @@ def _eager_fp32(hidden, weight, bias, ref, divergence, beta):
     if divergence == "reverse_kl":
         return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
     log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), dim=0)
-    return (beta * F.kl_div(log_m, log_q, reduction="none", log_target=True)
-            + (1 - beta) * F.kl_div(log_m, log_p, reduction="none", log_target=True)).sum(-1)  # fmt: skip
+    return (
+        beta * F.kl_div(log_m, log_q, reduction="none", log_target=True)
+        + (1 - beta) * F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    ).sum(-1)
 
 
 @pytest.mark.parametrize("case", ["peaked", "offset"])
@@ -131,8 +166,9 @@ def test_logits_of_magnitude_1e4_are_finite_and_as_accurate_as_eager_fp32(diverg
     targets, cu_seqlens = torch.zeros(33, dtype=torch.int64), torch.tensor([0, 33])
 
     def ours(h, w, b, heads):
-        out = fused_linear_kl(h, w, targets, b, **heads, cu_seqlens=cu_seqlens, divergence=divergence, beta=0.4,
-                              normalize="sum")  # fmt: skip
+        out = fused_linear_kl(
+            h, w, targets, b, **heads, cu_seqlens=cu_seqlens, divergence=divergence, beta=0.4, normalize="sum"
+        )
         return out.per_token, out.loss
 
     def eager(h, w, b, heads):
@@ -177,13 +213,13 @@ def test_padded_with_mask_and_packed_with_cu_seqlens_agree(normalize):
     packed = fused_linear_kl(p_hidden, weight, p_targets, bias, **p_ref, cu_seqlens=cu_seqlens, **opts)
     assert_close(packed.loss, padded.loss.double(), torch.float32, "loss")
     assert_close(packed.per_token[: len(take[0])], padded.per_token[take].double(), torch.float32, "per_token")
-    assert torch.equal(packed.per_token[len(take[0]):], torch.zeros(2))
+    assert torch.equal(packed.per_token[len(take[0]) :], torch.zeros(2))
     assert torch.equal(padded.per_token[~mask], torch.zeros(int((~mask).sum())))
     upstream = torch.randn(())
     g_pad = torch.autograd.grad(padded.loss * upstream, (hidden, weight, bias))
     g_pack = torch.autograd.grad(packed.loss * upstream, (p_hidden, weight, bias))
     assert_close(g_pack[0][: len(take[0])], g_pad[0][take].double(), torch.float32, "grad hidden")
-    assert torch.equal(g_pack[0][len(take[0]):], torch.zeros(2, 37))  # rows of no sequence: no gradient
+    assert torch.equal(g_pack[0][len(take[0]) :], torch.zeros(2, 37))  # rows of no sequence: no gradient
     assert torch.equal(g_pad[0][~mask], torch.zeros(int((~mask).sum()), 37))
     for name, a, b in zip(("weight", "bias"), g_pack[1:], g_pad[1:]):
         assert_close(a, b.double(), torch.float32, f"grad {name}")
@@ -257,20 +293,38 @@ def test_equals_liger_fused_linear_jsd_loss(beta, divergence):
     hidden, weight, targets, bias, ref = _inputs(1, 24, 16, 12, 50)
     flat = {k: v[0] if k == "ref_hidden" else v for k, v in ref.items()}
     hidden = hidden[0].detach().requires_grad_(True)
-    loss_fn = liger.LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=0.7,
-                                            compiled=False, chunk_size=8)  # fmt: skip
+    loss_fn = liger.LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, temperature=0.7, compiled=False, chunk_size=8
+    )
     expect = loss_fn(hidden, weight, flat["ref_hidden"], flat["ref_weight"], targets[0], bias, flat["ref_bias"])
-    out = fused_linear_kl(hidden, weight, targets[0], bias, **flat, cu_seqlens=torch.tensor([0, 24]),
-                          divergence=divergence, beta=beta, temperature=0.7)  # fmt: skip
+    out = fused_linear_kl(
+        hidden,
+        weight,
+        targets[0],
+        bias,
+        **flat,
+        cu_seqlens=torch.tensor([0, 24]),
+        divergence=divergence,
+        beta=beta,
+        temperature=0.7,
+    )
     assert_close(out.loss, expect.detach().double(), torch.float32, "loss")
-    for name, a, b in zip(("hidden", "weight", "bias"), torch.autograd.grad(out.loss, (hidden, weight, bias)),
-                          torch.autograd.grad(expect, (hidden, weight, bias))):  # fmt: skip
+    for name, a, b in zip(
+        ("hidden", "weight", "bias"),
+        torch.autograd.grad(out.loss, (hidden, weight, bias)),
+        torch.autograd.grad(expect, (hidden, weight, bias)),
+    ):
         assert relative_error(a, b) <= 1e-5, name  # two fp32 computations: the fp32 contract between them
 
 
-@pytest.mark.parametrize("options, name", [({"divergence": "forward_kl"}, "divergence"),
-                                           ({"normalize": "mean"}, "normalize"),
-                                           ({"divergence": "jsd", "beta": 1.0}, "beta")])
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"divergence": "forward_kl"}, "divergence"),
+        ({"normalize": "mean"}, "normalize"),
+        ({"divergence": "jsd", "beta": 1.0}, "beta"),
+    ],
+)
 def test_module_checks_its_options_at_construction(options, name):
     with pytest.raises(ValueError, match=name):
         FusedLinearKL(**options)
@@ -296,9 +350,18 @@ def test_module_checks_its_options_at_construction(options, name):
     ],
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):
-    args = {"hidden": torch.randn(2, 3, 8), "weight": torch.randn(50, 8), "targets": torch.randint(0, 50, (2, 3)),
-            "ref_hidden": torch.randn(2, 3, 6), "ref_weight": torch.randn(50, 6), "ref_bias": torch.randn(50),
-            "divergence": "kl", "beta": 0.5, "normalize": "token", "temperature": 1.0}
+    args = {
+        "hidden": torch.randn(2, 3, 8),
+        "weight": torch.randn(50, 8),
+        "targets": torch.randint(0, 50, (2, 3)),
+        "ref_hidden": torch.randn(2, 3, 6),
+        "ref_weight": torch.randn(50, 6),
+        "ref_bias": torch.randn(50),
+        "divergence": "kl",
+        "beta": 0.5,
+        "normalize": "token",
+        "temperature": 1.0,
+    }
     args = change(args)
     with pytest.raises(error, match=name):
         fused_linear_kl(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
@@ -315,25 +378,49 @@ def _triton_case(divergence, dtype, *, bias=True, n=37, v=257):
     h2d, r2d, w = hidden.detach()[0], ref["ref_hidden"][0], weight.detach()
     b = None if b is None else b.detach()
     row_weight = torch.randn(n)
-    stats, *grads = triton_kl_fwd_bwd(h2d, w, b, r2d, ref["ref_weight"], ref["ref_bias"], row_weight,
-                                      options=KLOptions(divergence=divergence, beta=0.3), temperature=0.7,
-                                      needs_grad=(True, True, True), vocab_chunk=64)  # fmt: skip
+    stats, *grads = triton_kl_fwd_bwd(
+        h2d,
+        w,
+        b,
+        r2d,
+        ref["ref_weight"],
+        ref["ref_bias"],
+        row_weight,
+        options=KLOptions(divergence=divergence, beta=0.3),
+        temperature=0.7,
+        needs_grad=(True, True, True),
+        vocab_chunk=64,
+    )
     leaves = [x.double().requires_grad_(True) for x in _leaves(h2d, w, b)]
-    kw = dict(ref_hidden=r2d, ref_weight=ref["ref_weight"], ref_bias=ref["ref_bias"], beta=0.3, temperature=0.7,
-              normalize="sum")  # fmt: skip
+    kw = dict(
+        ref_hidden=r2d,
+        ref_weight=ref["ref_weight"],
+        ref_bias=ref["ref_bias"],
+        beta=0.3,
+        temperature=0.7,
+        normalize="sum",
+    )
     targets = torch.zeros(n, dtype=torch.int64)
-    expect = {d: reference_fused_linear_kl(*leaves[:2], targets, leaves[2] if b is not None else None, **kw,
-                                           divergence=d).per_token for d in ("kl", divergence)}  # fmt: skip
+    expect = {
+        d: reference_fused_linear_kl(
+            *leaves[:2], targets, leaves[2] if b is not None else None, **kw, divergence=d
+        ).per_token
+        for d in ("kl", divergence)
+    }
     expect["grads"] = torch.autograd.grad((expect[divergence] * row_weight.double()).sum(), leaves)
     b64 = None if b is None else b.double()
-    expect["entropy"] = reference_fused_linear_logprob(h2d.double(), w.double(), targets, b64, temperature=0.7,
-                                                       return_entropy=True)[1]  # fmt: skip
+    expect["entropy"] = reference_fused_linear_logprob(
+        h2d.double(), w.double(), targets, b64, temperature=0.7, return_entropy=True
+    )[1]
     return stats, grads, expect
 
 
 def _check_triton(stats, grads, expect, divergence, dtype):
-    for name, out, ref in (("divergence", stats.divergence, expect[divergence]), ("kl", stats.kl, expect["kl"]),
-                           ("entropy", stats.entropy, expect["entropy"])):  # fmt: skip
+    for name, out, ref in (
+        ("divergence", stats.divergence, expect[divergence]),
+        ("kl", stats.kl, expect["kl"]),
+        ("entropy", stats.entropy, expect["entropy"]),
+    ):
         assert out.dtype == torch.float32
         assert_close(out, ref, dtype, name)
     if len(expect["grads"]) == 2:  # no bias
@@ -378,8 +465,9 @@ def test_triton_logits_of_magnitude_1e4_lose_only_the_fp32_rounding_of_the_logit
     """
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
     n = 18
-    hidden, weight, targets, bias, ref = _inputs(2, 9, 16, 16, 200, ignored=0.0,
-                                                 logit_std=2500.0 if case == "peaked" else 2.0)  # fmt: skip
+    hidden, weight, targets, bias, ref = _inputs(
+        2, 9, 16, 16, 200, ignored=0.0, logit_std=2500.0 if case == "peaked" else 2.0
+    )
     if case == "offset":
         bias = (bias.detach() + 1e4).requires_grad_(True)
         ref["ref_bias"] = ref["ref_bias"] + 1e4
@@ -407,8 +495,9 @@ def test_triton_public_function_matches_torch_backend_and_is_bit_identical_run_t
     for backend in ("torch", "triton", "triton"):
         monkeypatch.setenv("HOTLOOP_BACKEND", backend)
         out = fused_linear_kl(hidden, weight, targets, bias, **ref, **opts)
-        runs.setdefault(backend, []).append([out.loss, out.per_token, *out.metrics.values(),
-                                             *torch.autograd.grad(out.loss, (hidden, weight, bias))])  # fmt: skip
+        runs.setdefault(backend, []).append(
+            [out.loss, out.per_token, *out.metrics.values(), *torch.autograd.grad(out.loss, (hidden, weight, bias))]
+        )
     first, second = runs["triton"]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     for a, b in zip(first, runs["torch"][0]):

@@ -37,8 +37,9 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     grads = torch.autograd.grad(out.loss * scale, inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in inputs]
-    ref = reference_fused_linear_kto_loss(leaves[0], leaves[1], targets, leaves[2] if bias is not None else None,
-                                          labels=labels, **kw)
+    ref = reference_fused_linear_kto_loss(
+        leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, labels=labels, **kw
+    )
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
     assert_scalar_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
@@ -105,8 +106,17 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     ref_weight, ref_bias = torch.randn(V, 12, requires_grad=True), torch.randn(V)
     with torch.no_grad():
         ref_tok = fused_linear_logprob(ref_hidden, ref_weight, targets.masked_fill(~mask, -100), ref_bias)
-    head = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_hidden=ref_hidden,
-                                 ref_weight=ref_weight, ref_bias=ref_bias)
+    head = fused_linear_kto_loss(
+        hidden,
+        weight,
+        targets,
+        bias,
+        labels=labels,
+        mask=mask,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+    )
     cached = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_tok.sum(-1))
     g_head = torch.autograd.grad(head.loss, (hidden, weight, bias))
     g_cached = torch.autograd.grad(cached.loss, (hidden, weight, bias))
@@ -114,15 +124,34 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     for name, a, b in zip(("hidden", "weight", "bias"), g_head, g_cached):
         assert_close(a, b.double(), torch.float32, f"grad {name}")
     assert ref_hidden.grad is None and ref_weight.grad is None
-    _check(hidden, weight, targets, labels, bias, mask=mask, ref_hidden=ref_hidden, ref_weight=ref_weight,
-           ref_bias=ref_bias)
+    _check(
+        hidden,
+        weight,
+        targets,
+        labels,
+        bias,
+        mask=mask,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "two_pass"])
 def test_bf16_matches_float64_reference(strategy):
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, labels, bias, torch.bfloat16, metrics=False, mask=mask, ref_logps=ref_logps,
-           strategy=strategy)
+    _check(
+        hidden,
+        weight,
+        targets,
+        labels,
+        bias,
+        torch.bfloat16,
+        metrics=False,
+        mask=mask,
+        ref_logps=ref_logps,
+        strategy=strategy,
+    )
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
@@ -144,10 +173,12 @@ def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
 def test_module_matches_function():
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
     options = {"beta": 0.3, "desirable_weight": 1.2, "strategy": "two_pass"}
-    out = FusedLinearKTOLoss(**options)(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps,
-                                        reference_point=0.2)
-    ref = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps,
-                                reference_point=0.2, **options)
+    out = FusedLinearKTOLoss(**options)(
+        hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps, reference_point=0.2
+    )
+    ref = fused_linear_kto_loss(
+        hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps, reference_point=0.2, **options
+    )
     assert torch.equal(out.loss, ref.loss)
 
 
@@ -166,10 +197,20 @@ def test_module_matches_function():
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):
     hidden, weight, targets, labels, _, mask, ref_logps = _batch()
-    args = change({"hidden": hidden.detach(), "weight": weight.detach(), "targets": targets, "labels": labels,
-                   "mask": mask, "ref_logps": ref_logps})
+    args = change(
+        {
+            "hidden": hidden.detach(),
+            "weight": weight.detach(),
+            "targets": targets,
+            "labels": labels,
+            "mask": mask,
+            "ref_logps": ref_logps,
+        }
+    )
     with pytest.raises(error, match=name):
-        fused_linear_kto_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), labels=args.pop("labels"), **args)
+        fused_linear_kto_loss(
+            args.pop("hidden"), args.pop("weight"), args.pop("targets"), labels=args.pop("labels"), **args
+        )
 
 
 @pytest.mark.interpreter
@@ -177,4 +218,6 @@ def test_invalid_arguments_raise_naming_the_argument(change, error, name):
 def test_triton_backend_matches_reference(strategy, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
-    _check(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps, strategy=strategy, reference_point=0.3)
+    _check(
+        hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps, strategy=strategy, reference_point=0.3
+    )
