@@ -123,13 +123,16 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     n = hidden.shape[:-1].numel()
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, n)
-        num_seqs, max_len = len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))
+        num_seqs = len(cu) - 1
+        max_len = max(b - a for a, b in zip(cu, cu[1:]))
         targets = targets.clone() if mask is None else targets
         targets[cu[-1] :] = ignore_index
     else:
-        num_seqs, max_len = hidden.shape[0], hidden.shape[1]
+        num_seqs = hidden.shape[0]
+        max_len = hidden.shape[1]
     _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    hidden2d, flat = hidden.detach().reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
+    flat = targets.reshape(-1)
     seq, pos = _seq_positions(n, max_len, cu_seqlens, hidden.device)
     active = flat != ignore_index
     rows = None if bool(active.all()) else active.nonzero().squeeze(1)
@@ -232,7 +235,9 @@ class FusedLossFunction(torch.autograd.Function):
 
 def attach_grads(loss: Tensor, layout: Layout, hidden, weight, bias, grads: _GRADS) -> Tensor:
     """``loss`` (detached, 0-d) made differentiable w.r.t. hidden, weight, bias with the given gradients."""
-    grad_hidden, grad_weight, grad_bias = layout.hidden_grad(grads[0]), grads[1], grads[2]
+    grad_hidden = layout.hidden_grad(grads[0])
+    grad_weight = grads[1]
+    grad_bias = grads[2]
     return FusedLossFunction.apply(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
@@ -245,7 +250,9 @@ def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: s
         return "grouped"
     rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
     largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
-    n, v, device = layout.hidden.shape[0], weight.shape[0], layout.hidden.device
+    n = layout.hidden.shape[0]
+    v = weight.shape[0]
+    device = layout.hidden.device
     fits = largest <= block_rows(n, v, device) or largest * v * 4 <= unit_block_bytes(device)
     return "grouped" if fits else "two_pass"
 
@@ -369,7 +376,9 @@ def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[T
     out_t = torch.full((len(cu) - 1, t), ignore_index, dtype=torch.int64, device=targets.device)
     out_m = torch.zeros(len(cu) - 1, t, dtype=torch.bool, device=targets.device)
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
-        out_h[i, : b - a], out_t[i, : b - a], out_m[i, : b - a] = hidden[a:b], targets[a:b], mask[a:b]
+        out_h[i, : b - a] = hidden[a:b]
+        out_t[i, : b - a] = targets[a:b]
+        out_m[i, : b - a] = mask[a:b]
     return out_h, out_t.masked_fill(~out_m, ignore_index), out_m
 
 

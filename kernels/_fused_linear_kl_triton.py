@@ -369,12 +369,17 @@ def _tiles(device: torch.device, n: int, hidden: int, dtype: torch.dtype) -> _tr
 def _combine_splits(part: torch.Tensor, reverse: bool):
     """Merge [7, SPLITS, N] partials into (row stats [4, N]: m_p, log S_p, m_q, log S_q; KL; entropy; reverse KL)."""
     mp, sp, e, a, mq, sq, b = part.unbind(0)
-    mp_max, mq_max = mp.amax(dim=0), mq.amax(dim=0)
+    mp_max = mp.amax(dim=0)
+    mq_max = mq.amax(dim=0)
     # a split whose columns are all −inf (a masking bias) has m = −inf, S = 0: weight 0, shift 0
-    dp, dq = torch.where(sp > 0, mp - mp_max, 0.0), torch.where(sq > 0, mq - mq_max, 0.0)
-    wp, wq = torch.where(sp > 0, torch.exp(dp), 0.0), torch.where(sq > 0, torch.exp(dq), 0.0)
-    sp_tot, sq_tot = (sp * wp).sum(dim=0), (sq * wq).sum(dim=0)
-    lsp, lsq = torch.log(sp_tot), torch.log(sq_tot)
+    dp = torch.where(sp > 0, mp - mp_max, 0.0)
+    dq = torch.where(sq > 0, mq - mq_max, 0.0)
+    wp = torch.where(sp > 0, torch.exp(dp), 0.0)
+    wq = torch.where(sq > 0, torch.exp(dq), 0.0)
+    sp_tot = (sp * wp).sum(dim=0)
+    sq_tot = (sq * wq).sum(dim=0)
+    lsp = torch.log(sp_tot)
+    lsq = torch.log(sq_tot)
     entropy = lsp - (wp * (e + dp * sp)).sum(dim=0) / sp_tot
     kl = (wp * (a + sp * (dp - dq))).sum(dim=0) / sp_tot - lsp + lsq
     rev = (wq * (b + sq * (dq - dp))).sum(dim=0) / sq_tot - lsq + lsp if reverse else None
@@ -409,10 +414,13 @@ def triton_kl_fwd_bwd(
     """
     hidden2d, weight, ref_hidden2d, ref_weight = map(_rowmajor, (hidden2d, weight, ref_hidden2d, ref_weight))
     bias, ref_bias = (None if t is None else t.contiguous() for t in (bias, ref_bias))
-    (n, d), (v, dr), dev = hidden2d.shape, ref_weight.shape, hidden2d.device
+    n, d = hidden2d.shape
+    v, dr = ref_weight.shape
+    dev = hidden2d.device
     wide = max(hidden2d.dtype, ref_hidden2d.dtype, key=lambda t: t.itemsize)
     tiles = _tiles(dev, n, max(d, dr), wide)
-    row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
+    row_blocks = triton.cdiv(n, tiles.block_n)
+    n_tiles = triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(dev, row_blocks, n_tiles)
     log_a, log_b = (math.log1p(-options.beta), math.log(options.beta)) if options.divergence == "jsd" else (0.0, 0.0)
     launch = dict(
@@ -467,7 +475,8 @@ def triton_kl_fwd_bwd(
                 **launch["flags"],
             )
         jp, jq = part.sum(dim=1)
-        div, c = options.beta * jq + (1.0 - options.beta) * jp, jp
+        div = options.beta * jq + (1.0 - options.beta) * jp
+        c = jp
     stats = KLStats(div, kl, entropy)
     row_stats = torch.cat([row_stats, c[None], (row_weight.float() / temperature)[None]]).contiguous()
     return (
@@ -479,8 +488,13 @@ def triton_kl_fwd_bwd(
 def _grads(launch, row_stats, bias, options, temperature, needs_grad, tiles, vocab_chunk, log_ab):
     """(grad_hidden, grad_weight, grad_bias) by [N, Vc] chunks of d/dx and two cuBLAS GEMMs per chunk."""
     hidden2d, weight = launch["heads"][:2]
-    (n, d), v, dev, dtype = hidden2d.shape, weight.shape[0], hidden2d.device, hidden2d.dtype
-    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    dtype = hidden2d.dtype
+    want_h = needs_grad[0]
+    want_w = needs_grad[1]
+    want_b = needs_grad[2] and bias is not None
     if not (want_h or want_w or want_b):
         return None, None, None
     # fp32 sum over chunks: one rounding per chunk's cuBLAS product (see _fused_linear_logprob_triton).

@@ -70,7 +70,8 @@ def _logits_tile(
         h = tl.load(H + rows[:, None] * stride_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * stride_w + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:  # interpreter only: see _triton_utils.upcast_dot_operands
-            h, w = h.to(tl.float32), w.to(tl.float32)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         # "ieee" keeps fp32 inputs out of TF32 (the fp32 contract is 1e-5); bf16/fp16 use tensor cores anyway.
         acc = tl.dot(h, w, acc, input_precision="ieee")
     if HAS_BIAS:
@@ -214,12 +215,15 @@ def triton_logprob_fwd(
     Returns:
         TokenStats of float32 [N] tensors (entropy None unless with_entropy).
     """
-    hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
+    hidden2d = _rowmajor(hidden2d)
+    weight = _rowmajor(weight)
     targets = targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    (n, d), v = hidden2d.shape, weight.shape[0]
+    n, d = hidden2d.shape
+    v = weight.shape[0]
     tiles = _triton_utils.logits_tiles(hidden2d.device, n, d, hidden2d.dtype)
-    row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
+    row_blocks = triton.cdiv(n, tiles.block_n)
+    n_tiles = triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(hidden2d.device, row_blocks, n_tiles)
     m, s, e, zt = torch.empty(4, splits, n, device=hidden2d.device, dtype=torch.float32).unbind(0)
     _logprob_fwd_kernel[(row_blocks, splits)](
@@ -253,7 +257,9 @@ def triton_logprob_fwd(
 
 def _combine_splits(m, s, e, zt, keep) -> TokenStats:
     """Merge [SPLITS, N] fp32 online-softmax partials into per-row lse (fp64), logp and entropy (fp32)."""
-    m, s, zt = m.double(), s.double(), zt.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
+    m = m.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
+    s = s.double()
+    zt = zt.double()
     m_max = m.amax(dim=0)
     # a split whose columns are all −inf (a masking bias) has m = −inf, S = E = 0: weight 0, shift 0
     shift = torch.where(s > 0, m - m_max, 0.0)
@@ -292,11 +298,16 @@ def triton_logprob_bwd(
     Returns:
         (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None) in the input dtype.
     """
-    hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
+    hidden2d = _rowmajor(hidden2d)
+    weight = _rowmajor(weight)
     bias = bias.contiguous() if bias is not None else None
-    (n, d), v = hidden2d.shape, weight.shape[0]
-    dev, dtype = hidden2d.device, hidden2d.dtype
-    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    dtype = hidden2d.dtype
+    want_h = needs_grad[0]
+    want_w = needs_grad[1]
+    want_b = needs_grad[2] and bias is not None
     if not (want_h or want_w or want_b):
         return None, None, None
     # grad_H is summed over chunks in fp32: each chunk's cuBLAS product accumulates in fp32 and is

@@ -29,14 +29,17 @@ from torch import Tensor
 
 from . import _cpu_ext
 
-MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 32 << 20, 256 << 20
+MIN_BLOCK_BYTES = 32 << 20
+MAX_BLOCK_BYTES = 256 << 20
 # CPU: a tile of half the last-level cache stays there between its GEMM and its row pass (16 MiB on a
 # 32 MiB L3, which also keeps the extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of naive's).
-CPU_BLOCK_BYTES, CPU_BLOCK_RANGE = 16 << 20, (8 << 20, 64 << 20)
+CPU_BLOCK_BYTES = 16 << 20
+CPU_BLOCK_RANGE = (8 << 20, 64 << 20)
 MIN_BLOCK_COLS = 1024  # narrower vocabulary blocks make skinny GEMMs; taller N is split into row tiles
 # Full-row chunks thinner than min_chunk_rows() make the grad_W GEMM (K = rows) skinny and re-stream the
 # [V, D] weight and its fp32 gradient once per chunk; they exceed the default budget to stay that tall.
-ROWS_PER_THREAD, CHUNK_ROWS_RANGE = 128, (256, 1024)
+ROWS_PER_THREAD = 128
+CHUNK_ROWS_RANGE = (256, 1024)
 _LLC_PATH = "/sys/devices/system/cpu/cpu0/cache/index{}/size"
 
 
@@ -180,7 +183,8 @@ def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy
             ignore_index=ignore_index,
         )
         return
-    s, keep = inv_temperature, targets != ignore_index
+    s = inv_temperature
+    keep = targets != ignore_index
     g_lp = torch.where(keep, grad_logp, 0.0)
     lse_hi, lse_lo = _cpu_ext.split_lse(lse, block.shape[0])
     log_p = block.mul_(s).sub_(lse_hi.unsqueeze(1)).sub_(lse_lo.unsqueeze(1))  # log p_j = (z − hi) − lo, in place

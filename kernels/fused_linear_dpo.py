@@ -82,7 +82,8 @@ class _PairLoss:
 
     def __call__(self, seq_logps: Tensor, pairs: Tensor) -> LossOutput:
         num_pairs = self.lengths.numel() // 2
-        s_c, s_r = seq_logps[:, 0], seq_logps[:, 1]
+        s_c = seq_logps[:, 0]
+        s_r = seq_logps[:, 1]
         lengths = dict(chosen_lengths=self.lengths[pairs], rejected_lengths=self.lengths[pairs + num_pairs])
         nll = -s_c * self.nll_scale
         o = self.options
@@ -171,16 +172,7 @@ def fused_linear_dpo_loss(
         plus TRL's ``logits/{chosen,rejected}`` (mean over active tokens and the vocabulary of logits / temperature,
         without forming them).
     """
-    options = DPOOptions(
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        length_normalize=length_normalize,
-        gamma=gamma,
-        nll_coef=nll_coef,
-        reference_free=reference_free,
-        discopop_tau=discopop_tau,
-    )
+    options = DPOOptions.pick(locals())  # first: locals() are the arguments
     check_choice("strategy", strategy, STRATEGIES)
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     check_aux(
@@ -235,7 +227,9 @@ class FusedLinearDPOLoss(nn.Module):
         super().__init__()
         check_choice("strategy", strategy, STRATEGIES)
         self.options = DPOOptions(**options)
-        self.temperature, self.ignore_index, self.strategy = temperature, ignore_index, strategy
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.strategy = strategy
 
     def forward(
         self,
@@ -306,7 +300,8 @@ def reference_fused_linear_dpo_loss(
 
     seq, logp = seq_logp(hidden, weight, bias)
     m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2].double()
-    half, lengths = seq.shape[0] // 2, m.sum(-1)
+    half = seq.shape[0] // 2
+    lengths = m.sum(-1)
     nll = -logp[:half].sum() / m[:half].sum().clamp_min(1.0)
     kw = dict(chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
     if loss_type == "orpo":

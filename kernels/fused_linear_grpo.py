@@ -64,7 +64,8 @@ class _TokenGrad:
 
     def _chunk(self, rows: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor, Tensor]:
         """(local row, column, [k, width] shape, advantages [k], weights [k, width]) of a chunk's tokens."""
-        seq, pos = self.layout.seq_ids[rows], self.layout.positions[rows]
+        seq = self.layout.seq_ids[rows]
+        pos = self.layout.positions[rows]
         if self.whole_rows:
             units, local = torch.unique(seq, return_inverse=True)
             return local, pos, (units.numel(), self.layout.max_len), self.advantages[units], self.weights[units]
@@ -190,21 +191,7 @@ def fused_linear_grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
         (masked token means).
     """
-    options = GRPOOptions(
-        beta=beta,
-        kl_estimator=kl_estimator,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        sampler_is_cap=sampler_is_cap,
-        entropy_coef=entropy_coef,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        vespo_shape=vespo_shape,
-        use_bias_correction_kl=use_bias_correction_kl,
-    )
+    options = GRPOOptions.pick(locals())  # first: locals() are the arguments
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     check_aux(
         "hidden",
@@ -283,11 +270,9 @@ class FusedLinearGRPOLoss(nn.Module):
     ):
         super().__init__()
         self.options = GRPOOptions(**options)
-        self.max_completion_length, self.temperature, self.ignore_index = (
-            max_completion_length,
-            temperature,
-            ignore_index,
-        )
+        self.max_completion_length = max_completion_length
+        self.temperature = temperature
+        self.ignore_index = ignore_index
 
     def forward(
         self,

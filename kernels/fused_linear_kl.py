@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from hotloop._errors import check_choice, is_real, require
+from hotloop._errors import require
 
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
@@ -53,9 +53,7 @@ from ._stats import KLStats
 from .fused_linear_logprob import _FLOAT_DTYPES
 from .losses._checks import check_aux
 from .losses.output import LossOutput
-
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
-NORMALIZE = ("token", "sequence", "sum")
+from .options import KLOptions
 
 
 @dataclass
@@ -63,29 +61,6 @@ class KLOutput(LossOutput):
     """``LossOutput`` plus ``per_token``: the selected divergence per row (detached float32, hidden's leading shape)."""
 
     per_token: Tensor | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class KLOptions:
-    """The options of :func:`fused_linear_kl` and :class:`FusedLinearKL`: defaults and checks live here only."""
-
-    divergence: str = "kl"
-    """"kl" = KL(π ‖ π_ref), "reverse_kl" = KL(π_ref ‖ π), "jsd" = Liger's generalized JSD_β."""
-    beta: float = 0.5
-    """JSD weight of the reference, in (0, 1); unused by the two KLs."""
-    normalize: str = "token"
-    """"token" (mean over counted rows), "sequence" (mean over sequences of their token mean), "sum"."""
-
-    def __post_init__(self) -> None:
-        check_choice("divergence", self.divergence, DIVERGENCES)
-        check_choice("normalize", self.normalize, NORMALIZE)
-        require(is_real(self.beta), "beta", "a finite number", repr(self.beta), TypeError)
-        require(
-            self.divergence != "jsd" or 0.0 < self.beta < 1.0,
-            "beta",
-            "a number in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl')",
-            self.beta,
-        )
 
 
 def _log_softmax_into(out: Tensor, logits: Tensor, s: float) -> Tensor:
@@ -115,7 +90,9 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
         d = lp.sub_(lq)
         q = lq.exp_()
         return -vecdot(q, d), vecdot(p, d), entropy, p.sub_(q)
-    beta, log_a, log_b = opts.beta, math.log1p(-opts.beta), math.log(opts.beta)
+    beta = opts.beta
+    log_a = math.log1p(-opts.beta)
+    log_b = math.log(opts.beta)
     kl = vecdot(p, torch.sub(lp, lq, out=t))
     # log M = logaddexp(log((1−β)p), log(βq)): M itself underflows where both p and q do.
     log_m = torch.logaddexp(lp.add_(log_a), lq.add_(log_b), out=t)
@@ -166,8 +143,13 @@ def kl_fwd_bwd(
             temperature=temperature,
             needs_grad=needs_grad,
         )
-    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
-    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    s = 1.0 / temperature
+    want_h = needs_grad[0]
+    want_w = needs_grad[1]
+    want_b = needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
     gdt = tiles.grad_gemm_dtype(weight.dtype)
     w32 = weight.float() if grads else None  # one upcast serves every chunk (fp32 grad_W is accumulated anyway)
@@ -223,7 +205,8 @@ def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice
 
 def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
     """ValueError/TypeError naming the reference argument, the value seen and the value expected."""
-    dtype, d_ref = ref_hidden.dtype, ref_hidden.shape[-1]
+    dtype = ref_hidden.dtype
+    d_ref = ref_hidden.shape[-1]
     require(dtype in _FLOAT_DTYPES, "ref_hidden", "float32, bfloat16 or float16", dtype, TypeError)
     same_lead = ref_hidden.dim() == hidden.dim() and ref_hidden.shape[:-1] == hidden.shape[:-1]
     require(
@@ -289,7 +272,7 @@ def fused_linear_kl(
         targets' shape, float32, 0 where not counted), ``metrics`` {"kl": mean KL(π ‖ π_ref), "entropy": mean
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
-    options = KLOptions(divergence=divergence, beta=beta, normalize=normalize)
+    options = KLOptions.pick(locals())  # first: locals() are the arguments
     check_aux(
         "hidden",
         hidden,
@@ -358,7 +341,8 @@ class FusedLinearKL(nn.Module):
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, **options):
         super().__init__()
         self.options = KLOptions(**options)
-        self.temperature, self.ignore_index = temperature, ignore_index
+        self.temperature = temperature
+        self.ignore_index = ignore_index
 
     def forward(
         self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None, cu_seqlens=None
@@ -401,8 +385,10 @@ def reference_fused_linear_kl(
     def log_probs(h, w, b):
         return torch.log_softmax((h.double() @ w.double().T + (0.0 if b is None else b.double())) / temperature, -1)
 
-    lp, lq = log_probs(hidden, weight, bias), log_probs(ref_hidden, ref_weight, ref_bias)
-    p, q = lp.exp(), lq.exp()
+    lp = log_probs(hidden, weight, bias)
+    lq = log_probs(ref_hidden, ref_weight, ref_bias)
+    p = lp.exp()
+    q = lq.exp()
     kl = (p * (lp - lq)).sum(-1)
     if divergence == "kl":
         div = kl

@@ -92,12 +92,7 @@ def fused_linear_kto_loss(
         logits / temperature over the samples' active tokens and the vocabulary (never formed; Liger sums every
         position, padding included; TRL 1.16's ``logits/chosen`` is this over V × the chosen completion tokens).
     """
-    options = KTOOptions(
-        beta=beta,
-        desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight,
-        length_normalize=length_normalize,
-    )
+    options = KTOOptions.pick(locals())  # first: locals() are the arguments
     check_choice("strategy", strategy, STRATEGIES)
     check_aux(
         "hidden",
@@ -164,7 +159,9 @@ class FusedLinearKTOLoss(nn.Module):
         super().__init__()
         check_choice("strategy", strategy, STRATEGIES)
         self.options = KTOOptions(**options)
-        self.temperature, self.ignore_index, self.strategy = temperature, ignore_index, strategy
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.strategy = strategy
 
     def forward(
         self,

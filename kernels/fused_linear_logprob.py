@@ -55,13 +55,18 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
             ignore_index=ignore_index,
             with_entropy=with_entropy,
         )
-    (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
+    n, _ = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    targets = targets.contiguous()
     logp, entropy = torch.empty(2, n, device=dev).unbind(0)
     lse = torch.empty(n, device=dev, dtype=torch.float64)
     rows, cols = tiles.block_shape(n, v, dev)
     buf = torch.empty(rows * cols, device=dev)
     for r0, r1 in tiles.spans(n, rows):
-        h32, t, state = hidden2d[r0:r1].float(), targets[r0:r1], _cpu_ext.new_row_state(r1 - r0, dev)
+        h32 = hidden2d[r0:r1].float()
+        t = targets[r0:r1]
+        state = _cpu_ext.new_row_state(r1 - r0, dev)
         for v0, v1 in tiles.spans(v, cols):
             block = tiles.scratch(buf, r1 - r0, v1 - v0)
             tiles.logits_into(block, h32, weight, bias, v0)
@@ -90,15 +95,19 @@ def logprob_bwd(
             ignore_index=ignore_index,
             needs_grad=needs_grad,
         )
-    (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
     if n == 0:  # no rows: every gradient is zero
         zeros = (torch.zeros_like(hidden2d), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
         return tuple(z if need else None for z, need in zip(zeros, needs_grad))
-    targets, grad_logp = targets.contiguous(), grad_logp.float().contiguous()
+    targets = targets.contiguous()
+    grad_logp = grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     entropy = stats.entropy if grad_entropy is not None else None
     gdt = tiles.grad_gemm_dtype(weight.dtype)
-    h32, h_g = hidden2d.float(), hidden2d.to(gdt)
+    h32 = hidden2d.float()
+    h_g = hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
@@ -127,12 +136,8 @@ def logprob_bwd(
             if gb is not None:
                 gb[v0:v1] += block.sum(dim=0)
             g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
-            if gw_acc is not None and r0 == 0:
-                gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(
-                    g.T, h_g[r0:r1], out=gw_acc
-                )
-            elif gw_acc is not None:
-                gw_acc.add_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else gw_acc.addmm_(g.T, h_g[r0:r1])
+            if gw_acc is not None:
+                _add_grad_weight(gw_acc, g, h_g[r0:r1], first=r0 == 0)
             if gh is not None and g.dtype == torch.float32:
                 gh[r0:r1].addmm_(g, w_g)
             elif gh is not None:
@@ -140,6 +145,20 @@ def logprob_bwd(
         if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
             gw[v0:v1].copy_(gw_acc)
     return tiles.cast(gh, hidden2d.dtype), gw, tiles.cast(gb, weight.dtype)
+
+
+def _add_grad_weight(acc: Tensor, g: Tensor, h: Tensor, *, first: bool) -> None:
+    """``acc`` [Vb, D] fp32 ``=`` (first row tile) or ``+=`` ``g.T @ h``; a bf16 ``g`` forms the product, then adds."""
+    if g.dtype != acc.dtype:
+        product = torch.mm(g.T, h)
+        if first:
+            acc.copy_(product)
+        else:
+            acc.add_(product)
+    elif first:
+        torch.mm(g.T, h, out=acc)
+    else:
+        acc.addmm_(g.T, h)
 
 
 def _rows_of(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
@@ -151,11 +170,14 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
         return [(torch.arange(r0, r1, device=device), slice(r0, r1)) for r0, r1 in tiles.spans(n, chunk)]
-    chunks, pending, size = [], [], 0
+    chunks = []
+    pending = []
+    size = 0
     for group in row_groups:
         if pending and size + group.numel() > chunk:
             chunks.append((torch.cat(pending), None))
-            pending, size = [], 0
+            pending = []
+            size = 0
         pending.append(group.to(device=device, dtype=torch.int64))
         size += group.numel()
     if pending:
@@ -194,8 +216,12 @@ def logprob_fwd_bwd(
             row_groups=row_groups,
             needs_grad=needs_grad,
         )
-    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
-    gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    s = 1.0 / temperature
+    gdt = tiles.grad_gemm_dtype(weight.dtype)
+    targets = targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
     chunks = _row_chunks(n, v, row_groups, dev)
@@ -232,7 +258,8 @@ def _fwd_bwd_triton(
     """Triton path of ``logprob_fwd_bwd``: forward, one token_grad call on all grouped rows, backward."""
     opts = dict(temperature=temperature, ignore_index=ignore_index)
     stats = logprob_fwd(hidden2d, weight, targets, bias, with_entropy=with_entropy, **opts)
-    n, dev = hidden2d.shape[0], hidden2d.device
+    n = hidden2d.shape[0]
+    dev = hidden2d.device
     rows = torch.arange(n, device=dev) if row_groups is None else torch.cat(row_groups).to(dev, torch.int64)
     g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
     grad_logp = torch.zeros(n, device=dev).index_copy_(0, rows, g_lp.detach().float())
@@ -335,13 +362,17 @@ def fused_linear_logprob(
         logp [...] float32, or (logp, entropy) [...] float32 each. Differentiable w.r.t. hidden, weight, bias.
     """
     _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    lead, d = hidden.shape[:-1], hidden.shape[-1]
-    hidden2d, flat_targets = hidden.reshape(-1, d), targets.reshape(-1).contiguous()
-    temperature, ignore_index = float(temperature), int(ignore_index)
+    lead = hidden.shape[:-1]
+    d = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, d)
+    flat_targets = targets.reshape(-1).contiguous()
+    temperature = float(temperature)
+    ignore_index = int(ignore_index)
     active = (flat_targets != ignore_index).nonzero().squeeze(1)
     compact = active.numel() < flat_targets.numel()
     if compact:  # gather the active rows (autograd scatters their gradient back; ignored rows get 0)
-        hidden2d, flat_targets = hidden2d.index_select(0, active), flat_targets.index_select(0, active)
+        hidden2d = hidden2d.index_select(0, active)
+        flat_targets = flat_targets.index_select(0, active)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         out = FusedLinearLogprobFunction.apply(
             hidden2d, weight, bias, flat_targets, temperature, ignore_index, return_entropy
@@ -369,7 +400,9 @@ class FusedLinearLogprob(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
         super().__init__()
-        self.temperature, self.ignore_index, self.return_entropy = temperature, ignore_index, return_entropy
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.return_entropy = return_entropy
 
     def forward(self, hidden, weight, targets, bias=None):
         return fused_linear_logprob(

@@ -101,7 +101,8 @@ def _preference(
     out = fused_linear_dpo_loss(
         _input, lin_weight, target, bias, ref_logps=ref_logps, beta=beta, ignore_index=ignore_index, **fused
     )
-    half, lengths = target.shape[0] // 2, (target != ignore_index).sum(-1).float()
+    half = target.shape[0] // 2
+    lengths = (target != ignore_index).sum(-1).float()
     scale = lengths.clamp_min(1.0) if average else torch.ones_like(lengths)
     logps = out.seq_logps / scale
     rewards = (beta * (logps if ref_logps is None else logps - ref_logps / scale)).float()
@@ -134,10 +135,18 @@ class LigerFusedLinearDPOLoss(nn.Module):
         super().__init__()
         check_choice("loss_type", loss_type, DPO_LOSS_TYPES)  # Liger's DPO class has no "orpo"
         DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
-        self.ignore_index, self.beta, self.alpha, self.compute_nll_loss = ignore_index, beta, alpha, compute_nll_loss
-        self.compiled, self.use_ref_model, self.average_log_prob = compiled, use_ref_model, average_log_prob
-        self.chunk_size, self.loss_type, self.label_smoothing = chunk_size, loss_type, label_smoothing
-        self.discopop_tau, self.strategy = discopop_tau, strategy
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+        self.discopop_tau = discopop_tau
+        self.strategy = strategy
 
     def forward(
         self,
@@ -218,9 +227,15 @@ class LigerFusedLinearCPOLoss(nn.Module):
     ):
         super().__init__()
         DPOOptions(beta=beta, label_smoothing=label_smoothing)
-        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
-        self.compute_nll_loss, self.compiled, self.average_log_prob = compute_nll_loss, compiled, average_log_prob
-        self.chunk_size, self.strategy = chunk_size, strategy
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.strategy = strategy
 
     def forward(self, lin_weight, _input, target, bias=None):
         out, aux = _preference(
@@ -260,9 +275,15 @@ class LigerFusedLinearSimPOLoss(nn.Module):
     ):
         super().__init__()
         DPOOptions(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-        self.ignore_index, self.beta, self.alpha, self.label_smoothing = ignore_index, beta, alpha, label_smoothing
-        self.compute_nll_loss, self.compiled, self.gamma = compute_nll_loss, compiled, gamma
-        self.chunk_size, self.strategy = chunk_size, strategy
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.alpha = alpha
+        self.label_smoothing = label_smoothing
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.gamma = gamma
+        self.chunk_size = chunk_size
+        self.strategy = strategy
 
     def forward(self, lin_weight, _input, target, bias=None):
         out, aux = _preference(
@@ -299,8 +320,12 @@ class LigerFusedLinearORPOLoss(nn.Module):
         strategy: str = "auto",
     ):
         super().__init__()
-        self.ignore_index, self.beta, self.compute_nll_loss = ignore_index, beta, compute_nll_loss
-        self.compiled, self.chunk_size, self.strategy = compiled, chunk_size, strategy
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.compute_nll_loss = compute_nll_loss
+        self.compiled = compiled
+        self.chunk_size = chunk_size
+        self.strategy = strategy
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
         own_nll = self.compute_nll_loss and nll_target is None  # the fused ORPO's NLL term is on ``target``
@@ -317,13 +342,15 @@ class LigerFusedLinearORPOLoss(nn.Module):
             loss_type="orpo",
             strategy=self.strategy,
         )
-        loss, half = out.loss, target.shape[0] // 2
+        loss = out.loss
+        half = target.shape[0] // 2
         if not own_nll:
             sft = dict(ignore_index=self.ignore_index)
             loss = loss - fused_linear_sft_loss(_input[:half], lin_weight, target[:half], bias, **sft).loss
             if self.compute_nll_loss:
                 nll = fused_linear_sft_loss(_input[:half], lin_weight, nll_target[:half], bias, **sft).loss
-                loss, aux = loss + nll, (*aux[:4], nll.detach(), *aux[5:])
+                loss = loss + nll
+                aux = (*aux[:4], nll.detach(), *aux[5:])
         return loss, (*aux, out.metrics["log_odds_ratio"], out.metrics["log_odds_chosen"])
 
 
@@ -342,8 +369,13 @@ class LigerFusedLinearKTOLoss(nn.Module):
         strategy: str = "auto",
     ):
         super().__init__()
-        self.ignore_index, self.beta, self.compiled, self.use_ref_model = ignore_index, beta, compiled, use_ref_model
-        self.average_log_prob, self.chunk_size, self.strategy = average_log_prob, chunk_size, strategy
+        self.ignore_index = ignore_index
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.average_log_prob = average_log_prob
+        self.chunk_size = chunk_size
+        self.strategy = strategy
 
     def forward(
         self,
@@ -442,13 +474,25 @@ class LigerFusedLinearGRPOLoss(nn.Module):
         kl_estimator: str = "k3",
     ):
         super().__init__()
-        self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
-        self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
-        self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
-        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
-        self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, use_bias_correction_kl
-        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
-        self.vespo_k_neg, self.vespo_lambda_neg, self.kl_estimator = vespo_k_neg, vespo_lambda_neg, kl_estimator
+        self.beta = beta
+        self.compiled = compiled
+        self.use_ref_model = use_ref_model
+        self.chunk_size = chunk_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.loss_type = loss_type
+        self.max_completion_length = max_completion_length
+        self.importance_sampling_level = importance_sampling_level
+        self.sapo_temperature_pos = sapo_temperature_pos
+        self.sapo_temperature_neg = sapo_temperature_neg
+        self.temperature = temperature
+        self.delta = delta
+        self.use_bias_correction_kl = use_bias_correction_kl
+        self.vespo_k_pos = vespo_k_pos
+        self.vespo_lambda_pos = vespo_lambda_pos
+        self.vespo_k_neg = vespo_k_neg
+        self.vespo_lambda_neg = vespo_lambda_neg
+        self.kl_estimator = kl_estimator
         self._options(beta)  # checks every option now, as Liger's constructor does
 
     def _options(self, beta: float) -> dict:
@@ -488,12 +532,15 @@ class LigerFusedLinearGRPOLoss(nn.Module):
             raise ValueError(
                 expected("ref_per_token_logps", "a tensor with use_ref_model=True (or ref_input + ref_weight)", None)
             )
-        reference, beta = {}, self.beta if self.use_ref_model else 0.0
+        reference = {}
+        beta = self.beta if self.use_ref_model else 0.0
         if beta != 0.0 and ref_per_token_logps is not None:  # Liger prefers the cached log-probs too
             reference = dict(ref_logp=ref_per_token_logps)
         elif beta != 0.0:
             reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
-        mask, old, sampler = attention_mask.bool(), old_per_token_logps, None
+        mask = attention_mask.bool()
+        old = old_per_token_logps
+        sampler = None
         if vllm_is_ratio is not None:
             if old is None:  # on-policy: the old log-probs are this forward's, needed before it
                 layout, logp = _forward_logps(
@@ -546,9 +593,14 @@ class LigerFusedLinearJSDLoss(nn.Module):
         super().__init__()
         require(temperature != 0, "temperature", "a number != 0", temperature)
         require(0.0 <= beta <= 1.0, "beta", "a number in [0, 1]", beta)
-        self.weight_hard_loss, self.weight_soft_loss = weight_hard_loss, weight_soft_loss
-        self.ignore_index, self.return_soft_hard_loss = ignore_index, return_soft_hard_loss
-        self.temperature, self.compiled, self.beta, self.chunk_size = temperature, compiled, beta, chunk_size
+        self.weight_hard_loss = weight_hard_loss
+        self.weight_soft_loss = weight_soft_loss
+        self.ignore_index = ignore_index
+        self.return_soft_hard_loss = return_soft_hard_loss
+        self.temperature = temperature
+        self.compiled = compiled
+        self.beta = beta
+        self.chunk_size = chunk_size
 
     def forward(
         self,
@@ -561,7 +613,8 @@ class LigerFusedLinearJSDLoss(nn.Module):
         teacher_bias=None,
     ):
         # Liger takes [N, D] rows (any leading shape works): one padded sequence of N tokens here
-        hidden, labels = student_input.reshape(1, -1, student_input.shape[-1]), true_labels.reshape(1, -1)
+        hidden = student_input.reshape(1, -1, student_input.shape[-1])
+        labels = true_labels.reshape(1, -1)
         teacher = teacher_input.reshape(1, -1, teacher_input.shape[-1])
         divergence = {0.0: "reverse_kl", 1.0: "kl"}.get(float(self.beta), "jsd")
         weight, bias = _pad_vocab(student_weight, student_bias, teacher_weight.shape[0])

@@ -307,7 +307,8 @@ class GrpoTokenLossFunction(torch.autograd.Function):
         scale = row_scale(row_stats[:, 1])
         entropy_grad = entropy is not None and entropy.requires_grad and o.entropy_coef != 0.0
         ctx.save_for_backward(grad, scale, mask if entropy_grad else None)
-        ctx.dtypes, ctx.entropy_coef = (logp.dtype, None if entropy is None else entropy.dtype), o.entropy_coef
+        ctx.dtypes = (logp.dtype, None if entropy is None else entropy.dtype)
+        ctx.entropy_coef = o.entropy_coef
         sums = row_stats[:, 1:].sum(0)
         ctx.mark_non_differentiable(sums)
         return torch.linalg.vecdot(scale, row_stats[:, 0]), sums

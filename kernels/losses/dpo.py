@@ -30,30 +30,19 @@ Memory: a few ``[B]`` temporaries.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hotloop._errors import expected, is_real, require
+from hotloop._errors import expected, require
 
-from ._checks import check_aux, check_choice, check_tensor, mean_or_zero
+from ..options import DPO_LOSS_TYPES as LOSS_TYPES
+from ..options import DPOOptions
+from ._checks import check_aux, check_tensor, mean_or_zero
 from .output import LossOutput
 
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-)
+__all__ = ["LOSS_TYPES", "DPOOptions", "dpo_loss", "orpo_loss"]
 
 
 def _log_sigmoid(x: Tensor) -> Tensor:
@@ -71,10 +60,12 @@ def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps:
     if loss_type == "ipo":
         return (rho_c - rho_r - 1 / (2 * beta)) ** 2
     if loss_type == "exo_pair":
-        log_pw, log_pl = math.log1p(-eps), math.log(eps)
+        log_pw = math.log1p(-eps)
+        log_pl = math.log(eps)
         return torch.sigmoid(z) * (_log_sigmoid(z) - log_pw) + torch.sigmoid(-z) * (_log_sigmoid(-z) - log_pl)
     if loss_type == "nca_pair":
-        wc, wr = beta * rho_c, beta * rho_r
+        wc = beta * rho_c
+        wr = beta * rho_r
         return -_log_sigmoid(wc) - 0.5 * _log_sigmoid(-wc) - 0.5 * _log_sigmoid(-wr)
     if loss_type == "robust":
         return (-(1 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1 - 2 * eps)
@@ -88,78 +79,6 @@ def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps:
         return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(z)
     mod = torch.sigmoid(z / tau)  # discopop
     return -_log_sigmoid(z) * (1 - mod) + torch.exp(-z) * mod
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPOOptions:
-    """The options of the DPO family, declared and checked here only: :func:`dpo_loss`, :func:`orpo_loss` (``beta``),
-    ``fused_linear_dpo_loss``, its module and ``DPOConfig`` take theirs."""
-
-    beta: float = 0.1
-    """Inverse temperature β of the implicit reward β log(π/π_ref) (> 0); ORPO's weight λ of the odds-ratio term."""
-    loss_type: str = "sigmoid"
-    """Pairwise loss, one of ``LOSS_TYPES`` (module docstring); the fused loss also takes ``"orpo"``."""
-    label_smoothing: float = 0.0
-    """ε of sigmoid (cDPO, [0, 0.5]), robust ([0, 0.5)) and exo_pair ((0, 1), paper 1e-3); 0 for the others."""
-    length_normalize: bool | None = None
-    """Divide the log-probs by the completion lengths (SimPO); None: the loss type's default (True for ipo, as TRL;
-    False otherwise); False with ipo is Azar et al.'s form on sequence sums."""
-    gamma: float = 0.0
-    """SimPO margin γ subtracted from β(ρ_c − ρ_r) (sigmoid only)."""
-    nll_coef: float = 0.0
-    """Weight of the chosen completions' NLL (RPO, CPO); 0 = no NLL term (ORPO has its own, weight 1)."""
-    reference_free: bool = False
-    """Use ``ref = 0`` (SimPO, CPO): no reference log-probs."""
-    discopop_tau: float = 0.05
-    """τ of discopop (> 0)."""
-
-    def __post_init__(self) -> None:
-        check_choice("loss_type", self.loss_type, (*LOSS_TYPES, "orpo"))
-        for name in ("beta", "discopop_tau"):
-            require(
-                is_real(getattr(self, name)) and getattr(self, name) > 0,
-                name,
-                "a number > 0",
-                repr(getattr(self, name)),
-            )
-        for name in ("label_smoothing", "gamma", "nll_coef"):
-            require(is_real(getattr(self, name)), name, "a finite number", repr(getattr(self, name)), TypeError)
-        require(isinstance(self.reference_free, bool), "reference_free", "a bool", repr(self.reference_free), TypeError)
-        require(
-            self.length_normalize is None or isinstance(self.length_normalize, bool),
-            "length_normalize",
-            "None or a bool",
-            repr(self.length_normalize),
-            TypeError,
-        )
-        self._check_combinations()
-
-    def _check_combinations(self) -> None:
-        eps, loss_type = self.label_smoothing, self.loss_type
-        ranges = {
-            "exo_pair": (0 < eps < 1, "(0, 1) (paper: 1e-3)"),
-            "robust": (0 <= eps < 0.5, "[0, 0.5)"),
-            "sigmoid": (0 <= eps <= 0.5, "[0, 0.5]"),
-        }
-        ok, interval = ranges.get(loss_type, (eps == 0, "0 (it applies to sigmoid, robust and exo_pair)"))
-        require(ok, "label_smoothing", f"a number in {interval} for loss_type={loss_type!r}", eps)
-        require(
-            self.gamma == 0 or loss_type == "sigmoid",
-            "gamma",
-            f"0 with loss_type={loss_type!r} (the SimPO margin applies to 'sigmoid')",
-            self.gamma,
-        )
-        orpo_ok = loss_type != "orpo" or (self.nll_coef == 0 and not self.reference_free)
-        require(
-            orpo_ok,
-            "loss_type",
-            "'orpo' with nll_coef=0 and reference_free=False (ORPO has its own NLL term and no reference)",
-            f"nll_coef={self.nll_coef}, reference_free={self.reference_free}",
-        )
-
-    def normalizes_length(self) -> bool:
-        """Whether log-probs are divided by the completion lengths (``length_normalize``, None: ipo only)."""
-        return self.loss_type == "ipo" if self.length_normalize is None else self.length_normalize
 
 
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -206,16 +125,7 @@ def dpo_loss(
         ``LossOutput``; metrics ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``
         (and ``nll_loss`` when given).
     """
-    o = DPOOptions(
-        beta=beta,
-        loss_type=loss_type,
-        label_smoothing=label_smoothing,
-        length_normalize=length_normalize,
-        gamma=gamma,
-        nll_coef=nll_coef,
-        reference_free=reference_free,
-        discopop_tau=discopop_tau,
-    )
+    o = DPOOptions.pick(locals())  # first: locals() are the arguments
     require(o.loss_type != "orpo", "loss_type", f"one of {LOSS_TYPES} (ORPO: orpo_loss)", repr(o.loss_type))
     refs = (ref_chosen_logps, ref_rejected_logps)
     lengths = (chosen_lengths, rejected_lengths)

@@ -40,101 +40,22 @@ Sequence-level ratios and vespo couple the tokens of a row: their row groups mus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from hotloop._errors import expected, is_real, require
+from hotloop._errors import expected
 
 from .._dispatch import use_triton
+from ..options import CLIPPED, GRPOOptions
+from ..options import GRPO_LOSS_TYPES as LOSS_TYPES
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
-from .kl_penalty import DEFAULT_ESTIMATOR, ESTIMATORS, _kl
+from .kl_penalty import _kl
 from .output import LossOutput
 from .segments import unpack
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GRPOOptions:
-    """The options of the GRPO family, declared (defaults as Liger's ``LigerFusedLinearGRPOLoss``, beta 0) and
-    checked here only: :func:`grpo_loss`, ``fused_linear_grpo_loss``, its module and ``GRPOConfig`` take theirs."""
-
-    beta: float = 0.0
-    """KL(π ‖ π_ref) weight (>= 0); 0: no KL term and no reference needed."""
-    kl_estimator: str = DEFAULT_ESTIMATOR
-    """Per-token KL estimator, one of ``ESTIMATORS`` (:mod:`.kl_penalty`)."""
-    epsilon_low: float = 0.2
-    """Lower clip range: ratios below 1 − epsilon_low stop pushing down (negative advantages)."""
-    epsilon_high: float = 0.2
-    """Upper clip range: ratios above 1 + epsilon_high stop pushing up (DAPO: 0.28; cispo: the absolute cap)."""
-    delta: float | None = None
-    """INTELLECT-2's two-sided clip of the ratio (> 0, clipped loss types only); None = off."""
-    loss_type: str = "dapo"
-    """Per-token loss and reduction, one of ``LOSS_TYPES`` (module docstring)."""
-    importance_sampling_level: str = "token"
-    """"token" (GRPO) or "sequence" (GSPO: one geometric-mean ratio per completion; clipped loss types only)."""
-    sampler_is_cap: float | None = None
-    """Truncation (> 0) of the sampler correction ``exp(old_logp − sampler_logp)`` (TIS); None = untruncated."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus ``− entropy_coef · entropy`` (needs ``entropy``)."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO's τ for positive advantages (> 0)."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO's τ for negative advantages (> 0)."""
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
-    """VESPO's ``(k_pos, λ_pos, k_neg, λ_neg)``."""
-    use_bias_correction_kl: bool = False
-    """Multiply the per-token KL by the importance weight."""
-
-    def __post_init__(self) -> None:
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
-        check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        for name in ("beta", "epsilon_low", "epsilon_high"):
-            require(
-                is_real(getattr(self, name)) and getattr(self, name) >= 0,
-                name,
-                "a number >= 0",
-                repr(getattr(self, name)),
-            )
-        require(is_real(self.entropy_coef), "entropy_coef", "a finite number", repr(self.entropy_coef))
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            require(
-                is_real(getattr(self, name)) and getattr(self, name) > 0,
-                name,
-                "a number > 0",
-                repr(getattr(self, name)),
-            )
-        for name in ("delta", "sampler_is_cap"):
-            value = getattr(self, name)
-            require(value is None or (is_real(value) and value > 0), name, "None or a number > 0", repr(value))
-        require(
-            self.delta is None or self.loss_type in CLIPPED,
-            "delta",
-            f"None with loss_type={self.loss_type!r} (a two-sided clip needs a loss_type in {CLIPPED})",
-            self.delta,
-        )
-        whole = self.importance_sampling_level == "token" or self.loss_type in CLIPPED
-        require(
-            whole,
-            "importance_sampling_level",
-            f"'token' with loss_type={self.loss_type!r} ('sequence' needs a loss_type in {CLIPPED})",
-            repr(self.importance_sampling_level),
-        )
-        shape = self.vespo_shape
-        ok = isinstance(shape, tuple) and len(shape) == 4 and all(is_real(x) for x in shape)
-        require(ok, "vespo_shape", "a tuple of 4 numbers (k_pos, lambda_pos, k_neg, lambda_neg)", repr(shape))
-        require(
-            isinstance(self.use_bias_correction_kl, bool),
-            "use_bias_correction_kl",
-            "a bool",
-            repr(self.use_bias_correction_kl),
-            TypeError,
-        )
+__all__ = ["CLIPPED", "LOSS_TYPES", "GRPOOptions", "grpo_loss", "grpo_per_token", "loss_weights", "row_scale"]
 
 
 class _Terms(NamedTuple):
@@ -216,7 +137,8 @@ def _policy_term(logp, log_w, adv, loss_type, eps_low, eps_high, delta, sapo_t):
     if loss_type == "sapo":
         tau = _pick(a > 0, sapo_t[0], sapo_t[1], w)
         return -torch.sigmoid(tau * (w - 1)) * 4 / tau * a, no, no
-    lo, hi = 1 - eps_low, 1 + eps_high
+    lo = 1 - eps_low
+    hi = 1 + eps_high
     w1 = w if delta is None else w.clamp(max=delta)
     return -torch.minimum(w1 * a, w.clamp(lo, hi) * a), w < lo, w > hi
 
@@ -230,7 +152,8 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: GRPOOptions) -> _Terms:
     if o.loss_type == "vespo":
         phi = _gamma_weights(adv, log_ratio.detach(), m, is_ratio, o.vespo_shape)
         ptl = -phi * adv.unsqueeze(-1) * lp
-        low = high = torch.zeros_like(lp, dtype=torch.bool)
+        low = torch.zeros_like(lp, dtype=torch.bool)
+        high = low
     else:
         sapo_t = (o.sapo_temperature_pos, o.sapo_temperature_neg)
         ptl, low, high = _policy_term(lp, log_w, adv, o.loss_type, o.epsilon_low, o.epsilon_high, o.delta, sapo_t)
@@ -369,21 +292,7 @@ def grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
         (when given): masked token means.
     """
-    o = GRPOOptions(
-        beta=beta,
-        kl_estimator=kl_estimator,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        sampler_is_cap=sampler_is_cap,
-        entropy_coef=entropy_coef,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        vespo_shape=vespo_shape,
-        use_bias_correction_kl=use_bias_correction_kl,
-    )
+    o = GRPOOptions.pick(locals())  # first: locals() are the arguments
     if cu_seqlens is not None:
         names = ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy")
         logp, old_logp, mask, ref_logp, sampler_logp, entropy = unpack(

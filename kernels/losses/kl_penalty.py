@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
+from ..options import DEFAULT_KL_ESTIMATOR as DEFAULT_ESTIMATOR
+from ..options import KL_ESTIMATORS as ESTIMATORS
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .segments import unpack
 
-ESTIMATORS = ("k1", "k2", "k3")
-DEFAULT_ESTIMATOR = "k3"
-"""The ``kl_estimator`` default of :func:`kl_penalty`, :func:`kl_per_token` and ``GRPOOptions`` (Liger's only one)."""
+__all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "kl_penalty", "kl_per_token", "reference_kl_per_token"]
 
 
 def kl_per_token(logp: Tensor, *, ref_logp: Tensor, kl_estimator: str = DEFAULT_ESTIMATOR) -> Tensor:
@@ -98,5 +98,6 @@ def kl_penalty(
 
 def reference_kl_per_token(logp: Tensor, ref_logp: Tensor, kl_estimator: str) -> Tensor:
     """Float64 reference for :func:`kl_per_token`."""
-    lp, rf = logp.double(), ref_logp.double()
+    lp = logp.double()
+    rf = ref_logp.double()
     return {"k1": lp - rf, "k2": 0.5 * (lp - rf) ** 2, "k3": (rf - lp).exp() - (rf - lp) - 1}[kl_estimator]

@@ -18,15 +18,16 @@ ranks before averaging; do that before calling when training data-parallel).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from hotloop._errors import expected, is_real, require
+from hotloop._errors import expected
 
+from ..options import KTOOptions
 from ._checks import check_aux, check_tensor, mean_or_zero
 from .output import LossOutput
+
+__all__ = ["KTOOptions", "kto_kl_estimate", "kto_loss"]
 
 
 def kto_kl_estimate(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
@@ -41,34 +42,6 @@ def kto_kl_estimate(kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
     check_tensor("kl_logps", kl_logps, ndim=1)
     check_tensor("ref_kl_logps", ref_kl_logps, tuple(kl_logps.shape))
     return (kl_logps - ref_kl_logps).mean().clamp_min(0).detach()
-
-
-@dataclass(frozen=True, kw_only=True)
-class KTOOptions:
-    """The options of KTO, declared and checked here only: :func:`kto_loss`, ``fused_linear_kto_loss``, its module
-    and ``KTOConfig`` take theirs."""
-
-    beta: float = 0.1
-    """Inverse temperature β of the implicit reward β · (log π − log π_ref) (> 0)."""
-    desirable_weight: float = 1.0
-    """λ_D: weight of the desirable examples' loss (>= 0)."""
-    undesirable_weight: float = 1.0
-    """λ_U: weight of the undesirable examples' loss (>= 0)."""
-    length_normalize: bool = False
-    """Use per-token means ``logps / max(lengths, 1)`` (and the same for the reference), Liger's average_log_prob."""
-
-    def __post_init__(self) -> None:
-        require(is_real(self.beta) and self.beta > 0, "beta", "a number > 0", repr(self.beta))
-        for name in ("desirable_weight", "undesirable_weight"):
-            value = getattr(self, name)
-            require(is_real(value) and value >= 0, name, "a finite number >= 0", repr(value))
-        require(
-            isinstance(self.length_normalize, bool),
-            "length_normalize",
-            "a bool",
-            repr(self.length_normalize),
-            TypeError,
-        )
 
 
 def kto_loss(
@@ -96,12 +69,7 @@ def kto_loss(
         ``LossOutput``; metrics ``kl``, ``rewards/{chosen,rejected}_sum``, ``logps/{chosen,rejected}_sum`` (of the
         means with ``length_normalize``), ``count/{chosen,rejected}`` as TRL logs them.
     """
-    o = KTOOptions(
-        beta=beta,
-        desirable_weight=desirable_weight,
-        undesirable_weight=undesirable_weight,
-        length_normalize=length_normalize,
-    )
+    o = KTOOptions.pick(locals())  # first: locals() are the arguments
     check_tensor("logps", logps, ndim=1)
     check_aux(
         "logps",
@@ -118,7 +86,8 @@ def kto_loss(
             raise ValueError(expected("lengths", "[B] completion token counts (length_normalize=True)", None))
         check_tensor("lengths", lengths, tuple(logps.shape))
         scale = lengths.to(logps.dtype).clamp_min(1.0)
-        logps, ref_logps = logps / scale, ref_logps / scale
+        logps = logps / scale
+        ref_logps = ref_logps / scale
     z0 = 0.0 if reference_point is None else reference_point
     z0 = z0.detach() if isinstance(z0, Tensor) else z0
     rho = logps - ref_logps
@@ -126,7 +95,8 @@ def kto_loss(
     weight = torch.full_like(rho, o.undesirable_weight).masked_fill(labels, o.desirable_weight)
     loss = mean_or_zero(weight * (1 - torch.sigmoid(o.beta * (rho - z0) * sign)))
     with torch.no_grad():
-        rewards, lf = o.beta * rho, labels.to(rho.dtype)
+        rewards = o.beta * rho
+        lf = labels.to(rho.dtype)
         metrics = {
             "kl": torch.as_tensor(z0, dtype=torch.float32, device=logps.device),
             "rewards/chosen_sum": (rewards * lf).sum(),

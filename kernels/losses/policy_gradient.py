@@ -48,7 +48,8 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
         loss, rows = LinearTokenLossFunction.apply(logp, coef, as_mask(mask, logp), normalize)
         return loss, rows.sum(0)
     dt = compute_dtype(logp)
-    lp, m = logp.to(dt), as_mask(mask, logp).to(dt)
+    lp = logp.to(dt)
+    m = as_mask(mask, logp).to(dt)
     c = torch.ones((), dtype=dt, device=lp.device) if coef is None else coef.detach().to(dt)
     c = c.unsqueeze(-1) if c.dim() == 1 else c
     loss = masked_reduce(-c * lp, m, normalize)
@@ -100,7 +101,8 @@ def policy_gradient_loss(
 
 def reference_policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), (mask != 0).double()
+    lp = logp.double()
+    m = (mask != 0).double()
     adv = advantages.double()
     adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
     rows = [(-adv[b] * lp[b] * m[b]).sum() for b in range(lp.shape[0])]

@@ -77,7 +77,8 @@ def unpack(cu_seqlens: Tensor, names: tuple[str, ...], *values: Tensor | None) -
         if v is not None:
             check_tensor(name, v, (n,))
     cu = check_cu_seqlens(cu_seqlens, n)
-    b, t = len(cu) - 1, max(hi - lo for lo, hi in zip(cu, cu[1:]))
+    b = len(cu) - 1
+    t = max(hi - lo for lo, hi in zip(cu, cu[1:]))
     device = next(v.device for v in values if v is not None)
     starts = torch.tensor(cu, device=device)
     ids = segment_ids(starts, cu[-1])

@@ -62,7 +62,8 @@ def sft_loss(
 
 def reference_sft_loss(logp: Tensor, mask: Tensor, weights: Tensor | None, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), (mask != 0).double()
+    lp = logp.double()
+    m = (mask != 0).double()
     w = torch.ones(lp.shape[0], dtype=torch.float64) if weights is None else weights.double()
     rows = [w[b] * (-lp[b] * m[b]).sum() for b in range(lp.shape[0])]
     if normalize == "token":
