@@ -40,10 +40,11 @@ from torch import Tensor
 from hotloop._errors import expected
 
 from ._dispatch import use_triton
+from ._head_checks import FLOAT_DTYPES, check_head_inputs
 from ._stats import TokenStats
 from ._torch_tiles import block_rows, unit_block_bytes
-from .fused_linear_logprob import _FLOAT_DTYPES, _check_inputs, logprob_fwd, logprob_fwd_bwd
-from .losses._checks import check_choice, check_tensor
+from .fused_linear_logprob import logprob_fwd, logprob_fwd_bwd
+from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.segments import check_cu_seqlens, segment_ids
 
@@ -130,7 +131,7 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     else:
         num_seqs = hidden.shape[0]
         max_len = hidden.shape[1]
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    check_head_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
     flat = targets.reshape(-1)
     seq, pos = _seq_positions(n, max_len, cu_seqlens, hidden.device)
@@ -148,6 +149,16 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
         max_len=max_len,
         input_shape=hidden.shape,
     )
+
+
+def check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head=(None, None, None), **others) -> None:
+    """``check_aux`` of a fused loss's head, layout and reference-head arguments against ``hidden``, plus ``others``
+    (``name=(tensor, kind)``, as ``check_aux``)."""
+    ref_hidden, ref_weight, ref_bias = head
+    floats = dict(weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    kinds = {name: (tensor, "float") for name, tensor in floats.items()}
+    kinds.update(targets=(targets, "int"), mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"))
+    check_aux("hidden", hidden, **kinds, **others)
 
 
 def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *, needed: bool, why: str) -> None:
@@ -174,7 +185,7 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
 
 
 def _check_reference_head(ref_hidden, ref_weight, ref_bias, layout: Layout) -> None:
-    if ref_hidden.dtype not in _FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
+    if ref_hidden.dtype not in FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
         want = f"float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, D_ref] (hidden's leading shape)"
         raise ValueError(expected("ref_hidden", want, f"{ref_hidden.dtype} {tuple(ref_hidden.shape)}"))
     v_min = int(layout.targets.max()) + 1 if layout.targets.numel() else 1

@@ -35,6 +35,7 @@ from hotloop._errors import expected
 from ._fused_linear_common import (
     STRATEGIES,
     attach_grads,
+    check_fused_args,
     check_reference,
     float32_output,
     forward_stats,
@@ -49,7 +50,7 @@ from ._fused_linear_common import (
 )
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
-from .losses._checks import check_aux, check_choice, check_tensor
+from .losses._checks import check_choice, check_tensor
 from .losses.dpo import DPOOptions
 from .losses.output import LossOutput
 
@@ -175,45 +176,39 @@ def fused_linear_dpo_loss(
     options = DPOOptions.pick(locals())  # first: locals() are the arguments
     check_choice("strategy", strategy, STRATEGIES)
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux(
-        "hidden",
-        hidden,
-        weight=(weight, "float"),
-        bias=(bias, "float"),
-        targets=(targets, "int"),
-        mask=(mask, "mask"),
-        cu_seqlens=(cu_seqlens, "mask"),
-        ref_logps=(ref_logps, "float"),
-        ref_hidden=(ref_hidden, "float"),
-        ref_weight=(ref_weight, "float"),
-        ref_bias=(ref_bias, "float"),
-    )
+    head = (ref_hidden, ref_weight, ref_bias)
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head, ref_logps=(ref_logps, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
-    _check_batch(layout, options, ref_logps, ref_hidden, ref_weight, ref_bias)
-    ref = _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts)
-    pair_loss = _PairLoss.of(layout, ref, options)
+    _check_batch(layout, options, ref_logps, *head)
+    pair_loss = _PairLoss.of(layout, _reference_seq_logps(layout, ref_logps, *head, opts), options)
     num_pairs = layout.num_seqs // 2
     pairs = torch.arange(num_pairs, device=layout.seq_ids.device)
     pair_loss(torch.zeros(num_pairs, 2, device=pairs.device), pairs)  # checks the lengths before any matmul
     needs = grads_needed(hidden, weight, bias)
-    if any(needs):
-        units = torch.stack((pairs, pairs + num_pairs), dim=1)  # pair b = sequences (b, B + b)
-
-        def share(seq_logps, idx):  # the pairs' share of the mean over all B pairs
-            return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
-
-        strategy = sequence_strategy(layout, weight, units, strategy)
-        stats, grads = sequence_loss_grads(
-            layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
-        )
-    else:
-        stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
+    stats, grads = _stats_and_grads(layout, weight, bias, pair_loss, needs, strategy, opts)
     with torch.no_grad():
         seq_logps = layout.seq_sum(stats.logp)
         out = float32_output(pair_loss(seq_logps.double().view(2, num_pairs).T, pairs))
         out.metrics.update(_logit_means(logit_sums(layout, weight, bias, temperature), pair_loss.lengths))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return DPOOutput(loss, out.metrics, seq_logps=seq_logps.float())
+
+
+def _stats_and_grads(layout, weight, bias, pair_loss: _PairLoss, needs, strategy: str, opts: dict):
+    """Token stats and, when any input needs one, the gradients (pair b = sequences (b, B + b); ``strategy``)."""
+    if not any(needs):
+        return forward_stats(layout, weight, bias, with_entropy=False, **opts), None
+    num_pairs = layout.num_seqs // 2
+    pairs = torch.arange(num_pairs, device=layout.seq_ids.device)
+    units = torch.stack((pairs, pairs + num_pairs), dim=1)
+
+    def share(seq_logps, idx):  # the pairs' share of the mean over all B pairs
+        return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
+
+    strategy = sequence_strategy(layout, weight, units, strategy)
+    return sequence_loss_grads(
+        layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
+    )
 
 
 class FusedLinearDPOLoss(nn.Module):

@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from hotloop._errors import expected
+from hotloop._errors import require
 
 from ._fused_linear_common import (
     Layout,
     attach_grads,
+    check_fused_args,
     check_reference,
     forward_stats,
     grads_needed,
@@ -44,7 +45,7 @@ from ._fused_linear_common import (
     reference_padded,
 )
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_aux, check_tensor
+from .losses._checks import check_tensor
 from .losses.grpo import GRPOOptions, grpo_loss, grpo_per_token, loss_weights
 from .losses.output import LossOutput
 
@@ -193,62 +194,54 @@ def fused_linear_grpo_loss(
     """
     options = GRPOOptions.pick(locals())  # first: locals() are the arguments
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux(
-        "hidden",
-        hidden,
-        weight=(weight, "float"),
-        bias=(bias, "float"),
-        targets=(targets, "int"),
-        mask=(mask, "mask"),
-        cu_seqlens=(cu_seqlens, "mask"),
-        advantages=(advantages, "float"),
-        old_logp=(old_logp, "float"),
-        ref_logp=(ref_logp, "float"),
-        sampler_logp=(sampler_logp, "float"),
-        ref_hidden=(ref_hidden, "float"),
-        ref_weight=(ref_weight, "float"),
-        ref_bias=(ref_bias, "float"),
-    )
+    head = (ref_hidden, ref_weight, ref_bias)
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp)
+    layout = _checked_layout(hidden, weight, targets, bias, advantages, mask, cu_seqlens, per_token, head, lp_opts)
+    check_reference("ref_logp", ref_logp, *head, needed=options.beta != 0.0, why=f"beta={options.beta}")
+    cap = options.sampler_is_cap
+    require(cap is None or sampler_logp is not None, "sampler_logp", f"log-probs (sampler_is_cap={cap})", None)
+    tokens = {name: _per_token_input(layout, name, values) for name, values in per_token.items()}
+    if ref_hidden is not None:
+        tokens["ref_logp"] = reference_head_logp(layout, *head, **lp_opts)
+    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    return _fused_loss(layout, (hidden, weight, bias), advantages.detach().float(), tokens, options, totals, lp_opts)
+
+
+def _checked_layout(hidden, weight, targets, bias, advantages, mask, cu_seqlens, per_token: dict, head: tuple, lp_opts):
+    """The batch's layout, after checking every tensor argument (and what the options need) against it."""
+    floats = {name: (values, "float") for name, values in {**per_token, "advantages": advantages}.items()}
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head, **floats)
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **lp_opts)
     check_tensor("advantages", advantages, (layout.num_seqs,))
-    check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
-    if sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(
-            expected("sampler_logp", f"per-token sampler log-probs (sampler_is_cap={sampler_is_cap})", None)
-        )
-    old = _per_token_input(layout, "old_logp", old_logp)
-    ref = _per_token_input(layout, "ref_logp", ref_logp)
-    sampler = _per_token_input(layout, "sampler_logp", sampler_logp)
-    if ref_hidden is not None:
-        ref = reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **lp_opts)
-    adv = advantages.detach().float()
+    return layout
+
+
+def _fused_loss(layout: Layout, head: tuple, adv: Tensor, tokens: dict, options: GRPOOptions, totals: dict, lp_opts):
+    """Loss and metrics of the checked batch, with the gradients w.r.t. ``head = (hidden, weight, bias)`` attached.
+
+    ``tokens``: ``old_logp``, ``ref_logp``, ``sampler_logp`` at the active rows (``[N_a]`` float32) or None.
+    """
+    hidden, weight, bias = head
     m = layout.padded_mask()
-    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
     whole_rows = options.importance_sampling_level == "sequence" or options.loss_type == "vespo"
+    weights = loss_weights(m, options.loss_type, **totals)
     token_grad = _TokenGrad(
         layout=layout,
         advantages=adv,
-        weights=loss_weights(m, options.loss_type, **totals),
-        old=old,
-        ref=ref,
-        sampler=sampler,
+        weights=weights,
+        old=tokens["old_logp"],
+        ref=tokens["ref_logp"],
+        sampler=tokens["sampler_logp"],
         options=options,
         whole_rows=whole_rows,
     )
     needs = grads_needed(hidden, weight, bias)
     stats, grads = _stats_and_grads(layout, weight, bias, token_grad, needs, lp_opts)
+    padded = {name: _padded(layout, values) for name, values in tokens.items()}
     with torch.no_grad():
-        out = grpo_loss(
-            _padded(layout, stats.logp),
-            adv,
-            m,
-            old_logp=_padded(layout, old),
-            ref_logp=_padded(layout, ref),
-            sampler_logp=_padded(layout, sampler),
-            entropy=_padded(layout, stats.entropy),
-            **totals,
-            **asdict(options),
-        )
+        logp = _padded(layout, stats.logp)
+        entropy = _padded(layout, stats.entropy)
+        out = grpo_loss(logp, adv, m, entropy=entropy, **padded, **totals, **asdict(options))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
 

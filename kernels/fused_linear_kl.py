@@ -44,14 +44,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from hotloop._errors import require
-
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
-from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
+from ._fused_linear_common import Layout, attach_grads, check_fused_args, grads_needed, make_layout
+from ._head_checks import check_reference_like_hidden
 from ._stats import KLStats
-from .fused_linear_logprob import _FLOAT_DTYPES
-from .losses._checks import check_aux
 from .losses.output import LossOutput
 from .options import KLOptions
 
@@ -203,30 +200,6 @@ def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice
         gb.addmv_(g.T, row_scale)
 
 
-def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
-    """ValueError/TypeError naming the reference argument, the value seen and the value expected."""
-    dtype = ref_hidden.dtype
-    d_ref = ref_hidden.shape[-1]
-    require(dtype in _FLOAT_DTYPES, "ref_hidden", "float32, bfloat16 or float16", dtype, TypeError)
-    same_lead = ref_hidden.dim() == hidden.dim() and ref_hidden.shape[:-1] == hidden.shape[:-1]
-    require(
-        same_lead, "ref_hidden", f"hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref]", tuple(ref_hidden.shape)
-    )
-    require(ref_weight.dtype == dtype, "ref_weight", f"ref_hidden's dtype {dtype}", ref_weight.dtype, TypeError)
-    require(
-        ref_weight.shape == (v, d_ref),
-        "ref_weight",
-        f"shape [V={v}, D_ref={d_ref}] (V = weight's rows)",
-        tuple(ref_weight.shape),
-    )
-    if ref_bias is not None:
-        require(ref_bias.dtype == dtype, "ref_bias", f"ref_hidden's dtype {dtype}", ref_bias.dtype, TypeError)
-        require(ref_bias.shape == (v,), "ref_bias", f"shape ({v},) (V)", tuple(ref_bias.shape))
-    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if t is not None:
-            require(t.device == hidden.device, name, f"hidden's device {hidden.device}", t.device)
-
-
 def _row_weights(layout: Layout, normalize: str) -> Tensor:
     """[N_a] float32 w_i with loss = Σ_i w_i·D_i over the active rows; see the module docstring."""
     ones = torch.ones(layout.hidden.shape[0], device=layout.hidden.device)
@@ -273,18 +246,7 @@ def fused_linear_kl(
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
     options = KLOptions.pick(locals())  # first: locals() are the arguments
-    check_aux(
-        "hidden",
-        hidden,
-        weight=(weight, "float"),
-        bias=(bias, "float"),
-        targets=(targets, "int"),
-        mask=(mask, "mask"),
-        cu_seqlens=(cu_seqlens, "mask"),
-        ref_hidden=(ref_hidden, "float"),
-        ref_weight=(ref_weight, "float"),
-        ref_bias=(ref_bias, "float"),
-    )
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, (ref_hidden, ref_weight, ref_bias))
     layout = make_layout(
         hidden,
         weight,
@@ -295,7 +257,7 @@ def fused_linear_kl(
         temperature=temperature,
         ignore_index=ignore_index,
     )
-    _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
+    check_reference_like_hidden(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     if layout.rows is not None:
         ref2d = ref2d.index_select(0, layout.rows)

@@ -17,7 +17,7 @@ Memory and FLOPs as ``fused_linear_dpo``.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ._fused_linear_common import (
     STRATEGIES,
     attach_grads,
+    check_fused_args,
     check_reference,
     float32_output,
     forward_stats,
@@ -38,7 +39,7 @@ from ._fused_linear_common import (
     sequence_strategy,
 )
 from .fused_linear_logprob import reference_fused_linear_logprob
-from .losses._checks import check_aux, check_choice, check_tensor
+from .losses._checks import check_choice, check_tensor
 from .losses.kto import KTOOptions, kto_loss
 from .losses.output import LossOutput
 
@@ -94,58 +95,69 @@ def fused_linear_kto_loss(
     """
     options = KTOOptions.pick(locals())  # first: locals() are the arguments
     check_choice("strategy", strategy, STRATEGIES)
-    check_aux(
-        "hidden",
-        hidden,
-        weight=(weight, "float"),
-        bias=(bias, "float"),
-        targets=(targets, "int"),
-        mask=(mask, "mask"),
-        cu_seqlens=(cu_seqlens, "mask"),
-        labels=(labels, "bool"),
-    )
+    head = (ref_hidden, ref_weight, ref_bias)
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head, labels=(labels, "bool"))
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
-    b = layout.num_seqs
-    check_tensor("labels", labels, (b,))
-    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias, needed=True, why="KTO")
-    if ref_hidden is not None:
-        ref = layout.seq_sum(reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **opts))
-    else:
-        check_tensor("ref_logps", ref_logps, (b,))
-        ref = ref_logps.detach().double()
+    check_tensor("labels", labels, (layout.num_seqs,))
+    check_reference("ref_logps", ref_logps, *head, needed=True, why="KTO")
     lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
-
-    def sample_loss(seq_logps: Tensor, samples: Tensor) -> LossOutput:
-        return kto_loss(
-            seq_logps[:, 0],
-            labels[samples],
-            ref_logps=ref[samples],
-            lengths=lengths[samples],
-            reference_point=reference_point,
-            **asdict(options),
-        )
-
-    samples = torch.arange(b, device=ref.device)
-    sample_loss(torch.zeros(b, 1, device=ref.device), samples)  # checks the reference point before any matmul
+    ref = _reference_seq_logps(layout, ref_logps, head, opts)
+    sample_loss = _SampleLoss(labels=labels, ref=ref, lengths=lengths, reference_point=reference_point, options=options)
+    samples = torch.arange(layout.num_seqs, device=ref.device)
+    sample_loss(torch.zeros(layout.num_seqs, 1, device=ref.device), samples)  # checks z0 before any matmul
     needs = grads_needed(hidden, weight, bias)
-    if any(needs):
-        units = samples.unsqueeze(1)
-
-        def share(seq_logps, idx):  # the samples' share of the mean over all B samples
-            return sample_loss(seq_logps, idx).loss * (idx.numel() / b)
-
-        strategy = sequence_strategy(layout, weight, units, strategy)
-        stats, grads = sequence_loss_grads(
-            layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
-        )
-    else:
-        stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
+    stats, grads = _stats_and_grads(layout, weight, bias, sample_loss, needs, strategy, opts)
     with torch.no_grad():
         out = float32_output(sample_loss(layout.seq_sum(stats.logp).double().unsqueeze(1), samples))
         out.metrics.update(_logit_totals(logit_sums(layout, weight, bias, temperature), labels, weight.shape[0]))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SampleLoss:
+    """``kto_loss`` of a subset of samples, from their sequence log-probs ``[k, 1]``."""
+
+    labels: Tensor  # [B] bool
+    ref: Tensor  # [B] reference sequence log-probs
+    lengths: Tensor  # [B] active tokens per sequence
+    reference_point: Tensor | float | None
+    options: KTOOptions
+
+    def __call__(self, seq_logps: Tensor, samples: Tensor) -> LossOutput:
+        return kto_loss(
+            seq_logps[:, 0],
+            self.labels[samples],
+            ref_logps=self.ref[samples],
+            lengths=self.lengths[samples],
+            reference_point=self.reference_point,
+            **asdict(self.options),
+        )
+
+
+def _reference_seq_logps(layout, ref_logps, head: tuple, opts: dict) -> Tensor:
+    """``[B]`` float64 reference sequence log-probs: from the reference head, or the checked ``ref_logps``."""
+    if head[0] is not None:
+        return layout.seq_sum(reference_head_logp(layout, *head, **opts))
+    check_tensor("ref_logps", ref_logps, (layout.num_seqs,))
+    return ref_logps.detach().double()
+
+
+def _stats_and_grads(layout, weight, bias, sample_loss: _SampleLoss, needs, strategy: str, opts: dict):
+    """Token stats and, when any input needs one, the gradients (one unit per sample; ``strategy``)."""
+    if not any(needs):
+        return forward_stats(layout, weight, bias, with_entropy=False, **opts), None
+    b = layout.num_seqs
+    units = torch.arange(b, device=layout.seq_ids.device).unsqueeze(1)
+
+    def share(seq_logps, idx):  # the samples' share of the mean over all B samples
+        return sample_loss(seq_logps, idx).loss * (idx.numel() / b)
+
+    strategy = sequence_strategy(layout, weight, units, strategy)
+    return sequence_loss_grads(
+        layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
+    )
 
 
 class FusedLinearKTOLoss(nn.Module):

@@ -31,14 +31,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from hotloop._errors import expected
-
 from . import _cpu_ext
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
+from ._head_checks import check_head_inputs
 from ._stats import TokenStats
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
@@ -310,41 +307,6 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
-    """ValueError/TypeError naming the argument, the value seen and the value expected."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(expected(name, "a torch.Tensor" + (" or None" if name == "bias" else ""), type(t).__name__))
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(expected("hidden", "float32, bfloat16 or float16", hidden.dtype))
-    if hidden.dim() < 1:
-        raise ValueError(expected("hidden", "shape [..., D]", "a 0-d tensor"))
-    if weight.dtype != hidden.dtype:
-        raise TypeError(expected("weight", f"hidden's dtype {hidden.dtype}", weight.dtype))
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        want = f"shape [V >= 1, D={hidden.shape[-1]}] (D = hidden's last dim)"
-        raise ValueError(expected("weight", want, tuple(weight.shape)))
-    if targets.dtype != torch.int64:
-        raise TypeError(expected("targets", "int64", targets.dtype))
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            expected("targets", f"hidden's leading shape {tuple(hidden.shape[:-1])}", tuple(targets.shape))
-        )
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(expected("bias", f"hidden's dtype {hidden.dtype}", bias.dtype))
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(expected("bias", f"shape ({weight.shape[0]},) (V)", tuple(bias.shape)))
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(expected(name, f"hidden's device {hidden.device}", t.device))
-    if not (float(temperature) > 0.0 and float(temperature) < float("inf")):
-        raise ValueError(expected("temperature", "a finite number > 0", temperature))
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    if bool(bad.any()):
-        want = f"values in [0, {weight.shape[0]}) or ignore_index={ignore_index}"
-        raise ValueError(expected("targets", want, targets[bad][0].item()))
-
-
 def fused_linear_logprob(
     hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False
 ):
@@ -361,7 +323,7 @@ def fused_linear_logprob(
     Returns:
         logp [...] float32, or (logp, entropy) [...] float32 each. Differentiable w.r.t. hidden, weight, bias.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    check_head_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     lead = hidden.shape[:-1]
     d = hidden.shape[-1]
     hidden2d = hidden.reshape(-1, d)

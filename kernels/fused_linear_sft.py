@@ -20,9 +20,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._fused_linear_common import attach_grads, forward_stats, grads_needed, make_layout, reference_padded
+from ._fused_linear_common import (
+    attach_grads,
+    check_fused_args,
+    forward_stats,
+    grads_needed,
+    make_layout,
+    reference_padded,
+)
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_aux, check_choice, check_tensor
+from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.sft import sft_loss
 
@@ -56,16 +63,7 @@ def fused_linear_sft_loss(
         included, which the trainer accumulates).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux(
-        "hidden",
-        hidden,
-        weight=(weight, "float"),
-        bias=(bias, "float"),
-        targets=(targets, "int"),
-        mask=(mask, "mask"),
-        cu_seqlens=(cu_seqlens, "mask"),
-        weights=(weights, "float"),
-    )
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, weights=(weights, "float"))
     layout = make_layout(
         hidden,
         weight,
