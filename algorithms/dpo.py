@@ -116,7 +116,7 @@ class StoredPairBatch(PairBatch):
     """A :class:`PairBatch` of pairs from a fixed set, which knows where each row is stored."""
 
     stored_row: torch.Tensor
-    """[R] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
+    """[B] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
     per row, so micro batches that slice rows keep it aligned."""
 
 
@@ -256,7 +256,7 @@ class _DPOLoss:
 
     @torch.no_grad()
     def reference_logps(self, reference: nn.Module, batch: PairBatch) -> torch.Tensor:
-        """[R] float32 log π_ref of every row of ``batch`` (a fresh reference forward)."""
+        """[B] float32 log π_ref of every row of ``batch`` (a fresh reference forward)."""
         return sequence_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
@@ -370,7 +370,7 @@ class OfflineDPO(_DPOLoss):
         return list(self.pairs)
 
     def reference_logps(self, reference: nn.Module, batch: StoredPairBatch) -> torch.Tensor:
-        """[R] float32 log π_ref of ``batch``'s rows, from the cache of the whole set for ``reference``."""
+        """[B] float32 log π_ref of ``batch``'s rows, from the cache of the whole set for ``reference``."""
         if self._reference is not reference:
             self._reference_cache = self.reference_logps_of_set(reference)
             self._reference = reference

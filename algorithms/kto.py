@@ -10,15 +10,15 @@ and a reference point ``z₀``,
 
 computed by :func:`hotloop.kernels.losses.kto.kto_loss`. ``reference_point="mismatched"`` estimates
 ``z₀ ≈ KL(π ‖ π_ref)`` as TRL does, from mismatched pairs: row ``i``'s prompt with the completion
-of row ``(i + G) mod R`` (the same sample slot of the next prompt's group, G = samples_per_prompt),
+of row ``(i + G) mod B`` (the same sample slot of the next prompt's group, G = samples_per_prompt),
 ``z₀ = max(mean(log π − log π_ref), 0)``, detached (:func:`~hotloop.kernels.losses.kto.kto_kl_estimate`;
 with a single prompt per step the shift wraps around to the rows themselves);
 ``"zero"`` uses ``z₀ = 0`` (Liger's default) and skips those rows.
 
 Unlike pairwise DPO, groups whose samples are all right (or all wrong) still train: their rows
 are pushed up (or down) relative to ``z₀``. Cost: one policy forward + backward and one reference
-forward over the R = P·G rows; with mismatched rows, one more policy and reference forward
-(no grad) over R rows.
+forward over the B = P·G rows; with mismatched rows, one more policy and reference forward
+(no grad) over B rows.
 """
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ class KTOBatch(Batch):
     """One row per sample with its label, plus the mismatched rows that estimate z₀ (or None)."""
 
     labels: torch.Tensor
-    """[R] bool, True for desirable completions."""
+    """[B] bool, True for desirable completions."""
     kl_input_ids: torch.Tensor | None = None
-    """[R, L'] int64 mismatched rows (row i's prompt · row (i + G) mod R's completion), or None for z₀ = 0."""
+    """[B, T'] int64 mismatched rows (row i's prompt · row (i + G) mod B's completion), or None for z₀ = 0."""
     kl_attention_mask: torch.Tensor | None = None
-    """[R, L'] int64 attention mask of the mismatched rows."""
+    """[B, T'] int64 attention mask of the mismatched rows."""
     kl_completion_mask: torch.Tensor | None = None
-    """[R, L'] int64 completion mask of the mismatched rows."""
+    """[B, T'] int64 completion mask of the mismatched rows."""
 
 
 class KTO:

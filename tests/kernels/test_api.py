@@ -197,3 +197,35 @@ def test_kernels_modules_import_each_other_without_a_cycle():
     assert len(graph) > 20 and any(graph.values())
     assert _cycle(graph) == []
     assert _cycle({**graph, "kernels._stats": {"kernels.fused_linear_logprob"}})  # the check finds a cycle
+
+
+ROOT = KERNELS.parent
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+
+
+def test_the_error_helper_imports_nothing_from_hotloop_and_runtime_never_imports_kernels():
+    assert not {m for m in _absolute_imports(ROOT / "_errors.py") if m.startswith("hotloop")}
+    runtime = {p.name: _absolute_imports(p) for p in (ROOT / "runtime").glob("*.py")}
+    assert any("hotloop._errors" in found for found in runtime.values())  # runtime does use the shared helper
+    assert not {name: m for name, found in runtime.items() for m in found if m.startswith("hotloop.kernels")}
+
+
+def _raised_texts(path: Path):
+    """The string parts of every ``raise X(...)`` message in ``path``."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+            for part in ast.walk(node.exc.args[0]):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    yield part.value
+
+
+def test_every_layer_words_argument_errors_as_expected_got():
+    files = [p for folder in ("kernels", "runtime", "algorithms") for p in (ROOT / folder).rglob("*.py")]
+    texts = [(p.name, t) for p in files for t in _raised_texts(p)]
+    assert len(texts) > 100
+    assert [(name, t) for name, t in texts if " must be " in t or " must have " in t] == []
