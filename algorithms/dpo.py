@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.algorithms.pairing import PAIR_FALLBACKS, contrast_pairs, resample_tied, skip_reasons
 from hotloop.algorithms.tasks.arithmetic import Problem
-from hotloop.kernels.losses.dpo import LOSS_TYPES, dpo_loss
+from hotloop.kernels.losses.dpo import LOSS_TYPES, DPOOptions, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion, SamplingParams
 from hotloop.runtime.micro_batches import SplitRule
@@ -55,17 +55,17 @@ _REFERENCE_CHUNK_PAIRS = 64
 
 @dataclass(frozen=True, kw_only=True)
 class DPOConfig:
-    """Settings of the DPO family (online, semi-online and offline alike)."""
+    """Settings of the DPO family (online, semi-online and offline alike); the loss options' defaults, meanings and
+    checks are :class:`~hotloop.kernels.losses.dpo.DPOOptions`' (:meth:`loss_options`)."""
 
-    beta: float = 0.1
-    """Inverse temperature β of the implicit reward β log(π/π_ref)."""
-    loss_type: str = "sigmoid"
-    """Pairwise loss, one of ``hotloop.kernels.losses.dpo.LOSS_TYPES``: "sigmoid" (DPO), "ipo", "hinge", ..."""
-    label_smoothing: float = 0.0
-    """Probability that a preference label is flipped (conservative DPO); 0 = off."""
-    length_normalize: bool | None = None
-    """Divide each sequence log-prob by its completion length before the margin; None = the loss type's
-    default (averaged for ipo, as TRL; summed otherwise); False with ipo = Azar et al.'s sum form."""
+    beta: float = DPOOptions.beta
+    """``DPOOptions.beta``: inverse temperature β of the implicit reward β log(π/π_ref)."""
+    loss_type: str = DPOOptions.loss_type
+    """``DPOOptions.loss_type``: one of ``hotloop.kernels.losses.dpo.LOSS_TYPES`` ("sigmoid" = DPO, "ipo", ...)."""
+    label_smoothing: float = DPOOptions.label_smoothing
+    """``DPOOptions.label_smoothing``: probability that a preference label is flipped (conservative DPO)."""
+    length_normalize: bool | None = DPOOptions.length_normalize
+    """``DPOOptions.length_normalize``: divide each sequence log-prob by its completion length (None: ipo only)."""
     samples_per_prompt: int = 8
     """Completions sampled per prompt to pick pairs from."""
     pairs_per_prompt: int = 1
@@ -80,12 +80,9 @@ class DPOConfig:
     initial policy's samples of the task's prompts."""
 
     def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ValueError(f"beta: expected a float > 0, got {self.beta!r}")
-        if self.loss_type not in LOSS_TYPES:
+        if self.loss_type not in LOSS_TYPES:  # "orpo" is the fused loss's, not a pairwise dpo_loss type
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected a float in [0, 0.5), got {self.label_smoothing!r}")
+        self.loss_options()  # checks every loss option (DPOOptions' rules)
         if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected an int >= 2, got {self.samples_per_prompt!r}")
         if not isinstance(self.pairs_per_prompt, int) or not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
@@ -97,6 +94,11 @@ class DPOConfig:
             raise ValueError(f"hard_prompt_samples: expected an int >= 0, got {self.hard_prompt_samples!r}")
         if self.pairs_file is not None and (not isinstance(self.pairs_file, str) or not self.pairs_file):
             raise ValueError(f"pairs_file: expected None or a path, got {self.pairs_file!r}")
+
+    def loss_options(self) -> DPOOptions:
+        """The kernel's options for this config (the others at ``DPOOptions``' defaults)."""
+        return DPOOptions(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                          length_normalize=self.length_normalize)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +116,7 @@ class StoredPairBatch(PairBatch):
     """A :class:`PairBatch` of pairs from a fixed set, which knows where each row is stored."""
 
     stored_row: torch.Tensor
-    """[R] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
+    """[B] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
     per row, so micro batches that slice rows keep it aligned."""
 
 
@@ -248,9 +250,8 @@ class _DPOLoss:
         ref_logps = self.reference_logps(reference, batch).to(logps.device)
         lengths = batch.completion_mask.sum(-1)
         c, r, cfg = batch.chosen, batch.rejected, self.config
-        out = dpo_loss(logps[c], logps[r], ref_logps[c], ref_logps[r], beta=cfg.beta, loss_type=cfg.loss_type,
-                       label_smoothing=cfg.label_smoothing, chosen_lengths=lengths[c],
-                       rejected_lengths=lengths[r], length_normalize=cfg.length_normalize)
+        out = dpo_loss(logps[c], logps[r], ref_chosen_logps=ref_logps[c], ref_rejected_logps=ref_logps[r],
+                       chosen_lengths=lengths[c], rejected_lengths=lengths[r], **asdict(cfg.loss_options()))
         metrics = dict(out.metrics)
         # per token over every completion token of the batch (both sides of each pair), not a per-pair mean
         metrics["kl"] = (logps.detach() - ref_logps).sum() / lengths.sum().clamp_min(1)
@@ -259,7 +260,7 @@ class _DPOLoss:
 
     @torch.no_grad()
     def reference_logps(self, reference: nn.Module, batch: PairBatch) -> torch.Tensor:
-        """[R] float32 log π_ref of every row of ``batch`` (a fresh reference forward)."""
+        """[B] float32 log π_ref of every row of ``batch`` (a fresh reference forward)."""
         return sequence_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
 
 
@@ -377,7 +378,7 @@ class OfflineDPO(_DPOLoss):
         return list(self.pairs)
 
     def reference_logps(self, reference: nn.Module, batch: StoredPairBatch) -> torch.Tensor:
-        """[R] float32 log π_ref of ``batch``'s rows, from the cache of the whole set for ``reference``."""
+        """[B] float32 log π_ref of ``batch``'s rows, from the cache of the whole set for ``reference``."""
         if self._reference is not reference:
             self._reference_cache = self.reference_logps_of_set(reference)
             self._reference = reference

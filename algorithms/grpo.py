@@ -21,7 +21,7 @@ trainer recomputes). With ``sync_every = 1`` the sampler *is* the trainer's modu
 kernel rounding, the clip never fires and the loss is the on-policy policy gradient. With ``s > 1``
 the sampler lags by up to ``s − 1`` optimizer steps; its log-probs are then the *behaviour*
 policy's, ``w = π_θ / π_behaviour`` corrects for the staleness (off-policy importance sampling)
-and the clip bounds how far one stale batch moves the policy. ``old_logprobs="policy"`` sets
+and the clip bounds how far one stale batch moves the policy. ``old_logp="policy"`` sets
 ``π_old = sg(π_θ)`` instead (``w ≡ 1``: staleness ignored), for comparison.
 
 Groups whose rewards are all equal have zero advantage and give no policy gradient;
@@ -33,7 +33,7 @@ Cost: one policy forward + backward over the kept rows through the fused log-pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -42,62 +42,56 @@ from hotloop.algorithms.base import (Batch, BuildContext, completion_rows, group
                                      token_values)
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.advantages import group_advantages, rloo_advantages
-from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss
-from hotloop.kernels.losses.kl_penalty import ESTIMATORS
+from hotloop.kernels.losses.grpo import GRPOOptions, grpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
 from hotloop.runtime.micro_batches import SplitRule
 
 ADVANTAGES = ("group_std", "group_mean", "rloo")
-OLD_LOGPROBS = ("sampler", "policy")
+OLD_LOGP = ("sampler", "policy")
 
 
 @dataclass(frozen=True, kw_only=True)
 class GRPOConfig:
-    """Settings of the GRPO family."""
+    """Settings of the GRPO family; the loss options' defaults, meanings and checks are
+    :class:`~hotloop.kernels.losses.grpo.GRPOOptions`' (:meth:`loss_options`)."""
 
     samples_per_prompt: int = 8
     """G: completions sampled per prompt (one group)."""
     advantage: str = "group_std"
     """One of ADVANTAGES: "group_std" (GRPO), "group_mean" (Dr. GRPO, no std scaling), "rloo" (leave-one-out)."""
-    loss_type: str = "dapo"
-    """Per-token loss and reduction, one of ``hotloop.kernels.losses.grpo.LOSS_TYPES``."""
-    epsilon_low: float = 0.2
-    """Lower clip range: ratios below 1 − epsilon_low stop pushing down (negative advantages)."""
-    epsilon_high: float = 0.2
-    """Upper clip range: ratios above 1 + epsilon_high stop pushing up (DAPO: 0.28; cispo: the absolute cap)."""
-    delta: float | None = None
-    """Two-sided clip of the ratio for negative advantages (INTELLECT-2); None = off."""
-    importance_sampling_level: str = "token"
-    """"token" (GRPO) or "sequence" (GSPO: one geometric-mean ratio per completion)."""
-    beta: float = 0.0
-    """KL(π ‖ π_ref) penalty coefficient; 0 = no penalty and no reference forward."""
-    kl_estimator: str = "k3"
-    """Per-token KL estimator: "k1", "k2" or "k3"."""
-    old_logprobs: str = "sampler"
+    loss_type: str = GRPOOptions.loss_type
+    """``GRPOOptions.loss_type``: per-token loss and reduction."""
+    epsilon_low: float = GRPOOptions.epsilon_low
+    """``GRPOOptions.epsilon_low``: lower clip range."""
+    epsilon_high: float = GRPOOptions.epsilon_high
+    """``GRPOOptions.epsilon_high``: upper clip range (DAPO: 0.28; cispo: the absolute cap)."""
+    delta: float | None = GRPOOptions.delta
+    """``GRPOOptions.delta``: two-sided clip of the ratio (INTELLECT-2); None = off."""
+    importance_sampling_level: str = GRPOOptions.importance_sampling_level
+    """``GRPOOptions.importance_sampling_level``: "token" (GRPO) or "sequence" (GSPO)."""
+    beta: float = GRPOOptions.beta
+    """``GRPOOptions.beta``: KL(π ‖ π_ref) penalty coefficient; 0 = no penalty and no reference forward."""
+    kl_estimator: str = GRPOOptions.kl_estimator
+    """``GRPOOptions.kl_estimator``: "k1", "k2" or "k3"."""
+    old_logp: str = "sampler"
     """π_old: "sampler" (Completion.logprobs, the behaviour policy) or "policy" (sg(π_θ): ratio 1)."""
     drop_uniform_groups: bool = True
     """Leave out the rows of groups whose rewards are all equal (zero advantage) before the forward pass."""
 
     def __post_init__(self) -> None:
-        choices = (("advantage", ADVANTAGES), ("loss_type", LOSS_TYPES), ("kl_estimator", ESTIMATORS),
-                   ("importance_sampling_level", ("token", "sequence")), ("old_logprobs", OLD_LOGPROBS))
-        for name, allowed in choices:
+        for name, allowed in (("advantage", ADVANTAGES), ("old_logp", OLD_LOGP)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected an int >= 2, got {self.samples_per_prompt!r}")
-        for name in ("epsilon_low", "epsilon_high"):
-            if not isinstance(getattr(self, name), (int, float)) or not getattr(self, name) >= 0:
-                raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.beta, (int, float)) or not self.beta >= 0:
-            raise ValueError(f"beta: expected a float >= 0, got {self.beta!r}")
-        if self.delta is not None and (self.loss_type in ("cispo", "sapo", "vespo") or not self.delta > 0):
-            raise ValueError(f"delta: expected None, or a float > 0 with a clipped loss_type, got {self.delta!r} "
-                             f"with loss_type={self.loss_type!r}")
-        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo"):
-            raise ValueError(f"importance_sampling_level: 'sequence' is not defined for loss_type="
-                             f"{self.loss_type!r}; expected 'token'")
+        self.loss_options()  # checks every loss option (GRPOOptions' rules)
+
+    def loss_options(self) -> GRPOOptions:
+        """The kernel's options for this config (the others at ``GRPOOptions``' defaults)."""
+        return GRPOOptions(loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                           delta=self.delta, importance_sampling_level=self.importance_sampling_level,
+                           beta=self.beta, kl_estimator=self.kl_estimator)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,9 +99,9 @@ class GRPOBatch(Batch):
     """Rows of the groups with a reward contrast, each with its advantage and its sampler log-probs."""
 
     advantages: torch.Tensor
-    """[R] float32 group-relative advantage of each row."""
-    old_logprobs: torch.Tensor
-    """[R, L − 1] float32 sampler log-prob of each completion token (aligned with ``token_logprobs``), 0 elsewhere."""
+    """[B] float32 group-relative advantage of each row."""
+    old_logp: torch.Tensor
+    """[B, T − 1] float32 sampler log-prob of each completion token (aligned with ``token_logprobs``), 0 elsewhere."""
 
 
 def advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
@@ -153,7 +147,7 @@ class GRPO:
         old = token_values(completion_mask, [completions[i].logprobs for i in row_list])
         return GRPOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
                          rewards=grouped.reshape(-1)[rows], sampler_version=sampler_version(completions),
-                         advantages=advantages(grouped, self.config.advantage)[rows], old_logprobs=old)
+                         advantages=advantages(grouped, self.config.advantage)[rows], old_logp=old)
 
     def prompt_pool(self, problems: list) -> list:
         """The problems the loop draws prompts from: the run's training problems."""
@@ -178,15 +172,12 @@ class GRPO:
             with torch.no_grad():
                 ref = token_logprobs(reference, *args, **opts)
         mask = batch.completion_mask[:, 1:]
-        old = batch.old_logprobs if cfg.old_logprobs == "sampler" else None
-        out = grpo_loss(logp, old, batch.advantages, mask, ref_logp=ref, beta=cfg.beta,
-                        kl_estimator=cfg.kl_estimator, epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
-                        delta=cfg.delta, loss_type=cfg.loss_type,
-                        importance_sampling_level=cfg.importance_sampling_level,
-                        max_completion_length=self.max_completion_length)
+        old = batch.old_logp if cfg.old_logp == "sampler" else None
+        out = grpo_loss(logp, batch.advantages, mask, old_logp=old, ref_logp=ref,
+                        max_completion_length=self.max_completion_length, **asdict(cfg.loss_options()))
         metrics = dict(out.metrics)
         with torch.no_grad():
             m = mask.to(logp.dtype)
-            metrics["ratio"] = ((logp.detach() - batch.old_logprobs).exp() * m).sum() / m.sum().clamp_min(1.0)
+            metrics["ratio"] = ((logp.detach() - batch.old_logp).exp() * m).sum() / m.sum().clamp_min(1.0)
         metrics["rows"] = torch.tensor(float(batch.rows))
         return LossOutput(loss=out.loss, metrics=metrics)

@@ -10,28 +10,28 @@ and a reference point ``z₀``,
 
 computed by :func:`hotloop.kernels.losses.kto.kto_loss`. ``reference_point="mismatched"`` estimates
 ``z₀ ≈ KL(π ‖ π_ref)`` as TRL does, from mismatched pairs: row ``i``'s prompt with the completion
-of row ``(i + G) mod R`` (the same sample slot of the next prompt's group, G = samples_per_prompt),
+of row ``(i + G) mod B`` (the same sample slot of the next prompt's group, G = samples_per_prompt),
 ``z₀ = max(mean(log π − log π_ref), 0)``, detached (:func:`~hotloop.kernels.losses.kto.kto_kl_estimate`;
 with a single prompt per step the shift wraps around to the rows themselves);
 ``"zero"`` uses ``z₀ = 0`` (Liger's default) and skips those rows.
 
 Unlike pairwise DPO, groups whose samples are all right (or all wrong) still train: their rows
 are pushed up (or down) relative to ``z₀``. Cost: one policy forward + backward and one reference
-forward over the R = P·G rows; with mismatched rows, one more policy and reference forward
-(no grad) over R rows.
+forward over the B = P·G rows; with mismatched rows, one more policy and reference forward
+(no grad) over B rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from hotloop.algorithms.base import Batch, BuildContext, grouped_rewards, pack_rows, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
-from hotloop.kernels.losses.kto import kto_kl_estimate, kto_loss
+from hotloop.kernels.losses.kto import KTOOptions, kto_kl_estimate, kto_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
 from hotloop.runtime.micro_batches import SplitRule
@@ -41,34 +41,35 @@ REFERENCE_POINTS = ("mismatched", "zero")
 
 @dataclass(frozen=True, kw_only=True)
 class KTOConfig:
-    """Settings of KTO on sampled completions."""
+    """Settings of KTO on sampled completions; the loss options' defaults, meanings and checks are
+    :class:`~hotloop.kernels.losses.kto.KTOOptions`' (:meth:`loss_options`)."""
 
-    beta: float = 0.1
-    """Inverse temperature β of the implicit reward β · (log π − log π_ref)."""
+    beta: float = KTOOptions.beta
+    """``KTOOptions.beta``: inverse temperature β of the implicit reward β · (log π − log π_ref)."""
     samples_per_prompt: int = 8
     """Completions sampled (and labelled) per prompt."""
     threshold: float = 0.5
     """A completion is desirable when its reward is > threshold."""
-    desirable_weight: float = 1.0
-    """λ_D: weight of the desirable examples' loss."""
-    undesirable_weight: float = 1.0
-    """λ_U: weight of the undesirable examples' loss."""
+    desirable_weight: float = KTOOptions.desirable_weight
+    """``KTOOptions.desirable_weight``: λ_D, weight of the desirable examples' loss."""
+    undesirable_weight: float = KTOOptions.undesirable_weight
+    """``KTOOptions.undesirable_weight``: λ_U, weight of the undesirable examples' loss."""
     reference_point: str = "mismatched"
     """z₀: "mismatched" (KL estimate from mismatched prompt/completion pairs, as TRL) or "zero"."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beta, (int, float)) or not self.beta > 0:
-            raise ValueError(f"beta: expected a float > 0, got {self.beta!r}")
         if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt: expected an int >= 1, got {self.samples_per_prompt!r}")
         if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold):
             raise ValueError(f"threshold: expected a finite float, got {self.threshold!r}")
-        for name in ("desirable_weight", "undesirable_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")
         if self.reference_point not in REFERENCE_POINTS:
             raise ValueError(f"reference_point: expected one of {REFERENCE_POINTS}, got {self.reference_point!r}")
+        self.loss_options()  # checks every loss option (KTOOptions' rules)
+
+    def loss_options(self) -> KTOOptions:
+        """The kernel's options for this config (``length_normalize`` at ``KTOOptions``' default)."""
+        return KTOOptions(beta=self.beta, desirable_weight=self.desirable_weight,
+                          undesirable_weight=self.undesirable_weight)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,13 +77,13 @@ class KTOBatch(Batch):
     """One row per sample with its label, plus the mismatched rows that estimate z₀ (or None)."""
 
     labels: torch.Tensor
-    """[R] bool, True for desirable completions."""
+    """[B] bool, True for desirable completions."""
     kl_input_ids: torch.Tensor | None = None
-    """[R, L'] int64 mismatched rows (row i's prompt · row (i + G) mod R's completion), or None for z₀ = 0."""
+    """[B, T'] int64 mismatched rows (row i's prompt · row (i + G) mod B's completion), or None for z₀ = 0."""
     kl_attention_mask: torch.Tensor | None = None
-    """[R, L'] int64 attention mask of the mismatched rows."""
+    """[B, T'] int64 attention mask of the mismatched rows."""
     kl_completion_mask: torch.Tensor | None = None
-    """[R, L'] int64 completion mask of the mismatched rows."""
+    """[B, T'] int64 completion mask of the mismatched rows."""
 
 
 class KTO:
@@ -144,8 +145,7 @@ class KTO:
                 kl_args = (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_completion_mask)
                 z0 = kto_kl_estimate(sequence_logprobs(policy, *kl_args), sequence_logprobs(reference, *kl_args))
         cfg = self.config
-        out = kto_loss(logps, ref_logps, batch.labels, beta=cfg.beta, kl_ref_point=z0,
-                       desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight)
+        out = kto_loss(logps, batch.labels, ref_logps=ref_logps, reference_point=z0, **asdict(cfg.loss_options()))
         metrics = dict(out.metrics)
         metrics["reference_point"] = metrics.pop("kl")
         metrics["kl"] = (logps.detach() - ref_logps).mean()

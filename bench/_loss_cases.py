@@ -100,10 +100,10 @@ def functional_loss(case: Case, logp: torch.Tensor, ref: torch.Tensor | None) ->
     spec, seq, t = case.spec, logp.sum(-1), logp.shape[1]
     ref_seq = None if ref is None else ref.sum(-1)
     if spec.family == "kto":
-        return kto_loss(seq, ref_seq, case.extra["labels"], **spec.options).loss
+        return kto_loss(seq, case.extra["labels"], ref_logps=ref_seq, **spec.options).loss
     if spec.family == "grpo":
         x = case.extra
-        return grpo_loss(logp, x["old_logp"].to(logp.dtype), x["advantages"].to(logp.dtype), x["mask"],
+        return grpo_loss(logp, x["advantages"].to(logp.dtype), x["mask"], old_logp=x["old_logp"].to(logp.dtype),
                          ref_logp=ref, **spec.options).loss  # fmt: skip
     half = seq.shape[0] // 2
     lengths = torch.full((half,), float(t), dtype=logp.dtype, device=logp.device)
@@ -111,9 +111,9 @@ def functional_loss(case: Case, logp: torch.Tensor, ref: torch.Tensor | None) ->
     nll = -seq[:half] / t  # per pair: its share of the token-mean NLL over the chosen tokens
     if spec.options.get("loss_type") == "orpo":
         return orpo_loss(seq[:half], seq[half:], beta=spec.options["beta"], nll_loss=nll, **kw).loss
-    refs = (None, None) if ref_seq is None else (ref_seq[:half], ref_seq[half:])
+    refs = {} if ref_seq is None else dict(ref_chosen_logps=ref_seq[:half], ref_rejected_logps=ref_seq[half:])
     nll_kw = dict(nll_loss=nll) if spec.options.get("nll_coef") else {}
-    return dpo_loss(seq[:half], seq[half:], *refs, **spec.options, **kw, **nll_kw).loss
+    return dpo_loss(seq[:half], seq[half:], **refs, **spec.options, **kw, **nll_kw).loss
 
 
 def make_case(spec: Spec, ref: str, s: int, t: int, d: int, v: int, dtype, device) -> Case:
@@ -176,9 +176,9 @@ def hotloop(case: Case) -> Callable[[], torch.Tensor]:
     if case.spec.family == "pair":
         return lambda: fused_linear_dpo_loss(h, w, t, **ref, **opts).loss
     if case.spec.family == "kto":
-        return lambda: fused_linear_kto_loss(h, w, t, x["labels"], **ref, **opts).loss
-    return lambda: fused_linear_grpo_loss(h, w, t, x["advantages"], mask=x["mask"], old_logp=x["old_logp"], **ref,
-                                          **opts).loss  # fmt: skip
+        return lambda: fused_linear_kto_loss(h, w, t, labels=x["labels"], **ref, **opts).loss
+    return lambda: fused_linear_grpo_loss(h, w, t, advantages=x["advantages"], mask=x["mask"], old_logp=x["old_logp"],
+                                          **ref, **opts).loss  # fmt: skip
 
 
 def liger_style(module: str, compiled: bool) -> Callable[[Case], Callable[[], torch.Tensor]]:

@@ -58,7 +58,7 @@ def step_contender(model, batch, advantages, with_mask: bool) -> Contender:
 
     def step() -> None:
         logp = token_logprobs(model, ids, attention, completion_mask=completion if with_mask else None)
-        grpo_loss(logp, logp.detach(), advantages, mask, loss_type="dapo").loss.backward()
+        grpo_loss(logp, advantages, mask, old_logp=logp.detach(), loss_type="dapo").loss.backward()
 
     return Contender(step, lambda: model.zero_grad(set_to_none=True))
 

@@ -29,6 +29,8 @@ from types import ModuleType
 
 import torch
 
+from hotloop._errors import expected
+
 _DTYPE_FLAG = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -59,29 +61,27 @@ def _require_module() -> ModuleType:
 
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.device.type != "cpu":
-        raise ValueError(f"logits must be on the CPU, got device {logits.device}")
+        raise ValueError(expected("logits", "a CPU tensor", f"device {logits.device}"))
     if logits.dtype not in _DTYPE_FLAG:
-        raise TypeError(f"logits must be float32 or bfloat16, got {logits.dtype}")
+        raise TypeError(expected("logits", "float32 or bfloat16", logits.dtype))
     if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [R, V], got shape {tuple(logits.shape)}")
+        raise ValueError(expected("logits", "2-D [R, V]", f"shape {tuple(logits.shape)}"))
     if logits.size(1) > 1 and logits.stride(1) != 1:
-        raise ValueError(f"logits rows must be contiguous (stride(1) == 1), got strides {logits.stride()}")
+        raise ValueError(expected("logits", "contiguous rows (stride(1) == 1)", f"strides {logits.stride()}"))
 
 
 def _check_vector(name: str, t: torch.Tensor | None, rows: int, dtype: torch.dtype) -> None:
     if t is None:
         return
     if t.device.type != "cpu" or t.dtype != dtype or t.shape != (rows,) or not t.is_contiguous():
-        raise ValueError(
-            f"{name} must be a contiguous CPU {dtype} tensor of shape ({rows},), "
-            f"got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
-        )
+        seen = f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous={t.is_contiguous()})"
+        raise ValueError(expected(name, f"a contiguous CPU {dtype} tensor of shape ({rows},)", seen))
 
 
 def _check_inv_temperature(inv_temperature: float) -> float:
     s = float(inv_temperature)
     if not (s > 0.0 and s < float("inf")):
-        raise ValueError(f"inv_temperature must be a finite positive number, got {inv_temperature}")
+        raise ValueError(expected("inv_temperature", "a finite number > 0", inv_temperature))
     return s
 
 
@@ -93,7 +93,12 @@ def new_row_state(rows: int, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def row_stats_fold_(
-    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, inv_temperature: float, state: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_start: int,
+    inv_temperature: float,
+    state: torch.Tensor,
     with_entropy: bool = True,
 ) -> None:
     """Fold the columns ``vocab_start .. vocab_start + Vb`` of each row into ``state``, in place.
@@ -110,23 +115,35 @@ def row_stats_fold_(
     rows, block = logits.shape
     _check_vector("targets", targets, rows, torch.int64)
     if state.dtype != torch.float64 or state.shape != (4, rows) or not state.is_contiguous():
-        raise ValueError(f"state must be a contiguous float64 tensor of shape (4, {rows}), "
-                         f"got {state.dtype} {tuple(state.shape)} (contiguous={state.is_contiguous()})")
+        seen = f"{state.dtype} {tuple(state.shape)} (contiguous={state.is_contiguous()})"
+        raise ValueError(expected("state", f"a contiguous float64 tensor of shape (4, {rows})", seen))
     if int(vocab_start) < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+        raise ValueError(expected("vocab_start", "an int >= 0", vocab_start))
     s = _check_inv_temperature(inv_temperature)
     if rows == 0 or block == 0:
         return
     m, total, shifted, target_logit = (row.data_ptr() for row in state)
     shifted = shifted if with_entropy else 0  # a null T pointer: the kernel skips T
     ext.row_stats_fold(
-        logits.data_ptr(), targets.data_ptr(), m, total, shifted, target_logit, rows, block, logits.stride(0),
-        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, torch.get_num_threads(),
-    )  # fmt: skip
+        logits.data_ptr(),
+        targets.data_ptr(),
+        m,
+        total,
+        shifted,
+        target_logit,
+        rows,
+        block,
+        logits.stride(0),
+        int(vocab_start),
+        _DTYPE_FLAG[logits.dtype],
+        s,
+        torch.get_num_threads(),
+    )
 
 
-def finish_row_state(state: torch.Tensor, targets: torch.Tensor, ignore_index: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def finish_row_state(
+    state: torch.Tensor, targets: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lse [R] float64, logp, entropy [R] float32) of a folded state; logp = entropy = 0 on ignored rows.
 
     lse stays float64 for ``row_grad_`` (see there): at |z| ~ 1e4 its fp32 rounding alone would
@@ -158,12 +175,12 @@ def row_stats(
     rows, vocab = logits.shape
     _check_vector("targets", targets, rows, torch.int64)
     if vocab == 0:
-        raise ValueError(f"logits must have at least one column, got shape {tuple(logits.shape)}")
+        raise ValueError(expected("logits", "at least one column", f"shape {tuple(logits.shape)}"))
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise IndexError(f"targets[{row}] = {int(targets[row])} is outside [0, {vocab}) and is not "
-                         f"ignore_index ({ignore_index})")
+        want = f"a value in [0, {vocab}) or ignore_index ({ignore_index})"
+        raise IndexError(expected(f"targets[{row}]", want, int(targets[row])))
     state = new_row_state(rows)
     row_stats_fold_(logits, targets, vocab_start=0, inv_temperature=inv_temperature, state=state)
     return finish_row_state(state, targets, ignore_index)
@@ -201,26 +218,37 @@ def row_grad_(
     for name, t in (("entropy", entropy), ("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
         _check_vector(name, t, rows, torch.float32)
     if grad_entropy is not None and entropy is None:
-        raise ValueError("entropy must be given when grad_entropy is given, got entropy=None")
+        raise ValueError(expected("entropy", "a tensor when grad_entropy is given", None))
     if int(vocab_start) < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+        raise ValueError(expected("vocab_start", "an int >= 0", vocab_start))
     s = _check_inv_temperature(inv_temperature)
     if rows == 0 or block == 0:
         return
     use_entropy = grad_entropy is not None
     ext.row_grad(
-        logits.data_ptr(), targets.data_ptr(), lse_hi.data_ptr(), lse_lo.data_ptr(),
+        logits.data_ptr(),
+        targets.data_ptr(),
+        lse_hi.data_ptr(),
+        lse_lo.data_ptr(),
         entropy.data_ptr() if use_entropy else 0,
-        grad_logp.data_ptr(), grad_entropy.data_ptr() if use_entropy else 0, rows, block, logits.stride(0),
-        int(vocab_start), _DTYPE_FLAG[logits.dtype], s, int(ignore_index), torch.get_num_threads(),
-    )  # fmt: skip
+        grad_logp.data_ptr(),
+        grad_entropy.data_ptr() if use_entropy else 0,
+        rows,
+        block,
+        logits.stride(0),
+        int(vocab_start),
+        _DTYPE_FLAG[logits.dtype],
+        s,
+        int(ignore_index),
+        torch.get_num_threads(),
+    )
 
 
 def split_lse(lse: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous float32 (hi, lo) [R] with hi + lo = ``lse`` (float64: to ~1e-12 relative; float32: lo = 0)."""
     if not isinstance(lse, torch.Tensor) or lse.dtype not in (torch.float32, torch.float64) or lse.shape != (rows,):
         seen = f"{lse.dtype} {tuple(lse.shape)}" if isinstance(lse, torch.Tensor) else type(lse).__name__
-        raise ValueError(f"lse must be a float64 or float32 tensor of shape ({rows},), got {seen}")
+        raise ValueError(expected("lse", f"a float64 or float32 tensor of shape ({rows},)", seen))
     hi = lse.float().contiguous()
     return hi, (lse - hi.to(lse.dtype)).float().contiguous()
 

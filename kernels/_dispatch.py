@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from hotloop._errors import expected
+
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -22,7 +24,7 @@ def requested_backend() -> str:
     """The value of ``HOTLOOP_BACKEND`` (default ``auto``), validated."""
     value = os.environ.get("HOTLOOP_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"HOTLOOP_BACKEND must be one of {BACKENDS}, got {value!r}")
+        raise ValueError(expected("HOTLOOP_BACKEND", f"one of {BACKENDS}", repr(value)))
     return value
 
 
@@ -43,4 +45,3 @@ def use_triton(device: torch.device) -> bool:
             )
         return True
     return device.type == "cuda"
-

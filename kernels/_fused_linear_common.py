@@ -37,10 +37,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
+
 from ._dispatch import use_triton
+from ._head_checks import FLOAT_DTYPES, check_head_inputs
+from ._stats import TokenStats
 from ._torch_tiles import block_rows, unit_block_bytes
-from .fused_linear_logprob import _FLOAT_DTYPES, TokenStats, _check_inputs, logprob_fwd, logprob_fwd_bwd
-from .losses._checks import check_choice, check_tensor
+from .fused_linear_logprob import logprob_fwd, logprob_fwd_bwd
+from .losses._checks import check_aux, check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.segments import check_cu_seqlens, segment_ids
 
@@ -78,7 +82,8 @@ class Layout:
         of 5000 (5e-4), which is what made the DPO loss err 100x more than the materialized computation.
         """
         return torch.zeros(self.num_seqs, device=values.device, dtype=torch.float64).index_add_(
-            0, self.seq_ids, values.double())
+            0, self.seq_ids, values.double()
+        )
 
     def to_padded(self, values: Tensor) -> Tensor:
         """``[N_a]`` values → ``[B, T]`` in ``values``' dtype, 0 at inactive positions."""
@@ -111,7 +116,7 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     """Check the inputs of a fused loss and gather its active rows (see the module docstring for the layouts)."""
     if not isinstance(hidden, Tensor) or hidden.dim() != (3 if cu_seqlens is None else 2):
         want = "[B, T, D] (padded; pass cu_seqlens for packed [N, D])" if cu_seqlens is None else "[N, D] (packed)"
-        raise ValueError(f"hidden must be {want}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        raise ValueError(expected("hidden", want, getattr(hidden, "shape", type(hidden).__name__)))
     check_tensor("targets", targets, tuple(hidden.shape[:-1]))
     if mask is not None:
         check_tensor("mask", mask, tuple(hidden.shape[:-1]))
@@ -119,20 +124,41 @@ def make_layout(hidden, weight, targets, bias, *, mask, cu_seqlens, temperature,
     n = hidden.shape[:-1].numel()
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, n)
-        num_seqs, max_len = len(cu) - 1, max(b - a for a, b in zip(cu, cu[1:]))
+        num_seqs = len(cu) - 1
+        max_len = max(b - a for a, b in zip(cu, cu[1:]))
         targets = targets.clone() if mask is None else targets
-        targets[cu[-1]:] = ignore_index
+        targets[cu[-1] :] = ignore_index
     else:
-        num_seqs, max_len = hidden.shape[0], hidden.shape[1]
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    hidden2d, flat = hidden.detach().reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        num_seqs = hidden.shape[0]
+        max_len = hidden.shape[1]
+    check_head_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    hidden2d = hidden.detach().reshape(-1, hidden.shape[-1])
+    flat = targets.reshape(-1)
     seq, pos = _seq_positions(n, max_len, cu_seqlens, hidden.device)
     active = flat != ignore_index
     rows = None if bool(active.all()) else active.nonzero().squeeze(1)
     if rows is not None:
         hidden2d, flat, seq, pos = (x.index_select(0, rows) for x in (hidden2d, flat, seq, pos))
-    return Layout(hidden=hidden2d, targets=flat.contiguous(), seq_ids=seq, positions=pos, rows=rows,
-                  num_seqs=num_seqs, max_len=max_len, input_shape=hidden.shape)  # fmt: skip
+    return Layout(
+        hidden=hidden2d,
+        targets=flat.contiguous(),
+        seq_ids=seq,
+        positions=pos,
+        rows=rows,
+        num_seqs=num_seqs,
+        max_len=max_len,
+        input_shape=hidden.shape,
+    )
+
+
+def check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head=(None, None, None), **others) -> None:
+    """``check_aux`` of a fused loss's head, layout and reference-head arguments against ``hidden``, plus ``others``
+    (``name=(tensor, kind)``, as ``check_aux``)."""
+    ref_hidden, ref_weight, ref_bias = head
+    floats = dict(weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    kinds = {name: (tensor, "float") for name, tensor in floats.items()}
+    kinds.update(targets=(targets, "int"), mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"))
+    check_aux("hidden", hidden, **kinds, **others)
 
 
 def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *, needed: bool, why: str) -> None:
@@ -143,29 +169,34 @@ def check_reference(name: str, precomputed, ref_hidden, ref_weight, ref_bias, *,
     """
     head = (ref_hidden, ref_weight, ref_bias)
     if (ref_hidden is None) != (ref_weight is None) or (ref_bias is not None and ref_weight is None):
-        raise ValueError("the reference head needs ref_hidden and ref_weight together (ref_bias optional), got "
-                         + ", ".join(f"{k}={'tensor' if v is not None else None}"
-                                     for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)))  # fmt: skip
+        seen = ", ".join(
+            f"{k}={'tensor' if v is not None else None}" for k, v in zip(("ref_hidden", "ref_weight", "ref_bias"), head)
+        )
+        raise ValueError(expected("ref_hidden, ref_weight", "both or neither (ref_bias only with them)", seen))
     given = [k for k, v in ((name, precomputed), ("ref_hidden", ref_hidden)) if v is not None]
     if needed and len(given) != 1:
-        raise ValueError(f"{why} needs the reference: either {name} or ref_hidden + ref_weight, "
-                         f"got {given or 'neither'}")  # fmt: skip
+        raise ValueError(
+            expected(
+                f"{name} / ref_hidden", f"one reference ({why}): {name} or ref_hidden + ref_weight", given or "neither"
+            )
+        )
     if not needed and given:
-        raise ValueError(f"{why} takes no reference, got {given}")
+        raise ValueError(expected(f"{name} / ref_hidden", f"no reference ({why})", given))
 
 
 def _check_reference_head(ref_hidden, ref_weight, ref_bias, layout: Layout) -> None:
-    if ref_hidden.dtype not in _FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
-        raise ValueError(f"ref_hidden must be float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, "
-                         f"D_ref] (hidden's leading shape), got {ref_hidden.dtype} {tuple(ref_hidden.shape)}")
+    if ref_hidden.dtype not in FLOAT_DTYPES or tuple(ref_hidden.shape[:-1]) != layout.token_shape:
+        want = f"float32/bfloat16/float16 [{', '.join(map(str, layout.token_shape))}, D_ref] (hidden's leading shape)"
+        raise ValueError(expected("ref_hidden", want, f"{ref_hidden.dtype} {tuple(ref_hidden.shape)}"))
     v_min = int(layout.targets.max()) + 1 if layout.targets.numel() else 1
-    if ref_weight.dtype != ref_hidden.dtype or ref_weight.dim() != 2 or ref_weight.shape[1] != ref_hidden.shape[-1] \
-            or ref_weight.shape[0] < v_min:
-        raise ValueError(f"ref_weight must be {ref_hidden.dtype} [V >= {v_min} (largest target + 1), "
-                         f"D_ref={ref_hidden.shape[-1]}], got {ref_weight.dtype} {tuple(ref_weight.shape)}")
+    d_ref = ref_hidden.shape[-1]
+    shape_ok = ref_weight.dim() == 2 and ref_weight.shape[1] == d_ref and ref_weight.shape[0] >= v_min
+    if ref_weight.dtype != ref_hidden.dtype or not shape_ok:
+        want = f"{ref_hidden.dtype} [V >= {v_min} (largest target + 1), D_ref={d_ref}]"
+        raise ValueError(expected("ref_weight", want, f"{ref_weight.dtype} {tuple(ref_weight.shape)}"))
     if ref_bias is not None and (ref_bias.dtype != ref_hidden.dtype or ref_bias.shape != ref_weight.shape[:1]):
-        raise ValueError(f"ref_bias must be {ref_hidden.dtype} [{ref_weight.shape[0]}] (V of ref_weight), "
-                         f"got {ref_bias.dtype} {tuple(ref_bias.shape)}")
+        want = f"{ref_hidden.dtype} [{ref_weight.shape[0]}] (V of ref_weight)"
+        raise ValueError(expected("ref_bias", want, f"{ref_bias.dtype} {tuple(ref_bias.shape)}"))
 
 
 def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, temperature, ignore_index) -> Tensor:
@@ -174,8 +205,15 @@ def reference_head_logp(layout: Layout, ref_hidden, ref_weight, ref_bias, *, tem
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
     ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
     with torch.no_grad():
-        return logprob_fwd(ref2d, ref_weight.detach(), layout.targets, None if ref_bias is None else ref_bias.detach(),
-                           temperature=temperature, ignore_index=ignore_index, with_entropy=False).logp  # fmt: skip
+        return logprob_fwd(
+            ref2d,
+            ref_weight.detach(),
+            layout.targets,
+            None if ref_bias is None else ref_bias.detach(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=False,
+        ).logp
 
 
 def grads_needed(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
@@ -208,7 +246,9 @@ class FusedLossFunction(torch.autograd.Function):
 
 def attach_grads(loss: Tensor, layout: Layout, hidden, weight, bias, grads: _GRADS) -> Tensor:
     """``loss`` (detached, 0-d) made differentiable w.r.t. hidden, weight, bias with the given gradients."""
-    grad_hidden, grad_weight, grad_bias = layout.hidden_grad(grads[0]), grads[1], grads[2]
+    grad_hidden = layout.hidden_grad(grads[0])
+    grad_weight = grads[1]
+    grad_bias = grads[2]
     return FusedLossFunction.apply(loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias)
 
 
@@ -221,7 +261,9 @@ def sequence_strategy(layout: Layout, weight: Tensor, units: Tensor, strategy: s
         return "grouped"
     rows_per_unit = torch.bincount(_unit_of_row(layout, units), minlength=units.shape[0])
     largest = int(rows_per_unit.max()) if rows_per_unit.numel() else 0
-    n, v, device = layout.hidden.shape[0], weight.shape[0], layout.hidden.device
+    n = layout.hidden.shape[0]
+    v = weight.shape[0]
+    device = layout.hidden.device
     fits = largest <= block_rows(n, v, device) or largest * v * 4 <= unit_block_bytes(device)
     return "grouped" if fits else "two_pass"
 
@@ -243,8 +285,18 @@ def _seq_grads(layout: Layout, seq_logps: Tensor, units: Tensor, present: Tensor
     return out.index_put_((seqs.reshape(-1),), grad.reshape(-1).float())
 
 
-def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_loss: Callable, strategy: str,
-                        temperature: float, ignore_index: int, needs_grad) -> tuple[TokenStats, _GRADS]:
+def sequence_loss_grads(
+    layout: Layout,
+    weight,
+    bias,
+    *,
+    units: Tensor,
+    unit_loss: Callable,
+    strategy: str,
+    temperature: float,
+    ignore_index: int,
+    needs_grad,
+) -> tuple[TokenStats, _GRADS]:
     """Token stats and (grad_hidden [N_a, D], grad_weight, grad_bias) of a loss on per-sequence log-prob sums.
 
     Args:
@@ -257,12 +309,14 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
     w = weight.detach()
     b = None if bias is None else bias.detach()
     if strategy == "two_pass":
-        stats = logprob_fwd(layout.hidden, w, layout.targets, b, temperature=temperature, ignore_index=ignore_index,
-                            with_entropy=False)  # fmt: skip
+        stats = logprob_fwd(
+            layout.hidden, w, layout.targets, b, temperature=temperature, ignore_index=ignore_index, with_entropy=False
+        )
         all_units = torch.arange(units.shape[0], device=units.device)
         token = _seq_grads(layout, layout.seq_sum(stats.logp), units, all_units, unit_loss)[layout.seq_ids]
-        stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b,
-                                        token_grad=lambda rows, *_: (token[rows], None), **opts)  # fmt: skip
+        stats, *grads = logprob_fwd_bwd(
+            layout.hidden, w, layout.targets, b, token_grad=lambda rows, *_: (token[rows], None), **opts
+        )
         return stats, tuple(grads)
     unit_of_row = _unit_of_row(layout, units)
     order = torch.argsort(unit_of_row, stable=True)
@@ -270,12 +324,14 @@ def sequence_loss_grads(layout: Layout, weight, bias, *, units: Tensor, unit_los
 
     def token_grad(rows, logp, _entropy):
         seq_logps = torch.zeros(layout.num_seqs, device=logp.device, dtype=torch.float64).index_add_(
-            0, layout.seq_ids[rows], logp.double())
+            0, layout.seq_ids[rows], logp.double()
+        )
         present = torch.unique(unit_of_row[rows])
         return _seq_grads(layout, seq_logps, units, present, unit_loss)[layout.seq_ids[rows]], None
 
-    stats, *grads = logprob_fwd_bwd(layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups,
-                                    **opts)  # fmt: skip
+    stats, *grads = logprob_fwd_bwd(
+        layout.hidden, w, layout.targets, b, token_grad=token_grad, row_groups=groups, **opts
+    )
     return stats, tuple(grads)
 
 
@@ -304,8 +360,15 @@ def float32_output(out: LossOutput) -> LossOutput:
 def forward_stats(layout: Layout, weight, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
     """Forward-only token stats of the active rows (one matmul, nothing saved)."""
     with torch.no_grad():
-        return logprob_fwd(layout.hidden, weight.detach(), layout.targets, None if bias is None else bias.detach(),
-                           temperature=temperature, ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
+        return logprob_fwd(
+            layout.hidden,
+            weight.detach(),
+            layout.targets,
+            None if bias is None else bias.detach(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
 
 
 def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[Tensor, Tensor, Tensor]:
@@ -324,7 +387,9 @@ def reference_padded(hidden, targets, mask, cu_seqlens, ignore_index) -> tuple[T
     out_t = torch.full((len(cu) - 1, t), ignore_index, dtype=torch.int64, device=targets.device)
     out_m = torch.zeros(len(cu) - 1, t, dtype=torch.bool, device=targets.device)
     for i, (a, b) in enumerate(zip(cu, cu[1:])):
-        out_h[i, : b - a], out_t[i, : b - a], out_m[i, : b - a] = hidden[a:b], targets[a:b], mask[a:b]
+        out_h[i, : b - a] = hidden[a:b]
+        out_t[i, : b - a] = targets[a:b]
+        out_m[i, : b - a] = mask[a:b]
     return out_h, out_t.masked_fill(~out_m, ignore_index), out_m
 
 

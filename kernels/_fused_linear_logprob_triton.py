@@ -37,14 +37,27 @@ import triton
 import triton.language as tl
 
 from . import _cpu_ext, _triton_utils
-from .fused_linear_logprob import TokenStats
+from ._stats import TokenStats
 
 
 @triton.jit
 def _logits_tile(
-    H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    W,
+    Bias,
+    rows,
+    cols,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """s·(hidden[rows] @ weight[cols].T + bias[cols]) as an fp32 [BLOCK_N, BLOCK_V] tile (0 outside)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -57,7 +70,8 @@ def _logits_tile(
         h = tl.load(H + rows[:, None] * stride_h + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(W + cols[None, :] * stride_w + d[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:  # interpreter only: see _triton_utils.upcast_dot_operands
-            h, w = h.to(tl.float32), w.to(tl.float32)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         # "ieee" keeps fp32 inputs out of TF32 (the fp32 contract is 1e-5); bf16/fp16 use tensor cores anyway.
         acc = tl.dot(h, w, acc, input_precision="ieee")
     if HAS_BIAS:
@@ -67,11 +81,28 @@ def _logits_tile(
 
 @triton.jit
 def _logprob_fwd_kernel(
-    H, W, Bias, Targets,  # [N, D], [V, D], [V], [N] int64
-    M, S, E, ZT,  # [SPLITS, N] fp32 partials: running max, Σe^{z−m}, Σe^{z−m}(z−m), target logit
-    N, V, D, stride_h, stride_w, tiles_per_split, n_tiles, scale,
-    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    H,
+    W,
+    Bias,
+    Targets,  # [N, D], [V, D], [V], [N] int64
+    M,
+    S,
+    E,
+    ZT,  # [SPLITS, N] fp32 partials: running max, Σe^{z−m}, Σe^{z−m}(z−m), target logit
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    tiles_per_split,
+    n_tiles,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,8 +118,9 @@ def _logprob_fwd_kernel(
     for tile in range(tile_lo, tile_hi):
         cols = (tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
-        z = _logits_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
-                         HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = _logits_tile(
+            H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale, HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D
+        )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # A row whose columns so far are all −inf (padding, or a −inf bias masking whole tiles) keeps
@@ -114,11 +146,32 @@ def _logprob_fwd_kernel(
 
 @triton.jit
 def _logprob_bwd_kernel(
-    H, W, Bias, Targets, Lse, LseLo, Ent, GradLogp, GradEnt,  # [N, D], [V, D], [V], [N] × 6; lse = Lse + LseLo
+    H,
+    W,
+    Bias,
+    Targets,
+    Lse,
+    LseLo,
+    Ent,
+    GradLogp,
+    GradEnt,  # [N, D], [V, D], [V], [N] × 6; lse = Lse + LseLo
     Buf,  # [N, width] view of the chunk buffer (row stride stride_buf), input dtype
-    N, V, D, stride_h, stride_w, stride_buf, vocab_start, width, scale, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    N,
+    V,
+    D,
+    stride_h,
+    stride_w,
+    stride_buf,
+    vocab_start,
+    width,
+    scale,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -126,8 +179,9 @@ def _logprob_bwd_kernel(
     local = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     cols = vocab_start + local
     row_ok = rows < N
-    z = _logits_tile(H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale,
-                     HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = _logits_tile(
+        H, W, Bias, rows, cols, N, V, D, stride_h, stride_w, scale, HAS_BIAS, UPCAST, BLOCK_N, BLOCK_V, BLOCK_D
+    )
     tgt = tl.load(Targets + rows, mask=row_ok, other=ignore_index)
     lse = tl.load(Lse + rows, mask=row_ok, other=0.0)
     lse_lo = tl.load(LseLo + rows, mask=row_ok, other=0.0)
@@ -149,8 +203,9 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def triton_logprob_fwd(hidden2d, weight, targets, bias, *, temperature: float, ignore_index: int,
-                       with_entropy: bool) -> TokenStats:
+def triton_logprob_fwd(
+    hidden2d, weight, targets, bias, *, temperature: float, ignore_index: int, with_entropy: bool
+) -> TokenStats:
     """Per-row log p(target), entropy and lse without materializing the logits.
 
     Args:
@@ -160,28 +215,51 @@ def triton_logprob_fwd(hidden2d, weight, targets, bias, *, temperature: float, i
     Returns:
         TokenStats of float32 [N] tensors (entropy None unless with_entropy).
     """
-    hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
+    hidden2d = _rowmajor(hidden2d)
+    weight = _rowmajor(weight)
     targets = targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    (n, d), v = hidden2d.shape, weight.shape[0]
+    n, d = hidden2d.shape
+    v = weight.shape[0]
     tiles = _triton_utils.logits_tiles(hidden2d.device, n, d, hidden2d.dtype)
-    row_blocks, n_tiles = triton.cdiv(n, tiles.block_n), triton.cdiv(v, tiles.block_v)
+    row_blocks = triton.cdiv(n, tiles.block_n)
+    n_tiles = triton.cdiv(v, tiles.block_v)
     splits, tiles_per_split = _triton_utils.vocab_splits(hidden2d.device, row_blocks, n_tiles)
     m, s, e, zt = torch.empty(4, splits, n, device=hidden2d.device, dtype=torch.float32).unbind(0)
     _logprob_fwd_kernel[(row_blocks, splits)](
-        hidden2d, weight, bias if bias is not None else hidden2d, targets, m, s, e, zt,
-        n, v, d, hidden2d.stride(0), weight.stride(0), tiles_per_split, n_tiles, 1.0 / temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        hidden2d,
+        weight,
+        bias if bias is not None else hidden2d,
+        targets,
+        m,
+        s,
+        e,
+        zt,
+        n,
+        v,
+        d,
+        hidden2d.stride(0),
+        weight.stride(0),
+        tiles_per_split,
+        n_tiles,
+        1.0 / temperature,
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
         UPCAST=_triton_utils.upcast_dot_operands(hidden2d.device, hidden2d.dtype),
-        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_N=tiles.block_n,
+        BLOCK_V=tiles.block_v,
+        BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     return _combine_splits(m, s, e if with_entropy else None, zt, targets != ignore_index)
 
 
 def _combine_splits(m, s, e, zt, keep) -> TokenStats:
     """Merge [SPLITS, N] fp32 online-softmax partials into per-row lse (fp64), logp and entropy (fp32)."""
-    m, s, zt = m.double(), s.double(), zt.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
+    m = m.double()  # [SPLITS, N]: cheap, and lse keeps its low digits
+    s = s.double()
+    zt = zt.double()
     m_max = m.amax(dim=0)
     # a split whose columns are all −inf (a masking bias) has m = −inf, S = E = 0: weight 0, shift 0
     shift = torch.where(s > 0, m - m_max, 0.0)
@@ -196,9 +274,20 @@ def _combine_splits(m, s, e, zt, keep) -> TokenStats:
     return TokenStats(logp=logp, entropy=entropy, lse=lse)
 
 
-def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_logp, grad_entropy, *,
-                       temperature: float, ignore_index: int, needs_grad: tuple[bool, bool, bool],
-                       vocab_chunk: int | None = None):
+def triton_logprob_bwd(
+    hidden2d,
+    weight,
+    targets,
+    bias,
+    stats: TokenStats,
+    grad_logp,
+    grad_entropy,
+    *,
+    temperature: float,
+    ignore_index: int,
+    needs_grad: tuple[bool, bool, bool],
+    vocab_chunk: int | None = None,
+):
     """Gradients of Σ g_lp·logp + g_ent·entropy w.r.t. hidden, weight and bias, vocabulary chunk by chunk.
 
     Args:
@@ -209,11 +298,16 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
     Returns:
         (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None) in the input dtype.
     """
-    hidden2d, weight = _rowmajor(hidden2d), _rowmajor(weight)
+    hidden2d = _rowmajor(hidden2d)
+    weight = _rowmajor(weight)
     bias = bias.contiguous() if bias is not None else None
-    (n, d), v = hidden2d.shape, weight.shape[0]
-    dev, dtype = hidden2d.device, hidden2d.dtype
-    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    dtype = hidden2d.dtype
+    want_h = needs_grad[0]
+    want_w = needs_grad[1]
+    want_b = needs_grad[2] and bias is not None
     if not (want_h or want_w or want_b):
         return None, None, None
     # grad_H is summed over chunks in fp32: each chunk's cuBLAS product accumulates in fp32 and is
@@ -224,11 +318,15 @@ def triton_logprob_bwd(hidden2d, weight, targets, bias, stats: TokenStats, grad_
     grad_b = torch.empty(v, device=dev, dtype=bias.dtype) if want_b else None
     tiles = _triton_utils.logits_tiles(dev, n, d, dtype)
     buf = _triton_utils.grad_chunk_buffer(n, v, tiles.block_v, dtype, dev, vocab_chunk)
-    rows = _RowInputs(targets.contiguous(), *_cpu_ext.split_lse(stats.lse, n), grad_logp.to(torch.float32).contiguous(),
-                      None if grad_entropy is None else stats.entropy.contiguous(),
-                      None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous())
+    rows = _RowInputs(
+        targets.contiguous(),
+        *_cpu_ext.split_lse(stats.lse, n),
+        grad_logp.to(torch.float32).contiguous(),
+        None if grad_entropy is None else stats.entropy.contiguous(),
+        None if grad_entropy is None else grad_entropy.to(torch.float32).contiguous(),
+    )
     for v0 in range(0, v, buf.shape[1]):
-        block = buf[:, :min(buf.shape[1], v - v0)]
+        block = buf[:, : min(buf.shape[1], v - v0)]
         _logit_grads(hidden2d, weight, bias, rows, block, v0, tiles, 1.0 / temperature, ignore_index)
         v1 = v0 + block.shape[1]
         if grad_w is not None:
@@ -259,12 +357,32 @@ def _logit_grads(hidden2d, weight, bias, rows: _RowInputs, block, vocab_start, t
     n, width = block.shape
     has_ent = rows.grad_entropy is not None
     _logprob_bwd_kernel[(triton.cdiv(n, tiles.block_n), triton.cdiv(width, tiles.block_v))](
-        hidden2d, weight, bias if bias is not None else hidden2d, rows.targets, rows.lse, rows.lse_lo,
-        rows.entropy if has_ent else rows.lse, rows.grad_logp, rows.grad_entropy if has_ent else rows.grad_logp,
-        block, n, weight.shape[0], hidden2d.shape[1], hidden2d.stride(0), weight.stride(0), block.stride(0),
-        vocab_start, width, scale, ignore_index,
-        HAS_BIAS=bias is not None, HAS_ENT_GRAD=has_ent,
+        hidden2d,
+        weight,
+        bias if bias is not None else hidden2d,
+        rows.targets,
+        rows.lse,
+        rows.lse_lo,
+        rows.entropy if has_ent else rows.lse,
+        rows.grad_logp,
+        rows.grad_entropy if has_ent else rows.grad_logp,
+        block,
+        n,
+        weight.shape[0],
+        hidden2d.shape[1],
+        hidden2d.stride(0),
+        weight.stride(0),
+        block.stride(0),
+        vocab_start,
+        width,
+        scale,
+        ignore_index,
+        HAS_BIAS=bias is not None,
+        HAS_ENT_GRAD=has_ent,
         UPCAST=_triton_utils.upcast_dot_operands(hidden2d.device, hidden2d.dtype),
-        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BLOCK_N=tiles.block_n,
+        BLOCK_V=tiles.block_v,
+        BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )

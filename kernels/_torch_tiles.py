@@ -29,14 +29,17 @@ from torch import Tensor
 
 from . import _cpu_ext
 
-MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 32 << 20, 256 << 20
+MIN_BLOCK_BYTES = 32 << 20
+MAX_BLOCK_BYTES = 256 << 20
 # CPU: a tile of half the last-level cache stays there between its GEMM and its row pass (16 MiB on a
 # 32 MiB L3, which also keeps the extra peak memory of fwd+bwd at N=2048, V=32000 under 1/8 of naive's).
-CPU_BLOCK_BYTES, CPU_BLOCK_RANGE = 16 << 20, (8 << 20, 64 << 20)
+CPU_BLOCK_BYTES = 16 << 20
+CPU_BLOCK_RANGE = (8 << 20, 64 << 20)
 MIN_BLOCK_COLS = 1024  # narrower vocabulary blocks make skinny GEMMs; taller N is split into row tiles
 # Full-row chunks thinner than min_chunk_rows() make the grad_W GEMM (K = rows) skinny and re-stream the
 # [V, D] weight and its fp32 gradient once per chunk; they exceed the default budget to stay that tall.
-ROWS_PER_THREAD, CHUNK_ROWS_RANGE = 128, (256, 1024)
+ROWS_PER_THREAD = 128
+CHUNK_ROWS_RANGE = (256, 1024)
 _LLC_PATH = "/sys/devices/system/cpu/cpu0/cache/index{}/size"
 
 
@@ -111,8 +114,15 @@ def spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges 
     return ((a, min(total, a + step)) for a in range(0, total, step))
 
 
-def fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperature: float, state: Tensor, *,
-                with_entropy: bool = True) -> None:
+def fold_block_(
+    block: Tensor,
+    targets: Tensor,
+    vocab_start: int,
+    inv_temperature: float,
+    state: Tensor,
+    *,
+    with_entropy: bool = True,
+) -> None:
     """Fold block [R, Vb] fp32 (columns vocab_start.. of the rows) into the running state [4, R] float64.
 
     The state (``_cpu_ext.new_row_state``: max m, S = Σe^{z−m}, T = Σe^{z−m}(z−m), z_t) is merged
@@ -121,8 +131,14 @@ def fold_block_(block: Tensor, targets: Tensor, vocab_start: int, inv_temperatur
     ``with_entropy`` the native kernel leaves T alone (the entropy it would give is meaningless).
     """
     if block.device.type == "cpu" and _cpu_ext.available():
-        _cpu_ext.row_stats_fold_(block, targets, vocab_start=vocab_start, inv_temperature=inv_temperature,
-                                 state=state, with_entropy=with_entropy)  # fmt: skip
+        _cpu_ext.row_stats_fold_(
+            block,
+            targets,
+            vocab_start=vocab_start,
+            inv_temperature=inv_temperature,
+            state=state,
+            with_entropy=with_entropy,
+        )
         return
     m, total, shifted, target_logit = state.unbind(0)
     s = inv_temperature
@@ -155,10 +171,20 @@ def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy
     ``lse`` [R] is float64 (``finish_row_state``); it is applied as fp32 hi + lo (``_cpu_ext.split_lse``).
     """
     if block.device.type == "cpu" and _cpu_ext.available():
-        _cpu_ext.row_grad_(block, targets, vocab_start=vocab_start, lse=lse, entropy=entropy, grad_logp=grad_logp,
-                           grad_entropy=grad_entropy, inv_temperature=inv_temperature, ignore_index=ignore_index)
+        _cpu_ext.row_grad_(
+            block,
+            targets,
+            vocab_start=vocab_start,
+            lse=lse,
+            entropy=entropy,
+            grad_logp=grad_logp,
+            grad_entropy=grad_entropy,
+            inv_temperature=inv_temperature,
+            ignore_index=ignore_index,
+        )
         return
-    s, keep = inv_temperature, targets != ignore_index
+    s = inv_temperature
+    keep = targets != ignore_index
     g_lp = torch.where(keep, grad_logp, 0.0)
     lse_hi, lse_lo = _cpu_ext.split_lse(lse, block.shape[0])
     log_p = block.mul_(s).sub_(lse_hi.unsqueeze(1)).sub_(lse_lo.unsqueeze(1))  # log p_j = (z − hi) − lo, in place
@@ -208,8 +234,9 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
 
-def add_row_grads(g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw, *,
-                  first: bool = False) -> None:
+def add_row_grads(
+    g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw, *, first: bool = False
+) -> None:
     """grad_H[rows] = g @ w and grad_W += g.T @ h (``first``: grad_W = g.T @ h) into fp32 [N, D] / [V, D]
     (g [R, V], h [R, D], w [V, D])."""
     if gh is not None and span is not None and g.dtype == gh.dtype:

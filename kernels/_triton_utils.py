@@ -39,11 +39,12 @@ def logits_tiles(device: torch.device, n_rows: int, hidden: int, dtype: torch.dt
     # BLOCK_D = 64; fp32 halves BLOCK_D to stay at that size.
     block_d = 64 if dtype.itemsize <= 2 else 32
     block_d = min(block_d, max(16, triton.next_power_of_2(hidden)))
-    return MatmulTiles(block_n=block_n, block_v=128, block_d=block_d, num_warps=8 if block_n == 128 else 4,
-                       num_stages=3)
+    return MatmulTiles(
+        block_n=block_n, block_v=128, block_d=block_d, num_warps=8 if block_n == 128 else 4, num_stages=3
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -76,13 +77,15 @@ def vocab_chunk(vocab: int, block_v: int, *, rows: int, itemsize: int, budget_by
     return max(block_v, chunk // block_v * block_v)
 
 
-def grad_chunk_buffer(rows: int, vocab: int, block_v: int, dtype: torch.dtype, device: torch.device,
-                      vocab_chunk_cols: int | None = None) -> torch.Tensor:
+def grad_chunk_buffer(
+    rows: int, vocab: int, block_v: int, dtype: torch.dtype, device: torch.device, vocab_chunk_cols: int | None = None
+) -> torch.Tensor:
     """The backward's [N, Vc] logit-gradient buffer: ``vocab_chunk_cols`` rounded up to a tile, by default
     :func:`vocab_chunk` within the tile budget (``_torch_tiles.block_bytes``: 1/64 of free GPU memory in
     [32, 256] MiB); never wider than the vocabulary's tiles."""
-    chunk = vocab_chunk_cols or vocab_chunk(vocab, block_v, rows=rows, itemsize=dtype.itemsize,
-                                            budget_bytes=block_bytes(device))
+    chunk = vocab_chunk_cols or vocab_chunk(
+        vocab, block_v, rows=rows, itemsize=dtype.itemsize, budget_bytes=block_bytes(device)
+    )
     width = min(triton.cdiv(chunk, block_v), triton.cdiv(vocab, block_v)) * block_v
     return torch.empty(rows, width, device=device, dtype=dtype)
 

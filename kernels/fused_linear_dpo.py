@@ -25,18 +25,33 @@ V]`` block on CPU; ``"two_pass"``, one matmul more at the usual block budget. Me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
+from hotloop._errors import expected
+
 from ._fused_linear_common import (
-    STRATEGIES, attach_grads, check_reference, float32_output, forward_stats, grads_needed, logit_sums, make_layout,
-    reference_head_logp, reference_logit_sums, reference_padded, sequence_loss_grads, sequence_strategy,
-)  # fmt: skip
+    STRATEGIES,
+    attach_grads,
+    check_fused_args,
+    check_reference,
+    float32_output,
+    forward_stats,
+    grads_needed,
+    logit_sums,
+    make_layout,
+    reference_head_logp,
+    reference_logit_sums,
+    reference_padded,
+    sequence_loss_grads,
+    sequence_strategy,
+)
 from .fused_linear_logprob import reference_fused_linear_logprob
 from .losses import dpo as _dpo
-from .losses._checks import check_aux, check_choice, check_tensor
+from .losses._checks import check_choice, check_tensor
+from .losses.dpo import DPOOptions
 from .losses.output import LossOutput
 
 LOSS_TYPES = (*_dpo.LOSS_TYPES, "orpo")
@@ -56,41 +71,44 @@ class _PairLoss:
     ref: Tensor | None  # [2B] reference sequence log-probs, or None
     lengths: Tensor  # [2B] active tokens per sequence
     nll_scale: float  # B / #chosen tokens: per-pair NLL = −S_c · nll_scale
-    loss_type: str
-    beta: float
-    nll_coef: float
-    options: dict  # the remaining keyword options of dpo_loss
+    options: DPOOptions
 
     @classmethod
-    def of(cls, layout, ref: Tensor | None, **fields) -> _PairLoss:
+    def of(cls, layout, ref: Tensor | None, options: DPOOptions) -> _PairLoss:
         """The pair loss of a checked 2B-sequence layout (lengths and NLL scale from its active tokens)."""
         lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32))
         num_pairs = layout.num_seqs // 2
         nll_scale = num_pairs / max(float(lengths[:num_pairs].sum()), 1.0)
-        return cls(ref=ref, lengths=lengths, nll_scale=nll_scale, **fields)
+        return cls(ref=ref, lengths=lengths, nll_scale=nll_scale, options=options)
 
     def __call__(self, seq_logps: Tensor, pairs: Tensor) -> LossOutput:
         num_pairs = self.lengths.numel() // 2
-        s_c, s_r = seq_logps[:, 0], seq_logps[:, 1]
+        s_c = seq_logps[:, 0]
+        s_r = seq_logps[:, 1]
         lengths = dict(chosen_lengths=self.lengths[pairs], rejected_lengths=self.lengths[pairs + num_pairs])
         nll = -s_c * self.nll_scale
-        if self.loss_type == "orpo":
-            return _dpo.orpo_loss(s_c, s_r, beta=self.beta, nll_loss=nll, **lengths)
-        refs = (None, None) if self.ref is None else (self.ref[pairs], self.ref[pairs + num_pairs])
-        return _dpo.dpo_loss(s_c, s_r, *refs, beta=self.beta, loss_type=self.loss_type, **lengths,
-                             nll_loss=nll if self.nll_coef != 0 else None, nll_coef=self.nll_coef,
-                             reference_free=self.ref is None, **self.options)  # fmt: skip
+        o = self.options
+        if o.loss_type == "orpo":
+            return _dpo.orpo_loss(s_c, s_r, beta=o.beta, nll_loss=nll, **lengths)
+        refs = {}
+        if self.ref is not None:
+            refs = dict(ref_chosen_logps=self.ref[pairs], ref_rejected_logps=self.ref[pairs + num_pairs])
+        return _dpo.dpo_loss(s_c, s_r, **refs, **lengths, nll_loss=nll if o.nll_coef != 0 else None, **asdict(o))
 
 
-def _check_batch(layout, loss_type, nll_coef, reference_free, ref_logps, ref_hidden, ref_weight, ref_bias) -> None:
+def _check_batch(layout, options: DPOOptions, ref_logps, ref_hidden, ref_weight, ref_bias) -> None:
     if layout.num_seqs % 2:
-        raise ValueError(f"a DPO batch needs 2B sequences (B chosen, then B rejected), got {layout.num_seqs}")
-    if loss_type == "orpo" and (nll_coef != 0 or reference_free):
-        raise ValueError(f"loss_type='orpo' has its own NLL term and no reference; got nll_coef={nll_coef}, "
-                         f"reference_free={reference_free}")  # fmt: skip
-    check_reference("ref_logps", ref_logps, ref_hidden, ref_weight, ref_bias,
-                    needed=not (reference_free or loss_type == "orpo"),
-                    why=f"loss_type={loss_type!r} with reference_free={reference_free}")  # fmt: skip
+        raise ValueError(expected("hidden", "2B sequences (B chosen, then B rejected)", f"{layout.num_seqs}"))
+    free = options.reference_free or options.loss_type == "orpo"
+    check_reference(
+        "ref_logps",
+        ref_logps,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        needed=not free,
+        why=f"loss_type={options.loss_type!r} with reference_free={options.reference_free}",
+    )
 
 
 def _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts):
@@ -121,14 +139,14 @@ def fused_linear_dpo_loss(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     ref_bias: Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    length_normalize: bool | None = None,
-    gamma: float = 0.0,
-    nll_coef: float = 0.0,
-    reference_free: bool = False,
-    discopop_tau: float = 0.05,
+    beta: float = DPOOptions.beta,
+    loss_type: str = DPOOptions.loss_type,
+    label_smoothing: float = DPOOptions.label_smoothing,
+    length_normalize: bool | None = DPOOptions.length_normalize,
+    gamma: float = DPOOptions.gamma,
+    nll_coef: float = DPOOptions.nll_coef,
+    reference_free: bool = DPOOptions.reference_free,
+    discopop_tau: float = DPOOptions.discopop_tau,
     temperature: float = 1.0,
     ignore_index: int = -100,
     strategy: str = "auto",
@@ -143,44 +161,31 @@ def fused_linear_dpo_loss(
         cu_seqlens: ``[2B + 1]`` int32/int64 sequence boundaries of a packed batch.
         ref_logps: ``[2B]`` reference sequence log-probs.  ref_hidden, ref_weight, ref_bias: reference head
             (``ref_hidden`` in hidden's layout, ``[..., D_ref]``; ``ref_weight [V, D_ref]``), run without grad.
-        beta, loss_type, label_smoothing, length_normalize, gamma, nll_coef, reference_free, discopop_tau:
-            as :func:`~hotloop.kernels.losses.dpo.dpo_loss`; ``loss_type="orpo"``: ORPO with λ = ``beta``
+        beta, loss_type, label_smoothing, length_normalize, gamma, nll_coef, reference_free, discopop_tau: the
+            fields of :class:`~hotloop.kernels.losses.dpo.DPOOptions`; ``loss_type="orpo"``: ORPO with λ = ``beta``
             (no reference, NLL weight 1).
         temperature: logits are divided by it.  strategy: ``"auto"`` | ``"grouped"`` | ``"two_pass"``.
 
     Returns:
-        ``LossOutput``: scalar loss (differentiable w.r.t. hidden, weight, bias) and the metrics of the functional
-        loss: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``, ``nll_loss``
-        (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO), plus TRL's ``logits/{chosen,rejected}``
-        (mean over active tokens and the vocabulary of logits / temperature, without forming them); a
-        ``DPOOutput`` whose ``seq_logps`` are the ``[2B]`` sequence log-probs behind them.
+        ``DPOOutput``: scalar loss (differentiable w.r.t. hidden, weight, bias), ``seq_logps`` (the ``[2B]`` sequence
+        log-probs) and the metrics of the functional loss: ``rewards/{chosen,rejected,margins,accuracies}``,
+        ``logps/{chosen,rejected}``, ``nll_loss`` (with an NLL term), ``log_odds_ratio``, ``log_odds_chosen`` (ORPO),
+        plus TRL's ``logits/{chosen,rejected}`` (mean over active tokens and the vocabulary of logits / temperature,
+        without forming them).
     """
-    check_choice("loss_type", loss_type, LOSS_TYPES)
+    options = DPOOptions.pick(locals())  # first: locals() are the arguments
     check_choice("strategy", strategy, STRATEGIES)
     opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_logps=(ref_logps, "float"),
-              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
+    head = (ref_hidden, ref_weight, ref_bias)
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head, ref_logps=(ref_logps, "float"))
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **opts)
-    _check_batch(layout, loss_type, nll_coef, reference_free, ref_logps, ref_hidden, ref_weight, ref_bias)
-    options = {} if loss_type == "orpo" else dict(label_smoothing=label_smoothing, length_normalize=length_normalize,
-                                                   gamma=gamma, discopop_tau=discopop_tau)  # fmt: skip
-    pair_loss = _PairLoss.of(layout, _reference_seq_logps(layout, ref_logps, ref_hidden, ref_weight, ref_bias, opts),
-                             loss_type=loss_type, beta=beta, nll_coef=nll_coef, options=options)  # fmt: skip
+    _check_batch(layout, options, ref_logps, *head)
+    pair_loss = _PairLoss.of(layout, _reference_seq_logps(layout, ref_logps, *head, opts), options)
     num_pairs = layout.num_seqs // 2
     pairs = torch.arange(num_pairs, device=layout.seq_ids.device)
-    pair_loss(torch.zeros(num_pairs, 2, device=pairs.device), pairs)  # checks every option before any matmul
+    pair_loss(torch.zeros(num_pairs, 2, device=pairs.device), pairs)  # checks the lengths before any matmul
     needs = grads_needed(hidden, weight, bias)
-    if any(needs):
-        units = torch.stack((pairs, pairs + num_pairs), dim=1)  # pair b = sequences (b, B + b)
-
-        def share(seq_logps, idx):  # the pairs' share of the mean over all B pairs
-            return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
-
-        stats, grads = sequence_loss_grads(layout, weight, bias, units=units, unit_loss=share, needs_grad=needs,
-                                           strategy=sequence_strategy(layout, weight, units, strategy), **opts)
-    else:
-        stats = forward_stats(layout, weight, bias, with_entropy=False, **opts)
+    stats, grads = _stats_and_grads(layout, weight, bias, pair_loss, needs, strategy, opts)
     with torch.no_grad():
         seq_logps = layout.seq_sum(stats.logp)
         out = float32_output(pair_loss(seq_logps.double().view(2, num_pairs).T, pairs))
@@ -189,53 +194,130 @@ def fused_linear_dpo_loss(
     return DPOOutput(loss, out.metrics, seq_logps=seq_logps.float())
 
 
+def _stats_and_grads(layout, weight, bias, pair_loss: _PairLoss, needs, strategy: str, opts: dict):
+    """Token stats and, when any input needs one, the gradients (pair b = sequences (b, B + b); ``strategy``)."""
+    if not any(needs):
+        return forward_stats(layout, weight, bias, with_entropy=False, **opts), None
+    num_pairs = layout.num_seqs // 2
+    pairs = torch.arange(num_pairs, device=layout.seq_ids.device)
+    units = torch.stack((pairs, pairs + num_pairs), dim=1)
+
+    def share(seq_logps, idx):  # the pairs' share of the mean over all B pairs
+        return pair_loss(seq_logps, idx).loss * (idx.numel() / num_pairs)
+
+    strategy = sequence_strategy(layout, weight, units, strategy)
+    return sequence_loss_grads(
+        layout, weight, bias, units=units, unit_loss=share, needs_grad=needs, strategy=strategy, **opts
+    )
+
+
 class FusedLinearDPOLoss(nn.Module):
-    """Module form of :func:`fused_linear_dpo_loss`: loss options at construction, tensors in ``forward``."""
+    """Module form of :func:`fused_linear_dpo_loss`: loss options at construction, tensors in ``forward``.
 
-    def __init__(self, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 length_normalize: bool | None = None, gamma: float = 0.0, nll_coef: float = 0.0,
-                 reference_free: bool = False, discopop_tau: float = 0.05, temperature: float = 1.0,
-                 ignore_index: int = -100, strategy: str = "auto"):  # fmt: skip
+    Constructor keywords: the fields of :class:`~hotloop.kernels.losses.dpo.DPOOptions` (checked now), plus
+    ``temperature``, ``ignore_index`` and ``strategy`` (defaults as :func:`fused_linear_dpo_loss`).
+    """
+
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, strategy: str = "auto", **options):
         super().__init__()
-        check_choice("loss_type", loss_type, LOSS_TYPES)
         check_choice("strategy", strategy, STRATEGIES)
-        self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                            length_normalize=length_normalize, gamma=gamma, nll_coef=nll_coef,
-                            reference_free=reference_free, discopop_tau=discopop_tau, temperature=temperature,
-                            ignore_index=ignore_index, strategy=strategy)  # fmt: skip
+        self.options = DPOOptions(**options)
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.strategy = strategy
 
-    def forward(self, hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
-                ref_hidden=None, ref_weight=None, ref_bias=None) -> DPOOutput:  # fmt: skip
-        return fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens,
-                                     ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                     ref_bias=ref_bias, **self.options)  # fmt: skip
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        mask=None,
+        cu_seqlens=None,
+        ref_logps=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+    ) -> DPOOutput:
+        return fused_linear_dpo_loss(
+            hidden,
+            weight,
+            targets,
+            bias,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            ref_logps=ref_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            strategy=self.strategy,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_dpo_loss(hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, ref_logps=None,
-                                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
-                                    nll_coef=0.0, reference_free=False, temperature=1.0, ignore_index=-100,
-                                    strategy="auto", **options) -> LossOutput:  # fmt: skip
+def reference_fused_linear_dpo_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    mask=None,
+    cu_seqlens=None,
+    ref_logps=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    beta=DPOOptions.beta,
+    loss_type=DPOOptions.loss_type,
+    nll_coef=DPOOptions.nll_coef,
+    reference_free=DPOOptions.reference_free,
+    temperature=1.0,
+    ignore_index=-100,
+    strategy="auto",
+    **options,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax → padded sums → the functional loss (autograd)."""
+
     def seq_logp(h, w, b):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
-        logp = reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
-                                              temperature=temperature, ignore_index=ignore_index)  # fmt: skip
+        logp = reference_fused_linear_logprob(
+            h_pad,
+            w.double(),
+            t_pad,
+            None if b is None else b.double(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+        )
         return logp.sum(-1), logp
 
     seq, logp = seq_logp(hidden, weight, bias)
     m = reference_padded(hidden, targets, mask, cu_seqlens, ignore_index)[2].double()
-    half, lengths = seq.shape[0] // 2, m.sum(-1)
+    half = seq.shape[0] // 2
+    lengths = m.sum(-1)
     nll = -logp[:half].sum() / m[:half].sum().clamp_min(1.0)
     kw = dict(chosen_lengths=lengths[:half], rejected_lengths=lengths[half:])
     if loss_type == "orpo":
         out = _dpo.orpo_loss(seq[:half], seq[half:], beta=beta, nll_loss=nll, **kw)
     else:
-        refs = (None, None)
+        refs = {}
         if not reference_free:
             ref = ref_logps.double() if ref_hidden is None else seq_logp(ref_hidden, ref_weight, ref_bias)[0].detach()
-            refs = (ref[:half], ref[half:])
-        out = _dpo.dpo_loss(seq[:half], seq[half:], *refs, beta=beta, loss_type=loss_type, nll_coef=nll_coef,
-                            nll_loss=nll if nll_coef != 0 else None, reference_free=reference_free, **kw, **options)
+            refs = dict(ref_chosen_logps=ref[:half], ref_rejected_logps=ref[half:])
+        out = _dpo.dpo_loss(
+            seq[:half],
+            seq[half:],
+            **refs,
+            beta=beta,
+            loss_type=loss_type,
+            nll_coef=nll_coef,
+            nll_loss=nll if nll_coef != 0 else None,
+            reference_free=reference_free,
+            **kw,
+            **options,
+        )
     with torch.no_grad():
         sums = reference_logit_sums(hidden, weight, bias, targets, mask, cu_seqlens, ignore_index, temperature)
         out.metrics.update(_logit_means(sums, lengths))

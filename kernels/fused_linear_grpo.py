@@ -26,18 +26,27 @@ For dr_grpo pass ``max_completion_length``: its default is ``T`` (the padded len
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
+from hotloop._errors import require
+
 from ._fused_linear_common import (
-    Layout, attach_grads, check_reference, forward_stats, grads_needed, make_layout, reference_head_logp,
+    Layout,
+    attach_grads,
+    check_fused_args,
+    check_reference,
+    forward_stats,
+    grads_needed,
+    make_layout,
+    reference_head_logp,
     reference_padded,
-)  # fmt: skip
+)
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_aux, check_tensor
-from .losses.grpo import _Options, grpo_loss, grpo_per_token, loss_weights
+from .losses._checks import check_tensor
+from .losses.grpo import GRPOOptions, grpo_loss, grpo_per_token, loss_weights
 from .losses.output import LossOutput
 
 
@@ -52,11 +61,12 @@ class _TokenGrad:
     ref: Tensor | None
     sampler: Tensor | None
     whole_rows: bool  # sequence-level ratio or vespo: chunks hold whole sequences, laid out [k, T]
-    options: dict  # the keyword options of grpo_per_token
+    options: GRPOOptions
 
     def _chunk(self, rows: Tensor) -> tuple[Tensor, Tensor, tuple[int, int], Tensor, Tensor]:
         """(local row, column, [k, width] shape, advantages [k], weights [k, width]) of a chunk's tokens."""
-        seq, pos = self.layout.seq_ids[rows], self.layout.positions[rows]
+        seq = self.layout.seq_ids[rows]
+        pos = self.layout.positions[rows]
         if self.whole_rows:
             units, local = torch.unique(seq, return_inverse=True)
             return local, pos, (units.numel(), self.layout.max_len), self.advantages[units], self.weights[units]
@@ -75,13 +85,21 @@ class _TokenGrad:
         def take(values):
             return None if values is None else pad(values[rows])
 
-        with_ent = entropy is not None and self.options["entropy_coef"] != 0.0
+        with_ent = entropy is not None and self.options.entropy_coef != 0.0
         lp = pad(logp).requires_grad_(True)
         ent = None if entropy is None else pad(entropy).requires_grad_(with_ent)
         m = pad(torch.ones(rows.numel(), device=rows.device))
         with torch.enable_grad():
-            per_token, _ = grpo_per_token(lp, take(self.old), adv, m, ref_logp=take(self.ref),
-                                          sampler_logp=take(self.sampler), entropy=ent, **self.options)  # fmt: skip
+            per_token, _ = grpo_per_token(
+                lp,
+                adv,
+                m,
+                old_logp=take(self.old),
+                ref_logp=take(self.ref),
+                sampler_logp=take(self.sampler),
+                entropy=ent,
+                options=self.options,
+            )
             grads = torch.autograd.grad((per_token * weights * m).sum(), (lp, ent) if with_ent else (lp,))
         return grads[0][local, pos], (grads[1][local, pos] if with_ent else None)
 
@@ -98,10 +116,17 @@ def _stats_and_grads(layout: Layout, weight, bias, token_grad: _TokenGrad, needs
     """Token stats (with entropy) and, when any input needs one, the gradients from the fused pass."""
     if not any(needs):
         return forward_stats(layout, weight, bias, with_entropy=True, **lp_opts), None
-    stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
-                                    None if bias is None else bias.detach(), with_entropy=True,
-                                    token_grad=token_grad, row_groups=_sequence_groups(layout, token_grad.whole_rows),
-                                    needs_grad=needs, **lp_opts)  # fmt: skip
+    stats, *grads = logprob_fwd_bwd(
+        layout.hidden,
+        weight.detach(),
+        layout.targets,
+        None if bias is None else bias.detach(),
+        with_entropy=True,
+        token_grad=token_grad,
+        row_groups=_sequence_groups(layout, token_grad.whole_rows),
+        needs_grad=needs,
+        **lp_opts,
+    )
     return stats, grads
 
 
@@ -116,9 +141,9 @@ def fused_linear_grpo_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    advantages: Tensor,
     bias: Tensor | None = None,
     *,
+    advantages: Tensor,
     mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     old_logp: Tensor | None = None,
@@ -129,19 +154,19 @@ def fused_linear_grpo_loss(
     sampler_logp: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    sampler_is_cap: float | None = None,
-    entropy_coef: float = 0.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-    use_bias_correction_kl: bool = False,
+    beta: float = GRPOOptions.beta,
+    kl_estimator: str = GRPOOptions.kl_estimator,
+    epsilon_low: float = GRPOOptions.epsilon_low,
+    epsilon_high: float = GRPOOptions.epsilon_high,
+    delta: float | None = GRPOOptions.delta,
+    loss_type: str = GRPOOptions.loss_type,
+    importance_sampling_level: str = GRPOOptions.importance_sampling_level,
+    sampler_is_cap: float | None = GRPOOptions.sampler_is_cap,
+    entropy_coef: float = GRPOOptions.entropy_coef,
+    sapo_temperature_pos: float = GRPOOptions.sapo_temperature_pos,
+    sapo_temperature_neg: float = GRPOOptions.sapo_temperature_neg,
+    vespo_shape: tuple[float, float, float, float] = GRPOOptions.vespo_shape,
+    use_bias_correction_kl: bool = GRPOOptions.use_bias_correction_kl,
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> LossOutput:
@@ -157,79 +182,150 @@ def fused_linear_grpo_loss(
             inference engine, or None (on-policy / no sampler correction).
         ref_logp: per-token reference log-probs, or the reference head ``ref_hidden`` (hidden's layout,
             ``[..., D_ref]``), ``ref_weight [V, D_ref]``, ``ref_bias`` (run without grad); needed iff ``beta != 0``.
-        max_completion_length, num_items_in_batch, beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type,
-            importance_sampling_level, sampler_is_cap, entropy_coef, sapo_temperature_pos, sapo_temperature_neg,
-            vespo_shape, use_bias_correction_kl: as :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        max_completion_length, num_items_in_batch: as :func:`~hotloop.kernels.losses.grpo.grpo_loss`.
+        beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sampler_is_cap,
+            entropy_coef, sapo_temperature_pos, sapo_temperature_neg, vespo_shape, use_bias_correction_kl: the
+            fields of :class:`~hotloop.kernels.losses.grpo.GRPOOptions`.
         temperature: logits are divided by it (use the sampling temperature).
 
     Returns:
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``entropy``, and ``kl`` when ``beta != 0``
         (masked token means).
     """
-    args = locals()
-    opts = {f.name: args[f.name] for f in fields(_Options)}  # grpo_loss's options, as grpo_loss gathers them
-    _Options(**opts)  # checks every option before any matmul
+    options = GRPOOptions.pick(locals())  # first: locals() are the arguments
     lp_opts = dict(temperature=float(temperature), ignore_index=int(ignore_index))
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), advantages=(advantages, "float"),
-              old_logp=(old_logp, "float"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
-              ref_hidden=(ref_hidden, "float"), ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
+    head = (ref_hidden, ref_weight, ref_bias)
+    per_token = dict(old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp)
+    layout = _checked_layout(hidden, weight, targets, bias, advantages, mask, cu_seqlens, per_token, head, lp_opts)
+    check_reference("ref_logp", ref_logp, *head, needed=options.beta != 0.0, why=f"beta={options.beta}")
+    cap = options.sampler_is_cap
+    require(cap is None or sampler_logp is not None, "sampler_logp", f"log-probs (sampler_is_cap={cap})", None)
+    tokens = {name: _per_token_input(layout, name, values) for name, values in per_token.items()}
+    if ref_hidden is not None:
+        tokens["ref_logp"] = reference_head_logp(layout, *head, **lp_opts)
+    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
+    return _fused_loss(layout, (hidden, weight, bias), advantages.detach().float(), tokens, options, totals, lp_opts)
+
+
+def _checked_layout(hidden, weight, targets, bias, advantages, mask, cu_seqlens, per_token: dict, head: tuple, lp_opts):
+    """The batch's layout, after checking every tensor argument (and what the options need) against it."""
+    floats = {name: (values, "float") for name, values in {**per_token, "advantages": advantages}.items()}
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, head, **floats)
     layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, **lp_opts)
     check_tensor("advantages", advantages, (layout.num_seqs,))
-    check_reference("ref_logp", ref_logp, ref_hidden, ref_weight, ref_bias, needed=beta != 0.0, why=f"beta={beta}")
-    if sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(f"sampler_is_cap={sampler_is_cap} needs sampler_logp, got None")
-    old, ref, sampler = (_per_token_input(layout, k, v) for k, v in (("old_logp", old_logp), ("ref_logp", ref_logp),
-                                                                       ("sampler_logp", sampler_logp)))  # fmt: skip
-    if ref_hidden is not None:
-        ref = reference_head_logp(layout, ref_hidden, ref_weight, ref_bias, **lp_opts)
-    adv, m = advantages.detach().float(), layout.padded_mask()
-    totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    token_grad = _TokenGrad(layout=layout, advantages=adv, weights=loss_weights(m, loss_type, **totals), old=old,
-                            ref=ref, sampler=sampler, options=opts,
-                            whole_rows=importance_sampling_level == "sequence" or loss_type == "vespo")
+    return layout
+
+
+def _fused_loss(layout: Layout, head: tuple, adv: Tensor, tokens: dict, options: GRPOOptions, totals: dict, lp_opts):
+    """Loss and metrics of the checked batch, with the gradients w.r.t. ``head = (hidden, weight, bias)`` attached.
+
+    ``tokens``: ``old_logp``, ``ref_logp``, ``sampler_logp`` at the active rows (``[N_a]`` float32) or None.
+    """
+    hidden, weight, bias = head
+    m = layout.padded_mask()
+    whole_rows = options.importance_sampling_level == "sequence" or options.loss_type == "vespo"
+    weights = loss_weights(m, options.loss_type, **totals)
+    token_grad = _TokenGrad(
+        layout=layout,
+        advantages=adv,
+        weights=weights,
+        old=tokens["old_logp"],
+        ref=tokens["ref_logp"],
+        sampler=tokens["sampler_logp"],
+        options=options,
+        whole_rows=whole_rows,
+    )
     needs = grads_needed(hidden, weight, bias)
     stats, grads = _stats_and_grads(layout, weight, bias, token_grad, needs, lp_opts)
-    pad = (lambda x: None if x is None else layout.to_padded(x))
+    padded = {name: _padded(layout, values) for name, values in tokens.items()}
     with torch.no_grad():
-        out = grpo_loss(pad(stats.logp), pad(old), adv, m, ref_logp=pad(ref), sampler_logp=pad(sampler),
-                        entropy=pad(stats.entropy), **totals, **opts)  # fmt: skip
+        logp = _padded(layout, stats.logp)
+        entropy = _padded(layout, stats.entropy)
+        out = grpo_loss(logp, adv, m, entropy=entropy, **padded, **totals, **asdict(options))
     loss = attach_grads(out.loss, layout, hidden, weight, bias, grads) if any(needs) else out.loss
     return LossOutput(loss, out.metrics)
+
+
+def _padded(layout: Layout, values: Tensor | None) -> Tensor | None:
+    """``[N_a]`` values (or None) → ``[B, T]``, 0 at inactive tokens."""
+    return None if values is None else layout.to_padded(values)
 
 
 class FusedLinearGRPOLoss(nn.Module):
     """Module form of :func:`fused_linear_grpo_loss`: loss options at construction, tensors in ``forward``.
 
-    Constructor keywords: every keyword option of :func:`fused_linear_grpo_loss` except the per-batch tensors and
-    ``num_items_in_batch`` (defaults as there: ``loss_type="dapo"``, ``beta=0``, ``epsilon_low = epsilon_high = 0.2``).
+    Constructor keywords: the fields of :class:`~hotloop.kernels.losses.grpo.GRPOOptions` (checked now), plus
+    ``max_completion_length``, ``temperature`` and ``ignore_index`` (defaults as :func:`fused_linear_grpo_loss`).
     """
 
-    def __init__(self, *, max_completion_length: int | None = None, beta: float = 0.0, kl_estimator: str = "k3",
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: float | None = None,
-                 loss_type: str = "dapo", importance_sampling_level: str = "token",
-                 sampler_is_cap: float | None = None, entropy_coef: float = 0.0, sapo_temperature_pos: float = 1.0,
-                 sapo_temperature_neg: float = 1.05,
-                 vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-                 use_bias_correction_kl: bool = False, temperature: float = 1.0, ignore_index: int = -100):  # fmt: skip
+    def __init__(
+        self, *, max_completion_length: int | None = None, temperature: float = 1.0, ignore_index: int = -100, **options
+    ):
         super().__init__()
-        self.options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        _Options(**{k: v for k, v in self.options.items()
-                    if k not in ("max_completion_length", "temperature", "ignore_index")})  # fmt: skip
+        self.options = GRPOOptions(**options)
+        self.max_completion_length = max_completion_length
+        self.temperature = temperature
+        self.ignore_index = ignore_index
 
-    def forward(self, hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None, old_logp=None,
-                ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None, sampler_logp=None,
-                num_items_in_batch=None) -> LossOutput:  # fmt: skip
-        return fused_linear_grpo_loss(hidden, weight, targets, advantages, bias, mask=mask, cu_seqlens=cu_seqlens,
-                                      old_logp=old_logp, ref_logp=ref_logp, ref_hidden=ref_hidden,
-                                      ref_weight=ref_weight, ref_bias=ref_bias, sampler_logp=sampler_logp,
-                                      num_items_in_batch=num_items_in_batch, **self.options)  # fmt: skip
+    def forward(
+        self,
+        hidden,
+        weight,
+        targets,
+        bias=None,
+        *,
+        advantages,
+        mask=None,
+        cu_seqlens=None,
+        old_logp=None,
+        ref_logp=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        sampler_logp=None,
+        num_items_in_batch=None,
+    ) -> LossOutput:
+        return fused_linear_grpo_loss(
+            hidden,
+            weight,
+            targets,
+            bias,
+            advantages=advantages,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            sampler_logp=sampler_logp,
+            num_items_in_batch=num_items_in_batch,
+            max_completion_length=self.max_completion_length,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=None, *, mask=None, cu_seqlens=None,
-                                     old_logp=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                                     sampler_logp=None, temperature=1.0, ignore_index=-100,
-                                     **options) -> LossOutput:  # fmt: skip
+def reference_fused_linear_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    advantages,
+    mask=None,
+    cu_seqlens=None,
+    old_logp=None,
+    ref_logp=None,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
+    sampler_logp=None,
+    temperature=1.0,
+    ignore_index=-100,
+    **options,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax / entropy → ``grpo_loss`` on ``[B, T]`` (autograd).
 
     Per-token inputs are set to 0 at inactive tokens, as the fused loss ignores them there.
@@ -244,11 +340,25 @@ def reference_fused_linear_grpo_loss(hidden, weight, targets, advantages, bias=N
 
     def token_logp(h, w, b, entropy):
         h_pad, t_pad, _ = reference_padded(h.double(), targets, mask, cu_seqlens, ignore_index)
-        return reference_fused_linear_logprob(h_pad, w.double(), t_pad, None if b is None else b.double(),
-                                              temperature=temperature, ignore_index=ignore_index,
-                                              return_entropy=entropy)  # fmt: skip
+        return reference_fused_linear_logprob(
+            h_pad,
+            w.double(),
+            t_pad,
+            None if b is None else b.double(),
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=entropy,
+        )
 
     logp, entropy = token_logp(hidden, weight, bias, True)
     ref = padded(ref_logp) if ref_hidden is None else token_logp(ref_hidden, ref_weight, ref_bias, False).detach()
-    return grpo_loss(logp, padded(old_logp), advantages.double(), m, ref_logp=ref, sampler_logp=padded(sampler_logp),
-                     entropy=entropy, **options)  # fmt: skip
+    return grpo_loss(
+        logp,
+        advantages.double(),
+        m,
+        old_logp=padded(old_logp),
+        ref_logp=ref,
+        sampler_logp=padded(sampler_logp),
+        entropy=entropy,
+        **options,
+    )

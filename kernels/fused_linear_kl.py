@@ -39,29 +39,18 @@ since M needs both normalizers first).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import use_triton
-from ._fused_linear_common import Layout, attach_grads, grads_needed, make_layout
 from . import _torch_tiles as tiles
-from .fused_linear_logprob import _FLOAT_DTYPES
-from .losses._checks import check_aux, check_choice
+from ._dispatch import use_triton
+from ._fused_linear_common import Layout, attach_grads, check_fused_args, grads_needed, make_layout
+from ._head_checks import check_reference_like_hidden
+from ._stats import KLStats
 from .losses.output import LossOutput
-
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
-NORMALIZE = ("token", "sequence", "sum")
-
-
-@dataclass
-class KLStats:
-    """Per-row float32 [N] results of the forward, for the rows it was given (the counted ones)."""
-
-    divergence: Tensor  # the selected divergence
-    kl: Tensor  # KL(π ‖ π_ref)
-    entropy: Tensor  # entropy of π
+from .options import KLOptions
 
 
 @dataclass
@@ -69,15 +58,6 @@ class KLOutput(LossOutput):
     """``LossOutput`` plus ``per_token``: the selected divergence per row (detached float32, hidden's leading shape)."""
 
     per_token: Tensor | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class KLOptions:
-    """Options of the per-row math, checked by ``fused_linear_kl``."""
-
-    divergence: str  # "kl" | "reverse_kl" | "jsd"
-    beta: float  # JSD weight of the reference, in (0, 1); unused by the KLs
-    temperature: float  # > 0; both heads' logits are divided by it
 
 
 def _log_softmax_into(out: Tensor, logits: Tensor, s: float) -> Tensor:
@@ -107,7 +87,9 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
         d = lp.sub_(lq)
         q = lq.exp_()
         return -vecdot(q, d), vecdot(p, d), entropy, p.sub_(q)
-    beta, log_a, log_b = opts.beta, math.log1p(-opts.beta), math.log(opts.beta)
+    beta = opts.beta
+    log_a = math.log1p(-opts.beta)
+    log_b = math.log(opts.beta)
     kl = vecdot(p, torch.sub(lp, lq, out=t))
     # log M = logaddexp(log((1−β)p), log(βq)): M itself underflows where both p and q do.
     log_m = torch.logaddexp(lp.add_(log_a), lq.add_(log_b), out=t)
@@ -119,24 +101,52 @@ def _row_math_(lp: Tensor, lq: Tensor, p: Tensor, t: Tensor | None, opts: KLOpti
     return teacher + (1.0 - beta) * student, kl, entropy, d_p.sub_(student[:, None]).mul_(p).mul_(1.0 - beta)
 
 
-def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight, *, opts: KLOptions,
-               needs_grad=(True, True, True)):
+def kl_fwd_bwd(
+    hidden2d,
+    weight,
+    bias,
+    ref_hidden2d,
+    ref_weight,
+    ref_bias,
+    row_weight,
+    *,
+    options: KLOptions,
+    temperature: float,
+    needs_grad=(True, True, True),
+):
     """KLStats [N] and the gradients of Σ_i row_weight_i·D_i w.r.t. (hidden2d, weight, bias) (None where not needed).
 
     Args:
         hidden2d: [N, D] policy hidden. weight: [V, D]. bias: [V] | None (policy dtype).
         ref_hidden2d: [N, D_ref]. ref_weight: [V, D_ref]. ref_bias: [V] | None (reference dtype).
         row_weight: [N] float32 weight of each row in the loss.
+        options: the divergence and its beta (``normalize`` is applied by the caller through ``row_weight``).
+        temperature: > 0; both heads' logits are divided by it.
     Returns:
         (KLStats, grad_hidden | None, grad_weight | None, grad_bias | None), grads in the input dtype.
     """
     if use_triton(hidden2d.device):
         from ._fused_linear_kl_triton import triton_kl_fwd_bwd
 
-        return triton_kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_weight,
-                                 opts=opts, needs_grad=needs_grad)  # fmt: skip
-    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / opts.temperature
-    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+        return triton_kl_fwd_bwd(
+            hidden2d,
+            weight,
+            bias,
+            ref_hidden2d,
+            ref_weight,
+            ref_bias,
+            row_weight,
+            options=options,
+            temperature=temperature,
+            needs_grad=needs_grad,
+        )
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    s = 1.0 / temperature
+    want_h = needs_grad[0]
+    want_w = needs_grad[1]
+    want_b = needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
     gdt = tiles.grad_gemm_dtype(weight.dtype)
     w32 = weight.float() if grads else None  # one upcast serves every chunk (fp32 grad_W is accumulated anyway)
@@ -149,7 +159,7 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
     # three such blocks live (four for "jsd").
     chunk = tiles.block_rows(n, v, dev)
     bufs = [*torch.empty(3, chunk * v, device=dev).unbind(0), None]
-    if opts.divergence == "jsd":
+    if options.divergence == "jsd":
         bufs[3] = torch.empty(chunk * v, device=dev)
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
     for r0, r1 in tiles.spans(n, chunk):
@@ -162,7 +172,7 @@ def kl_fwd_bwd(hidden2d, weight, bias, ref_hidden2d, ref_weight, ref_bias, row_w
         tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
         _log_softmax_into(lp, x, s)
         lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
-        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, opts)
+        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, options)
         for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
             dst[r0:r1] = src
         if grads:
@@ -190,36 +200,6 @@ def _add_grads(g: Tensor, h32: Tensor, row_scale: Tensor, w: Tensor, rows: slice
         gb.addmv_(g.T, row_scale)
 
 
-def _check_reference(hidden, ref_hidden, ref_weight, ref_bias, v: int) -> None:
-    """ValueError/TypeError naming the reference argument, the value seen and the value expected."""
-    if ref_hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"ref_hidden must be float32, bfloat16 or float16, got {ref_hidden.dtype}")
-    if ref_hidden.dim() != hidden.dim() or ref_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} + [D_ref], "
-                         f"got {tuple(ref_hidden.shape)}")  # fmt: skip
-    if ref_weight.dtype != ref_hidden.dtype:
-        raise TypeError(f"ref_weight dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_weight.dtype}")
-    if ref_weight.shape != (v, ref_hidden.shape[-1]):
-        raise ValueError(f"ref_weight must have shape [V={v}, D_ref={ref_hidden.shape[-1]}] (V = weight's rows), "
-                         f"got {tuple(ref_weight.shape)}")  # fmt: skip
-    if ref_bias is not None and ref_bias.dtype != ref_hidden.dtype:
-        raise TypeError(f"ref_bias dtype must match ref_hidden ({ref_hidden.dtype}), got {ref_bias.dtype}")
-    if ref_bias is not None and ref_bias.shape != (v,):
-        raise ValueError(f"ref_bias must have shape ({v},) (V), got {tuple(ref_bias.shape)}")
-    for name, t in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
-
-
-def _check_options(divergence, beta, normalize) -> None:
-    """ValueError naming the option, the value seen and the value expected."""
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_choice("normalize", normalize, NORMALIZE)
-    if divergence == "jsd" and not 0.0 < float(beta) < 1.0:
-        raise ValueError(f"beta must lie in (0, 1) for divergence='jsd' (beta=0 is 'reverse_kl', beta=1 is 'kl'), "
-                         f"got {beta}")  # fmt: skip
-
-
 def _row_weights(layout: Layout, normalize: str) -> Tensor:
     """[N_a] float32 w_i with loss = Σ_i w_i·D_i over the active rows; see the module docstring."""
     ones = torch.ones(layout.hidden.shape[0], device=layout.hidden.device)
@@ -231,9 +211,23 @@ def _row_weights(layout: Layout, normalize: str) -> Tensor:
     return ones / per_seq[layout.seq_ids]
 
 
-def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                    cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
-                    ignore_index=-100) -> KLOutput:
+def fused_linear_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    divergence: str = KLOptions.divergence,
+    beta: float = KLOptions.beta,
+    normalize: str = KLOptions.normalize,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> KLOutput:
     """Exact full-vocabulary divergence between the policy and a frozen reference head, logits never stored.
 
     Args:
@@ -244,34 +238,48 @@ def fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weigh
         ref_hidden: reference hidden in hidden's layout, ``[..., D_ref]``, any float dtype.
         ref_weight: ``[V, D_ref]``, ref_hidden's dtype. ref_bias: ``[V]`` or None. Frozen: never gets a gradient.
         mask: ``[B, T]`` / ``[N]`` bool or 0/1, or None. cu_seqlens: ``[B + 1]`` int32/int64 (packed).
-        divergence: "kl" = KL(π ‖ π_ref), "reverse_kl" = KL(π_ref ‖ π), "jsd" = Liger's generalized JSD.
-        beta: JSD weight of the reference, in (0, 1); unused otherwise.
-        normalize: "token" (mean over counted rows), "sequence" (mean over sequences of their token mean), "sum".
+        divergence, beta, normalize: the fields of :class:`KLOptions`.
         temperature: > 0; both heads' logits are divided by it.
     Returns:
         KLOutput: ``loss`` (0-d float32, differentiable w.r.t. hidden, weight, bias), ``per_token`` (detached,
         targets' shape, float32, 0 where not counted), ``metrics`` {"kl": mean KL(π ‖ π_ref), "entropy": mean
         entropy of π, and "reverse_kl" / "jsd": mean of the selected divergence} over counted rows.
     """
-    _check_options(divergence, beta, normalize)
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), ref_hidden=(ref_hidden, "float"),
-              ref_weight=(ref_weight, "float"), ref_bias=(ref_bias, "float"))
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
-    _check_reference(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
+    options = KLOptions.pick(locals())  # first: locals() are the arguments
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, (ref_hidden, ref_weight, ref_bias))
+    layout = make_layout(
+        hidden,
+        weight,
+        targets,
+        bias,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        temperature=temperature,
+        ignore_index=ignore_index,
+    )
+    check_reference_like_hidden(hidden, ref_hidden, ref_weight, ref_bias, weight.shape[0])
     ref2d = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1])
-    ref2d = ref2d if layout.rows is None else ref2d.index_select(0, layout.rows)
-    opts = KLOptions(divergence=divergence, beta=float(beta), temperature=float(temperature))
-    row_weight, needs = _row_weights(layout, normalize), grads_needed(hidden, weight, bias)
-    stats, *grads = kl_fwd_bwd(layout.hidden, weight.detach(), None if bias is None else bias.detach(), ref2d,
-                               ref_weight.detach(), None if ref_bias is None else ref_bias.detach(), row_weight,
-                               opts=opts, needs_grad=needs)  # fmt: skip
+    if layout.rows is not None:
+        ref2d = ref2d.index_select(0, layout.rows)
+    row_weight = _row_weights(layout, options.normalize)
+    needs = grads_needed(hidden, weight, bias)
+    stats, *grads = kl_fwd_bwd(
+        layout.hidden,
+        weight.detach(),
+        None if bias is None else bias.detach(),
+        ref2d,
+        ref_weight.detach(),
+        None if ref_bias is None else ref_bias.detach(),
+        row_weight,
+        options=options,
+        temperature=float(temperature),
+        needs_grad=needs,
+    )
     loss = torch.linalg.vecdot(stats.divergence, row_weight)
     loss = attach_grads(loss, layout, hidden, weight, bias, grads) if any(needs) else loss
     per_token = torch.zeros(layout.token_shape, device=hidden.device)
     per_token.view(-1).index_copy_(0, _active_rows(layout), stats.divergence)
-    return KLOutput(loss=loss, metrics=_metrics(divergence, stats), per_token=per_token)
+    return KLOutput(loss=loss, metrics=_metrics(options.divergence, stats), per_token=per_token)
 
 
 def _active_rows(layout: Layout) -> Tensor:  # [N_a] int64 flat row of each active row
@@ -289,32 +297,60 @@ def _metrics(divergence: str, stats: KLStats) -> dict[str, Tensor]:
 
 
 class FusedLinearKL(nn.Module):
-    """Module form of ``fused_linear_kl``; options fixed at construction."""
+    """Module form of :func:`fused_linear_kl`: :class:`KLOptions` fields (checked now), ``temperature`` and
+    ``ignore_index`` at construction, tensors in ``forward``."""
 
-    def __init__(self, *, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
-                 ignore_index: int = -100, normalize: str = "token"):  # fmt: skip
+    def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, **options):
         super().__init__()
-        _check_options(divergence, beta, normalize)  # at construction, as the other fused modules
-        self.divergence, self.beta, self.temperature = divergence, beta, temperature
-        self.ignore_index, self.normalize = ignore_index, normalize
+        self.options = KLOptions(**options)
+        self.temperature = temperature
+        self.ignore_index = ignore_index
 
-    def forward(self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                cu_seqlens=None):
-        return fused_linear_kl(hidden, weight, targets, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                               ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens, divergence=self.divergence,
-                               beta=self.beta, normalize=self.normalize, temperature=self.temperature,
-                               ignore_index=self.ignore_index)  # fmt: skip
+    def forward(
+        self, hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None, cu_seqlens=None
+    ) -> KLOutput:
+        return fused_linear_kl(
+            hidden,
+            weight,
+            targets,
+            bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            mask=mask,
+            cu_seqlens=cu_seqlens,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            **asdict(self.options),
+        )
 
 
-def reference_fused_linear_kl(hidden, weight, targets, bias=None, *, ref_hidden, ref_weight, ref_bias=None, mask=None,
-                              cu_seqlens=None, divergence="kl", beta=0.5, normalize="token", temperature=1.0,
-                              ignore_index=-100) -> KLOutput:
+def reference_fused_linear_kl(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    ref_hidden,
+    ref_weight,
+    ref_bias=None,
+    mask=None,
+    cu_seqlens=None,
+    divergence=KLOptions.divergence,
+    beta=KLOptions.beta,
+    normalize=KLOptions.normalize,
+    temperature=1.0,
+    ignore_index=-100,
+) -> KLOutput:
     """Float64 materialized ``fused_linear_kl`` from the textbook formulas, differentiable, for tests and benchmarks."""
+
     def log_probs(h, w, b):
         return torch.log_softmax((h.double() @ w.double().T + (0.0 if b is None else b.double())) / temperature, -1)
 
-    lp, lq = log_probs(hidden, weight, bias), log_probs(ref_hidden, ref_weight, ref_bias)
-    p, q = lp.exp(), lq.exp()
+    lp = log_probs(hidden, weight, bias)
+    lq = log_probs(ref_hidden, ref_weight, ref_bias)
+    p = lp.exp()
+    q = lq.exp()
     kl = (p * (lp - lq)).sum(-1)
     if divergence == "kl":
         div = kl

@@ -27,7 +27,6 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,17 +34,8 @@ from torch import Tensor, nn
 from . import _cpu_ext
 from . import _torch_tiles as tiles
 from ._dispatch import use_triton
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class TokenStats:
-    """Per-row [N] results of the forward: float32, but lse float64."""
-
-    logp: Tensor  # log p(target); 0 where ignored
-    entropy: Tensor | None  # entropy of the full distribution; 0 where ignored; None if not asked
-    lse: Tensor  # float64: logsumexp of the temperature-scaled logits (the backward splits it into fp32 hi + lo)
+from ._head_checks import check_head_inputs
+from ._stats import TokenStats
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
@@ -53,15 +43,27 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_fwd
 
-        return triton_logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature,
-                                  ignore_index=ignore_index, with_entropy=with_entropy)  # fmt: skip
-    (n, _), v, dev, targets = hidden2d.shape, weight.shape[0], hidden2d.device, targets.contiguous()
+        return triton_logprob_fwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
+    n, _ = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    targets = targets.contiguous()
     logp, entropy = torch.empty(2, n, device=dev).unbind(0)
     lse = torch.empty(n, device=dev, dtype=torch.float64)
     rows, cols = tiles.block_shape(n, v, dev)
     buf = torch.empty(rows * cols, device=dev)
     for r0, r1 in tiles.spans(n, rows):
-        h32, t, state = hidden2d[r0:r1].float(), targets[r0:r1], _cpu_ext.new_row_state(r1 - r0, dev)
+        h32 = hidden2d[r0:r1].float()
+        t = targets[r0:r1]
+        state = _cpu_ext.new_row_state(r1 - r0, dev)
         for v0, v1 in tiles.spans(v, cols):
             block = tiles.scratch(buf, r1 - r0, v1 - v0)
             tiles.logits_into(block, h32, weight, bias, v0)
@@ -71,24 +73,38 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
 
 
-def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index,
-                needs_grad):
+def logprob_bwd(
+    hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, *, temperature, ignore_index, needs_grad
+):
     """(grad_hidden, grad_weight, grad_bias) in the input dtype (None where not needed), by [R, Vb] tiles."""
     if use_triton(hidden2d.device):
         from ._fused_linear_logprob_triton import triton_logprob_bwd
 
-        return triton_logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
-                                  temperature=temperature, ignore_index=ignore_index,
-                                  needs_grad=needs_grad)  # fmt: skip
-    (n, d), v, dev = hidden2d.shape, weight.shape[0], hidden2d.device
+        return triton_logprob_bwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            stats,
+            grad_logp,
+            grad_entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            needs_grad=needs_grad,
+        )
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
     if n == 0:  # no rows: every gradient is zero
         zeros = (torch.zeros_like(hidden2d), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
         return tuple(z if need else None for z, need in zip(zeros, needs_grad))
-    targets, grad_logp = targets.contiguous(), grad_logp.float().contiguous()
+    targets = targets.contiguous()
+    grad_logp = grad_logp.float().contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     entropy = stats.entropy if grad_entropy is not None else None
     gdt = tiles.grad_gemm_dtype(weight.dtype)
-    h32, h_g = hidden2d.float(), hidden2d.to(gdt)
+    h32 = hidden2d.float()
+    h_g = hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
@@ -103,15 +119,22 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
         for r0, r1 in tiles.spans(n, rows):
             block = tiles.scratch(buf, r1 - r0, v1 - v0)
             tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
-            tiles.row_grad_(block, targets[r0:r1], v0, stats.lse[r0:r1], _rows_of(entropy, r0, r1), grad_logp[r0:r1],
-                       _rows_of(grad_entropy, r0, r1), 1.0 / temperature, ignore_index)  # fmt: skip
+            tiles.row_grad_(
+                block,
+                targets[r0:r1],
+                v0,
+                stats.lse[r0:r1],
+                _rows_of(entropy, r0, r1),
+                grad_logp[r0:r1],
+                _rows_of(grad_entropy, r0, r1),
+                1.0 / temperature,
+                ignore_index,
+            )
             if gb is not None:
                 gb[v0:v1] += block.sum(dim=0)
             g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
-            if gw_acc is not None and r0 == 0:
-                gw_acc.copy_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else torch.mm(g.T, h_g[r0:r1], out=gw_acc)
-            elif gw_acc is not None:
-                gw_acc.add_(torch.mm(g.T, h_g[r0:r1])) if g.dtype != gw_acc.dtype else gw_acc.addmm_(g.T, h_g[r0:r1])
+            if gw_acc is not None:
+                _add_grad_weight(gw_acc, g, h_g[r0:r1], first=r0 == 0)
             if gh is not None and g.dtype == torch.float32:
                 gh[r0:r1].addmm_(g, w_g)
             elif gh is not None:
@@ -119,6 +142,20 @@ def logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy,
         if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
             gw[v0:v1].copy_(gw_acc)
     return tiles.cast(gh, hidden2d.dtype), gw, tiles.cast(gb, weight.dtype)
+
+
+def _add_grad_weight(acc: Tensor, g: Tensor, h: Tensor, *, first: bool) -> None:
+    """``acc`` [Vb, D] fp32 ``=`` (first row tile) or ``+=`` ``g.T @ h``; a bf16 ``g`` forms the product, then adds."""
+    if g.dtype != acc.dtype:
+        product = torch.mm(g.T, h)
+        if first:
+            acc.copy_(product)
+        else:
+            acc.add_(product)
+    elif first:
+        torch.mm(g.T, h, out=acc)
+    else:
+        acc.addmm_(g.T, h)
 
 
 def _rows_of(t: Tensor | None, r0: int, r1: int) -> Tensor | None:
@@ -130,11 +167,14 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
         return [(torch.arange(r0, r1, device=device), slice(r0, r1)) for r0, r1 in tiles.spans(n, chunk)]
-    chunks, pending, size = [], [], 0
+    chunks = []
+    pending = []
+    size = 0
     for group in row_groups:
         if pending and size + group.numel() > chunk:
             chunks.append((torch.cat(pending), None))
-            pending, size = [], 0
+            pending = []
+            size = 0
         pending.append(group.to(device=device, dtype=torch.int64))
         size += group.numel()
     if pending:
@@ -142,19 +182,43 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     return chunks
 
 
-def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy,
-                    token_grad: Callable, row_groups=None, needs_grad=(True, True, True)):
+def logprob_fwd_bwd(
+    hidden2d,
+    weight,
+    targets,
+    bias,
+    *,
+    temperature,
+    ignore_index,
+    with_entropy,
+    token_grad: Callable,
+    row_groups=None,
+    needs_grad=(True, True, True),
+):
     """TokenStats and (grad_hidden, grad_weight, grad_bias) with three matmuls per row chunk.
 
     ``token_grad(rows, logp, entropy) -> (grad_logp, grad_entropy | None)`` is called once per chunk of
     whole row groups (``row_groups``: int64 row-index tensors; None = contiguous chunks).
     """
     if use_triton(hidden2d.device):
-        return _fwd_bwd_triton(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                               with_entropy=with_entropy, token_grad=token_grad, row_groups=row_groups,
-                               needs_grad=needs_grad)  # fmt: skip
-    (n, d), v, dev, s = hidden2d.shape, weight.shape[0], hidden2d.device, 1.0 / temperature
-    gdt, targets = tiles.grad_gemm_dtype(weight.dtype), targets.contiguous()
+        return _fwd_bwd_triton(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+            token_grad=token_grad,
+            row_groups=row_groups,
+            needs_grad=needs_grad,
+        )
+    n, d = hidden2d.shape
+    v = weight.shape[0]
+    dev = hidden2d.device
+    s = 1.0 / temperature
+    gdt = tiles.grad_gemm_dtype(weight.dtype)
+    targets = targets.contiguous()
     w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
     chunks = _row_chunks(n, v, row_groups, dev)
@@ -185,18 +249,22 @@ def logprob_fwd_bwd(hidden2d, weight, targets, bias, *, temperature, ignore_inde
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
 
-def _fwd_bwd_triton(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad,
-                    row_groups, needs_grad):
+def _fwd_bwd_triton(
+    hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy, token_grad, row_groups, needs_grad
+):
     """Triton path of ``logprob_fwd_bwd``: forward, one token_grad call on all grouped rows, backward."""
     opts = dict(temperature=temperature, ignore_index=ignore_index)
     stats = logprob_fwd(hidden2d, weight, targets, bias, with_entropy=with_entropy, **opts)
-    n, dev = hidden2d.shape[0], hidden2d.device
+    n = hidden2d.shape[0]
+    dev = hidden2d.device
     rows = torch.arange(n, device=dev) if row_groups is None else torch.cat(row_groups).to(dev, torch.int64)
     g_lp, g_ent = token_grad(rows, stats.logp[rows], stats.entropy[rows] if with_entropy else None)
     grad_logp = torch.zeros(n, device=dev).index_copy_(0, rows, g_lp.detach().float())
     grad_entropy = None if g_ent is None else torch.zeros(n, device=dev).index_copy_(0, rows, g_ent.detach().float())
-    return (stats, *logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, needs_grad=needs_grad,
-                                **opts))
+    return (
+        stats,
+        *logprob_bwd(hidden2d, weight, targets, bias, stats, grad_logp, grad_entropy, needs_grad=needs_grad, **opts),
+    )
 
 
 class FusedLinearLogprobFunction(torch.autograd.Function):
@@ -204,8 +272,15 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets, temperature, ignore_index, with_entropy):
-        stats = logprob_fwd(hidden2d, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                            with_entropy=with_entropy)  # fmt: skip
+        stats = logprob_fwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=with_entropy,
+        )
         ctx.save_for_backward(hidden2d, weight, bias, targets, stats.logp, stats.lse, stats.entropy)
         ctx.options = (temperature, ignore_index)
         ctx.set_materialize_grads(False)
@@ -217,49 +292,24 @@ class FusedLinearLogprobFunction(torch.autograd.Function):
         temperature, ignore_index = ctx.options
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.float().contiguous()
         grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
-        grads = logprob_bwd(hidden2d, weight, targets, bias, TokenStats(logp=logp, entropy=entropy, lse=lse),
-                            grad_logp, grad_entropy, temperature=temperature, ignore_index=ignore_index,
-                            needs_grad=ctx.needs_input_grad[:3])  # fmt: skip
+        grads = logprob_bwd(
+            hidden2d,
+            weight,
+            targets,
+            bias,
+            TokenStats(logp=logp, entropy=entropy, lse=lse),
+            grad_logp,
+            grad_entropy,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            needs_grad=ctx.needs_input_grad[:3],
+        )
         return (*grads, None, None, None, None)
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
-    """ValueError/TypeError naming the argument, the value seen and the value expected."""
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name == 'bias' else ''}, "
-                            f"got {type(t).__name__}")
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16, got {hidden.dtype}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., D], got a 0-d tensor")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype must match hidden ({hidden.dtype}), got {weight.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape [V >= 1, D={hidden.shape[-1]}] (D = hidden's last dim), "
-                         f"got {tuple(weight.shape)}")  # fmt: skip
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64, got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")  # fmt: skip
-    if bias is not None and bias.dtype != hidden.dtype:
-        raise TypeError(f"bias dtype must match hidden ({hidden.dtype}), got {bias.dtype}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},) (V), got {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("targets", targets), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {t.device}")
-    if not (float(temperature) > 0.0 and float(temperature) < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
-                         f"got {targets[bad][0].item()}")  # fmt: skip
-
-
-def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                         return_entropy=False):
+def fused_linear_logprob(
+    hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """log p(target) (and entropy) of logits = (hidden @ weight.T + bias) / temperature, never materialized.
 
     Rows whose target is ``ignore_index`` (padding, prompts) are dropped before any matmul (one host sync
@@ -273,21 +323,33 @@ def fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0,
     Returns:
         logp [...] float32, or (logp, entropy) [...] float32 each. Differentiable w.r.t. hidden, weight, bias.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
-    lead, d = hidden.shape[:-1], hidden.shape[-1]
-    hidden2d, flat_targets = hidden.reshape(-1, d), targets.reshape(-1).contiguous()
-    temperature, ignore_index = float(temperature), int(ignore_index)
+    check_head_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    lead = hidden.shape[:-1]
+    d = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, d)
+    flat_targets = targets.reshape(-1).contiguous()
+    temperature = float(temperature)
+    ignore_index = int(ignore_index)
     active = (flat_targets != ignore_index).nonzero().squeeze(1)
     compact = active.numel() < flat_targets.numel()
     if compact:  # gather the active rows (autograd scatters their gradient back; ignored rows get 0)
-        hidden2d, flat_targets = hidden2d.index_select(0, active), flat_targets.index_select(0, active)
+        hidden2d = hidden2d.index_select(0, active)
+        flat_targets = flat_targets.index_select(0, active)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        out = FusedLinearLogprobFunction.apply(hidden2d, weight, bias, flat_targets, temperature, ignore_index,
-                                               return_entropy)  # fmt: skip
+        out = FusedLinearLogprobFunction.apply(
+            hidden2d, weight, bias, flat_targets, temperature, ignore_index, return_entropy
+        )
         outs = out if return_entropy else (out, None)
     else:  # forward only: nothing saved
-        stats = logprob_fwd(hidden2d, weight, flat_targets, bias, temperature=temperature,
-                            ignore_index=ignore_index, with_entropy=return_entropy)  # fmt: skip
+        stats = logprob_fwd(
+            hidden2d,
+            weight,
+            flat_targets,
+            bias,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            with_entropy=return_entropy,
+        )
         outs = (stats.logp, stats.entropy)
     if compact:
         outs = tuple(None if o is None else o.new_zeros(lead.numel()).index_copy(0, active, o) for o in outs)
@@ -300,15 +362,25 @@ class FusedLinearLogprob(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, ignore_index: int = -100, return_entropy: bool = False):
         super().__init__()
-        self.temperature, self.ignore_index, self.return_entropy = temperature, ignore_index, return_entropy
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+        self.return_entropy = return_entropy
 
     def forward(self, hidden, weight, targets, bias=None):
-        return fused_linear_logprob(hidden, weight, targets, bias, temperature=self.temperature,
-                                    ignore_index=self.ignore_index, return_entropy=self.return_entropy)  # fmt: skip
+        return fused_linear_logprob(
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            return_entropy=self.return_entropy,
+        )
 
 
-def reference_fused_linear_logprob(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                                   return_entropy=False):
+def reference_fused_linear_logprob(
+    hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100, return_entropy=False
+):
     """Float64 materialized logp (and entropy) [...], differentiable, for tests and benchmarks."""
     logits = hidden.double() @ weight.double().T + (0.0 if bias is None else bias.double())
     log_probs = torch.log_softmax(logits / temperature, dim=-1)

@@ -20,9 +20,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._fused_linear_common import attach_grads, forward_stats, grads_needed, make_layout, reference_padded
+from ._fused_linear_common import (
+    attach_grads,
+    check_fused_args,
+    forward_stats,
+    grads_needed,
+    make_layout,
+    reference_padded,
+)
 from .fused_linear_logprob import logprob_fwd_bwd, reference_fused_linear_logprob
-from .losses._checks import check_aux, check_choice, check_tensor
+from .losses._checks import check_choice, check_tensor
 from .losses.output import LossOutput
 from .losses.sft import sft_loss
 
@@ -56,10 +63,17 @@ def fused_linear_sft_loss(
         included, which the trainer accumulates).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux("hidden", hidden, weight=(weight, "float"), bias=(bias, "float"), targets=(targets, "int"),
-              mask=(mask, "mask"), cu_seqlens=(cu_seqlens, "mask"), weights=(weights, "float"))
-    layout = make_layout(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, temperature=temperature,
-                         ignore_index=ignore_index)  # fmt: skip
+    check_fused_args(hidden, weight, targets, bias, mask, cu_seqlens, weights=(weights, "float"))
+    layout = make_layout(
+        hidden,
+        weight,
+        targets,
+        bias,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        temperature=temperature,
+        ignore_index=ignore_index,
+    )
     if weights is not None:
         check_tensor("weights", weights, (layout.num_seqs,))
         weights = weights.detach().float()
@@ -71,10 +85,15 @@ def fused_linear_sft_loss(
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(sft_loss(zero, m, weights=weights, normalize=normalize).loss, zero)
         token = grad[layout.seq_ids, layout.positions]
-        stats, *grads = logprob_fwd_bwd(layout.hidden, weight.detach(), layout.targets,
-                                        None if bias is None else bias.detach(),
-                                        token_grad=lambda rows, *_: (token[rows], None), needs_grad=needs,
-                                        **opts)  # fmt: skip
+        stats, *grads = logprob_fwd_bwd(
+            layout.hidden,
+            weight.detach(),
+            layout.targets,
+            None if bias is None else bias.detach(),
+            token_grad=lambda rows, *_: (token[rows], None),
+            needs_grad=needs,
+            **opts,
+        )
     else:
         stats = forward_stats(layout, weight, bias, **opts)
     with torch.no_grad():
@@ -93,17 +112,30 @@ class FusedLinearSFTLoss(nn.Module):
         self.options = dict(normalize=normalize, temperature=temperature, ignore_index=ignore_index)
 
     def forward(self, hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, weights=None) -> LossOutput:
-        return fused_linear_sft_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, weights=weights,
-                                     **self.options)  # fmt: skip
+        return fused_linear_sft_loss(
+            hidden, weight, targets, bias, mask=mask, cu_seqlens=cu_seqlens, weights=weights, **self.options
+        )
 
 
-def reference_fused_linear_sft_loss(hidden, weight, targets, bias=None, *, mask=None, cu_seqlens=None, weights=None,
-                                    normalize="token", temperature=1.0, ignore_index=-100) -> LossOutput:  # fmt: skip
+def reference_fused_linear_sft_loss(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    *,
+    mask=None,
+    cu_seqlens=None,
+    weights=None,
+    normalize="token",
+    temperature=1.0,
+    ignore_index=-100,
+) -> LossOutput:
     """Float64 reference: materialized logits → log_softmax / entropy → ``sft_loss`` on ``[B, T]`` (autograd)."""
     h_pad, t_pad, m = reference_padded(hidden.double(), targets, mask, cu_seqlens, ignore_index)
     b64 = None if bias is None else bias.double()
-    logp, entropy = reference_fused_linear_logprob(h_pad, weight.double(), t_pad, b64, temperature=temperature,
-                                                   ignore_index=ignore_index, return_entropy=True)  # fmt: skip
+    logp, entropy = reference_fused_linear_logprob(
+        h_pad, weight.double(), t_pad, b64, temperature=temperature, ignore_index=ignore_index, return_entropy=True
+    )
     out = sft_loss(logp, m, weights=None if weights is None else weights.double(), normalize=normalize)
     out.metrics["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp_min(1.0)
     return out

@@ -31,6 +31,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from hotloop._errors import expected, require
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -65,9 +67,8 @@ class SamplingParams:
              isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
              "a tuple of ints >= 0"),
         )
-        for name, value, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        for name, value, ok, want in checks:
+            require(ok, name, want, repr(value))
 
     @property
     def logprob_temperature(self) -> float:
@@ -167,10 +168,9 @@ class RolloutEngine(Protocol):
 def check_prompt_ids(prompts: list[list[int]], max_len: int | None = None) -> None:
     """Raise unless ``prompts`` is a non-empty list of non-empty token-id lists (each shorter than ``max_len``)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompt_token_ids: expected a non-empty list of token-id lists, got {prompts!r:.200}")
+        raise ValueError(expected("prompt_token_ids", "a non-empty list of token-id lists", f"{prompts!r:.200}"))
     for i, p in enumerate(prompts):
         if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) and t >= 0 for t in p):
-            raise ValueError(f"prompt_token_ids[{i}]: expected a non-empty list of ints >= 0, got {p!r:.200}")
+            raise ValueError(expected(f"prompt_token_ids[{i}]", "a non-empty list of ints >= 0", f"{p!r:.200}"))
         if max_len is not None and len(p) >= max_len:
-            raise ValueError(f"prompt_token_ids[{i}]: expected fewer than max_model_len = {max_len} tokens, "
-                             f"got {len(p)}")
+            raise ValueError(expected(f"prompt_token_ids[{i}]", f"fewer than max_model_len = {max_len} tokens", len(p)))

@@ -86,9 +86,9 @@ def check_kl(case: Case, device, divergences=("kl", "reverse_kl", "jsd"), sectio
     row_weight = torch.randn(case.n, device=device)
     checks = []
     for div in divergences:
-        opts = KLOptions(divergence=div, beta=0.3, temperature=TEMPERATURE)
+        options = KLOptions(divergence=div, beta=0.3)
         stats, *grads = triton_kl_fwd_bwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight,
-                                          opts=opts, needs_grad=(True, True, True),
+                                          options=options, temperature=TEMPERATURE, needs_grad=(True, True, True),
                                           vocab_chunk=case.v if case.full_chunk else None)
         ref = _reference.kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight, divergence=div,
                             beta=0.3, temperature=TEMPERATURE)

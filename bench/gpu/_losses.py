@@ -62,12 +62,13 @@ def check_losses(b: int, t: int, device) -> list[Check]:
                   delta=1.15 if loss_type in grpo_mod.CLIPPED and est == "k3" else None, max_completion_length=t)
 
         def grpo(logp, entropy, old, ref, mask, adv, sampler, kw=kw):
-            return grpo_loss(logp, old, adv, mask, ref_logp=ref, sampler_logp=sampler, entropy=entropy, **kw).loss
+            return grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, entropy=entropy,
+                             **kw).loss
 
         cases.append((f"grpo_loss {loss_type} kl={est}", grpo, ("logp", "entropy")))
     for est in ("k1", "k2", "k3"):
-        cases.append((f"kl_penalty {est}", lambda logp, ref, mask, est=est, **_: kl_penalty(logp, ref, mask,
-                                                                                           estimator=est), ("logp",)))
+        cases.append((f"kl_penalty {est}", lambda logp, ref, mask, est=est, **_: kl_penalty(logp, mask, ref_logp=ref,
+                                                                                           kl_estimator=est), ("logp",)))
     for norm in ("token", "sequence"):
         cases.append((f"policy_gradient_loss {norm}", lambda logp, adv, mask, norm=norm, **_: policy_gradient_loss(
             logp, adv, mask, normalize=norm).loss, ("logp",)))

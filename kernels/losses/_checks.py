@@ -1,5 +1,5 @@
-"""Argument checks shared by the public losses and fused entry points (ValueError/TypeError naming the
-argument, the value seen and the value expected).
+"""Argument checks shared by the public losses and fused entry points: ValueError/TypeError worded by
+``hotloop._errors.expected`` (``"<argument>: expected <what>, got <seen>"``), the wording of every layer.
 
 Masks: a mask *selects* tokens. Any nonzero value (True, 1, 0.5, -2) includes the token with weight 1;
 zero excludes it. The functional losses (``as_mask``) and the fused path (``make_layout``:
@@ -11,34 +11,29 @@ tensors (advantages, old/ref/sampler log-probs, masks, labels, lengths, cu_seqle
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
+from hotloop._errors import check_choice, expected
 
-def check_choice(name: str, value: str, choices: Iterable[str]) -> None:
-    """Raise unless ``value`` is one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+__all__ = ["as_mask", "check_aux", "check_choice", "check_mask", "check_tensor", "mean_or_zero"]
 
 
 def check_tensor(name: str, t: Tensor, shape: tuple[int, ...] | None = None, *, ndim: int | None = None) -> None:
     """Raise unless ``t`` is a tensor of the given ``shape`` (or number of dims)."""
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(expected(name, "a torch.Tensor", type(t).__name__))
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ValueError(expected(name, f"shape {tuple(shape)}", tuple(t.shape)))
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        raise ValueError(expected(name, f"{ndim} dims", f"shape {tuple(t.shape)}"))
 
 
 def check_mask(mask: Tensor, like: Tensor, name: str = "mask") -> None:
     """Raise unless ``mask`` is a bool or real-number tensor of ``like``'s shape."""
     check_tensor(name, mask, tuple(like.shape))
     if mask.dtype.is_complex:
-        raise TypeError(f"{name} must be bool or 0/1 numbers, got dtype {mask.dtype}")
+        raise TypeError(expected(name, "bool or 0/1 numbers", f"dtype {mask.dtype}"))
 
 
 def as_mask(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
@@ -64,16 +59,16 @@ def check_aux(like_name: str, like: Tensor, **tensors: tuple[Tensor | None, str]
     """Raise unless each ``name=(tensor, kind)`` (tensor None: skipped) is a tensor on ``like``'s device whose
     dtype is of ``kind`` ("float", "int", "mask" or "bool")."""
     if not isinstance(like, Tensor):
-        raise TypeError(f"{like_name} must be a torch.Tensor, got {type(like).__name__}")
+        raise TypeError(expected(like_name, "a torch.Tensor", type(like).__name__))
     for name, (t, kind) in tensors.items():
         if t is None:
             continue
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(expected(name, "a torch.Tensor", type(t).__name__))
         if t.device != like.device:
-            raise ValueError(f"{name} must be on {like_name}'s device {like.device}, got {t.device}")
+            raise ValueError(expected(name, f"{like_name}'s device {like.device}", t.device))
         if not _kind_ok(t, kind):
-            raise TypeError(f"{name} must be {_KINDS[kind]} tensor, got dtype {t.dtype}")
+            raise TypeError(expected(name, f"{_KINDS[kind]} tensor", f"dtype {t.dtype}"))
 
 
 def mean_or_zero(x: Tensor) -> Tensor:

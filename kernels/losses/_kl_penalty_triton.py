@@ -67,15 +67,24 @@ def _kl_penalty_kernel(
     tl.store(RowStats + b * 2 + 1, tl.sum(m_acc, axis=0))
 
 
-def kl_penalty_fwd(logp: Tensor, ref: Tensor, mask: Tensor, estimator: str) -> tuple[Tensor, Tensor]:
+def kl_penalty_fwd(logp: Tensor, ref: Tensor, mask: Tensor, kl_estimator: str) -> tuple[Tensor, Tensor]:
     """Launch the kernel; returns ``(row_stats [B, 2], grad [B, T])`` in float32."""
     lp = logp.detach().contiguous()
     b, t = lp.shape
     grad = torch.empty(b, t, device=lp.device, dtype=torch.float32)
     row_stats = torch.empty(b, 2, device=lp.device, dtype=torch.float32)
     bt = block_t(t, lp.device)
-    _kl_penalty_kernel[(b,)](lp, ref.detach().contiguous(), mask_operand(mask), grad, row_stats, t,
-                             KL_EST=KL_CODES[estimator], BLOCK_T=bt, num_warps=num_warps(bt))  # fmt: skip
+    _kl_penalty_kernel[(b,)](
+        lp,
+        ref.detach().contiguous(),
+        mask_operand(mask),
+        grad,
+        row_stats,
+        t,
+        KL_EST=KL_CODES[kl_estimator],
+        BLOCK_T=bt,
+        num_warps=num_warps(bt),
+    )
     return row_stats, grad
 
 
@@ -83,8 +92,8 @@ class KLPenaltyFunction(torch.autograd.Function):
     """Masked mean of the estimator from the one-pass kernel; backward scales the saved ``m · d k / d logp``."""
 
     @staticmethod
-    def forward(ctx, logp: Tensor, ref: Tensor, mask: Tensor, estimator: str) -> Tensor:
-        row_stats, grad = kl_penalty_fwd(logp, ref, mask, estimator)
+    def forward(ctx, logp: Tensor, ref: Tensor, mask: Tensor, kl_estimator: str) -> Tensor:
+        row_stats, grad = kl_penalty_fwd(logp, ref, mask, kl_estimator)
         sums = row_stats.sum(0)
         n = sums[1].clamp_min(1.0)
         ctx.save_for_backward(grad, n)

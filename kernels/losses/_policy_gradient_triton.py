@@ -66,8 +66,17 @@ def linear_token_fwd(logp: Tensor, coef: Tensor | None, mask: Tensor) -> tuple[T
     row_stats = torch.empty(b, _STATS, device=lp.device, dtype=torch.float32)
     bt = block_t(t, lp.device)
     code = 0 if coef is None else coef.dim()
-    _linear_token_kernel[(b,)](lp, lp if coef is None else coef.detach().contiguous(), mask_operand(mask), grad,
-                               row_stats, t, COEF=code, BLOCK_T=bt, num_warps=num_warps(bt))  # fmt: skip
+    _linear_token_kernel[(b,)](
+        lp,
+        lp if coef is None else coef.detach().contiguous(),
+        mask_operand(mask),
+        grad,
+        row_stats,
+        t,
+        COEF=code,
+        BLOCK_T=bt,
+        num_warps=num_warps(bt),
+    )
     return row_stats, grad
 
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
+
 from ._checks import check_choice
 
 
 def _grouped(rewards: Tensor, group_size: int, min_size: int) -> Tensor:
     if not isinstance(group_size, int) or group_size < min_size:
-        raise ValueError(f"group_size must be an int >= {min_size}, got {group_size!r}")
-    if rewards.dim() not in (1, 2) or rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"rewards must be [B*G] or [B, G] with G = group_size = {group_size}, got shape {tuple(rewards.shape)}"
-        )
-    if rewards.dim() == 2 and rewards.shape[1] != group_size:
-        raise ValueError(f"rewards [B, G] must have G = group_size = {group_size}, got shape {tuple(rewards.shape)}")
+        raise ValueError(expected("group_size", f"an int >= {min_size}", repr(group_size)))
+    shape_ok = rewards.dim() in (1, 2) and rewards.numel() % group_size == 0
+    if not shape_ok or (rewards.dim() == 2 and rewards.shape[1] != group_size):
+        want = f"[B*G] or [B, G] with G = group_size = {group_size}"
+        raise ValueError(expected("rewards", want, f"shape {tuple(rewards.shape)}"))
     return rewards.reshape(-1, group_size)
 
 

@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_aux, check_choice, check_tensor, mean_or_zero
+from hotloop._errors import expected, require
+
+from ..options import DPO_LOSS_TYPES as LOSS_TYPES
+from ..options import DPOOptions
+from ._checks import check_aux, check_tensor, mean_or_zero
 from .output import LossOutput
 
-LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust",
-    "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
-)  # fmt: skip
+__all__ = ["LOSS_TYPES", "DPOOptions", "dpo_loss", "orpo_loss"]
 
 
 def _log_sigmoid(x: Tensor) -> Tensor:
@@ -59,10 +60,12 @@ def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps:
     if loss_type == "ipo":
         return (rho_c - rho_r - 1 / (2 * beta)) ** 2
     if loss_type == "exo_pair":
-        log_pw, log_pl = math.log1p(-eps), math.log(eps)
+        log_pw = math.log1p(-eps)
+        log_pl = math.log(eps)
         return torch.sigmoid(z) * (_log_sigmoid(z) - log_pw) + torch.sigmoid(-z) * (_log_sigmoid(-z) - log_pl)
     if loss_type == "nca_pair":
-        wc, wr = beta * rho_c, beta * rho_r
+        wc = beta * rho_c
+        wr = beta * rho_r
         return -_log_sigmoid(wc) - 0.5 * _log_sigmoid(-wc) - 0.5 * _log_sigmoid(-wr)
     if loss_type == "robust":
         return (-(1 - eps) * _log_sigmoid(z) + eps * _log_sigmoid(-z)) / (1 - 2 * eps)
@@ -76,25 +79,6 @@ def _pair_losses(rho_c: Tensor, rho_r: Tensor, loss_type: str, beta: float, eps:
         return torch.sigmoid(beta * rho_c) + 1 - torch.sigmoid(z)
     mod = torch.sigmoid(z / tau)  # discopop
     return -_log_sigmoid(z) * (1 - mod) + torch.exp(-z) * mod
-
-
-def _check_options(loss_type: str, beta: float, eps: float, gamma: float, length_normalize: bool, lengths) -> None:
-    check_choice("loss_type", loss_type, LOSS_TYPES)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if loss_type == "exo_pair" and not 0 < eps < 1:
-        raise ValueError(f"label_smoothing must be in (0, 1) for loss_type='exo_pair' (paper: 1e-3), got {eps}")
-    if loss_type == "robust" and not 0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for loss_type='robust', got {eps}")
-    if loss_type == "sigmoid" and not 0 <= eps <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5] for loss_type='sigmoid', got {eps}")
-    if eps != 0 and loss_type not in ("sigmoid", "robust", "exo_pair"):
-        raise ValueError(f"label_smoothing applies to sigmoid, robust and exo_pair only; got {eps} with {loss_type!r}")
-    if gamma != 0 and loss_type != "sigmoid":
-        raise ValueError(f"gamma (SimPO margin) applies to loss_type='sigmoid' only; got {gamma} with {loss_type!r}")
-    if length_normalize and None in lengths:
-        raise ValueError(f"chosen_lengths and rejected_lengths are required for length normalization (ipo's default), "
-                         f"got {lengths}")  # fmt: skip
 
 
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -112,68 +96,88 @@ def _check_pairs(names: tuple[str, ...], tensors: tuple, n: int) -> None:
 def dpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
+    *,
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
-    length_normalize: bool | None = None,
-    gamma: float = 0.0,
     nll_loss: Tensor | None = None,
-    nll_coef: float = 0.0,
-    reference_free: bool = False,
-    discopop_tau: float = 0.05,
+    beta: float = DPOOptions.beta,
+    loss_type: str = DPOOptions.loss_type,
+    label_smoothing: float = DPOOptions.label_smoothing,
+    length_normalize: bool | None = DPOOptions.length_normalize,
+    gamma: float = DPOOptions.gamma,
+    nll_coef: float = DPOOptions.nll_coef,
+    reference_free: bool = DPOOptions.reference_free,
+    discopop_tau: float = DPOOptions.discopop_tau,
 ) -> LossOutput:
     """DPO-family loss averaged over ``B`` pairs.
 
     Args:
         chosen_logps, rejected_logps: ``[B]`` policy sequence log-probs (sums over completion tokens).
         ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs; required unless ``reference_free``.
-        beta: inverse temperature β (> 0).  loss_type: one of ``LOSS_TYPES``.
-        label_smoothing: ε for sigmoid (cDPO), robust and exo_pair.
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (for length normalization and ipo).
-        length_normalize: divide all log-probs by their lengths (SimPO); None: the loss type's default, True for ipo
-            (TRL), False for the others; ``False`` with ipo is Azar et al.'s form on sequence sums.
-        gamma: SimPO margin γ subtracted from ``β(ρ_c − ρ_r)`` (sigmoid only).
         nll_loss: ``[B]`` or 0-d NLL of the chosen completions (RPO/CPO); its mean times ``nll_coef`` is added.
-        reference_free: use ``ref = 0`` (SimPO, CPO).  discopop_tau: τ of discopop.
+        beta, loss_type, label_smoothing, length_normalize, gamma, nll_coef, reference_free, discopop_tau: the
+            fields of :class:`DPOOptions` (``loss_type="orpo"``: use :func:`orpo_loss`).
 
     Returns:
         ``LossOutput``; metrics ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``
         (and ``nll_loss`` when given).
     """
-    check_tensor("chosen_logps", chosen_logps, ndim=1)
-    check_aux("chosen_logps", chosen_logps, chosen_logps=(chosen_logps, "float"),
-              rejected_logps=(rejected_logps, "float"), ref_chosen_logps=(ref_chosen_logps, "float"),
-              ref_rejected_logps=(ref_rejected_logps, "float"), chosen_lengths=(chosen_lengths, "mask"),
-              rejected_lengths=(rejected_lengths, "mask"))
-    n = chosen_logps.shape[0]
+    o = DPOOptions.pick(locals())  # first: locals() are the arguments
+    require(o.loss_type != "orpo", "loss_type", f"one of {LOSS_TYPES} (ORPO: orpo_loss)", repr(o.loss_type))
     refs = (ref_chosen_logps, ref_rejected_logps)
-    _check_pairs(
-        ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"),
-        (rejected_logps, *refs, chosen_lengths, rejected_lengths), n,
-    )  # fmt: skip
-    length_normalize = loss_type == "ipo" if length_normalize is None else bool(length_normalize)
-    _check_options(loss_type, beta, label_smoothing, gamma, length_normalize, (chosen_lengths, rejected_lengths))
-    if reference_free and any(r is not None for r in refs):
-        raise ValueError("reference_free=True takes no ref_chosen_logps / ref_rejected_logps, got tensors")
-    if not reference_free and any(r is None for r in refs):
-        raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps (or reference_free=True)")
+    lengths = (chosen_lengths, rejected_lengths)
+    _check_pair_inputs(chosen_logps, rejected_logps, refs, lengths, o)
     chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, nll_loss = _upcast(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, nll_loss)  # fmt: skip
-    rho_c = chosen_logps if reference_free else chosen_logps - ref_chosen_logps
-    rho_r = rejected_logps if reference_free else rejected_logps - ref_rejected_logps
-    if length_normalize:
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, nll_loss
+    )
+    rho_c = chosen_logps if o.reference_free else chosen_logps - ref_chosen_logps
+    rho_r = rejected_logps if o.reference_free else rejected_logps - ref_rejected_logps
+    if o.normalizes_length():
         rho_c = rho_c / chosen_lengths.to(rho_c.dtype).clamp_min(1.0)
         rho_r = rho_r / rejected_lengths.to(rho_r.dtype).clamp_min(1.0)
-    losses = _pair_losses(rho_c, rho_r, loss_type, beta, label_smoothing, gamma, discopop_tau)
+    losses = _pair_losses(rho_c, rho_r, o.loss_type, o.beta, o.label_smoothing, o.gamma, o.discopop_tau)
     loss = mean_or_zero(losses)
     if nll_loss is not None:
-        loss = loss + nll_coef * mean_or_zero(nll_loss)
-    return LossOutput(loss, _pair_metrics(beta * rho_c, beta * rho_r, chosen_logps, rejected_logps, nll_loss))
+        loss = loss + o.nll_coef * mean_or_zero(nll_loss)
+    return LossOutput(loss, _pair_metrics(o.beta * rho_c, o.beta * rho_r, chosen_logps, rejected_logps, nll_loss))
+
+
+def _check_pair_inputs(chosen_logps, rejected_logps, refs: tuple, lengths: tuple, o: DPOOptions) -> None:
+    """Devices, dtypes and ``[B]`` shapes of :func:`dpo_loss`'s tensors, and what its options need of them."""
+    check_tensor("chosen_logps", chosen_logps, ndim=1)
+    check_aux(
+        "chosen_logps",
+        chosen_logps,
+        chosen_logps=(chosen_logps, "float"),
+        rejected_logps=(rejected_logps, "float"),
+        ref_chosen_logps=(refs[0], "float"),
+        ref_rejected_logps=(refs[1], "float"),
+        chosen_lengths=(lengths[0], "mask"),
+        rejected_lengths=(lengths[1], "mask"),
+    )
+    names = ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths")
+    _check_pairs(names, (rejected_logps, *refs, *lengths), chosen_logps.shape[0])
+    if o.normalizes_length() and None in lengths:
+        raise ValueError(
+            expected(
+                "chosen_lengths, rejected_lengths",
+                f"[B] completion token counts (length normalization, loss_type={o.loss_type!r})",
+                "None",
+            )
+        )
+    if o.reference_free and any(r is not None for r in refs):
+        raise ValueError(expected("ref_chosen_logps, ref_rejected_logps", "None with reference_free=True", "tensors"))
+    if not o.reference_free and any(r is None for r in refs):
+        raise ValueError(
+            expected(
+                "ref_chosen_logps, ref_rejected_logps",
+                f"[B] reference log-probs for loss_type={o.loss_type!r} (or reference_free=True)",
+                "None",
+            )
+        )
 
 
 @torch.no_grad()
@@ -195,10 +199,10 @@ def orpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
     *,
-    beta: float = 0.1,
     chosen_lengths: Tensor,
     rejected_lengths: Tensor,
     nll_loss: Tensor,
+    beta: float = DPOOptions.beta,
 ) -> LossOutput:
     """ORPO (https://arxiv.org/abs/2403.07691): ``mean(nll) − β · mean logσ(log odds_c − log odds_r)``.
 
@@ -206,16 +210,18 @@ def orpo_loss(
     ``LigerFusedLinearORPOFunction`` and TRL's ``ORPOTrainer``.
 
     Args:
-        chosen_logps, rejected_logps: ``[B]`` summed log-probs.  beta: weight λ of the odds-ratio term.
+        chosen_logps, rejected_logps: ``[B]`` summed log-probs.
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts.
         nll_loss: ``[B]`` or 0-d NLL of the chosen completions.
+        beta: weight λ of the odds-ratio term (:class:`DPOOptions` ``beta``, checked there).
 
     Returns:
         ``LossOutput``; metrics as :func:`dpo_loss` plus ``log_odds_ratio``, ``log_odds_chosen``, ``nll_loss``.
     """
+    DPOOptions(beta=beta, loss_type="orpo")
     check_tensor("chosen_logps", chosen_logps, ndim=1)
-    n = chosen_logps.shape[0]
-    _check_pairs(("rejected_logps", "chosen_lengths", "rejected_lengths"), (rejected_logps, chosen_lengths, rejected_lengths), n)
+    names = ("rejected_logps", "chosen_lengths", "rejected_lengths")
+    _check_pairs(names, (rejected_logps, chosen_lengths, rejected_lengths), chosen_logps.shape[0])
     chosen_logps, rejected_logps, nll_loss = _upcast(chosen_logps, rejected_logps, nll_loss)
     avg_c = chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp_min(1.0)
     avg_r = rejected_logps / rejected_lengths.to(rejected_logps.dtype).clamp_min(1.0)

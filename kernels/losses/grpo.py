@@ -1,4 +1,5 @@
-"""GRPO-family clipped policy losses on per-token log-probs (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO, VESPO).
+"""GRPO-family clipped policy losses on per-token log-probs (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO,
+VESPO).
 
 Per token, with ``w = exp(logp − old_logp)`` (token level) or ``exp(mean_t m·(logp − old_logp))`` per
 sequence (``importance_sampling_level="sequence"``, GSPO https://arxiv.org/abs/2507.18071) and advantage ``A``:
@@ -39,52 +40,22 @@ Sequence-level ratios and vespo couple the tokens of a row: their row groups mus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
+
 from .._dispatch import use_triton
+from ..options import CLIPPED, GRPOOptions
+from ..options import GRPO_LOSS_TYPES as LOSS_TYPES
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
-from .kl_penalty import ESTIMATORS, _kl
+from .kl_penalty import _kl
 from .output import LossOutput
 from .segments import unpack
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The float/str options of :func:`grpo_loss` (defaults as Liger's ``LigerFusedLinearGRPOLoss``, beta 0)."""
-
-    beta: float = 0.0
-    kl_estimator: str = "k3"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: float | None = None
-    loss_type: str = "dapo"
-    importance_sampling_level: str = "token"
-    sampler_is_cap: float | None = None
-    entropy_coef: float = 0.0
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0)
-    use_bias_correction_kl: bool = False
-
-    def __post_init__(self) -> None:
-        check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        check_choice("kl_estimator", self.kl_estimator, ESTIMATORS)
-        check_choice("importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
-        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo"):
-            raise ValueError(f"importance_sampling_level='sequence' is not defined for loss_type={self.loss_type!r}")
-        if self.delta is not None and (self.loss_type not in CLIPPED or self.delta <= 0):
-            raise ValueError(f"delta must be > 0 with a loss_type in {CLIPPED}, got {self.delta} / {self.loss_type!r}")
-        if min(self.sapo_temperature_pos, self.sapo_temperature_neg) <= 0:
-            raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos}, {self.sapo_temperature_neg}")
-        if self.sampler_is_cap is not None and self.sampler_is_cap <= 0:
-            raise ValueError(f"sampler_is_cap must be > 0 or None, got {self.sampler_is_cap}")
+__all__ = ["CLIPPED", "LOSS_TYPES", "GRPOOptions", "grpo_loss", "grpo_per_token", "loss_weights", "row_scale"]
 
 
 class _Terms(NamedTuple):
@@ -94,8 +65,9 @@ class _Terms(NamedTuple):
     kl: Tensor | None  # [B, T]
 
 
-def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: int | None = None,
-              num_items_in_batch=None) -> Tensor:
+def row_scale(
+    counts: Tensor, loss_type: str, t: int, *, max_completion_length: int | None = None, num_items_in_batch=None
+) -> Tensor:
     """``[B]`` per-row factors ``c_b`` with ``weights = m · c_b`` for ``loss_type`` (constants; module docstring).
 
     Args:
@@ -117,21 +89,27 @@ def row_scale(counts: Tensor, loss_type: str, t: int, *, max_completion_length: 
     return (1.0 / total.clamp_min(1.0)).expand(b)
 
 
-def loss_weights(m: Tensor, loss_type: str, *, max_completion_length: int | None = None,
-                 num_items_in_batch=None) -> Tensor:
+def loss_weights(
+    m: Tensor, loss_type: str, *, max_completion_length: int | None = None, num_items_in_batch=None
+) -> Tensor:
     """``[B, T]`` weights ``m · row_scale`` with ``loss = Σ weights · per_token_loss`` for ``loss_type`` (constants).
 
     Args:
         m: ``[B, T]`` float mask.  loss_type: one of ``LOSS_TYPES``.
         max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
     """
-    scale = row_scale(m.sum(-1), loss_type, m.shape[1], max_completion_length=max_completion_length,
-                      num_items_in_batch=num_items_in_batch)  # fmt: skip
+    scale = row_scale(
+        m.sum(-1),
+        loss_type,
+        m.shape[1],
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+    )
     return m * scale.unsqueeze(-1)
 
 
 def _pick(cond: Tensor, if_true: float, if_false: float, like: Tensor) -> Tensor:
-    """``if_true`` where ``cond`` else ``if_false``, in ``like``'s dtype (``torch.where`` on floats rounds to float32)."""
+    """``if_true`` where ``cond`` else ``if_false``, in ``like``'s dtype (``torch.where`` on floats: float32)."""
     return torch.full_like(like, if_false).masked_fill(cond, if_true)
 
 
@@ -159,12 +137,13 @@ def _policy_term(logp, log_w, adv, loss_type, eps_low, eps_high, delta, sapo_t):
     if loss_type == "sapo":
         tau = _pick(a > 0, sapo_t[0], sapo_t[1], w)
         return -torch.sigmoid(tau * (w - 1)) * 4 / tau * a, no, no
-    lo, hi = 1 - eps_low, 1 + eps_high
+    lo = 1 - eps_low
+    hi = 1 + eps_high
     w1 = w if delta is None else w.clamp(max=delta)
     return -torch.minimum(w1 * a, w.clamp(lo, hi) * a), w < lo, w > hi
 
 
-def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
+def _terms(lp, old, adv, m, ref, is_ratio, ent, o: GRPOOptions) -> _Terms:
     log_ratio = lp - old
     if o.importance_sampling_level == "sequence":
         log_w = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1.0)).expand_as(lp)
@@ -173,7 +152,8 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
     if o.loss_type == "vespo":
         phi = _gamma_weights(adv, log_ratio.detach(), m, is_ratio, o.vespo_shape)
         ptl = -phi * adv.unsqueeze(-1) * lp
-        low = high = torch.zeros_like(lp, dtype=torch.bool)
+        low = torch.zeros_like(lp, dtype=torch.bool)
+        high = low
     else:
         sapo_t = (o.sapo_temperature_pos, o.sapo_temperature_neg)
         ptl, low, high = _policy_term(lp, log_w, adv, o.loss_type, o.epsilon_low, o.epsilon_high, o.delta, sapo_t)
@@ -189,12 +169,20 @@ def _terms(lp, old, adv, m, ref, is_ratio, ent, o: _Options) -> _Terms:
     return _Terms(ptl, low & (adv.unsqueeze(-1) < 0), high & (adv.unsqueeze(-1) > 0), kl)
 
 
-def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options) -> None:
+def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions) -> None:
     """Shapes and the options' tensor requirements (ValueError naming the argument)."""
     check_tensor("logp", logp, ndim=2)
-    check_aux("logp", logp, logp=(logp, "float"), old_logp=(old_logp, "float"), advantages=(advantages, "float"),
-              mask=(mask, "mask"), ref_logp=(ref_logp, "float"), sampler_logp=(sampler_logp, "float"),
-              entropy=(entropy, "float"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        old_logp=(old_logp, "float"),
+        advantages=(advantages, "float"),
+        mask=(mask, "mask"),
+        ref_logp=(ref_logp, "float"),
+        sampler_logp=(sampler_logp, "float"),
+        entropy=(entropy, "float"),
+    )
     shape = tuple(logp.shape)
     check_tensor("advantages", advantages, shape[:1])
     check_mask(mask, logp)
@@ -203,12 +191,14 @@ def _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o:
         if t is not None:
             check_tensor(name, t, shape)
     if o.beta != 0.0 and ref_logp is None:
-        raise ValueError(f"beta={o.beta} needs ref_logp [B, T], got None")
+        raise ValueError(expected("ref_logp", f"[B, T] reference log-probs (beta={o.beta})", None))
     if o.sampler_is_cap is not None and sampler_logp is None:
-        raise ValueError(f"sampler_is_cap={o.sampler_is_cap} needs sampler_logp [B, T], got None")
+        raise ValueError(
+            expected("sampler_logp", f"[B, T] sampler log-probs (sampler_is_cap={o.sampler_is_cap})", None)
+        )
 
 
-def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: _Options):
+def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions):
     """Checked float32 (float64 stays) inputs; constants detached; the sampler IS ratio."""
     _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
@@ -225,76 +215,76 @@ def _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, 
 
 def grpo_per_token(
     logp: Tensor,
-    old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
+    old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     sampler_logp: Tensor | None = None,
     entropy: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    **options,
+    options: GRPOOptions,
 ) -> tuple[Tensor, Tensor]:
     """Per-token GRPO-family loss and its reduction weights: ``loss = (per_token_loss * weights).sum()``.
 
-    Args and keyword ``options`` as :func:`grpo_loss`. Always the torch path (autograd gives d/d``logp``, d/d``entropy``).
+    Args as :func:`grpo_loss`, its options as one :class:`GRPOOptions`. Always the torch path (autograd gives
+    d/d``logp``, d/d``entropy``).
 
     Returns:
         ``per_token_loss [B, T]`` (float32, or float64 for float64 input) and constant ``weights [B, T]``.
     """
-    o = _Options(**options)
+    o = options
     lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
-    weights = loss_weights(m, o.loss_type, max_completion_length=max_completion_length,
-                           num_items_in_batch=num_items_in_batch)  # fmt: skip
+    weights = loss_weights(
+        m, o.loss_type, max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch
+    )
     return _terms(lp, old, adv, m, ref, is_ratio, ent, o).per_token_loss, weights
 
 
-def _triton_ok(logp: Tensor, o: _Options) -> bool:
+def _triton_ok(logp: Tensor, o: GRPOOptions) -> bool:
     return o.importance_sampling_level == "token" and logp.dtype != torch.float64 and use_triton(logp.device)
 
 
 def grpo_loss(
     logp: Tensor,
-    old_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     *,
+    old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     sampler_logp: Tensor | None = None,
     entropy: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     max_completion_length: int | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    importance_sampling_level: str = "token",
-    sampler_is_cap: float | None = None,
-    entropy_coef: float = 0.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
-    use_bias_correction_kl: bool = False,
-    cu_seqlens: Tensor | None = None,
+    beta: float = GRPOOptions.beta,
+    kl_estimator: str = GRPOOptions.kl_estimator,
+    epsilon_low: float = GRPOOptions.epsilon_low,
+    epsilon_high: float = GRPOOptions.epsilon_high,
+    delta: float | None = GRPOOptions.delta,
+    loss_type: str = GRPOOptions.loss_type,
+    importance_sampling_level: str = GRPOOptions.importance_sampling_level,
+    sampler_is_cap: float | None = GRPOOptions.sampler_is_cap,
+    entropy_coef: float = GRPOOptions.entropy_coef,
+    sapo_temperature_pos: float = GRPOOptions.sapo_temperature_pos,
+    sapo_temperature_neg: float = GRPOOptions.sapo_temperature_neg,
+    vespo_shape: tuple[float, float, float, float] = GRPOOptions.vespo_shape,
+    use_bias_correction_kl: bool = GRPOOptions.use_bias_correction_kl,
 ) -> LossOutput:
     """GRPO-family loss over a padded (or packed, with ``cu_seqlens``) batch.
 
     Args:
         logp: ``[B, T]`` policy log-probs of the sampled tokens (differentiable).
-        old_logp: ``[B, T]`` log-probs of the policy that sampled (None: ``logp.detach()``, on-policy).
         advantages: ``[B]``.  mask: ``[B, T]`` bool or 0/1 completion mask.
+        old_logp: ``[B, T]`` log-probs of the policy that sampled (None: ``logp.detach()``, on-policy).
         ref_logp: ``[B, T]`` reference log-probs (needed when ``beta != 0``).
         sampler_logp: ``[B, T]`` log-probs reported by the inference engine (sampler correction), or None.
         entropy: ``[B, T]`` token entropies (metric; bonus with ``entropy_coef``), or None.
         max_completion_length: dr_grpo's constant (None → T).  num_items_in_batch: dapo/cispo/vespo normalizer.
-        beta: KL weight.  kl_estimator: "k1" | "k2" | "k3".  epsilon_low, epsilon_high: clip range (cispo: cap).
-        delta: two-sided clip (clipped family), or None.  loss_type: one of ``LOSS_TYPES``.
-        importance_sampling_level: "token" | "sequence" (GSPO).  sampler_is_cap: TIS truncation, or None.
-        entropy_coef: entropy bonus weight.  sapo_temperature_pos/neg: SAPO τ.
-        vespo_shape: VESPO ``(k_pos, λ_pos, k_neg, λ_neg)``.  use_bias_correction_kl: KL × importance weight.
+        beta, kl_estimator, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level, sampler_is_cap,
+            entropy_coef, sapo_temperature_pos, sapo_temperature_neg, vespo_shape, use_bias_correction_kl: the
+            fields of :class:`GRPOOptions` (defaults and rules there).
         cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch: then ``logp``, ``mask`` and every per-token
             input are ``[N]``, padded to ``[B, T]`` by :func:`~.segments.unpack` (T = the longest sequence).
 
@@ -302,37 +292,46 @@ def grpo_loss(
         ``LossOutput``; metrics ``clip_ratio/{low,high,region}_mean``, ``kl`` (when ``beta != 0``), ``entropy``
         (when given): masked token means.
     """
-    args = locals()
-    o = _Options(**{f.name: args[f.name] for f in fields(_Options)})
+    o = GRPOOptions.pick(locals())  # first: locals() are the arguments
     if cu_seqlens is not None:
+        names = ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy")
         logp, old_logp, mask, ref_logp, sampler_logp, entropy = unpack(
-            cu_seqlens, ("logp", "old_logp", "mask", "ref_logp", "sampler_logp", "entropy"),
-            logp, old_logp, mask, ref_logp, sampler_logp, entropy)  # fmt: skip
+            cu_seqlens, names, logp, old_logp, mask, ref_logp, sampler_logp, entropy
+        )
     totals = dict(max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch)
-    if _triton_ok(logp, o):
-        _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
-        from ._grpo_triton import GrpoTokenLossFunction
-
-        def scale(counts):
-            return row_scale(counts, o.loss_type, logp.shape[1], **totals)
-
-        loss, sums = GrpoTokenLossFunction.apply(logp, entropy, old_logp, advantages, mask != 0, ref_logp, sampler_logp, o,
-                                                 scale)  # fmt: skip
-        n, low, high, kl, ent = sums[0].clamp_min(1.0), sums[1], sums[2], sums[3], sums[4]
-        low, high, kl, ent = low / n, high / n, kl / n, ent / n
-    else:
-        lp, old, adv, m, ref, is_ratio, ent_ = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp,
-                                                        entropy, o)  # fmt: skip
-        t = _terms(lp, old, adv, m, ref, is_ratio, ent_, o)
-        loss = (t.per_token_loss * loss_weights(m, o.loss_type, **totals)).sum()
-        with torch.no_grad():
-            n = m.sum().clamp_min(1.0)
-            low, high = (t.is_low * m).sum() / n, (t.is_high * m).sum() / n
-            kl = None if t.kl is None else (t.kl * m).sum() / n
-            ent = None if ent_ is None else (ent_ * m).sum() / n
+    inputs = (logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy)
+    run = _triton_loss if _triton_ok(logp, o) else _torch_loss
+    loss, low, high, kl, ent = run(*inputs, o, totals)
     metrics = {"clip_ratio/low_mean": low, "clip_ratio/high_mean": high, "clip_ratio/region_mean": low + high}
     if o.beta != 0.0:
         metrics["kl"] = kl
     if entropy is not None:
         metrics["entropy"] = ent
     return LossOutput(loss, {k: v.detach() for k, v in metrics.items()})
+
+
+def _triton_loss(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions, totals: dict):
+    """(loss, low, high, kl, entropy) token means from the one-pass Triton kernel (``_grpo_triton``)."""
+    _check(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    from ._grpo_triton import GrpoTokenLossFunction
+
+    def scale(counts):
+        return row_scale(counts, o.loss_type, logp.shape[1], **totals)
+
+    loss, sums = GrpoTokenLossFunction.apply(
+        logp, entropy, old_logp, advantages, mask != 0, ref_logp, sampler_logp, o, scale
+    )
+    n = sums[0].clamp_min(1.0)
+    return loss, sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n
+
+
+def _torch_loss(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o: GRPOOptions, totals: dict):
+    """(loss, low, high, kl, entropy) token means from torch ops (kl / entropy None when not computed)."""
+    lp, old, adv, m, ref, is_ratio, ent = _prepare(logp, old_logp, advantages, mask, ref_logp, sampler_logp, entropy, o)
+    t = _terms(lp, old, adv, m, ref, is_ratio, ent, o)
+    loss = (t.per_token_loss * loss_weights(m, o.loss_type, **totals)).sum()
+    with torch.no_grad():
+        n = m.sum().clamp_min(1.0)
+        kl = None if t.kl is None else (t.kl * m).sum() / n
+        ent_mean = None if ent is None else (ent * m).sum() / n
+        return loss, (t.is_low * m).sum() / n, (t.is_high * m).sum() / n, kl, ent_mean

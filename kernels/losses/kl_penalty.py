@@ -19,54 +19,68 @@ import torch
 from torch import Tensor
 
 from .._dispatch import use_triton
+from ..options import DEFAULT_KL_ESTIMATOR as DEFAULT_ESTIMATOR
+from ..options import KL_ESTIMATORS as ESTIMATORS
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .segments import unpack
 
-ESTIMATORS = ("k1", "k2", "k3")
+__all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "kl_penalty", "kl_per_token", "reference_kl_per_token"]
 
 
-def kl_per_token(logp: Tensor, ref_logp: Tensor, *, estimator: str = "k3") -> Tensor:
+def kl_per_token(logp: Tensor, *, ref_logp: Tensor, kl_estimator: str = DEFAULT_ESTIMATOR) -> Tensor:
     """Per-token KL estimate.
 
     Args:
         logp: policy log-probs, any shape (e.g. ``[B, T]``).
         ref_logp: reference log-probs, same shape.
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
 
     Returns:
         Tensor of ``logp``'s shape.
     """
-    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("kl_estimator", kl_estimator, ESTIMATORS)
     check_tensor("ref_logp", ref_logp, tuple(logp.shape))
-    return _kl(logp, ref_logp, estimator)
+    return _kl(logp, ref_logp, kl_estimator)
 
 
-def _kl(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+def _kl(logp: Tensor, ref_logp: Tensor, kl_estimator: str) -> Tensor:
     r = ref_logp - logp
-    if estimator == "k1":
+    if kl_estimator == "k1":
         return -r
-    if estimator == "k2":
+    if kl_estimator == "k2":
         return 0.5 * r * r
     return r.exp() - r - 1.0
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str = "k3",
-               cu_seqlens: Tensor | None = None) -> Tensor:
+def kl_penalty(
+    logp: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor,
+    kl_estimator: str = DEFAULT_ESTIMATOR,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
     """Mean of the per-token KL estimate over masked tokens (0 when the mask is empty).
 
     Args:
         logp: ``[B, T]`` policy log-probs.
-        ref_logp: ``[B, T]`` reference log-probs (a constant).
         mask: ``[B, T]`` bool or 0/1.
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+        ref_logp: ``[B, T]`` reference log-probs (a constant).
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
         cu_seqlens: ``[B + 1]`` int32/int64 boundaries of a packed batch (the three tensors ``[N]``), or None.
 
     Returns:
         0-d tensor (a penalty term, not a ``LossOutput``): float32, or float64 for float64 input.
     """
-    check_choice("estimator", estimator, ESTIMATORS)
-    check_aux("logp", logp, logp=(logp, "float"), ref_logp=(ref_logp, "float"), mask=(mask, "mask"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_choice("kl_estimator", kl_estimator, ESTIMATORS)
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        ref_logp=(ref_logp, "float"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         logp, ref_logp, mask = unpack(cu_seqlens, ("logp", "ref_logp", "mask"), logp, ref_logp, mask)
     check_tensor("logp", logp, ndim=2)
@@ -75,14 +89,15 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, *, estimator: str =
     if use_triton(logp.device) and logp.dtype != torch.float64:
         from ._kl_penalty_triton import KLPenaltyFunction
 
-        return KLPenaltyFunction.apply(logp, ref_logp, as_mask(mask, logp), estimator)
+        return KLPenaltyFunction.apply(logp, ref_logp, as_mask(mask, logp), kl_estimator)
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    kl = _kl(logp.to(dt), ref_logp.detach().to(dt), estimator)
+    kl = _kl(logp.to(dt), ref_logp.detach().to(dt), kl_estimator)
     m = as_mask(mask, kl)
     return (kl * m).sum() / m.sum().clamp_min(1.0)
 
 
-def reference_kl_per_token(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+def reference_kl_per_token(logp: Tensor, ref_logp: Tensor, kl_estimator: str) -> Tensor:
     """Float64 reference for :func:`kl_per_token`."""
-    lp, rf = logp.double(), ref_logp.double()
-    return {"k1": lp - rf, "k2": 0.5 * (lp - rf) ** 2, "k3": (rf - lp).exp() - (rf - lp) - 1}[estimator]
+    lp = logp.double()
+    rf = ref_logp.double()
+    return {"k1": lp - rf, "k2": 0.5 * (lp - rf) ** 2, "k3": (rf - lp).exp() - (rf - lp) - 1}[kl_estimator]

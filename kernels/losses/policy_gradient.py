@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
+
 from .._dispatch import use_triton
 from ._checks import as_mask, check_aux, check_choice, check_mask, check_tensor
 from .output import LossOutput
@@ -46,7 +48,8 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
         loss, rows = LinearTokenLossFunction.apply(logp, coef, as_mask(mask, logp), normalize)
         return loss, rows.sum(0)
     dt = compute_dtype(logp)
-    lp, m = logp.to(dt), as_mask(mask, logp).to(dt)
+    lp = logp.to(dt)
+    m = as_mask(mask, logp).to(dt)
     c = torch.ones((), dtype=dt, device=lp.device) if coef is None else coef.detach().to(dt)
     c = c.unsqueeze(-1) if c.dim() == 1 else c
     loss = masked_reduce(-c * lp, m, normalize)
@@ -55,8 +58,9 @@ def linear_token_loss(logp: Tensor, coef: Tensor | None, mask: Tensor, normalize
     return loss, sums
 
 
-def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token",
-                         cu_seqlens: Tensor | None = None) -> LossOutput:
+def policy_gradient_loss(
+    logp: Tensor, advantages: Tensor, mask: Tensor, *, normalize: str = "token", cu_seqlens: Tensor | None = None
+) -> LossOutput:
     """REINFORCE loss ``−A·logp`` over masked tokens.
 
     Args:
@@ -72,16 +76,23 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
         (token means).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux("logp", logp, logp=(logp, "float"), advantages=(advantages, "float"), mask=(mask, "mask"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        advantages=(advantages, "float"),
+        mask=(mask, "mask"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         per_token = tuple(advantages.shape) != (cu_seqlens.numel() - 1,)
-        logp, mask, token_adv = unpack(cu_seqlens, ("logp", "mask", "advantages"), logp, mask,
-                                       advantages if per_token else None)  # fmt: skip
+        logp, mask, token_adv = unpack(
+            cu_seqlens, ("logp", "mask", "advantages"), logp, mask, advantages if per_token else None
+        )
         advantages = token_adv if per_token else advantages
     check_tensor("logp", logp, ndim=2)
     if tuple(advantages.shape) not in (tuple(logp.shape[:1]), tuple(logp.shape)):
-        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
+        raise ValueError(expected("advantages", f"[B] or [B, T] = {tuple(logp.shape)}", tuple(advantages.shape)))
     check_mask(mask, logp)
     loss, sums = linear_token_loss(logp, advantages, mask, normalize)
     n = sums[1].clamp_min(1.0)
@@ -90,7 +101,8 @@ def policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *, norm
 
 def reference_policy_gradient_loss(logp: Tensor, advantages: Tensor, mask: Tensor, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), (mask != 0).double()
+    lp = logp.double()
+    m = (mask != 0).double()
     adv = advantages.double()
     adv = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
     rows = [(-adv[b] * lp[b] * m[b]).sum() for b in range(lp.shape[0])]

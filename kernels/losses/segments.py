@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop._errors import expected
+
 from ._checks import check_tensor
 
 
@@ -39,7 +41,7 @@ def segment_sum(values: Tensor, cu_seqlens: Tensor) -> Tensor:
     check_tensor("values", values, ndim=1)
     check_tensor("cu_seqlens", cu_seqlens, ndim=1)
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be int32/int64 [B + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        raise ValueError(expected("cu_seqlens", "int32/int64 [B + 1]", f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"))
     b = cu_seqlens.numel() - 1
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     ids = segment_ids(cu_seqlens, values.numel())
@@ -52,11 +54,11 @@ def check_cu_seqlens(cu_seqlens: Tensor, n: int) -> list[int]:
     """``cu_seqlens`` as a host list, after checking it: int32/int64 ``[B + 1]``, B ≥ 1, from 0, non-decreasing, ≤ n."""
     check_tensor("cu_seqlens", cu_seqlens, ndim=1)
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be int32/int64 [B + 1] with B >= 1, got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")  # fmt: skip
+        seen = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        raise ValueError(expected("cu_seqlens", "int32/int64 [B + 1] with B >= 1", seen))
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] > n or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end <= N={n}, got {cu}")
+        raise ValueError(expected("cu_seqlens", f"boundaries from 0, non-decreasing, ending <= N={n}", cu))
     return cu
 
 
@@ -75,7 +77,8 @@ def unpack(cu_seqlens: Tensor, names: tuple[str, ...], *values: Tensor | None) -
         if v is not None:
             check_tensor(name, v, (n,))
     cu = check_cu_seqlens(cu_seqlens, n)
-    b, t = len(cu) - 1, max(hi - lo for lo, hi in zip(cu, cu[1:]))
+    b = len(cu) - 1
+    t = max(hi - lo for lo, hi in zip(cu, cu[1:]))
     device = next(v.device for v in values if v is not None)
     starts = torch.tensor(cu, device=device)
     ids = segment_ids(starts, cu[-1])

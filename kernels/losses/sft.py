@@ -20,8 +20,14 @@ from .policy_gradient import linear_token_loss
 from .segments import unpack
 
 
-def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, normalize: str = "token",
-             cu_seqlens: Tensor | None = None) -> LossOutput:
+def sft_loss(
+    logp: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    normalize: str = "token",
+    cu_seqlens: Tensor | None = None,
+) -> LossOutput:
     """Negative log-likelihood of the target tokens, optionally weighted per sequence.
 
     Args:
@@ -36,8 +42,14 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
         ``num_tokens`` (``Σ mask``).
     """
     check_choice("normalize", normalize, ("token", "sequence"))
-    check_aux("logp", logp, logp=(logp, "float"), mask=(mask, "mask"), weights=(weights, "float"),
-              cu_seqlens=(cu_seqlens, "mask"))
+    check_aux(
+        "logp",
+        logp,
+        logp=(logp, "float"),
+        mask=(mask, "mask"),
+        weights=(weights, "float"),
+        cu_seqlens=(cu_seqlens, "mask"),
+    )
     if cu_seqlens is not None:
         logp, mask = unpack(cu_seqlens, ("logp", "mask"), logp, mask)
     check_tensor("logp", logp, ndim=2)
@@ -50,7 +62,8 @@ def sft_loss(logp: Tensor, mask: Tensor, *, weights: Tensor | None = None, norma
 
 def reference_sft_loss(logp: Tensor, mask: Tensor, weights: Tensor | None, normalize: str) -> Tensor:
     """Float64 reference, one sequence at a time."""
-    lp, m = logp.double(), (mask != 0).double()
+    lp = logp.double()
+    m = (mask != 0).double()
     w = torch.ones(lp.shape[0], dtype=torch.float64) if weights is None else weights.double()
     rows = [w[b] * (-lp[b] * m[b]).sum() for b in range(lp.shape[0])]
     if normalize == "token":

@@ -65,9 +65,9 @@ def test_sampler_logprobs_sit_in_the_column_that_predicts_each_completion_token(
     algo = GRPO(GRPOConfig(samples_per_prompt=3), pad_token_id=PAD)
     batch = algo.build_batch([None] * 3, PROMPTS, _completions(GROUPS), REWARDS)
     # row 1 = prompt [1, 5, 6] + completion [11, 12, 2]: column t predicts input_ids[t + 1]
-    assert batch.old_logprobs[1].tolist() == pytest.approx([0.0, 0.0, -1.11, -2.12, -3.02, 0.0, 0.0])
+    assert batch.old_logp[1].tolist() == pytest.approx([0.0, 0.0, -1.11, -2.12, -3.02, 0.0, 0.0])
     # row 3 = prompt [1, 8, 9, 4] + [17, 18, 19, 2] (the widest row)
-    assert batch.old_logprobs[3].tolist() == pytest.approx([0.0, 0.0, 0.0, -1.17, -2.18, -3.19, -4.02])
+    assert batch.old_logp[3].tolist() == pytest.approx([0.0, 0.0, 0.0, -1.17, -2.18, -3.19, -4.02])
 
 
 def test_uniform_groups_are_kept_with_zero_advantage_when_not_dropped_and_all_uniform_gives_none():
@@ -118,7 +118,7 @@ def test_loss_gradient_raises_positive_advantage_rows_and_lowers_negative_ones(o
     algo = GRPO(GRPOConfig(samples_per_prompt=2, **options), pad_token_id=PAD, temperature=0.8,
                 max_completion_length=4)
     batch, own = _on_policy_batch(model, algo, torch.tensor([1.0, 0.0, 0.0, 1.0]))
-    batch = dataclasses.replace(batch, old_logprobs=own)
+    batch = dataclasses.replace(batch, old_logp=own)
     before = _sequence_logps(model, batch, 0.8).detach()
     out = algo.loss(model, batch, reference=reference)
     assert out.metrics["ratio"].item() == pytest.approx(1.0, abs=1e-5)
@@ -135,7 +135,7 @@ def test_clip_on_the_stale_sampler_ratio_stops_the_gradient_of_rows_outside_the_
 
     def grad_norm(old):
         model.zero_grad()
-        algo.loss(model, dataclasses.replace(batch, old_logprobs=old), reference=None).loss.backward()
+        algo.loss(model, dataclasses.replace(batch, old_logp=old), reference=None).loss.backward()
         return sum(p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None).item()
 
     # a sampler far behind: ratio e (> 1 + ε) on A > 0 rows and e⁻¹ (< 1 − ε) on A < 0 rows → all clipped

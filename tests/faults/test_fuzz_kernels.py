@@ -88,7 +88,7 @@ def test_kl_penalty_is_right_or_names_the_argument(batch, fault, target, estimat
     ref = logp + 0.1 * torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
     args = {"ref_logp": ref, "mask": mask}
     args[target] = inject(fault, args[target])
-    out = call(lambda: kl_penalty(logp, args["ref_logp"], args["mask"], estimator=estimator), target, fault)
+    out = call(lambda: kl_penalty(logp, args["mask"], ref_logp=args["ref_logp"], kl_estimator=estimator), target, fault)
     if out is not None:
         m = (mask != 0).double()
         want = (reference_kl_per_token(logp, ref, estimator) * m).sum() / m.sum().clamp_min(1.0)

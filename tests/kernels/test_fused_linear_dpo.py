@@ -99,8 +99,17 @@ def test_options_match_float64_reference(options, strategy):
 def test_tiny_block_budget_many_chunks_match_reference(strategy, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", str(4 * V * 3))  # 3 rows per chunk: a pair never fits
     hidden, weight, targets, bias, mask = _batch()
-    _check(hidden, weight, targets, bias, mask=mask, strategy=strategy, ref_logps=_ref_logps(), nll_coef=0.5,
-           temperature=1.3)
+    _check(
+        hidden,
+        weight,
+        targets,
+        bias,
+        mask=mask,
+        strategy=strategy,
+        ref_logps=_ref_logps(),
+        nll_coef=0.5,
+        temperature=1.3,
+    )
 
 
 def test_auto_strategy_is_grouped_when_a_pair_fits_the_block_budget_else_two_pass(monkeypatch):
@@ -140,16 +149,18 @@ def test_packed_layout_equals_padded_layout(strategy):
     padded_hidden, padded_targets, padded_mask = reference_padded(hidden.detach(), targets, mask, cu, -100)
     padded_hidden.requires_grad_(True)
     ref_logps, opts = _ref_logps(), {"strategy": strategy, "nll_coef": 0.4, "loss_type": "ipo"}
-    packed = fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu.int(), ref_logps=ref_logps,
-                                   **opts)
-    padded = fused_linear_dpo_loss(padded_hidden, weight, padded_targets, bias, mask=padded_mask, ref_logps=ref_logps,
-                                   **opts)
+    packed = fused_linear_dpo_loss(
+        hidden, weight, targets, bias, mask=mask, cu_seqlens=cu.int(), ref_logps=ref_logps, **opts
+    )
+    padded = fused_linear_dpo_loss(
+        padded_hidden, weight, padded_targets, bias, mask=padded_mask, ref_logps=ref_logps, **opts
+    )
     g_packed = torch.autograd.grad(packed.loss, (hidden, weight, bias))
     g_padded = torch.autograd.grad(padded.loss, (padded_hidden, weight, bias))
     assert_close(packed.loss, padded.loss.double(), torch.float32, "loss")
     for name in padded.metrics:
         assert_close(packed.metrics[name], padded.metrics[name].double(), torch.float32, name)
-    assert torch.equal(g_packed[0][int(cu[-1]):], torch.zeros(2, D))  # rows outside every sequence
+    assert torch.equal(g_packed[0][int(cu[-1]) :], torch.zeros(2, D))  # rows outside every sequence
     assert_close(_unpack_grad(g_packed[0], targets, mask, cu), g_padded[0].double(), torch.float32, "grad hidden")
     for name, a, b in zip(("weight", "bias"), g_packed[1:], g_padded[1:]):
         assert_close(a, b.double(), torch.float32, f"grad {name}")
@@ -161,8 +172,9 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     ref_weight, ref_bias = torch.randn(V, 12, requires_grad=True), torch.randn(V)
     with torch.no_grad():
         ref_tok = fused_linear_logprob(ref_hidden, ref_weight, targets.masked_fill(~mask, -100), ref_bias)
-    head = fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                 ref_bias=ref_bias)
+    head = fused_linear_dpo_loss(
+        hidden, weight, targets, bias, mask=mask, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias
+    )
     cached = fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, ref_logps=ref_tok.sum(-1))
     g_head = torch.autograd.grad(head.loss, (hidden, weight, bias))
     g_cached = torch.autograd.grad(cached.loss, (hidden, weight, bias))
@@ -177,8 +189,17 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "bco_pair", "apo_zero", "discopop"])
 def test_bf16_matches_float64_reference(loss_type, strategy):
     hidden, weight, targets, bias, mask = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, bias, torch.bfloat16, metrics=False, strategy=strategy, mask=mask,
-           **_options(loss_type))
+    _check(
+        hidden,
+        weight,
+        targets,
+        bias,
+        torch.bfloat16,
+        metrics=False,
+        strategy=strategy,
+        mask=mask,
+        **_options(loss_type),
+    )
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
@@ -192,8 +213,9 @@ def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
     monkeypatch.setattr(common, "logprob_fwd_bwd", forbidden)
     with torch.no_grad():
         out = fused_linear_dpo_loss(hidden, weight, targets, bias, mask=mask, ref_logps=ref_logps, nll_coef=0.5)
-    frozen = fused_linear_dpo_loss(*(x.detach() for x in (hidden, weight, targets, bias)), mask=mask,
-                                   ref_logps=ref_logps, nll_coef=0.5)
+    frozen = fused_linear_dpo_loss(
+        *(x.detach() for x in (hidden, weight, targets, bias)), mask=mask, ref_logps=ref_logps, nll_coef=0.5
+    )
     for o in (out, frozen):
         assert o.loss.grad_fn is None
         assert_close(o.loss, with_grad.loss.detach().double(), torch.float32, "loss")
@@ -221,19 +243,37 @@ def test_module_matches_function():
 @pytest.mark.parametrize(
     "change, error, name",
     [
-        (lambda a: {**a, "hidden": a["hidden"][:5], "targets": a["targets"][:5], "mask": a["mask"][:5]}, ValueError,
-         "2B sequences"),
+        (
+            lambda a: {**a, "hidden": a["hidden"][:5], "targets": a["targets"][:5], "mask": a["mask"][:5]},
+            ValueError,
+            "2B sequences",
+        ),
         (lambda a: {**a, "reference_free": True}, ValueError, "ref_logps"),
         (lambda a: {**a, "ref_logps": None}, ValueError, "ref_logps"),
         (lambda a: {**a, "ref_hidden": a["hidden"], "ref_weight": a["weight"]}, ValueError, "ref_hidden"),
         (lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"]}, ValueError, "ref_weight"),
         (lambda a: {**a, "ref_logps": torch.randn(2 * PAIRS + 1)}, ValueError, "ref_logps"),
-        (lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"], "ref_weight": torch.randn(V, D + 1)},
-         ValueError, "ref_weight"),
-        (lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"][:, 1:], "ref_weight": a["weight"]}, ValueError,
-         "ref_hidden"),
-        (lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"], "ref_weight": a["weight"],
-                    "ref_bias": torch.randn(V - 1)}, ValueError, "ref_bias"),
+        (
+            lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"], "ref_weight": torch.randn(V, D + 1)},
+            ValueError,
+            "ref_weight",
+        ),
+        (
+            lambda a: {**a, "ref_logps": None, "ref_hidden": a["hidden"][:, 1:], "ref_weight": a["weight"]},
+            ValueError,
+            "ref_hidden",
+        ),
+        (
+            lambda a: {
+                **a,
+                "ref_logps": None,
+                "ref_hidden": a["hidden"],
+                "ref_weight": a["weight"],
+                "ref_bias": torch.randn(V - 1),
+            },
+            ValueError,
+            "ref_bias",
+        ),
         (lambda a: {**a, "ref_logps": None, "loss_type": "orpo", "nll_coef": 1.0}, ValueError, "nll_coef"),
         (lambda a: {**a, "loss_type": "kto"}, ValueError, "loss_type"),
         (lambda a: {**a, "strategy": "chunked"}, ValueError, "strategy"),
@@ -242,8 +282,17 @@ def test_module_matches_function():
         (lambda a: {**a, "mask": a["mask"][:, :3]}, ValueError, "mask"),
         (lambda a: {**a, "hidden": a["hidden"].reshape(-1, D)}, ValueError, "hidden"),
         (lambda a: {**a, "cu_seqlens": torch.tensor([1, 4, 7])}, ValueError, "hidden"),
-        (lambda a: {**a, "hidden": a["hidden"].reshape(-1, D), "targets": a["targets"].reshape(-1),
-                    "mask": None, "cu_seqlens": torch.tensor([1, 4, 7])}, ValueError, "cu_seqlens"),
+        (
+            lambda a: {
+                **a,
+                "hidden": a["hidden"].reshape(-1, D),
+                "targets": a["targets"].reshape(-1),
+                "mask": None,
+                "cu_seqlens": torch.tensor([1, 4, 7]),
+            },
+            ValueError,
+            "cu_seqlens",
+        ),
         (lambda a: {**a, "targets": a["targets"].masked_fill(a["mask"], V)}, ValueError, "targets"),
     ],
 )

@@ -42,13 +42,14 @@ def _assert_loss_close(out, ref, dtype, natural_scale, what="loss"):
 
 def _check(hidden, weight, targets, advantages, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
-    out = fused_linear_grpo_loss(hidden, weight, targets, advantages, bias, **kw)
+    out = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=advantages, **kw)
     scale = 0.5 + torch.rand(())
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     grads = torch.autograd.grad(out.loss * scale, inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in inputs]
-    ref = reference_fused_linear_grpo_loss(leaves[0], leaves[1], targets, advantages,
-                                           leaves[2] if bias is not None else None, **kw)
+    ref = reference_fused_linear_grpo_loss(
+        leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, advantages=advantages, **kw
+    )
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
     _assert_loss_close(out.loss, ref.loss, dtype, advantages.abs().mean().item())
     if metrics:
@@ -68,9 +69,22 @@ CASES = [(t, "token") for t in LOSS_TYPES] + [(t, "sequence") for t in CLIPPED]
 def test_every_loss_type_and_level_matches_float64_reference(loss_type, level):
     hidden, weight, targets, adv, bias, mask, near = _batch()
     eps_high = 1.5 if loss_type == "cispo" else 0.28
-    out = _check(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"], ref_logp=near["ref_logp"],
-                 beta=0.04, loss_type=loss_type, importance_sampling_level=level, epsilon_low=0.2,
-                 epsilon_high=eps_high, entropy_coef=0.01)
+    out = _check(
+        hidden,
+        weight,
+        targets,
+        adv,
+        bias,
+        mask=mask,
+        old_logp=near["old_logp"],
+        ref_logp=near["ref_logp"],
+        beta=0.04,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        epsilon_low=0.2,
+        epsilon_high=eps_high,
+        entropy_coef=0.01,
+    )
     logged = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "entropy"}
     assert logged <= out.metrics.keys()
 
@@ -87,8 +101,13 @@ def test_every_loss_type_and_level_matches_float64_reference(loss_type, level):
         {"loss_type": "dapo", "num_items_in_batch": 9},
         {"loss_type": "sapo", "sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.4},
         {"loss_type": "bnpo", "old_logp": None, "entropy_coef": 0.05, "temperature": 0.7},  # on-policy
-        {"loss_type": "grpo", "importance_sampling_level": "sequence", "sampler_is_cap": 1.5, "beta": 0.1,
-         "use_bias_correction_kl": True},
+        {
+            "loss_type": "grpo",
+            "importance_sampling_level": "sequence",
+            "sampler_is_cap": 1.5,
+            "beta": 0.1,
+            "use_bias_correction_kl": True,
+        },
     ],
 )
 def test_options_match_float64_reference(options):
@@ -105,8 +124,20 @@ def test_options_match_float64_reference(options):
 def test_tiny_block_budget_many_chunks_match_reference(level, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BLOCK_BYTES", str(4 * V * 3))  # 3 rows per chunk; whole sequences still together
     hidden, weight, targets, adv, bias, mask, near = _batch()
-    _check(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"], ref_logp=near["ref_logp"],
-           beta=0.1, entropy_coef=0.02, importance_sampling_level=level, loss_type="grpo")
+    _check(
+        hidden,
+        weight,
+        targets,
+        adv,
+        bias,
+        mask=mask,
+        old_logp=near["old_logp"],
+        ref_logp=near["ref_logp"],
+        beta=0.1,
+        entropy_coef=0.02,
+        importance_sampling_level=level,
+        loss_type="grpo",
+    )
 
 
 def test_packed_layout_equals_padded_layout():
@@ -124,16 +155,26 @@ def test_packed_layout_equals_padded_layout():
         return reference_padded(x.unsqueeze(-1), targets, mask, cu, -100)[0].squeeze(-1)
 
     opts = {"loss_type": "grpo", "importance_sampling_level": "sequence", "beta": 0.1, "entropy_coef": 0.01}
-    packed = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, mask=mask, cu_seqlens=cu, old_logp=old,
-                                    ref_logp=ref, **opts)
-    padded = fused_linear_grpo_loss(padded_hidden, weight, padded_targets, adv, bias, mask=padded_mask,
-                                    old_logp=pad(old), ref_logp=pad(ref), **opts)
+    packed = fused_linear_grpo_loss(
+        hidden, weight, targets, bias, advantages=adv, mask=mask, cu_seqlens=cu, old_logp=old, ref_logp=ref, **opts
+    )
+    padded = fused_linear_grpo_loss(
+        padded_hidden,
+        weight,
+        padded_targets,
+        bias,
+        advantages=adv,
+        mask=padded_mask,
+        old_logp=pad(old),
+        ref_logp=pad(ref),
+        **opts,
+    )
     g_packed = torch.autograd.grad(packed.loss, (hidden, weight, bias))
     g_padded = torch.autograd.grad(padded.loss, (padded_hidden, weight, bias))
     assert_close(packed.loss, padded.loss.double(), torch.float32, "loss")
     for name in padded.metrics:
         assert_close(packed.metrics[name], padded.metrics[name].double(), torch.float32, name)
-    assert torch.equal(g_packed[0][int(cu[-1]):], torch.zeros(2, D))
+    assert torch.equal(g_packed[0][int(cu[-1]) :], torch.zeros(2, D))
     unpacked = reference_padded(g_packed[0], targets, mask, cu, -100)[0]
     assert_close(unpacked, g_padded[0].double(), torch.float32, "grad hidden")
     for name, a, b in zip(("weight", "bias"), g_packed[1:], g_padded[1:]):
@@ -147,9 +188,10 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     with torch.no_grad():
         ref_logp = fused_linear_logprob(ref_hidden, ref_weight, targets.masked_fill(~mask, -100))
     opts = {"mask": mask, "old_logp": near["old_logp"], "beta": 0.2, "kl_estimator": "k2"}
-    head = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                  **opts)
-    cached = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, ref_logp=ref_logp, **opts)
+    head = fused_linear_grpo_loss(
+        hidden, weight, targets, bias, advantages=adv, ref_hidden=ref_hidden, ref_weight=ref_weight, **opts
+    )
+    cached = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, ref_logp=ref_logp, **opts)
     g_head = torch.autograd.grad(head.loss, (hidden, weight, bias))
     g_cached = torch.autograd.grad(cached.loss, (hidden, weight, bias))
     assert_close(head.loss, cached.loss.double(), torch.float32, "loss")
@@ -163,21 +205,34 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_bf16_matches_float64_reference(level):
     hidden, weight, targets, adv, bias, mask, near = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, adv, bias, torch.bfloat16, metrics=False, mask=mask, old_logp=near["old_logp"],
-           ref_logp=near["ref_logp"], beta=0.04, loss_type="grpo", importance_sampling_level=level)
+    _check(
+        hidden,
+        weight,
+        targets,
+        adv,
+        bias,
+        torch.bfloat16,
+        metrics=False,
+        mask=mask,
+        old_logp=near["old_logp"],
+        ref_logp=near["ref_logp"],
+        beta=0.04,
+        loss_type="grpo",
+        importance_sampling_level=level,
+    )
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
     hidden, weight, targets, adv, bias, mask, near = _batch()
     opts = {"mask": mask, "old_logp": near["old_logp"], "ref_logp": near["ref_logp"], "beta": 0.1}
-    with_grad = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, **opts)
+    with_grad = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, **opts)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("logprob_fwd_bwd called without grad")
 
     monkeypatch.setattr(grpo_module, "logprob_fwd_bwd", forbidden)
     with torch.no_grad():
-        out = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, **opts)
+        out = fused_linear_grpo_loss(hidden, weight, targets, bias, advantages=adv, **opts)
     assert out.loss.grad_fn is None
     assert_close(out.loss, with_grad.loss.detach().double(), torch.float32, "loss")
     for name, value in out.metrics.items():
@@ -187,8 +242,12 @@ def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
 def test_module_matches_function():
     hidden, weight, targets, adv, bias, mask, near = _batch()
     options = {"loss_type": "dr_grpo", "max_completion_length": 9, "epsilon_high": 0.3, "delta": 1.5}
-    out = FusedLinearGRPOLoss(**options)(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"])
-    ref = fused_linear_grpo_loss(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"], **options)
+    out = FusedLinearGRPOLoss(**options)(
+        hidden, weight, targets, bias, advantages=adv, mask=mask, old_logp=near["old_logp"]
+    )
+    ref = fused_linear_grpo_loss(
+        hidden, weight, targets, bias, advantages=adv, mask=mask, old_logp=near["old_logp"], **options
+    )
     assert torch.equal(out.loss, ref.loss)
 
 
@@ -201,8 +260,11 @@ def test_module_matches_function():
         (lambda a: {**a, "sampler_is_cap": 2.0}, ValueError, "sampler_logp"),
         (lambda a: {**a, "old_logp": torch.randn(B, T + 1)}, ValueError, "old_logp"),
         (lambda a: {**a, "loss_type": "ppo"}, ValueError, "loss_type"),
-        (lambda a: {**a, "loss_type": "cispo", "importance_sampling_level": "sequence"}, ValueError,
-         "importance_sampling_level"),
+        (
+            lambda a: {**a, "loss_type": "cispo", "importance_sampling_level": "sequence"},
+            ValueError,
+            "importance_sampling_level",
+        ),
         (lambda a: {**a, "kl_estimator": "k4"}, ValueError, "kl_estimator"),
         (lambda a: {**a, "mask": a["mask"].reshape(-1)}, ValueError, "mask"),
         (lambda a: {**a, "cu_seqlens": torch.tensor([0, 3])}, ValueError, "hidden"),
@@ -211,11 +273,11 @@ def test_module_matches_function():
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):
     hidden, weight, targets, adv, _, mask, _ = _batch()
-    args = change({"hidden": hidden.detach(), "weight": weight.detach(), "targets": targets, "advantages": adv,
-                   "mask": mask})
+    args = change(
+        {"hidden": hidden.detach(), "weight": weight.detach(), "targets": targets, "advantages": adv, "mask": mask}
+    )
     with pytest.raises(error, match=name):
-        fused_linear_grpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("advantages"),
-                               **args)
+        fused_linear_grpo_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), **args)
 
 
 @pytest.mark.interpreter
@@ -223,5 +285,17 @@ def test_invalid_arguments_raise_naming_the_argument(change, error, name):
 def test_triton_backend_matches_reference(level, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
     hidden, weight, targets, adv, bias, mask, near = _batch()
-    _check(hidden, weight, targets, adv, bias, mask=mask, old_logp=near["old_logp"], ref_logp=near["ref_logp"],
-           beta=0.04, entropy_coef=0.01, loss_type="grpo", importance_sampling_level=level)
+    _check(
+        hidden,
+        weight,
+        targets,
+        adv,
+        bias,
+        mask=mask,
+        old_logp=near["old_logp"],
+        ref_logp=near["ref_logp"],
+        beta=0.04,
+        entropy_coef=0.01,
+        loss_type="grpo",
+        importance_sampling_level=level,
+    )

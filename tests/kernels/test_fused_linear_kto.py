@@ -32,13 +32,14 @@ def _batch(dtype=torch.float32, *, bias=True):
 
 def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=True, **kw):
     """Value, metrics and gradients (non-unit upstream) of the fused loss against the float64 reference."""
-    out = fused_linear_kto_loss(hidden, weight, targets, labels, bias, **kw)
+    out = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, **kw)
     scale = 0.5 + torch.rand(())
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     grads = torch.autograd.grad(out.loss * scale, inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in inputs]
-    ref = reference_fused_linear_kto_loss(leaves[0], leaves[1], targets, labels,
-                                          leaves[2] if bias is not None else None, **kw)
+    ref = reference_fused_linear_kto_loss(
+        leaves[0], leaves[1], targets, leaves[2] if bias is not None else None, labels=labels, **kw
+    )
     ref_grads = torch.autograd.grad(ref.loss * scale.double(), leaves)
     assert_scalar_close(out.loss, ref.loss, dtype, "loss")
     if metrics:
@@ -57,9 +58,9 @@ def _check(hidden, weight, targets, labels, bias, dtype=torch.float32, metrics=T
     "options",
     [
         {},
-        {"beta": 0.5, "kl_ref_point": 0.8, "desirable_weight": 1.3, "undesirable_weight": 0.6},
-        {"kl_ref_point": torch.tensor(2.5), "temperature": 0.7},
-        {"length_normalize": True, "beta": 2.0, "kl_ref_point": 0.1},  # Liger's average_log_prob
+        {"beta": 0.5, "reference_point": 0.8, "desirable_weight": 1.3, "undesirable_weight": 0.6},
+        {"reference_point": torch.tensor(2.5), "temperature": 0.7},
+        {"length_normalize": True, "beta": 2.0, "reference_point": 0.1},  # Liger's average_log_prob
     ],
 )
 def test_options_and_strategies_match_float64_reference(options, strategy, monkeypatch):
@@ -84,9 +85,9 @@ def test_packed_layout_equals_padded_layout(strategy):
     labels, ref_logps = torch.tensor([True, True, False, False, True]), -20.0 + 3.0 * torch.randn(B)
     padded_hidden, padded_targets, padded_mask = reference_padded(hidden.detach(), targets, mask, cu, -100)
     padded_hidden.requires_grad_(True)
-    opts = {"ref_logps": ref_logps, "strategy": strategy, "kl_ref_point": 0.5}
-    packed = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, cu_seqlens=cu, **opts)
-    padded = fused_linear_kto_loss(padded_hidden, weight, padded_targets, labels, bias, mask=padded_mask, **opts)
+    opts = {"ref_logps": ref_logps, "strategy": strategy, "reference_point": 0.5}
+    packed = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, cu_seqlens=cu, **opts)
+    padded = fused_linear_kto_loss(padded_hidden, weight, padded_targets, bias, labels=labels, mask=padded_mask, **opts)
     g_packed = torch.autograd.grad(packed.loss, (hidden, weight, bias))
     g_padded = torch.autograd.grad(padded.loss, (padded_hidden, weight, bias))
     assert_close(packed.loss, padded.loss.double(), torch.float32, "loss")
@@ -105,36 +106,64 @@ def test_reference_head_equals_precomputed_reference_and_gets_no_gradient():
     ref_weight, ref_bias = torch.randn(V, 12, requires_grad=True), torch.randn(V)
     with torch.no_grad():
         ref_tok = fused_linear_logprob(ref_hidden, ref_weight, targets.masked_fill(~mask, -100), ref_bias)
-    head = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, ref_hidden=ref_hidden,
-                                 ref_weight=ref_weight, ref_bias=ref_bias)
-    cached = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_tok.sum(-1))
+    head = fused_linear_kto_loss(
+        hidden,
+        weight,
+        targets,
+        bias,
+        labels=labels,
+        mask=mask,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+    )
+    cached = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_tok.sum(-1))
     g_head = torch.autograd.grad(head.loss, (hidden, weight, bias))
     g_cached = torch.autograd.grad(cached.loss, (hidden, weight, bias))
     assert_close(head.loss, cached.loss.double(), torch.float32, "loss")
     for name, a, b in zip(("hidden", "weight", "bias"), g_head, g_cached):
         assert_close(a, b.double(), torch.float32, f"grad {name}")
     assert ref_hidden.grad is None and ref_weight.grad is None
-    _check(hidden, weight, targets, labels, bias, mask=mask, ref_hidden=ref_hidden, ref_weight=ref_weight,
-           ref_bias=ref_bias)
+    _check(
+        hidden,
+        weight,
+        targets,
+        labels,
+        bias,
+        mask=mask,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+    )
 
 
 @pytest.mark.parametrize("strategy", ["grouped", "two_pass"])
 def test_bf16_matches_float64_reference(strategy):
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, labels, bias, torch.bfloat16, metrics=False, mask=mask, ref_logps=ref_logps,
-           strategy=strategy)
+    _check(
+        hidden,
+        weight,
+        targets,
+        labels,
+        bias,
+        torch.bfloat16,
+        metrics=False,
+        mask=mask,
+        ref_logps=ref_logps,
+        strategy=strategy,
+    )
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
-    with_grad = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps)
+    with_grad = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("logprob_fwd_bwd called without grad")
 
     monkeypatch.setattr(common, "logprob_fwd_bwd", forbidden)
     with torch.no_grad():
-        out = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps)
+        out = fused_linear_kto_loss(hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps)
     assert out.loss.grad_fn is None
     assert_close(out.loss, with_grad.loss.detach().double(), torch.float32, "loss")
     for name, value in out.metrics.items():
@@ -144,10 +173,12 @@ def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
 def test_module_matches_function():
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
     options = {"beta": 0.3, "desirable_weight": 1.2, "strategy": "two_pass"}
-    out = FusedLinearKTOLoss(**options)(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps,
-                                        kl_ref_point=0.2)
-    ref = fused_linear_kto_loss(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps,
-                                kl_ref_point=0.2, **options)
+    out = FusedLinearKTOLoss(**options)(
+        hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps, reference_point=0.2
+    )
+    ref = fused_linear_kto_loss(
+        hidden, weight, targets, bias, labels=labels, mask=mask, ref_logps=ref_logps, reference_point=0.2, **options
+    )
     assert torch.equal(out.loss, ref.loss)
 
 
@@ -166,10 +197,20 @@ def test_module_matches_function():
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):
     hidden, weight, targets, labels, _, mask, ref_logps = _batch()
-    args = change({"hidden": hidden.detach(), "weight": weight.detach(), "targets": targets, "labels": labels,
-                   "mask": mask, "ref_logps": ref_logps})
+    args = change(
+        {
+            "hidden": hidden.detach(),
+            "weight": weight.detach(),
+            "targets": targets,
+            "labels": labels,
+            "mask": mask,
+            "ref_logps": ref_logps,
+        }
+    )
     with pytest.raises(error, match=name):
-        fused_linear_kto_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("labels"), **args)
+        fused_linear_kto_loss(
+            args.pop("hidden"), args.pop("weight"), args.pop("targets"), labels=args.pop("labels"), **args
+        )
 
 
 @pytest.mark.interpreter
@@ -177,4 +218,6 @@ def test_invalid_arguments_raise_naming_the_argument(change, error, name):
 def test_triton_backend_matches_reference(strategy, monkeypatch):
     monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
     hidden, weight, targets, labels, bias, mask, ref_logps = _batch()
-    _check(hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps, strategy=strategy, kl_ref_point=0.3)
+    _check(
+        hidden, weight, targets, labels, bias, mask=mask, ref_logps=ref_logps, strategy=strategy, reference_point=0.3
+    )

@@ -1,9 +1,9 @@
 """fused_linear_logprob (PyTorch path) vs a float64 materialized reference: values, grads, edge cases."""
 
+import importlib
+
 import pytest
 import torch
-
-import importlib
 
 from bench._harness import _cpu_peak_extra_bytes
 from hotloop.kernels import fused_linear_logprob as flp_module_fn  # noqa: F401  (public export works)
@@ -47,8 +47,9 @@ def _check_against_reference(hidden, weight, targets, bias, dtype, **opts):
     inputs = [x for x in (hidden, weight, bias) if x is not None]
     grads = torch.autograd.grad((logp * g_lp + entropy * g_ent).sum(), inputs)
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias) if x is not None]
-    ref_lp, ref_ent = reference_fused_linear_logprob(*leaves[:2], targets, leaves[2] if bias is not None else None,
-                                                     return_entropy=True, **opts)
+    ref_lp, ref_ent = reference_fused_linear_logprob(
+        *leaves[:2], targets, leaves[2] if bias is not None else None, return_entropy=True, **opts
+    )
     ref_grads = torch.autograd.grad((ref_lp * g_lp.double() + ref_ent * g_ent.double()).sum(), leaves)
     assert logp.dtype == entropy.dtype == torch.float32
     assert_close(logp, ref_lp, dtype, "logp")
@@ -70,8 +71,9 @@ def test_tiny_block_budget_spans_many_chunks_and_blocks(dtype, row_path, monkeyp
 
 
 def test_temperature_without_bias_and_single_row(row_path):
-    _check_against_reference(*_inputs(1, 37, 1003, torch.float32, bias=False, ignored=0.0), torch.float32,
-                             temperature=0.7)
+    _check_against_reference(
+        *_inputs(1, 37, 1003, torch.float32, bias=False, ignored=0.0), torch.float32, temperature=0.7
+    )
 
 
 def _value_and_grads(fn, leaves, targets, g_lp, g_ent):
@@ -223,11 +225,13 @@ def test_fwd_bwd_with_token_grad_equals_fwd_then_bwd(row_groups, dtype, row_path
         return coef_lp[rows] * logp.detach().tanh(), coef_ent[rows]
 
     opts = dict(temperature=0.7, ignore_index=-100)
-    stats, *grads = logprob_fwd_bwd(hidden, weight, targets, bias, with_entropy=True, token_grad=token_grad,
-                                    row_groups=groups, **opts)
+    stats, *grads = logprob_fwd_bwd(
+        hidden, weight, targets, bias, with_entropy=True, token_grad=token_grad, row_groups=groups, **opts
+    )
     ref = logprob_fwd(hidden, weight, targets, bias, with_entropy=True, **opts)
-    ref_grads = logprob_bwd(hidden, weight, targets, bias, ref, coef_lp * ref.logp.tanh(), coef_ent,
-                            needs_grad=(True, True, True), **opts)
+    ref_grads = logprob_bwd(
+        hidden, weight, targets, bias, ref, coef_lp * ref.logp.tanh(), coef_ent, needs_grad=(True, True, True), **opts
+    )
     assert_close(stats.logp, ref.logp.double(), torch.float32, "logp")
     assert_close(stats.entropy, ref.entropy.double(), torch.float32, "entropy")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -277,12 +281,18 @@ def test_module_matches_function():
     ],
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):
-    args = {"hidden": torch.randn(6, 8), "weight": torch.randn(50, 8), "targets": torch.randint(0, 50, (6,)),
-            "bias": torch.randn(50), "temperature": 1.0}
+    args = {
+        "hidden": torch.randn(6, 8),
+        "weight": torch.randn(50, 8),
+        "targets": torch.randint(0, 50, (6,)),
+        "bias": torch.randn(50),
+        "temperature": 1.0,
+    }
     args = change(args)
     with pytest.raises(error, match=name):
-        fused_linear_logprob(args["hidden"], args["weight"], args["targets"], args["bias"],
-                             temperature=args["temperature"])
+        fused_linear_logprob(
+            args["hidden"], args["weight"], args["targets"], args["bias"], temperature=args["temperature"]
+        )
 
 
 @pytest.mark.interpreter
@@ -293,9 +303,17 @@ def test_triton_backend_dispatch_matches_reference_and_fwd_bwd(monkeypatch):
     _check_against_reference(hidden, weight, targets, bias, torch.float32, temperature=0.7)
     coef = torch.randn(19)
     groups = list(torch.randperm(19).split([5, 14]))
-    stats, gh, gw, gb = logprob_fwd_bwd(hidden.detach(), weight.detach(), targets, bias.detach(), temperature=0.7,
-                                        ignore_index=-100, with_entropy=True, row_groups=groups,
-                                        token_grad=lambda rows, logp, entropy: (coef[rows], None))
+    stats, gh, gw, gb = logprob_fwd_bwd(
+        hidden.detach(),
+        weight.detach(),
+        targets,
+        bias.detach(),
+        temperature=0.7,
+        ignore_index=-100,
+        with_entropy=True,
+        row_groups=groups,
+        token_grad=lambda rows, logp, entropy: (coef[rows], None),
+    )
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
     ref_lp = reference_fused_linear_logprob(leaves[0], leaves[1], targets, leaves[2], temperature=0.7)
     ref_grads = torch.autograd.grad((ref_lp * coef.double()).sum(), leaves)

@@ -65,11 +65,22 @@ def _run(hidden, weight, targets, bias, *, temperature=0.7, entropy_grad=True, v
     n = hidden.shape[0]
     grad_logp = torch.randn(n)
     grad_entropy = torch.randn(n) if entropy_grad else None
-    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=temperature,
-                               ignore_index=IGNORE, with_entropy=True)
-    grads = triton_logprob_bwd(hidden, weight, targets, bias, stats, grad_logp, grad_entropy,
-                               temperature=temperature, ignore_index=IGNORE, needs_grad=ALL_GRADS,
-                               vocab_chunk=vocab_chunk)
+    stats = triton_logprob_fwd(
+        hidden, weight, targets, bias, temperature=temperature, ignore_index=IGNORE, with_entropy=True
+    )
+    grads = triton_logprob_bwd(
+        hidden,
+        weight,
+        targets,
+        bias,
+        stats,
+        grad_logp,
+        grad_entropy,
+        temperature=temperature,
+        ignore_index=IGNORE,
+        needs_grad=ALL_GRADS,
+        vocab_chunk=vocab_chunk,
+    )
     ref = _reference(hidden, weight, targets, bias, temperature, grad_logp, grad_entropy)
     ref["upstream"] = (grad_logp, grad_entropy)
     return stats, grads, ref
@@ -104,8 +115,11 @@ def test_bf16_errors_no_worse_than_eager_bf16():
     eager = _materialized(*leaves, targets, 0.7)  # every op in bf16: the CCE / FlashAttention yardstick
     grad_logp, grad_entropy = ref["upstream"]
     ((grad_logp * eager["logp"]).sum() + (grad_entropy * eager["entropy"]).sum()).backward()
-    for name, ours, theirs in [("logp", stats.logp, eager["logp"]), ("entropy", stats.entropy, eager["entropy"]),
-                               *zip(("grad_hidden", "grad_weight", "grad_bias"), grads, (t.grad for t in leaves))]:
+    for name, ours, theirs in [
+        ("logp", stats.logp, eager["logp"]),
+        ("entropy", stats.entropy, eager["entropy"]),
+        *zip(("grad_hidden", "grad_weight", "grad_bias"), grads, (t.grad for t in leaves)),
+    ]:
         assert relative_error(ours, ref[name]) <= 2 * relative_error(theirs, ref[name]), name
 
 
@@ -160,10 +174,22 @@ def test_results_are_bit_identical_run_to_run():
     grad_logp, grad_entropy = torch.randn(40), torch.randn(40)
     runs = []
     for _ in range(2):
-        stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=0.7, ignore_index=IGNORE,
-                                   with_entropy=True)
-        grads = triton_logprob_bwd(hidden, weight, targets, bias, stats, grad_logp, grad_entropy,
-                                   temperature=0.7, ignore_index=IGNORE, needs_grad=ALL_GRADS, vocab_chunk=64)
+        stats = triton_logprob_fwd(
+            hidden, weight, targets, bias, temperature=0.7, ignore_index=IGNORE, with_entropy=True
+        )
+        grads = triton_logprob_bwd(
+            hidden,
+            weight,
+            targets,
+            bias,
+            stats,
+            grad_logp,
+            grad_entropy,
+            temperature=0.7,
+            ignore_index=IGNORE,
+            needs_grad=ALL_GRADS,
+            vocab_chunk=64,
+        )
         runs.append((stats.logp, stats.entropy, stats.lse, *grads))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
@@ -171,15 +197,23 @@ def test_results_are_bit_identical_run_to_run():
 
 def test_forward_without_entropy_and_partial_needs_grad():
     hidden, weight, targets, bias = _inputs(17, 20, 90, torch.float32)
-    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=1.3, ignore_index=IGNORE,
-                               with_entropy=False)
+    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=1.3, ignore_index=IGNORE, with_entropy=False)
     assert stats.entropy is None
     grad_logp = torch.randn(17)
     ref = _reference(hidden, weight, targets, bias, 1.3, grad_logp)
     assert_close(stats.logp, ref["logp"], torch.float32, "logp")
-    grad_h, grad_w, grad_b = triton_logprob_bwd(hidden, weight, targets, bias, stats, grad_logp, None,
-                                                temperature=1.3, ignore_index=IGNORE,
-                                                needs_grad=(False, True, False))
+    grad_h, grad_w, grad_b = triton_logprob_bwd(
+        hidden,
+        weight,
+        targets,
+        bias,
+        stats,
+        grad_logp,
+        None,
+        temperature=1.3,
+        ignore_index=IGNORE,
+        needs_grad=(False, True, False),
+    )
     assert grad_h is None and grad_b is None
     assert_close(grad_w, ref["grad_weight"], torch.float32, "grad_weight")
 
@@ -210,10 +244,12 @@ def test_public_function_on_triton_matches_torch_backend(monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("HOTLOOP_BACKEND", backend)
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        logp, entropy = module.fused_linear_logprob(*leaves[:2], targets, leaves[2], temperature=0.7,
-                                                    ignore_index=IGNORE, return_entropy=True)
+        logp, entropy = module.fused_linear_logprob(
+            *leaves[:2], targets, leaves[2], temperature=0.7, ignore_index=IGNORE, return_entropy=True
+        )
         ((grad_logp * logp).sum() + (grad_entropy * entropy).sum()).backward()
         results[backend] = [logp, entropy, *(t.grad for t in leaves)]
-    for name, ours, theirs in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
-                                  results["triton"], results["torch"]):
+    for name, ours, theirs in zip(
+        ("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), results["triton"], results["torch"]
+    ):
         assert_close(ours, theirs, torch.float32, name)

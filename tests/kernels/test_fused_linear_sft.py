@@ -78,10 +78,12 @@ def test_packed_layout_equals_padded_layout(normalize):
     targets, mask, weights = torch.randint(0, V, (23,)), torch.rand(23) > 0.2, torch.rand(B)
     padded_hidden, padded_targets, padded_mask = reference_padded(hidden.detach(), targets, mask, cu, -100)
     padded_hidden.requires_grad_(True)
-    packed = fused_linear_sft_loss(hidden, weight, targets, bias, mask=mask, cu_seqlens=cu, weights=weights,
-                                   normalize=normalize)
-    padded = fused_linear_sft_loss(padded_hidden, weight, padded_targets, bias, mask=padded_mask, weights=weights,
-                                   normalize=normalize)
+    packed = fused_linear_sft_loss(
+        hidden, weight, targets, bias, mask=mask, cu_seqlens=cu, weights=weights, normalize=normalize
+    )
+    padded = fused_linear_sft_loss(
+        padded_hidden, weight, padded_targets, bias, mask=padded_mask, weights=weights, normalize=normalize
+    )
     g_packed = torch.autograd.grad(packed.loss, (hidden, weight, bias))
     g_padded = torch.autograd.grad(padded.loss, (padded_hidden, weight, bias))
     assert_close(packed.loss, padded.loss.double(), torch.float32, "loss")
@@ -97,8 +99,9 @@ def test_packed_layout_equals_padded_layout(normalize):
 @pytest.mark.parametrize("normalize", ["token", "sequence"])
 def test_bf16_matches_float64_reference(normalize):
     hidden, weight, targets, bias, mask, weights = _batch(torch.bfloat16)
-    _check(hidden, weight, targets, bias, torch.bfloat16, metrics=False, mask=mask, weights=weights,
-           normalize=normalize)
+    _check(
+        hidden, weight, targets, bias, torch.bfloat16, metrics=False, mask=mask, weights=weights, normalize=normalize
+    )
 
 
 def test_no_grad_runs_the_forward_only_and_equals_grad_mode(monkeypatch):
@@ -131,10 +134,12 @@ def test_gradient_only_for_inputs_that_require_it():
 
 def test_module_matches_function():
     hidden, weight, targets, bias, mask, weights = _batch()
-    out = FusedLinearSFTLoss(normalize="sequence", temperature=0.8)(hidden, weight, targets, bias, mask=mask,
-                                                                    weights=weights)
-    ref = fused_linear_sft_loss(hidden, weight, targets, bias, mask=mask, weights=weights, normalize="sequence",
-                                temperature=0.8)
+    out = FusedLinearSFTLoss(normalize="sequence", temperature=0.8)(
+        hidden, weight, targets, bias, mask=mask, weights=weights
+    )
+    ref = fused_linear_sft_loss(
+        hidden, weight, targets, bias, mask=mask, weights=weights, normalize="sequence", temperature=0.8
+    )
     assert torch.equal(out.loss, ref.loss)
 
 
@@ -146,10 +151,28 @@ def test_module_matches_function():
         (lambda a: {**a, "targets": a["targets"][:, :4]}, ValueError, "targets"),
         (lambda a: {**a, "weight": a["weight"].double()}, TypeError, "weight"),
         (lambda a: {**a, "hidden": a["hidden"][0]}, ValueError, "hidden"),
-        (lambda a: {**a, "hidden": a["hidden"].reshape(-1, D), "targets": a["targets"].reshape(-1), "mask": None,
-                    "cu_seqlens": torch.tensor([0, 30, 20, 36])}, ValueError, "cu_seqlens"),
-        (lambda a: {**a, "hidden": a["hidden"].reshape(-1, D), "targets": a["targets"].reshape(-1), "mask": None,
-                    "cu_seqlens": torch.tensor([0.0, 36.0])}, ValueError, "cu_seqlens"),
+        (
+            lambda a: {
+                **a,
+                "hidden": a["hidden"].reshape(-1, D),
+                "targets": a["targets"].reshape(-1),
+                "mask": None,
+                "cu_seqlens": torch.tensor([0, 30, 20, 36]),
+            },
+            ValueError,
+            "cu_seqlens",
+        ),
+        (
+            lambda a: {
+                **a,
+                "hidden": a["hidden"].reshape(-1, D),
+                "targets": a["targets"].reshape(-1),
+                "mask": None,
+                "cu_seqlens": torch.tensor([0.0, 36.0]),
+            },
+            ValueError,
+            "cu_seqlens",
+        ),
     ],
 )
 def test_invalid_arguments_raise_naming_the_argument(change, error, name):

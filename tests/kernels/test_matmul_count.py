@@ -51,12 +51,18 @@ def test_auto_takes_three_matmuls_and_compat_adds_none(pairs):
         "compat, no ref": lambda: compat.LigerFusedLinearDPOLoss(use_ref_model=False)(w, h, t)[0].backward(),
         "direct, head": lambda: fused_linear_dpo_loss(h, w, t, ref_hidden=ref_h, ref_weight=ref_w).loss.backward(),
         "compat, head": lambda: compat.LigerFusedLinearDPOLoss()(w, h, t, None, ref_h, ref_w)[0].backward(),
-        "two_pass, head": lambda: fused_linear_dpo_loss(h, w, t, ref_hidden=ref_h, ref_weight=ref_w,
-                                                        strategy="two_pass").loss.backward(),
+        "two_pass, head": lambda: fused_linear_dpo_loss(
+            h, w, t, ref_hidden=ref_h, ref_weight=ref_w, strategy="two_pass"
+        ).loss.backward(),
     }
     got = {name: matmul_units(step, n, v, d) for name, step in units.items()}
-    assert got == {"direct, no ref": 3.0, "compat, no ref": 3.0, "direct, head": 4.0, "compat, head": 4.0,
-                   "two_pass, head": 5.0}, got
+    assert got == {
+        "direct, no ref": 3.0,
+        "compat, no ref": 3.0,
+        "direct, head": 4.0,
+        "compat, head": 4.0,
+        "two_pass, head": 5.0,
+    }, got
 
 
 def test_grpo_takes_three_matmuls(pairs):
@@ -65,6 +71,6 @@ def test_grpo_takes_three_matmuls(pairs):
     old = torch.randn(t.shape) - 4.0
 
     def step():
-        fused_linear_grpo_loss(h, w, t, torch.randn(t.shape[0]), mask=mask, old_logp=old).loss.backward()
+        fused_linear_grpo_loss(h, w, t, advantages=torch.randn(t.shape[0]), mask=mask, old_logp=old).loss.backward()
 
     assert matmul_units(step, t.numel(), w.shape[0], w.shape[1]) == 3.0

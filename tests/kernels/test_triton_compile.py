@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(
     for coef in (0, 1, 2):
         compile_(_policy_gradient_triton._linear_token_kernel, pg, (), dict(COEF=coef, BLOCK_T=4096))
     # matmul kernels at the tiles and launch options they get on an H100 (kernels/_triton_utils.logits_tiles)
-    from hotloop.kernels import _fused_linear_kl_triton as klt, _fused_linear_logprob_triton as lpt
+    from hotloop.kernels import _fused_linear_kl_kernels as klt
+    from hotloop.kernels import _fused_linear_logprob_triton as lpt
     shape_ints = "N V D DR stride_h stride_w stride_rh stride_rw stride_buf tiles_per_split n_tiles vocab_start width"
     shape_ints = shape_ints.split() + ["ignore_index"]
     for dtype, block_d in (("fp32", 32), ("bf16", 64)):
@@ -81,11 +82,11 @@ SCRIPT = textwrap.dedent(
             half = dict(tiles, BLOCK_V=64)  # the KL kernels' CUDA tiles (_fused_linear_kl_triton._tiles)
             kl_flags = dict(HAS_BIAS=on, HAS_RBIAS=not on, UPCAST=False, R_UPCAST=False, **half)
             kl_scalars = ("scale", "log_a", "log_b", "one_minus_beta")
-            compile_(klt._kl_fwd_kernel, pointers, kl_scalars, dict(REVERSE=on, **kl_flags), ints=shape_ints,
+            compile_(klt.kl_fwd_kernel, pointers, kl_scalars, dict(REVERSE=on, **kl_flags), ints=shape_ints,
                      **launch)
-            compile_(klt._jsd_fwd_kernel, pointers, kl_scalars, kl_flags, ints=shape_ints, **launch)
+            compile_(klt.jsd_fwd_kernel, pointers, kl_scalars, kl_flags, ints=shape_ints, **launch)
             for kind in (0, 1, 2):
-                compile_(klt._kl_bwd_kernel, pointers, kl_scalars, dict(KIND=kind, **kl_flags), ints=shape_ints,
+                compile_(klt.kl_bwd_kernel, pointers, kl_scalars, dict(KIND=kind, **kl_flags), ints=shape_ints,
                          **launch)
     print("compiled")
     """

@@ -48,8 +48,9 @@ def _logprob_reference(hidden, weight, bias, keep, targets, grad_logp, grad_entr
     leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
     remap = torch.cumsum(keep, 0) - 1
     kept_targets = torch.where(targets == IGNORE, IGNORE, remap[targets.clamp_min(0)])
-    logp, entropy = reference_fused_linear_logprob(*leaves[:2], kept_targets, leaves[2], temperature=0.7,
-                                                   return_entropy=True)
+    logp, entropy = reference_fused_linear_logprob(
+        *leaves[:2], kept_targets, leaves[2], temperature=0.7, return_entropy=True
+    )
     objective = (grad_logp.double() * logp).sum()
     if grad_entropy is not None:
         objective = objective + (grad_entropy.double() * entropy).sum()
@@ -65,10 +66,20 @@ def test_logprob_with_masked_tiles_matches_float64_on_the_unmasked_vocabulary(dt
     targets = keep.nonzero()[:, 0][torch.randint(0, int(keep.sum()), (N,))]
     targets[[2, 11]] = IGNORE
     grad_logp, grad_entropy = torch.randn(N), torch.randn(N) if entropy_grad else None
-    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=0.7, ignore_index=IGNORE,
-                               with_entropy=True)
-    grads = triton_logprob_bwd(hidden, weight, targets, bias, stats, grad_logp, grad_entropy, temperature=0.7,
-                               ignore_index=IGNORE, needs_grad=(True, True, True), vocab_chunk=64)
+    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=0.7, ignore_index=IGNORE, with_entropy=True)
+    grads = triton_logprob_bwd(
+        hidden,
+        weight,
+        targets,
+        bias,
+        stats,
+        grad_logp,
+        grad_entropy,
+        temperature=0.7,
+        ignore_index=IGNORE,
+        needs_grad=(True, True, True),
+        vocab_chunk=64,
+    )
     logp, entropy, ref_grads = _logprob_reference(hidden, weight, bias, keep, targets, grad_logp, grad_entropy)
     assert_close(stats.logp, logp, dtype, "logp")
     assert_close(stats.entropy, entropy, dtype, "entropy")
@@ -86,12 +97,14 @@ def test_logprob_with_masked_tiles_matches_the_torch_backend(monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("HOTLOOP_BACKEND", backend)
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        logp, entropy = fused_linear_logprob(*leaves[:2], targets, leaves[2], temperature=0.7,
-                                             ignore_index=IGNORE, return_entropy=True)
+        logp, entropy = fused_linear_logprob(
+            *leaves[:2], targets, leaves[2], temperature=0.7, ignore_index=IGNORE, return_entropy=True
+        )
         ((grad_logp * logp).sum() + (grad_entropy * entropy).sum()).backward()
         results[backend] = [logp, entropy, *(t.grad for t in leaves)]
-    for name, ours, theirs in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"),
-                                  results["triton"], results["torch"]):
+    for name, ours, theirs in zip(
+        ("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), results["triton"], results["torch"]
+    ):
         assert torch.isfinite(theirs).all() and torch.isfinite(ours).all(), name
         assert_close(ours, theirs.double(), torch.float32, name)
 
@@ -102,20 +115,42 @@ def test_kl_with_the_same_masked_tiles_in_both_heads_matches_float64_on_the_unma
     bias, keep = _masked_bias(torch.float32)
     ref_bias = torch.randn(V).masked_fill(~keep, float("-inf"))
     row_weight = torch.randn(N)
-    stats, *grads = triton_kl_fwd_bwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight,
-                                      opts=KLOptions(divergence=divergence, beta=0.3, temperature=0.7),
-                                      needs_grad=(True, True, True), vocab_chunk=64)
+    stats, *grads = triton_kl_fwd_bwd(
+        hidden,
+        weight,
+        bias,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        row_weight,
+        options=KLOptions(divergence=divergence, beta=0.3),
+        temperature=0.7,
+        needs_grad=(True, True, True),
+        vocab_chunk=64,
+    )
     leaves = [t.double().requires_grad_() for t in (hidden, weight[keep], bias[keep])]
-    kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight[keep], ref_bias=ref_bias[keep], beta=0.3,
-              temperature=0.7, normalize="sum")
+    kw = dict(
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight[keep],
+        ref_bias=ref_bias[keep],
+        beta=0.3,
+        temperature=0.7,
+        normalize="sum",
+    )
     targets = torch.zeros(N, dtype=torch.int64)
-    expect = {d: reference_fused_linear_kl(*leaves[:2], targets, leaves[2], **kw, divergence=d).per_token
-              for d in ("kl", divergence)}
+    expect = {
+        d: reference_fused_linear_kl(*leaves[:2], targets, leaves[2], **kw, divergence=d).per_token
+        for d in ("kl", divergence)
+    }
     _, entropy = reference_fused_linear_logprob(*leaves[:2], targets, leaves[2], temperature=0.7, return_entropy=True)
     g_h, g_w, g_b = torch.autograd.grad((expect[divergence] * row_weight.double()).sum(), leaves)
-    for name, out, ref in (("divergence", stats.divergence, expect[divergence]), ("kl", stats.kl, expect["kl"]),
-                           ("entropy", stats.entropy, entropy)):
+    for name, out, ref in (
+        ("divergence", stats.divergence, expect[divergence]),
+        ("kl", stats.kl, expect["kl"]),
+        ("entropy", stats.entropy, entropy),
+    ):
         assert_close(out, ref, torch.float32, name)
-    for name, g, r in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, (g_h, _scatter(g_w, keep),
-                                                                             _scatter(g_b, keep))):
+    for name, g, r in zip(
+        ("grad_hidden", "grad_weight", "grad_bias"), grads, (g_h, _scatter(g_w, keep), _scatter(g_b, keep))
+    ):
         assert_close(g, r, torch.float32, name)

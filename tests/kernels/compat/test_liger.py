@@ -57,8 +57,10 @@ def _flat(x):
 
 def _run(module, args, kwargs, upstream):
     """Flattened outputs and gradients of (loss × upstream) w.r.t. the float leaves, on fresh copies of ``args``."""
-    args = [a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a
-            for a in args]  # fmt: skip
+    args = [
+        a.detach().clone().requires_grad_(a.requires_grad) if torch.is_tensor(a) and a.is_floating_point() else a
+        for a in args
+    ]
     out = module(*args, **kwargs)
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     grads = torch.autograd.grad((out[0] if isinstance(out, tuple) else out) * upstream, leaves)
@@ -68,14 +70,20 @@ def _run(module, args, kwargs, upstream):
 def _assert_same(name, ctor, args, kwargs=None, ours_ctor=None, dtype=torch.float32):
     """Our class and Liger's: same return structure, every element and every gradient within VS_LIGER[dtype]."""
     upstream = 0.5 + torch.rand(())
-    theirs, their_grads = _run(getattr(chunked, f"LigerFusedLinear{name}Loss")(compiled=False, **ctor), args,
-                               kwargs or {}, upstream)  # fmt: skip
-    ours, our_grads = _run(getattr(compat, f"LigerFusedLinear{name}Loss")(compiled=False, **ctor, **(ours_ctor or {})),
-                           args, kwargs or {}, upstream)  # fmt: skip
+    theirs, their_grads = _run(
+        getattr(chunked, f"LigerFusedLinear{name}Loss")(compiled=False, **ctor), args, kwargs or {}, upstream
+    )
+    ours, our_grads = _run(
+        getattr(compat, f"LigerFusedLinear{name}Loss")(compiled=False, **ctor, **(ours_ctor or {})),
+        args,
+        kwargs or {},
+        upstream,
+    )
     assert type(ours) is type(theirs) and len(_flat(ours)) == len(_flat(theirs))
     if isinstance(theirs, tuple):
         assert [len(x) if isinstance(x, tuple) else None for x in ours] == [
-            len(x) if isinstance(x, tuple) else None for x in theirs]  # fmt: skip
+            len(x) if isinstance(x, tuple) else None for x in theirs
+        ]
     for i, (o, t) in enumerate(zip(_flat(ours), _flat(theirs))):
         assert o.shape == t.shape and o.dtype == torch.float32, f"output {i}: {o.shape}/{o.dtype} vs {t.shape}"
         assert i == 0 or not o.requires_grad, f"aux output {i} is not detached"
@@ -106,18 +114,24 @@ def test_dpo_matches_liger_for_every_liger_loss_type(loss_type):
 @pytest.mark.parametrize("strategy", ["grouped", "two_pass"])
 @pytest.mark.parametrize("use_ref_model", [True, False])
 def test_dpo_matches_liger_with_averaged_log_probs_and_both_strategies(strategy, use_ref_model):
-    _assert_same("DPO", dict(use_ref_model=use_ref_model, average_log_prob=True, beta=0.3),
-                 _pair_args(bias=False, ref=use_ref_model), ours_ctor=dict(strategy=strategy))  # fmt: skip
+    _assert_same(
+        "DPO",
+        dict(use_ref_model=use_ref_model, average_log_prob=True, beta=0.3),
+        _pair_args(bias=False, ref=use_ref_model),
+        ours_ctor=dict(strategy=strategy),
+    )
 
 
-@pytest.mark.parametrize("ctor", [{}, dict(average_log_prob=True, label_smoothing=0.1, alpha=0.3),
-                                  dict(compute_nll_loss=False, beta=0.5)])
+@pytest.mark.parametrize(
+    "ctor", [{}, dict(average_log_prob=True, label_smoothing=0.1, alpha=0.3), dict(compute_nll_loss=False, beta=0.5)]
+)
 def test_cpo_matches_liger(ctor):
     _assert_same("CPO", ctor, _pair_args(ref=False))
 
 
-@pytest.mark.parametrize("ctor", [{}, dict(gamma=0.1, label_smoothing=0.2, alpha=0.4, compute_nll_loss=True),
-                                  dict(compute_nll_loss=False)])
+@pytest.mark.parametrize(
+    "ctor", [{}, dict(gamma=0.1, label_smoothing=0.2, alpha=0.4, compute_nll_loss=True), dict(compute_nll_loss=False)]
+)
 def test_simpo_matches_liger(ctor):
     _assert_same("SimPO", ctor, _pair_args(ref=False))
 
@@ -157,21 +171,37 @@ def _grpo_args(*, ref_head=False, ratio=None, old=True, padding=True, bias=True,
     if ratio == "[B, T]":
         vllm[mask == 0] = 1.0  # Liger sums vespo's log ratios over padding too
     head = _head((2 * B, T), grad=False, dtype=dtype) if ref_head else [None] * 3
-    return [hidden, weight, ids, mask, torch.randn(2 * B), b, None if ref_head else ref_logp,
-            old_logp if old else None, *head, vllm]  # fmt: skip
+    return [
+        hidden,
+        weight,
+        ids,
+        mask,
+        torch.randn(2 * B),
+        b,
+        None if ref_head else ref_logp,
+        old_logp if old else None,
+        *head,
+        vllm,
+    ]
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
 def test_grpo_matches_liger_for_every_loss_type(loss_type):
-    ctor = dict(loss_type=loss_type, max_completion_length=T + 2 if loss_type == "dr_grpo" else None,
-                epsilon_high=3.0 if loss_type == "cispo" else 0.25, beta=0.1)  # fmt: skip
+    ctor = dict(
+        loss_type=loss_type,
+        max_completion_length=T + 2 if loss_type == "dr_grpo" else None,
+        epsilon_high=3.0 if loss_type == "cispo" else 0.25,
+        beta=0.1,
+    )
     # Liger's token-level luspo sums padding (documented difference): compare it without padding.
     _assert_same("GRPO", ctor, _grpo_args(padding=loss_type != "luspo"))
 
 
 GRPO_CASES = {
-    "sequence level, bias-corrected KL, delta": (dict(importance_sampling_level="sequence", loss_type="grpo",
-                                                      use_bias_correction_kl=True, delta=1.5), {}),
+    "sequence level, bias-corrected KL, delta": (
+        dict(importance_sampling_level="sequence", loss_type="grpo", use_bias_correction_kl=True, delta=1.5),
+        {},
+    ),
     "reference head, temperature": (dict(temperature=0.7), dict(ref_head=True)),
     "no reference model": (dict(use_ref_model=False), {}),
     "beta 0": (dict(beta=0.0), dict(bias=False)),
@@ -205,8 +235,7 @@ def _jsd_args(teacher_v=V, teacher_d=D):
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_jsd_matches_liger_with_soft_and_hard_losses(beta):
-    _assert_same("JSD", dict(beta=beta, temperature=2.0, weight_hard_loss=0.3, return_soft_hard_loss=True),
-                 _jsd_args())  # fmt: skip
+    _assert_same("JSD", dict(beta=beta, temperature=2.0, weight_hard_loss=0.3, return_soft_hard_loss=True), _jsd_args())
 
 
 def test_jsd_matches_liger_with_a_larger_teacher_vocabulary_and_hidden_size():
@@ -220,10 +249,13 @@ def test_constructor_and_forward_take_liger_arguments_in_liger_order_with_liger_
         mine = list(inspect.signature(getattr(ours, method)).parameters.values())
         liger = list(inspect.signature(getattr(theirs, method)).parameters.values())
         assert [(p.name, p.default, p.kind) for p in mine[: len(liger)]] == [(p.name, p.default, p.kind) for p in liger]
-        assert all(p.kind == p.KEYWORD_ONLY for p in mine[len(liger):]), f"{name}.{method}: extras must be keyword-only"
+        assert all(p.kind == p.KEYWORD_ONLY for p in mine[len(liger) :]), (
+            f"{name}.{method}: extras must be keyword-only"
+        )
     module = ours()
-    assert all(getattr(module, p) == v.default for p, v in inspect.signature(theirs.__init__).parameters.items()
-               if p != "self")  # fmt: skip
+    assert all(
+        getattr(module, p) == v.default for p, v in inspect.signature(theirs.__init__).parameters.items() if p != "self"
+    )
 
 
 def test_ipo_works_and_matches_the_float64_reference_where_liger_raises():
@@ -234,14 +266,19 @@ def test_ipo_works_and_matches_the_float64_reference_where_liger_raises():
     loss, aux = compat.LigerFusedLinearDPOLoss(loss_type="ipo", beta=0.5)(weight, hidden, target, bias, *ref)
     grads = torch.autograd.grad(loss * upstream, (hidden, weight, bias))
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight, bias)]
-    expect = reference_fused_linear_dpo_loss(*leaves[:2], target, leaves[2], ref_hidden=ref[0], ref_weight=ref[1],
-                                             ref_bias=ref[2], loss_type="ipo", beta=0.5)  # fmt: skip
+    expect = reference_fused_linear_dpo_loss(
+        *leaves[:2], target, leaves[2], ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2], loss_type="ipo", beta=0.5
+    )
     assert_close(loss, expect.loss, torch.float32, "ipo loss")
-    for name, g, r in zip(("hidden", "weight", "bias"), grads,
-                          torch.autograd.grad(expect.loss * upstream.double(), leaves)):  # fmt: skip
+    for name, g, r in zip(
+        ("hidden", "weight", "bias"), grads, torch.autograd.grad(expect.loss * upstream.double(), leaves)
+    ):
         assert_close(g, r, torch.float32, f"ipo grad {name}")
-    assert_close(torch.stack((aux[0].mean(), aux[1].mean())),
-                 torch.stack((expect.metrics["logps/chosen"], expect.metrics["logps/rejected"])), torch.float32)
+    assert_close(
+        torch.stack((aux[0].mean(), aux[1].mean())),
+        torch.stack((expect.metrics["logps/chosen"], expect.metrics["logps/rejected"])),
+        torch.float32,
+    )
 
 
 def test_sigmoid_label_smoothing_is_applied_where_liger_ignores_it():
@@ -249,9 +286,17 @@ def test_sigmoid_label_smoothing_is_applied_where_liger_ignores_it():
 
     def reference(eps):
         weight, hidden, target, bias, *ref = args
-        return reference_fused_linear_dpo_loss(hidden.detach(), weight.detach(), target, bias.detach(),
-                                               ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
-                                               label_smoothing=eps, beta=2.0).loss  # fmt: skip
+        return reference_fused_linear_dpo_loss(
+            hidden.detach(),
+            weight.detach(),
+            target,
+            bias.detach(),
+            ref_hidden=ref[0],
+            ref_weight=ref[1],
+            ref_bias=ref[2],
+            label_smoothing=eps,
+            beta=2.0,
+        ).loss
 
     ours = compat.LigerFusedLinearDPOLoss(label_smoothing=0.2, beta=2.0)(*args)[0]
     theirs = chunked.LigerFusedLinearDPOLoss(label_smoothing=0.2, beta=2.0, compiled=False)(*args)[0]
@@ -268,8 +313,9 @@ def test_dpo_cached_reference_log_probs_equal_the_reference_head(average_log_pro
         ref_seq = ref_seq / (target != IGNORE).sum(-1)
     loss_fn = compat.LigerFusedLinearDPOLoss(average_log_prob=average_log_prob, compute_nll_loss=True)
     head = _run(loss_fn, [weight, hidden, target, bias, ref_hidden, ref_weight, ref_bias], {}, 1.0)
-    cached = _run(loss_fn, [weight, hidden, target, bias], dict(ref_chosen_logps=ref_seq[:B],
-                                                                 ref_rejected_logps=ref_seq[B:]), 1.0)  # fmt: skip
+    cached = _run(
+        loss_fn, [weight, hidden, target, bias], dict(ref_chosen_logps=ref_seq[:B], ref_rejected_logps=ref_seq[B:]), 1.0
+    )
     for i, (a, b) in enumerate(zip(_flat(head[0]) + list(head[1]), _flat(cached[0]) + list(cached[1]))):
         assert _error(a, b) <= 1e-5, f"element {i}: error {_error(a, b):.2e}"
 
@@ -291,11 +337,21 @@ def test_kto_cached_reference_log_probs_equal_the_reference_head(average_log_pro
 def test_grpo_kl_estimator_option_matches_the_float64_reference(kl_estimator):
     hidden, weight, ids, mask, adv, bias, ref_logp, old_logp, *_ = _grpo_args()
     loss, (kl, clipped) = compat.LigerFusedLinearGRPOLoss(beta=0.5, kl_estimator=kl_estimator)(
-        hidden, weight, ids, mask, adv, bias, ref_logp, old_logp)  # fmt: skip
+        hidden, weight, ids, mask, adv, bias, ref_logp, old_logp
+    )
     grads = torch.autograd.grad(loss, (hidden, weight))
     leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight)]
-    expect = reference_fused_linear_grpo_loss(*leaves, ids, adv, bias.detach(), mask=mask.bool(), ref_logp=ref_logp,
-                                              old_logp=old_logp, beta=0.5, kl_estimator=kl_estimator)  # fmt: skip
+    expect = reference_fused_linear_grpo_loss(
+        *leaves,
+        ids,
+        bias.detach(),
+        advantages=adv,
+        mask=mask.bool(),
+        ref_logp=ref_logp,
+        old_logp=old_logp,
+        beta=0.5,
+        kl_estimator=kl_estimator,
+    )
     for name, value, exact in (("loss", loss, expect.loss), ("kl", kl, expect.metrics["kl"])):
         assert _error(value, exact) <= 1e-5, f"{name}: error {_error(value, exact):.2e}"  # k1 and A: signed terms
     assert_close(clipped, expect.metrics["clip_ratio/region_mean"], torch.float32, "clip ratio")

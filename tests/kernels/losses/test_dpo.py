@@ -63,7 +63,9 @@ def test_each_loss_type_matches_paper_formula_value_and_grad(loss_type):
     c, r, rc, rr, lc, lr = _inputs()
     eps = {"exo_pair": 1e-3, "robust": 0.1}.get(loss_type, 0.0)
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
+    out = dpo_loss(
+        c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens
+    )
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if loss_type == "ipo" else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), loss_type, 0.1, eps, lc=lcd, lr=lrd).mean()
@@ -75,7 +77,16 @@ def test_ipo_averages_log_ratios_by_default_and_takes_the_papers_sums_with_lengt
     c, r, rc, rr, lc, lr = _inputs()
     averaged = length_normalize is not False
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if averaged else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type="ipo", length_normalize=length_normalize, **lens)
+    out = dpo_loss(
+        c,
+        r,
+        ref_chosen_logps=rc,
+        ref_rejected_logps=rr,
+        beta=0.1,
+        loss_type="ipo",
+        length_normalize=length_normalize,
+        **lens,
+    )
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if averaged else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "ipo", 0.1, lc=lcd, lr=lrd).mean()
@@ -84,7 +95,7 @@ def test_ipo_averages_log_ratios_by_default_and_takes_the_papers_sums_with_lengt
 
 def test_cdpo_label_smoothing_on_sigmoid_matches_formula():
     c, r, rc, rr, _, _ = _inputs()
-    out = dpo_loss(c, r, rc, rr, beta=0.3, label_smoothing=0.2)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.3, label_smoothing=0.2)
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), "sigmoid", 0.3, 0.2).mean()
     _check(out.loss, c, r, ref, c64, r64, torch.float32, "cDPO")
@@ -92,8 +103,17 @@ def test_cdpo_label_smoothing_on_sigmoid_matches_formula():
 
 def test_simpo_is_reference_free_length_normalized_sigmoid_with_margin():
     c, r, _, _, lc, lr = _inputs()
-    out = dpo_loss(c, r, beta=2.0, gamma=0.7, reference_free=True, length_normalize=True,
-                   chosen_lengths=lc, rejected_lengths=lr, label_smoothing=0.1)  # fmt: skip
+    out = dpo_loss(
+        c,
+        r,
+        beta=2.0,
+        gamma=0.7,
+        reference_free=True,
+        length_normalize=True,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+        label_smoothing=0.1,
+    )
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     z = 2.0 * (c64 / lc - r64 / lr) - 0.7
     ref = (-0.9 * _lsig(z) - 0.1 * _lsig(-z)).mean()
@@ -103,8 +123,8 @@ def test_simpo_is_reference_free_length_normalized_sigmoid_with_margin():
 def test_rpo_and_cpo_add_nll_coef_times_mean_nll():
     c, r, rc, rr, _, _ = _inputs()
     nll = (2 + torch.rand(B)).requires_grad_()
-    out = dpo_loss(c, r, rc, rr, beta=0.1, nll_loss=nll, nll_coef=0.6)
-    base = dpo_loss(c, r, rc, rr, beta=0.1)
+    out = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, nll_loss=nll, nll_coef=0.6)
+    base = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1)
     assert_close(out.loss, base.loss.detach() + 0.6 * nll.detach().double().mean(), torch.float32, "RPO")
     (gn,) = torch.autograd.grad(out.loss, nll)
     assert_close(gn, torch.full((B,), 0.6 / B, dtype=torch.float64), torch.float32, "RPO nll grad")
@@ -115,7 +135,7 @@ def test_rpo_and_cpo_add_nll_coef_times_mean_nll():
 
 def test_metrics_are_trl_rewards_of_the_log_ratios():
     c, r, rc, rr, _, _ = _inputs()
-    m = dpo_loss(c, r, rc, rr, beta=0.5).metrics
+    m = dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.5).metrics
     wc, wr = 0.5 * (c.detach() - rc), 0.5 * (r.detach() - rr)
     torch.testing.assert_close(m["rewards/chosen"], wc.mean())
     torch.testing.assert_close(m["rewards/margins"], (wc - wr).mean())
@@ -124,13 +144,16 @@ def test_metrics_are_trl_rewards_of_the_log_ratios():
     assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_down",
-                                       "discopop"])
+@pytest.mark.parametrize(
+    "loss_type", ["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_down", "discopop"]
+)
 def test_bf16_inputs_within_bf16_tolerance(loss_type):
     c, r, rc, rr, lc, lr = _inputs(torch.bfloat16)
     eps = {"robust": 0.1, "sigmoid": 0.1}.get(loss_type, 0.0)
     lens = dict(chosen_lengths=lc, rejected_lengths=lr) if loss_type == "ipo" else {}
-    out = dpo_loss(c, r, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens)
+    out = dpo_loss(
+        c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **lens
+    )
     c64, r64 = c.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     lcd, lrd = (lc.double(), lr.double()) if loss_type == "ipo" else (None, None)
     ref = reference_pair_loss(c64, r64, rc.double(), rr.double(), loss_type, 0.1, eps, lc=lcd, lr=lrd).mean()
@@ -153,14 +176,27 @@ def test_orpo_matches_odds_ratio_formula_with_average_logps():
 
 # --- Liger-Kernel 0.8.5's own definitions -------------------------------------------------------------------
 
-liger_dpo = pytest.importorskip("liger_kernel.chunked_loss.dpo_loss")
+
+@pytest.fixture
+def liger_dpo():
+    """Liger-Kernel's module, or a skip of the one comparison that needs it (the float64 tests never skip)."""
+    return pytest.importorskip("liger_kernel.chunked_loss.dpo_loss")
 
 
 @pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "ipo"])
-def test_matches_liger_dpo_preference_loss_fn(loss_type):
+def test_matches_liger_dpo_preference_loss_fn(loss_type, liger_dpo):
     c, r, rc, rr, _, _ = _inputs(torch.float64)
     eps = {"exo_pair": 1e-3, "robust": 0.2}.get(loss_type, 0.0)
-    ours = dpo_loss(c, r, rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.07)
+    ours = dpo_loss(
+        c,
+        r,
+        ref_chosen_logps=rc,
+        ref_rejected_logps=rr,
+        beta=0.2,
+        loss_type=loss_type,
+        label_smoothing=eps,
+        discopop_tau=0.07,
+    )
     theirs, wc, wr = liger_dpo.LigerFusedLinearDPOFunction.preference_loss_fn(
         c, r, torch.empty(2 * B), rc, rr, beta=0.2, loss_type=loss_type, label_smoothing=eps, discopop_tau=0.07
     )
@@ -169,7 +205,7 @@ def test_matches_liger_dpo_preference_loss_fn(loss_type):
     assert_close(ours.metrics["rewards/chosen"], wc.mean(), torch.float64, "rewards")
 
 
-def test_matches_liger_simpo_cpo_orpo():
+def test_matches_liger_simpo_cpo_orpo(liger_dpo):
     from liger_kernel.chunked_loss.cpo_loss import LigerFusedLinearCPOFunction
     from liger_kernel.chunked_loss.orpo_loss import LigerFusedLinearORPOFunction
     from liger_kernel.chunked_loss.simpo_loss import LigerFusedLinearSimPOFunction
@@ -177,8 +213,17 @@ def test_matches_liger_simpo_cpo_orpo():
     lc, lr = torch.randint(3, 30, (B,)), torch.randint(3, 30, (B,))
     c, r = lc * (-0.5 - torch.rand(B, dtype=torch.float64)), lr * (-0.6 - torch.rand(B, dtype=torch.float64))
     ac, ar, tgt = c / lc, r / lr, torch.empty(2 * B)
-    simpo = dpo_loss(c, r, beta=2.0, gamma=0.5, label_smoothing=0.1, reference_free=True, length_normalize=True,
-                     chosen_lengths=lc, rejected_lengths=lr)  # fmt: skip
+    simpo = dpo_loss(
+        c,
+        r,
+        beta=2.0,
+        gamma=0.5,
+        label_smoothing=0.1,
+        reference_free=True,
+        length_normalize=True,
+        chosen_lengths=lc,
+        rejected_lengths=lr,
+    )
     ref = LigerFusedLinearSimPOFunction.preference_loss_fn(ac, ar, tgt, beta=2.0, gamma=0.5, label_smoothing=0.1)[0]
     assert_close(simpo.loss, ref, torch.float64, "SimPO")
     cpo = dpo_loss(c, r, beta=0.3, label_smoothing=0.1, reference_free=True)
@@ -197,20 +242,20 @@ def test_matches_liger_simpo_cpo_orpo():
 def test_unknown_loss_type_lists_the_valid_ones():
     c, r, rc, rr, _, _ = _inputs()
     with pytest.raises(ValueError, match="discopop"):
-        dpo_loss(c, r, rc, rr, loss_type="kto")
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="kto")
 
 
 def test_shape_mismatch_and_missing_reference_are_errors():
     c, r, rc, rr, lc, _ = _inputs()
     with pytest.raises(ValueError, match="rejected_logps"):
-        dpo_loss(c, r[:-1], rc, rr)
+        dpo_loss(c, r[:-1], ref_chosen_logps=rc, ref_rejected_logps=rr)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         dpo_loss(c, r)
     with pytest.raises(ValueError, match="reference_free"):
-        dpo_loss(c, r, rc, rr, reference_free=True)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, reference_free=True)
     with pytest.raises(ValueError, match="lengths"):
-        dpo_loss(c, r, rc, rr, loss_type="ipo", chosen_lengths=lc)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="ipo", chosen_lengths=lc)
     with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(c, r, rc, rr, loss_type="exo_pair")
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="exo_pair")
     with pytest.raises(ValueError, match="gamma"):
-        dpo_loss(c, r, rc, rr, loss_type="hinge", gamma=0.5)
+        dpo_loss(c, r, ref_chosen_logps=rc, ref_rejected_logps=rr, loss_type="hinge", gamma=0.5)

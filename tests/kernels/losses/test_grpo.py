@@ -1,11 +1,11 @@
-"""GRPO family vs float64 formulas written per token, vs Liger-Kernel 0.8.5's ppo_loss_fn, and the Triton kernel."""
+"""GRPO family vs float64 formulas written per token (Liger comparisons: test_grpo_liger; Triton: test_grpo_triton)."""
 
 import math
 
 import pytest
 import torch
 
-from hotloop.kernels.losses.grpo import LOSS_TYPES, grpo_loss, grpo_per_token
+from hotloop.kernels.losses.grpo import LOSS_TYPES, GRPOOptions, grpo_loss, grpo_per_token
 from hotloop.kernels.losses.segments import reference_unpack
 from tests.helpers import TOLERANCE, assert_close
 
@@ -37,9 +37,28 @@ def _vespo_phi(b, logp, old, mask, a, is_ratio, shape):
     return w**k * math.exp(lam * (1 - w))
 
 
-def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", el=0.2, eh=0.2, delta=None,
-                   level="token", is_ratio=None, max_len=None, entropy=None, ent_coef=0.0, sapo=(1.0, 1.05),
-                   bias_kl=False, vespo=(2.0, 3.0, 3.0, 2.0)):  # fmt: skip
+def reference_grpo(
+    logp,
+    old,
+    ref,
+    mask,
+    adv,
+    *,
+    loss_type,
+    beta=0.0,
+    est="k3",
+    el=0.2,
+    eh=0.2,
+    delta=None,
+    level="token",
+    is_ratio=None,
+    max_len=None,
+    entropy=None,
+    ent_coef=0.0,
+    sapo=(1.0, 1.05),
+    bias_kl=False,
+    vespo=(2.0, 3.0, 3.0, 2.0),
+):
     """Float64 GRPO-family loss, one sequence and one token at a time (every loss type)."""
     rows, lens = [], mask.sum(-1).tolist()
     for b in range(logp.shape[0]):
@@ -83,7 +102,7 @@ def reference_grpo(logp, old, ref, mask, adv, *, loss_type, beta=0.0, est="k3", 
 
 def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
     """grpo_loss vs reference_grpo in float64: value, d/dlogp and (when it requires grad) d/dentropy."""
-    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    out = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, **kw)
     g = 1.7
     ent = kw.get("entropy")
     with_ent = ent is not None and ent.requires_grad
@@ -109,15 +128,36 @@ def _compare(logp, old, ref, mask, adv, dtype=torch.float32, ref_kw=None, **kw):
 def test_token_level_loss_types_match_formula_with_kl(loss_type, est):
     logp, old, ref, mask, adv = _inputs()
     eh = 1.25 if loss_type == "cispo" else 0.28
-    _compare(logp, old, ref, mask, adv, beta=0.07, kl_estimator=est, loss_type=loss_type, epsilon_high=eh,
-             max_completion_length=17, ref_kw=dict(loss_type=loss_type, beta=0.07, est=est, eh=eh, max_len=17))  # fmt: skip
+    _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        beta=0.07,
+        kl_estimator=est,
+        loss_type=loss_type,
+        epsilon_high=eh,
+        max_completion_length=17,
+        ref_kw=dict(loss_type=loss_type, beta=0.07, est=est, eh=eh, max_len=17),
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
 def test_gspo_sequence_level_ratio_matches_formula(loss_type):
     logp, old, ref, mask, adv = _inputs()
-    _compare(logp, old, ref, mask, adv, loss_type=loss_type, importance_sampling_level="sequence", beta=0.04,
-             kl_estimator="k2", ref_kw=dict(loss_type=loss_type, level="sequence", beta=0.04, est="k2"))  # fmt: skip
+    _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        loss_type=loss_type,
+        importance_sampling_level="sequence",
+        beta=0.04,
+        kl_estimator="k2",
+        ref_kw=dict(loss_type=loss_type, level="sequence", beta=0.04, est="k2"),
+    )
 
 
 def test_delta_sampler_correction_and_entropy_bonus_match_formula():
@@ -125,10 +165,20 @@ def test_delta_sampler_correction_and_entropy_bonus_match_formula():
     sampler = old + 0.3 * torch.randn(B, T)
     entropy = (1 + torch.rand(B, T)).requires_grad_()
     is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.5)
-    out = _compare(logp, old, ref, mask, adv, loss_type="dapo", delta=1.1, sampler_logp=sampler, sampler_is_cap=1.5,
-                   entropy=entropy, entropy_coef=0.01,
-                   ref_kw=dict(loss_type="dapo", delta=1.1, is_ratio=is_ratio, entropy=entropy.detach().double(),
-                               ent_coef=0.01))  # fmt: skip
+    out = _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        loss_type="dapo",
+        delta=1.1,
+        sampler_logp=sampler,
+        sampler_is_cap=1.5,
+        entropy=entropy,
+        entropy_coef=0.01,
+        ref_kw=dict(loss_type="dapo", delta=1.1, is_ratio=is_ratio, entropy=entropy.detach().double(), ent_coef=0.01),
+    )
     m = mask.float()
     torch.testing.assert_close(out.metrics["entropy"], (entropy.detach() * m).sum() / m.sum())
 
@@ -139,9 +189,20 @@ def test_vespo_matches_formula_with_sampler_ratio_and_kl(kl_estimator):
     sampler = old + 0.3 * torch.randn(B, T)
     is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.5)
     shape = (1.5, 2.5, 2.0, 1.5)
-    _compare(logp, old, ref, mask, adv, loss_type="vespo", beta=0.05, kl_estimator=kl_estimator, sampler_logp=sampler,
-             sampler_is_cap=1.5, vespo_shape=shape,
-             ref_kw=dict(loss_type="vespo", beta=0.05, est=kl_estimator, is_ratio=is_ratio, vespo=shape))  # fmt: skip
+    _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        loss_type="vespo",
+        beta=0.05,
+        kl_estimator=kl_estimator,
+        sampler_logp=sampler,
+        sampler_is_cap=1.5,
+        vespo_shape=shape,
+        ref_kw=dict(loss_type="vespo", beta=0.05, est=kl_estimator, is_ratio=is_ratio, vespo=shape),
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "cispo"])
@@ -149,9 +210,19 @@ def test_vespo_matches_formula_with_sampler_ratio_and_kl(kl_estimator):
 def test_bias_corrected_kl_matches_formula_value_and_grad(loss_type, kl_estimator):
     logp, old, ref, mask, adv = _inputs()
     eh = 1.25 if loss_type == "cispo" else 0.2
-    out = _compare(logp, old, ref, mask, adv, loss_type=loss_type, beta=0.3, kl_estimator=kl_estimator, epsilon_high=eh,
-                   use_bias_correction_kl=True,
-                   ref_kw=dict(loss_type=loss_type, beta=0.3, est=kl_estimator, eh=eh, bias_kl=True))  # fmt: skip
+    out = _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        loss_type=loss_type,
+        beta=0.3,
+        kl_estimator=kl_estimator,
+        epsilon_high=eh,
+        use_bias_correction_kl=True,
+        ref_kw=dict(loss_type=loss_type, beta=0.3, est=kl_estimator, eh=eh, bias_kl=True),
+    )
     lp, rf, w = logp.detach().double(), ref.double(), torch.exp(logp.detach().double() - old.double())
     k = {"k1": lp - rf, "k2": (lp - rf) ** 2 / 2, "k3": torch.exp(rf - lp) - (rf - lp) - 1}[kl_estimator]
     assert_close(out.metrics["kl"], (k * w * mask).sum() / mask.sum(), torch.float32, "bias-corrected kl metric")
@@ -167,10 +238,14 @@ def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backen
     entropy = (1 + torch.rand(n)).requires_grad_()
     mask, adv = torch.rand(n) > 0.2, torch.randn(5)
     kw = dict(loss_type=loss_type, beta=0.1, entropy_coef=0.01, sampler_is_cap=1.3)
-    packed = grpo_loss(logp, old, adv, mask, ref_logp=ref, sampler_logp=sampler, entropy=entropy, cu_seqlens=cu, **kw)
-    pad = (lambda x: reference_unpack(x.detach(), cu))  # noqa: E731
+    packed = grpo_loss(
+        logp, adv, mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, entropy=entropy, cu_seqlens=cu, **kw
+    )
+    pad = lambda x: reference_unpack(x.detach(), cu)  # noqa: E731
     lp, ent = pad(logp).requires_grad_(), pad(entropy).requires_grad_()
-    padded = grpo_loss(lp, pad(old), adv, pad(mask), ref_logp=pad(ref), sampler_logp=pad(sampler), entropy=ent, **kw)
+    padded = grpo_loss(
+        lp, adv, pad(mask), old_logp=pad(old), ref_logp=pad(ref), sampler_logp=pad(sampler), entropy=ent, **kw
+    )
     torch.testing.assert_close(packed.loss, padded.loss)
     for k in padded.metrics:
         torch.testing.assert_close(packed.metrics[k], padded.metrics[k])
@@ -181,7 +256,7 @@ def test_packed_batch_with_cu_seqlens_equals_its_padded_form(monkeypatch, backen
 
 def test_old_logp_none_is_on_policy_ratio_one():
     logp, _, ref, mask, adv = _inputs()
-    out = grpo_loss(logp, None, adv, mask, loss_type="bnpo")
+    out = grpo_loss(logp, adv, mask, old_logp=None, loss_type="bnpo")
     (grad,) = torch.autograd.grad(out.loss, logp)
     m = mask.float()
     assert_close(out.loss, -(adv[:, None] * m).sum().double() / m.sum(), torch.float32, "on-policy loss")
@@ -190,7 +265,7 @@ def test_old_logp_none_is_on_policy_ratio_one():
 
 def test_clip_metrics_count_low_and_high_clipped_tokens_as_trl():
     logp, old, ref, mask, adv = _inputs()
-    m = grpo_loss(logp, old, adv, mask, epsilon_low=0.1, epsilon_high=0.15).metrics
+    m = grpo_loss(logp, adv, mask, old_logp=old, epsilon_low=0.1, epsilon_high=0.15).metrics
     w, a, mf = torch.exp(logp.detach() - old), adv[:, None], mask.float()
     low = (((w < 0.9) & (a < 0)) * mf).sum() / mf.sum()
     high = (((w > 1.15) & (a > 0)) * mf).sum() / mf.sum()
@@ -205,8 +280,17 @@ def test_clip_metrics_count_low_and_high_clipped_tokens_as_trl():
 def test_bf16_inputs_within_bf16_tolerance(monkeypatch, backend, loss_type):
     monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp, old, ref, mask, adv = _inputs(torch.bfloat16)
-    _compare(logp, old, ref, mask, adv, torch.bfloat16, loss_type=loss_type, beta=0.1,
-             ref_kw=dict(loss_type=loss_type, beta=0.1))  # fmt: skip
+    _compare(
+        logp,
+        old,
+        ref,
+        mask,
+        adv,
+        torch.bfloat16,
+        loss_type=loss_type,
+        beta=0.1,
+        ref_kw=dict(loss_type=loss_type, beta=0.1),
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
@@ -214,7 +298,7 @@ def test_all_empty_mask_gives_zero_loss_and_zero_grad(monkeypatch, backend):
     monkeypatch.setenv("HOTLOOP_BACKEND", backend)
     logp, old, ref, mask, adv = _inputs()
     for lt in LOSS_TYPES:
-        out = grpo_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=ref, beta=0.1, loss_type=lt)
+        out = grpo_loss(logp, adv, torch.zeros_like(mask), old_logp=old, ref_logp=ref, beta=0.1, loss_type=lt)
         (grad,) = torch.autograd.grad(out.loss, logp)
         assert out.loss.item() == 0 and (grad == 0).all(), lt
         assert all(v.item() == 0 for v in out.metrics.values()), lt
@@ -222,9 +306,9 @@ def test_all_empty_mask_gives_zero_loss_and_zero_grad(monkeypatch, backend):
 
 def test_per_token_helper_reproduces_loss_and_grad():
     logp, old, ref, mask, adv = _inputs()
-    kw = dict(ref_logp=ref, beta=0.05, loss_type="grpo", importance_sampling_level="sequence")
-    ptl, w = grpo_per_token(logp, old, adv, mask, **kw)
-    full = grpo_loss(logp, old, adv, mask, **kw)
+    kw = dict(beta=0.05, loss_type="grpo", importance_sampling_level="sequence")
+    ptl, w = grpo_per_token(logp, adv, mask, old_logp=old, ref_logp=ref, options=GRPOOptions(**kw))
+    full = grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, **kw)
     ga = torch.autograd.grad((ptl * w).sum(), logp)[0]
     gb = torch.autograd.grad(full.loss, logp)[0]
     torch.testing.assert_close(ga, gb)
@@ -234,128 +318,20 @@ def test_per_token_helper_reproduces_loss_and_grad():
 def test_validation_errors_name_the_argument():
     logp, old, ref, mask, adv = _inputs()
     with pytest.raises(ValueError, match="loss_type"):
-        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+        grpo_loss(logp, adv, mask, old_logp=old, loss_type="ppo")
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, old, adv, mask, beta=0.1)
+        grpo_loss(logp, adv, mask, old_logp=old, beta=0.1)
     with pytest.raises(ValueError, match="advantages"):
-        grpo_loss(logp, old, adv[:-1], mask)
+        grpo_loss(logp, adv[:-1], mask, old_logp=old)
     with pytest.raises(ValueError, match="sequence"):
-        grpo_loss(logp, old, adv, mask, loss_type="cispo", importance_sampling_level="sequence")
+        grpo_loss(logp, adv, mask, old_logp=old, loss_type="cispo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="kl_estimator"):
-        grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, kl_estimator="k4")
+        grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, beta=0.1, kl_estimator="k4")
     with pytest.raises(ValueError, match="sampler_is_cap"):
-        grpo_loss(logp, old, adv, mask, sampler_is_cap=2.0)
+        grpo_loss(logp, adv, mask, old_logp=old, sampler_is_cap=2.0)
 
 
-# --- Liger-Kernel 0.8.5 ---------------------------------------------------------------------------------------
-
-liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
-
-
-LIGER_CASES = [(lt, "token") for lt in LOSS_TYPES] + [(lt, "sequence") for lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")]
-
-
-@pytest.mark.parametrize(("loss_type", "level"), LIGER_CASES)
-def test_matches_liger_ppo_loss_fn_value_and_grad(loss_type, level):
-    logp, old, ref, mask, adv = (t.detach().double() if t.is_floating_point() else t for t in _inputs())
-    logp.requires_grad_()
-    beta, is_ratio = 0.05, torch.exp(0.2 * torch.randn(B, T, dtype=torch.float64))
-    # Liger's luspo sums padded tokens whenever its per-token loss is [B, T] (see grpo.py): compare with a full
-    # mask at token level, and at sequence level (TRL's setup) without the terms that make it [B, T].
-    if loss_type == "luspo" and level == "token":
-        mask = torch.ones_like(mask)
-    if loss_type == "luspo" and level == "sequence":
-        beta, is_ratio = 0.0, torch.ones(B, 1, dtype=torch.float64)
-    m = mask.double()
-    eh = 1.3 if loss_type == "cispo" else 0.2
-    sampler = old - is_ratio.log()
-    delta = 1.2 if loss_type in ("grpo", "dapo") else None
-    ours = grpo_loss(logp, old, adv.double(), mask, ref_logp=ref, sampler_logp=sampler, beta=beta, loss_type=loss_type,
-                     epsilon_high=eh, importance_sampling_level=level, max_completion_length=T + 3, delta=delta)  # fmt: skip
-    theirs, liger_metrics = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
-        logp, m, adv.double(), m, ref_per_token_logps=ref, old_per_token_logps=old, beta=beta, loss_type=loss_type,
-        epsilon_high=eh, importance_sampling_level=level, max_completion_length=T + 3, vllm_is_ratio=is_ratio,
-        delta=delta,
-    )  # fmt: skip
-    assert_close(ours.loss, theirs, torch.float64, f"{loss_type}/{level}")
-    g_ours, g_theirs = (torch.autograd.grad(x, logp)[0] for x in (ours.loss, theirs))
-    assert_close(g_ours, g_theirs, torch.float64, "grad")
-    if beta:
-        assert_close(ours.metrics["kl"], liger_metrics[0], torch.float64, "kl")
-    assert_close(ours.metrics["clip_ratio/region_mean"], liger_metrics[-1], torch.float64, "clip ratio")
-
-
-# --- Triton kernel under the interpreter -------------------------------------------------------------------------
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
-def test_triton_kernel_matches_formula_for_every_token_level_loss_type(monkeypatch, nan_empty, loss_type, est):
-    logp, old, ref, mask, adv = _inputs()  # row 2 is empty
-    sampler = old + 0.2 * torch.randn(B, T)
-    entropy = (1 + torch.rand(B, T)).requires_grad_()
-    is_ratio = torch.exp(old.double() - sampler.double()).clamp(max=1.4)
-    eh, bias_kl = (1.25 if loss_type == "cispo" else 0.28), est == "k2"
-    delta = 1.15 if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and est == "k3" else None
-    kw = dict(beta=0.08, kl_estimator=est, loss_type=loss_type, sampler_logp=sampler, sampler_is_cap=1.4, delta=delta,
-              epsilon_high=eh, entropy=entropy, entropy_coef=0.02, use_bias_correction_kl=bias_kl,
-              max_completion_length=17)  # fmt: skip
-    ref_kw = dict(loss_type=loss_type, beta=0.08, est=est, eh=eh, delta=delta, is_ratio=is_ratio, ent_coef=0.02,
-                  bias_kl=bias_kl, max_len=17)  # fmt: skip
-    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
-    ours = _compare(logp, old, ref, mask, adv, ref_kw=ref_kw, **kw)
-    monkeypatch.setenv("HOTLOOP_BACKEND", "torch")
-    eager = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
-    assert ours.metrics.keys() == eager.metrics.keys()
-    for k in eager.metrics:
-        torch.testing.assert_close(ours.metrics[k], eager.metrics[k], msg=k)
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "vespo"])
-def test_triton_kernel_walks_rows_longer_than_one_block(monkeypatch, nan_empty, loss_type):
-    b, t = 3, 150  # the interpreter's BLOCK_T is 64: three blocks per row, the last one ragged
-    logp = (-1.5 + 0.6 * torch.randn(b, t)).requires_grad_()
-    old, ref = logp.detach() + 0.05 * torch.randn(b, t), logp.detach() + 0.3 * torch.randn(b, t)
-    sampler = old + 0.01 * torch.randn(b, t)
-    mask, adv = torch.rand(b, t) > 0.2, torch.randn(b)
-    is_ratio = torch.exp(old.double() - sampler.double())
-    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
-    shape = (1.0, 0.5, 1.0, 0.5)
-    _compare(logp, old, ref, mask, adv, loss_type=loss_type, beta=0.1, sampler_logp=sampler, epsilon_high=1.2,
-             vespo_shape=shape, ref_kw=dict(loss_type=loss_type, beta=0.1, is_ratio=is_ratio, eh=1.2, vespo=shape))
-
-
-@pytest.mark.interpreter
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_triton_kernel_ignores_non_finite_padding(monkeypatch, loss_type):
-    logp, old, ref, mask, adv = _inputs()
-    old, ref = old.masked_fill(~mask, math.inf), ref.masked_fill(~mask, -math.inf)
-    entropy = torch.rand(B, T).masked_fill(~mask, math.nan)
-    monkeypatch.setenv("HOTLOOP_BACKEND", "triton")
-    out = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.1, loss_type=loss_type, entropy=entropy,
-                    use_bias_correction_kl=True)  # fmt: skip
-    (grad,) = torch.autograd.grad(out.loss, logp)
-    assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
-    assert all(torch.isfinite(v) for v in out.metrics.values())
-
-
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_bias_corrected_kl_matches_liger(level):
-    logp, old, ref, mask, adv = (t.detach().double() if t.is_floating_point() else t for t in _inputs())
-    m = mask.double()
-    ours = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.2, loss_type="bnpo", importance_sampling_level=level,
-                     use_bias_correction_kl=True)  # fmt: skip
-    theirs, (kl, _) = liger_grpo.LigerFusedLinearGRPOFunction.ppo_loss_fn(
-        logp, m, adv, m, ref_per_token_logps=ref, old_per_token_logps=old, beta=0.2, loss_type="bnpo",
-        importance_sampling_level=level, use_bias_correction_kl=True,
-    )  # fmt: skip
-    assert_close(ours.loss, theirs, torch.float64, "loss")
-    assert_close(ours.metrics["kl"], kl, torch.float64, "kl")
-
-
-def test_unknown_option_of_per_token_helper_is_a_type_error():
+def test_unknown_option_is_a_type_error():
     logp, old, ref, mask, adv = _inputs()
     with pytest.raises(TypeError, match="epsilon"):
-        grpo_per_token(logp, old, adv, mask, epsilon=0.2)
+        grpo_loss(logp, adv, mask, old_logp=old, epsilon=0.2)
