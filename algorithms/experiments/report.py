@@ -141,7 +141,8 @@ def markdown(reports: list[Report], summary: dict) -> str:
     """``table.md``: a stamp, then each experiment's tables and targets."""
     env = summary["environment"]
     head = (f"Command: `{env['command']}` — seeds {summary['seeds']}, git {env['git_sha']}, torch {env['torch']}, "
-            f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op thread, load average "
+            f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op "
+            f"thread{'s' if env['intra_op_threads'] > 1 else ''}, load average "
             f"{env['load_average']} at the end), {env['date']}; wall time {summary['wall_seconds']:.0f} s "
             f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).\n")
     parts = [head] + [f"## {r.experiment}\n\n{r.markdown}\n{targets_markdown(r.targets)}" for r in reports]
