@@ -20,6 +20,10 @@ Metric: greedy exact match on held-out problems (the task's test split, never tr
 sampled KL(π ‖ π_SFT) per sequence (``run.make_evaluate``), optimizer steps taken (a step with no
 reward contrast is skipped) and the loop's wall time. Seeds vary the RL runs (prompt draws and
 sampling); the SFT policy is the one of ``warm_start_seed`` for every seed (None: one per seed).
+
+The runner (:func:`run_grid`, :func:`run_one`), the entries, table and plots are shared with
+``real-arithmetic`` (:mod:`hotloop.algorithms.experiments.real_arithmetic`), which names its own
+:class:`Baseline` (the initial policy instead of the SFT one).
 """
 
 from __future__ import annotations
