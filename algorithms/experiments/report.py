@@ -48,6 +48,8 @@ class Report:
     headline: Callable[[object], None] | None = None
     """Draws the experiment's main result on one matplotlib Axes (for the overview figure)."""
     seconds: float = 0.0
+    intra_op_threads: int = 1
+    """torch intra-op threads the experiment ran on."""
 
 
 def entry(experiment: str, algorithm: str, setting: str, seed: int, metric: str, value: float, kl: float,
@@ -103,8 +105,8 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def environment(command: str) -> dict:
-    """Where and how the numbers were measured."""
+def environment(command: str, threads: int = 1) -> dict:
+    """Where and how the numbers were measured (``threads``: torch intra-op threads of the runs)."""
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -112,7 +114,7 @@ def environment(command: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     return {"command": command, "git_sha": sha, "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu", "cpu_count": os.cpu_count(), "intra_op_threads": 1,
+            "device": "cpu", "cpu_count": os.cpu_count(), "intra_op_threads": threads,
             "load_average": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -121,7 +123,7 @@ def write_reports(reports: list[Report], out: str | Path, *, seeds: list[int], c
     """Write ``summary.json``, ``table.md`` and every plot (``<experiment>-<plot>.png``) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(command)
+    env = environment(command, max((r.intra_op_threads for r in reports), default=1))
     summary = {"experiments": [r.experiment for r in reports], "seeds": seeds, "environment": env,
                "wall_seconds": round(wall_seconds if wall_seconds is not None else sum(r.seconds for r in reports), 1),
                "seconds": {r.experiment: round(r.seconds, 1) for r in reports},
@@ -139,7 +141,8 @@ def markdown(reports: list[Report], summary: dict) -> str:
     """``table.md``: a stamp, then each experiment's tables and targets."""
     env = summary["environment"]
     head = (f"Command: `{env['command']}` — seeds {summary['seeds']}, git {env['git_sha']}, torch {env['torch']}, "
-            f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op thread, load average "
+            f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op "
+            f"thread{'s' if env['intra_op_threads'] > 1 else ''}, load average "
             f"{env['load_average']} at the end), {env['date']}; wall time {summary['wall_seconds']:.0f} s "
             f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).\n")
     parts = [head] + [f"## {r.experiment}\n\n{r.markdown}\n{targets_markdown(r.targets)}" for r in reports]

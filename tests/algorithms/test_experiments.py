@@ -150,14 +150,14 @@ def test_compare_all_writes_summary_tables_and_plots(tmp_path):
     summary, _ = compare.run_compare("all", [4], tmp_path / "out", progress=False, configs=configs)
     out = tmp_path / "out"
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert summary["experiments"] == list(compare.EXPERIMENTS) and summary["seeds"] == [4]
+    assert summary["experiments"] == list(compare.IN_ALL) and summary["seeds"] == [4]
     algorithms = bandit.available_algorithms()
-    counts = {name: sum(e["experiment"] == name for e in summary["entries"]) for name in compare.EXPERIMENTS}
+    counts = {name: sum(e["experiment"] == name for e in summary["entries"]) for name in compare.IN_ALL}
     assert counts["bandit"] == 2 * len(algorithms) * len(bandit.SYNC_PERIODS)
     assert counts["replay"] == len(algorithms) * len(replay.RECORDED_PERIODS) and counts["arithmetic"] >= 4
     assert all({"algorithm", "setting", "seed", "metric", "value", "kl"} <= e.keys() for e in summary["entries"])
     assert all(e["seed"] == 4 and math.isfinite(e["value"]) for e in summary["entries"])
     text = (out / "table.md").read_text()
-    assert all(f"## {name}" in text for name in compare.EXPERIMENTS) and "| dpo | 1 |" in text
+    assert all(f"## {name}" in text for name in compare.IN_ALL) and "| dpo | 1 |" in text
     for png in ("bandit-curves", "bandit-policies", "kl-budget-frontier", "arithmetic-curves", "overview"):
         assert (out / f"{png}.png").stat().st_size > 1000
