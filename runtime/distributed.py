@@ -223,6 +223,25 @@ def unsharded_logprobs(logprob_fn: Callable) -> Callable:
     return gathered
 
 
+@contextlib.contextmanager
+def stop_on_peer_failure(ctx: DistContext | None, what: str) -> Iterator[None]:
+    """Re-raise a failed collective (a peer died: its connection closed; or stalled: the timeout) as one error
+    naming this rank and ``what`` it was doing; every other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as error:
+        if ctx is None or not _collective_failure(error):
+            raise
+        raise RuntimeError(f"rank {ctx.rank} of {ctx.world_size}: {what}: a collective failed, so another rank "
+                           f"died or stalled (collective timeout {ctx.timeout_s:g} s); stopping this rank: "
+                           f"{error}") from error
+
+
+def _collective_failure(error: RuntimeError) -> bool:
+    """Whether ``error`` came from the communication backend (gloo raises plain RuntimeErrors naming its sources)."""
+    return isinstance(error, dist.DistError) or "gloo/" in str(error) or "NCCL" in str(error)
+
+
 def agree(ctx: DistContext | None, check: Callable[[], Any], what: str) -> Any:
     """Run ``check`` on every rank; when any rank raised, raise on all of them, naming the first failed rank."""
     if ctx is None:

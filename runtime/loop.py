@@ -197,7 +197,8 @@ class OnlineLoop:
         metrics_file = self.out_dir / _METRICS_FILE if self.main else os.devnull  # one writer: rank 0
         with self._stop_on_signals(), bar, open(metrics_file, "a") as log:
             while step < self.config.steps and not self._stop:
-                record = self.step(step)
+                with distributed.stop_on_peer_failure(self.dist, f"loop step {step}"):
+                    record = self.step(step)
                 step += 1
                 if self._due(step, self.config.eval_every) or step == self.config.steps:
                     record.update(self._evaluate())

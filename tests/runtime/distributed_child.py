@@ -4,7 +4,6 @@ Each entry point takes ``(rank, world, port, out_dir, ...)``, opens the process 
 environment would and writes what the test checks into ``out_dir`` (rank 0, or one file per rank).
 """
 
-import atexit
 import copy
 import json
 import os
@@ -28,13 +27,18 @@ from tests.runtime.tiny_loop import TOK, make_loop
 
 
 def init(rank: int, world: int, port: int, timeout_s: float = 60.0):
-    """The process group of a torchrun launch of ``world`` ranks on this host (closed when the process exits)."""
+    """The process group of a torchrun launch of ``world`` ranks on this host."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    ctx = init_distributed(timeout_s=timeout_s)
-    atexit.register(torch.distributed.destroy_process_group)
-    return ctx
+    return init_distributed(timeout_s=timeout_s)
+
+
+def finish() -> None:
+    """Close the process group on every rank (a spawned process exits without atexit hooks, and gloo's threads
+    must be stopped before it does)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def tiny_model(seed: int = 3):
@@ -64,6 +68,7 @@ def train_steps(rank, world, port, out_dir, algorithm, batch, config, steps):
     params = full_params(trainer.model)
     if ctx.is_main:
         torch.save({"records": records, "params": params}, Path(out_dir) / "train.pt")
+    finish()
 
 
 def live_peak_bytes(fn) -> int:
@@ -97,6 +102,7 @@ def gather(rank, world, port, out_dir, bucket_mb):
               "equal": all(torch.equal(a, b) for a, b in zip(buffers, expected)),
               "fingerprints_equal": fingerprints(buffers) == fingerprints(expected)}
     (Path(out_dir) / f"gather-{rank}.json").write_text(json.dumps(result))
+    finish()
 
 
 def loop_runs(rank, world, port, out_dir, algorithm):
@@ -114,6 +120,7 @@ def loop_runs(rank, world, port, out_dir, algorithm):
         finals[name + "-engine"] = {n: t.clone() for n, t in loop.engine.local_model.state_dict().items()}
     if ctx.is_main:
         torch.save(finals, out / "finals.pt")
+    finish()
 
 
 def hashed_reward(problems, texts):
@@ -155,3 +162,4 @@ def dies_mid_step(rank, world, port, out_dir):
         outcome = {"error": f"{type(error).__name__}: {error}"}
     outcome["seconds"] = time.monotonic() - t0
     (Path(out_dir) / f"dead-{rank}.json").write_text(json.dumps(outcome))
+    os._exit(0)  # its peer is gone: no barrier to close the group with
