@@ -124,6 +124,25 @@ def shard_model(model: nn.Module, ctx: DistContext, *, trainable: bool = True,
     return model
 
 
+def shard_run(ctx: DistContext, policy: nn.Module, reference: nn.Module | None, *, mixed_precision: bool = False
+              ) -> tuple[nn.Module, nn.Module | None]:
+    """Shard the policy (trainable) and the frozen reference in place for a run on ``ctx``'s ranks."""
+    policy = shard_model(policy, ctx, mixed_precision=mixed_precision)
+    if reference is not None:
+        reference = shard_model(reference, ctx, trainable=False, mixed_precision=mixed_precision)
+    return policy, reference
+
+
+def unsharded_eval(evaluate: Callable[[nn.Module], dict], reference: nn.Module | None) -> Callable:
+    """``evaluate(model)`` with the root parameters of the sharded model and reference gathered; every rank runs
+    the same evaluation (greedy decoding of the same prompts with the same weights: as many forwards)."""
+    def gathered(model: nn.Module) -> dict:
+        with unsharded(model, reshard=True), unsharded(reference, reshard=True) if reference is not None \
+                else contextlib.nullcontext():
+            return evaluate(model)
+    return gathered
+
+
 @contextlib.contextmanager
 def unsharded(model: nn.Module, *, reshard: bool) -> Iterator[None]:
     """Gather ``model``'s root parameters (embeddings, head) for code that reads them outside ``forward``.
