@@ -56,7 +56,8 @@ def global_batch(algorithm: GRPO):
     """``PROMPTS`` groups of ``SAMPLES`` random completions with random rewards (seeded)."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (PROMPT_LEN,), generator=g).tolist() for _ in range(PROMPTS)]
-    completions = [Completion(prompt_index=p, token_ids=torch.randint(3, VOCAB, (COMPLETION_LEN,), generator=g).tolist(),
+    tokens = lambda: torch.randint(3, VOCAB, (COMPLETION_LEN,), generator=g).tolist()  # noqa: E731
+    completions = [Completion(prompt_index=p, token_ids=tokens(),
                               logprobs=(-torch.rand(COMPLETION_LEN, generator=g) * 5).tolist(), finish_reason="length",
                               weight_version=0) for p in range(PROMPTS) for _ in range(SAMPLES)]
     rewards = torch.rand(len(completions), generator=g)

@@ -8,8 +8,9 @@ segment of a staging buffer ``[world, L_b]`` (``L_b`` = Σ ⌈rows / world⌉ ·
 the collective fills the other segments in place, and the rows are copied into b's slots of the
 engine's buckets. The collective is one ``all_gather_into_tensor`` on NCCL (in place: the rank's
 segment is its input); on gloo, whose all-gather copies through a temporary as large as its output,
-it is one in-place ``broadcast`` per rank segment, so no backend buffer adds to the staging. Two staging buffers alternate: bucket
-b + 1 is being gathered (``async_op``) while bucket b is unpacked into the engine's memory.
+it is one in-place ``broadcast`` per rank segment, so no backend buffer adds to the staging. Two
+staging buffers alternate: bucket b + 1 is being gathered (``async_op``) while bucket b is
+unpacked into the engine's memory.
 
 Memory per rank during a sync: the shards, the engine's buckets (the sampler's weights, which it
 holds anyway) and two staging buffers of at most ``world · max L_b`` elements each (a bucket plus the
@@ -104,7 +105,7 @@ class ShardedGather:
         return staging, [dist.broadcast(staging[r], src=r, async_op=True) for r in range(self.ctx.world_size)]
 
     def _unpack(self, bucket: int, staging: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy the gathered rows of each tensor of ``bucket`` from ``staging [world, L_b]`` into its slot of ``out``."""
+        """Copy the gathered rows of each tensor of ``bucket`` from ``staging [world, L_b]`` into its slot."""
         for i, offset, c, row in self._segments[bucket]:
             slot = self.plan.slots[i]
             rows = slot.shape[0] if slot.shape else 1

@@ -281,8 +281,8 @@ class OnlineLoop:
         parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
         reference = self.trainer.reference
         if self.dist is not None:
-            return distributed.train_step(self.trainer, lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                          batch, self.split_rule, self.dist)
+            loss_fn = lambda model, b: self.algorithm.loss(model, b, reference=reference)  # noqa: E731
+            return distributed.train_step(self.trainer, loss_fn, batch, self.split_rule, self.dist)
         return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
                                  [b for b, _ in parts], weights=[w for _, w in parts])
 

@@ -58,17 +58,40 @@ def full_params(model) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
 
 
-def train_steps(rank, world, port, out_dir, algorithm, batch, config, steps):
-    """``steps`` optimizer steps of ``algorithm`` on the global ``batch``, each rank training on its part."""
+def train_gather_agree(rank, world, port, out_dir, cases, config, steps, bucket_mb):
+    """One process group for three checks: :func:`train_steps` of each case, :func:`gather`, :func:`agreement`."""
     ctx = init(rank, world, port)
+    for name, (algorithm, batch) in cases.items():
+        train_steps(ctx, Path(out_dir) / f"train-{name}.pt", algorithm, batch, config, steps)
+    gather(ctx, out_dir, bucket_mb)
+    agreement(ctx, out_dir)
+    finish()
+
+
+def train_steps(ctx, out: Path, algorithm, batch, config, steps):
+    """``steps`` optimizer steps of ``algorithm`` on the global ``batch``, each rank training on its part."""
     trainer = sharded_trainer(ctx, config)
     rule = algorithm.split_rule()
     loss_fn = lambda model, b: algorithm.loss(model, b, reference=trainer.reference)  # noqa: E731
     records = [distributed.train_step(trainer, loss_fn, batch, rule, ctx) for _ in range(steps)]
     params = full_params(trainer.model)
     if ctx.is_main:
-        torch.save({"records": records, "params": params}, Path(out_dir) / "train.pt")
-    finish()
+        torch.save({"records": records, "params": params}, out)
+
+
+def agreement(ctx, out_dir):
+    """A check that fails on rank 1 only: what ``agree`` raises on each rank."""
+    def check():
+        if ctx.rank == 1:
+            raise RuntimeError("engine log-prob differs")
+        return "fine"
+
+    try:
+        distributed.agree(ctx, check, "sync check of loop step 3")
+        message = None
+    except RuntimeError as error:
+        message = str(error)
+    (Path(out_dir) / f"agree-{ctx.rank}.json").write_text(json.dumps(message))
 
 
 def live_peak_bytes(fn) -> int:
@@ -82,9 +105,8 @@ def live_peak_bytes(fn) -> int:
     return peak
 
 
-def gather(rank, world, port, out_dir, bucket_mb):
+def gather(ctx, out_dir, bucket_mb):
     """Gather the sharded tiny Llama into engine buckets: their content, fingerprints and the gather's peak."""
-    ctx = init(rank, world, port)
     plain = tiny_model(seed=5)
     plain_plan = SyncPlan(plain, bucket_mb=bucket_mb)
     expected = plain_plan.allocate()
@@ -101,8 +123,7 @@ def gather(rank, world, port, out_dir, bucket_mb):
               == [(s.name, s.bucket, s.offset, s.shape) for s in plain_plan.slots],
               "equal": all(torch.equal(a, b) for a, b in zip(buffers, expected)),
               "fingerprints_equal": fingerprints(buffers) == fingerprints(expected)}
-    (Path(out_dir) / f"gather-{rank}.json").write_text(json.dumps(result))
-    finish()
+    (Path(out_dir) / f"gather-{ctx.rank}.json").write_text(json.dumps(result))
 
 
 def loop_runs(rank, world, port, out_dir, algorithm):

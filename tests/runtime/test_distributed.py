@@ -1,6 +1,7 @@
 """FSDP2 on two real gloo processes: two ranks take one rank's step on the same global batch (DPO, GRPO), the
-bucketed gather fills the engine's buckets with at most two staging buckets, distributed checkpoints resume on
-one and on two ranks, and a rank that dies mid-step stops the other with an error instead of a hang."""
+bucketed gather fills the engine's buckets with at most two staging buckets, a check failing on one rank
+raises on both, distributed checkpoints resume on one and on two ranks, and a rank that dies mid-step stops
+the other with an error instead of a hang. Three launches of two processes in all (fixtures share them)."""
 
 import json
 import multiprocessing
@@ -25,7 +26,7 @@ WORLD = 2
 
 
 def launch(fn, *args, world=WORLD, timeout_s=120.0) -> list[int]:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; their exit codes (killed after the timeout)."""
+    """Run ``fn(rank, world, port, *args)`` in ``world`` fresh processes; their exit codes (killed past the timeout)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,13 +64,28 @@ ALGORITHMS = {
 }
 
 
+CONFIG = TrainerConfig(lr=1e-2, eps=1e-3, grad_accum_steps=2, max_grad_norm=None)
+BUCKET_MB = 0.02  # several buckets on the tiny model
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank launch: two optimizer steps of each algorithm on its global batch, the gather, ``agree``."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    cases = {}
+    for name, build in ALGORITHMS.items():
+        algorithm = build()
+        cases[name] = (algorithm, global_batch(algorithm, prompts=3))  # odd: the ranks' parts differ in size
+    assert launch(child.train_gather_agree, str(out), cases, CONFIG, 2, BUCKET_MB) == [0, 0]
+    return out, cases
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
-def test_two_ranks_take_the_step_one_rank_takes_on_the_same_global_batch(tmp_path, name):
-    algorithm = ALGORITHMS[name]()
-    batch = global_batch(algorithm, prompts=3)  # an odd number of units: the ranks' parts differ in size
-    config = TrainerConfig(lr=1e-2, eps=1e-3, grad_accum_steps=2, max_grad_norm=None)
-    assert launch(child.train_steps, str(tmp_path), algorithm, batch, config, 2) == [0, 0]
-    got = torch.load(tmp_path / "train.pt")
+def test_two_ranks_take_the_step_one_rank_takes_on_the_same_global_batch(two_ranks, name):
+    out, cases = two_ranks
+    algorithm, batch = cases[name]
+    config = CONFIG
+    got = torch.load(out / f"train-{name}.pt")
     model = child.tiny_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model, config, reference=make_reference(model))
@@ -83,16 +99,22 @@ def test_two_ranks_take_the_step_one_rank_takes_on_the_same_global_batch(tmp_pat
         assert relative_error(got["params"][n] - before[n], p.detach() - before[n]) <= 1e-4, n  # the update itself
 
 
-def test_bucketed_gather_fills_the_engine_buckets_holding_at_most_two_buckets(tmp_path):
-    bucket_mb = 0.02  # several buckets on the tiny model
-    assert launch(child.gather, str(tmp_path), bucket_mb) == [0, 0]
+def test_bucketed_gather_fills_the_engine_buckets_holding_at_most_two_buckets(two_ranks):
+    out, _ = two_ranks
     for rank in range(WORLD):
-        got = json.loads((tmp_path / f"gather-{rank}.json").read_text())
+        got = json.loads((out / f"gather-{rank}.json").read_text())
         assert got["same_layout"] and got["equal"] and got["fingerprints_equal"], got
         assert got["buckets"] >= 3 and got["max_bucket"] < got["model_bytes"] / 2
         assert got["staging"] <= 2 * got["max_bucket"]
         assert 0 < got["peak"] <= 2 * got["max_bucket"], got   # on top of the shards it already held
         assert got["shard_bytes"] <= 0.55 * got["model_bytes"]  # a rank holds about half of the weights
+
+
+def test_a_check_failing_on_one_rank_raises_on_every_rank_naming_it(two_ranks):
+    out, _ = two_ranks
+    messages = [json.loads((out / f"agree-{rank}.json").read_text()) for rank in range(WORLD)]
+    assert messages[0] == "rank 0: sync check of loop step 3 failed on rank 1 (its error is in its log)"
+    assert messages[1] == "rank 1: sync check of loop step 3 failed: engine log-prob differs"
 
 
 @pytest.fixture(scope="module")
