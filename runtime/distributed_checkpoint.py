@@ -82,6 +82,21 @@ def latest(run_dir: str | Path) -> Path | None:
     return path
 
 
+def newest(run_dir: str | Path, single: Path | None, ctx: DistContext | None) -> tuple[str, Path | None]:
+    """The newer of the run's newest single-process checkpoint (``single``, ``step-*``) and its newest distributed
+    one, as ``("single" | "dist", path)``; ``path`` None when there is neither. Several ranks cannot load a
+    single-process checkpoint: when it is the newer one they refuse (ValueError) instead of resuming from older."""
+    dist_path = latest(run_dir)
+    step = lambda p: -1 if p is None else int(p.name.rsplit("-", 1)[1])  # noqa: E731
+    if single is None or (dist_path is not None and step(dist_path) >= step(single)):
+        return "dist", dist_path
+    if ctx is not None:
+        raise ValueError(f"{run_dir}: the newest checkpoint {single.name} was written by one process; resume it on one "
+                         f"process (several ranks load only dist-step-* checkpoints, the newest here: "
+                         f"{dist_path.name if dist_path else 'none'})")
+    return "single", single
+
+
 def load(path: str | Path, trainer, *, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
     """Load a checkpoint written by :func:`save` (on any world size) into ``trainer`` and ``extra`` in place;
     returns its ``loop_state``. Collective when the trainer's model is sharded."""

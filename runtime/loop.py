@@ -288,12 +288,11 @@ class OnlineLoop:
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""
-        path = latest_checkpoint(self.out_dir) if self.dist is None else None
-        if path is None:  # several ranks, or a run that only has distributed checkpoints: any world size loads them
-            dist_path = distributed_checkpoint.latest(self.out_dir)
-            if dist_path is None:
-                return 0
-            state = distributed_checkpoint.load(dist_path, self.trainer, extra=self._engine_models())
+        kind, path = distributed_checkpoint.newest(self.out_dir, latest_checkpoint(self.out_dir), self.dist)
+        if path is None:
+            return 0
+        if kind == "dist":  # any world size, one process included, loads a distributed checkpoint
+            state = distributed_checkpoint.load(path, self.trainer, extra=self._engine_models())
         else:
             state = self.trainer.load(path, extra_models=self._engine_models())
         self.sync.restore(int(state["engine_version"]))

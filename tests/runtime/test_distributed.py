@@ -15,6 +15,7 @@ import torch
 from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
 from hotloop.algorithms.grpo import GRPO, GRPOConfig
 from hotloop.runtime import distributed_checkpoint
+from hotloop.runtime.distributed import DistContext
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
@@ -167,3 +168,18 @@ def test_a_rank_dying_mid_step_stops_the_other_with_an_error_within_60_s(tmp_pat
                                        "rank died or stalled"), outcome
     assert outcome["seconds"] < 60, outcome
     assert codes[0] == 0  # it reported the error and returned
+
+
+def test_resume_takes_the_newer_checkpoint_kind_and_several_ranks_refuse_a_newer_single_process_one(tmp_path):
+    dist_dir = tmp_path / "dist-step-000006"
+    dist_dir.mkdir()
+    (dist_dir / "state.json").write_text("{}")
+    (tmp_path / distributed_checkpoint.LATEST).write_text(dist_dir.name + "\n")
+    two_ranks = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), mesh=None, timeout_s=1.0)
+    older, newer = tmp_path / "step-000004", tmp_path / "step-000008"
+    assert distributed_checkpoint.newest(tmp_path, older, None) == ("dist", dist_dir)
+    assert distributed_checkpoint.newest(tmp_path, older, two_ranks) == ("dist", dist_dir)
+    assert distributed_checkpoint.newest(tmp_path, newer, None) == ("single", newer)
+    with pytest.raises(ValueError, match="step-000008 was written by one process; resume it on one process"):
+        distributed_checkpoint.newest(tmp_path, newer, two_ranks)
+    assert distributed_checkpoint.newest(tmp_path / "empty", None, two_ranks) == ("dist", None)
