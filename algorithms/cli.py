@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         print(f"hotloop: missing optional package: {err.name} (pip install {err.name})", file=sys.stderr)
         return 2
-    print_table(summary)
+    if "rank" not in summary:  # rank 0 (or one process) reports
+        print_table(summary)
     if summary["interrupted"]:
         print(f"interrupted after step {summary['steps']}; continue with --resume", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ CPU, then policy, reference, sampler copy and loaded reward or judge models move
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -29,6 +30,7 @@ from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.algorithms.summary import write_summary
 from hotloop.algorithms.tasks.arithmetic import Problem, in_test_split
 from hotloop.algorithms.tasks.tokenizer import raw_tokenizer
+from hotloop.runtime import distributed
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import make_engine
 from hotloop.runtime.loop import LoopResult, OnlineLoop
@@ -206,13 +208,19 @@ def probe_logprobs(pad_token_id: int):
 def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Warm start (or load) → evaluate → the online loop → evaluate; returns and writes the summary."""
     t0 = time.perf_counter()
+    ctx = distributed.init_distributed()  # under torchrun: this rank's process group (docs/distributed.md)
+    main = ctx is None or ctx.is_main
+    progress = progress and main
     setup = build_setup(config, progress=progress)
     run_config = run_config_json(config)
     Path(config.loop.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.loop.out_dir) / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
+    if main:
+        (Path(config.loop.out_dir) / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
     tok = setup.tokenizer
     sampling = sampling_params(config.sampling, tok)
-    engine = make_engine(setup.model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
+    # several ranks: each samples from its own plain copy, fed bucket by bucket from the sharded policy
+    engine_model = setup.model if ctx is None else copy.deepcopy(setup.model).requires_grad_(False)
+    engine = make_engine(engine_model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
                          eos_token_id=_token_id(tok, "eos"), **engine_options(config))
     section, factory = ALGORITHMS[config.algorithm]
     context = BuildContext(pad_token_id=_token_id(tok, "pad"), engine=engine, problems=setup.train, tokenizer=tok,
@@ -220,14 +228,20 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     algorithm = factory(getattr(config, section), context)
     # a frozen copy only when the loss reads it (GRPO with beta = 0 does not): no KL is reported then
     reference = make_reference(setup.model) if algorithm.needs_reference else None
-    trainer = Trainer(setup.model, config.trainer, reference=reference, run_config=run_config)
     evaluate = make_evaluate(setup, config, reference)
     before = evaluate(setup.model)
+    policy = setup.model
+    if ctx is not None:
+        policy, reference = distributed.shard_run(ctx, policy, reference, mixed_precision=config.trainer.bf16_autocast)
+        evaluate = distributed.unsharded_eval(evaluate, reference)
+    trainer = Trainer(policy, config.trainer, reference=reference, run_config=run_config)
     loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
                       problems=algorithm.prompt_pool(setup.train), tokenizer=tok, sampling=sampling,
-                      evaluate=evaluate, progress=progress, logprob_fn=probe_logprobs(_token_id(tok, "pad")))
+                      evaluate=evaluate, progress=progress, logprob_fn=probe_logprobs(_token_id(tok, "pad")), dist=ctx)
     result = loop.run(resume=resume)
     after = evaluate(trainer.model) if result.interrupted else _last_eval(result, evaluate, trainer.model)
+    if not main:
+        return {"interrupted": result.interrupted, "steps": result.next_step, "rank": ctx.rank}
     return write_summary(config, result, before, after, setup.warm_start_seconds, time.perf_counter() - t0)
 
 

@@ -29,6 +29,13 @@ reference, optimizer, scheduler, loop state and, unless zero-copy, the sampler's
 ``checkpoint_every`` steps (0: never periodically), after the last step (unless ``final_checkpoint``
 says otherwise) and when SIGINT/SIGTERM arrives (after the step in flight finishes; a second Ctrl-C
 aborts at once); a SIGKILL loses at most the steps since the last one.
+
+Several ranks (``dist``, under torchrun). Each rank samples and scores its share of the step's prompts
+with its own engine, every rank gets all scored samples and builds the same batch, and trains on its
+whole units with the loss scaled so that N ranks take the step one rank takes
+(:mod:`hotloop.runtime.distributed`); syncs gather the FSDP2 shards bucket by bucket into each engine
+(:mod:`hotloop.runtime.distributed_sync`); rank 0 writes ``metrics.jsonl`` and checkpoints are
+distributed ones (:mod:`hotloop.runtime.distributed_checkpoint`), which a run on any world size resumes.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -49,12 +57,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hotloop.runtime import distributed, distributed_checkpoint
 from hotloop.runtime.checkpoint import latest_checkpoint
+from hotloop.runtime.distributed_sync import ShardedGather
 from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.rollout_metrics import rollout_metrics
-from hotloop.runtime.sync_policy import LogprobFn, SyncConfig, SyncPolicy, sync_period
+from hotloop.runtime.sync_policy import LogprobFn, SyncConfig, SyncPolicy, forward_logprobs, sync_period
 
 PHASES = ("sync", "check", "sampling", "scoring", "batching", "training")
 _ENGINE = "engine"
@@ -138,11 +148,14 @@ class OnlineLoop:
         evaluate: optional ``evaluate(model) -> {name: float}`` run on the trainer's model.
         progress: show a tqdm bar with a live postfix.
         logprob_fn: trainer-side log-probs of the proof on every sync (default: a plain forward).
+        dist: under torchrun, the process group (``hotloop.runtime.distributed``): the trainer's model and reference
+            are FSDP2-sharded, the engine samples from its own plain module; None on one process.
     """
 
     def __init__(self, config: LoopConfig, *, trainer, engine, algorithm, reward_fn: Callable, problems: list,
                  tokenizer, sampling: SamplingParams, evaluate: Callable[[nn.Module], dict] | None = None,
-                 progress: bool = True, logprob_fn: LogprobFn | None = None) -> None:
+                 progress: bool = True, logprob_fn: LogprobFn | None = None,
+                 dist: distributed.DistContext | None = None) -> None:
         if not isinstance(config, LoopConfig):
             raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
         k = trainer.config.grad_accum_steps
@@ -156,10 +169,17 @@ class OnlineLoop:
             raise ValueError(f"problems: expected at least prompts_per_step={config.prompts_per_step}, got {len(problems)}")
         self.config, self.trainer, self.engine, self.algorithm = config, trainer, engine, algorithm
         self.reward_fn, self.problems, self.tokenizer, self.sampling = reward_fn, problems, tokenizer, sampling
-        self.evaluate, self.progress = evaluate, progress
+        self.evaluate, self.dist = evaluate, dist
+        self.main = dist is None or dist.is_main
+        self.progress = progress and self.main
         probe = [tokenizer.encode(p.prompt) for p in problems[:config.sync.probe_prompts]]
+        gather = None
+        if dist is not None:
+            self.split_rule = distributed.check_loop(dist, algorithm, config.prompts_per_step)
+            gather = ShardedGather(trainer.model, dist, bucket_mb=config.sync.bucket_mb)
+            logprob_fn = distributed.unsharded_logprobs(logprob_fn or forward_logprobs)
         self.sync = SyncPolicy(config.sync, config.sync_period, model=trainer.model, engine=engine,
-                               probe_prompts=probe, logprob_fn=logprob_fn)
+                               probe_prompts=probe, logprob_fn=logprob_fn, gather=gather)
         self.zero_copy = self.sync.zero_copy
         self.out_dir = Path(config.out_dir)
         self._stop = False
@@ -170,12 +190,15 @@ class OnlineLoop:
         if start == 0:
             self.sync.pin_offline()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        repair_metrics(self.out_dir / _METRICS_FILE, start)
+        if self.main:
+            repair_metrics(self.out_dir / _METRICS_FILE, start)
         records, t0, step = [], time.perf_counter(), start
         bar = tqdm(total=self.config.steps, initial=start, desc="online loop", disable=not self.progress)
-        with self._stop_on_signals(), bar, open(self.out_dir / _METRICS_FILE, "a") as log:
+        metrics_file = self.out_dir / _METRICS_FILE if self.main else os.devnull  # one writer: rank 0
+        with self._stop_on_signals(), bar, open(metrics_file, "a") as log:
             while step < self.config.steps and not self._stop:
-                record = self.step(step)
+                with distributed.stop_on_peer_failure(self.dist, f"loop step {step}"):
+                    record = self.step(step)
                 step += 1
                 if self._due(step, self.config.eval_every) or step == self.config.steps:
                     record.update(self._evaluate())
@@ -197,21 +220,26 @@ class OnlineLoop:
         times = {"sync": self.sync.sync(self.trainer.version)} if synced else {}
         problems = self._draw(step)
         prompt_ids = [self.tokenizer.encode(p.prompt) for p in problems]
+        mine = distributed.share(len(problems), self.dist)  # this rank's prompts (all of them on one process)
         completions, rewards = [], torch.zeros(0)
         if self.algorithm.samples_per_prompt:
             with _timed(times, "sampling"):
                 self.engine.wake()
                 sampling = dataclasses.replace(self.sampling, n=self.algorithm.samples_per_prompt,
                                                seed=self.config.seed * 1_000_003 + step)
-                completions = self.engine.generate(prompt_ids, sampling)
+                completions = self.engine.generate([prompt_ids[i] for i in mine], sampling)
             with _timed(times, "scoring"):
                 texts = [self.tokenizer.decode(c.token_ids) for c in completions]
-                rewards = self.reward_fn([problems[c.prompt_index] for c in completions], texts)
+                rewards = self.reward_fn([problems[mine.start + c.prompt_index] for c in completions], texts)
                 check_rewards(rewards, texts, self.reward_fn, step=step)
+        local = completions
+        if self.dist is not None:
+            completions, rewards = distributed.gather_scored(completions, rewards, mine.start, self.dist)
         skip = self.trainer.guard_inputs({"reward": rewards}, label=f"loop step {step}")
         if synced and self.config.sync.check:
             with _timed(times, "check"):
-                self._check(completions, prompt_ids)
+                distributed.agree(self.dist, lambda: self._check(local, [prompt_ids[i] for i in mine]),
+                                  f"sync check of loop step {step}")
         with _timed(times, "batching"):
             batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
         record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
@@ -239,9 +267,13 @@ class OnlineLoop:
         self.sync.verify(version, [prompt_ids[c.prompt_index] for c in rows], rows, self.sampling.logprob_temperature)
 
     def checkpoint(self, next_step: int) -> Path:
-        """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues."""
+        """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues;
+        on several ranks a distributed one (``hotloop.runtime.distributed_checkpoint``)."""
         state = {"next_step": next_step, "engine_version": self.engine.weight_version,
                  "config": dataclasses.asdict(self.config)}
+        if self.dist is not None:
+            return distributed_checkpoint.save(self.out_dir, self.trainer, state, self.dist,
+                                               extra=self._engine_models())
         return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
 
     def _train(self, batch) -> dict:
@@ -250,15 +282,21 @@ class OnlineLoop:
         k = self.trainer.config.grad_accum_steps
         parts = split_batch(batch, k, self.split_rule) if self.split_rule is not None else [(batch, 1.0)]
         reference = self.trainer.reference
+        if self.dist is not None:
+            loss_fn = lambda model, b: self.algorithm.loss(model, b, reference=reference)  # noqa: E731
+            return distributed.train_step(self.trainer, loss_fn, batch, self.split_rule, self.dist)
         return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
                                  [b for b, _ in parts], weights=[w for _, w in parts])
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""
-        path = latest_checkpoint(self.out_dir)
+        kind, path = distributed_checkpoint.newest(self.out_dir, latest_checkpoint(self.out_dir), self.dist)
         if path is None:
             return 0
-        state = self.trainer.load(path, extra_models=self._engine_models())
+        if kind == "dist":  # any world size, one process included, loads a distributed checkpoint
+            state = distributed_checkpoint.load(path, self.trainer, extra=self._engine_models())
+        else:
+            state = self.trainer.load(path, extra_models=self._engine_models())
         self.sync.restore(int(state["engine_version"]))
         return int(state["next_step"])
 

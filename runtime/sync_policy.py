@@ -111,12 +111,15 @@ class SyncPolicy:
         probe_prompts: token ids of the probe's prompts.
         logprob_fn: trainer-side log-probs (default :func:`forward_logprobs`).
         transport: how buckets reach the engine (default in-process).
+        gather: for a sharded policy, the bucket-by-bucket gather (``hotloop.runtime.distributed_sync``) that
+            packs the buckets instead of ``plan.pack``; the engine's own module is bound to the buckets.
     """
 
     def __init__(self, config: SyncConfig, period: int | None, *, model: nn.Module, engine,
                  probe_prompts: list[list[int]], logprob_fn: LogprobFn | None = None,
-                 transport: Transport | None = None) -> None:
+                 transport: Transport | None = None, gather=None) -> None:
         self.config, self.period, self.model, self.engine = config, period, model, engine
+        self.gather = gather
         self.probe_prompts = probe_prompts[:config.probe_prompts]
         self.logprob_fn = logprob_fn or forward_logprobs
         shares = engine.shares_weights_with(model)
@@ -128,12 +131,14 @@ class SyncPolicy:
         if shares and not hasattr(engine, "adopt_model"):
             raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag, and has no "
                              f"adopt_model to take a stale copy; sync_every={period!r} needs an engine on a copy")
-        self.plan = SyncPlan(model, bucket_mb=config.bucket_mb)
+        self.plan = gather.plan if gather is not None else SyncPlan(model, bucket_mb=config.bucket_mb)
         self.transport = transport or InProcessTransport(engine)
         self.buffers = self.transport.buffers(self.plan)
         if shares:
             engine.adopt_model(self.plan.bind(copy.deepcopy(model).requires_grad_(False), self.buffers))
-        self.bucket_backed = shares or engine.local_model is None
+        if gather is not None and engine.local_model is not None:
+            self.plan.bind(engine.local_model, self.buffers)
+        self.bucket_backed = shares or gather is not None or engine.local_model is None
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` starts with a sync."""
@@ -169,8 +174,12 @@ class SyncPolicy:
             self.engine.sync_weights(version)
 
     def _pack_and_send(self, version: int) -> None:
-        """Pack the trainer's tensors (fingerprinting them on the way when the check is on) and send them."""
-        if self.config.check:
+        """Pack the trainer's tensors (fingerprinting them on the way when the check is on; a sharded policy is
+        gathered bucket by bucket instead) and send them."""
+        if self.gather is not None:
+            self.gather.pack(self.buffers)
+            self._send(version)
+        elif self.config.check:
             self._send(version, self.plan.pack_fingerprinted(self.model, self.buffers))
         else:
             self.plan.pack(self.model, self.buffers)

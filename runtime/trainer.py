@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from hotloop.runtime import checkpoint, guards
 
@@ -199,6 +200,8 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().float() * weight
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if isinstance(grad_norm, DTensor):  # FSDP2: the global norm, replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         # one host sync before the optimizer step: a non-finite loss or gradient must not reach the weights
         bad = guards.first_nonfinite({"loss": totals["loss"], "grad_norm": grad_norm})
         if bad is not None:
