@@ -50,8 +50,11 @@ class OptionalBuildExt(build_ext):
     def _warn(self, err: Exception) -> None:
         if not self._warned:
             detail = (str(err).splitlines() or [""])[0][:200]
-            print(f"WARNING: hotloop: native row kernels not built ({type(err).__name__}: {detail}); "
-                  "the PyTorch path will be used.", file=sys.stderr)
+            print(
+                f"WARNING: hotloop: native row kernels not built ({type(err).__name__}: {detail}); "
+                "the PyTorch path will be used.",
+                file=sys.stderr,
+            )
         self._warned = True
 
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -59,8 +59,11 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch with every tensor field on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return dataclasses.replace(self, **moved)
 
 
@@ -83,8 +86,9 @@ class Algorithm(Protocol):
     needs_reference: bool
     """Whether ``loss`` reads a frozen reference model."""
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> Batch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> Batch | None:
         """Rows to train on from ``len(problems) * samples_per_prompt`` scored completions, or None."""
         ...
 
@@ -118,8 +122,9 @@ class BuildContext:
     """``SamplingParams`` of the run."""
 
 
-def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_rows(
+    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad ``prompt · completion`` rows.
 
     One flat tensor of every token is scattered through the attention mask (row-major, so each
@@ -129,22 +134,24 @@ def pack_rows(prompts: list[list[int]], completions: list[list[int]], pad_token_
         input_ids, attention_mask, completion_mask: each [R, L] int64, L = longest row.
     """
     if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"completions: expected one per prompt and at least one row, got "
-                         f"{len(completions)} completions for {len(prompts)} prompts")
+        raise ValueError(
+            f"completions: expected one per prompt and at least one row, got "
+            f"{len(completions)} completions for {len(prompts)} prompts"
+        )
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     lengths = prompt_lengths + torch.tensor([len(c) for c in completions])
     positions = torch.arange(int(lengths.max()))
     attention_mask = positions < lengths[:, None]
-    flat = torch.tensor(list(chain.from_iterable(chain(p, c) for p, c in zip(prompts, completions))),
-                        dtype=torch.long)
+    flat = torch.tensor(list(chain.from_iterable(chain(p, c) for p, c in zip(prompts, completions))), dtype=torch.long)
     input_ids = torch.full(attention_mask.shape, pad_token_id, dtype=torch.long)
     input_ids[attention_mask] = flat
     completion_mask = attention_mask & (positions >= prompt_lengths[:, None])
     return input_ids, attention_mask.long(), completion_mask.long()
 
 
-def completion_rows(prompt_ids: list[list[int]], completions: list[Completion], rows: list[int], pad_token_id: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def completion_rows(
+    prompt_ids: list[list[int]], completions: list[Completion], rows: list[int], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`pack_rows` of ``completions[i]`` after its prompt, for each ``i`` in ``rows`` (in that order)."""
     picked = [completions[i] for i in rows]
     return pack_rows([prompt_ids[c.prompt_index] for c in picked], [c.token_ids for c in picked], pad_token_id)
@@ -164,22 +171,26 @@ def token_values(completion_mask: torch.Tensor, values: list[list[float]]) -> to
     target = completion_mask[:, 1:].bool()
     flat = torch.tensor(list(chain.from_iterable(values)), dtype=torch.float32)
     if flat.numel() != int(target.sum()):
-        raise ValueError(f"values: expected one value per completion token ({int(target.sum())} in all), "
-                         f"got {flat.numel()}")
+        raise ValueError(
+            f"values: expected one value per completion token ({int(target.sum())} in all), got {flat.numel()}"
+        )
     out = torch.zeros(target.shape, dtype=torch.float32)
     out[target] = flat
     return out
 
 
-def grouped_rewards(completions: list[Completion], rewards: torch.Tensor, num_prompts: int, group_size: int
-                    ) -> torch.Tensor:
+def grouped_rewards(
+    completions: list[Completion], rewards: torch.Tensor, num_prompts: int, group_size: int
+) -> torch.Tensor:
     """``rewards`` as [P, G] float32 after checking the engine's prompt-major layout (G samples per prompt)."""
     check_scored(completions, rewards)
     expected = [p for p in range(num_prompts) for _ in range(group_size)]
     if [c.prompt_index for c in completions] != expected:
-        raise ValueError(f"completions: expected {group_size} per prompt for {num_prompts} prompts, prompt-major "
-                         f"(prompt_index 0 x{group_size}, 1 x{group_size}, ...), got prompt indices "
-                         f"{[c.prompt_index for c in completions][:2 * group_size]}...")
+        raise ValueError(
+            f"completions: expected {group_size} per prompt for {num_prompts} prompts, prompt-major "
+            f"(prompt_index 0 x{group_size}, 1 x{group_size}, ...), got prompt indices "
+            f"{[c.prompt_index for c in completions][: 2 * group_size]}..."
+        )
     return rewards.float().view(num_prompts, group_size)
 
 
@@ -188,8 +199,9 @@ def group_by_prompt(completions: list[Completion], num_prompts: int) -> list[lis
     groups: list[list[int]] = [[] for _ in range(num_prompts)]
     for i, completion in enumerate(completions):
         if not 0 <= completion.prompt_index < num_prompts:
-            raise ValueError(f"completions[{i}].prompt_index: expected in [0, {num_prompts}), "
-                             f"got {completion.prompt_index}")
+            raise ValueError(
+                f"completions[{i}].prompt_index: expected in [0, {num_prompts}), got {completion.prompt_index}"
+            )
         groups[completion.prompt_index].append(i)
     return groups
 

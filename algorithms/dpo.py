@@ -86,8 +86,10 @@ class DPOConfig:
         if not isinstance(self.samples_per_prompt, int) or self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected an int >= 2, got {self.samples_per_prompt!r}")
         if not isinstance(self.pairs_per_prompt, int) or not 1 <= self.pairs_per_prompt <= self.samples_per_prompt // 2:
-            raise ValueError(f"pairs_per_prompt: expected an int in [1, samples_per_prompt // 2 = "
-                             f"{self.samples_per_prompt // 2}], got {self.pairs_per_prompt!r}")
+            raise ValueError(
+                f"pairs_per_prompt: expected an int in [1, samples_per_prompt // 2 = "
+                f"{self.samples_per_prompt // 2}], got {self.pairs_per_prompt!r}"
+            )
         if self.pair_fallback not in PAIR_FALLBACKS:
             raise ValueError(f"pair_fallback: expected one of {PAIR_FALLBACKS}, got {self.pair_fallback!r}")
         if not isinstance(self.hard_prompt_samples, int) or self.hard_prompt_samples < 0:
@@ -97,8 +99,12 @@ class DPOConfig:
 
     def loss_options(self) -> DPOOptions:
         """The kernel's options for this config (the others at ``DPOOptions``' defaults)."""
-        return DPOOptions(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                          length_normalize=self.length_normalize)
+        return DPOOptions(
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            length_normalize=self.length_normalize,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,20 +152,33 @@ def best_worst_pairs(rewards: torch.Tensor, groups: list[list[int]], pairs_per_g
     return pairs
 
 
-def preference_pairs(prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor,
-                     pairs_per_prompt: int, fallback: str = "none") -> list[PreferencePair]:
+def preference_pairs(
+    prompt_ids: list[list[int]],
+    completions: list[Completion],
+    rewards: torch.Tensor,
+    pairs_per_prompt: int,
+    fallback: str = "none",
+) -> list[PreferencePair]:
     """Pairs of each prompt's scored samples: best vs worst (:func:`best_worst_pairs`), or with ``fallback="reuse"``
     :func:`hotloop.algorithms.pairing.contrast_pairs`."""
     check_scored(completions, rewards)
     groups = group_by_prompt(completions, len(prompt_ids))
     pick = contrast_pairs if fallback == "reuse" else best_worst_pairs
-    return [PreferencePair(tuple(prompt_ids[completions[w].prompt_index]), tuple(completions[w].token_ids),
-                           tuple(completions[l].token_ids), float(rewards[w]), float(rewards[l]))
-            for w, l in pick(rewards, groups, pairs_per_prompt)]
+    return [
+        PreferencePair(
+            tuple(prompt_ids[completions[w].prompt_index]),
+            tuple(completions[w].token_ids),
+            tuple(completions[l].token_ids),
+            float(rewards[w]),
+            float(rewards[l]),
+        )
+        for w, l in pick(rewards, groups, pairs_per_prompt)
+    ]
 
 
-def read_pairs(path: str | Path, encode: Callable[[str], list[int]], eos_token_id: int
-               ) -> tuple[list[Problem], list[PreferencePair]]:
+def read_pairs(
+    path: str | Path, encode: Callable[[str], list[int]], eos_token_id: int
+) -> tuple[list[Problem], list[PreferencePair]]:
     """Problems (one per distinct prompt) and preference pairs of a JSONL file of PAIR_KEYS texts.
 
     ``prompt_ids = encode(prompt)`` (bos included); a completion's ids are those of
@@ -189,8 +208,9 @@ def _pair_row(path, number: int, line: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got invalid JSON "
-                         f"({err.msg})") from None
+        raise ValueError(
+            f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got invalid JSON ({err.msg})"
+        ) from None
     if not isinstance(row, dict):
         raise ValueError(f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got {type(row).__name__}")
     for key in PAIR_KEYS:
@@ -203,9 +223,11 @@ def _pair_row(path, number: int, line: str) -> dict:
 
 def _completion_ids(prompt_ids: list[int], full_ids: list[int], key: str) -> list[int]:
     if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(f"key {key!r}: the prompt's tokens are not a prefix of the tokens of prompt + {key} "
-                         f"(the tokenizer merges across the boundary); end the prompt where a token ends")
-    return full_ids[len(prompt_ids):]
+        raise ValueError(
+            f"key {key!r}: the prompt's tokens are not a prefix of the tokens of prompt + {key} "
+            f"(the tokenizer merges across the boundary); end the prompt where a token ends"
+        )
+    return full_ids[len(prompt_ids) :]
 
 
 def pair_batch(pairs: list[PreferencePair], pad_token_id: int, version: int) -> PairBatch:
@@ -215,9 +237,15 @@ def pair_batch(pairs: list[PreferencePair], pad_token_id: int, version: int) -> 
     input_ids, attention_mask, completion_mask = pack_rows(prompts, completions, pad_token_id)
     rewards = torch.tensor([r for p in pairs for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float32)
     P = len(pairs)
-    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                     rewards=rewards, sampler_version=version,
-                     chosen=torch.arange(0, 2 * P, 2), rejected=torch.arange(1, 2 * P, 2))
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        completion_mask=completion_mask,
+        rewards=rewards,
+        sampler_version=version,
+        chosen=torch.arange(0, 2 * P, 2),
+        rejected=torch.arange(1, 2 * P, 2),
+    )
 
 
 class _DPOLoss:
@@ -250,8 +278,15 @@ class _DPOLoss:
         ref_logps = self.reference_logps(reference, batch).to(logps.device)
         lengths = batch.completion_mask.sum(-1)
         c, r, cfg = batch.chosen, batch.rejected, self.config
-        out = dpo_loss(logps[c], logps[r], ref_chosen_logps=ref_logps[c], ref_rejected_logps=ref_logps[r],
-                       chosen_lengths=lengths[c], rejected_lengths=lengths[r], **asdict(cfg.loss_options()))
+        out = dpo_loss(
+            logps[c],
+            logps[r],
+            ref_chosen_logps=ref_logps[c],
+            ref_rejected_logps=ref_logps[r],
+            chosen_lengths=lengths[c],
+            rejected_lengths=lengths[r],
+            **asdict(cfg.loss_options()),
+        )
         metrics = dict(out.metrics)
         # per token over every completion token of the batch (both sides of each pair), not a per-pair mean
         metrics["kl"] = (logps.detach() - ref_logps).sum() / lengths.sum().clamp_min(1)
@@ -269,12 +304,21 @@ class OnlineDPO(_DPOLoss):
     fallbacks of :mod:`hotloop.algorithms.pairing`; ``engine``, ``reward_fn``, ``decode`` and ``sampling`` are
     needed only for ``hard_prompt_samples > 0``). ``last_batch_metrics`` holds the last step's pair counts."""
 
-    def __init__(self, config: DPOConfig, *, pad_token_id: int, engine=None, reward_fn: Callable | None = None,
-                 decode: Callable | None = None, sampling: SamplingParams | None = None) -> None:
+    def __init__(
+        self,
+        config: DPOConfig,
+        *,
+        pad_token_id: int,
+        engine=None,
+        reward_fn: Callable | None = None,
+        decode: Callable | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> None:
         super().__init__(config, pad_token_id=pad_token_id)
         if config.hard_prompt_samples and None in (engine, reward_fn, decode, sampling):
-            raise ValueError("engine: hard_prompt_samples > 0 needs an engine, reward_fn, decode and sampling, "
-                             "got None")
+            raise ValueError(
+                "engine: hard_prompt_samples > 0 needs an engine, reward_fn, decode and sampling, got None"
+            )
         self.samples_per_prompt = config.samples_per_prompt
         self.engine, self.reward_fn, self.decode, self.sampling = engine, reward_fn, decode, sampling
         self.last_batch_metrics: dict[str, float] = {}
@@ -282,18 +326,26 @@ class OnlineDPO(_DPOLoss):
     @classmethod
     def from_config(cls, config: DPOConfig, context: BuildContext) -> OnlineDPO:
         """Factory for the config registry."""
-        return cls(config, pad_token_id=context.pad_token_id, engine=context.engine, reward_fn=context.reward_fn,
-                   decode=context.tokenizer.decode, sampling=context.sampling)
+        return cls(
+            config,
+            pad_token_id=context.pad_token_id,
+            engine=context.engine,
+            reward_fn=context.reward_fn,
+            decode=context.tokenizer.decode,
+            sampling=context.sampling,
+        )
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> PairBatch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> PairBatch | None:
         """Pairs from every group with a reward contrast (after resampling hard prompts); None when none has one."""
         check_scored(completions, rewards)
         completions, rewards, resampled = resample_tied(self, problems, prompt_ids, completions, rewards)
         groups = group_by_prompt(completions, len(prompt_ids))
         self.last_batch_metrics = {**skip_reasons(rewards, groups), "pairs/resampled_prompts": float(resampled)}
-        pairs = preference_pairs(prompt_ids, completions, rewards, self.config.pairs_per_prompt,
-                                 self.config.pair_fallback)
+        pairs = preference_pairs(
+            prompt_ids, completions, rewards, self.config.pairs_per_prompt, self.config.pair_fallback
+        )
         if not pairs:
             return None
         return pair_batch(pairs, self.pad_token_id, sampler_version(completions))
@@ -308,8 +360,9 @@ class OfflineDPO(_DPOLoss):
 
     samples_per_prompt = 0
 
-    def __init__(self, config: DPOConfig, *, pad_token_id: int, pairs: list[PreferencePair], problems: list,
-                 version: int = 0) -> None:
+    def __init__(
+        self, config: DPOConfig, *, pad_token_id: int, pairs: list[PreferencePair], problems: list, version: int = 0
+    ) -> None:
         super().__init__(config, pad_token_id=pad_token_id)
         if not pairs:
             raise ValueError("pairs: expected at least one preference pair, got none")
@@ -324,9 +377,18 @@ class OfflineDPO(_DPOLoss):
         self._reference_cache: torch.Tensor | None = None
 
     @classmethod
-    def from_policy(cls, config: DPOConfig, *, pad_token_id: int, engine, problems: list,
-                    prompt_ids: list[list[int]], reward_fn: Callable, decode: Callable[[list[int]], str],
-                    sampling: SamplingParams) -> OfflineDPO:
+    def from_policy(
+        cls,
+        config: DPOConfig,
+        *,
+        pad_token_id: int,
+        engine,
+        problems: list,
+        prompt_ids: list[list[int]],
+        reward_fn: Callable,
+        decode: Callable[[list[int]], str],
+        sampling: SamplingParams,
+    ) -> OfflineDPO:
         """Build the set once from ``engine``'s samples (``config.samples_per_prompt`` per prompt)."""
         completions = engine.generate(prompt_ids, dataclasses.replace(sampling, n=config.samples_per_prompt))
         rewards = reward_fn([problems[c.prompt_index] for c in completions], [decode(c.token_ids) for c in completions])
@@ -336,8 +398,15 @@ class OfflineDPO(_DPOLoss):
         return cls(config, pad_token_id=pad_token_id, pairs=pairs, problems=problems, version=engine.weight_version)
 
     @classmethod
-    def from_file(cls, config: DPOConfig, *, path: str | Path, pad_token_id: int, encode: Callable[[str], list[int]],
-                  eos_token_id: int) -> OfflineDPO:
+    def from_file(
+        cls,
+        config: DPOConfig,
+        *,
+        path: str | Path,
+        pad_token_id: int,
+        encode: Callable[[str], list[int]],
+        eos_token_id: int,
+    ) -> OfflineDPO:
         """Read the set from a JSONL file of PAIR_KEYS texts (see :func:`read_pairs`); its prompts are the pool."""
         problems, pairs = read_pairs(path, encode, eos_token_id)
         return cls(config, pad_token_id=pad_token_id, pairs=pairs, problems=problems)
@@ -350,28 +419,41 @@ class OfflineDPO(_DPOLoss):
         if config.pairs_file is not None:
             eos = getattr(tok, "eos_id", None)
             if eos is None:
-                raise ValueError(f"tokenizer: pairs from {config.pairs_file} need an eos id to end completions, "
-                                 f"got {type(tok).__name__} without one")
-            return cls.from_file(config, path=config.pairs_file, pad_token_id=context.pad_token_id,
-                                 encode=tok.encode, eos_token_id=eos)
-        return cls.from_policy(config, pad_token_id=context.pad_token_id, engine=context.engine,
-                               problems=context.problems, prompt_ids=[tok.encode(p.prompt) for p in context.problems],
-                               reward_fn=context.reward_fn, decode=tok.decode, sampling=context.sampling)
+                raise ValueError(
+                    f"tokenizer: pairs from {config.pairs_file} need an eos id to end completions, "
+                    f"got {type(tok).__name__} without one"
+                )
+            return cls.from_file(
+                config, path=config.pairs_file, pad_token_id=context.pad_token_id, encode=tok.encode, eos_token_id=eos
+            )
+        return cls.from_policy(
+            config,
+            pad_token_id=context.pad_token_id,
+            engine=context.engine,
+            problems=context.problems,
+            prompt_ids=[tok.encode(p.prompt) for p in context.problems],
+            reward_fn=context.reward_fn,
+            decode=tok.decode,
+            sampling=context.sampling,
+        )
 
     def prompt_pool(self, problems: list) -> list:
         """The set's own prompts: a pairs file's, or the problems the set was sampled from."""
         return self.problems
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> StoredPairBatch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> StoredPairBatch | None:
         """Every stored pair of the drawn prompts (``completions`` is empty); None when none is stored."""
         chosen = [p for ids in prompt_ids for p in self.pairs.get(tuple(ids), [])]
         if not chosen:
             return None
         batch = pair_batch(chosen, self.pad_token_id, self.version)
-        rows = [2 * self._slot[p] + side for p in chosen for side in (0, 1)]   # pair_batch's interleaved layout
-        return StoredPairBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
-                               stored_row=torch.tensor(rows, dtype=torch.long))
+        rows = [2 * self._slot[p] + side for p in chosen for side in (0, 1)]  # pair_batch's interleaved layout
+        return StoredPairBatch(
+            **{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)},
+            stored_row=torch.tensor(rows, dtype=torch.long),
+        )
 
     def prompts(self) -> list[tuple[int, ...]]:
         """Prompt token ids that have stored pairs."""
@@ -390,7 +472,8 @@ class OfflineDPO(_DPOLoss):
         device = next(reference.parameters()).device
         out = []
         for start in range(0, len(self.stored), _REFERENCE_CHUNK_PAIRS):
-            batch = pair_batch(self.stored[start : start + _REFERENCE_CHUNK_PAIRS], self.pad_token_id,
-                               self.version).to(device)
+            batch = pair_batch(self.stored[start : start + _REFERENCE_CHUNK_PAIRS], self.pad_token_id, self.version).to(
+                device
+            )
             out.append(super().reference_logps(reference, batch))
         return torch.cat(out)

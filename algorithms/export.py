@@ -33,8 +33,10 @@ def _run_config(run_dir: Path):
     """The ``RunConfig`` a run wrote into ``run_dir``."""
     path = run_dir / RUN_CONFIG
     if not path.exists():
-        raise ValueError(f"run_dir: expected a run directory with {RUN_CONFIG} (written by hotloop train/demo), "
-                         f"got {str(run_dir)!r} without one")
+        raise ValueError(
+            f"run_dir: expected a run directory with {RUN_CONFIG} (written by hotloop train/demo), "
+            f"got {str(run_dir)!r} without one"
+        )
     return config_from_json(json.loads(path.read_text()))
 
 
@@ -42,15 +44,16 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = Fal
     """Write the latest checkpoint's policy of ``run_dir`` as a HF model directory ``out_dir``; returns it."""
     from transformers import GenerationConfig
 
-    from hotloop.runtime.checkpoint_files import load_weights
-
     from hotloop.algorithms.tasks.tokenizer import CharTokenizer
+    from hotloop.runtime.checkpoint_files import load_weights
 
     run_dir, out = Path(run_dir), Path(out_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
-        raise ValueError(f"run_dir: expected a checkpoint in {str(run_dir)!r}, got none (a run with "
-                         f"loop.checkpoint_every=0 writes one only with loop.final_checkpoint=true)")
+        raise ValueError(
+            f"run_dir: expected a checkpoint in {str(run_dir)!r}, got none (a run with "
+            f"loop.checkpoint_every=0 writes one only with loop.final_checkpoint=true)"
+        )
     config = _run_config(run_dir)
     task = None if config.model.path is not None else builtin_task(config)
     model, tokenizer = load_policy(config, task, progress=progress)
@@ -58,9 +61,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, progress: bool = Fal
     bos = getattr(tokenizer, "bos_id", None)
     if bos is None:
         bos = tokenizer.inner.bos_token_id
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=tokenizer.eos_id,
-                                               pad_token_id=tokenizer.pad_id,
-                                               max_new_tokens=config.sampling.max_new_tokens)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+        max_new_tokens=config.sampling.max_new_tokens,
+    )
     model.save_pretrained(out)
     if isinstance(tokenizer, CharTokenizer):
         tokenizer.save(out)

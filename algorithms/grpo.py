@@ -38,8 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import (Batch, BuildContext, completion_rows, grouped_rewards, sampler_version,
-                                     token_values)
+from hotloop.algorithms.base import Batch, BuildContext, completion_rows, grouped_rewards, sampler_version, token_values
 from hotloop.algorithms.logprobs import token_logprobs
 from hotloop.kernels.losses.advantages import group_advantages, rloo_advantages
 from hotloop.kernels.losses.grpo import GRPOOptions, grpo_loss
@@ -89,9 +88,15 @@ class GRPOConfig:
 
     def loss_options(self) -> GRPOOptions:
         """The kernel's options for this config (the others at ``GRPOOptions``' defaults)."""
-        return GRPOOptions(loss_type=self.loss_type, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-                           delta=self.delta, importance_sampling_level=self.importance_sampling_level,
-                           beta=self.beta, kl_estimator=self.kl_estimator)
+        return GRPOOptions(
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,8 +119,14 @@ def advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
 class GRPO:
     """Group-relative policy optimisation; the variant is picked by ``GRPOConfig``."""
 
-    def __init__(self, config: GRPOConfig, *, pad_token_id: int, temperature: float = 1.0,
-                 max_completion_length: int | None = None) -> None:
+    def __init__(
+        self,
+        config: GRPOConfig,
+        *,
+        pad_token_id: int,
+        temperature: float = 1.0,
+        max_completion_length: int | None = None,
+    ) -> None:
         if not isinstance(config, GRPOConfig):
             raise TypeError(f"config: expected GRPOConfig, got {type(config).__name__}")
         if not isinstance(pad_token_id, int) or pad_token_id < 0:
@@ -129,11 +140,16 @@ class GRPO:
     def from_config(cls, config: GRPOConfig, context: BuildContext) -> GRPO:
         """Factory for the config registry: log-probs at the run's sampling temperature (1 when greedy)."""
         sampling = context.sampling
-        return cls(config, pad_token_id=context.pad_token_id, temperature=sampling.logprob_temperature,
-                   max_completion_length=sampling.max_new_tokens)
+        return cls(
+            config,
+            pad_token_id=context.pad_token_id,
+            temperature=sampling.logprob_temperature,
+            max_completion_length=sampling.max_new_tokens,
+        )
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> GRPOBatch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> GRPOBatch | None:
         """Rows with their advantages and sampler log-probs; None when no group has a reward contrast."""
         grouped = grouped_rewards(completions, rewards, len(prompt_ids), self.samples_per_prompt)
         contrast = (grouped != grouped[:, :1]).any(dim=1)
@@ -142,12 +158,19 @@ class GRPO:
             return None
         rows = keep.repeat_interleave(self.samples_per_prompt).nonzero().squeeze(1)
         row_list = rows.tolist()
-        input_ids, attention_mask, completion_mask = completion_rows(prompt_ids, completions, row_list,
-                                                                     self.pad_token_id)
+        input_ids, attention_mask, completion_mask = completion_rows(
+            prompt_ids, completions, row_list, self.pad_token_id
+        )
         old = token_values(completion_mask, [completions[i].logprobs for i in row_list])
-        return GRPOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                         rewards=grouped.reshape(-1)[rows], sampler_version=sampler_version(completions),
-                         advantages=advantages(grouped, self.config.advantage)[rows], old_logp=old)
+        return GRPOBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            rewards=grouped.reshape(-1)[rows],
+            sampler_version=sampler_version(completions),
+            advantages=advantages(grouped, self.config.advantage)[rows],
+            old_logp=old,
+        )
 
     def prompt_pool(self, problems: list) -> list:
         """The problems the loop draws prompts from: the run's training problems."""
@@ -173,8 +196,15 @@ class GRPO:
                 ref = token_logprobs(reference, *args, **opts)
         mask = batch.completion_mask[:, 1:]
         old = batch.old_logp if cfg.old_logp == "sampler" else None
-        out = grpo_loss(logp, batch.advantages, mask, old_logp=old, ref_logp=ref,
-                        max_completion_length=self.max_completion_length, **asdict(cfg.loss_options()))
+        out = grpo_loss(
+            logp,
+            batch.advantages,
+            mask,
+            old_logp=old,
+            ref_logp=ref,
+            max_completion_length=self.max_completion_length,
+            **asdict(cfg.loss_options()),
+        )
         metrics = dict(out.metrics)
         with torch.no_grad():
             m = mask.to(logp.dtype)

@@ -46,8 +46,10 @@ def check_model_dir(name: str, path: str) -> None:
     if not directory.is_dir():
         raise ValueError(f"{name}: expected a local model directory, got {path!r} (no such directory)")
     if not (directory / "config.json").is_file():
-        raise ValueError(f"{name}: expected a transformers model directory with config.json, got {path!r} "
-                         f"(holds {sorted(p.name for p in directory.iterdir())[:6]})")
+        raise ValueError(
+            f"{name}: expected a transformers model directory with config.json, got {path!r} "
+            f"(holds {sorted(p.name for p in directory.iterdir())[:6]})"
+        )
 
 
 def check_jsonl(name: str, path: str, fields: dict[str, type]) -> int:
@@ -70,8 +72,9 @@ def check_jsonl(name: str, path: str, fields: dict[str, type]) -> int:
             raise ValueError(f"{file}:{number}: expected a JSON object, got {type(row).__name__}")
         for field, kind in fields.items():
             if not isinstance(row.get(field), kind):
-                raise ValueError(f"{file}:{number}: expected a {kind.__name__} field {field!r}, "
-                                 f"got {row.get(field)!r:.60}")
+                raise ValueError(
+                    f"{file}:{number}: expected a {kind.__name__} field {field!r}, got {row.get(field)!r:.60}"
+                )
         rows += 1
     if rows == 0:
         raise ValueError(f"{name}: expected at least one row, got an empty file {path!r}")
@@ -81,5 +84,6 @@ def check_jsonl(name: str, path: str, fields: dict[str, type]) -> int:
 def check_package(module: str, package: str) -> None:
     """Raise unless ``module`` can be imported, naming the pip package that provides it."""
     if importlib.util.find_spec(module) is None:
-        raise ValueError(f"missing optional package: {module} is not installed; expected it for this run "
-                         f"(pip install {package})")
+        raise ValueError(
+            f"missing optional package: {module} is not installed; expected it for this run (pip install {package})"
+        )

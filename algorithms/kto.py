@@ -68,8 +68,9 @@ class KTOConfig:
 
     def loss_options(self) -> KTOOptions:
         """The kernel's options for this config (``length_normalize`` at ``KTOOptions``' default)."""
-        return KTOOptions(beta=self.beta, desirable_weight=self.desirable_weight,
-                          undesirable_weight=self.undesirable_weight)
+        return KTOOptions(
+            beta=self.beta, desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +105,9 @@ class KTO:
         """Factory for the config registry."""
         return cls(config, pad_token_id=context.pad_token_id)
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> KTOBatch:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> KTOBatch:
         """Every sample with its label (reward > threshold) and, for z₀, the mismatched rows."""
         flat = grouped_rewards(completions, rewards, len(prompt_ids), self.samples_per_prompt).reshape(-1)
         prompts = [prompt_ids[c.prompt_index] for c in completions]
@@ -116,9 +118,15 @@ class KTO:
             shift = self.samples_per_prompt
             names = ("kl_input_ids", "kl_attention_mask", "kl_completion_mask")
             kl = dict(zip(names, pack_rows(prompts, tokens[shift:] + tokens[:shift], self.pad_token_id)))
-        return KTOBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                        rewards=flat, sampler_version=sampler_version(completions),
-                        labels=flat > self.config.threshold, **kl)
+        return KTOBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            rewards=flat,
+            sampler_version=sampler_version(completions),
+            labels=flat > self.config.threshold,
+            **kl,
+        )
 
     def prompt_pool(self, problems: list) -> list:
         """The problems the loop draws prompts from: the run's training problems."""
@@ -127,8 +135,10 @@ class KTO:
     def split_rule(self) -> SplitRule:
         """Whole groups, mean over rows; refused with the mismatched reference point (z0 couples the batch)."""
         if self.config.reference_point == "mismatched":
-            raise ValueError(f"{type(self).__name__}: reference_point='mismatched' makes z0 a mean over the whole "
-                             f"batch, so micro batches would change the loss; expected reference_point='zero'")
+            raise ValueError(
+                f"{type(self).__name__}: reference_point='mismatched' makes z0 a mean over the whole "
+                f"batch, so micro batches would change the loss; expected reference_point='zero'"
+            )
         return SplitRule(unit_rows=self.samples_per_prompt, normalizer="rows")
 
     def loss(self, policy: nn.Module, batch: KTOBatch, *, reference: nn.Module | None) -> LossOutput:

@@ -23,8 +23,9 @@ from hotloop.algorithms.config import RunConfig
 from hotloop.algorithms.presets import PRESETS
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, preset: str | None = None
-                ) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), *, preset: str | None = None
+) -> RunConfig:
     """``RunConfig`` from a YAML file (None: no file) with ``key.sub=value`` overrides applied, over the preset the
     file (or an override) names with ``preset: NAME``, else over ``preset``, else over ``RunConfig()``."""
     data = {}
@@ -78,8 +79,10 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
-    return " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part) \
+    return (
+        " ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
         or str(err).splitlines()[0]
+    )
 
 
 def _build(cls, data: dict, prefix: str, base):

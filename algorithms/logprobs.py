@@ -32,13 +32,21 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     backbone = get_decoder() if callable(get_decoder) else getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or backbone is model or head is None:
-        raise TypeError(f"model: expected a causal LM with a decoder (get_decoder() or .model) and an "
-                        f"output embedding (get_output_embeddings()), got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a causal LM with a decoder (get_decoder() or .model) and an "
+            f"output embedding (get_output_embeddings()), got {type(model).__name__}"
+        )
     return backbone, head
 
 
-def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   temperature: float = 1.0, completion_mask: torch.Tensor | None = None) -> torch.Tensor:
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    completion_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Log-prob of every next token under ``model`` at ``temperature``.
 
     Args:
@@ -53,11 +61,14 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         0 where ``attention_mask[b, t + 1] == 0`` (or ``completion_mask[b, t + 1] == 0``).
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(f"input_ids, attention_mask: expected equal [B, L] shapes, got "
-                         f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"input_ids, attention_mask: expected equal [B, L] shapes, got "
+            f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+        )
     if completion_mask is not None and completion_mask.shape != input_ids.shape:
-        raise ValueError(f"completion_mask: expected shape {tuple(input_ids.shape)}, "
-                         f"got {tuple(completion_mask.shape)}")
+        raise ValueError(
+            f"completion_mask: expected shape {tuple(input_ids.shape)}, got {tuple(completion_mask.shape)}"
+        )
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: expected at least 2 tokens per row, got shape {tuple(input_ids.shape)}")
     if not temperature > 0:
@@ -72,13 +83,25 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         counted = counted & (completion_mask[:, 1:] != 0)
     targets = input_ids[:, 1:].masked_fill(~counted, IGNORE_INDEX).reshape(-1)
     hidden = hidden[:, :-1].reshape(B * (L - 1), hidden.shape[-1])
-    logp = fused_linear_logprob(hidden, head.weight, targets, getattr(head, "bias", None),
-                                temperature=float(temperature), ignore_index=IGNORE_INDEX)
+    logp = fused_linear_logprob(
+        hidden,
+        head.weight,
+        targets,
+        getattr(head, "bias", None),
+        temperature=float(temperature),
+        ignore_index=IGNORE_INDEX,
+    )
     return logp.view(B, L - 1)
 
 
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      completion_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Sum of the completion tokens' log-probs per row (the LM head runs on the completion rows only).
 
     Args:

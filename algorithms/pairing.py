@@ -59,8 +59,12 @@ def contrast_pairs(rewards: torch.Tensor, groups: list[list[int]], pairs_per_gro
 def skip_reasons(rewards: torch.Tensor, groups: list[list[int]]) -> dict[str, float]:
     """Counts of groups without a reward contrast by reason, and of groups with one (see the module docstring)."""
     values = rewards.tolist()
-    out = {"pairs/groups_with_contrast": 0.0, "pairs/skipped_all_correct": 0.0, "pairs/skipped_all_wrong": 0.0,
-           "pairs/skipped_tied": 0.0}
+    out = {
+        "pairs/groups_with_contrast": 0.0,
+        "pairs/skipped_all_correct": 0.0,
+        "pairs/skipped_all_wrong": 0.0,
+        "pairs/skipped_tied": 0.0,
+    }
     for group in groups:
         distinct = {values[i] for i in group}
         if len(distinct) > 1:
@@ -88,9 +92,11 @@ def resample_tied(algorithm, problems: list, prompt_ids: list[list[int]], comple
     if not k or not hard:
         return completions, rewards, 0
     seed = zlib.crc32(str([c.token_ids for c in completions]).encode())
-    extra = algorithm.engine.generate([prompt_ids[p] for p in hard],
-                                      dataclasses.replace(algorithm.sampling, n=k, seed=seed))
+    extra = algorithm.engine.generate(
+        [prompt_ids[p] for p in hard], dataclasses.replace(algorithm.sampling, n=k, seed=seed)
+    )
     extra = [dataclasses.replace(c, prompt_index=hard[c.prompt_index]) for c in extra]
-    scores = algorithm.reward_fn([problems[c.prompt_index] for c in extra],
-                                 [algorithm.decode(c.token_ids) for c in extra])
+    scores = algorithm.reward_fn(
+        [problems[c.prompt_index] for c in extra], [algorithm.decode(c.token_ids) for c in extra]
+    )
     return completions + extra, torch.cat([rewards.float().cpu(), scores.float().cpu()]), len(hard)

@@ -44,8 +44,12 @@ def smollm2() -> RunConfig:
 PRESETS = {"demo": demo, "smollm2": smollm2}
 """Preset name (the YAML ``preset:`` key) → function returning its ``RunConfig``."""
 
-DEMO_SIZED = {"sampling.max_new_tokens": "64-256", "trainer.lr": "1e-6-1e-5", "trainer.betas": "[0.9, 0.999]",
-              "trainer.warmup_steps": "0-2"}
+DEMO_SIZED = {
+    "sampling.max_new_tokens": "64-256",
+    "trainer.lr": "1e-6-1e-5",
+    "trainer.betas": "[0.9, 0.999]",
+    "trainer.warmup_steps": "0-2",
+}
 """Fields :func:`demo` sizes for the tiny model → what suits a pretrained model."""
 
 
@@ -59,6 +63,8 @@ def demo_default_warnings(config: RunConfig) -> list[str]:
         section, name = dotted.split(".")
         value = getattr(getattr(config, section), name)
         if value == getattr(getattr(sized, section), name):
-            out.append(f"{dotted}={value!r} is the tiny demo model's setting; a pretrained model usually wants "
-                       f"{real} (see examples/ and docs/real-models.md)")
+            out.append(
+                f"{dotted}={value!r} is the tiny demo model's setting; a pretrained model usually wants "
+                f"{real} (see examples/ and docs/real-models.md)"
+            )
     return out

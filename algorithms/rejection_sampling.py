@@ -57,10 +57,13 @@ class RejectionSamplingConfig:
             raise ValueError(f"samples_per_prompt: expected an int >= 1, got {self.samples_per_prompt!r}")
         top_k_ok = isinstance(self.top_k, int) and 1 <= self.top_k <= self.samples_per_prompt
         if self.top_k is not None and not top_k_ok:
-            raise ValueError(f"top_k: expected None or an int in [1, samples_per_prompt = {self.samples_per_prompt}], "
-                             f"got {self.top_k!r}")
-        if self.min_reward is not None and (not isinstance(self.min_reward, (int, float))
-                                            or not math.isfinite(self.min_reward)):
+            raise ValueError(
+                f"top_k: expected None or an int in [1, samples_per_prompt = {self.samples_per_prompt}], "
+                f"got {self.top_k!r}"
+            )
+        if self.min_reward is not None and (
+            not isinstance(self.min_reward, (int, float)) or not math.isfinite(self.min_reward)
+        ):
             raise ValueError(f"min_reward: expected None or a finite float, got {self.min_reward!r}")
         if self.top_k is None and self.min_reward is None:
             raise ValueError("top_k, min_reward: expected at least one filter (both None would keep every sample)")
@@ -125,18 +128,25 @@ class RejectionSampling:
         """Factory for the config registry."""
         return cls(config, pad_token_id=context.pad_token_id)
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> WeightedSFTBatch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> WeightedSFTBatch | None:
         """The kept samples with weight 1; None when no sample passes the filters."""
         grouped = grouped_rewards(completions, rewards, len(prompt_ids), self.samples_per_prompt)
         rows = kept_rows(grouped, self.config.top_k, self.config.min_reward)
         if rows.numel() == 0:
             return None
-        input_ids, attention_mask, completion_mask = completion_rows(prompt_ids, completions, rows.tolist(),
-                                                                     self.pad_token_id)
-        return WeightedSFTBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                                rewards=grouped.reshape(-1)[rows], sampler_version=sampler_version(completions),
-                                weights=torch.ones(rows.numel()))
+        input_ids, attention_mask, completion_mask = completion_rows(
+            prompt_ids, completions, rows.tolist(), self.pad_token_id
+        )
+        return WeightedSFTBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            rewards=grouped.reshape(-1)[rows],
+            sampler_version=sampler_version(completions),
+            weights=torch.ones(rows.numel()),
+        )
 
     def loss(self, policy: nn.Module, batch: WeightedSFTBatch, *, reference: nn.Module | None) -> LossOutput:
         """Negative log-likelihood of the kept completions (``reference`` is not used)."""

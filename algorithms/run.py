@@ -79,9 +79,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device: got {name!r}, but CUDA is not available here (torch.cuda.is_available() "
-                         f"is False; torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
-                         f"expected 'cpu' or 'auto'")
+        raise ValueError(
+            f"model.device: got {name!r}, but CUDA is not available here (torch.cuda.is_available() "
+            f"is False; torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+            f"expected 'cpu' or 'auto'"
+        )
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"model.device: expected a cuda index below {torch.cuda.device_count()}, got {name!r}")
     return device
@@ -101,8 +103,7 @@ def build_setup(config: RunConfig, *, progress: bool) -> Setup:
     else:
         train = task.problems(task.split_size("train"), "train")
         test = task.problems(min(config.task.eval_problems, task.split_size("test")), "test")
-    reward_fn = build_reward(config.reward, task=task, tokenizer=raw_tokenizer(tokenizer), policy=model,
-                             device=device)
+    reward_fn = build_reward(config.reward, task=task, tokenizer=raw_tokenizer(tokenizer), policy=model, device=device)
     return Setup(model, tokenizer, train, test[: config.task.eval_problems], reward_fn, warm, device)
 
 
@@ -115,17 +116,30 @@ def load_policy(config: RunConfig, task, *, progress: bool) -> tuple[torch.nn.Mo
 
     if config.model.path is None:
         tokenizer = CharTokenizer(task.alphabet)
-        cache = Path(config.model.cache_dir).expanduser() / "warm_start" / (
-            f"{config.task.name}-{config.task.digits}{config.task.op}-seed{config.loop.seed}")
-        model = sft_warm_start(task, tokenizer, out_dir=cache, steps=config.model.warm_start_steps,
-                               error_rate=config.model.warm_start_error_rate, seed=config.loop.seed, progress=progress)
+        cache = (
+            Path(config.model.cache_dir).expanduser()
+            / "warm_start"
+            / (f"{config.task.name}-{config.task.digits}{config.task.op}-seed{config.loop.seed}")
+        )
+        model = sft_warm_start(
+            task,
+            tokenizer,
+            out_dir=cache,
+            steps=config.model.warm_start_steps,
+            error_rate=config.model.warm_start_error_rate,
+            seed=config.loop.seed,
+            progress=progress,
+        )
         return model.float(), tokenizer
     path = config.model.path
     tokenizer = load_hf_tokenizer(path) if is_gguf(path) else load_tokenizer(path)
     if not isinstance(tokenizer, CharTokenizer):
-        tokenizer = HFTokenizer(tokenizer, chat_template=config.prompt.chat_template,
-                                system_prompt=config.prompt.system_prompt,
-                                template_options=config.prompt.template_options)
+        tokenizer = HFTokenizer(
+            tokenizer,
+            chat_template=config.prompt.chat_template,
+            system_prompt=config.prompt.system_prompt,
+            template_options=config.prompt.template_options,
+        )
     return load_causal_lm(path).float(), tokenizer
 
 
@@ -140,14 +154,22 @@ def sampling_params(config: SamplingConfig, tokenizer) -> SamplingParams:
         try:
             ids = encode(raw_tokenizer(tokenizer), text, special=False)
         except ValueError as err:
-            raise ValueError(f"sampling.stop_strings: {text!r} is not encodable by the run's tokenizer ({err})") \
-                from None
+            raise ValueError(
+                f"sampling.stop_strings: {text!r} is not encodable by the run's tokenizer ({err})"
+            ) from None
         if len(ids) != 1:
-            raise ValueError(f"sampling.stop_strings: expected strings of one token each, got {text!r} = "
-                             f"{len(ids)} tokens {ids}; give its ids in sampling.stop_token_ids instead")
+            raise ValueError(
+                f"sampling.stop_strings: expected strings of one token each, got {text!r} = "
+                f"{len(ids)} tokens {ids}; give its ids in sampling.stop_token_ids instead"
+            )
         stops.add(ids[0])
-    return SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                          max_new_tokens=config.max_new_tokens, stop_token_ids=tuple(sorted(stops)))
+    return SamplingParams(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        max_new_tokens=config.max_new_tokens,
+        stop_token_ids=tuple(sorted(stops)),
+    )
 
 
 def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module | None):
@@ -158,8 +180,13 @@ def make_evaluate(setup: Setup, config: RunConfig, reference: torch.nn.Module | 
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        engine = TorchEngine(model, pad_token_id=_token_id(tok, "pad"), eos_token_id=_token_id(tok, "eos"),
-                             max_batch_size=config.sampling.max_batch_size, seed=0)
+        engine = TorchEngine(
+            model,
+            pad_token_id=_token_id(tok, "pad"),
+            eos_token_id=_token_id(tok, "eos"),
+            max_batch_size=config.sampling.max_batch_size,
+            seed=0,
+        )
         greedy = engine.generate(prompts, base)
         rewards = setup.reward_fn(setup.test, [tok.decode(c.token_ids) for c in greedy])
         if reference is None:
@@ -181,24 +208,32 @@ def engine_options(config: RunConfig) -> dict:
     model_dir = engine.model_dir or config.model.path
     options = {"seed": config.loop.seed, **({} if engine.dtype == "auto" else {"dtype": engine.dtype})}
     if engine.kind == "vllm":
-        return {**options, "model_dir": model_dir,
-                **({} if engine.memory_fraction is None else {"gpu_memory_utilization": engine.memory_fraction})}
-    return {**options, "model_dir": model_dir, "deterministic": True,
-            **({} if engine.memory_fraction is None else {"mem_fraction_static": engine.memory_fraction})}
+        return {
+            **options,
+            "model_dir": model_dir,
+            **({} if engine.memory_fraction is None else {"gpu_memory_utilization": engine.memory_fraction}),
+        }
+    return {
+        **options,
+        "model_dir": model_dir,
+        "deterministic": True,
+        **({} if engine.memory_fraction is None else {"mem_fraction_static": engine.memory_fraction}),
+    }
 
 
 def probe_logprobs(pad_token_id: int):
     """The trainer side of the proof on every sync: ``token_logprobs`` (the fused kernel) of each completion."""
 
     @torch.no_grad()
-    def logprob_fn(model, prompts: list[list[int]], completions: list[list[int]],
-                   temperature: float = 1.0) -> list[list[float]]:
+    def logprob_fn(
+        model, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0
+    ) -> list[list[float]]:
         device = next(model.parameters()).device
         ids, mask, comp = (r.to(device) for r in pack_rows(prompts, completions, pad_token_id))
         logp = token_logprobs(model, ids, mask, temperature=temperature)[comp[:, 1:].bool()].tolist()
         out, start = [], 0
         for c in completions:
-            out.append(logp[start:start + len(c)])
+            out.append(logp[start : start + len(c)])
             start += len(c)
         return out
 
@@ -220,11 +255,22 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
     sampling = sampling_params(config.sampling, tok)
     # several ranks: each samples from its own plain copy, fed bucket by bucket from the sharded policy
     engine_model = setup.model if ctx is None else copy.deepcopy(setup.model).requires_grad_(False)
-    engine = make_engine(engine_model, kind=config.engine.kind, pad_token_id=_token_id(tok, "pad"),
-                         eos_token_id=_token_id(tok, "eos"), **engine_options(config))
+    engine = make_engine(
+        engine_model,
+        kind=config.engine.kind,
+        pad_token_id=_token_id(tok, "pad"),
+        eos_token_id=_token_id(tok, "eos"),
+        **engine_options(config),
+    )
     section, factory = ALGORITHMS[config.algorithm]
-    context = BuildContext(pad_token_id=_token_id(tok, "pad"), engine=engine, problems=setup.train, tokenizer=tok,
-                           reward_fn=setup.reward_fn, sampling=sampling)
+    context = BuildContext(
+        pad_token_id=_token_id(tok, "pad"),
+        engine=engine,
+        problems=setup.train,
+        tokenizer=tok,
+        reward_fn=setup.reward_fn,
+        sampling=sampling,
+    )
     algorithm = factory(getattr(config, section), context)
     # a frozen copy only when the loss reads it (GRPO with beta = 0 does not): no KL is reported then
     reference = make_reference(setup.model) if algorithm.needs_reference else None
@@ -235,9 +281,20 @@ def run(config: RunConfig, *, resume: bool = False, progress: bool = True) -> di
         policy, reference = distributed.shard_run(ctx, policy, reference, mixed_precision=config.trainer.bf16_autocast)
         evaluate = distributed.unsharded_eval(evaluate, reference)
     trainer = Trainer(policy, config.trainer, reference=reference, run_config=run_config)
-    loop = OnlineLoop(config.loop, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=setup.reward_fn,
-                      problems=algorithm.prompt_pool(setup.train), tokenizer=tok, sampling=sampling,
-                      evaluate=evaluate, progress=progress, logprob_fn=probe_logprobs(_token_id(tok, "pad")), dist=ctx)
+    loop = OnlineLoop(
+        config.loop,
+        trainer=trainer,
+        engine=engine,
+        algorithm=algorithm,
+        reward_fn=setup.reward_fn,
+        problems=algorithm.prompt_pool(setup.train),
+        tokenizer=tok,
+        sampling=sampling,
+        evaluate=evaluate,
+        progress=progress,
+        logprob_fn=probe_logprobs(_token_id(tok, "pad")),
+        dist=ctx,
+    )
     result = loop.run(resume=resume)
     after = evaluate(trainer.model) if result.interrupted else _last_eval(result, evaluate, trainer.model)
     if not main:

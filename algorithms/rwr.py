@@ -24,8 +24,12 @@ import torch
 from torch import nn
 
 from hotloop.algorithms.base import BuildContext, completion_rows, grouped_rewards, sampler_version
-from hotloop.algorithms.rejection_sampling import (NORMALIZE, WeightedSFTBatch, weighted_sft_loss,
-                                                   weighted_sft_split_rule)
+from hotloop.algorithms.rejection_sampling import (
+    NORMALIZE,
+    WeightedSFTBatch,
+    weighted_sft_loss,
+    weighted_sft_split_rule,
+)
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion
 from hotloop.runtime.micro_batches import SplitRule
@@ -88,15 +92,22 @@ class RWR:
         """Factory for the config registry."""
         return cls(config, pad_token_id=context.pad_token_id)
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> WeightedSFTBatch:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> WeightedSFTBatch:
         """Every sample, in sampling order, with its weight."""
         grouped = grouped_rewards(completions, rewards, len(prompt_ids), self.samples_per_prompt)
-        input_ids, attention_mask, completion_mask = completion_rows(prompt_ids, completions,
-                                                                     list(range(len(completions))), self.pad_token_id)
-        return WeightedSFTBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask,
-                                rewards=grouped.reshape(-1), sampler_version=sampler_version(completions),
-                                weights=rwr_weights(grouped, self.config.tau, self.config.normalize_over))
+        input_ids, attention_mask, completion_mask = completion_rows(
+            prompt_ids, completions, list(range(len(completions))), self.pad_token_id
+        )
+        return WeightedSFTBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            rewards=grouped.reshape(-1),
+            sampler_version=sampler_version(completions),
+            weights=rwr_weights(grouped, self.config.tau, self.config.normalize_over),
+        )
 
     def loss(self, policy: nn.Module, batch: WeightedSFTBatch, *, reference: nn.Module | None) -> LossOutput:
         """Weighted negative log-likelihood of every sample (``reference`` is not used)."""

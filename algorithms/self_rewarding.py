@@ -71,10 +71,14 @@ class SelfRewardingConfig:
     def __post_init__(self) -> None:
         missing = [f for f in ("{prompt}", "{a}", "{b}") if self.template is not None and f not in self.template]
         if self.template is not None and (not isinstance(self.template, str) or missing):
-            raise ValueError(f"template: expected None or a str with {{prompt}}, {{a}} and {{b}}, got "
-                             f"{self.template!r}")
-        if self.choices is not None and (len(self.choices) != 2 or len(set(self.choices)) != 2
-                                         or not all(isinstance(c, str) and c for c in self.choices)):
+            raise ValueError(
+                f"template: expected None or a str with {{prompt}}, {{a}} and {{b}}, got {self.template!r}"
+            )
+        if self.choices is not None and (
+            len(self.choices) != 2
+            or len(set(self.choices)) != 2
+            or not all(isinstance(c, str) and c for c in self.choices)
+        ):
             raise ValueError(f"choices: expected None or two different non-empty strings, got {self.choices!r}")
         if not isinstance(self.min_margin, (int, float)) or not 0 <= self.min_margin < 1:
             raise ValueError(f"min_margin: expected a float in [0, 1), got {self.min_margin!r}")
@@ -97,20 +101,26 @@ def judge_prompt(config: SelfRewardingConfig, tokenizer) -> tuple[str, tuple[str
     choices = config.choices or (ENGLISH_CHOICES if english else DIGIT_CHOICES)
     for name, text in (("template", template.format(prompt="", a="", b="")), ("choices", "".join(choices))):
         if not _encodable(tokenizer, text):
-            raise ValueError(f"{name}: expected text the run's tokenizer can encode, got {text!r} "
-                             f"(set self_rewarding.template and self_rewarding.choices)")
+            raise ValueError(
+                f"{name}: expected text the run's tokenizer can encode, got {text!r} "
+                f"(set self_rewarding.template and self_rewarding.choices)"
+            )
     return template, choices
 
 
 def judge_scores(judge, problems: list, texts: list[str], groups: list[list[int]]) -> torch.Tensor:
     """[n] float32 round-robin score of each text: mean ``judge.prefer_batch`` win probability against
     the other distinct texts of its group (0.5 when it has none)."""
-    matches = [(g, a, b) for g, group in enumerate(groups)
-               for a, b in combinations(list(dict.fromkeys(texts[i] for i in group)), 2)]
+    matches = [
+        (g, a, b)
+        for g, group in enumerate(groups)
+        for a, b in combinations(list(dict.fromkeys(texts[i] for i in group)), 2)
+    ]
     wins: dict[tuple[int, str], list[float]] = defaultdict(list)
     if matches:
-        p = judge.prefer_batch([problems[g] for g, _, _ in matches], [a for _, a, _ in matches],
-                               [b for _, _, b in matches]).tolist()
+        p = judge.prefer_batch(
+            [problems[g] for g, _, _ in matches], [a for _, a, _ in matches], [b for _, _, b in matches]
+        ).tolist()
         for (g, a, b), p_a in zip(matches, p):
             wins[g, a].append(p_a)
             wins[g, b].append(1.0 - p_a)
@@ -152,20 +162,26 @@ class SelfRewardingDPO(_DPOLoss):
         """Factory for the config registry: an ``LLMJudge`` on the engine's module and the run's tokenizer."""
         model = getattr(context.engine, "model", None)
         if not isinstance(model, nn.Module):
-            raise ValueError(f"engine: self-rewarding judges with the engine's module; expected an engine with "
-                             f".model (TorchEngine), got {type(context.engine).__name__}")
+            raise ValueError(
+                f"engine: self-rewarding judges with the engine's module; expected an engine with "
+                f".model (TorchEngine), got {type(context.engine).__name__}"
+            )
         tokenizer = getattr(context.tokenizer, "inner", context.tokenizer)  # the CLI wraps HF tokenizers
         template, choices = judge_prompt(config, tokenizer)
         judge = LLMJudge(model, tokenizer, template=template, choices=choices, batch_size=config.judge_batch_size)
         return cls(config, pad_token_id=context.pad_token_id, judge=judge, decode=context.tokenizer.decode)
 
-    def build_batch(self, problems: list, prompt_ids: list[list[int]], completions: list[Completion],
-                    rewards: torch.Tensor) -> PairBatch | None:
+    def build_batch(
+        self, problems: list, prompt_ids: list[list[int]], completions: list[Completion], rewards: torch.Tensor
+    ) -> PairBatch | None:
         """Judge the samples of each prompt, pair best with worst by judge score; None when no pair is left."""
         grouped_rewards(completions, rewards, len(prompt_ids), self.samples_per_prompt)
         groups = group_by_prompt(completions, len(prompt_ids))
         with _eval_mode(getattr(self.judge, "model", None)):
             scores = judge_scores(self.judge, problems, [self.decode(c.token_ids) for c in completions], groups)
-        pairs = [p for p in preference_pairs(prompt_ids, completions, scores, self.config.pairs_per_prompt)
-                 if p.chosen_reward - p.rejected_reward > self.settings.min_margin]
+        pairs = [
+            p
+            for p in preference_pairs(prompt_ids, completions, scores, self.config.pairs_per_prompt)
+            if p.chosen_reward - p.rejected_reward > self.settings.min_margin
+        ]
         return pair_batch(pairs, self.pad_token_id, sampler_version(completions)) if pairs else None

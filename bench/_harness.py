@@ -32,9 +32,9 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -118,7 +118,11 @@ class Contender:
 
 
 def measure_interleaved(
-    contenders: dict[str, Contender], *, warmup: int, reps: int, device: torch.device | str,
+    contenders: dict[str, Contender],
+    *,
+    warmup: int,
+    reps: int,
+    device: torch.device | str,
 ) -> dict[str, Measurement | Exception]:
     """Time every contender in the same rounds, then take each one's peak extra memory.
 
@@ -155,14 +159,14 @@ def measure_interleaved(
             timed.append(_time_one_call(c.fn, device))
 
     for r in range(warmup + reps):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if name not in failed:
-                attempt(name, lambda: one_call(contenders[name], times[name] if r >= warmup else None))
+                attempt(name, lambda: one_call(contenders[name], times[name] if r >= warmup else None))  # noqa: B023 (called at once)
     out: dict[str, Measurement | Exception] = {}
     for name, c in contenders.items():
         peaks: list[int] = []
         if name not in failed:
-            attempt(name, lambda: peaks.append(_peak_extra_bytes(c, device)))
+            attempt(name, lambda: peaks.append(_peak_extra_bytes(c, device)))  # noqa: B023 (called at once)
         if name in failed:
             out[name] = failed[name]
         else:
@@ -235,21 +239,26 @@ def unavailable_row(name: str, exc: BaseException, **row_fields) -> Row:
     return Row(impl=name, status=f"unavailable: {kind}{reason}", **row_fields)
 
 
-def time_section(entries: list[tuple[Row, Contender]], *, warmup: int, reps: int,
-                 device: torch.device | str) -> list[Row]:
+def time_section(
+    entries: list[tuple[Row, Contender]], *, warmup: int, reps: int, device: torch.device | str
+) -> list[Row]:
     """Time one table section's contenders in shared rounds (:func:`measure_interleaved`) and fill in their rows.
 
     Each row arrives with its impl, mode, size and notes; it leaves with median/min ms and peak extra MB
     (measured, unless the row came with a computed one), or as an unavailable row if its contender raised.
     """
-    results = measure_interleaved({str(k): c for k, (_, c) in enumerate(entries)}, warmup=warmup, reps=reps,
-                                  device=device)  # fmt: skip
+    results = measure_interleaved(
+        {str(k): c for k, (_, c) in enumerate(entries)}, warmup=warmup, reps=reps, device=device
+    )
     rows = []
     for k, (row, _) in enumerate(entries):
         m = results[str(k)]
         if isinstance(m, Exception):
-            rows.append(unavailable_row(row.impl, m, mode=row.mode, size=row.size, per_token_logp=row.per_token_logp,
-                                        note=row.note))  # fmt: skip
+            rows.append(
+                unavailable_row(
+                    row.impl, m, mode=row.mode, size=row.size, per_token_logp=row.per_token_logp, note=row.note
+                )
+            )
         else:
             peak = m.peak_extra_bytes / MB if row.peak_extra_mb is None else row.peak_extra_mb
             rows.append(replace(row, median_ms=m.median_s * 1e3, min_ms=m.min_s * 1e3, peak_extra_mb=peak))
@@ -273,6 +282,7 @@ def add_ratios(rows: list[Row], ratios_to: tuple[str, ...]) -> list[Row]:
 def collect_meta(device: torch.device | str, **extra) -> dict:
     """Git SHA (``-dirty`` if tracked files other than bench/results/ changed), torch/triton versions, device, UTC date,
     load average."""
+
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -310,14 +320,30 @@ def _markdown(area: str, rows: list[Row], meta: dict, ratios_to: tuple[str, ...]
     head = [f"# {area} — {meta['device']}", ""]
     head += [f"- {key}: {value}" for key, value in meta.items() if key not in ("memory_method", "notes")]
     lines = head + [""]
-    titles = ["impl", "mode", "median ms", *(f"× {impl}" for impl in ratios_to), "peak extra MB", "per-token logp?",
-              "max abs err", "note"]
+    titles = [
+        "impl",
+        "mode",
+        "median ms",
+        *(f"× {impl}" for impl in ratios_to),
+        "peak extra MB",
+        "per-token logp?",
+        "max abs err",
+        "note",
+    ]
     for size in dict.fromkeys(r.size for r in rows):
         lines += [f"## {size}", "", "| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
         for r in (r for r in rows if r.size == size):
             note = r.note if r.status == "ok" else "; ".join(x for x in (r.status, r.note) if x)
-            cells = [r.impl, r.mode, _fmt(r.median_ms, ".2f"), *(_fmt(r.ratios.get(i), ".2f") for i in ratios_to),
-                     _fmt(r.peak_extra_mb, ".1f"), r.per_token_logp, _fmt(r.max_abs_err, ".2e"), note.replace("|", "/")]
+            cells = [
+                r.impl,
+                r.mode,
+                _fmt(r.median_ms, ".2f"),
+                *(_fmt(r.ratios.get(i), ".2f") for i in ratios_to),
+                _fmt(r.peak_extra_mb, ".1f"),
+                r.per_token_logp,
+                _fmt(r.max_abs_err, ".2e"),
+                note.replace("|", "/"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["---", "", f"Time: median of the timed calls. {meta['memory_method']}."]
@@ -346,8 +372,9 @@ def _plot(path: Path, area: str, rows: list[Row], meta: dict) -> None:
             for k, impl in enumerate(present):
                 values = {r.size: getattr(r, attr) for r in ok if r.mode == mode and r.impl == impl}
                 xs = [i + k * width for i, s in enumerate(sizes) if values.get(s) is not None]
-                ax.bar(xs, [values[s] for s in sizes if values.get(s) is not None], width, label=impl,
-                       color=colors[impl])
+                ax.bar(
+                    xs, [values[s] for s in sizes if values.get(s) is not None], width, label=impl, color=colors[impl]
+                )
             ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], sizes, fontsize=7, rotation=15)
             ax.set_ylabel(label)
             ax.set_title(f"{mode}: {label}", fontsize=9)
@@ -359,7 +386,11 @@ def _plot(path: Path, area: str, rows: list[Row], meta: dict) -> None:
 
 
 def write_results(
-    area: str, rows: list[Row], meta: dict, *, ratios_to: tuple[str, ...] = ("floor", "naive"),
+    area: str,
+    rows: list[Row],
+    meta: dict,
+    *,
+    ratios_to: tuple[str, ...] = ("floor", "naive"),
     out_dir: Path | str = RESULTS_DIR,
 ) -> dict[str, Path]:
     """Write ``<out_dir>/<area>-<device slug>.{md,json,png}`` with a ``× <impl>`` ratio column per ``ratios_to``.
@@ -380,7 +411,10 @@ def write_results(
     stem = out_dir / f"{area}-{meta['slug']}"
     paths = {ext: stem.with_suffix(f".{ext}") for ext in ("md", "json", "png")}
     paths["md"].write_text(_markdown(area, rows, meta, ratios_to))
-    paths["json"].write_text(json.dumps({"area": area, "meta": meta, "ratios_to": list(ratios_to),
-                                         "rows": [asdict(r) for r in rows]}, indent=1))
+    paths["json"].write_text(
+        json.dumps(
+            {"area": area, "meta": meta, "ratios_to": list(ratios_to), "rows": [asdict(r) for r in rows]}, indent=1
+        )
+    )
     _plot(paths["png"], area, rows, meta)
     return paths

@@ -18,8 +18,8 @@ precomputed once: DPO / KTO sequence sums, GRPO per-token; Liger 0.8.5 takes the
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -43,27 +43,84 @@ class Spec:
     liger_options: dict = field(default_factory=dict)
 
 
-SPECS = {s.name: s for s in (
-    Spec("dpo", "pair", ("head", "cached"), dict(beta=0.1, loss_type="sigmoid"), "LigerFusedLinearDPOLoss",
-         dict(beta=0.1, loss_type="sigmoid", use_ref_model=True)),
-    Spec("ipo", "pair", ("head", "cached"), dict(beta=0.1, loss_type="ipo"), "LigerFusedLinearDPOLoss",
-         dict(beta=0.1, loss_type="ipo", use_ref_model=True)),
-    Spec("kto", "kto", ("head", "cached"), dict(beta=0.1), "LigerFusedLinearKTOLoss",
-         dict(beta=0.1, use_ref_model=True)),
-    Spec("orpo", "pair", ("none",), dict(beta=0.1, loss_type="orpo"), "LigerFusedLinearORPOLoss", dict(beta=0.1)),
-    Spec("simpo", "pair", ("none",), dict(beta=0.1, reference_free=True, length_normalize=True, gamma=0.5,
-                                          nll_coef=1.0), "LigerFusedLinearSimPOLoss", dict(beta=0.1, gamma=0.5)),
-    Spec("cpo", "pair", ("none",), dict(beta=0.1, reference_free=True, nll_coef=1.0), "LigerFusedLinearCPOLoss",
-         dict(beta=0.1)),
-    Spec("grpo-dapo", "grpo", ("none",), dict(beta=0.0, loss_type="dapo"), "LigerFusedLinearGRPOLoss",
-         dict(beta=0.0, use_ref_model=False, loss_type="dapo")),
-    Spec("grpo-dapo-kl", "grpo", ("head", "cached"), dict(beta=GRPO_BETA, loss_type="dapo"),
-         "LigerFusedLinearGRPOLoss", dict(beta=GRPO_BETA, use_ref_model=True, loss_type="dapo")),
-    Spec("grpo", "grpo", ("none",), dict(beta=0.0, loss_type="grpo"), "LigerFusedLinearGRPOLoss",
-         dict(beta=0.0, use_ref_model=False, loss_type="grpo")),
-    Spec("grpo-kl", "grpo", ("head", "cached"), dict(beta=GRPO_BETA, loss_type="grpo"), "LigerFusedLinearGRPOLoss",
-         dict(beta=GRPO_BETA, use_ref_model=True, loss_type="grpo")),
-)}  # fmt: skip
+SPECS = {
+    s.name: s
+    for s in (
+        Spec(
+            "dpo",
+            "pair",
+            ("head", "cached"),
+            dict(beta=0.1, loss_type="sigmoid"),
+            "LigerFusedLinearDPOLoss",
+            dict(beta=0.1, loss_type="sigmoid", use_ref_model=True),
+        ),
+        Spec(
+            "ipo",
+            "pair",
+            ("head", "cached"),
+            dict(beta=0.1, loss_type="ipo"),
+            "LigerFusedLinearDPOLoss",
+            dict(beta=0.1, loss_type="ipo", use_ref_model=True),
+        ),
+        Spec(
+            "kto",
+            "kto",
+            ("head", "cached"),
+            dict(beta=0.1),
+            "LigerFusedLinearKTOLoss",
+            dict(beta=0.1, use_ref_model=True),
+        ),
+        Spec("orpo", "pair", ("none",), dict(beta=0.1, loss_type="orpo"), "LigerFusedLinearORPOLoss", dict(beta=0.1)),
+        Spec(
+            "simpo",
+            "pair",
+            ("none",),
+            dict(beta=0.1, reference_free=True, length_normalize=True, gamma=0.5, nll_coef=1.0),
+            "LigerFusedLinearSimPOLoss",
+            dict(beta=0.1, gamma=0.5),
+        ),
+        Spec(
+            "cpo",
+            "pair",
+            ("none",),
+            dict(beta=0.1, reference_free=True, nll_coef=1.0),
+            "LigerFusedLinearCPOLoss",
+            dict(beta=0.1),
+        ),
+        Spec(
+            "grpo-dapo",
+            "grpo",
+            ("none",),
+            dict(beta=0.0, loss_type="dapo"),
+            "LigerFusedLinearGRPOLoss",
+            dict(beta=0.0, use_ref_model=False, loss_type="dapo"),
+        ),
+        Spec(
+            "grpo-dapo-kl",
+            "grpo",
+            ("head", "cached"),
+            dict(beta=GRPO_BETA, loss_type="dapo"),
+            "LigerFusedLinearGRPOLoss",
+            dict(beta=GRPO_BETA, use_ref_model=True, loss_type="dapo"),
+        ),
+        Spec(
+            "grpo",
+            "grpo",
+            ("none",),
+            dict(beta=0.0, loss_type="grpo"),
+            "LigerFusedLinearGRPOLoss",
+            dict(beta=0.0, use_ref_model=False, loss_type="grpo"),
+        ),
+        Spec(
+            "grpo-kl",
+            "grpo",
+            ("head", "cached"),
+            dict(beta=GRPO_BETA, loss_type="grpo"),
+            "LigerFusedLinearGRPOLoss",
+            dict(beta=GRPO_BETA, use_ref_model=True, loss_type="grpo"),
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -91,20 +148,28 @@ def _logp64(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -
     """``[S, T]`` float64 log-probs, materialized ``REF_ELEMENTS`` logits at a time."""
     h, t, w = hidden.detach().reshape(-1, hidden.shape[-1]), targets.reshape(-1), weight.detach().double()
     rows = max(1, REF_ELEMENTS // weight.shape[0])
-    parts = [reference_fused_linear_logprob(h[i:i + rows].double(), w, t[i:i + rows]) for i in range(0, len(t), rows)]
+    parts = [
+        reference_fused_linear_logprob(h[i : i + rows].double(), w, t[i : i + rows]) for i in range(0, len(t), rows)
+    ]
     return torch.cat(parts).reshape(targets.shape)
 
 
 def functional_loss(case: Case, logp: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
-    """The loss of the cell from per-token log-probs ``[S', T]`` (and reference ones), by hotloop's functional losses."""
+    """The cell's loss from per-token log-probs ``[S', T]`` (and reference ones), by hotloop's functional losses."""
     spec, seq, t = case.spec, logp.sum(-1), logp.shape[1]
     ref_seq = None if ref is None else ref.sum(-1)
     if spec.family == "kto":
         return kto_loss(seq, case.extra["labels"], ref_logps=ref_seq, **spec.options).loss
     if spec.family == "grpo":
         x = case.extra
-        return grpo_loss(logp, x["advantages"].to(logp.dtype), x["mask"], old_logp=x["old_logp"].to(logp.dtype),
-                         ref_logp=ref, **spec.options).loss  # fmt: skip
+        return grpo_loss(
+            logp,
+            x["advantages"].to(logp.dtype),
+            x["mask"],
+            old_logp=x["old_logp"].to(logp.dtype),
+            ref_logp=ref,
+            **spec.options,
+        ).loss
     half = seq.shape[0] // 2
     lengths = torch.full((half,), float(t), dtype=logp.dtype, device=logp.device)
     kw = dict(chosen_lengths=lengths, rejected_lengths=lengths)
@@ -131,9 +196,11 @@ def make_case(spec: Spec, ref: str, s: int, t: int, d: int, v: int, dtype, devic
     if spec.family == "kto":
         extra = dict(labels=torch.arange(rows, device=device) % 2 == 0)
     elif spec.family == "grpo":
-        extra = dict(mask=torch.ones(rows, t, dtype=torch.bool, device=device),
-                     advantages=torch.randn(rows, device=device),
-                     old_logp=(logp64 + 0.1 * torch.randn_like(logp64)).float())  # some ratios clip
+        extra = dict(
+            mask=torch.ones(rows, t, dtype=torch.bool, device=device),
+            advantages=torch.randn(rows, device=device),
+            old_logp=(logp64 + 0.1 * torch.randn_like(logp64)).float(),
+        )  # some ratios clip
     unit = "pairs" if spec.family == "pair" else "seqs"
     size = f"{unit}={s} T={t} ref={ref} {str(dtype).removeprefix('torch.')}"
     case = Case(spec, ref, size, hidden, weight, targets, ref_hidden, ref_weight, ref64.float(), extra, 0.0)
@@ -172,17 +239,28 @@ def _reference_kwargs(case: Case) -> dict:
 def hotloop(case: Case) -> Callable[[], torch.Tensor]:
     from hotloop.kernels import fused_linear_dpo_loss, fused_linear_grpo_loss, fused_linear_kto_loss
 
-    h, w, t, x, opts, ref = case.hidden, case.weight, case.targets, case.extra, case.spec.options, _reference_kwargs(case)
+    h, w, t, x, opts, ref = (
+        case.hidden,
+        case.weight,
+        case.targets,
+        case.extra,
+        case.spec.options,
+        _reference_kwargs(case),
+    )
     if case.spec.family == "pair":
         return lambda: fused_linear_dpo_loss(h, w, t, **ref, **opts).loss
     if case.spec.family == "kto":
         return lambda: fused_linear_kto_loss(h, w, t, labels=x["labels"], **ref, **opts).loss
-    return lambda: fused_linear_grpo_loss(h, w, t, advantages=x["advantages"], mask=x["mask"], old_logp=x["old_logp"],
-                                          **ref, **opts).loss  # fmt: skip
+    return lambda: (
+        fused_linear_grpo_loss(
+            h, w, t, advantages=x["advantages"], mask=x["mask"], old_logp=x["old_logp"], **ref, **opts
+        ).loss
+    )
 
 
 def liger_style(module: str, compiled: bool) -> Callable[[Case], Callable[[], torch.Tensor]]:
     """Builder of the cell's Liger class from ``module`` (Liger's or hotloop's compat layer), called as Liger's."""
+
     def build(case: Case) -> Callable[[], torch.Tensor]:
         spec, h, w, t, x = case.spec, case.hidden, case.weight, case.targets, case.extra
         cached = case.ref == "cached"
@@ -218,9 +296,17 @@ class Impl:
 IMPLEMENTATIONS = (
     Impl("naive", "naive", "full [N, V] logits + fp32 log_softmax/gather, hotloop's functional loss", naive),
     Impl("hotloop", "hotloop", "fused_linear_{dpo,kto,grpo}_loss, strategy='auto'", hotloop),
-    Impl("compat", "compat", "hotloop.kernels.compat.liger, called as Liger's",
-         liger_style("hotloop.kernels.compat.liger", True)),
+    Impl(
+        "compat",
+        "compat",
+        "hotloop.kernels.compat.liger, called as Liger's",
+        liger_style("hotloop.kernels.compat.liger", True),
+    ),
     Impl("liger", "liger", "liger_kernel.chunked_loss, compiled=True", liger_style("liger_kernel.chunked_loss", True)),
-    Impl("liger eager", "liger-eager", "liger_kernel.chunked_loss, compiled=False",
-         liger_style("liger_kernel.chunked_loss", False)),
+    Impl(
+        "liger eager",
+        "liger-eager",
+        "liger_kernel.chunked_loss, compiled=False",
+        liger_style("liger_kernel.chunked_loss", False),
+    ),
 )

@@ -28,8 +28,15 @@ from hotloop.algorithms.logprobs import IGNORE_INDEX, token_logprobs
 from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
 from hotloop.kernels.losses import grpo_loss
 
-SMOL_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                 intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
+SMOL_135M = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 
 def build_model(seed: int = 0):
@@ -84,19 +91,29 @@ def run(args) -> list[Row]:
     share = f"{completion_rows} of {counted} rows ({1 - completion_rows / counted:.0%} prompt)"
     size = f"135M-shape, {rows} rows × {ids.shape[1]} tokens"
     advantages = torch.randn(rows)
-    entries = [(Row(name, "grpo step fwd+bwd", size, note=f"LM head on {what}"),
-                step_contender(model, batch, advantages, with_mask))
-               for name, with_mask, what in (("all rows", False, f"{counted} rows"),
-                                             ("completion rows", True, share))]  # fmt: skip
+    entries = [
+        (
+            Row(name, "grpo step fwd+bwd", size, note=f"LM head on {what}"),
+            step_contender(model, batch, advantages, with_mask),
+        )
+        for name, with_mask, what in (("all rows", False, f"{counted} rows"), ("completion rows", True, share))
+    ]
     out = time_section(entries, warmup=args.warmup, reps=args.reps, device="cpu")
     with torch.no_grad():
         hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1]).clone().requires_grad_(True)
     weight = model.lm_head.weight.detach().clone().requires_grad_(True)
-    targets = {k: ids[:, 1:].masked_fill(m[:, 1:] == 0, IGNORE_INDEX).reshape(-1)
-               for k, m in (("all rows", attention), ("completion rows", completion))}
-    heads = [(Row(k, "lm head fwd+bwd", size, note=f"fused_linear_logprob, {int((t != IGNORE_INDEX).sum())} rows"),
-              head_contender(hidden, weight, t)) for k, t in targets.items()]
+    targets = {
+        k: ids[:, 1:].masked_fill(m[:, 1:] == 0, IGNORE_INDEX).reshape(-1)
+        for k, m in (("all rows", attention), ("completion rows", completion))
+    }
+    heads = [
+        (
+            Row(k, "lm head fwd+bwd", size, note=f"fused_linear_logprob, {int((t != IGNORE_INDEX).sum())} rows"),
+            head_contender(hidden, weight, t),
+        )
+        for k, t in targets.items()
+    ]
     return out + time_section(heads, warmup=args.warmup, reps=max(args.reps, 3), device="cpu")
 
 
@@ -113,8 +130,12 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     rows = run(args)
     for r in rows:
         print(f"{r.mode:<18} {r.impl:<16} {r.median_ms:.0f} ms  {r.note}", flush=True)
-    meta = collect_meta("cpu", slug=device_slug("cpu"), threads=torch.get_num_threads(),
-                        notes=["× all rows: median over the `all rows` median of the same section."])
+    meta = collect_meta(
+        "cpu",
+        slug=device_slug("cpu"),
+        threads=torch.get_num_threads(),
+        notes=["× all rows: median over the `all rows` median of the same section."],
+    )
     paths = write_results("completion_rows", rows, meta, ratios_to=("all rows",), out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths

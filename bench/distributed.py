@@ -48,8 +48,12 @@ BUCKET_MB = 4
 
 def model():
     """The benchmark policy: a Llama of ~3.7M parameters (real transformers code, seeded weights)."""
-    return build_tiny_model(tiny_llama_config(VOCAB, hidden_size=HIDDEN, layers=LAYERS, heads=4, kv_heads=2,
-                                              intermediate=INTERMEDIATE, max_position=64), seed=0)
+    return build_tiny_model(
+        tiny_llama_config(
+            VOCAB, hidden_size=HIDDEN, layers=LAYERS, heads=4, kv_heads=2, intermediate=INTERMEDIATE, max_position=64
+        ),
+        seed=0,
+    )
 
 
 def global_batch(algorithm: GRPO):
@@ -57,9 +61,17 @@ def global_batch(algorithm: GRPO):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (PROMPT_LEN,), generator=g).tolist() for _ in range(PROMPTS)]
     tokens = lambda: torch.randint(3, VOCAB, (COMPLETION_LEN,), generator=g).tolist()  # noqa: E731
-    completions = [Completion(prompt_index=p, token_ids=tokens(),
-                              logprobs=(-torch.rand(COMPLETION_LEN, generator=g) * 5).tolist(), finish_reason="length",
-                              weight_version=0) for p in range(PROMPTS) for _ in range(SAMPLES)]
+    completions = [
+        Completion(
+            prompt_index=p,
+            token_ids=tokens(),
+            logprobs=(-torch.rand(COMPLETION_LEN, generator=g) * 5).tolist(),
+            finish_reason="length",
+            weight_version=0,
+        )
+        for p in range(PROMPTS)
+        for _ in range(SAMPLES)
+    ]
     rewards = torch.rand(len(completions), generator=g)
     return algorithm.build_batch([None] * PROMPTS, prompts, completions, rewards)
 
@@ -67,11 +79,15 @@ def global_batch(algorithm: GRPO):
 def rank_main(rank: int, world: int, port: int, out: str, warmup: int, reps: int) -> None:
     """Time the contenders of ``world`` ranks; rank 0 writes the rows to ``out``."""
     torch.set_num_threads(1)  # one thread per rank at every world size: the 2-core VM has one core per rank
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     ctx = distributed.init_distributed(timeout_s=300.0)
-    algorithm = GRPO(GRPOConfig(samples_per_prompt=SAMPLES, loss_type="dapo", beta=0.05), pad_token_id=0,
-                     max_completion_length=COMPLETION_LEN)
+    algorithm = GRPO(
+        GRPOConfig(samples_per_prompt=SAMPLES, loss_type="dapo", beta=0.05),
+        pad_token_id=0,
+        max_completion_length=COMPLETION_LEN,
+    )
     batch = global_batch(algorithm)
     policy = model()
     reference = make_reference(policy)
@@ -93,9 +109,13 @@ def contenders(ctx, policy, reference, algorithm, batch, size: str) -> list:
         loss_fn = lambda m, b: algorithm.loss(m, b, reference=reference)  # noqa: E731
         plan = SyncPlan(policy, bucket_mb=BUCKET_MB)
         buffers = plan.allocate()
-        return [(Row("1 rank", "step", size), lambda: trainer.step(loss_fn, [batch])),
-                (Row("1 rank", "sync", size, note="SyncPlan.pack: one memcpy per tensor"),
-                 lambda: plan.pack(policy, buffers))]
+        return [
+            (Row("1 rank", "step", size), lambda: trainer.step(loss_fn, [batch])),
+            (
+                Row("1 rank", "sync", size, note="SyncPlan.pack: one memcpy per tensor"),
+                lambda: plan.pack(policy, buffers),
+            ),
+        ]
     engine_copy = copy.deepcopy(policy)
     policy, reference = distributed.shard_run(ctx, policy, reference)
     trainer = Trainer(policy, config, reference=reference)
@@ -104,12 +124,25 @@ def contenders(ctx, policy, reference, algorithm, batch, size: str) -> list:
     buffers = gather.plan.allocate()
     gather.plan.bind(engine_copy, buffers)
     rule = algorithm.split_rule()
-    return [(Row(f"{ctx.world_size} ranks FSDP2", "step", size),
-             lambda: distributed.train_step(trainer, loss_fn, batch, rule, ctx)),
-            (Row(f"{ctx.world_size} ranks: bucketed gather", "sync", size,
-                 note=f"{len(gather.plan.buckets)} buckets of <= {BUCKET_MB} MiB"), lambda: gather.pack(buffers)),
-            (Row(f"{ctx.world_size} ranks: full_tensor per parameter", "sync", size),
-             lambda: per_parameter_gather(policy, gather.plan, buffers))]
+    return [
+        (
+            Row(f"{ctx.world_size} ranks FSDP2", "step", size),
+            lambda: distributed.train_step(trainer, loss_fn, batch, rule, ctx),
+        ),
+        (
+            Row(
+                f"{ctx.world_size} ranks: bucketed gather",
+                "sync",
+                size,
+                note=f"{len(gather.plan.buckets)} buckets of <= {BUCKET_MB} MiB",
+            ),
+            lambda: gather.pack(buffers),
+        ),
+        (
+            Row(f"{ctx.world_size} ranks: full_tensor per parameter", "sync", size),
+            lambda: per_parameter_gather(policy, gather.plan, buffers),
+        ),
+    ]
 
 
 def per_parameter_gather(model, plan: SyncPlan, buffers) -> None:
@@ -119,7 +152,7 @@ def per_parameter_gather(model, plan: SyncPlan, buffers) -> None:
         for slot in plan.slots:
             tensor = state[slot.name]
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-            buffers[slot.bucket][slot.offset:slot.offset + slot.numel].copy_(full.reshape(-1))
+            buffers[slot.bucket][slot.offset : slot.offset + slot.numel].copy_(full.reshape(-1))
 
 
 def run_world(world: int, warmup: int, reps: int) -> list[Row]:
@@ -148,8 +181,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     args = parser.parse_args(argv)
     warmup, reps = (0, 1) if args.quick else (1, 5)
     rows = run_world(1, warmup, reps) + run_world(2, warmup, reps)
-    meta = collect_meta("cpu", slug=device_slug("cpu"), warmup=warmup, reps=reps, cpus=os.cpu_count(),
-                        threads_per_rank=1, backend="gloo", bucket_mb=BUCKET_MB)
+    meta = collect_meta(
+        "cpu",
+        slug=device_slug("cpu"),
+        warmup=warmup,
+        reps=reps,
+        cpus=os.cpu_count(),
+        threads_per_rank=1,
+        backend="gloo",
+        bucket_mb=BUCKET_MB,
+    )
     paths = write_results("distributed", rows, meta, ratios_to=("1 rank",), out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths

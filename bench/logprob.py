@@ -28,22 +28,37 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from bench._harness import (MB, RESULTS_DIR, Contender, Row, Unavailable, collect_meta, device_slug, time_section,
-                            unavailable_row, write_results)
+from bench._harness import (
+    MB,
+    RESULTS_DIR,
+    Contender,
+    Row,
+    Unavailable,
+    collect_meta,
+    device_slug,
+    time_section,
+    unavailable_row,
+    write_results,
+)
 
 LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("fwd+bwd", "fwd (no grad)")
 RATIOS_TO = ("floor", "naive", "torch", "cce")  # the × columns: the floor, materializing baselines, chunked peers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CPU_SIZES, CPU_QUICK = [(2048, 512, 32000)], [(256, 128, 4096)]
-CUDA_SIZES = [(2048, 2048, 32000), (8192, 2048, 32000), (2048, 4096, 128256), (8192, 4096, 128256),
-              (8192, 4096, 151936)]
+CUDA_SIZES = [
+    (2048, 2048, 32000),
+    (8192, 2048, 32000),
+    (2048, 4096, 128256),
+    (8192, 4096, 128256),
+    (8192, 4096, 151936),
+]
 CUDA_QUICK = [(1024, 1024, 32000)]
 # Elements of the float64 reference logits for the error column; rows beyond this are not checked.
 REF_ELEMENTS = 2**24
@@ -118,13 +133,19 @@ def _cce(device: torch.device) -> LogpFn:
 PEERS = (
     Peer("naive", "yes", "full [N, V] logits + fp32 copy", _naive),
     Peer("hotloop", "yes", "", _hotloop),
-    Peer("torch", "yes (−CE)", "F.linear_cross_entropy: a CE loss; reduction='none' gives −logp; no temperature",
-         _torch),
+    Peer(
+        "torch", "yes (−CE)", "F.linear_cross_entropy: a CE loss; reduction='none' gives −logp; no temperature", _torch
+    ),
     Peer("trl", "yes", f"ChunkedLogProbFunction, chunk_size={TRL_CHUNK_SIZE}", _trl),
     Peer("liger", "yes (−CE)", "LigerFusedLinearCrossEntropyLoss: a CE loss, reduction='none'", _liger),
     Peer("liger-cute", "yes (−NLL)", "LigerFusedLinearScaledCrossEntropyFunction (CuTe-DSL on sm90)", _liger_cute),
-    Peer("cce", "yes (−CE)", "cut_cross_entropy.linear_cross_entropy, reduction='none'; impl='cce' "
-         "(default filter_eps='high') on CUDA, 'torch_compile' on CPU", _cce),
+    Peer(
+        "cce",
+        "yes (−CE)",
+        "cut_cross_entropy.linear_cross_entropy, reduction='none'; impl='cce' "
+        "(default filter_eps='high') on CUDA, 'torch_compile' on CPU",
+        _cce,
+    ),
 )
 
 
@@ -181,8 +202,13 @@ def peer_entries(peer: Peer, case: Case) -> list[tuple[Row, Contender]]:
         h.grad = w.grad = None
 
     err = _max_abs_err(fn, case)
-    return [(Row(peer.name, mode, case.size, per_token_logp=peer.per_token, max_abs_err=err, note=peer.note),
-             Contender(step, free_grads)) for mode, step in zip(MODES, (fwd_bwd, fwd))]  # fmt: skip
+    return [
+        (
+            Row(peer.name, mode, case.size, per_token_logp=peer.per_token, max_abs_err=err, note=peer.note),
+            Contender(step, free_grads),
+        )
+        for mode, step in zip(MODES, (fwd_bwd, fwd))
+    ]
 
 
 def floor_entries(case: Case) -> list[tuple[Row, Contender]]:
@@ -203,9 +229,10 @@ def floor_entries(case: Case) -> list[tuple[Row, Contender]]:
     logp_bytes = h.shape[0] * 4
     grad_bytes = (h.numel() + w.numel()) * h.element_size()
     note = "torch.mm into preallocated buffers; memory = outputs only (computed, not measured)"
-    return [(Row("floor", mode, case.size, peak_extra_mb=out_bytes / MB, per_token_logp="—", note=note),
-             Contender(step)) for mode, step, out_bytes in zip(MODES, (four_mm, one_mm),
-                                                               (grad_bytes + logp_bytes, logp_bytes))]  # fmt: skip
+    return [
+        (Row("floor", mode, case.size, peak_extra_mb=out_bytes / MB, per_token_logp="—", note=note), Contender(step))
+        for mode, step, out_bytes in zip(MODES, (four_mm, one_mm), (grad_bytes + logp_bytes, logp_bytes))
+    ]
 
 
 def run(sizes, *, dtype: torch.dtype, device: torch.device, warmup: int, reps: int, impls: list[str]) -> list[Row]:
@@ -219,8 +246,11 @@ def run(sizes, *, dtype: torch.dtype, device: torch.device, warmup: int, reps: i
             try:
                 entries += peer_entries(peer, case)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run here becomes a row saying why
-                unavailable.append(unavailable_row(peer.name, exc, mode="both", size=case.size,
-                                                   per_token_logp=peer.per_token, note=peer.note))  # fmt: skip
+                unavailable.append(
+                    unavailable_row(
+                        peer.name, exc, mode="both", size=case.size, per_token_logp=peer.per_token, note=peer.note
+                    )
+                )
         section = time_section(entries, warmup=warmup, reps=reps, device=device) + unavailable
         for row in section:
             print(f"{case.size}  {row.impl:<11} {row.mode:<14} {row.status}", flush=True)
@@ -286,15 +316,27 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    sizes = args.sizes or {(True, True): CUDA_QUICK, (True, False): CUDA_SIZES,
-                           (False, True): CPU_QUICK, (False, False): CPU_SIZES}[(cuda, args.quick)]
+    sizes = (
+        args.sizes
+        or {(True, True): CUDA_QUICK, (True, False): CUDA_SIZES, (False, True): CPU_QUICK, (False, False): CPU_SIZES}[
+            (cuda, args.quick)
+        ]
+    )
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     reps = args.reps or (3 if args.quick else 20 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if cuda else 2)
     torch.manual_seed(0)
     rows = run(sizes, dtype=dtype, device=device, warmup=warmup, reps=reps, impls=args.impls.split(","))
-    meta = collect_meta(device, slug=device_slug(device), dtype=str(dtype).removeprefix("torch."), warmup=warmup,
-                        reps=reps, threads=torch.get_num_threads(), peers=_peer_versions(), notes=NOTES)
+    meta = collect_meta(
+        device,
+        slug=device_slug(device),
+        dtype=str(dtype).removeprefix("torch."),
+        warmup=warmup,
+        reps=reps,
+        threads=torch.get_num_threads(),
+        peers=_peer_versions(),
+        notes=NOTES,
+    )
     ratios_to = tuple(impl for impl in RATIOS_TO if impl in args.impls.split(","))
     paths = write_results("logprob", rows, meta, ratios_to=ratios_to, out_dir=args.out_dir)
     print(paths["md"].read_text())

@@ -29,8 +29,18 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import (MB, RESULTS_DIR, Contender, Row, add_ratios, collect_meta, device_slug, time_section,
-                            unavailable_row, write_results)
+from bench._harness import (
+    MB,
+    RESULTS_DIR,
+    Contender,
+    Row,
+    add_ratios,
+    collect_meta,
+    device_slug,
+    time_section,
+    unavailable_row,
+    write_results,
+)
 from bench._loss_cases import IMPLEMENTATIONS, SPECS, Case, Impl, make_case
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -59,8 +69,14 @@ def impl_entry(impl: Impl, case: Case) -> tuple[Row, Contender, float]:
     first_s = time.perf_counter() - start
     err = abs(loss.item() - case.reference)
     free_grads()
-    row = Row(impl.name, case.spec.name, case.size, per_token_logp="—", max_abs_err=err,
-              note=f"{impl.note}; first call {first_s:.2f} s")
+    row = Row(
+        impl.name,
+        case.spec.name,
+        case.size,
+        per_token_logp="—",
+        max_abs_err=err,
+        note=f"{impl.note}; first call {first_s:.2f} s",
+    )
     return row, Contender(lambda: forward().backward(), free_grads), first_s
 
 
@@ -79,8 +95,14 @@ def floor_entry(case: Case) -> tuple[Row, Contender]:
         torch.mm(logits.T, h, out=grad_w)
 
     grads = (h.numel() + w.numel()) * h.element_size() / MB
-    return Row("floor", case.spec.name, case.size, peak_extra_mb=grads, per_token_logp="—",
-               note=f"{case.matmuls} torch.mm; memory = the gradients (computed, not measured)"), Contender(matmuls)
+    return Row(
+        "floor",
+        case.spec.name,
+        case.size,
+        peak_extra_mb=grads,
+        per_token_logp="—",
+        note=f"{case.matmuls} torch.mm; memory = the gradients (computed, not measured)",
+    ), Contender(matmuls)
 
 
 def cells(args) -> list[tuple[str, str, int, int, torch.dtype]]:
@@ -91,12 +113,19 @@ def cells(args) -> list[tuple[str, str, int, int, torch.dtype]]:
             for t in map(int, args.tokens.split(",")):
                 for name in args.losses.split(","):
                     rows = (2 * s if SPECS[name].family == "pair" else s) * t
-                    out += [(name, ref, s, t, DTYPES[dtype]) for ref in SPECS[name].refs
-                            if ref in args.refs.split(",") and rows <= args.max_rows]
+                    out += [
+                        (name, ref, s, t, DTYPES[dtype])
+                        for ref in SPECS[name].refs
+                        if ref in args.refs.split(",") and rows <= args.max_rows
+                    ]
     return out
 
 
-def run(args, impls: list[str], device: torch.device = torch.device("cpu")) -> tuple[list[Row], dict]:
+CPU = torch.device("cpu")
+"""The default device of :func:`run`."""
+
+
+def run(args, impls: list[str], device: torch.device = CPU) -> tuple[list[Row], dict]:
     """Every requested implementation on every cell; returns the rows and (impl, size, loss) -> first-call s."""
     rows, first = [], {}
     for k, (name, ref, s, t, dtype) in enumerate(cells(args)):
@@ -108,13 +137,15 @@ def run(args, impls: list[str], device: torch.device = torch.device("cpu")) -> t
                 row, contender, first[impl.name, case.size, name] = impl_entry(impl, case)
                 entries.append((row, contender))
             except Exception as exc:  # noqa: BLE001 - an implementation that cannot run here becomes a row
-                unavailable.append(unavailable_row(impl.name, exc, mode=name, size=case.size, per_token_logp="—",
-                                                   note=impl.note))  # fmt: skip
+                unavailable.append(
+                    unavailable_row(impl.name, exc, mode=name, size=case.size, per_token_logp="—", note=impl.note)
+                )
         reps = args.reps or _reps(case.hidden.shape[0] * t)
         section = time_section(entries, warmup=args.warmup, reps=reps, device=device.type) + unavailable
         for row in section:
-            print(f"[{k + 1}] {case.size} {name:<13} {row.impl:<12} {row.status} {row.median_ms or 0:.1f} ms",
-                  flush=True)
+            print(
+                f"[{k + 1}] {case.size} {name:<13} {row.impl:<12} {row.status} {row.median_ms or 0:.1f} ms", flush=True
+            )
         rows += section
     return rows, first
 
@@ -123,9 +154,13 @@ def summary(rows: list[Row], first: dict) -> str:
     """Markdown: per loss and fused implementation, the worst cell against the floor, Liger, memory, first call."""
     rows = add_ratios(rows, PEERS)
     by = {(r.impl, r.size, r.mode): r for r in rows if r.median_ms is not None}
-    lines = ["## Summary: worst cell per loss", "",
-             "| loss | impl | worst × floor (cell) | worst × liger (cell) | worst memory / liger's | "
-             "worst first call − median, s | cells |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Summary: worst cell per loss",
+        "",
+        "| loss | impl | worst × floor (cell) | worst × liger (cell) | worst memory / liger's | "
+        "worst first call − median, s | cells |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for loss in dict.fromkeys(r.mode for r in rows):
         for impl in ("hotloop", "compat"):
             mine = [r for r in rows if r.mode == loss and r.impl == impl and r.median_ms is not None]
@@ -136,9 +171,15 @@ def summary(rows: list[Row], first: dict) -> str:
             worst = max(vs_liger, key=lambda r: r.ratios["liger"]) if vs_liger else None
             mem = [r.peak_extra_mb / by["liger", r.size, loss].peak_extra_mb for r in vs_liger]
             late = [first[impl, r.size, loss] - r.median_ms / 1e3 for r in mine if (impl, r.size, loss) in first]
-            cols = [loss, impl, f"{worst_floor.ratios.get('floor') or 0:.2f} ({worst_floor.size})",
-                    f"{worst.ratios['liger']:.2f} ({worst.size})" if worst else "—",
-                    f"{max(mem):.2f}" if mem else "—", f"{max(late):.2f}" if late else "—", str(len(mine))]
+            cols = [
+                loss,
+                impl,
+                f"{worst_floor.ratios.get('floor') or 0:.2f} ({worst_floor.size})",
+                f"{worst.ratios['liger']:.2f} ({worst.size})" if worst else "—",
+                f"{max(mem):.2f}" if mem else "—",
+                f"{max(late):.2f}" if late else "—",
+                str(len(mine)),
+            ]
             lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -175,8 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None or (args.quick and key in QUICK):
             setattr(args, key, value)
     args.reps = 1 if args.quick else args.reps
-    for option, given, known in (("--impls", args.impls, IMPLS), ("--losses", args.losses, tuple(SPECS)),
-                                 ("--refs", args.refs, REFS), ("--dtypes", args.dtypes, tuple(DTYPES))):
+    for option, given, known in (
+        ("--impls", args.impls, IMPLS),
+        ("--losses", args.losses, tuple(SPECS)),
+        ("--refs", args.refs, REFS),
+        ("--dtypes", args.dtypes, tuple(DTYPES)),
+    ):
         unknown = set(given.split(",")) - set(known)
         if unknown:
             parser.error(f"{option}: unknown {sorted(unknown)}; expected a subset of {list(known)}")
@@ -192,9 +237,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     impls = [i for i in args.impls.split(",") if not ((args.no_compile or args.quick) and i == "liger")]
     torch.manual_seed(0)
     rows, first = run(args, impls)
-    meta = collect_meta("cpu", slug=device_slug("cpu"), grid=f"S={args.seqs} T={args.tokens} refs={args.refs} "
-                        f"dtypes={args.dtypes} D={args.dim} V={args.vocab} max_rows={args.max_rows}",
-                        threads=torch.get_num_threads(), peers=_peer_versions(), notes=NOTES)  # fmt: skip
+    meta = collect_meta(
+        "cpu",
+        slug=device_slug("cpu"),
+        grid=f"S={args.seqs} T={args.tokens} refs={args.refs} "
+        f"dtypes={args.dtypes} D={args.dim} V={args.vocab} max_rows={args.max_rows}",
+        threads=torch.get_num_threads(),
+        peers=_peer_versions(),
+        notes=NOTES,
+    )
     paths = write_results("losses", rows, meta, ratios_to=PEERS, out_dir=args.out_dir)
     text = paths["md"].read_text()
     head, _, body = text.partition("\n## ")

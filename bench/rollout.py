@@ -34,10 +34,25 @@ from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
 
 MODELS = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, tie_word_embeddings=False),
-    "135M": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    ),
+    "135M": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
 }
 # (model, prompts, samples per prompt, new tokens); the first is the issue's target workload
 QUICK = [("135M", 8, 4, 48), ("tiny", 8, 4, 48)]
@@ -47,8 +62,9 @@ PROMPT_LEN = 24
 
 def build_model(name: str, seed: int = 0) -> LlamaForCausalLM:
     """Random fp32 Llama of shape ``name``."""
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, dtype="float32")
+    config = LlamaConfig(
+        **MODELS[name], max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, dtype="float32"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).float().eval()
@@ -67,8 +83,12 @@ def floors(model: LlamaForCausalLM, tokens: int, steps: int) -> dict[str, float]
     src, dst = torch.randn(weights // 4), torch.empty(weights // 4)
     flops = statistics.median(_rate(lambda: torch.mm(a, b, out=out), 2 * 256 * D * F) for _ in range(5))
     bytes_per_s = statistics.median(_rate(lambda: dst.copy_(src), 2 * weights) for _ in range(5))
-    return {"compute": 2 * matmul_params(model) * tokens / flops, "weight-read": steps * weights / bytes_per_s,
-            "flops": flops, "bytes_per_s": bytes_per_s}
+    return {
+        "compute": 2 * matmul_params(model) * tokens / flops,
+        "weight-read": steps * weights / bytes_per_s,
+        "flops": flops,
+        "bytes_per_s": bytes_per_s,
+    }
 
 
 def _rate(fn, work: float, calls: int = 20) -> float:
@@ -103,21 +123,38 @@ def workload_rows(name, model, engines, prompts, samples, new_tokens, reps) -> l
     for engine in engines.values():
         engine.generate(ids[:1], SamplingParams(max_new_tokens=4))
     for r in range(reps):
-        for impl in list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]:
+        for impl in list(engines)[r % len(engines) :] + list(engines)[: r % len(engines)]:
             start = time.perf_counter()
             out = engines[impl].generate(ids, sampling)
             times[impl].append(time.perf_counter() - start)
             assert sum(len(c.token_ids) for c in out) == tokens, "every row decodes new_tokens tokens"
             print(f"{size}: {impl} {times[impl][-1]:.1f} s", flush=True)
-    rows = [Row(impl=impl, mode="decode", size=size, median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3)
-            for impl, t in times.items()]
+    rows = [
+        Row(impl=impl, mode="decode", size=size, median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3)
+        for impl, t in times.items()
+    ]
     floor = floors(model, tokens, new_tokens)
     for kind in ("compute", "weight-read"):
-        rows.append(Row(impl=f"{kind} floor", mode="decode", size=size, median_ms=floor[kind] * 1e3,
-                        note=f"{floor['flops'] / 1e9:.0f} GFLOP/s fp32 mm" if kind == "compute"
-                        else f"{floor['bytes_per_s'] / 1e9:.1f} GB/s copy"))
-    rows.append(Row(impl="floor", mode="decode", size=size, median_ms=max(floor["compute"], floor["weight-read"]) * 1e3,
-                    note="max(compute, weight-read)"))
+        rows.append(
+            Row(
+                impl=f"{kind} floor",
+                mode="decode",
+                size=size,
+                median_ms=floor[kind] * 1e3,
+                note=f"{floor['flops'] / 1e9:.0f} GFLOP/s fp32 mm"
+                if kind == "compute"
+                else f"{floor['bytes_per_s'] / 1e9:.1f} GB/s copy",
+            )
+        )
+    rows.append(
+        Row(
+            impl="floor",
+            mode="decode",
+            size=size,
+            median_ms=max(floor["compute"], floor["weight-read"]) * 1e3,
+            note="max(compute, weight-read)",
+        )
+    )
     for row in rows:
         row.note = "; ".join(x for x in (f"{tokens / (row.median_ms / 1e3):.0f} tok/s", row.note) if x)
     return rows
@@ -130,8 +167,15 @@ def engines_for(name, model, compiled: bool) -> tuple[dict, list[Row]]:
     for impl, eager in (("vllm-compiled", False),) if compiled else (("vllm-eager", True),):
         try:
             engines[impl], seconds = start_vllm(model, eager)
-            rows.append(Row(impl=impl, mode="start-up", size=name, median_ms=seconds * 1e3,
-                            note="write HF dir + load + warm-up" + ("" if eager else " + torch.compile")))
+            rows.append(
+                Row(
+                    impl=impl,
+                    mode="start-up",
+                    size=name,
+                    median_ms=seconds * 1e3,
+                    note="write HF dir + load + warm-up" + ("" if eager else " + torch.compile"),
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - vLLM missing or failing is a row, not a crash
             rows.append(unavailable_row(impl, exc, mode="start-up", size=name))
     return engines, rows
@@ -142,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="only the issue's target workloads")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of: tiny, 135M")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per workload")
-    parser.add_argument("--compiled", action="store_true",
-                        help="start vLLM with torch.compile instead of eager (minutes)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="start vLLM with torch.compile instead of eager (minutes)"
+    )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     rows: list[Row] = []
@@ -156,10 +201,12 @@ def main(argv: list[str] | None = None) -> None:
             rows += workload_rows(name, model, engines, prompts, samples, new_tokens, args.reps)
         for engine in engines.values():
             getattr(engine, "shutdown", lambda: None)()
-    notes = ["Engines ran in the same interleaved rounds, so their ratios are the robust numbers; other jobs on the "
-             "machine (see the load average above) slow every row.",
-             "Floors: compute = 2 x matmul params x tokens at a measured fp32 torch.mm rate; "
-             "weight-read = one read of all weights per decode step at a measured copy rate."]
+    notes = [
+        "Engines ran in the same interleaved rounds, so their ratios are the robust numbers; other jobs on the "
+        "machine (see the load average above) slow every row.",
+        "Floors: compute = 2 x matmul params x tokens at a measured fp32 torch.mm rate; "
+        "weight-read = one read of all weights per decode step at a measured copy rate.",
+    ]
     meta = collect_meta("cpu", slug="cpu", reps=args.reps, quick=args.quick, notes=notes)
     paths = write_results("rollout" + ("-compiled" if args.compiled else ""), rows, meta, ratios_to=("floor", "torch"))
     print(paths["md"].read_text())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
 import torch
 
 from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
@@ -52,8 +53,9 @@ def eager_grad(x, t, lse, entropy, g_lp, g_ent) -> torch.Tensor:
 
 
 def _entry(impl, mode, size, fn, between=None, err=None, note="") -> tuple[Row, Contender]:
-    return Row(impl=impl, mode=mode, size=size, per_token_logp="yes" if impl != "floor" else "", max_abs_err=err,
-               note=note), Contender(fn, between)  # fmt: skip
+    return Row(
+        impl=impl, mode=mode, size=size, per_token_logp="yes" if impl != "floor" else "", max_abs_err=err, note=note
+    ), Contender(fn, between)
 
 
 def _stats_err(x, t) -> float:
@@ -65,11 +67,21 @@ def _stats_err(x, t) -> float:
 def _grad_err(x, t, g_lp, g_ent) -> float:
     xs, ts = x[:CHECK_ROWS], t[:CHECK_ROWS]
     lse, _, ent = _cpu_ext.reference_row_stats(xs, ts, inv_temperature=S, ignore_index=IGNORE)
-    ref = _cpu_ext.reference_row_grad(xs, ts, grad_logp=g_lp[:CHECK_ROWS], grad_entropy=g_ent[:CHECK_ROWS],
-                                      inv_temperature=S, ignore_index=IGNORE)
+    ref = _cpu_ext.reference_row_grad(
+        xs, ts, grad_logp=g_lp[:CHECK_ROWS], grad_entropy=g_ent[:CHECK_ROWS], inv_temperature=S, ignore_index=IGNORE
+    )
     out = xs.clone()
-    _cpu_ext.row_grad_(out, ts, vocab_start=0, lse=lse.float(), entropy=ent.float(), grad_logp=g_lp[:CHECK_ROWS],
-                       grad_entropy=g_ent[:CHECK_ROWS], inv_temperature=S, ignore_index=IGNORE)
+    _cpu_ext.row_grad_(
+        out,
+        ts,
+        vocab_start=0,
+        lse=lse.float(),
+        entropy=ent.float(),
+        grad_logp=g_lp[:CHECK_ROWS],
+        grad_entropy=g_ent[:CHECK_ROWS],
+        inv_temperature=S,
+        ignore_index=IGNORE,
+    )
     return (out.double() - ref).abs().max().item()
 
 
@@ -89,18 +101,41 @@ def bench_size(rows: int, vocab: int, dtype: torch.dtype, reps: int) -> list[Row
         _entry("eager", "row_grad", size, lambda: eager_grad(x, t, lse, entropy, g_lp, g_ent)),
     ]
     if not _cpu_ext.available():
-        missing = [Row(impl="native", mode=m, size=size, status="unavailable: extension not built")
-                   for m in ("row_stats", "row_grad")]
+        missing = [
+            Row(impl="native", mode=m, size=size, status="unavailable: extension not built")
+            for m in ("row_stats", "row_grad")
+        ]
         return time_section(entries, warmup=1, reps=reps, device="cpu") + missing
-    entries.append(_entry("native", "row_stats", size,
-                          lambda: _cpu_ext.row_stats(x, t, inv_temperature=S, ignore_index=IGNORE),
-                          err=_stats_err(x, t)))  # fmt: skip
-    entries.append(_entry("native", "row_grad", size,
-                          lambda: _cpu_ext.row_grad_(native_scratch, t, vocab_start=0, lse=lse, entropy=entropy,
-                                                     grad_logp=g_lp, grad_entropy=g_ent, inv_temperature=S,
-                                                     ignore_index=IGNORE),
-                          between=lambda: native_scratch.copy_(x), err=_grad_err(x, t, g_lp, g_ent),
-                          note="in place"))  # fmt: skip
+    entries.append(
+        _entry(
+            "native",
+            "row_stats",
+            size,
+            lambda: _cpu_ext.row_stats(x, t, inv_temperature=S, ignore_index=IGNORE),
+            err=_stats_err(x, t),
+        )
+    )
+    entries.append(
+        _entry(
+            "native",
+            "row_grad",
+            size,
+            lambda: _cpu_ext.row_grad_(
+                native_scratch,
+                t,
+                vocab_start=0,
+                lse=lse,
+                entropy=entropy,
+                grad_logp=g_lp,
+                grad_entropy=g_ent,
+                inv_temperature=S,
+                ignore_index=IGNORE,
+            ),
+            between=lambda: native_scratch.copy_(x),
+            err=_grad_err(x, t, g_lp, g_ent),
+            note="in place",
+        )
+    )
     return time_section(entries, warmup=1, reps=reps, device="cpu")
 
 
@@ -112,12 +147,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small size, 3 reps (smoke test)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else (QUICK if args.quick else SIZES)
+    sizes = (
+        [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else (QUICK if args.quick else SIZES)
+    )
     reps = 3 if args.quick else args.reps
     rows = [r for rv in sizes for r in bench_size(*rv, DTYPES[args.dtype], reps)]
-    meta = collect_meta("cpu", slug=device_slug("cpu"), threads=torch.get_num_threads(),
-                        native=_cpu_ext.available(),
-                        notes=["Rows of one size are timed in shared, rotated rounds (bench/_harness.py)."])
+    meta = collect_meta(
+        "cpu",
+        slug=device_slug("cpu"),
+        threads=torch.get_num_threads(),
+        native=_cpu_ext.available(),
+        notes=["Rows of one size are timed in shared, rotated rounds (bench/_harness.py)."],
+    )
     paths = write_results("row_kernels", rows, meta, ratios_to=("floor", "eager"), out_dir=args.out_dir)
     print(paths["md"].read_text())
 

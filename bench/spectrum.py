@@ -46,22 +46,34 @@ def write_bench_results(summary: dict, reports: list[report.Report], run_dir: Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.spectrum", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", nargs="?", default=compare.ALL, type=compare.experiment_arg,
-                        help=f"one of {', '.join(compare.EXPERIMENTS)} or {compare.ALL} (default)")
-    parser.add_argument("--seeds", type=compare.seeds_arg, default=list(compare.DEFAULT_SEEDS),
-                        help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "experiment",
+        nargs="?",
+        default=compare.ALL,
+        type=compare.experiment_arg,
+        help=f"one of {', '.join(compare.EXPERIMENTS)} or {compare.ALL} (default)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=compare.seeds_arg,
+        default=list(compare.DEFAULT_SEEDS),
+        help="comma-separated seeds (default 0,1,2)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     command = "python -m bench.spectrum " + shlex.join(sys.argv[1:] if argv is None else argv)
     stem = "spectrum" if args.experiment == compare.ALL else f"spectrum-{args.experiment}"
     with tempfile.TemporaryDirectory(prefix="hotloop-spectrum-") as tmp:
-        summary, reports = compare.run_compare(args.experiment, args.seeds, tmp, progress=not args.no_progress,
-                                               command=command)
+        summary, reports = compare.run_compare(
+            args.experiment, args.seeds, tmp, progress=not args.no_progress, command=command
+        )
         written = write_bench_results(summary, reports, Path(tmp), args.out, stem)
     missed = [t for t in summary["targets"] if not t["passed"]]
-    print(f"wrote {', '.join(str(p) for p in written)} in {summary['wall_seconds']:.0f} s; targets met: "
-          f"{len(summary['targets']) - len(missed)}/{len(summary['targets'])}")
+    print(
+        f"wrote {', '.join(str(p) for p in written)} in {summary['wall_seconds']:.0f} s; targets met: "
+        f"{len(summary['targets']) - len(missed)}/{len(summary['targets'])}"
+    )
     for target in missed:
         print(f"  not met [{target['experiment']}]: {target['claim']} — {target['detail']}")
     return 0

@@ -51,8 +51,10 @@ SIZES = {"1M": 10**6, "10M": 10**7, "100M": 10**8, "1B": 10**9}
 FULL, QUICK = ["10M", "100M", "1B"], ["1M"]
 BIG_PEERS_MAX = 10**8
 FREE_GIB_FOR_1B = 14
-NOTES = ["Medians of interleaved rounds: read the ratios, and the load average above (other jobs slow all rows).",
-         "floor = one memcpy of the same bytes; bucketed (pack) is what a TorchEngine's stale copy costs per sync."]
+NOTES = [
+    "Medians of interleaved rounds: read the ratios, and the load average above (other jobs slow all rows).",
+    "floor = one memcpy of the same bytes; bucketed (pack) is what a TorchEngine's stale copy costs per sync.",
+]
 
 
 class SyntheticWeights(nn.Module):
@@ -65,8 +67,8 @@ class SyntheticWeights(nn.Module):
         self.flat = torch.randn(layers * (d * d + d), dtype=torch.float32).to(dtype)
         for i in range(layers):
             base = i * (d * d + d)
-            self.register_parameter(f"w{i}", nn.Parameter(self.flat[base:base + d * d].view(d, d)))
-            self.register_parameter(f"n{i}", nn.Parameter(self.flat[base + d * d:base + d * d + d]))
+            self.register_parameter(f"w{i}", nn.Parameter(self.flat[base : base + d * d].view(d, d)))
+            self.register_parameter(f"n{i}", nn.Parameter(self.flat[base + d * d : base + d * d + d]))
 
 
 def _binding_consumer(conn) -> None:
@@ -143,21 +145,41 @@ def section(size: str, dtype: torch.dtype, *, warmup: int, reps: int) -> list[Ro
     def row(impl: str, note: str) -> Row:
         return Row(impl, "sync", label, note=note)
 
-    entries.append((row("floor", "memcpy of the flat block into the buckets, one call per bucket"),
-                    Contender(lambda: [b.copy_(c) for b, c in chunks])))
-    entries.append((row("bucketed (pack)", f"{len(plan.slots)} tensors into {len(plan.buckets)} buckets"),
-                    Contender(lambda: plan.pack(trainer, buffers))))
-    entries.append((row("bucketed + fingerprints", "pack summing the producer fingerprint; consumer fingerprint"),
-                    Contender(lambda: _in_process_sync(plan, trainer, buffers))))
-    entries.append((row("load_state_dict", "per-tensor copies into the same destination"),
-                    Contender(lambda: engine.load_state_dict(state, strict=False))))
+    entries.append(
+        (
+            row("floor", "memcpy of the flat block into the buckets, one call per bucket"),
+            Contender(lambda: [b.copy_(c) for b, c in chunks]),
+        )
+    )
+    entries.append(
+        (
+            row("bucketed (pack)", f"{len(plan.slots)} tensors into {len(plan.buckets)} buckets"),
+            Contender(lambda: plan.pack(trainer, buffers)),
+        )
+    )
+    entries.append(
+        (
+            row("bucketed + fingerprints", "pack summing the producer fingerprint; consumer fingerprint"),
+            Contender(lambda: _in_process_sync(plan, trainer, buffers)),
+        )
+    )
+    entries.append(
+        (
+            row("load_state_dict", "per-tensor copies into the same destination"),
+            Contender(lambda: engine.load_state_dict(state, strict=False)),
+        )
+    )
     shm = _Child(_binding_consumer)
     children.append(shm)
     shm_transport = shm.transport
     shm_buffers = shm_transport.buffers(plan)
     _process_sync(plan, trainer, shm_transport, shm_buffers)  # waits for the child's start-up, untimed
-    entries.append((row("shm → process", "child maps the shared buckets; fingerprints both sides"),
-                    Contender(lambda: _process_sync(plan, trainer, shm_transport, shm_buffers))))
+    entries.append(
+        (
+            row("shm → process", "child maps the shared buckets; fingerprints both sides"),
+            Contender(lambda: _process_sync(plan, trainer, shm_transport, shm_buffers)),
+        )
+    )
     if params <= BIG_PEERS_MAX:
         entries += _big_peers(plan, trainer, state, engine, children, row)
     try:
@@ -192,11 +214,17 @@ def _big_peers(plan, trainer, state, engine, children, row) -> list:
         path.unlink()
 
     through_pipe()  # waits for the child's start-up, untimed
-    return [(row("shm → process (copy)", "the child copies each bucket into its own memory"),
-             Contender(lambda: _process_sync(plan, trainer, copy_transport, copy_buffers))),
-            (row("pickle → pipe", "pickle.dumps(state_dict) through a pipe, unpickled in the child"),
-             Contender(through_pipe)),
-            (row("safetensors → disk", "save_file, load_file, copied in place"), Contender(through_disk))]
+    return [
+        (
+            row("shm → process (copy)", "the child copies each bucket into its own memory"),
+            Contender(lambda: _process_sync(plan, trainer, copy_transport, copy_buffers)),
+        ),
+        (
+            row("pickle → pipe", "pickle.dumps(state_dict) through a pipe, unpickled in the child"),
+            Contender(through_pipe),
+        ),
+        (row("safetensors → disk", "save_file, load_file, copied in place"), Contender(through_disk)),
+    ]
 
 
 def _in_process_sync(plan: SyncPlan, trainer: nn.Module, buffers) -> None:
@@ -208,7 +236,7 @@ def _flat_chunks(flat: torch.Tensor, buffers: list[torch.Tensor]) -> list[tuple[
     """(bucket, the slice of ``flat`` holding the same bytes) pairs: the floor's copies."""
     out, start = [], 0
     for buffer in buffers:
-        out.append((buffer, flat[start:start + buffer.numel()]))
+        out.append((buffer, flat[start : start + buffer.numel()]))
         start += buffer.numel()
     if start != flat.numel():
         raise RuntimeError(f"buckets hold {start} elements, the flat block {flat.numel()}: slots are padded")
@@ -218,7 +246,7 @@ def _flat_chunks(flat: torch.Tensor, buffers: list[torch.Tensor]) -> list[tuple[
 def _bound_module(plan: SyncPlan, buffers) -> nn.Module:
     """A module with the trainer's parameter names whose tensors are views into ``buffers`` (no extra memory)."""
     module = nn.Module()
-    for (name, view) in plan.views(buffers):
+    for name, view in plan.views(buffers):
         module.register_parameter(name, nn.Parameter(view, requires_grad=False))
     return module
 
@@ -255,8 +283,15 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
             t0 = time.perf_counter()
             rows += section(size, DTYPES[name], warmup=warmup, reps=reps)
             print(f"{size} {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    meta = collect_meta("cpu", slug=device_slug("cpu"), warmup=warmup, reps=reps, threads=torch.get_num_threads(),
-                        skipped="; ".join(skipped) or "none", notes=NOTES)
+    meta = collect_meta(
+        "cpu",
+        slug=device_slug("cpu"),
+        warmup=warmup,
+        reps=reps,
+        threads=torch.get_num_threads(),
+        skipped="; ".join(skipped) or "none",
+        notes=NOTES,
+    )
     paths = write_results("weight_sync", rows, meta, ratios_to=("floor", "pickle → pipe"), out_dir=args.out_dir)
     print(paths["md"].read_text())
     return paths

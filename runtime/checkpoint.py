@@ -53,11 +53,21 @@ REQUIRED = ("trainer.json", "trainer.pt", "rng.json", "rng.pt", "loop_state.json
 __all__ = ["CheckpointError", "CheckpointFallbackWarning", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 
-def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, loop_state: dict,
-                    reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None, rng: bool = True,
-                    keep: int = 3, extra_state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    loop_state: dict,
+    reference: nn.Module | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+    rng: bool = True,
+    keep: int = 3,
+    extra_state: dict | None = None,
+) -> Path:
     """Write ``run_dir/step-<step>`` atomically, point ``latest`` at it and prune to ``keep`` checkpoints.
 
     Args:
@@ -86,8 +96,9 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
     extra_models = extra_models or {}
     bad = [n for n in extra_models if not re.fullmatch(r"[A-Za-z0-9_-]+", n) or n in ("model", "reference")]
     if bad:
-        raise ValueError(f"extra_models: expected names of letters, digits, _ and - other than "
-                         f"model/reference, got {bad}")
+        raise ValueError(
+            f"extra_models: expected names of letters, digits, _ and - other than model/reference, got {bad}"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(run_dir)
@@ -95,9 +106,19 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
     tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_state(tmp, step=step, model=model, optimizer=optimizer, scheduler=scheduler, loop_state=loop_state,
-                     reference=reference, generators=generators, extra_models=extra_models, rng=rng,
-                     extra_state=extra_state)
+        _write_state(
+            tmp,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loop_state=loop_state,
+            reference=reference,
+            generators=generators,
+            extra_models=extra_models,
+            rng=rng,
+            extra_state=extra_state,
+        )
         _fsync_dir(tmp)
         final = run_dir / name
         if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
@@ -112,11 +133,18 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: nn.Module, optimiz
     return final
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    reference: nn.Module | None = None, generators: dict[str, torch.Generator] | None = None,
-                    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
-                    rng: bool = True, extra_state: dict | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    reference: nn.Module | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+    rng: bool = True,
+    extra_state: dict | None = None,
+) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns ``loop_state``.
 
     Every file is checked against the manifest and decoded before anything is changed, so a corrupt
@@ -140,14 +168,16 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     modules = {"model": model, **({"reference": reference} if reference is not None else {}), **(extra_models or {})}
     files.verify(path, required=(*(f"{n}.safetensors" for n in modules), *REQUIRED))
     try:
-        weights = {name: files.load_weights(path / f"{name}.safetensors", _device(target))
-                   for name, target in modules.items()}
+        weights = {
+            name: files.load_weights(path / f"{name}.safetensors", _device(target)) for name, target in modules.items()
+        }
         trainer_state = files.read_state(path, "trainer")
         rng_state = files.read_state(path, "rng")
         loop_state = json.loads((path / "loop_state.json").read_text())
     except Exception as err:  # the manifest matched, so the writer itself was wrong: still name the checkpoint
-        raise files.CheckpointError(f"{path}: unreadable despite a matching manifest ({type(err).__name__}: "
-                                    f"{err})") from err
+        raise files.CheckpointError(
+            f"{path}: unreadable despite a matching manifest ({type(err).__name__}: {err})"
+        ) from err
     missing = sorted(set(generators or {}) - set(rng_state["generators"]))
     if missing:
         raise KeyError(f"generators: {missing} not in the checkpoint, which holds {sorted(rng_state['generators'])}")
@@ -182,8 +212,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             bad.append(str(err))
             continue
         if bad:
-            warnings.warn(f"skipping corrupt or incomplete checkpoint(s): {'; '.join(bad)}; "
-                          f"falling back to {candidate}", CheckpointFallbackWarning, stacklevel=2)
+            warnings.warn(
+                f"skipping corrupt or incomplete checkpoint(s): {'; '.join(bad)}; falling back to {candidate}",
+                CheckpointFallbackWarning,
+                stacklevel=2,
+            )
         return candidate
     if bad:
         raise files.CheckpointError(f"{run_dir}: no good checkpoint; " + "; ".join(bad))
@@ -204,16 +237,19 @@ def _pointed(run_dir: Path) -> Path | None:
     return candidate if STEP_PATTERN.match(candidate.name) and candidate.is_dir() else None
 
 
-def _write_state(out: Path, *, step, model, optimizer, scheduler, loop_state, reference, generators,
-                 extra_models, rng, extra_state) -> None:
+def _write_state(
+    out: Path, *, step, model, optimizer, scheduler, loop_state, reference, generators, extra_models, rng, extra_state
+) -> None:
     """Write every file of one checkpoint into ``out``, each fsynced; loop_state.json and the manifest last."""
     modules = {"model": model, **({"reference": reference} if reference is not None else {}), **extra_models}
     for name, module in modules.items():
         state = module.state_dict() if isinstance(module, nn.Module) else module
         files.save_weights(state, out / f"{name}.safetensors")
-    trainer_state = {"optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "extra": extra_state or {}}
+    trainer_state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "extra": extra_state or {},
+    }
     files.write_state(out, "trainer", trainer_state)
     files.write_state(out, "rng", _capture_rng(generators or {}, rng))
     (out / "loop_state.json").write_text(json.dumps(loop_state, indent=1, sort_keys=True))
@@ -227,9 +263,11 @@ def _load_tensors(target: nn.Module | dict[str, torch.Tensor], loaded: dict[str,
     keys = set(target.state_dict()) if isinstance(target, nn.Module) else set(target)
     if set(loaded) != keys:
         missing, unexpected = sorted(keys - set(loaded)), sorted(set(loaded) - keys)
-        raise KeyError(f"{file}: lacks {missing[:5]} and has unexpected {unexpected[:5]}; "
-                       f"expected the keys of the {'module' if isinstance(target, nn.Module) else 'state dict'} "
-                       f"to load into")
+        raise KeyError(
+            f"{file}: lacks {missing[:5]} and has unexpected {unexpected[:5]}; "
+            f"expected the keys of the {'module' if isinstance(target, nn.Module) else 'state dict'} "
+            f"to load into"
+        )
     if isinstance(target, nn.Module):
         target.load_state_dict(loaded, strict=True)
         return

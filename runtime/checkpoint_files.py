@@ -40,8 +40,14 @@ def save_weights(state: dict[str, torch.Tensor], file: Path) -> None:
     seen: dict[tuple, str] = {}
     tensors, aliases = {}, {}
     for name, tensor in state.items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.stride(), tensor.dtype)
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
         if key in seen and tensor.numel() > 0:
             aliases[name] = seen[key]
         else:
@@ -131,8 +137,9 @@ def sha256(file: Path) -> str:
 
 def write_manifest(out: Path, step: int) -> None:
     """``manifest.json``: size and SHA-256 of every other file in ``out``."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(out.iterdir()) if p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(out.iterdir()) if p.name != MANIFEST
+    }
     (out / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
 
 
@@ -145,8 +152,10 @@ def verify(path: Path, required: tuple[str, ...] = ()) -> None:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: manifest.json is missing or unreadable ({type(err).__name__}: {err}); "
-                              f"the checkpoint is incomplete or was written by an older hotloop") from None
+        raise CheckpointError(
+            f"{path}: manifest.json is missing or unreadable ({type(err).__name__}: {err}); "
+            f"the checkpoint is incomplete or was written by an older hotloop"
+        ) from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: expected checkpoint format {FORMAT}, got {manifest.get('format')!r}")
     for name in (*required, *files):
@@ -160,8 +169,9 @@ def verify(path: Path, required: tuple[str, ...] = ()) -> None:
         if not file.is_file():
             raise CheckpointError(f"{file}: missing (the manifest lists {entry['bytes']} bytes)")
         if file.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {entry['bytes']} "
-                                  f"(truncated or overwritten)")
+            raise CheckpointError(
+                f"{file}: {file.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or overwritten)"
+            )
         if sha256(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: SHA-256 differs from the manifest's (corrupt)")
     _verified[path] = stamp

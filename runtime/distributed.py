@@ -87,12 +87,19 @@ def init_distributed(*, timeout_s: float = 60.0) -> DistContext | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       device=device, mesh=mesh, timeout_s=float(timeout_s))
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        mesh=mesh,
+        timeout_s=float(timeout_s),
+    )
 
 
-def shard_model(model: nn.Module, ctx: DistContext, *, trainable: bool = True,
-                mixed_precision: bool = False) -> nn.Module:
+def shard_model(
+    model: nn.Module, ctx: DistContext, *, trainable: bool = True, mixed_precision: bool = False
+) -> nn.Module:
     """``fully_shard`` every decoder layer of ``model`` and then its root, in place; returns ``model``.
 
     Args:
@@ -104,14 +111,19 @@ def shard_model(model: nn.Module, ctx: DistContext, *, trainable: bool = True,
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise ValueError(f"model: expected decoder layers named in _no_split_modules, got {type(model).__name__} "
-                         f"with _no_split_modules={sorted(layer_classes)}")
+        raise ValueError(
+            f"model: expected decoder layers named in _no_split_modules, got {type(model).__name__} "
+            f"with _no_split_modules={sorted(layer_classes)}"
+        )
     if mixed_precision and ctx.device.type != "cuda":
         raise ValueError(f"mixed_precision: expected False on {ctx.device.type} (bf16 FSDP runs on CUDA), got True")
     if not trainable:
         model.requires_grad_(False).eval()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
         else MixedPrecisionPolicy()
+    )
     model.to(ctx.device)
     for layer in layers:
         fully_shard(layer, mesh=ctx.mesh, mp_policy=policy)
@@ -124,8 +136,9 @@ def shard_model(model: nn.Module, ctx: DistContext, *, trainable: bool = True,
     return model
 
 
-def shard_run(ctx: DistContext, policy: nn.Module, reference: nn.Module | None, *, mixed_precision: bool = False
-              ) -> tuple[nn.Module, nn.Module | None]:
+def shard_run(
+    ctx: DistContext, policy: nn.Module, reference: nn.Module | None, *, mixed_precision: bool = False
+) -> tuple[nn.Module, nn.Module | None]:
     """Shard the policy (trainable) and the frozen reference in place for a run on ``ctx``'s ranks."""
     policy = shard_model(policy, ctx, mixed_precision=mixed_precision)
     if reference is not None:
@@ -136,10 +149,14 @@ def shard_run(ctx: DistContext, policy: nn.Module, reference: nn.Module | None, 
 def unsharded_eval(evaluate: Callable[[nn.Module], dict], reference: nn.Module | None) -> Callable:
     """``evaluate(model)`` with the root parameters of the sharded model and reference gathered; every rank runs
     the same evaluation (greedy decoding of the same prompts with the same weights: as many forwards)."""
+
     def gathered(model: nn.Module) -> dict:
-        with unsharded(model, reshard=True), unsharded(reference, reshard=True) if reference is not None \
-                else contextlib.nullcontext():
+        with (
+            unsharded(model, reshard=True),
+            unsharded(reference, reshard=True) if reference is not None else contextlib.nullcontext(),
+        ):
             return evaluate(model)
+
     return gathered
 
 
@@ -167,7 +184,7 @@ def share(n: int, ctx: DistContext | None) -> range:
     if ctx is None:
         return range(n)
     sizes = [n // ctx.world_size + (r < n % ctx.world_size) for r in range(ctx.world_size)]
-    start = sum(sizes[:ctx.rank])
+    start = sum(sizes[: ctx.rank])
     return range(start, start + sizes[ctx.rank])
 
 
@@ -194,12 +211,16 @@ def rank_part(batch, rule: SplitRule, ctx: DistContext, k: int = 1) -> tuple[Any
 
 def scaled_loss(loss_fn: Callable, scale: float, policy: nn.Module, reference: nn.Module | None) -> Callable:
     """``loss_fn`` with the root parameters of policy and reference gathered, loss and metrics times ``scale``."""
+
     def scaled(model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict]:
-        with unsharded(policy, reshard=False), unsharded(reference, reshard=True) if reference is not None \
-                else contextlib.nullcontext():
+        with (
+            unsharded(policy, reshard=False),
+            unsharded(reference, reshard=True) if reference is not None else contextlib.nullcontext(),
+        ):
             out = loss_fn(model, batch)
         loss, metrics = (out.loss, out.metrics or {}) if hasattr(out, "loss") else (out, {})
         return loss * scale, {name: torch.as_tensor(value).detach().float() * scale for name, value in metrics.items()}
+
     return scaled
 
 
@@ -208,8 +229,11 @@ def train_step(trainer, loss_fn: Callable, batch, rule: SplitRule, ctx: DistCont
     ``grad_accum_steps > 1``); returns the global metrics (see the module docstring)."""
     part, scale, micro = rank_part(batch, rule, ctx, trainer.config.grad_accum_steps)
     parts = split_batch(part, micro, rule)
-    metrics = trainer.step(scaled_loss(loss_fn, scale, trainer.model, trainer.reference), [b for b, _ in parts],
-                           weights=[w for _, w in parts])
+    metrics = trainer.step(
+        scaled_loss(loss_fn, scale, trainer.model, trainer.reference),
+        [b for b, _ in parts],
+        weights=[w for _, w in parts],
+    )
     return reduce_metrics(metrics, ctx, keep=("grad_norm", "lr", "skipped/nonfinite"))
 
 
@@ -226,8 +250,9 @@ def check_loop(ctx: DistContext, algorithm, prompts_per_step: int) -> SplitRule:
     """The algorithm's split rule (its batches are cut into rank parts of whole units), after checking that
     every rank gets as many prompts (so every rank runs the same number of probe forwards)."""
     if prompts_per_step % ctx.world_size:
-        raise ValueError(f"prompts_per_step: expected a multiple of the world size {ctx.world_size}, "
-                         f"got {prompts_per_step}")
+        raise ValueError(
+            f"prompts_per_step: expected a multiple of the world size {ctx.world_size}, got {prompts_per_step}"
+        )
     try:
         return micro_batch_rule(algorithm)
     except ValueError as error:
@@ -236,9 +261,11 @@ def check_loop(ctx: DistContext, algorithm, prompts_per_step: int) -> SplitRule:
 
 def unsharded_logprobs(logprob_fn: Callable) -> Callable:
     """``logprob_fn`` (the sync proof's trainer side) with the sharded model's root parameters gathered."""
+
     def gathered(model: nn.Module, *args: Any) -> Any:
         with unsharded(model, reshard=True):
             return logprob_fn(model, *args)
+
     return gathered
 
 
@@ -251,9 +278,11 @@ def stop_on_peer_failure(ctx: DistContext | None, what: str) -> Iterator[None]:
     except RuntimeError as error:
         if ctx is None or not _collective_failure(error):
             raise
-        raise RuntimeError(f"rank {ctx.rank} of {ctx.world_size}: {what}: a collective failed, so another rank "
-                           f"died or stalled (collective timeout {ctx.timeout_s:g} s); stopping this rank: "
-                           f"{error}") from error
+        raise RuntimeError(
+            f"rank {ctx.rank} of {ctx.world_size}: {what}: a collective failed, so another rank "
+            f"died or stalled (collective timeout {ctx.timeout_s:g} s); stopping this rank: "
+            f"{error}"
+        ) from error
 
 
 def _collective_failure(error: RuntimeError) -> bool:

@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from hotloop.runtime.distributed import DistContext
 
@@ -39,8 +43,14 @@ LATEST = "latest-dist"
 PATTERN = re.compile(r"^dist-step-(\d{6,})$")
 
 
-def save(run_dir: str | Path, trainer, loop_state: dict, ctx: DistContext | None, *,
-         extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+def save(
+    run_dir: str | Path,
+    trainer,
+    loop_state: dict,
+    ctx: DistContext | None,
+    *,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write ``run_dir/dist-step-<version>`` from every rank (collective) and point ``latest-dist`` at it.
 
     Args:
@@ -91,9 +101,11 @@ def newest(run_dir: str | Path, single: Path | None, ctx: DistContext | None) ->
     if single is None or (dist_path is not None and step(dist_path) >= step(single)):
         return "dist", dist_path
     if ctx is not None:
-        raise ValueError(f"{run_dir}: the newest checkpoint {single.name} was written by one process; resume it on one "
-                         f"process (several ranks load only dist-step-* checkpoints, the newest here: "
-                         f"{dist_path.name if dist_path else 'none'})")
+        raise ValueError(
+            f"{run_dir}: the newest checkpoint {single.name} was written by one process; resume it on one "
+            f"process (several ranks load only dist-step-* checkpoints, the newest here: "
+            f"{dist_path.name if dist_path else 'none'})"
+        )
     return "single", single
 
 
@@ -116,8 +128,10 @@ def load(path: str | Path, trainer, *, extra: dict[str, dict[str, torch.Tensor]]
 
 def _state(trainer, extra: dict | None) -> dict:
     """The DCP state dict: policy, optimizer, reference and ``extra``; loading fills these tensors in place."""
-    state = {"model": get_model_state_dict(trainer.model),
-             "optimizer": get_optimizer_state_dict(trainer.model, trainer.optimizer)}
+    state = {
+        "model": get_model_state_dict(trainer.model),
+        "optimizer": get_optimizer_state_dict(trainer.model, trainer.optimizer),
+    }
     if trainer.reference is not None:
         state["reference"] = get_model_state_dict(trainer.reference)
     return {**state, **(extra or {})}

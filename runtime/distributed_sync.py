@@ -96,10 +96,10 @@ class ShardedGather:
         """Pack this rank's shards of ``bucket`` into its segment of a staging buffer and start the gather."""
         staging = self._buffer(bucket).view(self.ctx.world_size, -1)
         mine = staging[self.ctx.rank]
-        for i, offset, c, row in self._segments[bucket]:
+        for i, offset, c, _row in self._segments[bucket]:
             tensor = state[self.plan.slots[i].name]
             local = tensor.to_local() if isinstance(tensor, DTensor) else _rows(tensor, self.ctx.rank, c)
-            mine[offset:offset + local.numel()].copy_(local.reshape(-1))
+            mine[offset : offset + local.numel()].copy_(local.reshape(-1))
         if dist.get_backend() == "nccl":
             return staging, [dist.all_gather_into_tensor(staging.view(-1), mine, async_op=True)]
         return staging, [dist.broadcast(staging[r], src=r, async_op=True) for r in range(self.ctx.world_size)]
@@ -109,11 +109,11 @@ class ShardedGather:
         for i, offset, c, row in self._segments[bucket]:
             slot = self.plan.slots[i]
             rows = slot.shape[0] if slot.shape else 1
-            dst = out[slot.offset:slot.offset + slot.numel].view(rows, row)
+            dst = out[slot.offset : slot.offset + slot.numel].view(rows, row)
             for r in range(self.ctx.world_size):
                 n = max(0, min(c, rows - r * c))
                 if n:
-                    dst[r * c:r * c + n].copy_(staging[r, offset:offset + n * row].view(n, row))
+                    dst[r * c : r * c + n].copy_(staging[r, offset : offset + n * row].view(n, row))
 
     def _buffer(self, bucket: int) -> torch.Tensor:
         """The staging buffer of ``bucket``'s parity, allocated once per dtype at the largest size it needs."""
@@ -121,10 +121,11 @@ class ShardedGather:
         pair = self._staging.get(spec.dtype)
         if pair is None:
             size = max(self.staging_numel(b) for b, s in enumerate(self.plan.buckets) if s.dtype == spec.dtype)
-            pair = self._staging[spec.dtype] = [torch.empty(size, dtype=spec.dtype, device=spec.device)
-                                                for _ in range(2)]
+            pair = self._staging[spec.dtype] = [
+                torch.empty(size, dtype=spec.dtype, device=spec.device) for _ in range(2)
+            ]
         parity = sum(1 for s in self.plan.buckets[:bucket] if s.dtype == spec.dtype) % 2
-        return pair[parity][:self.staging_numel(bucket)]
+        return pair[parity][: self.staging_numel(bucket)]
 
     def staging_nbytes(self) -> int:
         """Bytes of the two staging buffers per dtype a sync allocates: its whole overhead on this rank."""
@@ -137,4 +138,4 @@ class ShardedGather:
 def _rows(tensor: torch.Tensor, rank: int, c: int) -> torch.Tensor:
     """Rank ``rank``'s dim-0 chunk of a replicated tensor (a scalar counts as one row)."""
     flat = tensor.reshape(1, -1) if tensor.dim() == 0 else tensor
-    return flat[rank * c:(rank + 1) * c]
+    return flat[rank * c : (rank + 1) * c]

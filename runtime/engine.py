@@ -55,17 +55,28 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = (
-            ("temperature", self.temperature, _is_real(self.temperature) and self.temperature >= 0,
-             "a finite float >= 0 (0 = greedy)"),
+            (
+                "temperature",
+                self.temperature,
+                _is_real(self.temperature) and self.temperature >= 0,
+                "a finite float >= 0 (0 = greedy)",
+            ),
             ("top_p", self.top_p, _is_real(self.top_p) and 0 < self.top_p <= 1, "a float in (0, 1]"),
             ("top_k", self.top_k, _is_int(self.top_k) and self.top_k >= 0, "an int >= 0"),
-            ("max_new_tokens", self.max_new_tokens, _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
-             "an int >= 1"),
+            (
+                "max_new_tokens",
+                self.max_new_tokens,
+                _is_int(self.max_new_tokens) and self.max_new_tokens >= 1,
+                "an int >= 1",
+            ),
             ("n", self.n, _is_int(self.n) and self.n >= 1, "an int >= 1"),
             ("seed", self.seed, self.seed is None or _is_int(self.seed), "None or an int"),
-            ("stop_token_ids", self.stop_token_ids,
-             isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-             "a tuple of ints >= 0"),
+            (
+                "stop_token_ids",
+                self.stop_token_ids,
+                isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+                "a tuple of ints >= 0",
+            ),
         )
         for name, value, ok, want in checks:
             require(ok, name, want, repr(value))
@@ -140,8 +151,9 @@ class RolloutEngine(Protocol):
         """True when ``generate`` reads ``module``'s live parameters (zero-copy; the engine cannot lag)."""
         ...
 
-    def sync_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
-                     | None = None) -> None:
+    def sync_weights(
+        self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Adopt the trainer's weights of ``version``.
 
         ``weights`` yields (name as in the trainer module's ``state_dict()``, tensor in the trainer's shape;

@@ -17,8 +17,7 @@ ENGINE_KINDS = ("torch", "vllm", "sglang")
 INSTALL_HINTS = {"vllm": 'pip install "hotloop[vllm]"', "sglang": 'pip install "hotloop[sglang]"'}
 
 
-def make_engine(model: nn.Module, *, kind: str = "torch", pad_token_id: int, eos_token_id: int | None,
-                **engine_kwargs):
+def make_engine(model: nn.Module, *, kind: str = "torch", pad_token_id: int, eos_token_id: int | None, **engine_kwargs):
     """A ``RolloutEngine`` of ``kind`` for the trainer's ``model``.
 
     Args:
@@ -43,8 +42,9 @@ def make_engine(model: nn.Module, *, kind: str = "torch", pad_token_id: int, eos
     except ImportError as error:
         if INSTALL_HINTS[kind] in str(error):
             raise
-        raise ImportError(f"engine.kind={kind!r} needs the {kind} package ({error}); install it with "
-                          f"{INSTALL_HINTS[kind]}") from error
+        raise ImportError(
+            f"engine.kind={kind!r} needs the {kind} package ({error}); install it with {INSTALL_HINTS[kind]}"
+        ) from error
 
 
 def _import(module: str, name: str):

@@ -31,8 +31,14 @@ import torch
 
 from hotloop.runtime.checkpoint_files import read_json_state
 
-SAFE_ON_RESUME = ("loop.steps", "loop.eval_every", "loop.checkpoint_every", "loop.out_dir", "task.eval_problems",
-                  "model.cache_dir")
+SAFE_ON_RESUME = (
+    "loop.steps",
+    "loop.eval_every",
+    "loop.checkpoint_every",
+    "loop.out_dir",
+    "task.eval_problems",
+    "model.cache_dir",
+)
 """Config keys that leave the trajectory of the steps already taken unchanged: length of the run,
 evaluation and checkpoint cadence, output locations."""
 
@@ -105,10 +111,14 @@ def check_rewards(rewards: torch.Tensor, completions: list[str], reward_fn, *, s
     index = bad.nonzero().flatten().tolist()
     if index:
         where = f"outside the declared range {list(declared)} or non-finite" if declared else "non-finite"
-        quoted = "; ".join(f"[{i}] reward {values[i].item()} for completion {completions[i]!r:.200}"
-                           for i in index[:shown])
-        warnings.warn(f"step {step}: {len(index)} of {len(values)} rewards of {type(reward_fn).__name__} are "
-                      f"{where}: {quoted}", RewardRangeWarning, stacklevel=2)
+        quoted = "; ".join(
+            f"[{i}] reward {values[i].item()} for completion {completions[i]!r:.200}" for i in index[:shown]
+        )
+        warnings.warn(
+            f"step {step}: {len(index)} of {len(values)} rewards of {type(reward_fn).__name__} are {where}: {quoted}",
+            RewardRangeWarning,
+            stacklevel=2,
+        )
     return len(index)
 
 
@@ -168,13 +178,17 @@ def check_resume(old: Mapping, new: Mapping, *, allow: Iterable[str] = (), force
     allowed = (*SAFE_ON_RESUME, *allow)
     diff = config_diff(old, new)
     changes = [f"{key}: {a!r} → {b!r}" for key, a, b in diff]
-    refused = [line for line, (key, _, _) in zip(changes, diff)
-               if not any(key == k or key.startswith(k + ".") for k in allowed)]
+    refused = [
+        line
+        for line, (key, _, _) in zip(changes, diff)
+        if not any(key == k or key.startswith(k + ".") for k in allowed)
+    ]
     if refused and not force:
         raise ResumeMismatchError(
             f"resume: the checkpoint was written by a different run config; refusing to mix runs "
             f"({'; '.join(refused)}). Keys safe to change: {', '.join(SAFE_ON_RESUME)}; allow another key with "
-            f"--allow-change KEY, or resume anyway with --force-resume")
+            f"--allow-change KEY, or resume anyway with --force-resume"
+        )
     return changes
 
 

@@ -60,8 +60,8 @@ from tqdm.auto import tqdm
 from hotloop.runtime import distributed, distributed_checkpoint
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.distributed_sync import ShardedGather
-from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.engine import SamplingParams
+from hotloop.runtime.guards import check_rewards, repair_metrics
 from hotloop.runtime.micro_batches import micro_batch_rule, split_batch
 from hotloop.runtime.rollout_metrics import rollout_metrics
 from hotloop.runtime.sync_policy import LogprobFn, SyncConfig, SyncPolicy, forward_logprobs, sync_period
@@ -98,8 +98,13 @@ class LoopConfig:
     """Buckets, timeout and the proof on every sync (``hotloop.runtime.sync_policy``)."""
 
     def __post_init__(self) -> None:
-        if self.sync_every is not None and self.sync_every != math.inf and not (
-                isinstance(self.sync_every, int) and not isinstance(self.sync_every, bool) and self.sync_every >= 1):
+        if (
+            self.sync_every is not None
+            and self.sync_every != math.inf
+            and not (
+                isinstance(self.sync_every, int) and not isinstance(self.sync_every, bool) and self.sync_every >= 1
+            )
+        ):
             raise ValueError(f"sync_every: expected an int >= 1, None or math.inf (offline), got {self.sync_every!r}")
         for name in ("steps", "prompts_per_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -152,10 +157,22 @@ class OnlineLoop:
             are FSDP2-sharded, the engine samples from its own plain module; None on one process.
     """
 
-    def __init__(self, config: LoopConfig, *, trainer, engine, algorithm, reward_fn: Callable, problems: list,
-                 tokenizer, sampling: SamplingParams, evaluate: Callable[[nn.Module], dict] | None = None,
-                 progress: bool = True, logprob_fn: LogprobFn | None = None,
-                 dist: distributed.DistContext | None = None) -> None:
+    def __init__(
+        self,
+        config: LoopConfig,
+        *,
+        trainer,
+        engine,
+        algorithm,
+        reward_fn: Callable,
+        problems: list,
+        tokenizer,
+        sampling: SamplingParams,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        progress: bool = True,
+        logprob_fn: LogprobFn | None = None,
+        dist: distributed.DistContext | None = None,
+    ) -> None:
         if not isinstance(config, LoopConfig):
             raise TypeError(f"config: expected LoopConfig, got {type(config).__name__}")
         k = trainer.config.grad_accum_steps
@@ -166,20 +183,29 @@ class OnlineLoop:
         if algorithm.needs_reference and trainer.reference is None:
             raise ValueError(f"trainer: {type(algorithm).__name__} needs a reference model, got trainer.reference=None")
         if algorithm.samples_per_prompt and len(problems) < config.prompts_per_step:
-            raise ValueError(f"problems: expected at least prompts_per_step={config.prompts_per_step}, got {len(problems)}")
+            raise ValueError(
+                f"problems: expected at least prompts_per_step={config.prompts_per_step}, got {len(problems)}"
+            )
         self.config, self.trainer, self.engine, self.algorithm = config, trainer, engine, algorithm
         self.reward_fn, self.problems, self.tokenizer, self.sampling = reward_fn, problems, tokenizer, sampling
         self.evaluate, self.dist = evaluate, dist
         self.main = dist is None or dist.is_main
         self.progress = progress and self.main
-        probe = [tokenizer.encode(p.prompt) for p in problems[:config.sync.probe_prompts]]
+        probe = [tokenizer.encode(p.prompt) for p in problems[: config.sync.probe_prompts]]
         gather = None
         if dist is not None:
             self.split_rule = distributed.check_loop(dist, algorithm, config.prompts_per_step)
             gather = ShardedGather(trainer.model, dist, bucket_mb=config.sync.bucket_mb)
             logprob_fn = distributed.unsharded_logprobs(logprob_fn or forward_logprobs)
-        self.sync = SyncPolicy(config.sync, config.sync_period, model=trainer.model, engine=engine,
-                               probe_prompts=probe, logprob_fn=logprob_fn, gather=gather)
+        self.sync = SyncPolicy(
+            config.sync,
+            config.sync_period,
+            model=trainer.model,
+            engine=engine,
+            probe_prompts=probe,
+            logprob_fn=logprob_fn,
+            gather=gather,
+        )
         self.zero_copy = self.sync.zero_copy
         self.out_dir = Path(config.out_dir)
         self._stop = False
@@ -211,8 +237,13 @@ class OnlineLoop:
                 if self._due(step, self.config.checkpoint_every) or final or self._stop:
                     self.checkpoint(step)
         phases = {p: sum(r.get(f"time/{p}", 0.0) for r in records) for p in PHASES}
-        return LoopResult(next_step=step, interrupted=step < self.config.steps, records=records,
-                          wall_seconds=time.perf_counter() - t0, phase_seconds=phases)
+        return LoopResult(
+            next_step=step,
+            interrupted=step < self.config.steps,
+            records=records,
+            wall_seconds=time.perf_counter() - t0,
+            phase_seconds=phases,
+        )
 
     def step(self, step: int) -> dict:
         """One loop step; returns its metrics record."""
@@ -225,8 +256,9 @@ class OnlineLoop:
         if self.algorithm.samples_per_prompt:
             with _timed(times, "sampling"):
                 self.engine.wake()
-                sampling = dataclasses.replace(self.sampling, n=self.algorithm.samples_per_prompt,
-                                               seed=self.config.seed * 1_000_003 + step)
+                sampling = dataclasses.replace(
+                    self.sampling, n=self.algorithm.samples_per_prompt, seed=self.config.seed * 1_000_003 + step
+                )
                 completions = self.engine.generate([prompt_ids[i] for i in mine], sampling)
             with _timed(times, "scoring"):
                 texts = [self.tokenizer.decode(c.token_ids) for c in completions]
@@ -238,13 +270,21 @@ class OnlineLoop:
         skip = self.trainer.guard_inputs({"reward": rewards}, label=f"loop step {step}")
         if synced and self.config.sync.check:
             with _timed(times, "check"):
-                distributed.agree(self.dist, lambda: self._check(local, [prompt_ids[i] for i in mine]),
-                                  f"sync check of loop step {step}")
+                distributed.agree(
+                    self.dist,
+                    lambda: self._check(local, [prompt_ids[i] for i in mine]),
+                    f"sync check of loop step {step}",
+                )
         with _timed(times, "batching"):
             batch = None if skip else self.algorithm.build_batch(problems, prompt_ids, completions, rewards)
-        record = {"step": step, "version": self.trainer.version, "sampler_version": self.engine.weight_version,
-                  "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
-                  **_reward_metrics(rewards), **rollout_metrics(completions, self.reward_fn, self.algorithm)}
+        record = {
+            "step": step,
+            "version": self.trainer.version,
+            "sampler_version": self.engine.weight_version,
+            "staleness": self.trainer.version - (batch.sampler_version if batch else self.engine.weight_version),
+            **_reward_metrics(rewards),
+            **rollout_metrics(completions, self.reward_fn, self.algorithm),
+        }
         with _timed(times, "training"):
             if self.config.sleep_between_phases:
                 self.engine.sleep()
@@ -261,19 +301,25 @@ class OnlineLoop:
         version = self.trainer.version
         stamped = sorted({self.engine.weight_version, *(c.weight_version for c in completions)})
         if stamped != [version]:
-            raise RuntimeError(f"sync check v{version}: engine and samples carry weight versions {stamped}, expected "
-                               f"[{version}]: the sync did not give the engine the trainer's version")
-        rows = completions[:self.config.sync.probe_prompts]
+            raise RuntimeError(
+                f"sync check v{version}: engine and samples carry weight versions {stamped}, expected "
+                f"[{version}]: the sync did not give the engine the trainer's version"
+            )
+        rows = completions[: self.config.sync.probe_prompts]
         self.sync.verify(version, [prompt_ids[c.prompt_index] for c in rows], rows, self.sampling.logprob_temperature)
 
     def checkpoint(self, next_step: int) -> Path:
         """Write one atomic checkpoint (sampler weights included) from which ``run(resume=True)`` continues;
         on several ranks a distributed one (``hotloop.runtime.distributed_checkpoint``)."""
-        state = {"next_step": next_step, "engine_version": self.engine.weight_version,
-                 "config": dataclasses.asdict(self.config)}
+        state = {
+            "next_step": next_step,
+            "engine_version": self.engine.weight_version,
+            "config": dataclasses.asdict(self.config),
+        }
         if self.dist is not None:
-            return distributed_checkpoint.save(self.out_dir, self.trainer, state, self.dist,
-                                               extra=self._engine_models())
+            return distributed_checkpoint.save(
+                self.out_dir, self.trainer, state, self.dist, extra=self._engine_models()
+            )
         return self.trainer.save(self.out_dir, state, extra_models=self._engine_models())
 
     def _train(self, batch) -> dict:
@@ -285,8 +331,11 @@ class OnlineLoop:
         if self.dist is not None:
             loss_fn = lambda model, b: self.algorithm.loss(model, b, reference=reference)  # noqa: E731
             return distributed.train_step(self.trainer, loss_fn, batch, self.split_rule, self.dist)
-        return self.trainer.step(lambda model, b: self.algorithm.loss(model, b, reference=reference),
-                                 [b for b, _ in parts], weights=[w for _, w in parts])
+        return self.trainer.step(
+            lambda model, b: self.algorithm.loss(model, b, reference=reference),
+            [b for b, _ in parts],
+            weights=[w for _, w in parts],
+        )
 
     def _resume(self) -> int:
         """Load the latest checkpoint of ``out_dir`` into trainer and sampler; the step to continue at."""
@@ -361,8 +410,14 @@ def _reward_metrics(rewards: torch.Tensor) -> dict[str, float]:
 
 
 def _postfix(record: dict) -> str:
-    parts = [f"{name}={record[key]:.3f}" for name, key in
-             (("r", "reward"), ("kl", "kl"), ("acc", "eval/accuracy")) if key in record]
-    parts += [f"{p[:5]}={record[f'time/{p}']:.2f}s" for p in ("sampling", "training", "sync", "check")
-              if f"time/{p}" in record]
+    parts = [
+        f"{name}={record[key]:.3f}"
+        for name, key in (("r", "reward"), ("kl", "kl"), ("acc", "eval/accuracy"))
+        if key in record
+    ]
+    parts += [
+        f"{p[:5]}={record[f'time/{p}']:.2f}s"
+        for p in ("sampling", "training", "sync", "check")
+        if f"time/{p}" in record
+    ]
     return " ".join(parts)

@@ -34,8 +34,9 @@ def micro_batch_rule(algorithm) -> SplitRule:
     """``algorithm.split_rule()``; ValueError naming the algorithm when it has none (or refuses to split)."""
     split_rule = getattr(algorithm, "split_rule", None)
     if split_rule is None:
-        raise ValueError(f"{type(algorithm).__name__}: no split_rule(), so its batches cannot be cut into micro "
-                         f"batches")
+        raise ValueError(
+            f"{type(algorithm).__name__}: no split_rule(), so its batches cannot be cut into micro batches"
+        )
     return split_rule()
 
 

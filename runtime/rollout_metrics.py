@@ -28,8 +28,11 @@ def rollout_metrics(completions: list[Completion], reward_fn=None, algorithm=Non
         return {}
     lengths = [len(c.token_ids) for c in completions]
     tokens = sum(lengths)
-    out = {"completion/length_mean": tokens / len(lengths), "completion/length_max": float(max(lengths)),
-           "completion/truncated": sum(c.finish_reason == "length" for c in completions) / len(completions)}
+    out = {
+        "completion/length_mean": tokens / len(lengths),
+        "completion/length_max": float(max(lengths)),
+        "completion/truncated": sum(c.finish_reason == "length" for c in completions) / len(completions),
+    }
     if tokens:
         out["entropy"] = -sum(sum(c.logprobs) for c in completions) / tokens
     components: dict[str, torch.Tensor] = getattr(reward_fn, "last_components", None) or {}

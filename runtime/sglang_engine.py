@@ -73,8 +73,16 @@ class SGLangEngine:
         **engine_kwargs: passed to ``sglang.Engine`` (e.g. ``dtype``, ``attention_backend``).
     """
 
-    def __init__(self, model_path: str | Path, *, model: nn.Module | None = None, mem_fraction_static: float = 0.3,
-                 deterministic: bool = False, weights_cpu_backup: bool = True, **engine_kwargs) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model: nn.Module | None = None,
+        mem_fraction_static: float = 0.3,
+        deterministic: bool = False,
+        weights_cpu_backup: bool = True,
+        **engine_kwargs,
+    ) -> None:
         try:
             import sglang
         except ImportError as error:
@@ -89,15 +97,22 @@ class SGLangEngine:
             from sglang.srt.server_args import ServerArgs
 
             if "enable_weights_cpu_backup" not in {f.name for f in dataclasses.fields(ServerArgs)}:
-                raise ValueError(f"weights_cpu_backup: sglang {sglang.__version__} has no enable_weights_cpu_backup "
-                                 f"(sglang >= 0.5.3); expected False, with a sync_weights after every wake")
+                raise ValueError(
+                    f"weights_cpu_backup: sglang {sglang.__version__} has no enable_weights_cpu_backup "
+                    f"(sglang >= 0.5.3); expected False, with a sync_weights after every wake"
+                )
             engine_kwargs["enable_weights_cpu_backup"] = True
         self.model = model
         self.deterministic = deterministic
         self.weights_cpu_backup = weights_cpu_backup
-        self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=True, enable_memory_saver=True,
-                                     mem_fraction_static=mem_fraction_static,
-                                     enable_deterministic_inference=deterministic, **engine_kwargs)
+        self._engine = sglang.Engine(
+            model_path=str(model_path),
+            skip_tokenizer_init=True,
+            enable_memory_saver=True,
+            mem_fraction_static=mem_fraction_static,
+            enable_deterministic_inference=deterministic,
+            **engine_kwargs,
+        )
         self._tp_size = int(getattr(self._engine.server_args, "tp_size", 1))
         self._released: list[str] = []
         self._warned_seed = False
@@ -123,22 +138,32 @@ class SGLangEngine:
         if self._released:
             raise RuntimeError(f"generate: the engine released {self._released}; call wake() first")
         if self._weights_lost:
-            raise RuntimeError("generate: SGLang's weights are not valid (released by sleep() without a CPU backup, "
-                               "or a failed sync); expected a successful sync_weights(version, weights) first")
+            raise RuntimeError(
+                "generate: SGLang's weights are not valid (released by sleep() without a CPU backup, "
+                "or a failed sync); expected a successful sync_weights(version, weights) first"
+            )
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
         if sampling.seed is not None and not self.deterministic and not self._warned_seed:
-            warnings.warn(f"sampling.seed={sampling.seed}: SGLang honours seeds only with deterministic inference; "
-                          f"this engine (deterministic=False) samples unseeded, so runs and resumes are not "
-                          f"repeatable (build it with deterministic=True)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"sampling.seed={sampling.seed}: SGLang honours seeds only with deterministic inference; "
+                f"this engine (deterministic=False) samples unseeded, so runs and resumes are not "
+                f"repeatable (build it with deterministic=True)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self._warned_seed = True
         if not prompt_token_ids or not all(isinstance(p, (list, tuple)) and p for p in prompt_token_ids):
-            raise ValueError(f"prompt_token_ids: expected a non-empty list of non-empty token-id lists, "
-                             f"got {prompt_token_ids!r:.200}")
+            raise ValueError(
+                f"prompt_token_ids: expected a non-empty list of non-empty token-id lists, "
+                f"got {prompt_token_ids!r:.200}"
+            )
         rows = [i for i in range(len(prompt_token_ids)) for _ in range(sampling.n)]
-        outputs = self._engine.generate(input_ids=[list(prompt_token_ids[i]) for i in rows],
-                                        sampling_params=[self._params(sampling, r) for r in range(len(rows))],
-                                        return_logprob=True)
+        outputs = self._engine.generate(
+            input_ids=[list(prompt_token_ids[i]) for i in rows],
+            sampling_params=[self._params(sampling, r) for r in range(len(rows))],
+            return_logprob=True,
+        )
         return [self._completion(i, out) for i, out in zip(rows, outputs)]
 
     def sync_weights(self, version: int, weights=None) -> None:
@@ -153,9 +178,11 @@ class SGLangEngine:
         bucketed = weights if isinstance(weights, BucketedWeights) else _bucketed(weights, self.model)
         self._weights_lost = True  # until every bucket has landed
         for i, payload in enumerate(flattened_buckets(bucketed)):
-            result = self._engine.update_weights_from_tensor(named_tensors=[payload] * self._tp_size,
-                                                             load_format="flattened_bucket",
-                                                             flush_cache=i == len(bucketed.buffers) - 1)
+            result = self._engine.update_weights_from_tensor(
+                named_tensors=[payload] * self._tp_size,
+                load_format="flattened_bucket",
+                flush_cache=i == len(bucketed.buffers) - 1,
+            )
             check_update(result, version, i)
         self._weights_lost = False
         self._version = version
@@ -182,9 +209,13 @@ class SGLangEngine:
         self._engine.shutdown()
 
     def _params(self, sampling: SamplingParams, row: int) -> dict:
-        params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                  "top_k": sampling.top_k if sampling.top_k > 0 else -1,
-                  "max_new_tokens": sampling.max_new_tokens, "stop_token_ids": list(sampling.stop_token_ids)}
+        params = {
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+            "max_new_tokens": sampling.max_new_tokens,
+            "stop_token_ids": list(sampling.stop_token_ids),
+        }
         if sampling.seed is not None and self.deterministic:
             params["sampling_seed"] = sampling.seed + row
         return params
@@ -196,9 +227,13 @@ class SGLangEngine:
             raise RuntimeError(f"generate: SGLang finished prompt {prompt_index} with {meta['finish_reason']!r}")
         # one (logprob, token_id, text) per generated token, the stop token included
         entries = meta["output_token_logprobs"]
-        return Completion(prompt_index=prompt_index, token_ids=[int(e[1]) for e in entries],
-                          logprobs=[float(e[0]) for e in entries], finish_reason=reason,
-                          weight_version=self._version)
+        return Completion(
+            prompt_index=prompt_index,
+            token_ids=[int(e[1]) for e in entries],
+            logprobs=[float(e[0]) for e in entries],
+            finish_reason=reason,
+            weight_version=self._version,
+        )
 
 
 def flattened_bucket_metadata(plan: SyncPlan, bucket: int) -> list[dict]:
@@ -208,8 +243,18 @@ def flattened_bucket_metadata(plan: SyncPlan, bucket: int) -> list[dict]:
     there may be gaps between tensors, which SGLang's slicing skips); ``dtype`` is the bucket's (no cast).
     """
     spec = plan.buckets[bucket]
-    return [{"name": s.name, "shape": torch.Size(s.shape), "dtype": spec.dtype, "start_idx": s.offset,
-             "end_idx": s.offset + s.numel, "numel": s.numel} for s in plan.slots if s.bucket == bucket]
+    return [
+        {
+            "name": s.name,
+            "shape": torch.Size(s.shape),
+            "dtype": spec.dtype,
+            "start_idx": s.offset,
+            "end_idx": s.offset + s.numel,
+            "numel": s.numel,
+        }
+        for s in plan.slots
+        if s.bucket == bucket
+    ]
 
 
 def flattened_buckets(weights: BucketedWeights):

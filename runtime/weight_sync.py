@@ -119,8 +119,9 @@ class SyncPlan:
 
     def allocate(self, device: torch.device | str | None = None) -> list[torch.Tensor]:
         """Zero-filled bucket buffers (on each bucket's device, or ``device``), allocated once per plan."""
-        return [torch.zeros(b.numel, dtype=b.dtype, device=device if device is not None else b.device)
-                for b in self.buckets]
+        return [
+            torch.zeros(b.numel, dtype=b.dtype, device=device if device is not None else b.device) for b in self.buckets
+        ]
 
     def check_buffers(self, buffers: list[torch.Tensor]) -> None:
         """Raise unless ``buffers`` match the plan's buckets in number, dtype and length."""
@@ -128,15 +129,18 @@ class SyncPlan:
             raise ValueError(f"buffers: expected {len(self.buckets)} buckets, got {len(buffers)}")
         for i, (buf, spec) in enumerate(zip(buffers, self.buckets)):
             if buf.dtype != spec.dtype or buf.shape != (spec.numel,):
-                raise ValueError(f"buffers[{i}]: expected a flat {spec.dtype} tensor of {spec.numel} elements, "
-                                 f"got {buf.dtype} of shape {tuple(buf.shape)}")
+                raise ValueError(
+                    f"buffers[{i}]: expected a flat {spec.dtype} tensor of {spec.numel} elements, "
+                    f"got {buf.dtype} of shape {tuple(buf.shape)}"
+                )
 
     def pack(self, module: nn.Module | Mapping[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
-        """Copy ``module``'s tensors into their slots: one memcpy per tensor (per piece of a large one), no allocation."""
+        """Copy ``module``'s tensors into their slots: a memcpy per tensor (per piece of a large one), no allocation."""
         self._copy(module, buffers, summed=False)
 
-    def pack_fingerprinted(self, module: nn.Module | Mapping[str, torch.Tensor],
-                           buffers: list[torch.Tensor]) -> list[int]:
+    def pack_fingerprinted(
+        self, module: nn.Module | Mapping[str, torch.Tensor], buffers: list[torch.Tensor]
+    ) -> list[int]:
         """:meth:`pack`, returning every bucket's :func:`fingerprint`, summed while the copied bytes are in cache.
 
         Each piece of at most ``FUSED_CHUNK_BYTES`` is summed right after its copy, so the producer's fingerprint
@@ -158,8 +162,10 @@ class SyncPlan:
         groups = self._groups(torch.get_num_threads() if cpu else 1)
         words = [b.detach().view(torch.uint8).view(torch.int64) for b in buffers] if summed else None
         parts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in groups]
-        run = [functools.partial(self._copy_group, group, state, buffers, words, out, len(groups) > 1)
-               for group, out in zip(groups, parts)]
+        run = [
+            functools.partial(self._copy_group, group, state, buffers, words, out, len(groups) > 1)
+            for group, out in zip(groups, parts)
+        ]
         _run_all(run)
         if not summed:
             return None
@@ -170,18 +176,18 @@ class SyncPlan:
 
     def _copy_group(self, group: list[_Piece], state, buffers, words, out: list, single_threaded: bool) -> None:
         if single_threaded:
-            torch.set_num_threads(1)   # this worker thread's own OpenMP setting; the caller's stays as it was
+            torch.set_num_threads(1)  # this worker thread's own OpenMP setting; the caller's stays as it was
         with torch.no_grad():
             for piece in group:
                 for index, lo, hi in piece.copies:
                     slot, source = self.slots[index], state[self.slots[index].name]
-                    flat = buffers[slot.bucket][slot.offset:slot.offset + slot.numel]
+                    flat = buffers[slot.bucket][slot.offset : slot.offset + slot.numel]
                     if source.is_contiguous():
                         flat[lo:hi].copy_(source.view(-1)[lo:hi])
-                    elif lo == 0:   # a strided source is copied whole, by the piece holding its start
+                    elif lo == 0:  # a strided source is copied whole, by the piece holding its start
                         flat.view(slot.shape).copy_(source)
                 if words is not None:
-                    out.append((piece.bucket, words[piece.bucket][piece.start // 8:piece.end // 8].sum()))
+                    out.append((piece.bucket, words[piece.bucket][piece.start // 8 : piece.end // 8].sum()))
 
     def _groups(self, n: int) -> list[list[_Piece]]:
         """The pieces cut into at most ``n`` runs of about equal bytes, each cut at a slot's start."""
@@ -204,7 +210,7 @@ class SyncPlan:
 
     def _slot_views(self, buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         for slot in self.slots:
-            yield buffers[slot.bucket][slot.offset:slot.offset + slot.numel].view(slot.shape)
+            yield buffers[slot.bucket][slot.offset : slot.offset + slot.numel].view(slot.shape)
 
 
 class BucketedWeights:
@@ -313,12 +319,16 @@ def fingerprints(buffers: list[torch.Tensor]) -> list[int]:
 def compare_fingerprints(version: int, sent: list[int], received: list[int], *, side: str = "consumer") -> None:
     """Raise naming the first bucket whose fingerprint the ``side`` saw differs from what was sent."""
     if len(sent) != len(received):
-        raise RuntimeError(f"weight sync v{version}: {side} reported {len(received)} fingerprints, "
-                           f"expected {len(sent)} (one per bucket)")
+        raise RuntimeError(
+            f"weight sync v{version}: {side} reported {len(received)} fingerprints, "
+            f"expected {len(sent)} (one per bucket)"
+        )
     for i, (a, b) in enumerate(zip(sent, received)):
         if a != b:
-            raise RuntimeError(f"weight sync v{version}: bucket {i}: {side} fingerprint {b:#x} != "
-                               f"producer fingerprint {a:#x} (the bytes changed in transit)")
+            raise RuntimeError(
+                f"weight sync v{version}: bucket {i}: {side} fingerprint {b:#x} != "
+                f"producer fingerprint {a:#x} (the bytes changed in transit)"
+            )
 
 
 def named_tensors(weights) -> Iterator[tuple[str, torch.Tensor]]:

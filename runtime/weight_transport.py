@@ -56,8 +56,9 @@ class Transport(Protocol):
         """The bucket buffers the producer packs into (allocated once, where this transport needs them)."""
         ...
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
-             with_fingerprints: bool = True) -> list[int | None]:
+    def send(
+        self, version: int, weights: BucketedWeights, *, timeout_s: float, with_fingerprints: bool = True
+    ) -> list[int | None]:
         """Deliver ``weights`` of ``version``; the consumer's fingerprint of every bucket (None each without)."""
         ...
 
@@ -75,8 +76,9 @@ class InProcessTransport:
     def buffers(self, plan: SyncPlan) -> list[torch.Tensor]:
         return plan.allocate()
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
-             with_fingerprints: bool = True) -> list[int | None]:
+    def send(
+        self, version: int, weights: BucketedWeights, *, timeout_s: float, with_fingerprints: bool = True
+    ) -> list[int | None]:
         # one call in this thread cannot be preempted: timeout_s bounds only the out-of-process waits
         self.engine.sync_weights(version, weights)
         return fingerprints(weights.buffers) if with_fingerprints else [None] * len(weights.buffers)
@@ -106,8 +108,9 @@ class ProcessTransport:
         self.conn.send(("plan", plan, buffers if self.device.type == "cpu" else None))
         return buffers
 
-    def send(self, version: int, weights: BucketedWeights, *, timeout_s: float,
-             with_fingerprints: bool = True) -> list[int | None]:
+    def send(
+        self, version: int, weights: BucketedWeights, *, timeout_s: float, with_fingerprints: bool = True
+    ) -> list[int | None]:
         """One message per sync (with CUDA IPC handles on GPU), then wait for one answer per bucket."""
         if self._plan is None:
             raise RuntimeError("send: expected buffers(plan) to be called first")
@@ -120,14 +123,17 @@ class ProcessTransport:
 
     def _answer(self, version: int, bucket: int, timeout_s: float) -> int:
         if not self.conn.poll(timeout_s):
-            raise TimeoutError(f"weight sync v{version}: bucket {bucket} of {len(self._plan.buckets)}: consumer did "
-                               f"not answer within {timeout_s:g} s")
+            raise TimeoutError(
+                f"weight sync v{version}: bucket {bucket} of {len(self._plan.buckets)}: consumer did "
+                f"not answer within {timeout_s:g} s"
+            )
         kind, index, value = self.conn.recv()
         if kind == "error":
             raise RuntimeError(f"weight sync v{version}: bucket {index}: consumer failed: {value}")
         if index != bucket:
-            raise RuntimeError(f"weight sync v{version}: expected the consumer's answer for bucket {bucket}, "
-                               f"got bucket {index}")
+            raise RuntimeError(
+                f"weight sync v{version}: expected the consumer's answer for bucket {bucket}, got bucket {index}"
+            )
         return value
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
 @pytest.fixture
 def nan_empty():
     """``torch.empty`` returns NaN-filled memory (ints: their max), so an output a kernel never writes cannot pass."""

@@ -13,11 +13,15 @@ def test_a_checkout_under_a_folder_named_gpu_still_runs_its_unmarked_tests(tmp_p
     folder.mkdir(parents=True)
     shutil.copy(CONFTEST, folder / "conftest.py")
     (folder / "test_plain.py").write_text(
-        "import pytest\n\n"
-        "def test_plain():\n    assert True\n\n"
-        "@pytest.mark.gpu\ndef test_marked():\n    assert True\n")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(folder)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        "import pytest\n\ndef test_plain():\n    assert True\n\n@pytest.mark.gpu\ndef test_marked():\n    assert True\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(folder)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     import torch
 
     expected = "2 passed" if torch.cuda.is_available() else "1 passed, 1 skipped"

@@ -97,8 +97,9 @@ def make_algorithm(name: str, config: BanditConfig, context: BuildContext, *, be
     if name in ("dpo", "ipo"):
         loss_type = "sigmoid" if name == "dpo" else "ipo"
         beta = beta if beta is not None else (config.dpo_beta if name == "dpo" else config.ipo_beta)
-        return OnlineDPO(DPOConfig(beta=beta, loss_type=loss_type, samples_per_prompt=n),
-                         pad_token_id=context.pad_token_id)
+        return OnlineDPO(
+            DPOConfig(beta=beta, loss_type=loss_type, samples_per_prompt=n), pad_token_id=context.pad_token_id
+        )
     if name == REJECTION_SAMPLING:
         return _registered_algorithm(name, context, samples_per_prompt=n)
     raise ValueError(f"algorithm: expected one of {BANDIT_ALGORITHMS}, got {name!r}")
@@ -109,8 +110,9 @@ def _registered_algorithm(name: str, context: BuildContext, **overrides):
     from hotloop.algorithms.config import ALGORITHMS, RunConfig
 
     if name not in ALGORITHMS:
-        raise ValueError(f"algorithm: {name!r} is not registered in hotloop.algorithms.config.ALGORITHMS "
-                         f"(have {sorted(ALGORITHMS)})")
+        raise ValueError(
+            f"algorithm: {name!r} is not registered in hotloop.algorithms.config.ALGORITHMS (have {sorted(ALGORITHMS)})"
+        )
     section, factory = ALGORITHMS[name]
     section_config = getattr(RunConfig(algorithm=name), section)
     known = {f.name for f in dataclasses.fields(section_config)}
@@ -125,8 +127,18 @@ def available_algorithms() -> tuple[str, ...]:
     return tuple(a for a in BANDIT_ALGORITHMS if a != REJECTION_SAMPLING or a in ALGORITHMS)
 
 
-def build_loop(algorithm: str, *, reward: str, sync_every: int | float, seed: int, config: BanditConfig, out_dir: str,
-               beta: float | None = None, wrap_engine: Callable | None = None, check_sync: bool = True) -> OnlineLoop:
+def build_loop(
+    algorithm: str,
+    *,
+    reward: str,
+    sync_every: int | float,
+    seed: int,
+    config: BanditConfig,
+    out_dir: str,
+    beta: float | None = None,
+    wrap_engine: Callable | None = None,
+    check_sync: bool = True,
+) -> OnlineLoop:
     """An ``OnlineLoop`` training a fresh ``TabularPolicy`` (= log π_ref) with ``algorithm`` on ``reward``.
 
     ``wrap_engine(engine) -> engine`` replaces the sampler (the replay experiment records or replays with it);
@@ -135,25 +147,46 @@ def build_loop(algorithm: str, *, reward: str, sync_every: int | float, seed: in
     ref_probs = tabular.reference_probs()
     policy = tabular.TabularPolicy(ref_probs.log())
     trainer = Trainer(policy, TrainerConfig(lr=config.lr, max_grad_norm=None), reference=make_reference(policy))
-    engine = tabular.BanditEngine(policy, seed=seed)   # the loop's sync policy copies it when s != 1
+    engine = tabular.BanditEngine(policy, seed=seed)  # the loop's sync policy copies it when s != 1
     engine = wrap_engine(engine) if wrap_engine is not None else engine
     table = tabular.reward_table(reward)
     reward_fn, tokenizer = tabular.BanditReward(table), tabular.ActionTokenizer()
     problems, sampling = tabular.bandit_problems(config.prompts_per_step), SamplingParams(max_new_tokens=1)
-    context = BuildContext(pad_token_id=tokenizer.pad_id, engine=engine, problems=problems, tokenizer=tokenizer,
-                           reward_fn=reward_fn, sampling=sampling)
+    context = BuildContext(
+        pad_token_id=tokenizer.pad_id,
+        engine=engine,
+        problems=problems,
+        tokenizer=tokenizer,
+        reward_fn=reward_fn,
+        sampling=sampling,
+    )
 
     def evaluate(model) -> dict[str, float]:
         probs = model.probs()
         return {"reward": tabular.expected_reward(probs, table), "kl": tabular.kl_divergence(probs, ref_probs)}
 
-    loop_config = LoopConfig(steps=config.steps, sync_every=sync_every, prompts_per_step=config.prompts_per_step,
-                             eval_every=config.eval_every, out_dir=out_dir, seed=seed,
-                             sync=SyncConfig(check=check_sync, probe_prompts=1, probe_tokens=1))
-    return OnlineLoop(loop_config, trainer=trainer, engine=engine,
-                      algorithm=make_algorithm(algorithm, config, context, beta=beta), reward_fn=reward_fn,
-                      problems=problems, tokenizer=tokenizer, sampling=sampling, evaluate=evaluate, progress=False,
-                      logprob_fn=tabular.logprobs)
+    loop_config = LoopConfig(
+        steps=config.steps,
+        sync_every=sync_every,
+        prompts_per_step=config.prompts_per_step,
+        eval_every=config.eval_every,
+        out_dir=out_dir,
+        seed=seed,
+        sync=SyncConfig(check=check_sync, probe_prompts=1, probe_tokens=1),
+    )
+    return OnlineLoop(
+        loop_config,
+        trainer=trainer,
+        engine=engine,
+        algorithm=make_algorithm(algorithm, config, context, beta=beta),
+        reward_fn=reward_fn,
+        problems=problems,
+        tokenizer=tokenizer,
+        sampling=sampling,
+        evaluate=evaluate,
+        progress=False,
+        logprob_fn=tabular.logprobs,
+    )
 
 
 def run_loop(loop: OnlineLoop) -> BanditRun:
@@ -164,20 +197,29 @@ def run_loop(loop: OnlineLoop) -> BanditRun:
         result = loop.run()
     wall = time.perf_counter() - t0
     curve = [(0, start["reward"], start["kl"])] + [
-        (r["step"] + 1, r["eval/reward"], r["eval/kl"]) for r in result.records if "eval/reward" in r]
+        (r["step"] + 1, r["eval/reward"], r["eval/kl"]) for r in result.records if "eval/reward" in r
+    ]
     period = loop.config.sync_period
     syncs = 0 if period is None else math.ceil(loop.config.steps / period)
-    return BanditRun(reward=curve[-1][1], kl=curve[-1][2], curve=curve, syncs=syncs, wall_seconds=wall,
-                     records=result.records,
-                     weights=loop.trainer.model.lm_head.weight.detach()[:, 0].clone())
+    return BanditRun(
+        reward=curve[-1][1],
+        kl=curve[-1][2],
+        curve=curve,
+        syncs=syncs,
+        wall_seconds=wall,
+        records=result.records,
+        weights=loop.trainer.model.lm_head.weight.detach()[:, 0].clone(),
+    )
 
 
-def run_bandit(algorithm: str, *, reward: str, sync_every: int | float, seed: int, config: BanditConfig,
-               beta: float | None = None) -> BanditRun:
+def run_bandit(
+    algorithm: str, *, reward: str, sync_every: int | float, seed: int, config: BanditConfig, beta: float | None = None
+) -> BanditRun:
     """Train one algorithm at one sync period on one reward (loop files go to a temporary directory)."""
     with tempfile.TemporaryDirectory(prefix="hotloop-bandit-") as out_dir:
-        loop = build_loop(algorithm, reward=reward, sync_every=sync_every, seed=seed, config=config,
-                          out_dir=out_dir, beta=beta)
+        loop = build_loop(
+            algorithm, reward=reward, sync_every=sync_every, seed=seed, config=config, out_dir=out_dir, beta=beta
+        )
         return run_loop(loop)
 
 
@@ -190,20 +232,45 @@ def run(seeds: list[int], *, progress: bool = True, config: BanditConfig | None 
     """Every available algorithm × s ∈ {1, 10, 100, ∞} × reward R1, R2 × seed, with one shared budget."""
     config = config or BanditConfig()
     algorithms = available_algorithms()
-    grid = [(reward, name, s, seed) for reward in tabular.REWARD_PEAKS for name in algorithms
-            for s in SYNC_PERIODS for seed in seeds]
+    grid = [
+        (reward, name, s, seed)
+        for reward in tabular.REWARD_PEAKS
+        for name in algorithms
+        for s in SYNC_PERIODS
+        for seed in seeds
+    ]
     t0, runs = time.perf_counter(), {}
     for reward, name, s, seed in tqdm(grid, desc="bandit", disable=not progress):
         runs[reward, name, s, seed] = run_bandit(name, reward=reward, sync_every=s, seed=seed, config=config)
-    entries = [report.entry("bandit", name, f"{reward} s={sync_label(s)}", seed, "expected_reward", r.reward, r.kl,
-                            reward=reward, sync_every=sync_label(s), syncs=r.syncs, wall_seconds=r.wall_seconds,
-                            steps_to_target=next((step for step, value, _ in r.curve if value >= TARGET_REWARD), None))
-               for (reward, name, s, seed), r in runs.items()]
-    return report.Report(experiment="bandit", entries=entries, markdown=_markdown(entries, config, algorithms),
-                         targets=_targets(entries, seeds), seconds=time.perf_counter() - t0,
-                         plots={"curves": lambda: _curves_figure(runs, algorithms, seeds),
-                                "policies": lambda: _policies_figure(runs, seeds[0])},
-                         headline=lambda ax: _headline(ax, entries, algorithms))
+    entries = [
+        report.entry(
+            "bandit",
+            name,
+            f"{reward} s={sync_label(s)}",
+            seed,
+            "expected_reward",
+            r.reward,
+            r.kl,
+            reward=reward,
+            sync_every=sync_label(s),
+            syncs=r.syncs,
+            wall_seconds=r.wall_seconds,
+            steps_to_target=next((step for step, value, _ in r.curve if value >= TARGET_REWARD), None),
+        )
+        for (reward, name, s, seed), r in runs.items()
+    ]
+    return report.Report(
+        experiment="bandit",
+        entries=entries,
+        markdown=_markdown(entries, config, algorithms),
+        targets=_targets(entries, seeds),
+        seconds=time.perf_counter() - t0,
+        plots={
+            "curves": lambda: _curves_figure(runs, algorithms, seeds),
+            "policies": lambda: _policies_figure(runs, seeds[0]),
+        },
+        headline=lambda ax: _headline(ax, entries, algorithms),
+    )
 
 
 def _markdown(entries: list[dict], config: BanditConfig, algorithms: tuple[str, ...]) -> str:
@@ -217,17 +284,26 @@ def _markdown(entries: list[dict], config: BanditConfig, algorithms: tuple[str, 
                 steps = f"{report.fmt(reached, 0)} ({len(reached)}/{len(found)})" if reached else f"— (0/{len(found)})"
                 cells += [report.fmt(e["value"] for e in found), report.fmt((e["kl"] for e in found), 2), steps]
             rows.append(cells)
-    text = report.table(["algorithm", "s"] + [f"{reward} {column}" for reward in tabular.REWARD_PEAKS for column in
-                                              ("expected reward", "KL(π‖π_ref)", f"steps to {TARGET_REWARD}")], rows)
+    text = report.table(
+        ["algorithm", "s"]
+        + [
+            f"{reward} {column}"
+            for reward in tabular.REWARD_PEAKS
+            for column in ("expected reward", "KL(π‖π_ref)", f"steps to {TARGET_REWARD}")
+        ],
+        rows,
+    )
     ref = tabular.reference_probs()
     start = {k: tabular.expected_reward(ref, tabular.reward_table(k)) for k in tabular.REWARD_PEAKS}
     missing = [a for a in BANDIT_ALGORITHMS if a not in algorithms]
-    notes = (f"\nExact expected reward Σ π(a) R(a) and KL after {config.steps} loop steps (mean [min – max] over "
-             f"seeds); steps to {TARGET_REWARD}: first evaluation (every {config.eval_every} steps) at or above "
-             f"{TARGET_REWARD} (seeds that got there); π_ref scores R1 {start['R1']:.3f}, R2 {start['R2']:.3f}. "
-             f"Budget for every cell: "
-             f"{config.prompts_per_step} groups × {config.samples_per_prompt} samples per step, AdamW lr "
-             f"{config.lr}, DPO β {config.dpo_beta}, IPO β {config.ipo_beta}. s = inf samples π_ref throughout.\n")
+    notes = (
+        f"\nExact expected reward Σ π(a) R(a) and KL after {config.steps} loop steps (mean [min – max] over "
+        f"seeds); steps to {TARGET_REWARD}: first evaluation (every {config.eval_every} steps) at or above "
+        f"{TARGET_REWARD} (seeds that got there); π_ref scores R1 {start['R1']:.3f}, R2 {start['R2']:.3f}. "
+        f"Budget for every cell: "
+        f"{config.prompts_per_step} groups × {config.samples_per_prompt} samples per step, AdamW lr "
+        f"{config.lr}, DPO β {config.dpo_beta}, IPO β {config.ipo_beta}. s = inf samples π_ref throughout.\n"
+    )
     if missing:
         notes += f"\nNot run: {', '.join(missing)} (not registered in hotloop.algorithms.config.ALGORITHMS).\n"
     return text + notes
@@ -245,20 +321,33 @@ def _targets(entries: list[dict], seeds: list[int]) -> list[report.Target]:
         gap2 = final("R2", "1", seed) - final("R2", "inf", seed)
         ratios.append(gap1 / gap2 if gap2 > 0 else math.inf)
     return [
-        report.Target("R1: online DPO (s = 1) reaches ≥ 0.95 expected reward", min(online) >= 0.95,
-                      f"min over seeds {min(online):.3f}"),
-        report.Target("R1: offline DPO (s = ∞) stays ≤ 0.80", max(offline) <= 0.80,
-                      f"max over seeds {max(offline):.3f}"),
-        report.Target("DPO online − offline gap on R1 ≥ 3× the gap on R2", min(ratios) >= 3,
-                      "ratios per seed " + ", ".join(f"{r:.1f}" for r in ratios)),
+        report.Target(
+            "R1: online DPO (s = 1) reaches ≥ 0.95 expected reward",
+            min(online) >= 0.95,
+            f"min over seeds {min(online):.3f}",
+        ),
+        report.Target(
+            "R1: offline DPO (s = ∞) stays ≤ 0.80", max(offline) <= 0.80, f"max over seeds {max(offline):.3f}"
+        ),
+        report.Target(
+            "DPO online − offline gap on R1 ≥ 3× the gap on R2",
+            min(ratios) >= 3,
+            "ratios per seed " + ", ".join(f"{r:.1f}" for r in ratios),
+        ),
     ]
 
 
 def _curves_figure(runs: dict, algorithms: tuple[str, ...], seeds: list[int]):
     plt = report.pyplot()
     rewards = list(tabular.REWARD_PEAKS)
-    figure, axes = plt.subplots(len(rewards), len(algorithms), figsize=(4.2 * len(algorithms), 3.2 * len(rewards)),
-                                squeeze=False, sharex=True, sharey=True)
+    figure, axes = plt.subplots(
+        len(rewards),
+        len(algorithms),
+        figsize=(4.2 * len(algorithms), 3.2 * len(rewards)),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
     for i, reward in enumerate(rewards):
         for j, name in enumerate(algorithms):
             ax = axes[i][j]
@@ -266,9 +355,14 @@ def _curves_figure(runs: dict, algorithms: tuple[str, ...], seeds: list[int]):
                 curves = [runs[reward, name, s, seed].curve for seed in seeds]
                 steps = [c[0] for c in curves[0]]
                 values = torch.tensor([[c[1] for c in curve] for curve in curves])
-                line, = ax.plot(steps, values.mean(0).tolist(), label=f"s = {sync_label(s)}")
-                ax.fill_between(steps, values.min(0).values.tolist(), values.max(0).values.tolist(), alpha=0.2,
-                                color=line.get_color())
+                (line,) = ax.plot(steps, values.mean(0).tolist(), label=f"s = {sync_label(s)}")
+                ax.fill_between(
+                    steps,
+                    values.min(0).values.tolist(),
+                    values.max(0).values.tolist(),
+                    alpha=0.2,
+                    color=line.get_color(),
+                )
             ax.set(title=f"{name}, {reward}", xlabel="step", ylabel="expected reward", ylim=(0, 1.02))
     axes[0][0].legend()
     return figure
@@ -284,8 +378,13 @@ def _policies_figure(runs: dict, seed: int):
         for s in (1, math.inf):
             probs = torch.softmax(runs[reward, "dpo", s, seed].weights.double(), 0)
             ax.plot(actions, probs.tolist(), label=f"DPO s = {sync_label(s)}")
-        ax.set(title=f"{reward}: final policies (seed {seed})", xlabel="action", ylabel="probability", yscale="log",
-               ylim=(1e-4, 1.05))
+        ax.set(
+            title=f"{reward}: final policies (seed {seed})",
+            xlabel="action",
+            ylabel="probability",
+            yscale="log",
+            ylim=(1e-4, 1.05),
+        )
         ax.legend(fontsize=7, loc="upper left")
         twin = ax.twinx()
         twin.plot(actions, tabular.reward_table(reward).tolist(), "k--", linewidth=0.8)
@@ -297,8 +396,12 @@ def _headline(ax, entries: list[dict], algorithms: tuple[str, ...]) -> None:
     xs = range(len(SYNC_PERIODS))
     for name in algorithms:
         for reward, style in (("R1", "-o"), ("R2", "--s")):
-            means = [report.stats(e["value"] for e in report.select(entries, algorithm=name, reward=reward,
-                                                                    sync_every=sync_label(s)))[0] for s in SYNC_PERIODS]
+            means = [
+                report.stats(
+                    e["value"] for e in report.select(entries, algorithm=name, reward=reward, sync_every=sync_label(s))
+                )[0]
+                for s in SYNC_PERIODS
+            ]
             ax.plot(xs, means, style, label=f"{name} {reward}")
     ax.set_xticks(list(xs), [sync_label(s) for s in SYNC_PERIODS])
     ax.set(title="bandit: final expected reward", xlabel="sync period s", ylabel="expected reward", ylim=(0, 1.02))

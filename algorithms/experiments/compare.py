@@ -92,8 +92,15 @@ def experiment_config(name: str, sets: list[str]):
         raise ValueError(f"--set: {err}") from None
 
 
-def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool = True, command: str = "",
-                configs: dict[str, object] | None = None) -> tuple[dict, list[report.Report]]:
+def run_compare(
+    name: str,
+    seeds: list[int],
+    out: str | Path,
+    *,
+    progress: bool = True,
+    command: str = "",
+    configs: dict[str, object] | None = None,
+) -> tuple[dict, list[report.Report]]:
     """Run experiment ``name`` (or ``"all"``) for ``seeds``; write its outputs to ``out``; the summary and reports.
 
     ``command`` is recorded in the outputs; ``configs`` maps an experiment name to the config object its
@@ -114,33 +121,45 @@ def run_compare(name: str, seeds: list[int], out: str | Path, *, progress: bool 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``compare`` subcommand's arguments (shared by ``hotloop compare`` and ``bench/spectrum.py``)."""
-    parser.add_argument("experiment", type=experiment_arg, metavar="EXPERIMENT",
-                        help=f"one of {', '.join(EXPERIMENTS)} or {ALL}")
-    parser.add_argument("--seeds", type=seeds_arg, default=list(DEFAULT_SEEDS),
-                        help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument(
+        "experiment", type=experiment_arg, metavar="EXPERIMENT", help=f"one of {', '.join(EXPERIMENTS)} or {ALL}"
+    )
+    parser.add_argument(
+        "--seeds", type=seeds_arg, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default 0,1,2)"
+    )
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/EXPERIMENT)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a field of the experiment's config (repeatable), e.g. steps=8")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a field of the experiment's config (repeatable), e.g. steps=8",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the parsed ``compare`` command; print where the results went and which targets were missed."""
     out = Path(args.out or f"runs/compare/{args.experiment}")
     sets = [f"--set={item}" for item in args.sets]
-    command = "hotloop compare " + shlex.join([args.experiment, "--seeds", ",".join(map(str, args.seeds)), "--out",
-                                               str(out), *sets])
+    command = "hotloop compare " + shlex.join(
+        [args.experiment, "--seeds", ",".join(map(str, args.seeds)), "--out", str(out), *sets]
+    )
     try:
         config = experiment_config(args.experiment, args.sets)
         configs = None if config is None else {args.experiment: config}
-        summary, _ = run_compare(args.experiment, args.seeds, out, progress=not args.no_progress, command=command,
-                                 configs=configs)
+        summary, _ = run_compare(
+            args.experiment, args.seeds, out, progress=not args.no_progress, command=command, configs=configs
+        )
     except ValueError as err:
         print(f"hotloop compare: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     missed = [t for t in summary["targets"] if not t["passed"]]
-    print(f"wrote {out / 'table.md'}, {out / 'summary.json'} and plots in {summary['wall_seconds']:.0f} s; "
-          f"targets met: {len(summary['targets']) - len(missed)}/{len(summary['targets'])}")
+    print(
+        f"wrote {out / 'table.md'}, {out / 'summary.json'} and plots in {summary['wall_seconds']:.0f} s; "
+        f"targets met: {len(summary['targets']) - len(missed)}/{len(summary['targets'])}"
+    )
     for target in missed:
         print(f"  not met [{target['experiment']}]: {target['claim']} — {target['detail']}")
     return 0

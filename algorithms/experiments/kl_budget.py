@@ -51,8 +51,14 @@ def frontier(trajectories: list[list[tuple[float, float]]], budget: float) -> tu
 def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig | None = None) -> report.Report:
     """β sweep of DPO and IPO at s = 1 and ∞ on R1 and R2; the reward frontier at each KL budget."""
     config = dataclasses.replace(config or bandit.BanditConfig(), eval_every=2)
-    grid = [(reward, loss, s, beta, seed) for reward in tabular.REWARD_PEAKS for loss in LOSSES for s in SETTINGS
-            for beta in BETAS for seed in seeds]
+    grid = [
+        (reward, loss, s, beta, seed)
+        for reward in tabular.REWARD_PEAKS
+        for loss in LOSSES
+        for s in SETTINGS
+        for beta in BETAS
+        for seed in seeds
+    ]
     t0, points = time.perf_counter(), {}
     for reward, loss, s, beta, seed in tqdm(grid, desc="kl-budget", disable=not progress):
         result = bandit.run_bandit(loss, reward=reward, sync_every=s, seed=seed, config=config, beta=beta)
@@ -62,13 +68,30 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
         reach = max(kl for trajectory in cell for kl, _ in trajectory)
         for budget in BUDGETS:
             value, kl = frontier(cell, budget)
-            entries.append(report.entry("kl-budget", loss, f"{reward} s={bandit.sync_label(s)} KL<={budget}", seed,
-                                        "best_expected_reward_within_kl", value, kl, reward=reward,
-                                        sync_every=bandit.sync_label(s), kl_budget=budget, reached=reach >= budget))
-    return report.Report(experiment="kl-budget", entries=entries, markdown=_markdown(entries, config),
-                         targets=_checks(entries, seeds), seconds=time.perf_counter() - t0,
-                         plots={"frontier": lambda: _frontier_figure(points, seeds)},
-                         headline=lambda ax: _draw_frontiers(ax, points, seeds, "R1"))
+            entries.append(
+                report.entry(
+                    "kl-budget",
+                    loss,
+                    f"{reward} s={bandit.sync_label(s)} KL<={budget}",
+                    seed,
+                    "best_expected_reward_within_kl",
+                    value,
+                    kl,
+                    reward=reward,
+                    sync_every=bandit.sync_label(s),
+                    kl_budget=budget,
+                    reached=reach >= budget,
+                )
+            )
+    return report.Report(
+        experiment="kl-budget",
+        entries=entries,
+        markdown=_markdown(entries, config),
+        targets=_checks(entries, seeds),
+        seconds=time.perf_counter() - t0,
+        plots={"frontier": lambda: _frontier_figure(points, seeds)},
+        headline=lambda ax: _draw_frontiers(ax, points, seeds, "R1"),
+    )
 
 
 def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
@@ -78,15 +101,18 @@ def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
             for s in SETTINGS:
                 cells = [reward, loss, bandit.sync_label(s)]
                 for budget in BUDGETS:
-                    found = report.select(entries, algorithm=loss, reward=reward, sync_every=bandit.sync_label(s),
-                                          kl_budget=budget)
+                    found = report.select(
+                        entries, algorithm=loss, reward=reward, sync_every=bandit.sync_label(s), kl_budget=budget
+                    )
                     text = report.fmt(e["value"] for e in found)
                     cells.append(text if all(e["reached"] for e in found) else f"{text} (KL not reached)")
                 rows.append(cells)
     text = report.table(["reward", "loss", "s"] + [f"KL ≤ {b}" for b in BUDGETS], rows)
-    return text + (f"\nBest exact expected reward among evaluated points (every {config.eval_every} steps of "
-                   f"{config.steps}, β ∈ {list(BETAS)}) whose KL(π‖π_ref) stays within the budget; mean [min – max] "
-                   f"over seeds. \"KL not reached\": some seed never moved that far from π_ref.\n")
+    return text + (
+        f"\nBest exact expected reward among evaluated points (every {config.eval_every} steps of "
+        f"{config.steps}, β ∈ {list(BETAS)}) whose KL(π‖π_ref) stays within the budget; mean [min – max] "
+        f'over seeds. "KL not reached": some seed never moved that far from π_ref.\n'
+    )
 
 
 def _checks(entries: list[dict], seeds: list[int]) -> list[report.Target]:
@@ -97,13 +123,21 @@ def _checks(entries: list[dict], seeds: list[int]) -> list[report.Target]:
         for loss in LOSSES:
             for budget in BUDGETS:
                 for seed in seeds:
-                    on, off = (report.select(entries, algorithm=loss, reward=reward, sync_every=s, kl_budget=budget,
-                                             seed=seed)[0] for s in ("1", "inf"))
+                    on, off = (
+                        report.select(
+                            entries, algorithm=loss, reward=reward, sync_every=s, kl_budget=budget, seed=seed
+                        )[0]
+                        for s in ("1", "inf")
+                    )
                     if on["reached"] and off["reached"] and on["value"] - off["value"] < worst:
                         worst, where = on["value"] - off["value"], f"{loss}, KL ≤ {budget}, seed {seed}"
-        checks.append(report.Target(f"{reward} (claim of Tang et al.): online ≥ offline reward at every KL budget "
-                                    "both reach, DPO and IPO", worst >= 0,
-                                    f"smallest online − offline difference {worst:+.3f} ({where})"))
+        checks.append(
+            report.Target(
+                f"{reward} (claim of Tang et al.): online ≥ offline reward at every KL budget both reach, DPO and IPO",
+                worst >= 0,
+                f"smallest online − offline difference {worst:+.3f} ({where})",
+            )
+        )
     return checks
 
 
@@ -113,8 +147,12 @@ def _draw_frontiers(ax, points: dict, seeds: list[int], reward: str) -> None:
         for s, style in ((1, "-"), (math.inf, "--")):
             curves = torch.tensor([[frontier(points[reward, loss, s, seed], k)[0] for k in grid] for seed in seeds])
             ax.plot(grid, curves.mean(0).tolist(), style, label=f"{loss} s = {bandit.sync_label(s)}")
-    ax.set(title=f"{reward}: best reward within a KL budget", xlabel="KL(π ‖ π_ref) budget",
-           ylabel="expected reward", ylim=(0, 1.02))
+    ax.set(
+        title=f"{reward}: best reward within a KL budget",
+        xlabel="KL(π ‖ π_ref) budget",
+        ylabel="expected reward",
+        ylim=(0, 1.02),
+    )
     ax.legend(fontsize=7)
 
 

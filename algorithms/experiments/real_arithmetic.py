@@ -27,8 +27,15 @@ import torch
 
 from hotloop.algorithms.config import ALGORITHMS, RunConfig
 from hotloop.algorithms.experiments import report
-from hotloop.algorithms.experiments.arithmetic import (Baseline, curves_figure, grid_entries, headline, run_grid,
-                                                       summary_table, variants)
+from hotloop.algorithms.experiments.arithmetic import (
+    Baseline,
+    curves_figure,
+    grid_entries,
+    headline,
+    run_grid,
+    summary_table,
+    variants,
+)
 from hotloop.algorithms.loader import load_config
 from hotloop.algorithms.presets import smollm2
 from hotloop.runtime.engine_factory import ENGINE_KINDS
@@ -73,16 +80,23 @@ class RealArithmeticConfig:
     """``key.sub=value`` overrides of every run's config, applied last (e.g. ``"trainer.lr=3e-6"``)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "eval_problems",
-                     "eval_every"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "samples_per_prompt",
+            "max_new_tokens",
+            "eval_problems",
+            "eval_every",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(f"threads: expected an int >= 0 (0 = torch's default), got {self.threads!r}")
         if not self.semi_online_syncs or not all(isinstance(s, int) and s > 1 for s in self.semi_online_syncs):
-            raise ValueError(f"semi_online_syncs: expected a non-empty tuple of ints > 1, got "
-                             f"{self.semi_online_syncs!r}")
+            raise ValueError(
+                f"semi_online_syncs: expected a non-empty tuple of ints > 1, got {self.semi_online_syncs!r}"
+            )
         if self.engine not in ENGINE_KINDS:
             raise ValueError(f"engine: expected one of {ENGINE_KINDS}, got {self.engine!r}")
         if not isinstance(self.model_path, str) or not self.model_path:
@@ -97,8 +111,10 @@ def check_model(path: str) -> None:
     """ValueError with the fetch command when ``path`` is neither a model directory (config.json) nor a file."""
     where = Path(path).expanduser()
     if not ((where / "config.json").is_file() or (where.is_file() and where.suffix.lower() == ".gguf")):
-        raise ValueError(f"model_path: expected a model directory with config.json (or a .gguf file), got {path!r} "
-                         f"(not found); fetch it with: {FETCH.format(path=path)}")
+        raise ValueError(
+            f"model_path: expected a model directory with config.json (or a .gguf file), got {path!r} "
+            f"(not found); fetch it with: {FETCH.format(path=path)}"
+        )
 
 
 def run_config(config: RealArithmeticConfig, *, algorithm: str, sync_every: int | float, seed: int) -> RunConfig:
@@ -107,13 +123,27 @@ def run_config(config: RealArithmeticConfig, *, algorithm: str, sync_every: int 
     s = ".inf" if sync_every == math.inf else sync_every
     section = "grpo" if algorithm == "grpo" else "dpo"
     settings = GRPO_SETTINGS if section == "grpo" else DPO_SETTINGS
-    return load_config(None, [
-        *settings, f"algorithm={algorithm}", f"model.path={config.model_path}", f"engine.kind={config.engine}",
-        f"{section}.samples_per_prompt={config.samples_per_prompt}", f"sampling.max_new_tokens={config.max_new_tokens}",
-        f"loop.prompts_per_step={config.prompts_per_step}", f"loop.steps={config.steps}", f"loop.sync_every={s}",
-        f"loop.seed={seed}", f"loop.eval_every={config.eval_every}", "loop.checkpoint_every=0",
-        "loop.final_checkpoint=false", f"task.eval_problems={config.eval_problems}", *config.overrides],
-        preset="smollm2")
+    return load_config(
+        None,
+        [
+            *settings,
+            f"algorithm={algorithm}",
+            f"model.path={config.model_path}",
+            f"engine.kind={config.engine}",
+            f"{section}.samples_per_prompt={config.samples_per_prompt}",
+            f"sampling.max_new_tokens={config.max_new_tokens}",
+            f"loop.prompts_per_step={config.prompts_per_step}",
+            f"loop.steps={config.steps}",
+            f"loop.sync_every={s}",
+            f"loop.seed={seed}",
+            f"loop.eval_every={config.eval_every}",
+            "loop.checkpoint_every=0",
+            "loop.final_checkpoint=false",
+            f"task.eval_problems={config.eval_problems}",
+            *config.overrides,
+        ],
+        preset="smollm2",
+    )
 
 
 def run(seeds: list[int], *, progress: bool = True, config: RealArithmeticConfig | None = None) -> report.Report:
@@ -125,19 +155,27 @@ def run(seeds: list[int], *, progress: bool = True, config: RealArithmeticConfig
     torch.set_num_threads(config.threads or previous)
     try:
         threads = torch.get_num_threads()
-        runs, initial = run_grid(seeds, grid,
-                                 lambda name, s, seed: run_config(config, algorithm=name, sync_every=s, seed=seed),
-                                 setup_seed=lambda seed: 0, desc="real-arithmetic", progress=progress)
+        runs, initial = run_grid(
+            seeds,
+            grid,
+            lambda name, s, seed: run_config(config, algorithm=name, sync_every=s, seed=seed),
+            setup_seed=lambda seed: 0,
+            desc="real-arithmetic",
+            progress=progress,
+        )
     finally:
         torch.set_num_threads(previous)
     entries = grid_entries("real-arithmetic", runs, initial, grid, loop_steps=config.steps, baseline=INITIAL)
-    return report.Report(experiment="real-arithmetic", entries=entries,
-                         markdown=_markdown(entries, config, initial, threads), targets=_targets(entries, seeds, config),
-                         seconds=time.perf_counter() - t0, intra_op_threads=threads,
-                         plots={"curves": lambda: curves_figure(runs, initial, grid, seeds, title="real-arithmetic",
-                                                                baseline=INITIAL)},
-                         headline=lambda ax: headline(ax, entries, grid, seeds, title="real-arithmetic",
-                                                      baseline=INITIAL))
+    return report.Report(
+        experiment="real-arithmetic",
+        entries=entries,
+        markdown=_markdown(entries, config, initial, threads),
+        targets=_targets(entries, seeds, config),
+        seconds=time.perf_counter() - t0,
+        intra_op_threads=threads,
+        plots={"curves": lambda: curves_figure(runs, initial, grid, seeds, title="real-arithmetic", baseline=INITIAL)},
+        headline=lambda ax: headline(ax, entries, grid, seeds, title="real-arithmetic", baseline=INITIAL),
+    )
 
 
 def _markdown(entries: list[dict], config: RealArithmeticConfig, initial: dict, threads: int) -> str:
@@ -154,7 +192,9 @@ def _markdown(entries: list[dict], config: RealArithmeticConfig, initial: dict, 
         f"{grpo.advantage} advantages, β {grpo.beta}. Offline DPO samples from the initial weights throughout "
         f"(s = ∞). KL: sampled estimate per sequence on the held-out prompts. Wall time: the loop only (sampling, "
         f"scoring, batching, training, sync) on {threads} intra-op thread(s); evaluation excluded."
-        + (f" Overrides: {', '.join(config.overrides)}." if config.overrides else "") + "\n")
+        + (f" Overrides: {', '.join(config.overrides)}." if config.overrides else "")
+        + "\n"
+    )
 
 
 def _targets(entries: list[dict], seeds: list[int], config: RealArithmeticConfig) -> list[report.Target]:
@@ -168,17 +208,32 @@ def _targets(entries: list[dict], seeds: list[int], config: RealArithmeticConfig
     targets = []
     for s in config.semi_online_syncs:
         over = [acc("semi-online DPO", str(s), seed) - acc("offline DPO", "inf", seed) for seed in seeds]
-        targets.append(report.Target(f"offline DPO < semi-online DPO (s = {s})", min(over) > 0,
-                                     "semi-online − offline per seed: " + per_seed(over)))
+        targets.append(
+            report.Target(
+                f"offline DPO < semi-online DPO (s = {s})",
+                min(over) > 0,
+                "semi-online − offline per seed: " + per_seed(over),
+            )
+        )
         gaps = [acc("online DPO", "1", seed) - acc("semi-online DPO", str(s), seed) for seed in seeds]
-        targets.append(report.Target(f"semi-online DPO (s = {s}) ≈ online DPO (within {SIMILAR_POINTS:g} points)",
-                                     max(abs(g) for g in gaps) <= SIMILAR_POINTS,
-                                     "online − semi-online per seed: " + per_seed(gaps)))
+        targets.append(
+            report.Target(
+                f"semi-online DPO (s = {s}) ≈ online DPO (within {SIMILAR_POINTS:g} points)",
+                max(abs(g) for g in gaps) <= SIMILAR_POINTS,
+                "online − semi-online per seed: " + per_seed(gaps),
+            )
+        )
     trails = [acc("online DPO", "1", seed) - acc("offline DPO", "inf", seed) for seed in seeds]
-    targets.append(report.Target("offline DPO < online DPO", min(trails) > 0,
-                                 "online − offline per seed: " + per_seed(trails)))
+    targets.append(
+        report.Target("offline DPO < online DPO", min(trails) > 0, "online − offline per seed: " + per_seed(trails))
+    )
     for label in ("online DPO", "GRPO"):
         gains = [e["gain_points"] for e in entries if e["algorithm"] == label]
-        targets.append(report.Target(f"{label} gains over the initial policy", bool(gains) and min(gains) > 0,
-                                     f"gain per seed (points): {per_seed(gains)}" if gains else "not run"))
+        targets.append(
+            report.Target(
+                f"{label} gains over the initial policy",
+                bool(gains) and min(gains) > 0,
+                f"gain per seed (points): {per_seed(gains)}" if gains else "not run",
+            )
+        )
     return targets

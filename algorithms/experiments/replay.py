@@ -115,12 +115,15 @@ class ReplayEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if self.served >= len(self.calls):
-            raise ValueError(f"generate: the recorded stream has {len(self.calls)} calls; call {self.served + 1} "
-                             f"has no recording")
+            raise ValueError(
+                f"generate: the recorded stream has {len(self.calls)} calls; call {self.served + 1} has no recording"
+            )
         call = self.calls[self.served]
         if tuple(map(tuple, prompt_token_ids)) != call.prompt_token_ids or sampling != call.sampling:
-            raise ValueError(f"generate: call {self.served} asks for other prompts or sampling parameters than "
-                             f"were recorded ({sampling} vs {call.sampling})")
+            raise ValueError(
+                f"generate: call {self.served} asks for other prompts or sampling parameters than "
+                f"were recorded ({sampling} vs {call.sampling})"
+            )
         self.served += 1
         return list(copy.deepcopy(call.completions))
 
@@ -152,26 +155,46 @@ class ReplayResult:
     calls: int
 
 
-def run_replay(algorithm: str, *, sync_every: int, seed: int, config: bandit.BanditConfig,
-               reward: str = "R1") -> ReplayResult:
+def run_replay(
+    algorithm: str, *, sync_every: int, seed: int, config: bandit.BanditConfig, reward: str = "R1"
+) -> ReplayResult:
     """Record ``algorithm`` at ``sync_every``, replay it offline, and run the plain offline control."""
     with tempfile.TemporaryDirectory(prefix="hotloop-replay-") as out:
         # no sync probe while recording: its greedy generate calls would enter the recorded stream
-        loop = bandit.build_loop(algorithm, reward=reward, sync_every=sync_every, seed=seed, config=config,
-                                 out_dir=f"{out}/online", wrap_engine=RecordingEngine, check_sync=False)
+        loop = bandit.build_loop(
+            algorithm,
+            reward=reward,
+            sync_every=sync_every,
+            seed=seed,
+            config=config,
+            out_dir=f"{out}/online",
+            wrap_engine=RecordingEngine,
+            check_sync=False,
+        )
         online, calls = bandit.run_loop(loop), loop.engine.calls
-        loop = bandit.build_loop(algorithm, reward=reward, sync_every=math.inf, seed=seed, config=config,
-                                 out_dir=f"{out}/replay",
-                                 wrap_engine=lambda engine: ReplayEngine(copy.deepcopy(engine.model), calls))
+        loop = bandit.build_loop(
+            algorithm,
+            reward=reward,
+            sync_every=math.inf,
+            seed=seed,
+            config=config,
+            out_dir=f"{out}/replay",
+            wrap_engine=lambda engine: ReplayEngine(copy.deepcopy(engine.model), calls),
+        )
         replay = bandit.run_loop(loop)
         if loop.engine.served != len(calls):
             raise RuntimeError(f"replay: served {loop.engine.served} of {len(calls)} recorded calls")
         control = bandit.run_bandit(algorithm, reward=reward, sync_every=math.inf, seed=seed, config=config)
     trained = [[r for r in run.records if not r["skipped"]] for run in (online, replay)]
-    return ReplayResult(online=online, replay=replay, control=control, calls=len(calls),
-                        max_abs_diff=float((online.weights - replay.weights).abs().max()),
-                        losses_equal=[r["loss"] for r in trained[0]] == [r["loss"] for r in trained[1]],
-                        staleness_equal=[r["staleness"] for r in trained[0]] == [r["staleness"] for r in trained[1]])
+    return ReplayResult(
+        online=online,
+        replay=replay,
+        control=control,
+        calls=len(calls),
+        max_abs_diff=float((online.weights - replay.weights).abs().max()),
+        losses_equal=[r["loss"] for r in trained[0]] == [r["loss"] for r in trained[1]],
+        staleness_equal=[r["staleness"] for r in trained[0]] == [r["staleness"] for r in trained[1]],
+    )
 
 
 def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig | None = None) -> report.Report:
@@ -181,20 +204,45 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     t0, results = time.perf_counter(), {}
     for name, s, seed in tqdm(grid, desc="replay", disable=not progress):
         results[name, s, seed] = run_replay(name, sync_every=s, seed=seed, config=config)
-    entries = [report.entry("replay", name, f"record s={s} -> replay s=inf", seed, "max_abs_param_diff",
-                            r.max_abs_diff, r.replay.kl, bit_identical=r.max_abs_diff == 0.0,
-                            losses_equal=r.losses_equal, staleness_equal=r.staleness_equal, recorded_calls=r.calls,
-                            online_reward=r.online.reward, replay_reward=r.replay.reward,
-                            control_max_abs_diff=float((r.online.weights - r.control.weights).abs().max()),
-                            control_reward=r.control.reward)
-               for (name, s, seed), r in results.items()]
+    entries = [
+        report.entry(
+            "replay",
+            name,
+            f"record s={s} -> replay s=inf",
+            seed,
+            "max_abs_param_diff",
+            r.max_abs_diff,
+            r.replay.kl,
+            bit_identical=r.max_abs_diff == 0.0,
+            losses_equal=r.losses_equal,
+            staleness_equal=r.staleness_equal,
+            recorded_calls=r.calls,
+            online_reward=r.online.reward,
+            replay_reward=r.replay.reward,
+            control_max_abs_diff=float((r.online.weights - r.control.weights).abs().max()),
+            control_reward=r.control.reward,
+        )
+        for (name, s, seed), r in results.items()
+    ]
     worst = max(e["value"] for e in entries)
     same = all(e["losses_equal"] and e["staleness_equal"] for e in entries)
-    targets = [report.Target(f"replayed parameters equal the recorded run's (≤ {TOLERANCE:g})", worst <= TOLERANCE,
-                             f"largest max |Δθ| {worst:.3g}; bit-identical in "
-                             f"{sum(e['bit_identical'] for e in entries)}/{len(entries)} runs; per-step losses and staleness equal: {same}")]
-    return report.Report(experiment="replay", entries=entries, markdown=_markdown(entries, config), targets=targets,
-                         seconds=time.perf_counter() - t0, headline=lambda ax: _headline(ax, entries))
+    targets = [
+        report.Target(
+            f"replayed parameters equal the recorded run's (≤ {TOLERANCE:g})",
+            worst <= TOLERANCE,
+            f"largest max |Δθ| {worst:.3g}; bit-identical in "
+            f"{sum(e['bit_identical'] for e in entries)}/{len(entries)} runs; "
+            f"per-step losses and staleness equal: {same}",
+        )
+    ]
+    return report.Report(
+        experiment="replay",
+        entries=entries,
+        markdown=_markdown(entries, config),
+        targets=targets,
+        seconds=time.perf_counter() - t0,
+        headline=lambda ax: _headline(ax, entries),
+    )
 
 
 def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
@@ -202,27 +250,58 @@ def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
     for name in dict.fromkeys(e["algorithm"] for e in entries):
         for s in RECORDED_PERIODS:
             found = report.select(entries, algorithm=name, setting=f"record s={s} -> replay s=inf")
-            rows.append([name, s, f"{max(e['value'] for e in found):.3g}",
-                         f"{sum(e['bit_identical'] for e in found)}/{len(found)}",
-                         all(e["losses_equal"] and e["staleness_equal"] for e in found),
-                         report.fmt(e["online_reward"] for e in found), report.fmt(e["replay_reward"] for e in found),
-                         f"{min(e['control_max_abs_diff'] for e in found):.3g}"])
-    text = report.table(["algorithm", "recorded s", "max abs Δθ", "bit-identical", "losses & staleness equal",
-                         "recorded run's R1 reward", "replay's R1 reward", "control: min max |Δθ|"], rows)
-    return text + (f"\n{config.steps} steps on R1; Δθ = final LM-head logits (float32) of the replay minus the "
-                   "recorded run. Control: a plain offline run (s = ∞, own π_ref sampler) of the same algorithm "
-                   "and seed, to show the comparison can fail.\n")
+            rows.append(
+                [
+                    name,
+                    s,
+                    f"{max(e['value'] for e in found):.3g}",
+                    f"{sum(e['bit_identical'] for e in found)}/{len(found)}",
+                    all(e["losses_equal"] and e["staleness_equal"] for e in found),
+                    report.fmt(e["online_reward"] for e in found),
+                    report.fmt(e["replay_reward"] for e in found),
+                    f"{min(e['control_max_abs_diff'] for e in found):.3g}",
+                ]
+            )
+    text = report.table(
+        [
+            "algorithm",
+            "recorded s",
+            "max abs Δθ",
+            "bit-identical",
+            "losses & staleness equal",
+            "recorded run's R1 reward",
+            "replay's R1 reward",
+            "control: min max |Δθ|",
+        ],
+        rows,
+    )
+    return text + (
+        f"\n{config.steps} steps on R1; Δθ = final LM-head logits (float32) of the replay minus the "
+        "recorded run. Control: a plain offline run (s = ∞, own π_ref sampler) of the same algorithm "
+        "and seed, to show the comparison can fail.\n"
+    )
 
 
 def _headline(ax, entries: list[dict]) -> None:
     cells = list(dict.fromkeys((e["algorithm"], e["setting"]) for e in entries))
     found = [report.select(entries, algorithm=name, setting=setting) for name, setting in cells]
     xs = range(len(cells))
-    ax.bar(xs, [min(e["control_max_abs_diff"] for e in f) for f in found], color="0.7",
-           label="control (offline run), min over seeds")
-    ax.bar(xs, [max(max(e["value"] for e in f), 1e-12) for f in found], color="tab:green",
-           label="replay, max over seeds (1e-12 = exact 0)")
-    ax.set_xticks(list(xs), [f"{name.replace('rejection-sampling', 'best-of-n')}\n{setting.split()[1]}"
-                             for name, setting in cells], fontsize=6)
+    ax.bar(
+        xs,
+        [min(e["control_max_abs_diff"] for e in f) for f in found],
+        color="0.7",
+        label="control (offline run), min over seeds",
+    )
+    ax.bar(
+        xs,
+        [max(max(e["value"] for e in f), 1e-12) for f in found],
+        color="tab:green",
+        label="replay, max over seeds (1e-12 = exact 0)",
+    )
+    ax.set_xticks(
+        list(xs),
+        [f"{name.replace('rejection-sampling', 'best-of-n')}\n{setting.split()[1]}" for name, setting in cells],
+        fontsize=6,
+    )
     ax.set(yscale="log", title="replay: max |Δθ| vs the recorded run", ylabel="max abs difference")
     ax.legend(fontsize=7)

@@ -52,11 +52,20 @@ class Report:
     """torch intra-op threads the experiment ran on."""
 
 
-def entry(experiment: str, algorithm: str, setting: str, seed: int, metric: str, value: float, kl: float,
-          **extra) -> dict:
+def entry(
+    experiment: str, algorithm: str, setting: str, seed: int, metric: str, value: float, kl: float, **extra
+) -> dict:
     """A summary.json entry (floats rounded to 6 significant digits)."""
-    row = {"experiment": experiment, "algorithm": algorithm, "setting": setting, "seed": seed, "metric": metric,
-           "value": value, "kl": kl, **extra}
+    row = {
+        "experiment": experiment,
+        "algorithm": algorithm,
+        "setting": setting,
+        "seed": seed,
+        "metric": metric,
+        "value": value,
+        "kl": kl,
+        **extra,
+    }
     return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -109,26 +118,43 @@ def environment(command: str, threads: int = 1) -> dict:
     """Where and how the numbers were measured (``threads``: torch intra-op threads of the runs)."""
     root = Path(__file__).resolve().parents[2]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
-    return {"command": command, "git_sha": sha, "torch": torch.__version__, "python": platform.python_version(),
-            "device": "cpu", "cpu_count": os.cpu_count(), "intra_op_threads": threads,
-            "load_average": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "command": command,
+        "git_sha": sha,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "intra_op_threads": threads,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
-def write_reports(reports: list[Report], out: str | Path, *, seeds: list[int], command: str = "",
-                  wall_seconds: float | None = None) -> dict:
+def write_reports(
+    reports: list[Report], out: str | Path, *, seeds: list[int], command: str = "", wall_seconds: float | None = None
+) -> dict:
     """Write ``summary.json``, ``table.md`` and every plot (``<experiment>-<plot>.png``) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(command, max((r.intra_op_threads for r in reports), default=1))
-    summary = {"experiments": [r.experiment for r in reports], "seeds": seeds, "environment": env,
-               "wall_seconds": round(wall_seconds if wall_seconds is not None else sum(r.seconds for r in reports), 1),
-               "seconds": {r.experiment: round(r.seconds, 1) for r in reports},
-               "targets": [{"experiment": r.experiment, **asdict(t)} for r in reports for t in r.targets],
-               "entries": [e for r in reports for e in r.entries]}
+    summary = {
+        "experiments": [r.experiment for r in reports],
+        "seeds": seeds,
+        "environment": env,
+        "wall_seconds": round(wall_seconds if wall_seconds is not None else sum(r.seconds for r in reports), 1),
+        "seconds": {r.experiment: round(r.seconds, 1) for r in reports},
+        "targets": [{"experiment": r.experiment, **asdict(t)} for r in reports for t in r.targets],
+        "entries": [e for r in reports for e in r.entries],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "table.md").write_text(markdown(reports, summary))
     for report in reports:
@@ -140,11 +166,13 @@ def write_reports(reports: list[Report], out: str | Path, *, seeds: list[int], c
 def markdown(reports: list[Report], summary: dict) -> str:
     """``table.md``: a stamp, then each experiment's tables and targets."""
     env = summary["environment"]
-    head = (f"Command: `{env['command']}` — seeds {summary['seeds']}, git {env['git_sha']}, torch {env['torch']}, "
-            f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op "
-            f"thread{'s' if env['intra_op_threads'] > 1 else ''}, load average "
-            f"{env['load_average']} at the end), {env['date']}; wall time {summary['wall_seconds']:.0f} s "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).\n")
+    head = (
+        f"Command: `{env['command']}` — seeds {summary['seeds']}, git {env['git_sha']}, torch {env['torch']}, "
+        f"{env['device']} ({env['cpu_count']} cores, {env['intra_op_threads']} intra-op "
+        f"thread{'s' if env['intra_op_threads'] > 1 else ''}, load average "
+        f"{env['load_average']} at the end), {env['date']}; wall time {summary['wall_seconds']:.0f} s "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['seconds'].items())}).\n"
+    )
     parts = [head] + [f"## {r.experiment}\n\n{r.markdown}\n{targets_markdown(r.targets)}" for r in reports]
     return "\n".join(parts)
 
@@ -161,8 +189,10 @@ def save_figure(figure, path: Path) -> None:
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 

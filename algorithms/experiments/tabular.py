@@ -181,8 +181,10 @@ class BanditEngine:
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """``sampling.n`` one-token completions per prompt, prompt-major, stamped with the weight version."""
         if sampling.top_p != 1.0 or sampling.top_k != 0:
-            raise ValueError(f"sampling: BanditEngine samples the full softmax; expected top_p=1 and top_k=0, "
-                             f"got top_p={sampling.top_p}, top_k={sampling.top_k}")
+            raise ValueError(
+                f"sampling: BanditEngine samples the full softmax; expected top_p=1 and top_k=0, "
+                f"got top_p={sampling.top_p}, top_k={sampling.top_k}"
+            )
         rows = len(prompt_token_ids) * sampling.n
         logp = self.model.probs(sampling.logprob_temperature).log()
         if sampling.temperature == 0:
@@ -190,11 +192,20 @@ class BanditEngine:
         else:
             generator = self.generator if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
             actions = torch.multinomial(logp.exp(), rows, replacement=True, generator=generator)
-        return [Completion(prompt_index=r // sampling.n, token_ids=[int(a)], logprobs=[float(logp[a])],
-                           finish_reason="length", weight_version=self._version) for r, a in enumerate(actions)]
+        return [
+            Completion(
+                prompt_index=r // sampling.n,
+                token_ids=[int(a)],
+                logprobs=[float(logp[a])],
+                finish_reason="length",
+                weight_version=self._version,
+            )
+            for r, a in enumerate(actions)
+        ]
 
     def sync_weights(self, version: int, weights=None) -> None:
-        """Record ``version``; copy ``weights`` ((name, tensor) pairs or a mapping) into the policy in place when given."""
+        """Record ``version``; copy ``weights`` ((name, tensor) pairs or a mapping) into the policy in place when
+        given."""
         if not isinstance(version, int) or version < self._version:
             raise ValueError(f"version: expected an int >= current version {self._version}, got {version!r}")
         if weights is not None:
@@ -215,8 +226,9 @@ class BanditEngine:
         """No cache."""
 
 
-def logprobs(model: TabularPolicy, prompts: list[list[int]], completions: list[list[int]],
-             temperature: float = 1.0) -> list[list[float]]:
+def logprobs(
+    model: TabularPolicy, prompts: list[list[int]], completions: list[list[int]], temperature: float = 1.0
+) -> list[list[float]]:
     """Log-prob of each completion's actions under ``softmax(W / T)``: the trainer side of the loop's sync check."""
     logp = model.probs(temperature).log()
     return [[float(logp[a]) for a in c] for c in completions]

@@ -7,5 +7,15 @@ from hotloop.algorithms.rewards.reward_model import RuleBasedReward, SequenceCla
 from hotloop.algorithms.rewards.style import StyleConfig, StyleReward
 from hotloop.algorithms.rewards.verifiers import ExactMatchReward, MathVerifyReward
 
-__all__ = ["ExactMatchReward", "JudgeConfig", "LLMJudge", "MathVerifyReward", "RewardFn", "RuleBasedReward",
-           "SequenceClassifierReward", "StyleConfig", "StyleReward", "WeightedMixture"]
+__all__ = [
+    "ExactMatchReward",
+    "JudgeConfig",
+    "LLMJudge",
+    "MathVerifyReward",
+    "RewardFn",
+    "RuleBasedReward",
+    "SequenceClassifierReward",
+    "StyleConfig",
+    "StyleReward",
+    "WeightedMixture",
+]

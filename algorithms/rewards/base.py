@@ -32,8 +32,7 @@ class RewardFn(Protocol):
 def check_batch(problems: list, completions: list[str]) -> None:
     """Raise ``ValueError``/``TypeError`` unless ``problems`` and ``completions`` pair up one to one."""
     if len(problems) != len(completions):
-        raise ValueError(
-            f"completions: expected one per problem ({len(problems)}), got {len(completions)}")
+        raise ValueError(f"completions: expected one per problem ({len(problems)}), got {len(completions)}")
     for i, text in enumerate(completions):
         if not isinstance(text, str):
             raise TypeError(f"completions[{i}]: expected str, got {type(text).__name__}")

@@ -35,16 +35,20 @@ def build_reward(config, *, task, tokenizer, policy: torch.nn.Module, device: to
         device: where loaded reward and judge models run.
     """
     if config.mixture:
-        return WeightedMixture([(_single(kind, config, task, tokenizer, policy, device), w)
-                                for kind, w in config.mixture], names=[kind for kind, _ in config.mixture])
+        return WeightedMixture(
+            [(_single(kind, config, task, tokenizer, policy, device), w) for kind, w in config.mixture],
+            names=[kind for kind, _ in config.mixture],
+        )
     return _single(config.kind or "exact_match", config, task, tokenizer, policy, device)
 
 
 def _single(kind: str, config, task, tokenizer, policy, device):
     if kind == "exact_match":
         if task is None:
-            raise ValueError("reward.kind: 'exact_match' needs a built-in task; with a prompts file use "
-                             "math_verify, reward_model, preference_rule or llm_judge")
+            raise ValueError(
+                "reward.kind: 'exact_match' needs a built-in task; with a prompts file use "
+                "math_verify, reward_model, preference_rule or llm_judge"
+            )
         return ExactMatchReward(task)
     if kind == "math_verify":
         return MathVerifyReward()
@@ -66,14 +70,19 @@ def _judge(config: JudgeConfig, tokenizer, policy, device) -> LLMJudge:
         from transformers import AutoModelForCausalLM
 
         from hotloop.algorithms.tasks.tokenizer import load_tokenizer
+
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).to(device).eval()
         tokenizer = load_tokenizer(config.model)
-    for name, text in (("template", config.template.format(prompt="", completion="")),
-                       ("verdicts", "".join(config.verdicts))):
+    for name, text in (
+        ("template", config.template.format(prompt="", completion="")),
+        ("verdicts", "".join(config.verdicts)),
+    ):
         try:
             encode(tokenizer, text, special=False)
-        except ValueError as err:   # a CharTokenizer without letters cannot read the English template
-            raise ValueError(f"reward.judge.{name}: expected text the judge's tokenizer encodes, got {text!r} "
-                             f"({err})") from None
-    return LLMJudge(model, tokenizer, pointwise_template=config.template, verdicts=config.verdicts,
-                    batch_size=config.batch_size)
+        except ValueError as err:  # a CharTokenizer without letters cannot read the English template
+            raise ValueError(
+                f"reward.judge.{name}: expected text the judge's tokenizer encodes, got {text!r} ({err})"
+            ) from None
+    return LLMJudge(
+        model, tokenizer, pointwise_template=config.template, verdicts=config.verdicts, batch_size=config.batch_size
+    )

@@ -60,17 +60,29 @@ def _check_template(name: str, value: str, fields: tuple[str, ...]) -> None:
 
 
 def _check_pair(name: str, pair: tuple[str, str]) -> None:
-    if not isinstance(pair, tuple) or len(pair) != 2 or len(set(pair)) != 2 \
-            or not all(isinstance(x, str) and x for x in pair):
+    if (
+        not isinstance(pair, tuple)
+        or len(pair) != 2
+        or len(set(pair)) != 2
+        or not all(isinstance(x, str) and x for x in pair)
+    ):
         raise ValueError(f"{name}: expected two different non-empty strings, got {pair!r}")
 
 
 class LLMJudge:
     """Judges completions by the log-probs a causal LM gives to fixed answer strings."""
 
-    def __init__(self, model, tokenizer, *, template: str = PAIRWISE_TEMPLATE,
-                 pointwise_template: str = POINTWISE_TEMPLATE, choices: tuple[str, str] = (" A", " B"),
-                 verdicts: tuple[str, str] = (" yes", " no"), batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        template: str = PAIRWISE_TEMPLATE,
+        pointwise_template: str = POINTWISE_TEMPLATE,
+        choices: tuple[str, str] = (" A", " B"),
+        verdicts: tuple[str, str] = (" yes", " no"),
+        batch_size: int = 32,
+    ) -> None:
         _check_template("template", template, ("{prompt}", "{a}", "{b}"))
         _check_template("pointwise_template", pointwise_template, ("{prompt}", "{completion}"))
         _check_pair("choices", tuple(choices))
@@ -98,8 +110,9 @@ class LLMJudge:
     def __call__(self, problems: list, completions: list[str]) -> torch.Tensor:
         """[n] float32 pointwise reward ``σ(ℓ_yes − ℓ_no)``."""
         check_batch(problems, completions)
-        contexts = [self.pointwise_template.format(prompt=p.prompt, completion=c)
-                    for p, c in zip(problems, completions)]
+        contexts = [
+            self.pointwise_template.format(prompt=p.prompt, completion=c) for p, c in zip(problems, completions)
+        ]
         return self._binary(contexts, self.verdicts)
 
     def _binary(self, contexts: list[str], pair: tuple[str, str]) -> torch.Tensor:

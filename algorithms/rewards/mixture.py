@@ -28,8 +28,12 @@ class WeightedMixture:
             fn, weight = item
             if not callable(fn):
                 raise TypeError(f"components[{i}]: expected a callable reward_fn, got {type(fn).__name__}")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                    or weight < 0:
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or weight < 0
+            ):
                 raise ValueError(f"components[{i}]: expected a finite weight >= 0, got {weight!r}")
         if sum(w for _, w in components) == 0:
             raise ValueError(f"components: expected at least one positive weight, got {[w for _, w in components]}")
@@ -46,8 +50,10 @@ class WeightedMixture:
         ranges = [getattr(fn, "reward_range", None) for fn, _ in self.components]
         if any(r is None for r in ranges):
             return None
-        return (sum(w * r[0] for (_, w), r in zip(self.components, ranges)),
-                sum(w * r[1] for (_, w), r in zip(self.components, ranges)))
+        return (
+            sum(w * r[0] for (_, w), r in zip(self.components, ranges)),
+            sum(w * r[1] for (_, w), r in zip(self.components, ranges)),
+        )
 
     def __call__(self, problems: list, completions: list[str]) -> torch.Tensor:
         check_batch(problems, completions)
@@ -56,8 +62,9 @@ class WeightedMixture:
         for i, (fn, weight) in enumerate(self.components):
             reward = fn(problems, completions)
             if reward.shape != total.shape:
-                raise ValueError(f"components[{i}]: expected rewards of shape {tuple(total.shape)}, "
-                                 f"got {tuple(reward.shape)}")
+                raise ValueError(
+                    f"components[{i}]: expected rewards of shape {tuple(total.shape)}, got {tuple(reward.shape)}"
+                )
             self.last_components[self.names[i]] = reward.float().cpu()
             total += weight * reward.float().cpu()
         return total

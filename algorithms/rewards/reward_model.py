@@ -9,7 +9,7 @@ non-pad token, so ``config.pad_token_id`` must be set; inputs are right-padded.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

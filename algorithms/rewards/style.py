@@ -38,8 +38,11 @@ class StyleConfig:
     """Add the rule "starts with the prompt's first character" (the preference task's third rule)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_length, bool) or not isinstance(self.target_length, int) \
-                or not 1 <= self.target_length <= 1024:
+        if (
+            isinstance(self.target_length, bool)
+            or not isinstance(self.target_length, int)
+            or not 1 <= self.target_length <= 1024
+        ):
             raise ValueError(f"target_length: expected an int in [1, 1024], got {self.target_length!r}")
         if not isinstance(self.charset, str) or not self.charset:
             raise ValueError(f"charset: expected a non-empty str, got {self.charset!r}")

@@ -44,8 +44,9 @@ class MathVerifyReward:
     def __call__(self, problems: list, completions: list[str]) -> torch.Tensor:
         check_batch(problems, completions)
         timeout = self.timeout_seconds if threading.current_thread() is threading.main_thread() else None
-        return torch.tensor([self._score(p.answer, c, timeout) for p, c in zip(problems, completions)],
-                            dtype=torch.float32)
+        return torch.tensor(
+            [self._score(p.answer, c, timeout) for p, c in zip(problems, completions)], dtype=torch.float32
+        )
 
     @staticmethod
     def _score(gold_text: str, completion: str, timeout: int | None) -> float:

@@ -25,15 +25,22 @@ def tiny_llama_config(
     max_position: int = 64,
 ) -> LlamaConfig:
     """A float32 ``LlamaConfig`` with the special ids of :class:`CharTokenizer` and an untied head."""
-    for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("layers", layers),
-                        ("heads", heads), ("kv_heads", kv_heads), ("intermediate", intermediate),
-                        ("max_position", max_position)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("layers", layers),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+        ("intermediate", intermediate),
+        ("max_position", max_position),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if hidden_size % heads or heads % kv_heads:
         raise ValueError(
             f"heads, kv_heads: expected heads | hidden_size and kv_heads | heads, "
-            f"got hidden_size={hidden_size}, heads={heads}, kv_heads={kv_heads}")
+            f"got hidden_size={hidden_size}, heads={heads}, kv_heads={kv_heads}"
+        )
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -55,7 +55,7 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         """Text of ``ids`` (list or 1-D tensor): stops at the first eos, skips pad and bos."""
         out = []
-        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+        for i in ids.tolist() if hasattr(ids, "tolist") else ids:
             i = int(i)
             if i == self.eos_id:
                 break
@@ -96,12 +96,20 @@ class HFTokenizer:
         template_options: extra keyword arguments of ``apply_chat_template`` (e.g. ``enable_thinking``).
     """
 
-    def __init__(self, inner, *, chat_template: bool | None = None, system_prompt: str | None = None,
-                 template_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        inner,
+        *,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        template_options: dict | None = None,
+    ) -> None:
         has_template = bool(getattr(inner, "chat_template", None))
         if chat_template is True and not has_template:
-            raise ValueError(f"prompt.chat_template: expected a tokenizer with a chat template, got "
-                             f"{type(inner).__name__} without one; set prompt.chat_template: false (raw prompts)")
+            raise ValueError(
+                f"prompt.chat_template: expected a tokenizer with a chat template, got "
+                f"{type(inner).__name__} without one; set prompt.chat_template: false (raw prompts)"
+            )
         self.inner = inner
         self.templated = has_template if chat_template is None else bool(chat_template)
         self.system_prompt, self.template_options = system_prompt, dict(template_options or {})
@@ -114,8 +122,9 @@ class HFTokenizer:
             return prompt
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
         messages.append({"role": "user", "content": prompt})
-        return self.inner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                              **self.template_options)
+        return self.inner.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.template_options
+        )
 
     def encode_rendered(self, text: str) -> list[int]:
         """Ids of already rendered ``text`` (special tokens added only in raw mode)."""
@@ -144,4 +153,5 @@ def load_tokenizer(directory):
     if (Path(directory) / _FILE).exists():
         return CharTokenizer.load(directory)
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(directory)

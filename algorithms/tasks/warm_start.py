@@ -27,16 +27,17 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
-from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
+from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
 
 IGNORE_INDEX = -100
 _SETTINGS_FILE = "warm_start.json"
 _WARMUP_FRACTION = 0.05
 
 
-def sft_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             labels: torch.Tensor) -> torch.Tensor:
+def sft_loss(
+    model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Mean negative log-likelihood of the non-ignored ``labels`` (next-token targets, shifted inside).
 
     Args:
@@ -46,8 +47,9 @@ def sft_loss(model: LlamaForCausalLM, input_ids: torch.Tensor, attention_mask: t
     """
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
-    logp = fused_linear_logprob(hidden[:, :-1].reshape(targets.numel(), -1), model.lm_head.weight, targets,
-                                ignore_index=IGNORE_INDEX)
+    logp = fused_linear_logprob(
+        hidden[:, :-1].reshape(targets.numel(), -1), model.lm_head.weight, targets, ignore_index=IGNORE_INDEX
+    )
     return -logp.sum() / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
 
@@ -77,9 +79,19 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
-def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int = 3000,
-                   batch_size: int = 128, lr: float = 3e-3, error_rate: float = 0.7, seed: int = 0,
-                   model_config: LlamaConfig | None = None, progress: bool = True) -> LlamaForCausalLM:
+def sft_warm_start(
+    task,
+    tokenizer: CharTokenizer,
+    *,
+    out_dir: Path,
+    steps: int = 3000,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    error_rate: float = 0.7,
+    seed: int = 0,
+    model_config: LlamaConfig | None = None,
+    progress: bool = True,
+) -> LlamaForCausalLM:
     """Train (or load from ``out_dir``) a tiny model fitted to ``task.teacher`` at ``error_rate``.
 
     Args:
@@ -105,8 +117,16 @@ def sft_warm_start(task, tokenizer: CharTokenizer, *, out_dir: Path, steps: int 
     config = copy.deepcopy(model_config) if model_config is not None else tiny_llama_config(tokenizer.vocab_size)
     if config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model_config: vocab_size {config.vocab_size} < tokenizer.vocab_size {tokenizer.vocab_size}")
-    settings = {"task": repr(task), "alphabet": tokenizer.alphabet, "steps": steps, "batch_size": batch_size,
-                "lr": lr, "error_rate": error_rate, "seed": seed, "model_config": config.to_diff_dict()}
+    settings = {
+        "task": repr(task),
+        "alphabet": tokenizer.alphabet,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "error_rate": error_rate,
+        "seed": seed,
+        "model_config": config.to_diff_dict(),
+    }
     settings["model_config"].pop("architectures", None)
     out_dir = Path(out_dir)
     cached = _load_cached(out_dir, settings)
@@ -149,8 +169,7 @@ def _train_steps(model: LlamaForCausalLM, task, tokenizer: CharTokenizer, settin
     model.train()
     bar = tqdm(range(steps), desc="SFT warm start", disable=not progress)
     for step in bar:
-        batch = _sft_batch(task, tokenizer, rng.sample(pool, min(batch_size, len(pool))), rng,
-                           settings["error_rate"])
+        batch = _sft_batch(task, tokenizer, rng.sample(pool, min(batch_size, len(pool))), rng, settings["error_rate"])
         loss = sft_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,8 +181,15 @@ def _train_steps(model: LlamaForCausalLM, task, tokenizer: CharTokenizer, settin
 
 
 @torch.no_grad()
-def complete(model: LlamaForCausalLM, tokenizer: CharTokenizer, prompts: list[str], *, max_new_tokens: int,
-             temperature: float = 0.0, batch_size: int = 512) -> list[str]:
+def complete(
+    model: LlamaForCausalLM,
+    tokenizer: CharTokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 512,
+) -> list[str]:
     """Completions of ``prompts`` (greedy when ``temperature == 0``), decoded up to the first eos.
 
     Prompts are left-padded; ``generate`` derives positions from the attention mask and keeps a KV cache.
@@ -177,27 +203,44 @@ def complete(model: LlamaForCausalLM, tokenizer: CharTokenizer, prompts: list[st
         rows = [tokenizer.encode(p) for p in prompts[start : start + batch_size]]
         width = max(map(len, rows))
         ids = torch.tensor([[tokenizer.pad_id] * (width - len(r)) + r for r in rows])
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
-            if temperature > 0 else {"do_sample": False}
-        gen = model.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_id).long(),
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_id,
-                             eos_token_id=tokenizer.eos_id, **sampling)
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=(ids != tokenizer.pad_id).long(),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eos_id,
+            **sampling,
+        )
         out += [tokenizer.decode(row) for row in gen[:, width:]]
     model.train(was_training)
     return out
 
 
-def greedy_accuracy(model: LlamaForCausalLM, tokenizer: CharTokenizer, task, problems: list,
-                    max_new_tokens: int) -> float:
+def greedy_accuracy(
+    model: LlamaForCausalLM, tokenizer: CharTokenizer, task, problems: list, max_new_tokens: int
+) -> float:
     """Mean ``task.score`` of greedy completions of ``problems``."""
     return sampled_accuracy(model, tokenizer, task, problems, max_new_tokens, temperature=0.0)
 
 
-def sampled_accuracy(model: LlamaForCausalLM, tokenizer: CharTokenizer, task, problems: list,
-                     max_new_tokens: int, *, temperature: float = 1.0) -> float:
+def sampled_accuracy(
+    model: LlamaForCausalLM,
+    tokenizer: CharTokenizer,
+    task,
+    problems: list,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+) -> float:
     """Mean ``task.score`` of one completion per problem sampled at ``temperature`` (0 = greedy)."""
     if not problems:
         raise ValueError("problems: expected at least one problem, got none")
-    texts = complete(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
-                     temperature=temperature)
+    texts = complete(
+        model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens, temperature=temperature
+    )
     return sum(task.score(p, t) for p, t in zip(problems, texts)) / len(problems)

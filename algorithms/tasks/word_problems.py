@@ -25,8 +25,28 @@ from hotloop.algorithms.tasks.arithmetic import Problem, check_split, in_test_sp
 
 _POOL = 20_000
 _MAX_STEPS = 5
-_NAMES = ("Ava", "Ben", "Chloe", "Dev", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kira", "Liam", "Maya",
-          "Noah", "Olive", "Priya", "Quinn", "Rosa", "Sam", "Tara")
+_NAMES = (
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Ella",
+    "Finn",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jack",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olive",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+)
 _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies")
 _INSTRUCTION = "Give the final answer as a number."
 

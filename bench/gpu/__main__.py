@@ -24,10 +24,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("out_dir", type=Path, help="folder for gpu-<device>.{md,json,png}")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
     parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 450; dry 150)")
-    parser.add_argument("--only", default=None,
-                        help="comma-separated sections to run (e.g. kernels,loop for a rerun); the rest are skipped")
-    parser.add_argument("--build-dir", type=Path, default=Path("/tmp/hotloop-bench-gpu-build"),
-                        help="where the CUDA row kernels are compiled")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated sections to run (e.g. kernels,loop for a rerun); the rest are skipped",
+    )
+    parser.add_argument(
+        "--build-dir",
+        type=Path,
+        default=Path("/tmp/hotloop-bench-gpu-build"),
+        help="where the CUDA row kernels are compiled",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,8 +95,9 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     only = None if args.only is None else {s.strip() for s in args.only.split(",")}
     budget = args.budget_s if args.budget_s is not None else (150.0 if args.dry_run else 450.0)
-    report = run_all(device, dry=args.dry_run, runner_factory=lambda r: Runner(r, budget, only),
-                     build_dir=args.build_dir)
+    report = run_all(
+        device, dry=args.dry_run, runner_factory=lambda r: Runner(r, budget, only), build_dir=args.build_dir
+    )
     paths = report.write(args.out_dir)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     for line in report.failed:

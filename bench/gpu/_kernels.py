@@ -57,15 +57,28 @@ def check_logprob(case: Case, device, section="logprob") -> list[Check]:
     hidden, weight, bias = _inputs(case, device)
     targets = _targets(case, bias, device)
     g_lp, g_ent = torch.randn(case.n, device=device), torch.randn(case.n, device=device)
-    stats = triton_logprob_fwd(hidden, weight, targets, bias, temperature=TEMPERATURE, ignore_index=IGNORE,
-                               with_entropy=True)
+    stats = triton_logprob_fwd(
+        hidden, weight, targets, bias, temperature=TEMPERATURE, ignore_index=IGNORE, with_entropy=True
+    )
     chunk = case.v if case.full_chunk else None
     checks = []
     for label, ge in (("+entropy grad", g_ent), ("logp grad only", None)):
-        grads = triton_logprob_bwd(hidden, weight, targets, bias, stats, g_lp, ge, temperature=TEMPERATURE,
-                                   ignore_index=IGNORE, needs_grad=(True, True, True), vocab_chunk=chunk)
-        ref = _reference.logprob(hidden, weight, bias, targets, temperature=TEMPERATURE, ignore_index=IGNORE,
-                                 grad_logp=g_lp, grad_entropy=ge)
+        grads = triton_logprob_bwd(
+            hidden,
+            weight,
+            targets,
+            bias,
+            stats,
+            g_lp,
+            ge,
+            temperature=TEMPERATURE,
+            ignore_index=IGNORE,
+            needs_grad=(True, True, True),
+            vocab_chunk=chunk,
+        )
+        ref = _reference.logprob(
+            hidden, weight, bias, targets, temperature=TEMPERATURE, ignore_index=IGNORE, grad_logp=g_lp, grad_entropy=ge
+        )
         tol = _tolerance(case, stats.lse.abs().max().item() if case.n else 0.0)
         outs = {"grad_hidden": grads[0], "grad_weight": grads[1], "grad_bias": grads[2]}
         if ge is not None:
@@ -79,26 +92,59 @@ def check_logprob(case: Case, device, section="logprob") -> list[Check]:
 def check_kl(case: Case, device, divergences=("kl", "reverse_kl", "jsd"), section="kl") -> list[Check]:
     """Each divergence's per-row value, KL, entropy and gradients (hidden, weight, bias) vs float64."""
     hidden, weight, bias = _inputs(case, device)
-    ref_hidden, ref_weight, ref_bias = _inputs(dataclasses.replace(case, masked=False), device,
-                                               d=max(16, case.d // 2), dtype=case.ref_dtype)
+    ref_hidden, ref_weight, ref_bias = _inputs(
+        dataclasses.replace(case, masked=False), device, d=max(16, case.d // 2), dtype=case.ref_dtype
+    )
     if case.masked:  # the policy's masked columns in both heads (a column only the reference masks: KL = inf)
         ref_bias = torch.where(torch.isfinite(bias), ref_bias, -math.inf).to(ref_bias.dtype)
     row_weight = torch.randn(case.n, device=device)
     checks = []
     for div in divergences:
         options = KLOptions(divergence=div, beta=0.3)
-        stats, *grads = triton_kl_fwd_bwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight,
-                                          options=options, temperature=TEMPERATURE, needs_grad=(True, True, True),
-                                          vocab_chunk=case.v if case.full_chunk else None)
-        ref = _reference.kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight, divergence=div,
-                            beta=0.3, temperature=TEMPERATURE)
-        outs = {"divergence": stats.divergence, "kl": stats.kl, "entropy": stats.entropy,
-                "grad_hidden": grads[0], "grad_weight": grads[1], "grad_bias": grads[2]}
+        stats, *grads = triton_kl_fwd_bwd(
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            row_weight,
+            options=options,
+            temperature=TEMPERATURE,
+            needs_grad=(True, True, True),
+            vocab_chunk=case.v if case.full_chunk else None,
+        )
+        ref = _reference.kl(
+            hidden,
+            weight,
+            bias,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            row_weight,
+            divergence=div,
+            beta=0.3,
+            temperature=TEMPERATURE,
+        )
+        outs = {
+            "divergence": stats.divergence,
+            "kl": stats.kl,
+            "entropy": stats.entropy,
+            "grad_hidden": grads[0],
+            "grad_weight": grads[1],
+            "grad_bias": grads[2],
+        }
         refs = dict(zip(outs, ref))
         # offset: the divergences are differences of logits ~1e4, held to a few fp32 ulps of them, absolutely
         tol = _tolerance(case, 1e4 if case.offset else 0.0)
-        checks += _compare(section, f"{case.label} {div}", outs, refs, tol, absolute=("divergence", "kl", "entropy")
-                           if case.offset else ())
+        checks += _compare(
+            section,
+            f"{case.label} {div}",
+            outs,
+            refs,
+            tol,
+            absolute=("divergence", "kl", "entropy") if case.offset else (),
+        )
         del stats, grads, ref
     return checks
 
@@ -121,8 +167,12 @@ def _compare(section, name, outs, refs, tol, absolute=()) -> list[Check]:
 def tile_choices(dtype: torch.dtype, d: int) -> list[_triton_utils.MatmulTiles]:
     """Every launch configuration ``logits_tiles`` can return for this dtype and hidden size on CUDA."""
     block_d = min(64 if dtype.itemsize <= 2 else 32, max(16, 1 << max(d - 1, 0).bit_length()))
-    return [_triton_utils.MatmulTiles(block_n=bn, block_v=128, block_d=block_d, num_warps=8 if bn == 128 else 4,
-                                      num_stages=3) for bn in (128, 64)]
+    return [
+        _triton_utils.MatmulTiles(
+            block_n=bn, block_v=128, block_d=block_d, num_warps=8 if bn == 128 else 4, num_stages=3
+        )
+        for bn in (128, 64)
+    ]
 
 
 @contextlib.contextmanager
@@ -132,8 +182,9 @@ def forced_tiles(tiles: _triton_utils.MatmulTiles | None, splits_one: bool = Fal
         if tiles is not None:
             stack.enter_context(mock.patch.object(_triton_utils, "logits_tiles", lambda *a, **k: tiles))
         if splits_one:
-            stack.enter_context(mock.patch.object(_triton_utils, "vocab_splits",
-                                                  lambda device, rows, n_tiles: (1, n_tiles)))
+            stack.enter_context(
+                mock.patch.object(_triton_utils, "vocab_splits", lambda device, rows, n_tiles: (1, n_tiles))
+            )
         yield
 
 
@@ -144,8 +195,7 @@ def check_forced(case: Case, device) -> list[Check]:
         tag = f"BLOCK_N={tiles.block_n} BLOCK_D={tiles.block_d} warps={tiles.num_warps}"
         with forced_tiles(tiles):
             checks += [_tagged(c, tag) for c in check_logprob(case, device, "forced")]
-            checks += [_tagged(c, tag) for c in check_kl(case, device, (("kl", "reverse_kl", "jsd")[k % 3],),
-                                                         "forced")]
+            checks += [_tagged(c, tag) for c in check_kl(case, device, (("kl", "reverse_kl", "jsd")[k % 3],), "forced")]
     with forced_tiles(None, splits_one=True):
         checks += [_tagged(c, "one vocab split") for c in check_logprob(case, device, "forced")]
     return checks

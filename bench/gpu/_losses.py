@@ -27,9 +27,15 @@ def _inputs(b: int, t: int, device):
     old = logp + 0.1 * torch.randn(b, t, device=device)
     mask = torch.rand(b, t, device=device) < 0.8
     mask[min(2, b - 1)] = False  # an empty row
-    return dict(logp=logp, old=old, ref=logp + 0.2 * torch.randn(b, t, device=device), mask=mask,
-                adv=torch.randn(b, device=device), sampler=old + 0.2 * torch.randn(b, t, device=device),
-                entropy=1 + torch.rand(b, t, device=device))
+    return dict(
+        logp=logp,
+        old=old,
+        ref=logp + 0.2 * torch.randn(b, t, device=device),
+        mask=mask,
+        adv=torch.randn(b, device=device),
+        sampler=old + 0.2 * torch.randn(b, t, device=device),
+        entropy=1 + torch.rand(b, t, device=device),
+    )
 
 
 def _leaf(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -48,8 +54,9 @@ def _run_both(fn, data, grad_keys=("logp",)) -> list[tuple[str, float, float]]:
     (loss32, grads32), (loss64, grads64) = results[torch.float32], results[torch.float64]
     err = abs(loss32.item() - loss64.item()) / max(abs(loss64.item()), 1e-2)
     out = [("loss", err, SCALAR_TOL)]
-    return out + [(f"d/d {k}", _reference.relative_error(g, r), GRAD_TOL)
-                  for k, g, r in zip(grad_keys, grads32, grads64)]
+    return out + [
+        (f"d/d {k}", _reference.relative_error(g, r), GRAD_TOL) for k, g, r in zip(grad_keys, grads32, grads64)
+    ]
 
 
 def check_losses(b: int, t: int, device) -> list[Check]:
@@ -57,21 +64,40 @@ def check_losses(b: int, t: int, device) -> list[Check]:
     cases = []
     for k, loss_type in enumerate(grpo_mod.LOSS_TYPES):
         est = ("k1", "k2", "k3")[k % 3]
-        kw = dict(beta=0.08, kl_estimator=est, loss_type=loss_type, sampler_is_cap=1.4, entropy_coef=0.02,
-                  epsilon_high=1.25 if loss_type == "cispo" else 0.28, use_bias_correction_kl=est == "k2",
-                  delta=1.15 if loss_type in grpo_mod.CLIPPED and est == "k3" else None, max_completion_length=t)
+        kw = dict(
+            beta=0.08,
+            kl_estimator=est,
+            loss_type=loss_type,
+            sampler_is_cap=1.4,
+            entropy_coef=0.02,
+            epsilon_high=1.25 if loss_type == "cispo" else 0.28,
+            use_bias_correction_kl=est == "k2",
+            delta=1.15 if loss_type in grpo_mod.CLIPPED and est == "k3" else None,
+            max_completion_length=t,
+        )
 
         def grpo(logp, entropy, old, ref, mask, adv, sampler, kw=kw):
-            return grpo_loss(logp, adv, mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, entropy=entropy,
-                             **kw).loss
+            return grpo_loss(
+                logp, adv, mask, old_logp=old, ref_logp=ref, sampler_logp=sampler, entropy=entropy, **kw
+            ).loss
 
         cases.append((f"grpo_loss {loss_type} kl={est}", grpo, ("logp", "entropy")))
     for est in ("k1", "k2", "k3"):
-        cases.append((f"kl_penalty {est}", lambda logp, ref, mask, est=est, **_: kl_penalty(logp, mask, ref_logp=ref,
-                                                                                           kl_estimator=est), ("logp",)))
+        cases.append(
+            (
+                f"kl_penalty {est}",
+                lambda logp, ref, mask, est=est, **_: kl_penalty(logp, mask, ref_logp=ref, kl_estimator=est),
+                ("logp",),
+            )
+        )
     for norm in ("token", "sequence"):
-        cases.append((f"policy_gradient_loss {norm}", lambda logp, adv, mask, norm=norm, **_: policy_gradient_loss(
-            logp, adv, mask, normalize=norm).loss, ("logp",)))
+        cases.append(
+            (
+                f"policy_gradient_loss {norm}",
+                lambda logp, adv, mask, norm=norm, **_: policy_gradient_loss(logp, adv, mask, normalize=norm).loss,
+                ("logp",),
+            )
+        )
     checks = []
     for name, fn, keys in cases:
         for what, err, tol in _run_both(fn, data, keys):

@@ -79,23 +79,53 @@ def real_plan() -> Plan:
         Case("buf-offsets>2^31", 16384, 256, 151936, BF16, full_chunk=True),
     ]
     forced = [Case("forced", 1536, 1024, 32000, dt) for dt in (BF16, FP16, FP32)] + [
-        Case("forced small-D", 1536, 24, 32000, BF16), Case("forced short", 100, 1024, 32000, BF16)]
-    loop = dict(hidden_size=896, layers=24, intermediate=4864, heads=14, kv_heads=2, steps=3, prompts=8, samples=4,
-                max_new_tokens=32)
-    return Plan(logprob, kl, forced, loss_rows=(64, 6000), timing=[(8192, 4096, 128256), (8192, 4096, 151936)],
-                loss_timing=[(16, 512, 4096, 151936)], loop=loop, reps=10, warmup=3)
+        Case("forced small-D", 1536, 24, 32000, BF16),
+        Case("forced short", 100, 1024, 32000, BF16),
+    ]
+    loop = dict(
+        hidden_size=896,
+        layers=24,
+        intermediate=4864,
+        heads=14,
+        kv_heads=2,
+        steps=3,
+        prompts=8,
+        samples=4,
+        max_new_tokens=32,
+    )
+    return Plan(
+        logprob,
+        kl,
+        forced,
+        loss_rows=(64, 6000),
+        timing=[(8192, 4096, 128256), (8192, 4096, 151936)],
+        loss_timing=[(16, 512, 4096, 151936)],
+        loop=loop,
+        reps=10,
+        warmup=3,
+    )
 
 
 def dry_plan() -> Plan:
     """The same cases at interpreter sizes (tiles 16×32×16: one row block, 5 vocabulary tiles in 3 splits)."""
+
     def shrink(c: Case) -> Case:
         odd = "odd" in c.name  # ragged in every dimension: 19 rows, D = 24, V = 131
         n, d, v = (19, 24, 131) if odd else (min(c.n, 16), 16, 160)
         return Case(c.name, n, d, v, c.dtype, c.bias, c.ignored, c.offset, c.masked, c.full_chunk, c.ref_dtype)
 
     real = real_plan()
-    loop = dict(hidden_size=32, layers=1, intermediate=64, heads=4, kv_heads=2, steps=2, prompts=2, samples=2,
-                max_new_tokens=3)
-    return Plan([shrink(c) for c in real.logprob], [shrink(c) for c in real.kl],
-                [shrink(c) for c in real.forced[:2]], loss_rows=(3, 100), timing=[(16, 16, 160)],
-                loss_timing=[(2, 8, 16, 160)], loop=loop, reps=1, warmup=0)
+    loop = dict(
+        hidden_size=32, layers=1, intermediate=64, heads=4, kv_heads=2, steps=2, prompts=2, samples=2, max_new_tokens=3
+    )
+    return Plan(
+        [shrink(c) for c in real.logprob],
+        [shrink(c) for c in real.kl],
+        [shrink(c) for c in real.forced[:2]],
+        loss_rows=(3, 100),
+        timing=[(16, 16, 160)],
+        loss_timing=[(2, 8, 16, 160)],
+        loop=loop,
+        reps=1,
+        warmup=0,
+    )

@@ -42,16 +42,16 @@ def logprob(hidden, weight, bias, targets, *, temperature, ignore_index, grad_lo
     logps, ents, grads_h = [], [], []
     step = chunk_rows(weight.shape[0])
     for r0 in range(0, hidden.shape[0], step):
-        h64 = hidden[r0:r0 + step].double().requires_grad_()
+        h64 = hidden[r0 : r0 + step].double().requires_grad_()
         logits = h64 @ w64.T + (0.0 if b64 is None else b64)
         lp = torch.log_softmax(logits / temperature, dim=-1)
-        tgt = targets[r0:r0 + step]
+        tgt = targets[r0 : r0 + step]
         keep = tgt != ignore_index
         logp = torch.where(keep, lp.gather(1, tgt.clamp_min(0)[:, None])[:, 0], 0.0)
         ent = torch.where(keep, -_xlogx_safe(lp.exp(), lp).sum(-1), 0.0)
-        objective = (grad_logp[r0:r0 + step].double() * logp).sum()
+        objective = (grad_logp[r0 : r0 + step].double() * logp).sum()
         if grad_entropy is not None:
-            objective = objective + (grad_entropy[r0:r0 + step].double() * ent).sum()
+            objective = objective + (grad_entropy[r0 : r0 + step].double() * ent).sum()
         objective.backward()
         logps.append(logp.detach())
         ents.append(ent.detach())
@@ -78,12 +78,12 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, row_weight, *, di
     out = {"div": [], "kl": [], "entropy": [], "grad_h": []}
     step = chunk_rows(weight.shape[0])
     for r0 in range(0, hidden.shape[0], step):
-        h64 = hidden[r0:r0 + step].double().requires_grad_()
+        h64 = hidden[r0 : r0 + step].double().requires_grad_()
         lp = torch.log_softmax((h64 @ w64.T + (0.0 if b64 is None else b64)) / temperature, dim=-1)
-        zq = ref_hidden[r0:r0 + step].double() @ rw64.T + (0.0 if rb64 is None else rb64)
+        zq = ref_hidden[r0 : r0 + step].double() @ rw64.T + (0.0 if rb64 is None else rb64)
         lq = torch.log_softmax(zq / temperature, dim=-1)
         divs = _divergences(lp, lq, beta)
-        (row_weight[r0:r0 + step].double() * divs[divergence]).sum().backward()
+        (row_weight[r0 : r0 + step].double() * divs[divergence]).sum().backward()
         out["div"].append(divs[divergence].detach())
         out["kl"].append(divs["kl"].detach())
         out["entropy"].append(-_xlogx_safe(lp.exp(), lp).sum(-1).detach())

@@ -52,24 +52,40 @@ class Report:
         table = paths["md"].read_text().split("\n", 1)[1]  # the harness's title line is replaced by ours
         paths["md"].write_text(self._markdown() + table)
         data = json.loads(paths["json"].read_text())
-        data.update(checks=[dict(asdict(c), ok=c.ok) for c in self.checks], skipped=self.skipped,
-                    errors=self.errors, seconds=self.seconds, targets=self.targets, failed=self.failed)
+        data.update(
+            checks=[dict(asdict(c), ok=c.ok) for c in self.checks],
+            skipped=self.skipped,
+            errors=self.errors,
+            seconds=self.seconds,
+            targets=self.targets,
+            failed=self.failed,
+        )
         paths["json"].write_text(json.dumps(data, indent=1, default=str))
         return paths
 
     def _markdown(self) -> str:
-        lines = [f"# bench.gpu — {self.meta['device']}", "",
-                 f"**{'FAILED' if self.failed else 'PASSED'}**: {sum(c.ok for c in self.checks)} / {len(self.checks)}"
-                 f" checks within tolerance; wall time per section (s): "
-                 + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()), ""]
+        lines = [
+            f"# bench.gpu — {self.meta['device']}",
+            "",
+            f"**{'FAILED' if self.failed else 'PASSED'}**: {sum(c.ok for c in self.checks)} / {len(self.checks)}"
+            f" checks within tolerance; wall time per section (s): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.items()),
+            "",
+        ]
         lines += [f"- FAIL {line}" for line in self.failed] + [""]
         if self.targets:
             dry = " (dry run: interpreter timings on CPU, not meaningful)" if self.meta.get("dry_run") else ""
             lines += [f"## Targets{dry}", "", "| target | measured | goal | met |", "|---|---|---|---|"]
             lines += [f"| {t['name']} | {t['value']} | {t['goal']} | {t['met']} |" for t in self.targets] + [""]
-        lines += ["## Correctness (float64 references)", "", "| section | check | error | tol | ok |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {c.section} | {c.name} | {c.kind} {c.error:.2e} | {c.tol:.0e} | {'ok' if c.ok else 'FAIL'} |"
-                  for c in self.checks]
+        lines += [
+            "## Correctness (float64 references)",
+            "",
+            "| section | check | error | tol | ok |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.section} | {c.name} | {c.kind} {c.error:.2e} | {c.tol:.0e} | {'ok' if c.ok else 'FAIL'} |"
+            for c in self.checks
+        ]
         lines += ["", *(f"- skipped {s}: {why}" for s, why in self.skipped), "", "## Timings", ""]
         return "\n".join(lines) + "\n"

@@ -37,10 +37,23 @@ def build(build_dir: Path, arch: str = "90"):
         raise RuntimeError("nvcc: not on PATH")
     build_dir.mkdir(parents=True, exist_ok=True)
     out = build_dir / f"_row_kernels_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-           f"-gencode=arch=compute_{arch},code=compute_{arch}", f"-I{CSRC}", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}", str(HERE / "row_kernels_cuda_ext.cpp"),
-           str(CSRC / "row_kernels_cuda.cu"), "-o", str(out)]
+    cmd = [
+        nvcc,
+        "-O3",
+        "-std=c++17",
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        f"-gencode=arch=compute_{arch},code=compute_{arch}",
+        f"-I{CSRC}",
+        f"-I{pybind11.get_include()}",
+        f"-I{sysconfig.get_paths()['include']}",
+        str(HERE / "row_kernels_cuda_ext.cpp"),
+        str(CSRC / "row_kernels_cuda.cu"),
+        "-o",
+        str(out),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"nvcc failed: {run.stderr.strip()[-2000:]}")
@@ -70,8 +83,20 @@ def check_rows(module, rows: int, vocab: int, device) -> list[Check]:
         targets[torch.rand(rows, device=device) < 0.1] = IGNORE
         s, flag = 1 / 0.7, 0 if dtype == torch.float32 else 1
         lse, logp, ent = (torch.full((rows,), math.nan, device=device) for _ in range(3))
-        err = module.row_stats(x.data_ptr(), targets.data_ptr(), lse.data_ptr(), logp.data_ptr(), ent.data_ptr(),
-                               rows, vocab, x.stride(0), flag, s, IGNORE, stream)
+        err = module.row_stats(
+            x.data_ptr(),
+            targets.data_ptr(),
+            lse.data_ptr(),
+            logp.data_ptr(),
+            ent.data_ptr(),
+            rows,
+            vocab,
+            x.stride(0),
+            flag,
+            s,
+            IGNORE,
+            stream,
+        )
         ref_lse, ref_logp, ref_ent, lp = _reference_rows(x, targets, s)
         tag = f"R={rows} V={vocab} {str(dtype).split('.')[-1]}{' +1e4' if offset else ''}"
         tol = 8 * torch.finfo(torch.float32).eps * 1.5e4 if offset else 1e-5
@@ -88,8 +113,23 @@ def _check_grad(module, x, targets, ref_lse, ref_ent, lp, s, flag, stream, tag, 
     hi, lo = _cpu_ext.split_lse(ref_lse, rows)
     ent32 = ref_ent.float()
     block = x.clone()
-    err = module.row_grad(block.data_ptr(), targets.data_ptr(), hi.data_ptr(), lo.data_ptr(), ent32.data_ptr(),
-                          g_lp.data_ptr(), g_ent.data_ptr(), rows, vocab, block.stride(0), 0, flag, s, IGNORE, stream)
+    err = module.row_grad(
+        block.data_ptr(),
+        targets.data_ptr(),
+        hi.data_ptr(),
+        lo.data_ptr(),
+        ent32.data_ptr(),
+        g_lp.data_ptr(),
+        g_ent.data_ptr(),
+        rows,
+        vocab,
+        block.stride(0),
+        0,
+        flag,
+        s,
+        IGNORE,
+        stream,
+    )
     p = lp.exp()
     onehot = torch.zeros_like(p).scatter_(1, targets.clamp_min(0)[:, None], 1.0)
     ref = s * (g_lp.double()[:, None] * (onehot - p) - g_ent.double()[:, None] * p * (lp + ref_ent[:, None]))

@@ -7,7 +7,7 @@ import torch
 
 from bench._harness import collect_meta, device_slug
 
-from . import _kernels, _losses, _loop, _plan, _rows_cuda, _timing
+from . import _kernels, _loop, _losses, _plan, _rows_cuda, _timing
 from ._report import Report
 
 
@@ -18,23 +18,42 @@ def run_all(device: torch.device, *, dry: bool, runner_factory, build_dir) -> Re
     scale = 1.0 if not dry else 0.25
     run.section("logprob", plan.logprob, lambda c: _kernels.check_logprob(c, device), 12 * scale)
     kl_divs = ("kl", "reverse_kl", "jsd")
-    run.section("kl", list(enumerate(plan.kl)),
-                lambda kc: _kernels.check_kl(kc[1], device, kl_divs if not dry else (kl_divs[kc[0] % 3],)), 15 * scale)
+    run.section(
+        "kl",
+        list(enumerate(plan.kl)),
+        lambda kc: _kernels.check_kl(kc[1], device, kl_divs if not dry else (kl_divs[kc[0] % 3],)),
+        15 * scale,
+    )
     run.section("forced", plan.forced, lambda c: _kernels.check_forced(c, device), 10 * scale)
     run.section("losses", [plan.loss_rows], lambda bt: _losses.check_losses(*bt, device), 10 * scale)
     if dry:
         report.skipped.append(("timing cuda-rows", "dry run: no CUDA device (the build needs nvcc and a GPU)"))
     else:
-        run.section("cuda-rows", [(4096, 151936)], lambda rv: _rows_cuda.check_rows(_rows_cuda.build(build_dir), *rv,
-                                                                                    device), 60)
+        run.section(
+            "cuda-rows",
+            [(4096, 151936)],
+            lambda rv: _rows_cuda.check_rows(_rows_cuda.build(build_dir), *rv, device),
+            60,
+        )
     run.section("loop", [plan.loop], lambda cfg: _loop_case(cfg, device, report), 90 * scale)
     timing = dict(warmup=plan.warmup, reps=plan.reps)
-    run.section("kernels", plan.timing, lambda s: _timing.time_kernels([s], device, **timing), 20 * scale,
-                fatal_skip=False)
-    run.section("logprob peers", plan.timing, lambda s: _timing.time_peers([s], device, dry=dry, **timing),
-                90 * scale, fatal_skip=False)
-    run.section("losses peers", plan.loss_timing, lambda s: _timing.time_losses([s], device, dry=dry, **timing),
-                120 * scale, fatal_skip=False)
+    run.section(
+        "kernels", plan.timing, lambda s: _timing.time_kernels([s], device, **timing), 20 * scale, fatal_skip=False
+    )
+    run.section(
+        "logprob peers",
+        plan.timing,
+        lambda s: _timing.time_peers([s], device, dry=dry, **timing),
+        90 * scale,
+        fatal_skip=False,
+    )
+    run.section(
+        "losses peers",
+        plan.loss_timing,
+        lambda s: _timing.time_losses([s], device, dry=dry, **timing),
+        120 * scale,
+        fatal_skip=False,
+    )
     report.targets = _timing.targets(report.rows)
     return report
 

@@ -32,8 +32,10 @@ def _floor(h, w, size) -> list[tuple[Row, Contender]]:
 
     modes = {"fwd": (1, mm_logits), "bwd": (3, backward), "fwd+bwd": (4, lambda: (mm_logits(), backward()))}
     note = "GEMMs: torch.mm into preallocated buffers (memory: outputs only, not measured)"
-    return [(Row("floor", mode, size, peak_extra_mb=0.0, per_token_logp="—", note=f"{k} {note}"), Contender(fn))
-            for mode, (k, fn) in modes.items()]
+    return [
+        (Row("floor", mode, size, peak_extra_mb=0.0, per_token_logp="—", note=f"{k} {note}"), Contender(fn))
+        for mode, (k, fn) in modes.items()
+    ]
 
 
 def kernel_entries(n, d, v, device) -> list[tuple[Row, Contender]]:
@@ -52,8 +54,10 @@ def kernel_entries(n, d, v, device) -> list[tuple[Row, Contender]]:
     def bwd(s=stats):
         return triton_logprob_bwd(h, w, t, None, s, g_lp, g_ent, needs_grad=(True, True, False), **kw)
 
-    entries = [(Row("hotloop", mode, size, per_token_logp="yes", note="logp + entropy, both gradients"),
-                Contender(fn)) for mode, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", lambda: bwd(fwd())))]
+    entries = [
+        (Row("hotloop", mode, size, per_token_logp="yes", note="logp + entropy, both gradients"), Contender(fn))
+        for mode, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", lambda: bwd(fwd())))
+    ]
     return _floor(h, w, size) + entries
 
 
@@ -77,9 +81,30 @@ def time_losses(sizes, device, *, warmup, reps, dry: bool) -> list[Row]:
     impls = ["floor", "hotloop", "liger-eager" if dry else "liger"]
     rows = []
     for s, t, d, v in sizes:
-        args = losses_bench.parse_args(["--losses", losses, "--seqs", str(s), "--tokens", str(t), "--refs", "head",
-                                        "--dtypes", "bf16", "--dim", str(d), "--vocab", str(v), "--reps", str(reps),
-                                        "--warmup", str(warmup), "--max-rows", str(2 * s * t)])
+        args = losses_bench.parse_args(
+            [
+                "--losses",
+                losses,
+                "--seqs",
+                str(s),
+                "--tokens",
+                str(t),
+                "--refs",
+                "head",
+                "--dtypes",
+                "bf16",
+                "--dim",
+                str(d),
+                "--vocab",
+                str(v),
+                "--reps",
+                str(reps),
+                "--warmup",
+                str(warmup),
+                "--max-rows",
+                str(2 * s * t),
+            ]
+        )
         rows += losses_bench.run(args, impls, device=torch.device(device))[0]
     return rows
 
@@ -92,14 +117,19 @@ def targets(rows: list[Row]) -> list[dict]:
         floor = by.get(("floor", mode, size))
         if impl == "hotloop" and mode == "fwd+bwd" and size.startswith("triton") and floor:
             ratio = r.median_ms / floor.median_ms
-            out.append(dict(name=f"log-prob fwd+bwd / floor, {size}", value=f"{ratio:.2f}×", goal="≤ 1.15×",
-                            met=ratio <= 1.15))
+            out.append(
+                dict(name=f"log-prob fwd+bwd / floor, {size}", value=f"{ratio:.2f}×", goal="≤ 1.15×", met=ratio <= 1.15)
+            )
         liger = by.get(("liger", mode, size))
         if impl.startswith("hotloop") and not size.startswith("triton") and liger and "×" in size:
             speed = liger.median_ms / r.median_ms
             mem_ok = (r.peak_extra_mb or 0) <= (liger.peak_extra_mb or 0) * 1.0001
-            out.append(dict(name=f"{impl} vs Liger {mode}, {size}", value=f"{speed:.2f}× faster, "
-                            f"{r.peak_extra_mb:.0f} vs {liger.peak_extra_mb:.0f} MB", goal="≥ 1.5× at ≤ memory",
-                            met=speed >= 1.5 and mem_ok))
+            out.append(
+                dict(
+                    name=f"{impl} vs Liger {mode}, {size}",
+                    value=f"{speed:.2f}× faster, {r.peak_extra_mb:.0f} vs {liger.peak_extra_mb:.0f} MB",
+                    goal="≥ 1.5× at ≤ memory",
+                    met=speed >= 1.5 and mem_ok,
+                )
+            )
     return out
-

@@ -16,13 +16,12 @@ def local_model_dirs(tmp_path_factory):
     from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 
     root = tmp_path_factory.mktemp("local")
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]   # letters too: the English judge template encodes
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]  # letters too: the English judge template encodes
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
     inner = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     inner.decoder = decoders.Fuse()
     inner.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     config = tiny_llama_config(len(vocab), hidden_size=32, layers=1, intermediate=64)
     build_tiny_model(config, seed=0).save_pretrained(root / "policy")
     config.num_labels = 1

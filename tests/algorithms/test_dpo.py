@@ -13,15 +13,22 @@ PAD = 0
 
 
 def _completions(groups: list[list[list[int]]], version: int = 3) -> list[Completion]:
-    return [Completion(prompt_index=p, token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop",
-                       weight_version=version) for p, group in enumerate(groups) for ids in group]
+    return [
+        Completion(
+            prompt_index=p, token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop", weight_version=version
+        )
+        for p, group in enumerate(groups)
+        for ids in group
+    ]
 
 
 def test_online_dpo_pairs_best_with_worst_and_skips_groups_without_contrast():
     prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 4]]
-    groups = [[[10, 2], [11, 12, 2], [13, 2], [14, 2]],   # rewards 0.2, 0.9, 0.5, 0.1 -> (11,12) vs (14)
-              [[15, 2], [16, 2], [17, 2], [18, 2]],      # all equal -> skipped
-              [[19, 2], [20, 2], [21, 2], [22, 2]]]      # 1, 0, 1, 0 -> first correct vs last incorrect
+    groups = [
+        [[10, 2], [11, 12, 2], [13, 2], [14, 2]],  # rewards 0.2, 0.9, 0.5, 0.1 -> (11,12) vs (14)
+        [[15, 2], [16, 2], [17, 2], [18, 2]],  # all equal -> skipped
+        [[19, 2], [20, 2], [21, 2], [22, 2]],
+    ]  # 1, 0, 1, 0 -> first correct vs last incorrect
     rewards = torch.tensor([0.2, 0.9, 0.5, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
     algo = OnlineDPO(DPOConfig(samples_per_prompt=4), pad_token_id=PAD)
     batch = algo.build_batch([None] * 3, prompts, _completions(groups), rewards)
@@ -65,12 +72,20 @@ def test_offline_dpo_from_policy_builds_its_set_once_from_the_engines_samples():
             return _completions([[[3 + i, 2] for i in range(sampling.n)] for _ in prompt_ids], version=0)
 
     from hotloop.runtime.engine import SamplingParams
+
     problems = [object(), object()]
     reward = lambda probs, texts: torch.tensor([float(t == "x") for t in texts])  # noqa: E731
     decode = lambda ids: "x" if ids[0] == 4 else "y"  # noqa: E731
-    algo = OfflineDPO.from_policy(DPOConfig(samples_per_prompt=4), pad_token_id=PAD, engine=Engine(),
-                                  problems=problems, prompt_ids=[[1, 5], [1, 6]], reward_fn=reward, decode=decode,
-                                  sampling=SamplingParams())
+    algo = OfflineDPO.from_policy(
+        DPOConfig(samples_per_prompt=4),
+        pad_token_id=PAD,
+        engine=Engine(),
+        problems=problems,
+        prompt_ids=[[1, 5], [1, 6]],
+        reward_fn=reward,
+        decode=decode,
+        sampling=SamplingParams(),
+    )
     assert Engine.calls == 1 and sorted(algo.prompts()) == [(1, 5), (1, 6)]
     assert all(p.chosen_ids == (4, 2) and p.rejected_ids == (6, 2) for ps in algo.pairs.values() for p in ps)
 
@@ -87,15 +102,17 @@ def test_dpo_loss_gradient_raises_chosen_over_rejected_logprob(loss_type):
     reference = make_reference(model)
     pairs = [PreferencePair((1, 5, 6), (7, 8, 2), (9, 2)), PreferencePair((1, 4), (10, 2), (11, 12, 13, 2))]
     from hotloop.algorithms.dpo import pair_batch
+
     batch = pair_batch(pairs, PAD, version=0)
     algo = OnlineDPO(DPOConfig(beta=0.5, loss_type=loss_type, samples_per_prompt=2), pad_token_id=PAD)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5 if loss_type == "sigmoid" else 0.1)
     lengths = batch.completion_mask.sum(-1) if loss_type == "ipo" else 1
     margin = lambda: (lambda s: (s[batch.chosen] - s[batch.rejected]).sum().item())(  # noqa: E731
-        sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask) / lengths)
+        sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.completion_mask) / lengths
+    )
     start = margin()
     out = algo.loss(model, batch, reference=reference)
-    assert out.metrics["kl"].abs().item() < 1e-6   # policy == reference before the step
+    assert out.metrics["kl"].abs().item() < 1e-6  # policy == reference before the step
     out.loss.backward()
     optimizer.step()
     assert margin() > start
@@ -131,8 +148,13 @@ def _file_dpo(tmp_path, rows, **config):
     from hotloop.algorithms.tasks import CharTokenizer
 
     tok = CharTokenizer(TOK_ALPHABET)
-    algo = OfflineDPO.from_file(DPOConfig(samples_per_prompt=2, **config), path=_pairs_file(tmp_path, rows),
-                                pad_token_id=tok.pad_id, encode=tok.encode, eos_token_id=tok.eos_id)
+    algo = OfflineDPO.from_file(
+        DPOConfig(samples_per_prompt=2, **config),
+        path=_pairs_file(tmp_path, rows),
+        pad_token_id=tok.pad_id,
+        encode=tok.encode,
+        eos_token_id=tok.eos_id,
+    )
     return algo, tok
 
 
@@ -143,25 +165,28 @@ def test_pairs_file_gives_prompt_and_completion_ids_with_eos_and_its_prompts_as_
     rows = ROWS[:2] + [{"prompt": "3+5=", "chosen": "8", "rejected": "80"}]
     algo, tok = _file_dpo(tmp_path, rows)
     assert [p.prompt for p in algo.problems] == ["3+5=", "3+9="]
-    assert algo.prompt_pool(["the run's own training problems"]) is algo.problems   # the loop draws these
+    assert algo.prompt_pool(["the run's own training problems"]) is algo.problems  # the loop draws these
     assert OnlineDPO(DPOConfig(), pad_token_id=tok.pad_id).prompt_pool(ROWS) is ROWS
     first = algo.pairs[tuple(tok.encode("3+5="))]
     assert [p.chosen_ids for p in first] == [(*tok.encode("8", add_bos=False), tok.eos_id)] * 2
     assert first[1].rejected_ids == (*tok.encode("80", add_bos=False), tok.eos_id)
     batch = algo.build_batch([None], [tok.encode("3+5=")], [], torch.zeros(0))
-    assert batch.chosen.tolist() == [0, 2] and batch.stored_row.tolist() == [0, 1, 4, 5]   # every stored pair
+    assert batch.chosen.tolist() == [0, 2] and batch.stored_row.tolist() == [0, 1, 4, 5]  # every stored pair
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"prompt": "1+1=", "chosen": "2"}', "missing key 'rejected'"),
-    ('{"prompt": "1+1=", "chosen": "2", "rejected": 3}', "key 'rejected': expected a string, got 3"),
-    ('{"prompt": "1+1=", "chosen": "2", ', "invalid JSON"),
-    ('["1+1=", "2", "3"]', "expected a JSON object"),
-    ('{"prompt": "1+1=", "chosen": "two", "rejected": "3"}', "not in the alphabet"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"prompt": "1+1=", "chosen": "2"}', "missing key 'rejected'"),
+        ('{"prompt": "1+1=", "chosen": "2", "rejected": 3}', "key 'rejected': expected a string, got 3"),
+        ('{"prompt": "1+1=", "chosen": "2", ', "invalid JSON"),
+        ('["1+1=", "2", "3"]', "expected a JSON object"),
+        ('{"prompt": "1+1=", "chosen": "two", "rejected": "3"}', "not in the alphabet"),
+    ],
+)
 def test_malformed_pairs_line_error_names_the_file_the_line_and_the_problem(tmp_path, bad_line, message):
     with pytest.raises(ValueError, match=r"pairs\.jsonl:3: .*" + message) as info:
-        _file_dpo(tmp_path, [ROWS[0], "", bad_line, ROWS[1]])   # a blank line still counts
+        _file_dpo(tmp_path, [ROWS[0], "", bad_line, ROWS[1]])  # a blank line still counts
     assert str(tmp_path) in str(info.value)
 
 
@@ -184,16 +209,16 @@ def test_offline_reference_logprobs_are_computed_once_and_equal_a_fresh_forward(
     algo, tok = _file_dpo(tmp_path, ROWS)
     model, reference = _tiny_policy(tok)
     forwards = []
-    reference.get_decoder().register_forward_hook(lambda *_: forwards.append(1))   # log-probs skip the top module
+    reference.get_decoder().register_forward_hook(lambda *_: forwards.append(1))  # log-probs skip the top module
     prompt_ids = [tok.encode(r["prompt"]) for r in ROWS]
     for step in range(3):
         batch = algo.build_batch([None] * 2, prompt_ids[2 * step : 2 * step + 2], [], torch.zeros(0))
         algo.loss(model, batch, reference=reference)
-    assert len(forwards) == 1   # one chunk for the whole set, none per step
+    assert len(forwards) == 1  # one chunk for the whole set, none per step
     batch = algo.build_batch([None] * len(ROWS), prompt_ids[::-1], [], torch.zeros(0))
     fresh = sequence_logprobs(reference, batch.input_ids, batch.attention_mask, batch.completion_mask)
     torch.testing.assert_close(algo.reference_logps(reference, batch), fresh, rtol=1e-5, atol=1e-5)
-    assert len(forwards) == 2   # only the fresh forward above
+    assert len(forwards) == 2  # only the fresh forward above
 
 
 def test_offline_dpo_from_a_file_lowers_its_loss_on_a_fixed_seed(tmp_path):
@@ -204,5 +229,5 @@ def test_offline_dpo_from_a_file_lowers_its_loss_on_a_fixed_seed(tmp_path):
     trainer = Trainer(model, TrainerConfig(lr=1e-2, seed=0), reference=reference)
     batch = algo.build_batch([None] * len(ROWS), [tok.encode(r["prompt"]) for r in ROWS], [], torch.zeros(0))
     losses = [trainer.step(lambda m, b: algo.loss(m, b, reference=reference), [batch])["loss"] for _ in range(15)]
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)   # policy == reference: −log σ(0)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: −log σ(0)
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < min(losses[:5])

@@ -31,10 +31,10 @@ def test_reference_is_the_tanh_cauchy_histogram_with_its_interior_mode_near_acti
     exact = exact_bin_masses()
     assert ref.shape == (100,) and ref.dtype == torch.float64 and bool((ref > 0).all())
     assert float(ref.sum()) == pytest.approx(1.0, abs=1e-12)
-    counts = ref * tabular.REFERENCE_SAMPLES                                    # a histogram of 10,000 draws
+    counts = ref * tabular.REFERENCE_SAMPLES  # a histogram of 10,000 draws
     assert torch.allclose(counts, counts.round(), rtol=0, atol=1e-9)
     sigma = (exact * (1 - exact) / tabular.REFERENCE_SAMPLES).sqrt()
-    assert bool(((ref - exact).abs() <= 5 * sigma).all())                      # of tanh(Cauchy(−0.7, 0.4))
+    assert bool(((ref - exact).abs() <= 5 * sigma).all())  # of tanh(Cauchy(−0.7, 0.4))
     interior_mode = 1 + int(ref[1:-1].argmax())
     assert 12 <= interior_mode <= 22 and 15 <= 1 + int(exact[1:-1].argmax()) <= 20
 
@@ -106,7 +106,7 @@ def test_replaying_a_recorded_run_offline_gives_bit_identical_parameters(algorit
     result = replay.run_replay(algorithm, sync_every=sync_every, seed=5, config=TINY)
     assert result.max_abs_diff == 0.0 and torch.equal(result.online.weights, result.replay.weights)
     assert result.losses_equal and result.staleness_equal and result.calls == TINY.steps
-    assert float((result.online.weights - result.control.weights).abs().max()) > 1e-3   # the check can fail
+    assert float((result.online.weights - result.control.weights).abs().max()) > 1e-3  # the check can fail
 
 
 def test_replay_engine_refuses_a_request_that_was_not_recorded():
@@ -120,12 +120,15 @@ def test_replay_engine_refuses_a_request_that_was_not_recorded():
         replayer.generate([[0], [0]], SamplingParams(max_new_tokens=1, n=2, seed=1))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["compare", "bandits"], "EXPERIMENT"),
-    (["compare", "bandit", "--seeds", "0,x"], "--seeds"),
-    (["compare", "bandit", "--seeds", "-1"], "--seeds"),
-    (["compare", "bandit", "--seeds", "1,1"], "distinct"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compare", "bandits"], "EXPERIMENT"),
+        (["compare", "bandit", "--seeds", "0,x"], "--seeds"),
+        (["compare", "bandit", "--seeds", "-1"], "--seeds"),
+        (["compare", "bandit", "--seeds", "1,1"], "distinct"),
+    ],
+)
 def test_compare_refuses_bad_experiment_names_and_seeds(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -142,10 +145,20 @@ def test_run_compare_refuses_unknown_experiments_and_empty_seeds(tmp_path):
 
 def test_compare_all_writes_summary_tables_and_plots(tmp_path):
     tiny_bandit = bandit.BanditConfig(steps=4, eval_every=2)
-    arithmetic = ArithmeticConfig(steps=2, eval_every=1, eval_problems=8, semi_online_syncs=(2,),
-                                  overrides=("model.warm_start_steps=20", f"model.cache_dir={tmp_path / 'cache'}",
-                                             "loop.prompts_per_step=4", "dpo.samples_per_prompt=4",
-                                             "dpo.pairs_per_prompt=1", "grpo.samples_per_prompt=4"))
+    arithmetic = ArithmeticConfig(
+        steps=2,
+        eval_every=1,
+        eval_problems=8,
+        semi_online_syncs=(2,),
+        overrides=(
+            "model.warm_start_steps=20",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "loop.prompts_per_step=4",
+            "dpo.samples_per_prompt=4",
+            "dpo.pairs_per_prompt=1",
+            "grpo.samples_per_prompt=4",
+        ),
+    )
     configs = {"bandit": tiny_bandit, "kl-budget": tiny_bandit, "replay": tiny_bandit, "arithmetic": arithmetic}
     summary, _ = compare.run_compare("all", [4], tmp_path / "out", progress=False, configs=configs)
     out = tmp_path / "out"

@@ -22,14 +22,25 @@ TOK = CharTokenizer("0123456789+=")
 
 def _completions(groups, version=5):
     """Completions of hand-made token ids; log-prob of token j of a completion = −(j + 1) − id / 100."""
-    return [Completion(prompt_index=p, token_ids=ids, logprobs=[-(j + 1) - t / 100 for j, t in enumerate(ids)],
-                       finish_reason="stop", weight_version=version) for p, group in enumerate(groups) for ids in group]
+    return [
+        Completion(
+            prompt_index=p,
+            token_ids=ids,
+            logprobs=[-(j + 1) - t / 100 for j, t in enumerate(ids)],
+            finish_reason="stop",
+            weight_version=version,
+        )
+        for p, group in enumerate(groups)
+        for ids in group
+    ]
 
 
 PROMPTS = [[1, 5, 6], [1, 7], [1, 8, 9, 4]]
-GROUPS = [[[10, 2], [11, 12, 2], [13, 2]],      # rewards 0.0, 1.0, 0.5
-          [[14, 2], [15, 2], [16, 2]],          # all 1.0: no contrast
-          [[17, 18, 19, 2], [3, 2], [4, 2]]]    # rewards 0.2, 0.2, 0.8
+GROUPS = [
+    [[10, 2], [11, 12, 2], [13, 2]],  # rewards 0.0, 1.0, 0.5
+    [[14, 2], [15, 2], [16, 2]],  # all 1.0: no contrast
+    [[17, 18, 19, 2], [3, 2], [4, 2]],
+]  # rewards 0.2, 0.2, 0.8
 REWARDS = torch.tensor([0.0, 1.0, 0.5, 1.0, 1.0, 1.0, 0.2, 0.2, 0.8])
 
 
@@ -108,15 +119,21 @@ def _sequence_logps(model, batch, temperature):
     return (logp * batch.completion_mask[:, 1:]).sum(-1)
 
 
-@pytest.mark.parametrize("options", [dict(loss_type="grpo"), dict(loss_type="dapo", beta=0.05),
-                                     dict(loss_type="dr_grpo", advantage="group_mean"), dict(loss_type="cispo"),
-                                     dict(loss_type="grpo", importance_sampling_level="sequence"),
-                                     dict(loss_type="bnpo", advantage="rloo")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(loss_type="grpo"),
+        dict(loss_type="dapo", beta=0.05),
+        dict(loss_type="dr_grpo", advantage="group_mean"),
+        dict(loss_type="cispo"),
+        dict(loss_type="grpo", importance_sampling_level="sequence"),
+        dict(loss_type="bnpo", advantage="rloo"),
+    ],
+)
 def test_loss_gradient_raises_positive_advantage_rows_and_lowers_negative_ones(options):
     model = _tiny(int(torch.randint(100, ())))
     reference = make_reference(model)
-    algo = GRPO(GRPOConfig(samples_per_prompt=2, **options), pad_token_id=PAD, temperature=0.8,
-                max_completion_length=4)
+    algo = GRPO(GRPOConfig(samples_per_prompt=2, **options), pad_token_id=PAD, temperature=0.8, max_completion_length=4)
     batch, own = _on_policy_batch(model, algo, torch.tensor([1.0, 0.0, 0.0, 1.0]))
     batch = dataclasses.replace(batch, old_logp=own)
     before = _sequence_logps(model, batch, 0.8).detach()
@@ -153,11 +170,17 @@ def test_kl_penalty_needs_a_reference_and_reports_kl():
     assert algo.loss(model, batch, reference=make_reference(model)).metrics["kl"].abs().item() < 1e-6
 
 
-@pytest.mark.parametrize("kwargs, field", [(dict(loss_type="ppo"), "loss_type"), (dict(advantage="std"), "advantage"),
-                                           (dict(samples_per_prompt=1), "samples_per_prompt"),
-                                           (dict(loss_type="cispo", importance_sampling_level="sequence"),
-                                            "importance_sampling_level"),
-                                           (dict(beta=-0.1), "beta"), (dict(kl_estimator="k4"), "kl_estimator")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(advantage="std"), "advantage"),
+        (dict(samples_per_prompt=1), "samples_per_prompt"),
+        (dict(loss_type="cispo", importance_sampling_level="sequence"), "importance_sampling_level"),
+        (dict(beta=-0.1), "beta"),
+        (dict(kl_estimator="k4"), "kl_estimator"),
+    ],
+)
 def test_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         GRPOConfig(**kwargs)
@@ -176,8 +199,17 @@ def test_short_grpo_loop_raises_reward(tmp_path, sync_every):
     engine = make_engine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
     config = LoopConfig(steps=24, sync_every=sync_every, prompts_per_step=4, eval_every=0, out_dir=str(tmp_path))
     algo = GRPO(GRPOConfig(samples_per_prompt=6), pad_token_id=TOK.pad_id, max_completion_length=4)
-    loop = OnlineLoop(config, trainer=trainer, engine=engine, algorithm=algo, reward_fn=sevens, problems=problems,
-                      tokenizer=TOK, sampling=SamplingParams(max_new_tokens=4), progress=False)
+    loop = OnlineLoop(
+        config,
+        trainer=trainer,
+        engine=engine,
+        algorithm=algo,
+        reward_fn=sevens,
+        problems=problems,
+        tokenizer=TOK,
+        sampling=SamplingParams(max_new_tokens=4),
+        progress=False,
+    )
     records = loop.run().records
     first = sum(r["reward"] for r in records[:4]) / 4
     last = sum(r["reward"] for r in records[-4:]) / 4

@@ -46,8 +46,12 @@ def test_reuse_pairs_stay_within_a_prompt_and_prefer_the_higher_reward(trial):
 def test_skip_reasons_count_every_group_once():
     rewards = torch.tensor([1, 1, 0, 0, 0.5, 0.5, 1, 0], dtype=torch.float32)
     out = skip_reasons(rewards, _groups([2, 2, 2, 2]))
-    assert out == {"pairs/groups_with_contrast": 1.0, "pairs/skipped_all_correct": 1.0,
-                   "pairs/skipped_all_wrong": 1.0, "pairs/skipped_tied": 1.0}
+    assert out == {
+        "pairs/groups_with_contrast": 1.0,
+        "pairs/skipped_all_correct": 1.0,
+        "pairs/skipped_all_wrong": 1.0,
+        "pairs/skipped_tied": 1.0,
+    }
 
 
 def test_online_dpo_on_a_mostly_wrong_arithmetic_policy_gets_more_pairs_with_the_fallbacks(tmp_path):
@@ -68,17 +72,26 @@ def test_online_dpo_on_a_mostly_wrong_arithmetic_policy_gets_more_pairs_with_the
     completions = engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=4, n=4, seed=1))
     reward = ExactMatchReward(task)
     rewards = reward([problems[c.prompt_index] for c in completions], [tok.decode(c.token_ids) for c in completions])
-    assert rewards.mean() < 0.5                                    # mostly wrong, as on a real model
+    assert rewards.mean() < 0.5  # mostly wrong, as on a real model
     counts = {}
-    for name, extra in (("none", {}), ("reuse", {"pair_fallback": "reuse"}),
-                        ("resample", {"pair_fallback": "reuse", "hard_prompt_samples": 8})):
-        algo = OnlineDPO(DPOConfig(samples_per_prompt=4, pairs_per_prompt=2, **extra), pad_token_id=tok.pad_id,
-                         engine=engine, reward_fn=reward, decode=tok.decode, sampling=sampling)
+    for name, extra in (
+        ("none", {}),
+        ("reuse", {"pair_fallback": "reuse"}),
+        ("resample", {"pair_fallback": "reuse", "hard_prompt_samples": 8}),
+    ):
+        algo = OnlineDPO(
+            DPOConfig(samples_per_prompt=4, pairs_per_prompt=2, **extra),
+            pad_token_id=tok.pad_id,
+            engine=engine,
+            reward_fn=reward,
+            decode=tok.decode,
+            sampling=sampling,
+        )
         batch = algo.build_batch(problems, prompt_ids, completions, rewards)
         counts[name] = 0 if batch is None else batch.chosen.numel()
         stats = algo.last_batch_metrics
         assert sum(v for k, v in stats.items() if k != "pairs/resampled_prompts") == len(problems)
-        if batch is not None:                                         # every pair is one prompt's two samples
+        if batch is not None:  # every pair is one prompt's two samples
             prompts = batch.input_ids[:, :4]
             assert torch.equal(prompts[batch.chosen], prompts[batch.rejected])
     assert counts["none"] <= counts["reuse"] <= counts["resample"] and counts["resample"] > counts["none"]

@@ -20,7 +20,7 @@ def test_every_section_of_the_run_config_is_its_components_own_default():
     sections = [f.name for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])]
     assert {"loop", "trainer", "dpo", "grpo", "sampling"} <= set(sections)
     for name in sections:
-        assert getattr(config, name) == hints[name](), name   # a restated default with another value fails here
+        assert getattr(config, name) == hints[name](), name  # a restated default with another value fails here
 
 
 def test_the_sampling_section_shares_the_engines_defaults():
@@ -49,8 +49,11 @@ def test_an_empty_yaml_file_and_no_file_are_the_dataclass_defaults(tmp_path):
 def test_hotloop_demo_without_flags_is_the_demo_preset_and_each_flag_sets_one_field():
     args = _parser().parse_args(["demo"])
     assert flag_overrides(args) == [] and config_from_args(args) == demo()
-    given = config_from_args(_parser().parse_args(["demo", "--out", "o", "--seed", "3", "--steps", "7",
-                                                   "--sync-every", "inf", "--algo", "grpo"]))
+    given = config_from_args(
+        _parser().parse_args(
+            ["demo", "--out", "o", "--seed", "3", "--steps", "7", "--sync-every", "inf", "--algo", "grpo"]
+        )
+    )
     changed = dataclasses.replace(demo().loop, out_dir="o", seed=3, steps=7, sync_every=float("inf"))
     assert given == dataclasses.replace(demo(), algorithm="grpo", loop=changed)
 
@@ -60,8 +63,9 @@ def test_a_yaml_file_naming_a_preset_starts_from_it(tmp_path, name):
     (tmp_path / "run.yaml").write_text(f"preset: {name}\nloop: {{steps: 3}}\n")
     preset = PRESETS[name]()
     assert preset != RunConfig()
-    assert load_config(tmp_path / "run.yaml") == dataclasses.replace(preset, loop=dataclasses.replace(preset.loop,
-                                                                                                      steps=3))
+    assert load_config(tmp_path / "run.yaml") == dataclasses.replace(
+        preset, loop=dataclasses.replace(preset.loop, steps=3)
+    )
     assert load_config(None, [f"preset={name}"]) == preset
 
 
@@ -71,7 +75,9 @@ def test_an_unknown_preset_is_a_config_error_naming_the_key():
 
 
 def test_the_experiments_import_without_the_cli():
-    code = ("import sys, hotloop.algorithms.experiments.arithmetic, hotloop.algorithms.experiments.compare; "
-            "print(sorted(m for m in sys.modules if m == 'hotloop.algorithms.cli'))")
+    code = (
+        "import sys, hotloop.algorithms.experiments.arithmetic, hotloop.algorithms.experiments.compare; "
+        "print(sorted(m for m in sys.modules if m == 'hotloop.algorithms.cli'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -30,27 +30,53 @@ def stand_in(local_model_dirs, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("example, algorithm, s", [("smollm2-online-dpo.yaml", "online-dpo", 1),
-                                                   ("smollm2-semi-online-dpo.yaml", "online-dpo", 4),
-                                                   ("smollm2-grpo.yaml", "grpo", 1)])
+@pytest.mark.parametrize(
+    "example, algorithm, s",
+    [
+        ("smollm2-online-dpo.yaml", "online-dpo", 1),
+        ("smollm2-semi-online-dpo.yaml", "online-dpo", 4),
+        ("smollm2-grpo.yaml", "grpo", 1),
+    ],
+)
 def test_default_runs_are_the_smollm2_examples_apart_from_the_schedule(example, algorithm, s):
     ours = run_config(RealArithmeticConfig(), algorithm=algorithm, sync_every=s, seed=0)
     theirs = load_config(EXAMPLES / example)
-    for section in ("algorithm", "model", "task", "prompt", "reward", "dpo" if algorithm != "grpo" else "grpo",
-                    "sampling", "engine", "trainer"):
+    for section in (
+        "algorithm",
+        "model",
+        "task",
+        "prompt",
+        "reward",
+        "dpo" if algorithm != "grpo" else "grpo",
+        "sampling",
+        "engine",
+        "trainer",
+    ):
         assert getattr(ours, section) == getattr(theirs, section), section
-    assert (ours.loop.sync_every, ours.loop.prompts_per_step, ours.loop.steps) == (s, theirs.loop.prompts_per_step,
-                                                                                  theirs.loop.steps)
-    assert ours.loop.final_checkpoint is False                           # no 2 GB checkpoint per run
-    if algorithm == "online-dpo":                                         # offline DPO: the same, never synced
+    assert (ours.loop.sync_every, ours.loop.prompts_per_step, ours.loop.steps) == (
+        s,
+        theirs.loop.prompts_per_step,
+        theirs.loop.steps,
+    )
+    assert ours.loop.final_checkpoint is False  # no 2 GB checkpoint per run
+    if algorithm == "online-dpo":  # offline DPO: the same, never synced
         offline = run_config(RealArithmeticConfig(), algorithm=algorithm, sync_every=math.inf, seed=0)
         assert offline.loop.sync_period is None and offline.dpo == theirs.dpo
 
 
 def test_a_missing_model_is_one_line_naming_the_fetch_command(tmp_path, capsys):
     missing = tmp_path / "models" / "smollm2"
-    argv = ["compare", "real-arithmetic", "--seeds", "0", "--out", str(tmp_path / "out"), "--no-progress",
-            "--set", f"model_path={missing}"]
+    argv = [
+        "compare",
+        "real-arithmetic",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--set",
+        f"model_path={missing}",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_path" in err and str(missing) in err
@@ -72,11 +98,21 @@ def test_set_reaches_the_experiment_config_and_bad_items_name_the_field():
 
 
 def test_a_tiny_real_arithmetic_run_writes_summary_table_and_plot(stand_in, tmp_path):
-    config = RealArithmeticConfig(model_path=str(stand_in), steps=2, semi_online_syncs=(2,), prompts_per_step=2,
-                                  samples_per_prompt=4, max_new_tokens=6, eval_problems=4, eval_every=1, threads=1,
-                                  overrides=("reward.kind=preference_rule",))   # graded: every run has contrast
-    summary, _ = compare.run_compare("real-arithmetic", [5], tmp_path, progress=False, configs={
-        "real-arithmetic": config}, command="test")
+    config = RealArithmeticConfig(
+        model_path=str(stand_in),
+        steps=2,
+        semi_online_syncs=(2,),
+        prompts_per_step=2,
+        samples_per_prompt=4,
+        max_new_tokens=6,
+        eval_problems=4,
+        eval_every=1,
+        threads=1,
+        overrides=("reward.kind=preference_rule",),
+    )  # graded: every run has contrast
+    summary, _ = compare.run_compare(
+        "real-arithmetic", [5], tmp_path, progress=False, configs={"real-arithmetic": config}, command="test"
+    )
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     entries = {e["algorithm"]: e for e in summary["entries"]}
     assert list(entries) == ["offline DPO", "semi-online DPO", "online DPO", "GRPO"]
@@ -84,12 +120,16 @@ def test_a_tiny_real_arithmetic_run_writes_summary_table_and_plot(stand_in, tmp_
     assert all(e["seed"] == 5 and 0 <= e["value"] <= 1 and math.isfinite(e["kl"]) for e in entries.values())
     assert all(e["optimizer_steps"] == 2 and e["loop_steps"] == 2 for e in entries.values())
     assert all(e["initial_accuracy"] == entries["GRPO"]["initial_accuracy"] for e in entries.values())
-    assert any(e["kl"] != 0 for e in entries.values())                    # the runs moved the policy
+    assert any(e["kl"] != 0 for e in entries.values())  # the runs moved the policy
     assert summary["environment"]["intra_op_threads"] == 1
-    assert [t["claim"] for t in summary["targets"]][:3] == ["offline DPO < semi-online DPO (s = 2)",
-                                                             "semi-online DPO (s = 2) ≈ online DPO (within 5 points)",
-                                                             "offline DPO < online DPO"]
+    assert [t["claim"] for t in summary["targets"]][:3] == [
+        "offline DPO < semi-online DPO (s = 2)",
+        "semi-online DPO (s = 2) ≈ online DPO (within 5 points)",
+        "offline DPO < online DPO",
+    ]
     text = (tmp_path / "table.md").read_text()
-    assert "## real-arithmetic" in text and "| offline DPO | inf | 0 |" in text and "gain over the initial policy" in text
+    assert (
+        "## real-arithmetic" in text and "| offline DPO | inf | 0 |" in text and "gain over the initial policy" in text
+    )
     assert (tmp_path / "real-arithmetic-curves.png").stat().st_size > 1000
     assert real_arithmetic.CONFIG is RealArithmeticConfig

@@ -14,18 +14,21 @@ from hotloop.algorithms.tasks.word_problems import WordProblemsTask
 from hotloop.runtime.engine import Completion, SamplingParams
 from hotloop.runtime.rollout_metrics import rollout_metrics
 
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 @pytest.fixture()
 def hf_tokenizer(local_model_dirs):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(local_model_dirs / "policy")
 
 
 def test_chat_template_is_applied_by_default_when_the_tokenizer_has_one(hf_tokenizer):
-    assert not HFTokenizer(hf_tokenizer).templated          # the fixture's tokenizer has no template: raw
+    assert not HFTokenizer(hf_tokenizer).templated  # the fixture's tokenizer has no template: raw
     raw = HFTokenizer(hf_tokenizer, chat_template=False)
     assert raw.encode("1+2=") == hf_tokenizer.encode("1+2=", add_special_tokens=True)
     hf_tokenizer.chat_template = TEMPLATE
@@ -41,8 +44,14 @@ def test_requiring_a_chat_template_the_tokenizer_lacks_names_the_field(hf_tokeni
 
 
 def test_prompt_options_come_from_yaml_and_set(tmp_path):
-    config = load_config(None, ["prompt.chat_template=false", "prompt.system_prompt=Solve it.",
-                                "prompt.template_options={enable_thinking: false}"])
+    config = load_config(
+        None,
+        [
+            "prompt.chat_template=false",
+            "prompt.system_prompt=Solve it.",
+            "prompt.template_options={enable_thinking: false}",
+        ],
+    )
     assert config.prompt.chat_template is False and config.prompt.system_prompt == "Solve it."
     assert config.prompt.template_options == {"enable_thinking": False}
     with pytest.raises(ValueError, match=r"prompt\.chat_template"):
@@ -54,8 +63,9 @@ def test_word_problems_are_deterministic_disjoint_and_scored_by_math_verify():
     train, test = task.problems(200, "train"), task.problems(50, "test")
     assert train == WordProblemsTask(steps=3, seed=0).problems(200, "train")
     assert not {p.prompt for p in train} & {p.prompt for p in test}
-    assert {p.prompt for p in WordProblemsTask(steps=3, seed=1).problems(50, "test")} <= \
-        {p.prompt for p in task.problems(task.split_size("test"), "test")}
+    assert {p.prompt for p in WordProblemsTask(steps=3, seed=1).problems(50, "test")} <= {
+        p.prompt for p in task.problems(task.split_size("test"), "test")
+    }
     p = test[0]
     assert task.score(p, f"First we add, then we multiply, so the answer is {p.answer}.") == 1.0
     assert task.score(p, f"\\boxed{{{p.answer}}}") == 1.0
@@ -69,19 +79,23 @@ def test_word_problems_need_a_pretrained_model_and_demo_defaults_warn():
     config = load_config(None, ["model.path=/some/model", "trainer.lr=1e-6"], preset="demo")
     warnings = demo_default_warnings(config)
     assert any("sampling.max_new_tokens" in w for w in warnings) and not any("trainer.lr" in w for w in warnings)
-    assert demo_default_warnings(load_config(preset="demo")) == []   # the tiny model: its own sizes
-    assert demo_default_warnings(load_config(None, ["model.path=/some/model"])) == []   # no demo preset
+    assert demo_default_warnings(load_config(preset="demo")) == []  # the tiny model: its own sizes
+    assert demo_default_warnings(load_config(None, ["model.path=/some/model"])) == []  # no demo preset
 
 
 def test_rollout_metrics_lengths_truncation_entropy_and_mixture_sources():
     from hotloop.algorithms.rewards.mixture import WeightedMixture
 
-    completions = [Completion(prompt_index=0, token_ids=[5, 6, 2], logprobs=[-1.0, -2.0, -0.5], finish_reason="stop",
-                              weight_version=0),
-                   Completion(prompt_index=0, token_ids=[7], logprobs=[-0.5], finish_reason="length",
-                              weight_version=0)]
-    mix = WeightedMixture([(lambda p, c: torch.tensor([1.0, 0.0]), 1.0), (lambda p, c: torch.tensor([0.5, 0.25]), 2.0)],
-                          names=["math_verify", "preference_rule"])
+    completions = [
+        Completion(
+            prompt_index=0, token_ids=[5, 6, 2], logprobs=[-1.0, -2.0, -0.5], finish_reason="stop", weight_version=0
+        ),
+        Completion(prompt_index=0, token_ids=[7], logprobs=[-0.5], finish_reason="length", weight_version=0),
+    ]
+    mix = WeightedMixture(
+        [(lambda p, c: torch.tensor([1.0, 0.0]), 1.0), (lambda p, c: torch.tensor([0.5, 0.25]), 2.0)],
+        names=["math_verify", "preference_rule"],
+    )
     mix([None, None], ["a", "b"])
     out = rollout_metrics(completions, mix)
     assert out["completion/length_mean"] == 2.0 and out["completion/length_max"] == 3.0
@@ -91,9 +105,17 @@ def test_rollout_metrics_lengths_truncation_entropy_and_mixture_sources():
 
 def _tiny_demo(tmp_path, *extra):
     out = tmp_path / "demo"
-    tiny = ["model.warm_start_steps=30", f"model.cache_dir={tmp_path / 'cache'}", "task.eval_problems=8",
-            "loop.prompts_per_step=4", "dpo.samples_per_prompt=4", "dpo.pairs_per_prompt=1", "loop.eval_every=0",
-            "grpo.samples_per_prompt=4", *extra]
+    tiny = [
+        "model.warm_start_steps=30",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "task.eval_problems=8",
+        "loop.prompts_per_step=4",
+        "dpo.samples_per_prompt=4",
+        "dpo.pairs_per_prompt=1",
+        "loop.eval_every=0",
+        "grpo.samples_per_prompt=4",
+        *extra,
+    ]
     args = ["demo", "--out", str(out), "--steps", "2", "--seed", "0", "--no-progress"]
     assert main(args + [a for t in tiny for a in ("--set", t)]) == 0
     return out
@@ -102,7 +124,7 @@ def _tiny_demo(tmp_path, *extra):
 def test_checkpoint_every_zero_writes_no_checkpoint_unless_the_final_one_is_asked(tmp_path):
     out = _tiny_demo(tmp_path / "a", "loop.checkpoint_every=0")
     assert not any(p.name.startswith("step-") for p in out.iterdir())
-    assert main(["export", str(out), str(tmp_path / "x")]) == 2      # nothing to export, and it says why
+    assert main(["export", str(out), str(tmp_path / "x")]) == 2  # nothing to export, and it says why
     out = _tiny_demo(tmp_path / "b", "loop.checkpoint_every=0", "loop.final_checkpoint=true")
     assert len([p for p in out.iterdir() if p.name.startswith("step-")]) == 1
 
@@ -133,9 +155,10 @@ def test_export_loads_with_from_pretrained_and_generates_like_the_final_policy(t
     tok = load_tokenizer(tmp_path / "hf")
     prompts = [tok.encode(f"{a}+{b}=") for a, b in ((12, 39), (5, 77), (40, 8))]
     ours = TorchEngine(exported, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=4)
+    )
     for p, c in zip(prompts, ours):
-        hf = exported.generate(torch.tensor([p]), do_sample=False, max_new_tokens=4)[0, len(p):].tolist()
+        hf = exported.generate(torch.tensor([p]), do_sample=False, max_new_tokens=4)[0, len(p) :].tolist()
         assert hf[: len(c.token_ids)] == c.token_ids
 
 

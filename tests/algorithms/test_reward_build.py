@@ -12,13 +12,14 @@ CPU = torch.device("cpu")
 
 
 def _build(overrides, *, task=None, tokenizer=None, policy=None):
-    return build_reward(load_config(None, overrides).reward, task=task, tokenizer=tokenizer, policy=policy,
-                        device=CPU)
+    return build_reward(load_config(None, overrides).reward, task=task, tokenizer=tokenizer, policy=policy, device=CPU)
 
 
 def test_exact_match_plus_style_mixture_scores_clean_correct_answers_highest():
-    reward = _build(["reward.mixture=[[exact_match, 1.0], [preference_rule, 0.5]]", "reward.style.target_length=2"],
-                    task=ArithmeticTask(2, "+", 0))
+    reward = _build(
+        ["reward.mixture=[[exact_match, 1.0], [preference_rule, 0.5]]", "reward.style.target_length=2"],
+        task=ArithmeticTask(2, "+", 0),
+    )
     problems = [Problem("12+39=", "51")] * 5
     texts = ["51", " 51 ", "5100", "x", ""]
     # exact: 1, 1, 0, 0, 0 (surrounding spaces are stripped); style = mean(format, length) with L = 2:
@@ -57,9 +58,13 @@ def test_llm_judge_policy_is_the_policy_module_itself():
 
     tok = CharTokenizer("0123456789+=?")
     policy = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=16, heads=2, kv_heads=1), seed=0)
-    overrides = ["reward.kind=llm_judge", "reward.judge.model=policy", "reward.judge.template='{prompt}{completion}?'",
-                 "reward.judge.verdicts=['1', '0']"]
+    overrides = [
+        "reward.kind=llm_judge",
+        "reward.judge.model=policy",
+        "reward.judge.template='{prompt}{completion}?'",
+        "reward.judge.verdicts=['1', '0']",
+    ]
     reward = _build(overrides, tokenizer=tok, policy=policy)
     assert reward.model is policy and reward([Problem("1+1=", "2")], ["2"]).shape == (1,)
     with pytest.raises(ValueError, match=r"reward\.judge\.template: .*Is the answer good"):
-        _build(overrides[:2], tokenizer=tok, policy=policy)   # the English default has letters
+        _build(overrides[:2], tokenizer=tok, policy=policy)  # the English default has letters

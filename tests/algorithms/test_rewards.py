@@ -8,10 +8,25 @@ import pytest
 import torch
 from transformers import LlamaForSequenceClassification
 
-from hotloop.algorithms.rewards import (ExactMatchReward, LLMJudge, MathVerifyReward, RewardFn, RuleBasedReward,
-                                        SequenceClassifierReward, StyleConfig, StyleReward, WeightedMixture)
-from hotloop.algorithms.tasks import (ArithmeticTask, CharTokenizer, PreferenceTask, Problem, build_tiny_model,
-                                      tiny_llama_config)
+from hotloop.algorithms.rewards import (
+    ExactMatchReward,
+    LLMJudge,
+    MathVerifyReward,
+    RewardFn,
+    RuleBasedReward,
+    SequenceClassifierReward,
+    StyleConfig,
+    StyleReward,
+    WeightedMixture,
+)
+from hotloop.algorithms.tasks import (
+    ArithmeticTask,
+    CharTokenizer,
+    PreferenceTask,
+    Problem,
+    build_tiny_model,
+    tiny_llama_config,
+)
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABIQW0123456789+-=?:. \n"
 
@@ -30,8 +45,14 @@ def _arith_batch():
 def test_every_reward_source_satisfies_the_protocol():
     tok = CharTokenizer()
     model = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=16, heads=2, kv_heads=1), seed=0)
-    sources = [ExactMatchReward(ArithmeticTask()), MathVerifyReward(), RuleBasedReward(PreferenceTask().score),
-               SequenceClassifierReward(_classifier(1, tok.vocab_size), tok), LLMJudge(model, tok), StyleReward()]
+    sources = [
+        ExactMatchReward(ArithmeticTask()),
+        MathVerifyReward(),
+        RuleBasedReward(PreferenceTask().score),
+        SequenceClassifierReward(_classifier(1, tok.vocab_size), tok),
+        LLMJudge(model, tok),
+        StyleReward(),
+    ]
     for source in sources:
         assert isinstance(source, RewardFn)
 
@@ -42,15 +63,18 @@ def test_exact_match_reward_uses_task_score():
     assert out.dtype == torch.float32 and out.tolist() == [1.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("gold, completion, expected", [
-    ("\\frac12", "\\boxed{\\dfrac{1}{2}}", 1.0),
-    ("$\\frac{1}{2}$", "The answer is $0.5$.", 1.0),
-    ("$x^2+2x+1$", "so we get $(x+1)^2$", 1.0),
-    ("\\sqrt{2}", "$\\boxed{\\sqrt{3}}$", 0.0),
-    ("51", "51", 1.0),
-    ("51", "The answer is \\boxed{52}", 0.0),
-    ("3", "no number here", 0.0),
-])
+@pytest.mark.parametrize(
+    "gold, completion, expected",
+    [
+        ("\\frac12", "\\boxed{\\dfrac{1}{2}}", 1.0),
+        ("$\\frac{1}{2}$", "The answer is $0.5$.", 1.0),
+        ("$x^2+2x+1$", "so we get $(x+1)^2$", 1.0),
+        ("\\sqrt{2}", "$\\boxed{\\sqrt{3}}$", 0.0),
+        ("51", "51", 1.0),
+        ("51", "The answer is \\boxed{52}", 0.0),
+        ("3", "no number here", 0.0),
+    ],
+)
 def test_math_verify_reward_compares_values_not_strings(gold, completion, expected):
     assert MathVerifyReward()([Problem("q", gold)], [completion]).tolist() == [expected]
 
@@ -66,13 +90,19 @@ def test_math_verify_reward_works_outside_the_main_thread():
 def test_sequence_classifier_reward_matches_one_sequence_at_a_time():
     tok = CharTokenizer()
     model = _classifier(1, tok.vocab_size)
-    problems = [Problem("12+39=", ""), Problem("1+1=", ""), Problem("98+7=", ""), Problem("5+5=", ""),
-                Problem("60+31=", "")]
+    problems = [
+        Problem("12+39=", ""),
+        Problem("1+1=", ""),
+        Problem("98+7=", ""),
+        Problem("5+5=", ""),
+        Problem("60+31=", ""),
+    ]
     completions = ["51", "2222222", "", "10", "91"]
     out = SequenceClassifierReward(model, tok, batch_size=2)(problems, completions)
     with torch.no_grad():
-        ref = torch.stack([model(torch.tensor([tok.encode(p.prompt + c)])).logits[0, 0]
-                           for p, c in zip(problems, completions)])
+        ref = torch.stack(
+            [model(torch.tensor([tok.encode(p.prompt + c)])).logits[0, 0] for p, c in zip(problems, completions)]
+        )
     assert out.shape == (5,) and out.dtype == torch.float32
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     assert out.std() > 0
@@ -86,7 +116,8 @@ def test_sequence_classifier_reward_reads_the_requested_label():
         ids = torch.tensor([tok.encode(problems[0].prompt + completions[0])])
         ref = model(ids).logits[0]
     assert SequenceClassifierReward(model, tok, label=2)(problems[:1], completions[:1]).item() == pytest.approx(
-        ref[2].item(), rel=1e-5)
+        ref[2].item(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="label"):
         SequenceClassifierReward(model, tok, label=3)
     with pytest.raises(TypeError, match="model"):
@@ -126,8 +157,9 @@ def test_preference_task_is_scored_by_the_style_reward_model():
     assert task.reward_model.config == StyleConfig(target_length=5, charset="0123456789", lead=True)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"target_length": 0}, "target_length"), ({"charset": ""}, "charset"),
-                                           ({"lead": "yes"}, "lead")])
+@pytest.mark.parametrize(
+    "kwargs, field", [({"target_length": 0}, "target_length"), ({"charset": ""}, "charset"), ({"lead": "yes"}, "lead")]
+)
 def test_style_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         StyleConfig(**kwargs)
@@ -135,8 +167,9 @@ def test_style_config_names_the_bad_field(kwargs, field):
 
 def _judge(seed=0, **kw):
     tok = CharTokenizer(LETTERS)
-    model = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=32, intermediate=48, max_position=128),
-                             seed=seed).eval()
+    model = build_tiny_model(
+        tiny_llama_config(tok.vocab_size, hidden_size=32, intermediate=48, max_position=128), seed=seed
+    ).eval()
     return LLMJudge(model, tok, **kw), model, tok
 
 
@@ -195,18 +228,22 @@ def test_mixture_is_the_weighted_sum_of_its_sources():
     exact = ExactMatchReward(ArithmeticTask())
     length = RuleBasedReward(lambda p, c: len(c))
     out = WeightedMixture([(exact, 0.7), (length, 0.25)])(problems, completions)
-    assert out.tolist() == pytest.approx((0.7 * exact(problems, completions) + 0.25 * torch.tensor([2., 2., 4.]))
-                                         .tolist())
+    assert out.tolist() == pytest.approx(
+        (0.7 * exact(problems, completions) + 0.25 * torch.tensor([2.0, 2.0, 4.0])).tolist()
+    )
 
 
-@pytest.mark.parametrize("components, error, match", [
-    ([], ValueError, "at least one"),
-    ([(len, -1.0)], ValueError, "weight"),
-    ([(len, float("nan"))], ValueError, "weight"),
-    ([(len, 0.0), (len, 0)], ValueError, "positive weight"),
-    ([("not callable", 1.0)], TypeError, "callable"),
-    ([len], TypeError, "tuple"),
-])
+@pytest.mark.parametrize(
+    "components, error, match",
+    [
+        ([], ValueError, "at least one"),
+        ([(len, -1.0)], ValueError, "weight"),
+        ([(len, float("nan"))], ValueError, "weight"),
+        ([(len, 0.0), (len, 0)], ValueError, "positive weight"),
+        ([("not callable", 1.0)], TypeError, "callable"),
+        ([len], TypeError, "tuple"),
+    ],
+)
 def test_mixture_rejects_bad_weights_and_sources(components, error, match):
     with pytest.raises(error, match=match):
         WeightedMixture(components)

@@ -17,8 +17,13 @@ REWARDS = torch.tensor([0.2, 1.0, 0.0, 0.5, 0.5, 0.5])
 
 
 def _completions(groups, version=4):
-    return [Completion(prompt_index=p, token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop",
-                       weight_version=version) for p, group in enumerate(groups) for ids in group]
+    return [
+        Completion(
+            prompt_index=p, token_ids=ids, logprobs=[-1.0] * len(ids), finish_reason="stop", weight_version=version
+        )
+        for p, group in enumerate(groups)
+        for ids in group
+    ]
 
 
 def _softmax_times_n(values, tau):
@@ -49,8 +54,9 @@ def test_build_batch_keeps_every_sample_in_order_with_its_weight():
 
 
 def test_loss_is_the_weighted_token_mean_nll_and_favours_the_high_reward_sample():
-    model = build_tiny_model(tiny_llama_config(19, hidden_size=32, layers=1, intermediate=64),
-                             seed=int(torch.randint(100, ())))
+    model = build_tiny_model(
+        tiny_llama_config(19, hidden_size=32, layers=1, intermediate=64), seed=int(torch.randint(100, ()))
+    )
     algo = RWR(RWRConfig(samples_per_prompt=3, tau=0.2), pad_token_id=PAD)
     batch = algo.build_batch([None] * 2, PROMPTS, _completions(GROUPS), REWARDS)
     with torch.no_grad():
@@ -64,11 +70,17 @@ def test_loss_is_the_weighted_token_mean_nll_and_favours_the_high_reward_sample(
     out.loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
     delta = sequence_logprobs(model, *args).detach() - before
-    assert delta[1] > 0 and delta[1] > delta[0] and delta[1] > delta[2]   # group 0: reward 1.0 vs 0.2 and 0.0
+    assert delta[1] > 0 and delta[1] > delta[0] and delta[1] > delta[2]  # group 0: reward 1.0 vs 0.2 and 0.0
 
 
-@pytest.mark.parametrize("kwargs, field", [(dict(tau=0.0), "tau"), (dict(normalize_over="prompt"), "normalize_over"),
-                                           (dict(samples_per_prompt=0), "samples_per_prompt")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(tau=0.0), "tau"),
+        (dict(normalize_over="prompt"), "normalize_over"),
+        (dict(samples_per_prompt=0), "samples_per_prompt"),
+    ],
+)
 def test_config_names_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RWRConfig(**kwargs)

@@ -18,8 +18,11 @@ import torch
 def smollm2_dir():
     from hotloop.algorithms.models import fetch_model
 
-    candidates = [os.environ.get("HOTLOOP_SMOLLM2_DIR"), Path(__file__).parents[2] / ".models/smollm2-135m-instruct",
-                  Path("~/.cache/hotloop/models/smollm2-135m-instruct").expanduser()]
+    candidates = [
+        os.environ.get("HOTLOOP_SMOLLM2_DIR"),
+        Path(__file__).parents[2] / ".models/smollm2-135m-instruct",
+        Path("~/.cache/hotloop/models/smollm2-135m-instruct").expanduser(),
+    ]
     for path in candidates:
         if path and (Path(path) / "config.json").exists():
             return Path(path)
@@ -45,8 +48,8 @@ def test_export_of_a_smollm2_run_generates_like_its_policy(smollm2_dir, tmp_path
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hotloop.algorithms.loader import load_config
     from hotloop.algorithms.export import export_run
+    from hotloop.algorithms.loader import load_config
     from hotloop.algorithms.models import load_causal_lm
     from hotloop.algorithms.tasks.tokenizer import HFTokenizer, load_tokenizer
     from hotloop.runtime.checkpoint import save_checkpoint
@@ -57,7 +60,7 @@ def test_export_of_a_smollm2_run_generates_like_its_policy(smollm2_dir, tmp_path
     (tmp_path / "run").mkdir()
     (tmp_path / "run/run_config.json").write_text(json.dumps(__import__("dataclasses").asdict(config), default=str))
     policy = load_causal_lm(smollm2_dir).eval()
-    with torch.no_grad():                                  # stands in for training: a fresh change of every weight
+    with torch.no_grad():  # stands in for training: a fresh change of every weight
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
     optimizer = torch.optim.AdamW(policy.parameters())
@@ -69,7 +72,8 @@ def test_export_of_a_smollm2_run_generates_like_its_policy(smollm2_dir, tmp_path
     tok = HFTokenizer(load_tokenizer(tmp_path / "hf"))
     prompts = [tok.encode("What is 12+39?"), tok.encode("Name a colour.")]
     ours = TorchEngine(policy, pad_token_id=tok.pad_id, eos_token_id=tok.eos_id).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=8)
+    )
     for p, c in zip(prompts, ours):
-        hf = exported.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8)[0, len(p):].tolist()
+        hf = exported.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8)[0, len(p) :].tolist()
         assert hf[: len(c.token_ids)] == c.token_ids

@@ -7,9 +7,18 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from hotloop.algorithms.tasks import (ArithmeticTask, CharTokenizer, PreferenceTask, Problem, build_tiny_model,
-                                      complete, greedy_accuracy, sft_warm_start, tiny_llama_config)
-from hotloop.algorithms.tasks import warm_start
+from hotloop.algorithms.tasks import (
+    ArithmeticTask,
+    CharTokenizer,
+    PreferenceTask,
+    Problem,
+    build_tiny_model,
+    complete,
+    greedy_accuracy,
+    sft_warm_start,
+    tiny_llama_config,
+    warm_start,
+)
 from hotloop.algorithms.tasks.warm_start import IGNORE_INDEX, _sft_batch, sft_loss
 
 
@@ -20,6 +29,7 @@ def _no_carry_add(a: int, b: int) -> str:
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
+
 
 def test_tokenizer_round_trips_random_strings_and_survives_save_load(tmp_path):
     tok = CharTokenizer()
@@ -37,8 +47,14 @@ def test_tokenizer_round_trips_random_strings_and_survives_save_load(tmp_path):
 
 def test_tokenizer_decode_stops_at_eos_and_skips_pad_and_bos():
     tok = CharTokenizer()
-    ids = [tok.pad_id, tok.pad_id, *tok.encode("12+3="), *tok.encode("15", add_bos=False), tok.eos_id,
-           *tok.encode("99", add_bos=False)]
+    ids = [
+        tok.pad_id,
+        tok.pad_id,
+        *tok.encode("12+3="),
+        *tok.encode("15", add_bos=False),
+        tok.eos_id,
+        *tok.encode("99", add_bos=False),
+    ]
     assert tok.decode(ids) == "12+3=15"
     assert tok.decode(torch.tensor(ids)) == "12+3=15"
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
@@ -54,6 +70,7 @@ def test_tokenizer_rejects_unknown_characters_and_bad_alphabets():
 
 
 # -- arithmetic ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("op", ["+", "-"])
 def test_arithmetic_problems_are_deterministic_correct_and_splits_disjoint(op):
@@ -134,6 +151,7 @@ def test_arithmetic_validates_arguments():
 
 # -- preference -----------------------------------------------------------------------------------
 
+
 def test_preference_score_grades_length_format_and_first_digit():
     task = PreferenceTask(target_length=6)
     p = Problem("4719=", "")
@@ -162,6 +180,7 @@ def test_preference_splits_are_deterministic_and_disjoint():
 
 # -- tiny model -----------------------------------------------------------------------------------
 
+
 def test_tiny_model_forward_shapes_untied_head_and_seeded_init():
     config = tiny_llama_config(23, hidden_size=32, layers=1, heads=4, kv_heads=2, intermediate=48, max_position=16)
     before = torch.get_rng_state()
@@ -189,6 +208,7 @@ def test_tiny_model_config_validates():
 
 # -- warm start -----------------------------------------------------------------------------------
 
+
 def test_sft_batch_masks_the_prompt_and_ends_with_eos():
     task, tok = ArithmeticTask(), CharTokenizer()
     problems = [Problem("7+5=", "12"), Problem("13+48=", "61")]
@@ -206,8 +226,9 @@ def test_sft_loss_equals_cross_entropy_on_the_model_logits():
     model = build_tiny_model(tiny_llama_config(tok.vocab_size, hidden_size=32, intermediate=48), seed=0)
     ids, mask, labels = _sft_batch(ArithmeticTask(), tok, ArithmeticTask().problems(5), random.Random(1), 0.5)
     logits = model(input_ids=ids, attention_mask=mask).logits.double()
-    ref = F.cross_entropy(logits[:, :-1].reshape(-1, tok.vocab_size), labels[:, 1:].reshape(-1),
-                          ignore_index=IGNORE_INDEX)
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, tok.vocab_size), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     loss = sft_loss(model, ids, mask, labels)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     loss.backward()
@@ -217,8 +238,7 @@ def test_sft_loss_equals_cross_entropy_on_the_model_logits():
 def test_warm_start_caches_and_second_call_loads_without_training(tmp_path, monkeypatch):
     task, tok = ArithmeticTask(digits=1), CharTokenizer()
     config = tiny_llama_config(tok.vocab_size, hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=32)
-    kwargs = dict(out_dir=tmp_path, steps=3, batch_size=8, lr=1e-3, error_rate=0.5, model_config=config,
-                  progress=False)
+    kwargs = dict(out_dir=tmp_path, steps=3, batch_size=8, lr=1e-3, error_rate=0.5, model_config=config, progress=False)
     threads = torch.get_num_threads()
     first = sft_warm_start(task, tok, **kwargs)
     assert not first.training and torch.get_num_threads() == threads
@@ -256,7 +276,7 @@ def _greedy_one(model, tok, prompt, max_new_tokens):
         ids.append(nxt)
         if nxt == tok.eos_id:
             break
-    return tok.decode(ids[len(tok.encode(prompt)):])
+    return tok.decode(ids[len(tok.encode(prompt)) :])
 
 
 def test_batched_left_padded_greedy_matches_one_prompt_at_a_time():

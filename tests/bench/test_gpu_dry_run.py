@@ -23,8 +23,13 @@ SECTIONS = ("logprob", "kl", "forced", "losses", "loop", "kernels", "logprob pee
 @pytest.mark.interpreter
 def test_dry_run_passes_every_check_and_writes_the_three_files(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HOTLOOP_BACKEND")}
-    run = subprocess.run([sys.executable, "-m", "bench.gpu", str(tmp_path), "--dry-run", "--budget-s", "500"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", str(tmp_path), "--dry-run", "--budget-s", "500"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-cpu.json", "gpu-cpu.md", "gpu-cpu.png"]
     data = json.loads((tmp_path / "gpu-cpu.json").read_text())

@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from bench import logprob
-from bench._harness import (MB, Contender, Row, Unavailable, add_ratios, collect_meta, device_name, device_slug,
-                            measure_interleaved, time_section, unavailable_row, write_results)
+from bench._harness import (
+    MB,
+    Contender,
+    Row,
+    Unavailable,
+    add_ratios,
+    collect_meta,
+    device_name,
+    device_slug,
+    measure_interleaved,
+    time_section,
+    unavailable_row,
+    write_results,
+)
 
 
 @pytest.fixture
@@ -28,7 +40,7 @@ def test_interleaved_rounds_rotate_the_order_and_call_between_before_each_call()
 
     out = measure_interleaved({n: contender(n) for n in "abc"}, warmup=1, reps=3, device="cpu")
     calls = [entry for entry in log if not entry.startswith("between")]
-    rounds = ["".join(calls[i:i + 3]) for i in range(0, 12, 3)]
+    rounds = ["".join(calls[i : i + 3]) for i in range(0, 12, 3)]
     assert rounds == ["abc", "bca", "cab", "abc"]  # warm-up round, then three timed rounds
     assert calls[12:] == ["a", "b", "c"]  # one memory call each
     assert all(log[k - 1] == f"between {c}" for k, c in enumerate(log) if not c.startswith("between"))
@@ -62,8 +74,9 @@ def test_cpu_peak_memory_sees_live_allocations_and_not_freed_ones():
         for _ in range(3):
             torch.ones(MB // 4).sum()
 
-    out = measure_interleaved({"two": Contender(two_live_blocks), "one": Contender(one_block_at_a_time)},
-                              warmup=0, reps=1, device="cpu")
+    out = measure_interleaved(
+        {"two": Contender(two_live_blocks), "one": Contender(one_block_at_a_time)}, warmup=0, reps=1, device="cpu"
+    )
     assert out["two"].peak_extra_bytes >= 3 * MB
     assert out["one"].peak_extra_bytes < 2 * MB
 
@@ -77,16 +90,23 @@ def test_time_section_fills_rows_keeps_computed_memory_and_reports_failures():
     def fails():
         raise RuntimeError("kernel launch failed\nsecond line")
 
-    entries = [(Row("fast", "fwd", "s", note="n"), Contender(lambda: torch.ones(MB // 4).sum())),
-               (Row("floor", "fwd", "s", peak_extra_mb=12.5), Contender(lambda: torch.ones(MB // 4).sum())),
-               (Row("broken", "fwd", "s", per_token_logp="yes", note="m"), Contender(fails))]
+    entries = [
+        (Row("fast", "fwd", "s", note="n"), Contender(lambda: torch.ones(MB // 4).sum())),
+        (Row("floor", "fwd", "s", peak_extra_mb=12.5), Contender(lambda: torch.ones(MB // 4).sum())),
+        (Row("broken", "fwd", "s", per_token_logp="yes", note="m"), Contender(fails)),
+    ]
     fast, floor, broken = time_section(entries, warmup=0, reps=2, device="cpu")
     assert fast.status == "ok" and fast.median_ms > 0 and fast.min_ms <= fast.median_ms
     assert fast.peak_extra_mb >= 1.0 and fast.note == "n"
     assert floor.peak_extra_mb == 12.5
     assert broken.status == "unavailable: RuntimeError: kernel launch failed" and broken.median_ms is None
-    assert (broken.impl, broken.mode, broken.size, broken.per_token_logp, broken.note) == ("broken", "fwd", "s",
-                                                                                         "yes", "m")
+    assert (broken.impl, broken.mode, broken.size, broken.per_token_logp, broken.note) == (
+        "broken",
+        "fwd",
+        "s",
+        "yes",
+        "m",
+    )
 
 
 def test_cpu_device_name_and_slug():
@@ -106,9 +126,14 @@ def test_unavailable_row_names_the_reason_and_keeps_the_row_fields():
 
 
 def test_ratios_divide_by_floor_and_baseline_of_the_same_size_and_mode():
-    rows = [Row("floor", "fwd", "a", median_ms=2.0), Row("naive", "fwd", "a", median_ms=8.0),
-            Row("fast", "fwd", "a", median_ms=4.0), Row("fast", "bwd", "a", median_ms=3.0),
-            Row("fast", "fwd", "b", median_ms=5.0), Row("gone", "fwd", "a", status="unavailable: x")]
+    rows = [
+        Row("floor", "fwd", "a", median_ms=2.0),
+        Row("naive", "fwd", "a", median_ms=8.0),
+        Row("fast", "fwd", "a", median_ms=4.0),
+        Row("fast", "bwd", "a", median_ms=3.0),
+        Row("fast", "fwd", "b", median_ms=5.0),
+        Row("gone", "fwd", "a", status="unavailable: x"),
+    ]
     out = {(r.impl, r.mode, r.size): r for r in add_ratios(rows, ("floor", "naive"))}
     assert out["fast", "fwd", "a"].ratios["floor"] == pytest.approx(2.0)
     assert out["fast", "fwd", "a"].ratios["naive"] == pytest.approx(0.5)
@@ -119,8 +144,11 @@ def test_ratios_divide_by_floor_and_baseline_of_the_same_size_and_mode():
 
 def test_write_results_writes_stamped_md_json_and_png(tmp_path):
     meta = collect_meta("cpu", slug="cpu", notes=["a footer note"])
-    rows = [Row("floor", "fwd", "a", median_ms=2.0, peak_extra_mb=0.0), Row("naive", "fwd", "a", median_ms=6.0,
-            peak_extra_mb=3.5, per_token_logp="yes"), Row("gone", "both", "a", status="unavailable: no CUDA")]
+    rows = [
+        Row("floor", "fwd", "a", median_ms=2.0, peak_extra_mb=0.0),
+        Row("naive", "fwd", "a", median_ms=6.0, peak_extra_mb=3.5, per_token_logp="yes"),
+        Row("gone", "both", "a", status="unavailable: no CUDA"),
+    ]
     paths = write_results("demo", rows, meta, out_dir=tmp_path)
     assert {p.name for p in paths.values()} == {"demo-cpu.md", "demo-cpu.json", "demo-cpu.png"}
     data = json.loads(paths["json"].read_text())
@@ -134,8 +162,20 @@ def test_write_results_writes_stamped_md_json_and_png(tmp_path):
 
 
 def test_logprob_bench_runs_end_to_end_on_a_tiny_size(tmp_path, one_thread):
-    paths = logprob.main(["--sizes", "33,16,97", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path),
-                          "--impls", "floor,naive,trl,liger"])
+    paths = logprob.main(
+        [
+            "--sizes",
+            "33,16,97",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+            "--impls",
+            "floor,naive,trl,liger",
+        ]
+    )
     data = json.loads(paths["json"].read_text())
     rows = {(r["impl"], r["mode"]): r for r in data["rows"]}
     for impl in ("floor", "naive", "trl"):
@@ -147,11 +187,25 @@ def test_logprob_bench_runs_end_to_end_on_a_tiny_size(tmp_path, one_thread):
     assert data["meta"]["dtype"] == "float32" and data["rows"][0]["size"] == "N=33 D=16 V=97 float32"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hotloop.kernels.fused_linear_logprob") is None,
-                    reason="hotloop.kernels.fused_linear_logprob not written yet")
+@pytest.mark.skipif(
+    importlib.util.find_spec("hotloop.kernels.fused_linear_logprob") is None,
+    reason="hotloop.kernels.fused_linear_logprob not written yet",
+)
 def test_logprob_bench_error_column_is_small_for_exact_implementations(tmp_path, one_thread):
-    paths = logprob.main(["--sizes", "40,24,131", "--reps", "1", "--warmup", "0", "--out-dir", str(tmp_path),
-                          "--impls", "naive,hotloop,torch,trl"])
+    paths = logprob.main(
+        [
+            "--sizes",
+            "40,24,131",
+            "--reps",
+            "1",
+            "--warmup",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+            "--impls",
+            "naive,hotloop,torch,trl",
+        ]
+    )
     rows = json.loads(paths["json"].read_text())["rows"]
     errors = {r["impl"]: r["max_abs_err"] for r in rows if r["status"] == "ok"}
     assert set(errors) == {"naive", "hotloop", "torch", "trl"}

@@ -26,10 +26,15 @@ def test_losses_grid_runs_every_loss_and_implementation_on_a_tiny_size(tmp_path,
     assert {p.name for p in paths.values()} == {"losses-cpu.md", "losses-cpu.json", "losses-cpu.png"}
     data = json.loads(paths["json"].read_text())
     cells = {(r["mode"], r["size"]) for r in data["rows"]}
-    assert cells == {("dpo", "pairs=1 T=16 ref=head float32"), ("dpo", "pairs=1 T=16 ref=cached float32"),
-                     ("simpo", "pairs=1 T=16 ref=none float32"), ("kto", "seqs=1 T=16 ref=head float32"),
-                     ("kto", "seqs=1 T=16 ref=cached float32"), ("grpo-dapo-kl", "seqs=1 T=16 ref=head float32"),
-                     ("grpo-dapo-kl", "seqs=1 T=16 ref=cached float32")}
+    assert cells == {
+        ("dpo", "pairs=1 T=16 ref=head float32"),
+        ("dpo", "pairs=1 T=16 ref=cached float32"),
+        ("simpo", "pairs=1 T=16 ref=none float32"),
+        ("kto", "seqs=1 T=16 ref=head float32"),
+        ("kto", "seqs=1 T=16 ref=cached float32"),
+        ("grpo-dapo-kl", "seqs=1 T=16 ref=head float32"),
+        ("grpo-dapo-kl", "seqs=1 T=16 ref=cached float32"),
+    }
     for row in data["rows"]:
         liger_cached = row["impl"] == "liger eager" and "cached" in row["size"] and row["mode"] != "grpo-dapo-kl"
         if liger_cached:  # Liger 0.8.5 has no cached reference log-probs for DPO / KTO
@@ -46,11 +51,28 @@ def test_losses_grid_runs_every_loss_and_implementation_on_a_tiny_size(tmp_path,
 
 
 def test_cells_follow_the_axes_and_skip_large_ones():
-    args = losses.parse_args(["--losses", "dpo,grpo", "--seqs", "1,16", "--tokens", "512,2048", "--refs",
-                              "none,cached", "--max-rows", "16384"])
-    assert losses.cells(args) == [("dpo", "cached", 1, 512, torch.float32), ("grpo", "none", 1, 512, torch.float32),
-                                  ("dpo", "cached", 1, 2048, torch.float32), ("grpo", "none", 1, 2048, torch.float32),
-                                  ("dpo", "cached", 16, 512, torch.float32), ("grpo", "none", 16, 512, torch.float32)]  # 16 × 2048 rows: skipped
+    args = losses.parse_args(
+        [
+            "--losses",
+            "dpo,grpo",
+            "--seqs",
+            "1,16",
+            "--tokens",
+            "512,2048",
+            "--refs",
+            "none,cached",
+            "--max-rows",
+            "16384",
+        ]
+    )
+    assert losses.cells(args) == [
+        ("dpo", "cached", 1, 512, torch.float32),
+        ("grpo", "none", 1, 512, torch.float32),
+        ("dpo", "cached", 1, 2048, torch.float32),
+        ("grpo", "none", 1, 2048, torch.float32),
+        ("dpo", "cached", 16, 512, torch.float32),
+        ("grpo", "none", 16, 512, torch.float32),
+    ]  # 16 × 2048 rows: skipped
 
 
 def test_a_missing_peer_becomes_an_unavailable_row(tmp_path, monkeypatch, one_thread):
@@ -61,8 +83,17 @@ def test_a_missing_peer_becomes_an_unavailable_row(tmp_path, monkeypatch, one_th
     assert rows["compat"]["status"] == "ok" and rows["floor"]["status"] == "ok"
 
 
-@pytest.mark.parametrize("argv", [["--seqs", "1,x"], ["--tokens", "0"], ["--impls", "naive,nope"],
-                                  ["--losses", "dpo,ppo"], ["--refs", "some"], ["--dtypes", "fp8"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--seqs", "1,x"],
+        ["--tokens", "0"],
+        ["--impls", "naive,nope"],
+        ["--losses", "dpo,ppo"],
+        ["--refs", "some"],
+        ["--dtypes", "fp8"],
+    ],
+)
 def test_losses_cli_rejects_bad_axes_unknown_impls_and_losses(argv):
     with pytest.raises(SystemExit):
         losses.parse_args(argv)

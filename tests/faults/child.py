@@ -30,8 +30,8 @@ def die() -> None:
 
 
 def run(out_dir: str, steps: int, fault: str | None, resume: bool) -> None:
-    torch.set_num_threads(1)   # the same reduction order in every child
-    torch.manual_seed(0)       # random_reward's stream (a resumed run restores it from the checkpoint)
+    torch.set_num_threads(1)  # the same reduction order in every child
+    torch.manual_seed(0)  # random_reward's stream (a resumed run restores it from the checkpoint)
     loop = make_loop(out_dir, sync_every=2, steps=steps, reward=random_reward, lr=1e-2, checkpoint_every=1)
     if fault:
         phase, step = fault.split("@")
@@ -44,7 +44,7 @@ def _install(loop, phase: str, at: int) -> None:
     now = {"step": -1}
     loop_step = loop.step
     loop.step = lambda step: (now.update(step=step), loop_step(step))[1]
-    here = lambda: now["step"] == at   # noqa: E731
+    here = lambda: now["step"] == at  # noqa: E731
     if phase == "sampling":
         generate = loop.engine.generate
         loop.engine.generate = lambda *a, **k: die() if here() else generate(*a, **k)
@@ -61,11 +61,13 @@ def _install(loop, phase: str, at: int) -> None:
             if here() and file.name == "engine.safetensors":
                 os.truncate(file, file.stat().st_size // 2)
                 die()
+
         checkpoint_files.save_weights = torn
     elif phase == "ckpt-between":
         write = checkpoint_files.write_state
-        checkpoint_files.write_state = lambda out, name, state: die() if here() and name == "rng" \
-            else write(out, name, state)
+        checkpoint_files.write_state = lambda out, name, state: (
+            die() if here() and name == "rng" else write(out, name, state)
+        )
     elif phase == "ckpt-latest":
         latest = checkpoint._write_latest
         checkpoint._write_latest = lambda run_dir, name: die() if here() else latest(run_dir, name)

@@ -15,8 +15,17 @@ from tests.faults.tally import fault
 from tests.runtime.tiny_loop import make_loop
 
 STEPS, SAVED = 4, 3
-FILES = ("model.safetensors", "reference.safetensors", "engine.safetensors", "trainer.json", "trainer.pt",
-         "rng.json", "rng.pt", "loop_state.json", "manifest.json")
+FILES = (
+    "model.safetensors",
+    "reference.safetensors",
+    "engine.safetensors",
+    "trainer.json",
+    "trainer.pt",
+    "rng.json",
+    "rng.pt",
+    "loop_state.json",
+    "manifest.json",
+)
 
 
 def run(out_dir, steps, resume=False):
@@ -39,7 +48,7 @@ def corrupt(file, how):
     data = file.read_bytes()
     if how == "flip":
         middle = len(data) // 2
-        file.write_bytes(data[:middle] + bytes([data[middle] ^ 0x55]) + data[middle + 1:])
+        file.write_bytes(data[:middle] + bytes([data[middle] ^ 0x55]) + data[middle + 1 :])
     elif how == "truncate":
         file.write_bytes(data[: len(data) // 3])
     else:
@@ -66,8 +75,9 @@ def test_a_corrupt_file_is_named_and_the_newest_good_checkpoint_is_chosen(name, 
             assert latest_checkpoint(out) == out / f"step-{SAVED - 1:06d}"
 
 
-@pytest.mark.parametrize("name, how", [("model.safetensors", "flip"), ("rng.pt", "truncate"),
-                                       ("manifest.json", "delete")])
+@pytest.mark.parametrize(
+    "name, how", [("model.safetensors", "flip"), ("rng.pt", "truncate"), ("manifest.json", "delete")]
+)
 def test_resuming_past_a_corrupt_latest_checkpoint_equals_the_uninterrupted_run(name, how, runs, tmp_path):
     straight, partial = runs
     with fault(f"{how} {name}, then resume"):

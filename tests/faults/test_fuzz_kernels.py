@@ -10,15 +10,25 @@ pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from hotloop.kernels import (dpo_loss, fused_linear_logprob, kl_penalty, policy_gradient_loss,
-                             reference_fused_linear_logprob, sft_loss)
+from hotloop.kernels import (
+    dpo_loss,
+    fused_linear_logprob,
+    kl_penalty,
+    policy_gradient_loss,
+    reference_fused_linear_logprob,
+    sft_loss,
+)
 from hotloop.kernels.losses.kl_penalty import reference_kl_per_token
 from hotloop.kernels.losses.policy_gradient import reference_policy_gradient_loss
 from hotloop.kernels.losses.sft import reference_sft_loss
 from tests.faults.tally import case
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 FAULTS = ("none", "wrong_device", "wrong_dtype", "wrong_shape")
 
@@ -62,27 +72,32 @@ def token_batch(draw):
     logp = -(torch.rand(b, t, generator=g, dtype=torch.float64) * scale).to(dtype)
     kind = draw(st.sampled_from(["bool", "01", "fraction", "int"]))
     raw = torch.rand(b, t, generator=g)
-    mask = {"bool": raw > 0.3, "01": (raw > 0.3).float(), "fraction": raw * (raw > 0.3),
-            "int": (raw > 0.3).long()}[kind]
+    mask = {"bool": raw > 0.3, "01": (raw > 0.3).float(), "fraction": raw * (raw > 0.3), "int": (raw > 0.3).long()}[
+        kind
+    ]
     return logp, mask, torch.randn(b, generator=g, dtype=torch.float64).to(dtype), g
 
 
 @SETTINGS
-@given(token_batch(), st.sampled_from(["token", "sequence"]), st.sampled_from(FAULTS),
-       st.sampled_from(["advantages", "mask"]))
+@given(
+    token_batch(),
+    st.sampled_from(["token", "sequence"]),
+    st.sampled_from(FAULTS),
+    st.sampled_from(["advantages", "mask"]),
+)
 def test_policy_gradient_loss_is_right_or_names_the_argument(batch, normalize, fault, target):
     logp, mask, adv, _ = batch
     args = {"advantages": adv, "mask": mask}
     args[target] = inject(fault, args[target])
-    out = call(lambda: policy_gradient_loss(logp, args["advantages"], args["mask"], normalize=normalize),
-               target, fault)
+    out = call(lambda: policy_gradient_loss(logp, args["advantages"], args["mask"], normalize=normalize), target, fault)
     if out is not None:
         close(out.loss, reference_policy_gradient_loss(logp, adv, mask, normalize), logp.dtype)
 
 
 @SETTINGS
-@given(token_batch(), st.sampled_from(FAULTS), st.sampled_from(["ref_logp", "mask"]),
-       st.sampled_from(["k1", "k2", "k3"]))
+@given(
+    token_batch(), st.sampled_from(FAULTS), st.sampled_from(["ref_logp", "mask"]), st.sampled_from(["k1", "k2", "k3"])
+)
 def test_kl_penalty_is_right_or_names_the_argument(batch, fault, target, estimator):
     logp, mask, _, g = batch
     ref = logp + 0.1 * torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
@@ -107,12 +122,19 @@ def test_sft_loss_is_right_or_names_the_argument(batch, fault, target):
 
 
 @SETTINGS
-@given(st.integers(0, 5), st.sampled_from([torch.float32, torch.float64]), st.sampled_from(FAULTS),
-       st.sampled_from(["rejected_logps", "ref_chosen_logps"]), st.integers(0, 2**31))
+@given(
+    st.integers(0, 5),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.sampled_from(FAULTS),
+    st.sampled_from(["rejected_logps", "ref_chosen_logps"]),
+    st.integers(0, 2**31),
+)
 def test_dpo_loss_is_right_or_names_the_argument_and_an_empty_batch_is_zero(n, dtype, fault, target, seed):
     g = torch.Generator().manual_seed(seed)
-    x = {k: -torch.rand(n, generator=g, dtype=torch.float64).to(dtype) * 5
-         for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")}
+    x = {
+        k: -torch.rand(n, generator=g, dtype=torch.float64).to(dtype) * 5
+        for k in ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    }
     policy = x["chosen_logps"].clone().requires_grad_(True)
     args = dict(x, chosen_logps=policy)
     args[target] = inject(fault, args[target])
@@ -126,9 +148,16 @@ def test_dpo_loss_is_right_or_names_the_argument_and_an_empty_batch_is_zero(n, d
 
 
 @SETTINGS
-@given(st.integers(0, 3), st.integers(1, 4), st.integers(1, 9), st.sampled_from([torch.float32, torch.bfloat16]),
-       st.sampled_from([1.0, 80.0]), st.floats(0.0, 1.0), st.sampled_from(FAULTS + ("masked_vocab",)),
-       st.integers(0, 2**31))
+@given(
+    st.integers(0, 3),
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+    st.sampled_from([1.0, 80.0]),
+    st.floats(0.0, 1.0),
+    st.sampled_from(FAULTS + ("masked_vocab",)),
+    st.integers(0, 2**31),
+)
 def test_fused_linear_logprob_is_right_or_names_the_argument(b, t, v, dtype, scale, ignored, fault, seed):
     g = torch.Generator().manual_seed(seed)
     d = 4
@@ -137,15 +166,16 @@ def test_fused_linear_logprob_is_right_or_names_the_argument(b, t, v, dtype, sca
     targets = torch.randint(0, v, (b, t), generator=g)
     targets[torch.rand(b, t, generator=g) < ignored] = -100
     bias = torch.zeros(v, dtype=dtype)
-    if fault == "masked_vocab":   # a bias that rules out all but the first token: -inf logits everywhere else
+    if fault == "masked_vocab":  # a bias that rules out all but the first token: -inf logits everywhere else
         bias[1:] = float("-inf")
         targets[targets > 0] = 0
         fault = "none"
     args = {"targets": targets, "bias": bias}
     target = "targets" if seed % 2 else "bias"
     args[target] = inject(fault, args[target], integer=target == "targets")
-    out = call(lambda: fused_linear_logprob(hidden, weight, args["targets"], args["bias"], return_entropy=True),
-               target, fault)
+    out = call(
+        lambda: fused_linear_logprob(hidden, weight, args["targets"], args["bias"], return_entropy=True), target, fault
+    )
     if out is not None:
         logp, entropy = out
         want_logp, want_entropy = reference_fused_linear_logprob(hidden, weight, targets, bias, return_entropy=True)

@@ -26,6 +26,7 @@ def at_step(loop, at):
     def tracked(t):
         now["step"] = t
         return step(t)
+
     loop.step = tracked
     return lambda: now["step"] == at
 
@@ -38,6 +39,7 @@ def poison_rewards(loop, at):
         if due():
             r[1] = float("nan")
         return r
+
     loop.reward_fn = reward
 
 
@@ -47,6 +49,7 @@ def poison_loss(loop, at):
     def poisoned(model, batch, **kwargs):
         out = loss(model, batch, **kwargs)
         return dataclasses.replace(out, loss=out.loss * float("inf")) if due() else out
+
     loop.algorithm.loss = poisoned
 
 
@@ -75,7 +78,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_the_run_goes_on(quantity, tmp_p
         records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         assert [r.get("nonfinite") for r in records] == [None, None, quantity, None]
         assert [r["skipped/nonfinite"] for r in records] == [0, 0, 1, 1]
-        assert [r["version"] for r in records] == [0, 1, 2, 2]   # the skipped step did not advance the policy
+        assert [r["version"] for r in records] == [0, 1, 2, 2]  # the skipped step did not advance the policy
         assert loop.trainer.version == STEPS - 1
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in loop.trainer.params)
         assert all(torch.isfinite(p).all() for p in loop.trainer.params)
@@ -88,8 +91,11 @@ def test_nonfinite_rewards_are_reported_with_the_completion(tmp_path):
         torch.manual_seed(0)
         loop = make_loop(tmp_path, sync_every=2, steps=3)
         poison_rewards(loop, 1)
-        with pytest.warns(RewardRangeWarning, match=r"step 1: 1 of 16 rewards .* non-finite: \[1\] reward nan "
-                                                    r"for completion '"):
+        with pytest.warns(
+            RewardRangeWarning,
+            match=r"step 1: 1 of 16 rewards .* non-finite: \[1\] reward nan "
+            r"for completion '",
+        ):
             loop.run()
 
 
@@ -101,8 +107,14 @@ def test_past_the_limit_the_run_stops_naming_the_step_and_quantity_and_the_last_
         reward = random_reward
         due = at_step(loop, 2)
         loop.reward_fn = lambda p, t: reward(p, t) * (float("nan") if due() or loop.trainer.version >= 2 else 1.0)
-        with pytest.warns(UserWarning), pytest.raises(NonFiniteError, match=r"loop step 3: reward is non-finite "
-                                                                            r"\(16 of 16 .*more than trainer"):
+        with (
+            pytest.warns(UserWarning),
+            pytest.raises(
+                NonFiniteError,
+                match=r"loop step 3: reward is non-finite "
+                r"\(16 of 16 .*more than trainer",
+            ),
+        ):
             loop.run()
         assert json.loads((latest_checkpoint(tmp_path) / "loop_state.json").read_text())["next_step"] == 3
         checkpoints_are_finite(tmp_path)
@@ -131,7 +143,10 @@ def test_rewards_outside_the_declared_range_are_reported_with_the_completion():
     mixture = WeightedMixture([(ExactMatchReward(Task()), 2.0), (ExactMatchReward(Task()), 0.5)])
     assert mixture.reward_range == (0.0, 2.5)
     with fault("reward out of range"):
-        with pytest.warns(RewardRangeWarning, match=r"step 7: 2 of 3 rewards .* outside the declared range "
-                                                    r"\[0.0, 2.5\].*\[0\] reward 3.0 for completion '12'.*"
-                                                    r"\[2\] reward -0.5 for completion 'x'"):
+        with pytest.warns(
+            RewardRangeWarning,
+            match=r"step 7: 2 of 3 rewards .* outside the declared range "
+            r"\[0.0, 2.5\].*\[0\] reward 3.0 for completion '12'.*"
+            r"\[2\] reward -0.5 for completion 'x'",
+        ):
             assert check_rewards(torch.tensor([3.0, 1.0, -0.5]), ["12", "7", "x"], mixture, step=7) == 2

@@ -12,8 +12,17 @@ from tests.faults.tally import fault
 
 def tied_llama(seed):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=37,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def test_a_tied_model_round_trips_strictly_and_stays_tied(tmp_path):

@@ -17,10 +17,20 @@ needs_sglang = pytest.mark.skipif(not HAVE_SGLANG, reason="needs sglang and a CU
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=20, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, tie_word_embeddings=False,
-                         dtype="float32")
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # wide argmax margins, so float32 kernels of both engines agree on greedy
         for p in model.parameters():
@@ -71,8 +81,8 @@ def test_sglang_sampler_logprobs_are_tempered(engines):
     for c in sglang_engine.generate(PROMPTS, SamplingParams(temperature=0.7, max_new_tokens=8)):
         ids = torch.tensor([PROMPTS[c.prompt_index] + c.token_ids], device="cuda")
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(PROMPTS[c.prompt_index]) - 1:-1].float()
-        ref = (logits / 0.7).log_softmax(-1).gather(-1, ids[0, -len(c.token_ids):, None])[:, 0]
+            logits = model(input_ids=ids).logits[0, len(PROMPTS[c.prompt_index]) - 1 : -1].float()
+        ref = (logits / 0.7).log_softmax(-1).gather(-1, ids[0, -len(c.token_ids) :, None])[:, 0]
         assert c.logprobs == pytest.approx(ref.tolist(), abs=1e-3)
 
 
@@ -110,7 +120,7 @@ def test_flattened_bucket_metadata_rebuilds_every_tensor_from_the_bucket_as_sgla
     for i, buffer in enumerate(buffers):
         for meta in flattened_bucket_metadata(plan, i):  # FlattenedTensorBucket.reconstruct_tensors' slicing
             assert meta["dtype"] == buffer.dtype and meta["end_idx"] - meta["start_idx"] == meta["numel"]
-            rebuilt[meta["name"]] = buffer[meta["start_idx"]:meta["end_idx"]].reshape(meta["shape"])
+            rebuilt[meta["name"]] = buffer[meta["start_idx"] : meta["end_idx"]].reshape(meta["shape"])
     assert rebuilt.keys() == state.keys() - ({"lm_head.weight"} if tied else set())
     assert all(torch.equal(rebuilt[k], state[k]) for k in rebuilt)
 

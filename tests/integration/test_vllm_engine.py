@@ -49,8 +49,9 @@ def load(engine, model):
 
 def fresh_logprobs(model, completions, temperature):
     """log_softmax(logits / T) of every generated token from one HF forward over prompt + completion."""
-    ids, mask, comp = pack_rows([PROMPTS[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                                TOK.pad_id)
+    ids, mask, comp = pack_rows(
+        [PROMPTS[c.prompt_index] for c in completions], [c.token_ids for c in completions], TOK.pad_id
+    )
     with torch.no_grad():
         fresh = token_logprobs(model, ids, mask, temperature=temperature or 1.0)
     return fresh[comp[:, 1:].bool()].double()
@@ -76,7 +77,7 @@ def test_online_loop_with_vllm_engine_at_s1_then_s2_samples_with_every_synced_ve
     trainer = Trainer(model, TrainerConfig(lr=1e-2), reference=make_reference(model))
     checked, original = [], engine.sync_weights
 
-    def checked_sync(version, weights=None):   # after each sync the engine samples with the trainer's weights
+    def checked_sync(version, weights=None):  # after each sync the engine samples with the trainer's weights
         original(version, weights)
         out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=4))
         assert_logprobs_match(trainer.model.eval(), out, 0)
@@ -86,13 +87,31 @@ def test_online_loop_with_vllm_engine_at_s1_then_s2_samples_with_every_synced_ve
     engine.sync_weights = checked_sync
     try:
         for s, staleness in ((1, [0, 0, 0]), (2, [0, 1, 0, 1])):
-            algorithm = GRPO(GRPOConfig(samples_per_prompt=4, loss_type="dapo", beta=0.05), pad_token_id=TOK.pad_id,
-                             max_completion_length=4)
-            config = LoopConfig(steps=len(staleness), sync_every=s, prompts_per_step=4, eval_every=0,
-                                checkpoint_every=0, out_dir=str(tmp_path / f"s{s}"), seed=s)
-            loop = OnlineLoop(config, trainer=trainer, engine=engine, algorithm=algorithm, reward_fn=random_reward,
-                              problems=PROBLEMS, tokenizer=TOK, sampling=SamplingParams(max_new_tokens=4),
-                              progress=False)
+            algorithm = GRPO(
+                GRPOConfig(samples_per_prompt=4, loss_type="dapo", beta=0.05),
+                pad_token_id=TOK.pad_id,
+                max_completion_length=4,
+            )
+            config = LoopConfig(
+                steps=len(staleness),
+                sync_every=s,
+                prompts_per_step=4,
+                eval_every=0,
+                checkpoint_every=0,
+                out_dir=str(tmp_path / f"s{s}"),
+                seed=s,
+            )
+            loop = OnlineLoop(
+                config,
+                trainer=trainer,
+                engine=engine,
+                algorithm=algorithm,
+                reward_fn=random_reward,
+                problems=PROBLEMS,
+                tokenizer=TOK,
+                sampling=SamplingParams(max_new_tokens=4),
+                progress=False,
+            )
             records = loop.run().records
             assert [r["staleness"] for r in records] == staleness
             assert not any(r["skipped"] for r in records)
@@ -108,19 +127,25 @@ def test_greedy_completions_equal_hf_generate(engine):
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
     for prompt, completion in zip(PROMPTS, out):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=TOK.eos_id,
-                                 pad_token_id=TOK.pad_id)[0, len(prompt):].tolist()
+            ref = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=TOK.eos_id,
+                pad_token_id=TOK.pad_id,
+            )[0, len(prompt) :].tolist()
         assert completion.token_ids == ref
         assert completion.finish_reason == ("stop" if ref[-1] == TOK.eos_id else "length")
-    assert_logprobs_match(model, out, 0)   # greedy: untempered log-probs
+    assert_logprobs_match(model, out, 0)  # greedy: untempered log-probs
 
 
 @pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.8, 6)])
 def test_logprobs_are_tempered_before_truncation(engine, temperature, top_p, top_k):
     model = small_llama(2)
     load(engine, model)
-    out = engine.generate(PROMPTS, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                                                  max_new_tokens=10, n=3, seed=11))
+    out = engine.generate(
+        PROMPTS, SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=10, n=3, seed=11)
+    )
     assert len(out) == 12 and [c.prompt_index for c in out] == [i for i in range(4) for _ in range(3)]
     assert_logprobs_match(model, out, temperature)
 
@@ -130,7 +155,7 @@ def flat_views(state):
     flat = torch.cat([t.reshape(-1).float() for t in state.values()])
     views, offset = [], 0
     for name, t in state.items():
-        views.append((name, flat[offset:offset + t.numel()].view(t.shape)))
+        views.append((name, flat[offset : offset + t.numel()].view(t.shape)))
         offset += t.numel()
     return views
 
@@ -144,20 +169,24 @@ def test_sync_of_perturbed_weights_from_flat_views_changes_logprobs_to_the_new_m
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    engine.sync_weights(engine.weight_version + 3, iter(flat_views(new.state_dict())))   # a one-shot iterator
+    engine.sync_weights(engine.weight_version + 3, iter(flat_views(new.state_dict())))  # a one-shot iterator
     after = engine.generate(PROMPTS, greedy)
     assert all(c.weight_version == engine.weight_version for c in after)
     assert_logprobs_match(new, after, 0)
     assert not torch.allclose(fresh_logprobs(old, after, 0), sampler_logprobs(after), rtol=1e-2, atol=1e-3)
     assert [c.token_ids for c in after] != [c.token_ids for c in before] or not torch.allclose(
-        sampler_logprobs(before), sampler_logprobs(after), rtol=1e-2, atol=1e-3)
+        sampler_logprobs(before), sampler_logprobs(after), rtol=1e-2, atol=1e-3
+    )
 
 
-@pytest.mark.parametrize("corrupt, error", [
-    (lambda s: {**s, "model.norm.weight": torch.ones(7)}, ValueError),
-    (lambda s: {**s, "model.layers.9.mlp.up_proj.weight": torch.ones(3)}, KeyError),
-    (lambda s: {k: v for k, v in s.items() if k != "lm_head.weight"}, ValueError),
-])
+@pytest.mark.parametrize(
+    "corrupt, error",
+    [
+        (lambda s: {**s, "model.norm.weight": torch.ones(7)}, ValueError),
+        (lambda s: {**s, "model.layers.9.mlp.up_proj.weight": torch.ones(3)}, KeyError),
+        (lambda s: {k: v for k, v in s.items() if k != "lm_head.weight"}, ValueError),
+    ],
+)
 def test_failed_sync_raises_keeps_version_and_weights(engine, corrupt, error):
     model = small_llama(4)
     load(engine, model)
@@ -167,7 +196,7 @@ def test_failed_sync_raises_keeps_version_and_weights(engine, corrupt, error):
         engine.sync_weights(version + 1, corrupt(other))
     assert engine.weight_version == version
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
-    assert_logprobs_match(model, out, 0)   # nothing of the rejected batch was loaded
+    assert_logprobs_match(model, out, 0)  # nothing of the rejected batch was loaded
 
 
 def test_seeds_reproduce_and_n_samples_differ_and_stop_tokens_end_rows(engine):
@@ -178,7 +207,7 @@ def test_seeds_reproduce_and_n_samples_differ_and_stop_tokens_end_rows(engine):
     assert [c.logprobs for c in first] == [c.logprobs for c in again]
     other = engine.generate(PROMPTS, dataclasses.replace(sampling, seed=8))
     assert [c.token_ids for c in other] != [c.token_ids for c in first]
-    assert len({tuple(c.token_ids) for c in first[:4]}) > 1   # the n rows of one prompt are not copies
+    assert len({tuple(c.token_ids) for c in first[:4]}) > 1  # the n rows of one prompt are not copies
     stop = TOK.encode("7")[-1]
     stopped = engine.generate(PROMPTS, dataclasses.replace(sampling, stop_token_ids=(stop,), n=8))
     for c in stopped:
@@ -198,4 +227,3 @@ def test_unsupported_head_dim_and_asleep_engine_are_refused(engine):
         engine.generate(PROMPTS, SamplingParams())
     engine.wake()
     assert len(engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))) == 1
-

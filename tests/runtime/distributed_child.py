@@ -29,8 +29,9 @@ from tests.runtime.tiny_loop import TOK, make_loop
 def init(rank: int, world: int, port: int, timeout_s: float = 60.0):
     """The process group of a torchrun launch of ``world`` ranks on this host."""
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     return init_distributed(timeout_s=timeout_s)
 
 
@@ -81,6 +82,7 @@ def train_steps(ctx, out: Path, algorithm, batch, config, steps):
 
 def agreement(ctx, out_dir):
     """A check that fails on rank 1 only: what ``agree`` raises on each rank."""
+
     def check():
         if ctx.rank == 1:
             raise RuntimeError("engine log-prob differs")
@@ -116,13 +118,18 @@ def gather(ctx, out_dir, bucket_mb):
     buffers = [b.fill_(float("nan")) for b in source.plan.allocate()]
     peak = live_peak_bytes(lambda: source.pack(buffers))
     shard_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    result = {"peak": peak, "staging": source.staging_nbytes(), "shard_bytes": shard_bytes,
-              "max_bucket": max(b.nbytes for b in source.plan.buckets), "buckets": len(source.plan.buckets),
-              "model_bytes": source.plan.nbytes,
-              "same_layout": [(s.name, s.bucket, s.offset, s.shape) for s in source.plan.slots]
-              == [(s.name, s.bucket, s.offset, s.shape) for s in plain_plan.slots],
-              "equal": all(torch.equal(a, b) for a, b in zip(buffers, expected)),
-              "fingerprints_equal": fingerprints(buffers) == fingerprints(expected)}
+    result = {
+        "peak": peak,
+        "staging": source.staging_nbytes(),
+        "shard_bytes": shard_bytes,
+        "max_bucket": max(b.nbytes for b in source.plan.buckets),
+        "buckets": len(source.plan.buckets),
+        "model_bytes": source.plan.nbytes,
+        "same_layout": [(s.name, s.bucket, s.offset, s.shape) for s in source.plan.slots]
+        == [(s.name, s.bucket, s.offset, s.shape) for s in plain_plan.slots],
+        "equal": all(torch.equal(a, b) for a, b in zip(buffers, expected)),
+        "fingerprints_equal": fingerprints(buffers) == fingerprints(expected),
+    }
     (Path(out_dir) / f"gather-{ctx.rank}.json").write_text(json.dumps(result))
 
 
@@ -151,16 +158,27 @@ def hashed_reward(problems, texts):
 
 def sharded_loop(ctx, out_dir, *, steps, algorithm, sync_every=2):
     """``tiny_loop.make_loop``'s loop with the trainer's model and reference sharded and a plain engine copy."""
-    loop = make_loop(out_dir, sync_every=sync_every, steps=steps, algorithm=algorithm, checkpoint_every=2,
-                     reward=hashed_reward)
+    loop = make_loop(
+        out_dir, sync_every=sync_every, steps=steps, algorithm=algorithm, checkpoint_every=2, reward=hashed_reward
+    )
     plain = loop.trainer.model
-    engine = TorchEngine(copy.deepcopy(plain).requires_grad_(False), pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id,
-                         seed=0)
+    engine = TorchEngine(
+        copy.deepcopy(plain).requires_grad_(False), pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0
+    )
     reference = shard_model(loop.trainer.reference, ctx, trainable=False)
     trainer = Trainer(shard_model(plain, ctx), loop.trainer.config, reference=reference)
-    return type(loop)(loop.config, trainer=trainer, engine=engine, algorithm=loop.algorithm, reward_fn=loop.reward_fn,
-                      problems=loop.problems, tokenizer=loop.tokenizer, sampling=loop.sampling, progress=False,
-                      dist=ctx)
+    return type(loop)(
+        loop.config,
+        trainer=trainer,
+        engine=engine,
+        algorithm=loop.algorithm,
+        reward_fn=loop.reward_fn,
+        problems=loop.problems,
+        tokenizer=loop.tokenizer,
+        sampling=loop.sampling,
+        progress=False,
+        dist=ctx,
+    )
 
 
 def dies_mid_step(rank, world, port, out_dir):

@@ -15,8 +15,8 @@ from tests.runtime.tiny_loop import make_loop, random_reward
 
 
 def main(out_dir: str, steps: int, pause_at: int, resume: bool) -> int:
-    torch.set_num_threads(1)   # the same reduction order in every child
-    torch.manual_seed(0)       # random_reward's stream (a resumed run restores it from the checkpoint)
+    torch.set_num_threads(1)  # the same reduction order in every child
+    torch.manual_seed(0)  # random_reward's stream (a resumed run restores it from the checkpoint)
     scored = []
 
     def reward(problems, texts):

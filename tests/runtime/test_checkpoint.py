@@ -12,14 +12,20 @@ from hotloop.runtime import checkpoint
 from hotloop.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
-CONFIG = TrainerConfig(lr=3e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, schedule="cosine",
-                       max_grad_norm=0.5)
+CONFIG = TrainerConfig(lr=3e-3, weight_decay=0.01, warmup_steps=2, total_steps=10, schedule="cosine", max_grad_norm=0.5)
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=20, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -29,8 +35,12 @@ def noisy_loss(model, ids):
 
 
 def rng_draws(generator):
-    return (random.random(), float(np.random.rand()), torch.rand(2).tolist(),
-            torch.rand(2, generator=generator).tolist())
+    return (
+        random.random(),
+        float(np.random.rand()),
+        torch.rand(2).tolist(),
+        torch.rand(2, generator=generator).tolist(),
+    )
 
 
 def params(model):
@@ -72,9 +82,16 @@ def test_save_writes_the_layout_and_latest_points_at_the_newest(tmp_path):
     first = trainer.save(tmp_path, {"a": 1})
     trainer.step(noisy_loss, [torch.randint(0, 20, (2, 5))])
     second = trainer.save(tmp_path, {"a": 2})
-    assert {p.name for p in second.iterdir()} == {"model.safetensors", "reference.safetensors", "trainer.pt",
-                                                  "trainer.json", "rng.pt", "rng.json", "loop_state.json",
-                                                  "manifest.json"}
+    assert {p.name for p in second.iterdir()} == {
+        "model.safetensors",
+        "reference.safetensors",
+        "trainer.pt",
+        "trainer.json",
+        "rng.pt",
+        "rng.json",
+        "loop_state.json",
+        "manifest.json",
+    }
     assert (tmp_path / "latest").read_text().strip() == "step-000001"
     assert latest_checkpoint(tmp_path) == second and first.exists()
     assert json.loads((second / "loop_state.json").read_text()) == {"a": 2}
@@ -85,8 +102,9 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     model = tiny_llama()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(5):
-        save_checkpoint(tmp_path, step=step, model=model, optimizer=optimizer, scheduler=None,
-                        loop_state={"step": step}, keep=2)
+        save_checkpoint(
+            tmp_path, step=step, model=model, optimizer=optimizer, scheduler=None, loop_state={"step": step}, keep=2
+        )
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
 
 

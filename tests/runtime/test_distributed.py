@@ -50,8 +50,10 @@ def global_batch(algorithm, prompts: int):
     """A real batch: the tiny Llama samples ``samples_per_prompt`` completions per prompt, rewards drawn at random."""
     engine = TorchEngine(child.tiny_model(seed=7), pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=1)
     prompt_ids = [TOK.encode(p.prompt) for p in PROBLEMS[:prompts]]
-    completions = engine.generate(prompt_ids, SamplingParams(n=algorithm.samples_per_prompt, max_new_tokens=6,
-                                                             seed=int(torch.randint(1 << 30, ()))))
+    completions = engine.generate(
+        prompt_ids,
+        SamplingParams(n=algorithm.samples_per_prompt, max_new_tokens=6, seed=int(torch.randint(1 << 30, ()))),
+    )
     rewards = torch.rand(len(completions))
     batch = algorithm.build_batch(PROBLEMS[:prompts], prompt_ids, completions, rewards)
     assert batch is not None and batch.rows // algorithm.split_rule().unit_rows >= 3
@@ -60,8 +62,9 @@ def global_batch(algorithm, prompts: int):
 
 ALGORITHMS = {
     "dpo": lambda: OnlineDPO(DPOConfig(beta=0.5, samples_per_prompt=4), pad_token_id=TOK.pad_id),
-    "grpo-dapo": lambda: GRPO(GRPOConfig(samples_per_prompt=4, loss_type="dapo", beta=0.05), pad_token_id=TOK.pad_id,
-                              max_completion_length=6),
+    "grpo-dapo": lambda: GRPO(
+        GRPOConfig(samples_per_prompt=4, loss_type="dapo", beta=0.05), pad_token_id=TOK.pad_id, max_completion_length=6
+    ),
 }
 
 
@@ -107,7 +110,7 @@ def test_bucketed_gather_fills_the_engine_buckets_holding_at_most_two_buckets(tw
         assert got["same_layout"] and got["equal"] and got["fingerprints_equal"], got
         assert got["buckets"] >= 3 and got["max_bucket"] < got["model_bytes"] / 2
         assert got["staging"] <= 2 * got["max_bucket"]
-        assert 0 < got["peak"] <= 2 * got["max_bucket"], got   # on top of the shards it already held
+        assert 0 < got["peak"] <= 2 * got["max_bucket"], got  # on top of the shards it already held
         assert got["shard_bytes"] <= 0.55 * got["model_bytes"]  # a rank holds about half of the weights
 
 
@@ -135,16 +138,18 @@ def test_a_two_rank_run_resumed_on_two_ranks_ends_where_the_uninterrupted_one_do
     assert [r["step"] for r in records] == [0, 1, 2]  # written once, by rank 0
     assert not any(r["skipped"] for r in records) and records[-1]["version"] == 2
     assert [("time/sync" in r, "time/check" in r) for r in records] == [(True, True), (False, False), (True, True)]
-    assert not any(finals["first"][n].equal(t) for n, t in child.tiny_model(3).named_parameters()
-                   if n in finals["first"])
+    assert not any(
+        finals["first"][n].equal(t) for n, t in child.tiny_model(3).named_parameters() if n in finals["first"]
+    )
 
 
 def test_a_two_rank_checkpoint_loads_on_one_rank_with_the_same_values(loop_runs, tmp_path):
     out, finals = loop_runs
     path = distributed_checkpoint.latest(out / "first")
     assert path is not None and path.name == "dist-step-000002"
-    loop = child.make_loop(tmp_path, sync_every=2, steps=3, algorithm="grpo", checkpoint_every=2,
-                           reward=child.hashed_reward)
+    loop = child.make_loop(
+        tmp_path, sync_every=2, steps=3, algorithm="grpo", checkpoint_every=2, reward=child.hashed_reward
+    )
     state = distributed_checkpoint.load(path, loop.trainer, extra=loop._engine_models())
     assert state["next_step"] == 2 and loop.trainer.version == 2
     for name, p in loop.trainer.model.named_parameters():
@@ -154,8 +159,9 @@ def test_a_two_rank_checkpoint_loads_on_one_rank_with_the_same_values(loop_runs,
     for name, tensor in finals["first-engine"].items():
         assert torch.equal(engine[name], tensor), name
     shutil.copytree(out / "first", tmp_path / "run")
-    resumed = child.make_loop(tmp_path / "run", sync_every=2, steps=3, algorithm="grpo", checkpoint_every=2,
-                              reward=child.hashed_reward)
+    resumed = child.make_loop(
+        tmp_path / "run", sync_every=2, steps=3, algorithm="grpo", checkpoint_every=2, reward=child.hashed_reward
+    )
     result = resumed.run(resume=True)
     assert [r["step"] for r in result.records] == [2] and resumed.trainer.version == 3
 
@@ -164,8 +170,9 @@ def test_a_rank_dying_mid_step_stops_the_other_with_an_error_within_60_s(tmp_pat
     codes = launch(child.dies_mid_step, str(tmp_path), timeout_s=150.0)
     assert codes[1] == 17
     outcome = json.loads((tmp_path / "dead-0.json").read_text())
-    assert outcome["error"].startswith("RuntimeError: rank 0 of 2: loop step 1: a collective failed, so another "
-                                       "rank died or stalled"), outcome
+    assert outcome["error"].startswith(
+        "RuntimeError: rank 0 of 2: loop step 1: a collective failed, so another rank died or stalled"
+    ), outcome
     assert outcome["seconds"] < 60, outcome
     assert codes[0] == 0  # it reported the error and returned
 

@@ -7,10 +7,18 @@ import pytest
 from hotloop.runtime.engine import SamplingParams
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", math.inf), ("temperature", math.nan), ("temperature", -1e-3), ("temperature", True),
-    ("top_p", math.nan), ("top_p", math.inf), ("top_p", 0.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", math.inf),
+        ("temperature", math.nan),
+        ("temperature", -1e-3),
+        ("temperature", True),
+        ("top_p", math.nan),
+        ("top_p", math.inf),
+        ("top_p", 0.0),
+    ],
+)
 def test_non_finite_or_out_of_range_sampling_settings_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field}: expected .*, got {value!r}$"):
         SamplingParams(**{field: value})

@@ -1,11 +1,11 @@
-"""Engines by kind: the run config's ``engine:`` section, ``--set engine.kind=...``, and install hints for missing engines."""
+"""Engines by kind: the run config's ``engine:`` section, ``--set engine.kind=...``, install hints for missing ones."""
 
 import importlib.util
 
 import pytest
 
-from hotloop.algorithms.run import engine_options
 from hotloop.algorithms.loader import load_config
+from hotloop.algorithms.run import engine_options
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.runtime.engine_factory import make_engine
 from hotloop.runtime.torch_engine import TorchEngine
@@ -21,12 +21,15 @@ def test_engine_kind_defaults_to_torch_and_is_set_from_yaml_or_an_override(tmp_p
     assert engine_options(config) == {"seed": 0, "model_dir": None, "gpu_memory_utilization": 0.4}
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["engine.kind=tensorrt"], "engine.kind"),
-    (["engine.kind=sglang"], "engine.model_dir"),
-    (["engine.dtype=bfloat16"], "engine.kind"),
-    (["engine.kind=vllm", "engine.memory_fraction=1.5"], "engine.memory_fraction"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["engine.kind=tensorrt"], "engine.kind"),
+        (["engine.kind=sglang"], "engine.model_dir"),
+        (["engine.dtype=bfloat16"], "engine.kind"),
+        (["engine.kind=vllm", "engine.memory_fraction=1.5"], "engine.memory_fraction"),
+    ],
+)
 def test_bad_engine_sections_fail_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_config(None, overrides)

@@ -25,8 +25,14 @@ TIMEOUT = 120
 
 def start(out_dir: Path, *, pause_at: int = -1, resume: bool = False) -> subprocess.Popen:
     args = [sys.executable, "-m", "tests.runtime.kill_resume_child", str(out_dir), str(STEPS), str(pause_at)]
-    return subprocess.Popen(args + (["--resume"] if resume else []), cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        args + (["--resume"] if resume else []),
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_until_paused(child: subprocess.Popen) -> None:
@@ -82,7 +88,7 @@ def test_sigterm_mid_run_checkpoints_exits_130_and_the_resumed_run_is_bit_identi
     child = start(tmp_path, pause_at=PAUSE_AT)
     wait_until_paused(child)
     child.send_signal(signal.SIGTERM)
-    finish(child, 130, stdin="go\n")   # the step in flight completes, is checkpointed, the loop returns
+    finish(child, 130, stdin="go\n")  # the step in flight completes, is checkpointed, the loop returns
     assert next_step(tmp_path) == PAUSE_AT + 1
     finish(start(tmp_path, resume=True), 0)
     assert_same_run(tmp_path, uninterrupted())
@@ -93,6 +99,6 @@ def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint_bit_identical
     wait_until_paused(child)
     child.kill()
     assert child.wait(timeout=TIMEOUT) == -signal.SIGKILL
-    assert next_step(tmp_path) == PAUSE_AT   # every finished step was checkpointed; only the one in flight is lost
+    assert next_step(tmp_path) == PAUSE_AT  # every finished step was checkpointed; only the one in flight is lost
     finish(start(tmp_path, resume=True), 0)
     assert_same_run(tmp_path, uninterrupted())

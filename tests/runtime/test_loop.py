@@ -24,12 +24,15 @@ from tests.helpers import assert_close
 from tests.runtime.tiny_loop import PROBLEMS, TOK, make_loop, random_reward, sevens
 
 
-@pytest.mark.parametrize("sync_every, expected", [
-    (1, [0, 0, 0, 0, 0, 0, 0]),
-    (3, [0, 1, 2, 0, 1, 2, 0]),
-    (math.inf, [0, 1, 2, 3, 4, 5, 6]),
-    (None, [0, 1, 2, 3, 4, 5, 6]),
-])
+@pytest.mark.parametrize(
+    "sync_every, expected",
+    [
+        (1, [0, 0, 0, 0, 0, 0, 0]),
+        (3, [0, 1, 2, 0, 1, 2, 0]),
+        (math.inf, [0, 1, 2, 3, 4, 5, 6]),
+        (None, [0, 1, 2, 3, 4, 5, 6]),
+    ],
+)
 def test_sync_happens_every_s_steps_and_staleness_is_step_mod_s(tmp_path, sync_every, expected):
     loop = make_loop(tmp_path, sync_every=sync_every, steps=7)
     initial = {k: v.clone() for k, v in loop.engine.model.state_dict().items()}
@@ -63,9 +66,16 @@ def test_an_engine_on_the_trainers_module_that_cannot_take_a_copy_is_refused_whe
             self.shares_weights_with, self.local_model = engine.shares_weights_with, engine.local_model
 
     with pytest.raises(ValueError, match="engine"):
-        OnlineLoop(LoopConfig(steps=1, sync_every=2, out_dir=str(tmp_path)), trainer=loop.trainer,
-                   engine=Bare(loop.engine), algorithm=loop.algorithm, reward_fn=random_reward, problems=PROBLEMS,
-                   tokenizer=TOK, sampling=SamplingParams())
+        OnlineLoop(
+            LoopConfig(steps=1, sync_every=2, out_dir=str(tmp_path)),
+            trainer=loop.trainer,
+            engine=Bare(loop.engine),
+            algorithm=loop.algorithm,
+            reward_fn=random_reward,
+            problems=PROBLEMS,
+            tokenizer=TOK,
+            sampling=SamplingParams(),
+        )
 
 
 def test_sampler_logprobs_equal_token_logprobs_of_a_fresh_forward():
@@ -73,8 +83,9 @@ def test_sampler_logprobs_equal_token_logprobs_of_a_fresh_forward():
     engine = TorchEngine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=5)
     prompts = [TOK.encode(p) for p in ("1+2=", "31+4=", "5=", "12+34=")]
     completions = engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=7, n=3))
-    ids, mask, comp = pack_rows([prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions],
-                                TOK.pad_id)
+    ids, mask, comp = pack_rows(
+        [prompts[c.prompt_index] for c in completions], [c.token_ids for c in completions], TOK.pad_id
+    )
     with torch.no_grad():
         fresh = token_logprobs(model, ids, mask, temperature=0.7)
     picked = fresh[comp[:, 1:].bool()]
@@ -97,7 +108,7 @@ def sigterm_while_scoring(step, reward=sevens):
     def reward_fn(problems, texts):
         calls.append(1)
         if len(calls) == step + 1:
-            os.kill(os.getpid(), signal.SIGTERM)   # arrives mid-step; the loop finishes it, checkpoints, stops
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the loop finishes it, checkpoints, stops
         return reward(problems, texts)
 
     return reward_fn
@@ -130,16 +141,17 @@ def metrics_without_timings(run_dir):
 
 
 def test_a_save_that_fails_while_writing_the_sampler_copy_keeps_the_previous_checkpoint_and_resume_is_exact(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     steps = 6
     straight = make_loop(tmp_path / "a", sync_every=3, steps=steps)
-    torch.manual_seed(0)   # random_reward draws from the global RNG (which checkpoints restore)
+    torch.manual_seed(0)  # random_reward draws from the global RNG (which checkpoints restore)
     straight.run()
     real_save_weights = checkpoint.files.save_weights
 
     def disk_full_on_engine_of_step_4(state, file):
         if "step-000004" in str(file) and file.name == "engine.safetensors":
-            raise OSError("No space left on device")   # after model.safetensors of that save was written
+            raise OSError("No space left on device")  # after model.safetensors of that save was written
         real_save_weights(state, file)
 
     monkeypatch.setattr(checkpoint.files, "save_weights", disk_full_on_engine_of_step_4)
@@ -160,17 +172,23 @@ def test_engine_without_in_process_weights_lags_is_checkpointed_from_the_host_co
     steps, stop_at = 7, 4
     straight = make_loop(tmp_path / "a", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True)
     assert not straight.zero_copy
-    torch.manual_seed(0)   # random_reward draws from the global RNG (which checkpoints restore)
+    torch.manual_seed(0)  # random_reward draws from the global RNG (which checkpoints restore)
     records = straight.run().records
     assert [r["staleness"] for r in records] == [0, 1, 2, 0, 1, 2, 0]
-    first = make_loop(tmp_path / "b", sync_every=3, steps=steps, lr=1e-2, host_only_engine=True,
-                      reward=sigterm_while_scoring(stop_at, random_reward))
+    first = make_loop(
+        tmp_path / "b",
+        sync_every=3,
+        steps=steps,
+        lr=1e-2,
+        host_only_engine=True,
+        reward=sigterm_while_scoring(stop_at, random_reward),
+    )
     torch.manual_seed(0)
     assert first.run().next_step == stop_at + 1
     saved = load_file(str(latest_checkpoint(tmp_path / "b") / "engine.safetensors"))
     # the buckets the engine was last synced from, not a host copy of the state dict
     buckets = [saved[f"bucket{i}"] for i in range(len(saved))]
-    held = first.engine.model.state_dict()   # stale: synced at step 3, two optimizer steps behind
+    held = first.engine.model.state_dict()  # stale: synced at step 3, two optimizer steps behind
     assert dict(first.sync.plan.views(buckets)).keys() == held.keys() - first.sync.plan.aliases.keys()
     assert all(torch.equal(t, held[k]) for k, t in first.sync.plan.views(buckets))
     assert not all(torch.equal(held[k], v) for k, v in first.trainer.model.state_dict().items())
@@ -207,12 +225,13 @@ def test_after_every_sync_the_engines_logprobs_equal_the_trainers_and_offline_ne
     due = [r["step"] for r in records if period and r["step"] % period == 0]
     assert synced == [r["version"] for r in records if r["step"] in due]
     assert [r["step"] for r in records if "time/check" in r] == due
-    if loop.zero_copy:   # s = 1: the engine is the trainer's module, so identity is the check (no log-prob pass)
+    if loop.zero_copy:  # s = 1: the engine is the trainer's module, so identity is the check (no log-prob pass)
         assert checks == [] and loop.engine.shares_weights_with(loop.trainer.model) and len(due) == 4
         prompts = [TOK.encode(p.prompt) for p in PROBLEMS[:3]]
         rows = loop.engine.generate(prompts, SamplingParams(temperature=0.7, max_new_tokens=6, seed=3))
-        checks.append((loop.trainer.version, check(loop.trainer.version, [prompts[c.prompt_index] for c in rows],
-                                                   rows, 0.7)))
+        checks.append(
+            (loop.trainer.version, check(loop.trainer.version, [prompts[c.prompt_index] for c in rows], rows, 0.7))
+        )
     else:
         assert [v for v, _ in checks] == synced and len(checks) == len(due)
     assert all(worst < 1e-4 for _, worst in checks)
@@ -227,7 +246,7 @@ def test_the_check_fires_when_the_engine_is_handed_wrong_weights(tmp_path, tempe
     loop.engine.sync_weights(1, wrong)
     with pytest.raises(RuntimeError, match=r"sync check v1: probe row \d+, token \d+ \(id \d+\)"):
         if temperature == 0:
-            loop.sync.probe(1)   # the greedy probe of a step that samples nothing
+            loop.sync.probe(1)  # the greedy probe of a step that samples nothing
         else:
             prompts = [TOK.encode(p.prompt) for p in PROBLEMS[:3]]
             rows = loop.engine.generate(prompts, SamplingParams(temperature=temperature, max_new_tokens=4, seed=1))
@@ -244,14 +263,16 @@ def keep_the_version(engine, sync_weights):
     engine.sync_weights = lambda version, weights=None: sync_weights(engine.weight_version, weights)
 
 
-@pytest.mark.parametrize("fault, caught", [
-    (drop_the_weights, r"sync check v2: probe row \d+, token \d+ .* does not sample with the trainer's weights"),
-    (keep_the_version, r"sync check v2: engine and samples carry weight versions \[0\], expected \[2\]"),
-])
+@pytest.mark.parametrize(
+    "fault, caught",
+    [
+        (drop_the_weights, r"sync check v2: probe row \d+, token \d+ .* does not sample with the trainer's weights"),
+        (keep_the_version, r"sync check v2: engine and samples carry weight versions \[0\], expected \[2\]"),
+    ],
+)
 def test_a_wrong_sync_inside_a_run_is_caught_by_the_check_and_passes_silently_without_it(tmp_path, fault, caught):
     def run(check):
-        loop = make_loop(tmp_path / str(check), sync_every=2, steps=3, lr=1e-2, host_only_engine=True,
-                         sync_check=check)
+        loop = make_loop(tmp_path / str(check), sync_every=2, steps=3, lr=1e-2, host_only_engine=True, sync_check=check)
         fault(loop.engine, loop.engine.sync_weights)
         return loop
 
@@ -259,7 +280,7 @@ def test_a_wrong_sync_inside_a_run_is_caught_by_the_check_and_passes_silently_wi
         run(check=True).run()
     unchecked = run(check=False)
     initial = {k: v.clone() for k, v in unchecked.engine.model.state_dict().items()}
-    records = unchecked.run().records   # the same fault goes unnoticed: what the check is for
+    records = unchecked.run().records  # the same fault goes unnoticed: what the check is for
     assert [r["step"] for r in records] == [0, 1, 2] and records[2]["version"] == 2
     never_updated = all(torch.equal(v, initial[k]) for k, v in unchecked.engine.model.state_dict().items())
     assert never_updated == (fault is drop_the_weights)
@@ -269,7 +290,7 @@ def test_a_wrong_sync_inside_a_run_is_caught_by_the_check_and_passes_silently_wi
 def test_at_s_one_the_check_fires_when_the_engine_stops_sampling_from_the_trainers_module(tmp_path):
     loop = make_loop(tmp_path, sync_every=1, steps=2)
     loop.run()
-    loop.engine.model = loop.engine.model.__class__(loop.engine.model.config)   # pointed at other weights
+    loop.engine.model = loop.engine.model.__class__(loop.engine.model.config)  # pointed at other weights
     with pytest.raises(RuntimeError, match="sync check v2: the engine no longer samples from the trainer's module"):
         loop.step(2)
 
@@ -279,7 +300,7 @@ def test_bytes_changed_between_packing_and_the_consumer_fail_the_sync_naming_the
     send, last = loop.sync.transport.send, len(loop.sync.buffers) - 1
 
     def send_with_a_flipped_bit(version, weights, *, timeout_s, with_fingerprints=True):
-        weights.buffers[last].view(torch.uint8)[5] ^= 1   # after the producer's fingerprint, before the consumer's
+        weights.buffers[last].view(torch.uint8)[5] ^= 1  # after the producer's fingerprint, before the consumer's
         return send(version, weights, timeout_s=timeout_s, with_fingerprints=with_fingerprints)
 
     loop.sync.transport.send = send_with_a_flipped_bit

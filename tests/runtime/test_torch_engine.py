@@ -16,9 +16,19 @@ PROMPTS = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12], [13], [14, 15, 16, 17]]
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=20, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init so that the argmax is not a near-tie
         for p in model.parameters():
@@ -37,17 +47,26 @@ def hf_greedy(model, prompts, max_new_tokens, eos=None):
     ids = torch.full((len(prompts), L), PAD)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p)
-        mask[b, L - len(p):] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                         pad_token_id=PAD, eos_token_id=eos, top_k=None, top_p=None, temperature=None)
+        ids[b, L - len(p) :] = torch.tensor(p)
+        mask[b, L - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=PAD,
+        eos_token_id=eos,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+    )
     return out[:, L:].tolist()
 
 
 def fresh_logprobs(model, prompt, completion, temperature):
     ids = torch.tensor([prompt + completion.token_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
     scale = temperature if temperature > 0 else 1.0
     logp = (logits / scale).log_softmax(-1)
     target = torch.tensor(completion.token_ids)
@@ -95,11 +114,14 @@ def test_stop_token_ends_sequence_with_finish_reason_stop(model):
 
 
 def test_eos_token_always_stops_like_hf_generate(model):
-    eos = TorchEngine(model, pad_token_id=PAD, eos_token_id=None).generate(
-        PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))[0].token_ids[1]
+    eos = (
+        TorchEngine(model, pad_token_id=PAD, eos_token_id=None)
+        .generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))[0]
+        .token_ids[1]
+    )
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=eos)
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=12))
-    expected = [ids[:ids.index(eos) + 1] if eos in ids else ids for ids in hf_greedy(model, PROMPTS, 12, eos)]
+    expected = [ids[: ids.index(eos) + 1] if eos in ids else ids for ids in hf_greedy(model, PROMPTS, 12, eos)]
     assert [c.token_ids for c in out] == expected
     assert out[0].finish_reason == "stop"
 
@@ -116,10 +138,12 @@ def test_n_samples_per_prompt_come_prompt_major(model):
 def test_the_n_samples_of_a_prompt_share_one_prefill_also_across_a_batch_boundary(model):
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=EOS, max_batch_size=5)
     prefills, forward = [], model.forward
-    model.forward = lambda **kw: (prefills.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1
-                                  else None, forward(**kw))[1]
+    model.forward = lambda **kw: (
+        prefills.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None,
+        forward(**kw),
+    )[1]
     out = engine.generate(PROMPTS, SamplingParams(temperature=1.1, max_new_tokens=7, n=3, seed=5))
-    assert prefills == [2, 3, 1]   # batches of rows 0-4 (prompts 0, 1), 5-9 (prompts 1, 2, 3), 10-11 (prompt 3)
+    assert prefills == [2, 3, 1]  # batches of rows 0-4 (prompts 0, 1), 5-9 (prompts 1, 2, 3), 10-11 (prompt 3)
     assert [c.prompt_index for c in out] == [i for i in range(len(PROMPTS)) for _ in range(3)]
     for c in out:
         ref, _ = fresh_logprobs(model, PROMPTS[c.prompt_index], c, 1.1)
@@ -137,8 +161,12 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(model):
 
 def test_seeded_sampling_is_reproducible_and_seed_changes_samples(model):
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=EOS)
-    sample = lambda seed: [c.token_ids for c in engine.generate(  # noqa: E731
-        PROMPTS, SamplingParams(temperature=1.5, max_new_tokens=10, n=2, seed=seed))]
+    sample = lambda seed: [
+        c.token_ids
+        for c in engine.generate(  # noqa: E731
+            PROMPTS, SamplingParams(temperature=1.5, max_new_tokens=10, n=2, seed=seed)
+        )
+    ]
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
 
@@ -210,9 +238,20 @@ def test_generation_stops_at_the_context_limit(model):
         engine.generate([[3] * 64], SamplingParams())
 
 
-@pytest.mark.parametrize("field, value", [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_new_tokens", 0),
-    ("n", 0), ("seed", 1.5), ("stop_token_ids", [1]), ("top_k", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("max_new_tokens", 0),
+        ("n", 0),
+        ("seed", 1.5),
+        ("stop_token_ids", [1]),
+        ("top_k", True),
+    ],
+)
 def test_bad_sampling_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
@@ -227,8 +266,18 @@ def test_bad_prompts_raise(model, prompts):
 
 def test_left_padded_batch_equals_each_prompt_alone_with_absolute_positions():
     # GPT-2's learned absolute positions (unlike RoPE) change the output if padded rows get shifted position ids
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_embd=32, n_layer=2, n_head=2, n_positions=64,
-                                       pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=20,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=64,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=2,
+        )
+    )
     with torch.no_grad():
         model.transformer.wpe.weight.mul_(30.0)
     engine = TorchEngine(model, pad_token_id=PAD, eos_token_id=None)
@@ -248,7 +297,7 @@ def test_truncation_keeps_exactly_the_top_k_then_the_smallest_nucleus(top_k, top
         order = row.argsort(descending=True).tolist()
         order = order[:top_k] if top_k else order
         probs = row[order].softmax(-1)
-        size = next(i + 1 for i in range(len(order)) if probs[:i + 1].sum() >= top_p or i + 1 == len(order))
+        size = next(i + 1 for i in range(len(order)) if probs[: i + 1].sum() >= top_p or i + 1 == len(order))
         assert sorted(keep.nonzero()[:, 0].tolist()) == sorted(order[:size])
 
 

@@ -11,9 +11,16 @@ from tests.helpers import relative_error
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=20, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=20,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -72,8 +79,11 @@ def test_learning_rate_follows_warmup_then_schedule(schedule):
     trainer = Trainer(tiny_llama(), TrainerConfig(lr=lr, warmup_steps=W, total_steps=S, schedule=schedule))
     ids = torch.randint(0, 20, (2, 5))
     seen = [trainer.step(lm_loss, [ids])["lr"] for _ in range(S)]
-    shape = {"constant": lambda p: 1.0, "linear": lambda p: 1.0 - p,
-             "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p))}[schedule]
+    shape = {
+        "constant": lambda p: 1.0,
+        "linear": lambda p: 1.0 - p,
+        "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+    }[schedule]
     expected = [lr * (s + 1) / W if s < W else lr * shape((s - W) / (S - W)) for s in range(S)]
     assert seen == pytest.approx(expected, rel=1e-12)
     assert trainer.version == S
@@ -105,7 +115,7 @@ def test_step_counts_versions_and_accepts_loss_outputs_with_metrics():
 def test_unequal_micro_batches_weighted_by_their_share_give_the_gradient_of_one_batch():
     model, twin, accum, whole = _accumulating_and_whole(3)
     ids = torch.randint(0, 20, (5, 7))
-    m_accum = accum.step(lm_loss, [ids[:1], ids[1:]], weights=[1 / 5, 4 / 5])   # 2 <= k micro batches
+    m_accum = accum.step(lm_loss, [ids[:1], ids[1:]], weights=[1 / 5, 4 / 5])  # 2 <= k micro batches
     m_whole = whole.step(lm_loss, [ids])
     assert relative_error(grads(model), grads(twin)) <= 1e-6
     assert m_accum["loss"] == pytest.approx(m_whole["loss"], rel=1e-6)
@@ -137,10 +147,23 @@ def test_config_seed_reseeds_the_global_rngs():
     assert torch.equal(draws[0], draws[1])
 
 
-@pytest.mark.parametrize("field, value", [
-    ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0), ("betas", (0.9, 1.0)), ("betas", [0.9, 0.99]),
-    ("eps", 0.0), ("grad_accum_steps", 0), ("max_grad_norm", 0.0), ("warmup_steps", -1), ("schedule", "step"),
-    ("seed", "1"), ("bf16_autocast", 1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("weight_decay", -1.0),
+        ("betas", (0.9, 1.0)),
+        ("betas", [0.9, 0.99]),
+        ("eps", 0.0),
+        ("grad_accum_steps", 0),
+        ("max_grad_norm", 0.0),
+        ("warmup_steps", -1),
+        ("schedule", "step"),
+        ("seed", "1"),
+        ("bf16_autocast", 1),
+    ],
+)
 def test_bad_config_raises_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainerConfig(**{field: value})

@@ -19,8 +19,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def real_model(arch: str, tied: bool, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A small real Llama or Qwen2 (Qwen2 has q/k/v biases) with every tensor drawn fresh (no zero biases)."""
-    common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    common = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**common)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
     with torch.no_grad():
@@ -68,23 +76,25 @@ def test_a_copy_bound_to_the_buckets_follows_every_pack_and_keeps_its_tied_weigh
 def test_packing_with_fingerprints_equals_packing_then_fingerprinting_with_tensors_above_the_piece_size(dtype):
     generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     shapes = [(3, 5), (1031, 1031 * 8 // dtype.itemsize), (7,), (517, 3), (1 << 20,), (1,)]
-    state = {f"t{i}": torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-             for i, shape in enumerate(shapes)}
+    state = {
+        f"t{i}": torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        for i, shape in enumerate(shapes)
+    }
     state["strided"] = torch.randn(40, 30, generator=generator, dtype=torch.float64).to(dtype).t()
-    plan = SyncPlan(state, bucket_mb=6)   # the big tensors alone in their buckets, the small ones together
+    plan = SyncPlan(state, bucket_mb=6)  # the big tensors alone in their buckets, the small ones together
     buffers = plan.allocate()
-    threads_before = torch.__config__.parallel_info()   # the packing threads must leave the caller's settings
-    for buffer in buffers:   # poisoned: stale bytes in the padding too, which the fingerprint must count
+    threads_before = torch.__config__.parallel_info()  # the packing threads must leave the caller's settings
+    for buffer in buffers:  # poisoned: stale bytes in the padding too, which the fingerprint must count
         buffer.view(torch.uint8).copy_(torch.randint(256, (buffer.nbytes,), generator=generator, dtype=torch.uint8))
     fused = plan.pack_fingerprinted(state, buffers)
     assert len(buffers) > 2 and fused == fingerprints(buffers)
     assert torch.__config__.parallel_info() == threads_before
     for name, view in plan.views(buffers):
         assert torch.equal(view.view(torch.uint8), state[name].contiguous().view(torch.uint8)), name
-    state["t1"].view(torch.uint8).view(-1)[-1] ^= 1   # one byte of a piece-copied tensor changes its bucket's alone
+    state["t1"].view(torch.uint8).view(-1)[-1] ^= 1  # one byte of a piece-copied tensor changes its bucket's alone
     changed = plan.pack_fingerprinted(state, buffers)
     assert changed == fingerprints(buffers) and [a != b for a, b in zip(fused, changed)].count(True) == 1
-    with pytest.raises(KeyError, match="t0"):   # a failure in a packing thread reaches the caller
+    with pytest.raises(KeyError, match="t0"):  # a failure in a packing thread reaches the caller
         plan.pack({k: v for k, v in state.items() if k != "t0"}, buffers)
 
 
@@ -116,7 +126,7 @@ def test_a_torch_engine_loads_bucket_views_of_another_copy_and_a_bad_name_leaves
     assert InProcessTransport(engine).send(2, plan.views(buffers), timeout_s=1) == fingerprints(buffers)
     assert engine.weight_version == 2
     unchecked = InProcessTransport(engine).send(2, plan.views(buffers), timeout_s=1, with_fingerprints=False)
-    assert unchecked == [None] * len(buffers)   # the sync check off: the buckets are not read again
+    assert unchecked == [None] * len(buffers)  # the sync check off: the buckets are not read again
     for (name, a), b in zip(engine.model.state_dict().items(), trainer.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(KeyError, match="missing"):
@@ -149,7 +159,7 @@ def test_shared_memory_into_a_real_child_process_matches_fingerprints_on_every_s
                     p.add_(torch.randn_like(p))
         assert seen[0] != seen[1] != seen[2]
         unchecked = transport.send(3, plan.views(buffers), timeout_s=120, with_fingerprints=False)
-        assert unchecked == [None] * len(buffers)   # every bucket still answered, none fingerprinted
+        assert unchecked == [None] * len(buffers)  # every bucket still answered, none fingerprinted
     finally:
         transport.close()
         process.join(30)
@@ -198,8 +208,9 @@ def test_cuda_ipc_into_a_real_child_process_matches_fingerprints():
         buffers = transport.buffers(plan)
         for version in range(2):
             plan.pack(model, buffers)
-            compare_fingerprints(version, fingerprints(buffers), transport.send(version, plan.views(buffers),
-                                                                                 timeout_s=120))
+            compare_fingerprints(
+                version, fingerprints(buffers), transport.send(version, plan.views(buffers), timeout_s=120)
+            )
     finally:
         transport.close()
         process.join(30)

@@ -48,26 +48,66 @@ class HostOnlyEngine(TorchEngine):
         return False
 
 
-def make_loop(out_dir, *, sync_every, steps, algorithm="dpo", reward=random_reward, lr=1e-3, seed=0,
-              checkpoint_every=0, model_seed=3, samples=4, grad_accum_steps=1, max_grad_norm=1.0, eps=1e-8,
-              max_new_tokens=4, host_only_engine=False, sync_check=True):
+def make_loop(
+    out_dir,
+    *,
+    sync_every,
+    steps,
+    algorithm="dpo",
+    reward=random_reward,
+    lr=1e-3,
+    seed=0,
+    checkpoint_every=0,
+    model_seed=3,
+    samples=4,
+    grad_accum_steps=1,
+    max_grad_norm=1.0,
+    eps=1e-8,
+    max_new_tokens=4,
+    host_only_engine=False,
+    sync_check=True,
+):
     """An ``OnlineLoop`` of online DPO (``algorithm="dpo"``) or GRPO (``"grpo"``, ``"grpo-rows"``) on the tiny Llama."""
-    model = build_tiny_model(tiny_llama_config(TOK.vocab_size, hidden_size=32, layers=1, intermediate=64),
-                             seed=model_seed)
-    trainer = Trainer(model, TrainerConfig(lr=lr, eps=eps, grad_accum_steps=grad_accum_steps,
-                                           max_grad_norm=max_grad_norm), reference=make_reference(model))
+    model = build_tiny_model(
+        tiny_llama_config(TOK.vocab_size, hidden_size=32, layers=1, intermediate=64), seed=model_seed
+    )
+    trainer = Trainer(
+        model,
+        TrainerConfig(lr=lr, eps=eps, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm),
+        reference=make_reference(model),
+    )
     engine = make_engine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0)
     if host_only_engine:  # its own copy of the weights, reached only through sync_weights
-        engine = HostOnlyEngine(copy.deepcopy(model).requires_grad_(False), pad_token_id=TOK.pad_id,
-                                eos_token_id=TOK.eos_id, seed=0)
-    config = LoopConfig(steps=steps, sync_every=sync_every, prompts_per_step=4, eval_every=0,
-                        checkpoint_every=checkpoint_every, out_dir=str(out_dir), seed=seed,
-                        sync=SyncConfig(check=sync_check))
+        engine = HostOnlyEngine(
+            copy.deepcopy(model).requires_grad_(False), pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0
+        )
+    config = LoopConfig(
+        steps=steps,
+        sync_every=sync_every,
+        prompts_per_step=4,
+        eval_every=0,
+        checkpoint_every=checkpoint_every,
+        out_dir=str(out_dir),
+        seed=seed,
+        sync=SyncConfig(check=sync_check),
+    )
     if algorithm == "dpo":
         algo = OnlineDPO(DPOConfig(beta=0.5, samples_per_prompt=samples), pad_token_id=TOK.pad_id)
     else:  # "grpo": dapo, a token-mean loss; "grpo-rows": grpo, a mean of per-row means
         loss_type = "dapo" if algorithm == "grpo" else "grpo"
-        algo = GRPO(GRPOConfig(samples_per_prompt=samples, loss_type=loss_type, beta=0.05), pad_token_id=TOK.pad_id,
-                    max_completion_length=max_new_tokens)
-    return OnlineLoop(config, trainer=trainer, engine=engine, algorithm=algo, reward_fn=reward, problems=PROBLEMS,
-                      tokenizer=TOK, sampling=SamplingParams(max_new_tokens=max_new_tokens), progress=False)
+        algo = GRPO(
+            GRPOConfig(samples_per_prompt=samples, loss_type=loss_type, beta=0.05),
+            pad_token_id=TOK.pad_id,
+            max_completion_length=max_new_tokens,
+        )
+    return OnlineLoop(
+        config,
+        trainer=trainer,
+        engine=engine,
+        algorithm=algo,
+        reward_fn=reward,
+        problems=PROBLEMS,
+        tokenizer=TOK,
+        sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        progress=False,
+    )
