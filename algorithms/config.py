@@ -37,7 +37,7 @@ from hotloop.algorithms.rwr import RWR, RWRConfig
 from hotloop.algorithms.self_rewarding import SelfRewardingConfig, SelfRewardingDPO
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import ENGINE_KINDS
-from hotloop.runtime.loop import LoopConfig
+from hotloop.runtime.loop_config import LoopConfig
 from hotloop.runtime.trainer import TrainerConfig
 
 TASKS = ("arithmetic", "preference", "word_problems", "jsonl")

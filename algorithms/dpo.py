@@ -22,6 +22,9 @@ pairs come from is what separates the variants (Tang et al. 2024; Lanchantin et 
   texts with :meth:`OfflineDPO.from_file`), replayed for the prompts the loop draws. Because the
   set is fixed, its reference log-probs are computed once (on the first loss call) and cached.
 
+The pairs themselves (:class:`PreferencePair`, reading a pairs file, packing rows) are
+:mod:`hotloop.algorithms.preference_data`'s.
+
 Cost per pair: one policy forward+backward, plus one reference forward over both sequences (online;
 offline only once per stored pair); the log-probs come from the fused linear log-prob kernel, so
 no ``[tokens, V]`` logits are stored.
@@ -30,7 +33,6 @@ no ``[tokens, V]`` logits are stored.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,17 +40,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hotloop.algorithms.base import Batch, BuildContext, check_scored, group_by_prompt, pack_rows, sampler_version
+from hotloop.algorithms.base import BuildContext, check_scored, group_by_prompt, sampler_version
 from hotloop.algorithms.logprobs import sequence_logprobs
-from hotloop.algorithms.pairing import PAIR_FALLBACKS, contrast_pairs, resample_tied, skip_reasons
-from hotloop.algorithms.tasks.arithmetic import Problem
+from hotloop.algorithms.pairing import PAIR_FALLBACKS, resample_tied, skip_reasons
+from hotloop.algorithms.preference_data import PairBatch, PreferencePair, pair_batch, preference_pairs, read_pairs
 from hotloop.kernels.losses.dpo import LOSS_TYPES, DPOOptions, dpo_loss
 from hotloop.kernels.losses.output import LossOutput
 from hotloop.runtime.engine import Completion, SamplingParams
 from hotloop.runtime.micro_batches import SplitRule
 
-PAIR_KEYS = ("prompt", "chosen", "rejected")
-"""Keys of one line of a preference-pairs JSONL file (texts)."""
 _REFERENCE_CHUNK_PAIRS = 64
 """Stored pairs per reference forward when the reference log-probs of a fixed set are cached."""
 
@@ -108,144 +108,12 @@ class DPOConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PairBatch(Batch):
-    """Rows ``[c_0, r_0, c_1, r_1, ...]``: pair p is (chosen row 2p, rejected row 2p + 1)."""
-
-    chosen: torch.Tensor
-    """[P] int64 row index of each pair's preferred completion."""
-    rejected: torch.Tensor
-    """[P] int64 row index of each pair's dispreferred completion."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class StoredPairBatch(PairBatch):
     """A :class:`PairBatch` of pairs from a fixed set, which knows where each row is stored."""
 
     stored_row: torch.Tensor
     """[B] int64: row r is ``2i`` (chosen) or ``2i + 1`` (rejected) of stored pair i (:attr:`OfflineDPO.stored`);
     per row, so micro batches that slice rows keep it aligned."""
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """One stored preference: token ids of the prompt and of the two completions (eos included)."""
-
-    prompt_ids: tuple[int, ...]
-    chosen_ids: tuple[int, ...]
-    rejected_ids: tuple[int, ...]
-    chosen_reward: float = 1.0
-    rejected_reward: float = 0.0
-
-
-def best_worst_pairs(rewards: torch.Tensor, groups: list[list[int]], pairs_per_group: int) -> list[tuple[int, int]]:
-    """(chosen, rejected) indices: in each group the i-th best with the i-th worst, while they differ.
-
-    Ties keep sampling order, so the result is deterministic; groups with one reward value give none.
-    """
-    values, pairs = rewards.tolist(), []  # one host copy, not one per element
-    for group in groups:
-        order = sorted(group, key=lambda i: -values[i])
-        for i in range(min(pairs_per_group, len(order) // 2)):
-            best, worst = order[i], order[-1 - i]
-            if values[best] > values[worst]:
-                pairs.append((best, worst))
-    return pairs
-
-
-def preference_pairs(
-    prompt_ids: list[list[int]],
-    completions: list[Completion],
-    rewards: torch.Tensor,
-    pairs_per_prompt: int,
-    fallback: str = "none",
-) -> list[PreferencePair]:
-    """Pairs of each prompt's scored samples: best vs worst (:func:`best_worst_pairs`), or with ``fallback="reuse"``
-    :func:`hotloop.algorithms.pairing.contrast_pairs`."""
-    check_scored(completions, rewards)
-    groups = group_by_prompt(completions, len(prompt_ids))
-    pick = contrast_pairs if fallback == "reuse" else best_worst_pairs
-    return [
-        PreferencePair(
-            tuple(prompt_ids[completions[w].prompt_index]),
-            tuple(completions[w].token_ids),
-            tuple(completions[l].token_ids),
-            float(rewards[w]),
-            float(rewards[l]),
-        )
-        for w, l in pick(rewards, groups, pairs_per_prompt)
-    ]
-
-
-def read_pairs(
-    path: str | Path, encode: Callable[[str], list[int]], eos_token_id: int
-) -> tuple[list[Problem], list[PreferencePair]]:
-    """Problems (one per distinct prompt) and preference pairs of a JSONL file of PAIR_KEYS texts.
-
-    ``prompt_ids = encode(prompt)`` (bos included); a completion's ids are those of
-    ``encode(prompt + text)`` after the prompt's, then ``eos_token_id`` (what the sampler would emit).
-    Raises ``ValueError`` naming the file, the line number and what is wrong with the line.
-    """
-    problems: dict[str, Problem] = {}
-    pairs = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = _pair_row(path, number, line)
-        try:
-            prompt_ids = encode(row["prompt"])
-            ids = [_completion_ids(prompt_ids, encode(row["prompt"] + row[k]), k) for k in ("chosen", "rejected")]
-        except ValueError as err:
-            raise ValueError(f"{path}:{number}: {err}") from None
-        problems.setdefault(row["prompt"], Problem(prompt=row["prompt"], answer=""))
-        pairs.append(PreferencePair(tuple(prompt_ids), (*ids[0], eos_token_id), (*ids[1], eos_token_id)))
-    if not pairs:
-        raise ValueError(f"{path}: expected at least one line with keys {PAIR_KEYS}, got none")
-    return list(problems.values()), pairs
-
-
-def _pair_row(path, number: int, line: str) -> dict:
-    """One parsed line of a pairs file, checked to hold PAIR_KEYS strings."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got invalid JSON ({err.msg})"
-        ) from None
-    if not isinstance(row, dict):
-        raise ValueError(f"{path}:{number}: expected a JSON object with keys {PAIR_KEYS}, got {type(row).__name__}")
-    for key in PAIR_KEYS:
-        if key not in row:
-            raise ValueError(f"{path}:{number}: missing key {key!r}; expected keys {PAIR_KEYS}, got {sorted(row)}")
-        if not isinstance(row[key], str):
-            raise ValueError(f"{path}:{number}: key {key!r}: expected a string, got {row[key]!r}")
-    return row
-
-
-def _completion_ids(prompt_ids: list[int], full_ids: list[int], key: str) -> list[int]:
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
-            f"key {key!r}: the prompt's tokens are not a prefix of the tokens of prompt + {key} "
-            f"(the tokenizer merges across the boundary); end the prompt where a token ends"
-        )
-    return full_ids[len(prompt_ids) :]
-
-
-def pair_batch(pairs: list[PreferencePair], pad_token_id: int, version: int) -> PairBatch:
-    """Pack preference pairs into interleaved chosen/rejected rows."""
-    prompts = [list(p.prompt_ids) for p in pairs for _ in range(2)]
-    completions = [list(ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    input_ids, attention_mask, completion_mask = pack_rows(prompts, completions, pad_token_id)
-    rewards = torch.tensor([r for p in pairs for r in (p.chosen_reward, p.rejected_reward)], dtype=torch.float32)
-    P = len(pairs)
-    return PairBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        completion_mask=completion_mask,
-        rewards=rewards,
-        sampler_version=version,
-        chosen=torch.arange(0, 2 * P, 2),
-        rejected=torch.arange(1, 2 * P, 2),
-    )
 
 
 class _DPOLoss:

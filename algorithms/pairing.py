@@ -1,8 +1,8 @@
 """Preference pairs from verifiable rewards when correct samples are few: fallbacks that do not starve.
 
 Online DPO pairs the i-th best of a prompt's samples with its i-th worst while their rewards differ
-(:func:`hotloop.algorithms.dpo.best_worst_pairs`). On a real model a hard prompt often has one correct
-sample in eight (or none), so that rule gives one pair, or none, per prompt, and a step trains on
+(:func:`hotloop.algorithms.preference_data.best_worst_pairs`). On a real model a hard prompt often has
+one correct sample in eight (or none), so that rule gives one pair, or none, per prompt, and a step trains on
 1-4 pairs. Three fallbacks, chosen in ``DPOConfig``, keep the step fed; none of them ever pairs
 different prompts' completions (a "chosen" answer to another question says nothing about this one):
 

@@ -8,7 +8,7 @@ completions of each prompt play a round robin, and each one's score is its mean 
 
     s_i = mean_{j ≠ i} P(y_i ≻ y_j)          (over the other distinct texts of the same prompt)
 
-then the i-th best is paired with the i-th worst (:func:`hotloop.algorithms.dpo.preference_pairs`
+then the i-th best is paired with the i-th worst (:func:`hotloop.algorithms.preference_data.preference_pairs`
 on the scores), pairs whose score gap is at most ``min_margin`` are dropped, and the DPO loss of
 :mod:`hotloop.algorithms.dpo` trains on them (``dpo.*``: β, loss_type, IPO, ...).
 
@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from hotloop.algorithms.base import BuildContext, group_by_prompt, grouped_rewards, sampler_version
-from hotloop.algorithms.dpo import DPOConfig, PairBatch, _DPOLoss, pair_batch, preference_pairs
+from hotloop.algorithms.dpo import DPOConfig, _DPOLoss
+from hotloop.algorithms.preference_data import PairBatch, pair_batch, preference_pairs
 from hotloop.algorithms.rewards.judge import PAIRWISE_TEMPLATE, LLMJudge
 from hotloop.algorithms.rewards.reward_model import encode
 from hotloop.runtime.engine import Completion

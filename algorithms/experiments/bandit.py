@@ -31,7 +31,8 @@ from hotloop.algorithms.base import BuildContext
 from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
 from hotloop.algorithms.experiments import report, tabular
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.loop import OnlineLoop
+from hotloop.runtime.loop_config import LoopConfig
 from hotloop.runtime.sync_policy import SyncConfig
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 

@@ -22,7 +22,8 @@ from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_con
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.engine_factory import make_engine
-from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.loop import OnlineLoop
+from hotloop.runtime.loop_config import LoopConfig
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 from ._report import Check

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hotloop.algorithms.base import pack_rows
-from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO, PreferencePair, best_worst_pairs
+from hotloop.algorithms.dpo import DPOConfig, OfflineDPO, OnlineDPO
+from hotloop.algorithms.preference_data import PreferencePair, best_worst_pairs
 from hotloop.runtime.engine import Completion
 
 PAD = 0
@@ -101,7 +102,7 @@ def test_dpo_loss_gradient_raises_chosen_over_rejected_logprob(loss_type):
     model = build_tiny_model(tiny_llama_config(17, hidden_size=32, layers=1), seed=int(torch.randint(100, ())))
     reference = make_reference(model)
     pairs = [PreferencePair((1, 5, 6), (7, 8, 2), (9, 2)), PreferencePair((1, 4), (10, 2), (11, 12, 13, 2))]
-    from hotloop.algorithms.dpo import pair_batch
+    from hotloop.algorithms.preference_data import pair_batch
 
     batch = pair_batch(pairs, PAD, version=0)
     algo = OnlineDPO(DPOConfig(beta=0.5, loss_type=loss_type, samples_per_prompt=2), pad_token_id=PAD)

@@ -13,7 +13,8 @@ from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_con
 from hotloop.algorithms.tasks.tokenizer import CharTokenizer
 from hotloop.runtime.engine import Completion, SamplingParams
 from hotloop.runtime.engine_factory import make_engine
-from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.loop import OnlineLoop
+from hotloop.runtime.loop_config import LoopConfig
 from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
 PAD = 0

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from hotloop.algorithms.dpo import DPOConfig, OnlineDPO, best_worst_pairs
+from hotloop.algorithms.dpo import DPOConfig, OnlineDPO
 from hotloop.algorithms.pairing import contrast_pairs, skip_reasons
+from hotloop.algorithms.preference_data import best_worst_pairs
 
 
 def _groups(sizes):

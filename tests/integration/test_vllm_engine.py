@@ -69,7 +69,8 @@ def assert_logprobs_match(model, completions, temperature):
 
 def test_online_loop_with_vllm_engine_at_s1_then_s2_samples_with_every_synced_version(engine, tmp_path):
     from hotloop.algorithms.grpo import GRPO, GRPOConfig
-    from hotloop.runtime.loop import LoopConfig, OnlineLoop
+    from hotloop.runtime.loop import OnlineLoop
+    from hotloop.runtime.loop_config import LoopConfig
     from hotloop.runtime.trainer import Trainer, TrainerConfig, make_reference
 
     assert engine.weight_version == 0, "the loop's trainer starts at version 0: this test must run first"

@@ -18,7 +18,8 @@ from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_con
 from hotloop.runtime import checkpoint
 from hotloop.runtime.checkpoint import latest_checkpoint
 from hotloop.runtime.engine import SamplingParams
-from hotloop.runtime.loop import LoopConfig, OnlineLoop
+from hotloop.runtime.loop import OnlineLoop
+from hotloop.runtime.loop_config import LoopConfig
 from hotloop.runtime.torch_engine import TorchEngine
 from tests.helpers import assert_close
 from tests.runtime.tiny_loop import PROBLEMS, TOK, make_loop, random_reward, sevens

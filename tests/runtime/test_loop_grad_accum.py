@@ -5,8 +5,8 @@ batch are refused when the loop is built."""
 import pytest
 import torch
 
-from hotloop.algorithms.dpo import PairBatch
 from hotloop.algorithms.kto import KTO, KTOConfig
+from hotloop.algorithms.preference_data import PairBatch
 from hotloop.runtime.loop import OnlineLoop
 from hotloop.runtime.micro_batches import SplitRule, split_batch
 from tests.helpers import relative_error
