@@ -4,8 +4,8 @@
 (:func:`build_setup`: the tiny model's cached SFT warm start or ``model.path``, the train/test
 problems, the reward), writes ``run_config.json``, evaluates the initial policy (greedy held-out
 accuracy, :func:`make_evaluate`), runs :class:`hotloop.runtime.loop.OnlineLoop` and evaluates again;
-the summary and its plot are :mod:`hotloop.algorithms.summary`'s. The experiments
-(:mod:`hotloop.algorithms.experiments.arithmetic`) build their runs from the same pieces.
+the summary and its plot are :mod:`hotloop.algorithms.summary`'s. The experiments' runner
+(:mod:`hotloop.algorithms.experiments._grid`) builds their runs from the same pieces.
 
 Everything runs on ``model.device`` (:func:`resolve_device`): the SFT warm start trains on the
 CPU, then policy, reference, sampler copy and loaded reward or judge models move there.

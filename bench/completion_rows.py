@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
+from bench._harness import Contender, Row, time_section
+from bench._results import RESULTS_DIR, collect_meta, device_slug, write_results
 from hotloop.algorithms.logprobs import IGNORE_INDEX, token_logprobs
 from hotloop.kernels.fused_linear_logprob import fused_linear_logprob
 from hotloop.kernels.losses import grpo_loss

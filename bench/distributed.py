@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
+from bench._harness import Contender, Row, time_section
+from bench._results import RESULTS_DIR, collect_meta, device_slug, write_results
 from hotloop.algorithms.grpo import GRPO, GRPOConfig
 from hotloop.algorithms.tasks.tiny_model import build_tiny_model, tiny_llama_config
 from hotloop.runtime import distributed

@@ -34,18 +34,8 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import (
-    MB,
-    RESULTS_DIR,
-    Contender,
-    Row,
-    Unavailable,
-    collect_meta,
-    device_slug,
-    time_section,
-    unavailable_row,
-    write_results,
-)
+from bench._harness import MB, Contender, Row, Unavailable, time_section, unavailable_row
+from bench._results import RESULTS_DIR, collect_meta, device_slug, write_results
 
 LogpFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("fwd+bwd", "fwd (no grad)")

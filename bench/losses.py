@@ -29,19 +29,9 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import (
-    MB,
-    RESULTS_DIR,
-    Contender,
-    Row,
-    add_ratios,
-    collect_meta,
-    device_slug,
-    time_section,
-    unavailable_row,
-    write_results,
-)
+from bench._harness import MB, Contender, Row, time_section, unavailable_row
 from bench._loss_cases import IMPLEMENTATIONS, SPECS, Case, Impl, make_case
+from bench._results import RESULTS_DIR, add_ratios, collect_meta, device_slug, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REFS = ("none", "head", "cached")

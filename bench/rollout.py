@@ -29,7 +29,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench._harness import Row, collect_meta, unavailable_row, write_results
+from bench._harness import Row, unavailable_row
+from bench._results import collect_meta, write_results
 from hotloop.runtime.engine import SamplingParams
 from hotloop.runtime.torch_engine import TorchEngine
 

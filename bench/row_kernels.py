@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
+from bench._harness import Contender, Row, time_section
+from bench._results import RESULTS_DIR, collect_meta, device_slug, write_results
 from hotloop.kernels import _cpu_ext
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

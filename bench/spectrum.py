@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._harness import RESULTS_DIR, device_slug
+from bench._results import RESULTS_DIR, device_slug
 from hotloop.algorithms.experiments import compare, report
 
 

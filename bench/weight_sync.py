@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench._harness import RESULTS_DIR, Contender, Row, collect_meta, device_slug, time_section, write_results
+from bench._harness import Contender, Row, time_section
+from bench._results import RESULTS_DIR, collect_meta, device_slug, write_results
 from hotloop.runtime.weight_sync import SyncPlan, compare_fingerprints, fingerprints
 from hotloop.runtime.weight_transport import ProcessTransport, serve, start_consumer
 

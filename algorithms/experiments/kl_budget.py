@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from hotloop.algorithms.experiments import bandit, report, tabular
+from hotloop.algorithms.experiments import bandit_loop, report, tabular
 
 BETAS = (0.03, 0.1, 0.3, 1.0)
 BUDGETS = (0.25, 0.5, 1.0, 2.0, 3.0)
@@ -48,9 +48,9 @@ def frontier(trajectories: list[list[tuple[float, float]]], budget: float) -> tu
     return best
 
 
-def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig | None = None) -> report.Report:
+def run(seeds: list[int], *, progress: bool = True, config: bandit_loop.BanditConfig | None = None) -> report.Report:
     """β sweep of DPO and IPO at s = 1 and ∞ on R1 and R2; the reward frontier at each KL budget."""
-    config = dataclasses.replace(config or bandit.BanditConfig(), eval_every=2)
+    config = dataclasses.replace(config or bandit_loop.BanditConfig(), eval_every=2)
     grid = [
         (reward, loss, s, beta, seed)
         for reward in tabular.REWARD_PEAKS
@@ -61,7 +61,7 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     ]
     t0, points = time.perf_counter(), {}
     for reward, loss, s, beta, seed in tqdm(grid, desc="kl-budget", disable=not progress):
-        result = bandit.run_bandit(loss, reward=reward, sync_every=s, seed=seed, config=config, beta=beta)
+        result = bandit_loop.run_bandit(loss, reward=reward, sync_every=s, seed=seed, config=config, beta=beta)
         points.setdefault((reward, loss, s, seed), []).append([(kl, r) for _, r, kl in result.curve])
     entries = []
     for (reward, loss, s, seed), cell in points.items():
@@ -72,13 +72,13 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
                 report.entry(
                     "kl-budget",
                     loss,
-                    f"{reward} s={bandit.sync_label(s)} KL<={budget}",
+                    f"{reward} s={bandit_loop.sync_label(s)} KL<={budget}",
                     seed,
                     "best_expected_reward_within_kl",
                     value,
                     kl,
                     reward=reward,
-                    sync_every=bandit.sync_label(s),
+                    sync_every=bandit_loop.sync_label(s),
                     kl_budget=budget,
                     reached=reach >= budget,
                 )
@@ -94,15 +94,15 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     )
 
 
-def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
+def _markdown(entries: list[dict], config: bandit_loop.BanditConfig) -> str:
     rows = []
     for reward in tabular.REWARD_PEAKS:
         for loss in LOSSES:
             for s in SETTINGS:
-                cells = [reward, loss, bandit.sync_label(s)]
+                cells = [reward, loss, bandit_loop.sync_label(s)]
                 for budget in BUDGETS:
                     found = report.select(
-                        entries, algorithm=loss, reward=reward, sync_every=bandit.sync_label(s), kl_budget=budget
+                        entries, algorithm=loss, reward=reward, sync_every=bandit_loop.sync_label(s), kl_budget=budget
                     )
                     text = report.fmt(e["value"] for e in found)
                     cells.append(text if all(e["reached"] for e in found) else f"{text} (KL not reached)")
@@ -146,7 +146,7 @@ def _draw_frontiers(ax, points: dict, seeds: list[int], reward: str) -> None:
     for loss in LOSSES:
         for s, style in ((1, "-"), (math.inf, "--")):
             curves = torch.tensor([[frontier(points[reward, loss, s, seed], k)[0] for k in grid] for seed in seeds])
-            ax.plot(grid, curves.mean(0).tolist(), style, label=f"{loss} s = {bandit.sync_label(s)}")
+            ax.plot(grid, curves.mean(0).tolist(), style, label=f"{loss} s = {bandit_loop.sync_label(s)}")
     ax.set(
         title=f"{reward}: best reward within a KL budget",
         xlabel="KL(π ‖ π_ref) budget",

@@ -3,7 +3,7 @@
 The ``arithmetic`` experiment's comparison (Lanchantin et al. 2025, https://arxiv.org/abs/2506.21495:
 offline DPO gains least, semi-online DPO nearly matches online, online DPO and GRPO gain most) on
 SmolLM2-135M-Instruct (``hotloop fetch-model smollm2-135m-instruct``) and the built-in 2-step
-word problems scored by math-verify, through the same runner (:func:`arithmetic.run_grid`):
+word problems scored by math-verify, through the same runner (:func:`_grid.run_grid`):
 
 - offline DPO: ``online-dpo`` with ``s = ∞`` (the sampler keeps the initial weights: every step's
   pairs come from the initial model);
@@ -27,7 +27,7 @@ import torch
 
 from hotloop.algorithms.config import ALGORITHMS, RunConfig
 from hotloop.algorithms.experiments import report
-from hotloop.algorithms.experiments.arithmetic import (
+from hotloop.algorithms.experiments._grid import (
     Baseline,
     curves_figure,
     grid_entries,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from hotloop.algorithms.experiments import bandit, report
+from hotloop.algorithms.experiments import bandit_loop, report
 from hotloop.runtime.engine import Completion, SamplingParams
 from hotloop.runtime.weight_sync import named_tensors
 
@@ -146,9 +146,9 @@ class ReplayEngine:
 class ReplayResult:
     """A recorded run, its offline replay and the control."""
 
-    online: bandit.BanditRun
-    replay: bandit.BanditRun
-    control: bandit.BanditRun
+    online: bandit_loop.BanditRun
+    replay: bandit_loop.BanditRun
+    control: bandit_loop.BanditRun
     max_abs_diff: float
     losses_equal: bool
     staleness_equal: bool
@@ -156,12 +156,12 @@ class ReplayResult:
 
 
 def run_replay(
-    algorithm: str, *, sync_every: int, seed: int, config: bandit.BanditConfig, reward: str = "R1"
+    algorithm: str, *, sync_every: int, seed: int, config: bandit_loop.BanditConfig, reward: str = "R1"
 ) -> ReplayResult:
     """Record ``algorithm`` at ``sync_every``, replay it offline, and run the plain offline control."""
     with tempfile.TemporaryDirectory(prefix="hotloop-replay-") as out:
         # no sync probe while recording: its greedy generate calls would enter the recorded stream
-        loop = bandit.build_loop(
+        loop = bandit_loop.build_loop(
             algorithm,
             reward=reward,
             sync_every=sync_every,
@@ -171,8 +171,8 @@ def run_replay(
             wrap_engine=RecordingEngine,
             check_sync=False,
         )
-        online, calls = bandit.run_loop(loop), loop.engine.calls
-        loop = bandit.build_loop(
+        online, calls = bandit_loop.run_loop(loop), loop.engine.calls
+        loop = bandit_loop.build_loop(
             algorithm,
             reward=reward,
             sync_every=math.inf,
@@ -181,10 +181,10 @@ def run_replay(
             out_dir=f"{out}/replay",
             wrap_engine=lambda engine: ReplayEngine(copy.deepcopy(engine.model), calls),
         )
-        replay = bandit.run_loop(loop)
+        replay = bandit_loop.run_loop(loop)
         if loop.engine.served != len(calls):
             raise RuntimeError(f"replay: served {loop.engine.served} of {len(calls)} recorded calls")
-        control = bandit.run_bandit(algorithm, reward=reward, sync_every=math.inf, seed=seed, config=config)
+        control = bandit_loop.run_bandit(algorithm, reward=reward, sync_every=math.inf, seed=seed, config=config)
     trained = [[r for r in run.records if not r["skipped"]] for run in (online, replay)]
     return ReplayResult(
         online=online,
@@ -197,10 +197,10 @@ def run_replay(
     )
 
 
-def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig | None = None) -> report.Report:
+def run(seeds: list[int], *, progress: bool = True, config: bandit_loop.BanditConfig | None = None) -> report.Report:
     """Record → replay for every available bandit algorithm at s = 1 and 10, on R1."""
-    config = config or bandit.BanditConfig()
-    grid = [(name, s, seed) for name in bandit.available_algorithms() for s in RECORDED_PERIODS for seed in seeds]
+    config = config or bandit_loop.BanditConfig()
+    grid = [(name, s, seed) for name in bandit_loop.available_algorithms() for s in RECORDED_PERIODS for seed in seeds]
     t0, results = time.perf_counter(), {}
     for name, s, seed in tqdm(grid, desc="replay", disable=not progress):
         results[name, s, seed] = run_replay(name, sync_every=s, seed=seed, config=config)
@@ -245,7 +245,7 @@ def run(seeds: list[int], *, progress: bool = True, config: bandit.BanditConfig 
     )
 
 
-def _markdown(entries: list[dict], config: bandit.BanditConfig) -> str:
+def _markdown(entries: list[dict], config: bandit_loop.BanditConfig) -> str:
     rows = []
     for name in dict.fromkeys(e["algorithm"] for e in entries):
         for s in RECORDED_PERIODS:

@@ -1,5 +1,5 @@
 """Results of one ``bench.gpu`` run: correctness checks, timing rows, skipped sections; written as
-``gpu-<device>.{md,json,png}`` (the timing table and plot by ``bench._harness.write_results``, the checks and
+``gpu-<device>.{md,json,png}`` (the timing table and plot by ``bench._results.write_results``, the checks and
 the loop section added in front of the table and into the JSON)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench._harness import Row, write_results
+from bench._harness import Row
+from bench._results import write_results
 
 
 @dataclass

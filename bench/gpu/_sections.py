@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from bench._harness import collect_meta, device_slug
+from bench._results import collect_meta, device_slug
 
 from . import _kernels, _loop, _losses, _plan, _rows_cuda, _timing
 from ._report import Report

@@ -10,12 +10,12 @@ import torch
 
 from hotloop.algorithms.base import pack_rows
 from hotloop.algorithms.cli import main
-from hotloop.algorithms.experiments import bandit, compare, replay, tabular
+from hotloop.algorithms.experiments import bandit, bandit_loop, compare, replay, tabular
 from hotloop.algorithms.experiments.arithmetic import ArithmeticConfig
 from hotloop.algorithms.logprobs import sequence_logprobs
 from hotloop.runtime.engine import SamplingParams
 
-TINY = bandit.BanditConfig(steps=25, eval_every=5)
+TINY = bandit_loop.BanditConfig(steps=25, eval_every=5)
 
 
 def exact_bin_masses() -> torch.Tensor:
@@ -91,9 +91,9 @@ def test_bandit_engine_samples_the_exact_softmax_and_repeats_with_the_step_seed(
         engine.generate([[0]], SamplingParams(top_p=0.5))
 
 
-@pytest.mark.parametrize("algorithm", bandit.available_algorithms())
+@pytest.mark.parametrize("algorithm", bandit_loop.available_algorithms())
 def test_a_short_bandit_run_of_every_loss_raises_the_expected_reward(algorithm):
-    result = bandit.run_bandit(algorithm, reward="R2", sync_every=1, seed=3, config=TINY)
+    result = bandit_loop.run_bandit(algorithm, reward="R2", sync_every=1, seed=3, config=TINY)
     start = tabular.expected_reward(tabular.reference_probs(), tabular.reward_table("R2"))
     assert result.curve[0][1] == pytest.approx(start, abs=1e-6)
     assert result.reward > start + 0.1 and result.kl > 0
@@ -101,7 +101,7 @@ def test_a_short_bandit_run_of_every_loss_raises_the_expected_reward(algorithm):
 
 
 @pytest.mark.parametrize("sync_every", [1, 3])
-@pytest.mark.parametrize("algorithm", bandit.available_algorithms())
+@pytest.mark.parametrize("algorithm", bandit_loop.available_algorithms())
 def test_replaying_a_recorded_run_offline_gives_bit_identical_parameters(algorithm, sync_every):
     result = replay.run_replay(algorithm, sync_every=sync_every, seed=5, config=TINY)
     assert result.max_abs_diff == 0.0 and torch.equal(result.online.weights, result.replay.weights)
@@ -144,7 +144,7 @@ def test_run_compare_refuses_unknown_experiments_and_empty_seeds(tmp_path):
 
 
 def test_compare_all_writes_summary_tables_and_plots(tmp_path):
-    tiny_bandit = bandit.BanditConfig(steps=4, eval_every=2)
+    tiny_bandit = bandit_loop.BanditConfig(steps=4, eval_every=2)
     arithmetic = ArithmeticConfig(
         steps=2,
         eval_every=1,
@@ -164,7 +164,7 @@ def test_compare_all_writes_summary_tables_and_plots(tmp_path):
     out = tmp_path / "out"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["experiments"] == list(compare.IN_ALL) and summary["seeds"] == [4]
-    algorithms = bandit.available_algorithms()
+    algorithms = bandit_loop.available_algorithms()
     counts = {name: sum(e["experiment"] == name for e in summary["entries"]) for name in compare.IN_ALL}
     assert counts["bandit"] == 2 * len(algorithms) * len(bandit.SYNC_PERIODS)
     assert counts["replay"] == len(algorithms) * len(replay.RECORDED_PERIODS) and counts["arithmetic"] >= 4

@@ -7,20 +7,8 @@ import pytest
 import torch
 
 from bench import logprob
-from bench._harness import (
-    MB,
-    Contender,
-    Row,
-    Unavailable,
-    add_ratios,
-    collect_meta,
-    device_name,
-    device_slug,
-    measure_interleaved,
-    time_section,
-    unavailable_row,
-    write_results,
-)
+from bench._harness import MB, Contender, Row, Unavailable, measure_interleaved, time_section, unavailable_row
+from bench._results import add_ratios, collect_meta, device_name, device_slug, write_results
 
 
 @pytest.fixture
