@@ -29,7 +29,8 @@ returns are taken from the tempered logits before it truncates them.
 Rows and seeds. Rows are expanded here (prompt-major, n per prompt) instead of with vLLM's ``n``,
 and every row gets its own vLLM seed: ``SamplingParams.seed + row``, or, with ``seed=None``, a draw
 from the engine's generator (seeded by ``seed``), so a run is repeatable either way. The EOS token
-always stops a row, as do ``stop_token_ids``; the stop token is kept as the last one.
+always stops a row, as do ``stop_token_ids``, and nothing else does (not the model config's own EOS:
+``ignore_eos``); the stop token is kept as the last one.
 
 Sleep. On CUDA the engine starts with vLLM's sleep mode; ``sleep`` offloads the weights to host
 memory and drops the KV cache (level 1), ``wake`` brings both back. On CPU there is no device
@@ -208,6 +209,8 @@ class VLLMEngine:
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             max_tokens=min(sampling.max_new_tokens, self.max_model_len - prompt_len),
             stop_token_ids=stop,
+            # the model's own EOS (its generation config) would stop rows too; only ``stop`` may (TorchEngine's rule)
+            ignore_eos=True,
             seed=seed,
             logprobs=0,
             detokenize=False,

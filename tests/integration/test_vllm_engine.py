@@ -228,3 +228,21 @@ def test_unsupported_head_dim_and_asleep_engine_are_refused(engine):
         engine.generate(PROMPTS, SamplingParams())
     engine.wake()
     assert len(engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))) == 1
+
+
+def test_without_an_eos_token_only_stop_tokens_end_rows_even_at_the_models_own_eos(engine):
+    """Runs last (it shuts the module's engine down: one vLLM engine per process). ``eos_token_id=None`` means no
+    EOS (TorchEngine's rule), so a model whose config names its greedy first token as EOS still decodes every token
+    (vLLM alone would stop there)."""
+    model = small_llama(6)
+    load(engine, model)
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    first = engine.generate(PROMPTS[:1], greedy)[0].token_ids[0]
+    engine.shutdown()
+    model.config.eos_token_id = model.generation_config.eos_token_id = first
+    bare = VLLMEngine(model, pad_token_id=TOK.pad_id, eos_token_id=None, seed=0, max_num_seqs=8)
+    try:
+        out = bare.generate(PROMPTS[:1], greedy)[0]
+    finally:
+        bare.shutdown()
+    assert out.token_ids[0] == first and len(out.token_ids) == 6 and out.finish_reason == "length"
