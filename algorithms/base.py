@@ -42,19 +42,19 @@ class Batch:
     """Rows to train on; algorithms subclass it to add their own fields (pair indices, weights, ...)."""
 
     input_ids: torch.Tensor
-    """[R, L] int64, right-padded ``prompt · completion``."""
+    """[B, T] int64, right-padded ``prompt · completion``."""
     attention_mask: torch.Tensor
-    """[R, L] int64, 1 on real tokens."""
+    """[B, T] int64, 1 on real tokens."""
     completion_mask: torch.Tensor
-    """[R, L] int64, 1 on completion tokens (the ones a loss reads)."""
+    """[B, T] int64, 1 on completion tokens (the ones a loss reads)."""
     rewards: torch.Tensor
-    """[R] float32, the reward of each row's completion."""
+    """[B] float32, the reward of each row's completion."""
     sampler_version: int
     """Weight version of the engine that sampled the rows (for offline data: the version it was built at)."""
 
     @property
     def rows(self) -> int:
-        """Number of sequences R."""
+        """Number of sequences B."""
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
@@ -131,7 +131,7 @@ def pack_rows(
     row's tokens land in order): two small tensors per call instead of one per row.
 
     Returns:
-        input_ids, attention_mask, completion_mask: each [R, L] int64, L = longest row.
+        input_ids, attention_mask, completion_mask: each [B, T] int64, T = longest row.
     """
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(
@@ -161,11 +161,11 @@ def token_values(completion_mask: torch.Tensor, values: list[list[float]]) -> to
     """Per-token values of the completions laid out like ``token_logprobs``' output.
 
     Args:
-        completion_mask: [R, L] 0/1 from :func:`pack_rows`.
-        values: R lists, ``values[r][j]`` belonging to completion token ``j`` of row ``r``
+        completion_mask: [B, T] 0/1 from :func:`pack_rows`.
+        values: B lists, ``values[r][j]`` belonging to completion token ``j`` of row ``r``
             (e.g. ``Completion.logprobs``).
     Returns:
-        [R, L − 1] float32: ``values[r][j]`` at column ``t`` where ``input_ids[r, t + 1]`` is that
+        [B, T − 1] float32: ``values[r][j]`` at column ``t`` where ``input_ids[r, t + 1]`` is that
         token (the column whose log-prob predicts it), 0 elsewhere.
     """
     target = completion_mask[:, 1:].bool()

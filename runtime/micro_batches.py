@@ -6,7 +6,7 @@ whole units (a DPO pair, a GRPO group) and weights micro batch i by ``N_i / N``:
 ``Σ_i (N_i / N) · S_i / N_i = S / N``, the gradient of the whole batch up to float rounding. Each
 algorithm's ``split_rule()`` says what a unit is and what N counts, or refuses when its loss couples a
 whole batch (KTO's mismatched reference point). A batch is any frozen dataclass with ``rows`` and a
-``completion_mask [R, L]`` (``hotloop.algorithms.base.Batch``).
+``completion_mask [B, T]`` (``hotloop.algorithms.base.Batch``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def micro_batch_rule(algorithm) -> SplitRule:
 def split_batch(batch, k: int, rule: SplitRule) -> list[tuple[object, float]]:
     """Cut ``batch`` into ``min(k, units)`` micro batches of whole units, each with its loss weight.
 
-    Every tensor field whose first dimension is R is sliced by rows; the fields named in
+    Every tensor field whose first dimension is B (rows) is sliced by rows; the fields named in
     ``rule.row_index_fields`` keep the entries that fall in the micro batch, rebased to its first row;
     other fields are shared. Columns are not trimmed, so padded-length constants (Dr. GRPO's T) stay.
 
