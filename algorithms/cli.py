@@ -147,3 +147,7 @@ def check_resume_config(config: RunConfig, *, allow=(), force: bool = False) -> 
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
+
+
+if __name__ == "__main__":  # python -m hotloop.algorithms.cli, e.g. where no console script is installed
+    sys.exit(main())

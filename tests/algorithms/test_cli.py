@@ -253,3 +253,13 @@ def test_train_offline_dpo_draws_the_prompts_of_its_pairs_file(local_model_dirs,
     # the task's prompts ("a+b=") have no stored pairs: every step trains only if the pool is the file's prompts
     assert [r["step"] for r in records] == [0, 1, 2] and not any(r["skipped"] for r in records)
     assert all(r["pairs"] == 2.0 and math.isfinite(r["loss"]) for r in records)
+
+
+def test_python_dash_m_runs_the_cli_like_the_console_script():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "hotloop.algorithms.cli", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "usage: hotloop train" in out.stdout
