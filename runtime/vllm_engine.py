@@ -103,6 +103,7 @@ class VLLMEngine:
         self.pad_token_id, self.eos_token_id, self.dtype = pad_token_id, eos_token_id, _DTYPES[dtype]
         self._shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         self._required = {name for name, _ in model.named_parameters()}
+        self._aliases = _tied_aliases(model)
         self._own_dir = model_dir is None
         self.model_dir = Path(tempfile.mkdtemp(prefix="hotloop-vllm-") if model_dir is None else model_dir)
         model.save_pretrained(self.model_dir)
@@ -171,6 +172,11 @@ class VLLMEngine:
                 shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
                 raise ValueError(f"weights[{name!r}]: expected shape {self._shapes[name]}, got {shape}")
             pairs.append((name, tensor.detach().to(self.dtype)))
+        given = {name: tensor for name, tensor in pairs}
+        # a tied head arrives once (as its embedding) but vLLM's CPU build keeps a separately packed head: load both
+        pairs += [
+            (alias, given[source]) for alias, source in self._aliases.items() if source in given and alias not in given
+        ]
         missing = self._required - {name for name, _ in pairs}
         if missing:
             raise ValueError(
@@ -257,6 +263,17 @@ class VLLMEngine:
         destroy_distributed_environment()
         if self._own_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict names that share a tensor with an earlier name (a tied head) → that earlier name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        source = first.setdefault(id(tensor), name)
+        if source != name:
+            aliases[name] = source
+    return aliases
 
 
 def _import_vllm():

@@ -246,3 +246,28 @@ def test_without_an_eos_token_only_stop_tokens_end_rows_even_at_the_models_own_e
     finally:
         bare.shutdown()
     assert out.token_ids[0] == first and len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_a_tied_head_synced_from_bucket_views_samples_with_the_new_weights(engine):
+    """Runs after the module's engine is shut down. The sync plan sends a tied head once (as the embedding);
+    vLLM's CPU build keeps the head packed apart, so the engine must load the alias too (SmolLM2 sampled
+    with its initial head after every update before it did; the sync check caught it)."""
+    from hotloop.runtime.weight_sync import SyncPlan
+
+    config = tiny_llama_config(TOK.vocab_size, hidden_size=64, heads=2, kv_heads=1, intermediate=128, layers=2)
+    config.initializer_range, config.tie_word_embeddings = 0.2, True
+    model = build_tiny_model(config, seed=3).eval()
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tied = VLLMEngine(model, pad_token_id=TOK.pad_id, eos_token_id=TOK.eos_id, seed=0, max_num_seqs=8)
+    try:
+        plan = SyncPlan(model, bucket_mb=512)
+        buffers = plan.allocate()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight) * 0.1)
+        plan.pack(model, buffers)
+        assert "lm_head.weight" not in dict(plan.views(buffers))  # sent once, as the embedding
+        tied.sync_weights(1, plan.views(buffers))
+        assert_logprobs_match(model, tied.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8)), 1.0)
+    finally:
+        tied.shutdown()
