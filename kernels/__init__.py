@@ -5,9 +5,11 @@ and the LM head positionally, everything else by keyword (``docs/notation.md``);
 declared once, in ``GRPOOptions``, ``DPOOptions``, ``KTOOptions``, ``KLOptions``. Functional losses on log-probs
 (for users who compute log-probs themselves) live in ``hotloop.kernels.losses`` and are re-exported here;
 Liger-Kernel drop-ins in ``hotloop.kernels.compat.liger``. CUDA tensors run Triton kernels, CPU tensors the exact
-chunked PyTorch path (``HOTLOOP_BACKEND`` overrides; see ``_dispatch``).
+chunked PyTorch path (``HOTLOOP_BACKEND`` overrides; see ``_dispatch``), whose tile buffers stay held per thread
+between calls (``release_workspace()`` frees them; ``_workspace``).
 """
 
+from ._workspace import release_workspace
 from .fused_linear_dpo import FusedLinearDPOLoss, fused_linear_dpo_loss
 from .fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss
 from .fused_linear_kl import FusedLinearKL, KLOptions, fused_linear_kl, reference_fused_linear_kl
@@ -61,4 +63,5 @@ __all__ = [
     "rloo_advantages",
     "segment_sum",
     "sft_loss",
+    "release_workspace",
 ]

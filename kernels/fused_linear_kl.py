@@ -49,6 +49,7 @@ from ._dispatch import use_triton
 from ._fused_linear_common import Layout, attach_grads, check_fused_args, grads_needed, make_layout
 from ._head_checks import check_reference_like_hidden
 from ._stats import KLStats
+from ._workspace import workspace
 from .losses.output import LossOutput
 from .options import KLOptions
 
@@ -158,25 +159,25 @@ def kl_fwd_bwd(
     # Full-row chunks as logprob_fwd_bwd's (>= 256 rows at the default budget: the K of the grad_W GEMM), with
     # three such blocks live (four for "jsd").
     chunk = tiles.block_rows(n, v, dev)
-    bufs = [*torch.empty(3, chunk * v, device=dev).unbind(0), None]
-    if options.divergence == "jsd":
-        bufs[3] = torch.empty(chunk * v, device=dev)
+    blocks = 4 if options.divergence == "jsd" else 3
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
-    for r0, r1 in tiles.spans(n, chunk):
-        x, x_ref, lp, t = (None if b is None else tiles.scratch(b, r1 - r0, v) for b in bufs)
-        h32 = hidden2d[r0:r1].float()
-        if w32 is not None:
-            tiles.linear_into(x, h32, w32, bias)
-        else:
-            tiles.logits_into(x, h32, weight, bias, 0)
-        tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
-        _log_softmax_into(lp, x, s)
-        lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
-        c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, options)
-        for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
-            dst[r0:r1] = src
-        if grads:
-            _add_grads(g, h32, row_scale[r0:r1], w_g, slice(r0, r1), gh, gw, gb)
+    with workspace(blocks * chunk * v, dev) as flat:
+        bufs = [*flat[: blocks * chunk * v].view(blocks, -1).unbind(0)] + [None] * (4 - blocks)
+        for r0, r1 in tiles.spans(n, chunk):
+            x, x_ref, lp, t = (None if b is None else tiles.scratch(b, r1 - r0, v) for b in bufs)
+            h32 = hidden2d[r0:r1].float()
+            if w32 is not None:
+                tiles.linear_into(x, h32, w32, bias)
+            else:
+                tiles.logits_into(x, h32, weight, bias, 0)
+            tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
+            _log_softmax_into(lp, x, s)
+            lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
+            c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, options)
+            for dst, src in zip((div, kl, entropy), (c_div, c_kl, c_ent)):
+                dst[r0:r1] = src
+            if grads:
+                _add_grads(g, h32, row_scale[r0:r1], w_g, slice(r0, r1), gh, gw, gb)
     grads = tuple(tiles.cast(g, dtype) for g, dtype in ((gh, hidden2d.dtype), (gw, weight.dtype), (gb, weight.dtype)))
     return (KLStats(div, kl, entropy), *grads)
 

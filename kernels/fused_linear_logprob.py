@@ -8,7 +8,7 @@ Math (``docs/notation.md``; s = 1/temperature, x = hidden @ weight.T + bias, t =
 This file is the PyTorch path (CPU, or any device with ``HOTLOOP_BACKEND=torch``); CUDA tensors go
 to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call time).
 
-- Tiles (``_torch_tiles``): fp32 [R, Vb] within ``HOTLOOP_BLOCK_BYTES`` (CPU default 16 MiB). R = N
+- Tiles (``_torch_tiles``): fp32 [R, Vb] within ``HOTLOOP_BLOCK_BYTES`` (CPU default: half the last-level cache). R = N
   unless that would make Vb < 1024 columns (then row tiles, so GEMMs never turn skinny).
 - Forward: per row tile, vocabulary blocks folded into running fp64 row statistics
   (``tiles.fold_block_``: max, Σe^{z−m}, Σe^{z−m}(z−m), z_t), then lse, logp, entropy; saved for
@@ -27,6 +27,7 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ from . import _torch_tiles as tiles
 from ._dispatch import use_triton
 from ._head_checks import check_head_inputs
 from ._stats import TokenStats
+from ._workspace import workspace
 
 
 def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, with_entropy) -> TokenStats:
@@ -59,17 +61,17 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     logp, entropy = torch.empty(2, n, device=dev).unbind(0)
     lse = torch.empty(n, device=dev, dtype=torch.float64)
     rows, cols = tiles.block_shape(n, v, dev)
-    buf = torch.empty(rows * cols, device=dev)
-    for r0, r1 in tiles.spans(n, rows):
-        h32 = hidden2d[r0:r1].float()
-        t = targets[r0:r1]
-        state = _cpu_ext.new_row_state(r1 - r0, dev)
-        for v0, v1 in tiles.spans(v, cols):
-            block = tiles.scratch(buf, r1 - r0, v1 - v0)
-            tiles.logits_into(block, h32, weight, bias, v0)
-            tiles.fold_block_(block, t, v0, 1.0 / temperature, state, with_entropy=with_entropy)
-        for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
-            dst[r0:r1] = src
+    with workspace(rows * cols, dev) as buf:
+        for r0, r1 in tiles.spans(n, rows):
+            h32 = hidden2d[r0:r1].float()
+            t = targets[r0:r1]
+            state = _cpu_ext.new_row_state(r1 - r0, dev)
+            for v0, v1 in tiles.spans(v, cols):
+                block = tiles.scratch(buf, r1 - r0, v1 - v0)
+                tiles.logits_into(block, h32, weight, bias, v0)
+                tiles.fold_block_(block, t, v0, 1.0 / temperature, state, with_entropy=with_entropy)
+            for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
+                dst[r0:r1] = src
     return TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
 
 
@@ -109,38 +111,40 @@ def logprob_bwd(
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
     rows, cols = tiles.block_shape(n, v, dev)
-    buf = torch.empty(rows * cols, device=dev)
-    gbuf = torch.empty(rows * cols, device=dev, dtype=gdt) if gdt != torch.float32 else None
-    for v0, v1 in tiles.spans(v, cols):
-        w32 = weight[v0:v1].float()
-        w_g = w32 if gdt == torch.float32 else weight[v0:v1]
-        # grad_W[v0:v1] sums over row tiles: straight into an fp32 grad_W, else into an fp32 scratch
-        gw_acc = None if gw is None else gw[v0:v1] if gw.dtype == torch.float32 else torch.empty(v1 - v0, d, device=dev)
-        for r0, r1 in tiles.spans(n, rows):
-            block = tiles.scratch(buf, r1 - r0, v1 - v0)
-            tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
-            tiles.row_grad_(
-                block,
-                targets[r0:r1],
-                v0,
-                stats.lse[r0:r1],
-                _rows_of(entropy, r0, r1),
-                grad_logp[r0:r1],
-                _rows_of(grad_entropy, r0, r1),
-                1.0 / temperature,
-                ignore_index,
-            )
-            if gb is not None:
-                gb[v0:v1] += block.sum(dim=0)
-            g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
-            if gw_acc is not None:
-                _add_grad_weight(gw_acc, g, h_g[r0:r1], first=r0 == 0)
-            if gh is not None and g.dtype == torch.float32:
-                gh[r0:r1].addmm_(g, w_g)
-            elif gh is not None:
-                gh[r0:r1].add_(torch.mm(g, w_g))
-        if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
-            gw[v0:v1].copy_(gw_acc)
+    bf16_copy = workspace(rows * cols, dev, gdt) if gdt != torch.float32 else nullcontext()
+    with workspace(rows * cols, dev) as buf, bf16_copy as gbuf:
+        for v0, v1 in tiles.spans(v, cols):
+            w32 = weight[v0:v1].float()
+            w_g = w32 if gdt == torch.float32 else weight[v0:v1]
+            # grad_W[v0:v1] sums over row tiles: straight into an fp32 grad_W, else into an fp32 scratch
+            gw_acc = None
+            if gw is not None:
+                gw_acc = gw[v0:v1] if gw.dtype == torch.float32 else torch.empty(v1 - v0, d, device=dev)
+            for r0, r1 in tiles.spans(n, rows):
+                block = tiles.scratch(buf, r1 - r0, v1 - v0)
+                tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
+                tiles.row_grad_(
+                    block,
+                    targets[r0:r1],
+                    v0,
+                    stats.lse[r0:r1],
+                    _rows_of(entropy, r0, r1),
+                    grad_logp[r0:r1],
+                    _rows_of(grad_entropy, r0, r1),
+                    1.0 / temperature,
+                    ignore_index,
+                )
+                if gb is not None:
+                    gb[v0:v1] += block.sum(dim=0)
+                g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
+                if gw_acc is not None:
+                    _add_grad_weight(gw_acc, g, h_g[r0:r1], first=r0 == 0)
+                if gh is not None and g.dtype == torch.float32:
+                    gh[r0:r1].addmm_(g, w_g)
+                elif gh is not None:
+                    gh[r0:r1].add_(torch.mm(g, w_g))
+            if gw_acc is not None and gw_acc.data_ptr() != gw[v0:v1].data_ptr():
+                gw[v0:v1].copy_(gw_acc)
     return tiles.cast(gh, hidden2d.dtype), gw, tiles.cast(gb, weight.dtype)
 
 
@@ -166,6 +170,7 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
     chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
+        chunk = -(-n // -(-n // chunk)) if n else chunk  # balanced: as few chunks, of equal height
         return [(torch.arange(r0, r1, device=device), slice(r0, r1)) for r0, r1 in tiles.spans(n, chunk)]
     chunks = []
     pending = []
@@ -228,23 +233,26 @@ def logprob_fwd_bwd(
     gh = (torch.empty if covered else torch.zeros)(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty(v, d, device=dev) if needs_grad[1] else None  # the first chunk's GEMM overwrites it
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
-    buf = torch.empty(max((rows.numel() for rows, _ in chunks), default=0) * v, device=dev)
     if gw is not None and not chunks:
         gw.zero_()
-    for k, (rows, span) in enumerate(chunks):
-        h = hidden2d[span] if span is not None else hidden2d.index_select(0, rows)
-        t = targets[span] if span is not None else targets.index_select(0, rows)
-        block = tiles.scratch(buf, rows.numel(), v)
-        tiles.linear_into(block, h.float(), w32, bias)
-        c_lse, c_logp, c_ent = tiles.row_stats(block, t, s, ignore_index)
-        for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
-            dst.index_copy_(0, rows, src)
-        g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
-        g_ent = None if g_ent is None else g_ent.detach().float().contiguous()
-        tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
-        if gb is not None:
-            gb.add_(block.sum(dim=0))
-        tiles.add_row_grads(block.to(gdt), h.to(gdt), w_g, rows, span, gh, gw, first=k == 0)
+    most = max((rows.numel() for rows, _ in chunks), default=0) * v
+    bf16_copy = workspace(most, dev, gdt) if gdt != torch.float32 else nullcontext()
+    with workspace(most, dev) as buf, bf16_copy as gbuf:
+        for k, (rows, span) in enumerate(chunks):
+            h = hidden2d[span] if span is not None else hidden2d.index_select(0, rows)
+            t = targets[span] if span is not None else targets.index_select(0, rows)
+            block = tiles.scratch(buf, rows.numel(), v)
+            tiles.linear_into(block, h.float(), w32, bias)
+            c_lse, c_logp, c_ent = tiles.row_stats(block, t, s, ignore_index)
+            for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
+                dst.index_copy_(0, rows, src)
+            g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
+            g_ent = None if g_ent is None else g_ent.detach().float().contiguous()
+            tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
+            if gb is not None:
+                gb.add_(block.sum(dim=0))
+            g = block if gbuf is None else tiles.scratch(gbuf, rows.numel(), v).copy_(block)
+            tiles.add_row_grads(g, h.to(gdt), w_g, rows, span, gh, gw, first=k == 0)
     stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
