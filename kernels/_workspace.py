@@ -47,8 +47,10 @@ def workspace(elements: int, device: torch.device, dtype: torch.dtype = torch.fl
         return
     pool = _pool()
     key = (device, dtype)
-    held = pool.pop(key, None)
-    buf = held if held is not None and held.numel() >= elements else torch.empty(elements, device=device, dtype=dtype)
+    buf = pool.pop(key, None)
+    if buf is None or buf.numel() < elements:
+        buf = None  # drop a too-small held buffer before allocating, so the two never coexist
+        buf = torch.empty(elements, device=device, dtype=dtype)
     try:
         yield buf
     finally:
