@@ -71,7 +71,8 @@ def impl_entry(impl: Impl, case: Case) -> tuple[Row, Contender, float]:
 
 
 def floor_entry(case: Case) -> tuple[Row, Contender]:
-    """The cell's matmuls as real torch.mm into preallocated buffers; memory = the gradients only."""
+    """The cell's matmuls as real torch.mm (logits into a held buffer, gradients into new tensors); memory = the
+    gradients only."""
     h, w = case.hidden.detach().reshape(-1, case.hidden.shape[-1]), case.weight.detach()
     logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
     ref = (case.ref_hidden.reshape(-1, h.shape[1]), case.ref_weight) if case.ref == "head" else None

@@ -116,6 +116,11 @@ def spans(total: int, step: int) -> Iterator[tuple[int, int]]:  # [a, b) ranges 
     return ((a, min(total, a + step)) for a in range(0, total, step))
 
 
+def even_step(total: int, most: int) -> int:
+    """Step of ``spans(total, step)`` giving as few spans as steps of ``most`` do, of (near) equal length."""
+    return math.ceil(total / math.ceil(total / most)) if total else most
+
+
 def fold_block_(
     block: Tensor,
     targets: Tensor,

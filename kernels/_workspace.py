@@ -41,8 +41,7 @@ def _pool() -> dict:
 def workspace(elements: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
     """A flat ``[>= elements]`` buffer of ``dtype`` on ``device`` (uninitialized), lent for the ``with`` block."""
     device = torch.device(device)
-    nbytes = elements * torch.empty((), dtype=dtype).element_size()
-    if device.type == "cuda" or nbytes > keep_bytes():
+    if device.type == "cuda" or elements * dtype.itemsize > keep_bytes():
         yield torch.empty(elements, device=device, dtype=dtype)
         return
     pool = _pool()

@@ -158,7 +158,7 @@ def kl_fwd_bwd(
     gb = torch.zeros(v, device=dev) if want_b else None
     # Full-row chunks as logprob_fwd_bwd's (>= 256 rows at the default budget: the K of the grad_W GEMM), with
     # three such blocks live (four for "jsd").
-    chunk = tiles.block_rows(n, v, dev)
+    chunk = tiles.even_step(n, tiles.block_rows(n, v, dev))
     blocks = 4 if options.divergence == "jsd" else 3
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
     with workspace(blocks * chunk * v, dev) as flat:

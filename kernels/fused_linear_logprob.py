@@ -170,7 +170,7 @@ def _row_chunks(n: int, v: int, row_groups: list[Tensor] | None, device) -> list
     """(rows int64 [n], slice or None): contiguous chunks, or whole row groups packed up to the budget."""
     chunk = tiles.block_rows(n, v, device)
     if row_groups is None:
-        chunk = -(-n // -(-n // chunk)) if n else chunk  # balanced: as few chunks, of equal height
+        chunk = tiles.even_step(n, chunk)
         return [(torch.arange(r0, r1, device=device), slice(r0, r1)) for r0, r1 in tiles.spans(n, chunk)]
     chunks = []
     pending = []
