@@ -1,4 +1,5 @@
-"""Builds csrc/ (pybind11, OpenMP) as the optional extension ``hotloop.kernels._row_kernels``.
+"""Builds csrc/ (pybind11, OpenMP) as the optional extensions ``hotloop.kernels._row_kernels`` (the fused
+log-prob's row kernels) and ``hotloop.runtime._word_sum`` (weight-sync fingerprints).
 
 The build never fails the install: without a C++ compiler (or OpenMP) it prints one warning and
 hotloop runs its PyTorch path (see docs/native-kernels.md). When ``nvcc`` is on PATH it also
@@ -51,7 +52,7 @@ class OptionalBuildExt(build_ext):
         if not self._warned:
             detail = (str(err).splitlines() or [""])[0][:200]
             print(
-                f"WARNING: hotloop: native row kernels not built ({type(err).__name__}: {detail}); "
+                f"WARNING: hotloop: native kernels not built ({type(err).__name__}: {detail}); "
                 "the PyTorch path will be used.",
                 file=sys.stderr,
             )
@@ -72,7 +73,7 @@ def _check_cuda_sources(build_temp: str) -> None:
         print(f"WARNING: hotloop: nvcc could not compile csrc/row_kernels_cuda.cu: {first}", file=sys.stderr)
 
 
-ext = Pybind11Extension(
+row_kernels = Pybind11Extension(
     "hotloop.kernels._row_kernels",
     sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "row_kernels_cpu.cpp")],
     include_dirs=[CSRC],
@@ -80,5 +81,12 @@ ext = Pybind11Extension(
     extra_link_args=["-fopenmp"],
     cxx_std=17,
 )
+word_sum = Pybind11Extension(
+    "hotloop.runtime._word_sum",
+    sources=[os.path.join(CSRC, "word_sum.cpp")],
+    extra_compile_args=_compile_flags(),
+    extra_link_args=["-fopenmp"],
+    cxx_std=17,
+)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[row_kernels, word_sum], cmdclass={"build_ext": OptionalBuildExt})

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hotloop.runtime import _word_sum_ext
+
 ALIGN_BYTES = 64
 """Every slot starts at a multiple of this many bytes (and every bucket's length is one)."""
 FUSED_CHUNK_BYTES = 4 << 20
@@ -156,25 +158,29 @@ class SyncPlan:
         self.check_buffers(buffers)
         cpu = all(b.device.type == "cpu" for b in buffers)
         groups = self._groups(torch.get_num_threads() if cpu else 1)
+        native = _word_sum_ext.native() if summed and cpu else None
         words = [b.detach().view(torch.uint8).view(torch.int64) for b in buffers] if summed else None
-        parts: list[list[tuple[int, torch.Tensor]]] = [[] for _ in groups]
+        parts: list[list[tuple[int, int]]] = [[] for _ in groups]
         run = [
-            functools.partial(self._copy_group, group, state, buffers, words, out, len(groups) > 1)
+            functools.partial(self._copy_group, group, state, buffers, words, native, out, len(groups) > 1)
             for group, out in zip(groups, parts)
         ]
         _run_all(run)
         if not summed:
             return None
-        by_bucket: list[list[torch.Tensor]] = [[] for _ in buffers]
+        totals = [0] * len(buffers)
         for bucket, part in itertools.chain.from_iterable(parts):
-            by_bucket[bucket].append(part)
-        return [int(torch.stack(p).sum()) for p in by_bucket]
+            totals[bucket] += part
+        return [_word_sum_ext.wrap_int64(t) for t in totals]
 
-    def _copy_group(self, group: list[_Piece], state, buffers, words, out: list, single_threaded: bool) -> None:
+    def _copy_group(self, group: list[_Piece], state, buffers, words, native, out: list, single_threaded: bool) -> None:
         if single_threaded:
             torch.set_num_threads(1)  # this worker thread's own OpenMP setting; the caller's stays as it was
         with torch.no_grad():
             for piece in group:
+                if native is not None:
+                    out.append((piece.bucket, self._copy_summed_native(piece, state, buffers[piece.bucket], native)))
+                    continue
                 for index, lo, hi in piece.copies:
                     slot, source = self.slots[index], state[self.slots[index].name]
                     flat = buffers[slot.bucket][slot.offset : slot.offset + slot.numel]
@@ -183,7 +189,27 @@ class SyncPlan:
                     elif lo == 0:  # a strided source is copied whole, by the piece holding its start
                         flat.view(slot.shape).copy_(source)
                 if words is not None:
-                    out.append((piece.bucket, words[piece.bucket][piece.start // 8 : piece.end // 8].sum()))
+                    out.append((piece.bucket, int(words[piece.bucket][piece.start // 8 : piece.end // 8].sum())))
+
+    def _copy_summed_native(self, piece: _Piece, state, bucket: torch.Tensor, native) -> int:
+        """One piece copied and summed by csrc/word_sum.cpp: each word summed as it is stored, then the padding."""
+        base, size = bucket.data_ptr(), bucket.element_size()
+        total = 0
+        for index, lo, hi in piece.copies:
+            slot, source = self.slots[index], state[self.slots[index].name]
+            start, nbytes = (slot.offset + lo) * size, (hi - lo) * size
+            if source.is_contiguous() and source.dtype == bucket.dtype and source.device.type == "cpu":
+                total += native.copy_sum(base + start, source.data_ptr() + lo * size, nbytes)
+                continue
+            flat = bucket[slot.offset : slot.offset + slot.numel]
+            if source.is_contiguous():
+                flat[lo:hi].copy_(source.view(-1)[lo:hi])
+            elif lo == 0:  # a strided source is copied whole, by the piece holding its start
+                flat.view(slot.shape).copy_(source)
+            total += native.word_sum(base + start, -(-nbytes // 8), 1)
+        for start, end in piece.padding:
+            total += native.word_sum(base + start, (end - start) // 8, 1)
+        return total
 
     def _groups(self, n: int) -> list[list[_Piece]]:
         """The pieces cut into at most ``n`` runs of about equal bytes, each cut at a slot's start."""
@@ -237,6 +263,8 @@ class _Piece:
     end: int
     copies: tuple[tuple[int, int, int], ...]
     """(slot index, first element, end element) of each copy."""
+    padding: tuple[tuple[int, int], ...]
+    """Byte ranges of ``[start, end)`` that no copy's words cover (slot padding past each last word)."""
 
 
 def _plan_pieces(slots: list[Slot], buckets: list[BucketSpec]) -> list[_Piece]:
@@ -253,9 +281,22 @@ def _plan_pieces(slots: list[Slot], buckets: list[BucketSpec]) -> list[_Piece]:
                 copies.append((i, lo, hi))
                 end = slot_end if hi == slot.numel else (slot.offset + hi) * spec.dtype.itemsize
                 if end - start >= FUSED_CHUNK_BYTES // 2 or end == spec.nbytes:
-                    pieces.append(_Piece(b, start, end, tuple(copies)))
+                    pieces.append(_Piece(b, start, end, tuple(copies), _padding(slots, copies, start, end, spec)))
                     start, copies = end, []
     return pieces
+
+
+def _padding(slots: list[Slot], copies: list, start: int, end: int, spec: BucketSpec) -> tuple[tuple[int, int], ...]:
+    """The byte ranges of ``[start, end)`` outside every copy's words (each copy rounded up to whole words)."""
+    gaps, at = [], start
+    for index, lo, hi in copies:
+        first, last = (slots[index].offset + lo) * spec.dtype.itemsize, (slots[index].offset + hi) * spec.dtype.itemsize
+        if first > at:
+            gaps.append((at, first))
+        at = max(at, -(-last // 8) * 8)
+    if end > at:
+        gaps.append((at, end))
+    return tuple(gaps)
 
 
 def _split_runs(pieces: list[_Piece], n: int) -> list[list[_Piece]]:
@@ -315,8 +356,7 @@ def _state(source) -> Mapping[str, torch.Tensor]:
 
 def fingerprint(buffer: torch.Tensor) -> int:
     """Wrapping int64 sum of ``buffer``'s bytes read as int64 words (a flat bucket, length a multiple of 8 bytes)."""
-    words = buffer.detach().view(torch.uint8).view(torch.int64)
-    return int(words.sum())
+    return _word_sum_ext.word_sum(buffer)
 
 
 def fingerprints(buffers: list[torch.Tensor]) -> list[int]:

@@ -3,12 +3,15 @@ fingerprint catches one corrupted byte, shared memory into a real child process,
 raises naming the bucket, CUDA IPC where a GPU exists."""
 
 import copy
+import os
+import shutil
 import time
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from hotloop.runtime import _word_sum_ext
 from hotloop.runtime.torch_engine import TorchEngine
 from hotloop.runtime.weight_sync import SyncPlan, compare_fingerprints, fingerprint, fingerprints
 from hotloop.runtime.weight_transport import InProcessTransport, ProcessTransport, start_consumer
@@ -72,8 +75,33 @@ def test_a_copy_bound_to_the_buckets_follows_every_pack_and_keeps_its_tied_weigh
     assert (stale.lm_head.weight is stale.model.embed_tokens.weight) == tied
 
 
+def torch_fingerprints(buffers: list[torch.Tensor]) -> list[int]:
+    """The reference: torch's wrapping int64 sum of each bucket's bytes read as int64 words."""
+    return [int(b.view(torch.uint8).view(torch.int64).sum()) for b in buffers]
+
+
+@pytest.fixture(params=["native", "torch"])
+def word_sums(request, monkeypatch):
+    """Both fingerprint paths: csrc/word_sum.cpp (skipped when not built) and PyTorch's (HOTLOOP_NATIVE=0)."""
+    monkeypatch.setenv("HOTLOOP_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and _word_sum_ext.native() is None:
+        pytest.skip("hotloop.runtime._word_sum not built (pip install -e . builds it)")
+    return request.param
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None or os.environ.get("HOTLOOP_NATIVE") == "0",
+    reason="no C++ compiler here, or native kernels disabled",
+)
+def test_the_install_built_the_word_sums_where_a_compiler_exists():
+    """Where ``pip install`` had a compiler, a missing extension is a silent build failure, not a fallback."""
+    assert _word_sum_ext.native() is not None, "runtime/_word_sum*.so missing: rerun `pip install -e .`"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_packing_with_fingerprints_equals_packing_then_fingerprinting_with_tensors_above_the_piece_size(dtype):
+def test_packing_with_fingerprints_equals_packing_then_fingerprinting_with_tensors_above_the_piece_size(
+    dtype, word_sums
+):
     generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
     shapes = [(3, 5), (1031, 1031 * 8 // dtype.itemsize), (7,), (517, 3), (1 << 20,), (1,)]
     state = {
@@ -81,24 +109,29 @@ def test_packing_with_fingerprints_equals_packing_then_fingerprinting_with_tenso
         for i, shape in enumerate(shapes)
     }
     state["strided"] = torch.randn(40, 30, generator=generator, dtype=torch.float64).to(dtype).t()
+    state["unaligned"] = torch.randn(101, generator=generator, dtype=torch.float64).to(dtype)[1:]  # not 8-aligned
+    state["empty"] = torch.empty(0, dtype=dtype)
     plan = SyncPlan(state, bucket_mb=6)  # the big tensors alone in their buckets, the small ones together
     buffers = plan.allocate()
     threads_before = torch.__config__.parallel_info()  # the packing threads must leave the caller's settings
     for buffer in buffers:  # poisoned: stale bytes in the padding too, which the fingerprint must count
         buffer.view(torch.uint8).copy_(torch.randint(256, (buffer.nbytes,), generator=generator, dtype=torch.uint8))
     fused = plan.pack_fingerprinted(state, buffers)
-    assert len(buffers) > 2 and fused == fingerprints(buffers)
+    assert len(buffers) > 2 and fused == fingerprints(buffers) == torch_fingerprints(buffers)
     assert torch.__config__.parallel_info() == threads_before
     for name, view in plan.views(buffers):
         assert torch.equal(view.view(torch.uint8), state[name].contiguous().view(torch.uint8)), name
     state["t1"].view(torch.uint8).view(-1)[-1] ^= 1  # one byte of a piece-copied tensor changes its bucket's alone
     changed = plan.pack_fingerprinted(state, buffers)
-    assert changed == fingerprints(buffers) and [a != b for a, b in zip(fused, changed)].count(True) == 1
+    assert (
+        changed == fingerprints(buffers) == torch_fingerprints(buffers)
+        and [a != b for a, b in zip(fused, changed)].count(True) == 1
+    )
     with pytest.raises(KeyError, match="t0"):  # a failure in a packing thread reaches the caller
         plan.pack({k: v for k, v in state.items() if k != "t0"}, buffers)
 
 
-def test_one_corrupted_byte_anywhere_changes_the_fingerprint_and_the_comparison_names_the_bucket():
+def test_one_corrupted_byte_anywhere_changes_the_fingerprint_and_the_comparison_names_the_bucket(word_sums):
     model = real_model("qwen2", tied=True, dtype=torch.bfloat16)
     plan = SyncPlan(model, bucket_mb=0.01)
     buffers = plan.allocate()
