@@ -84,6 +84,7 @@ row_kernels = Pybind11Extension(
 word_sum = Pybind11Extension(
     "hotloop.runtime._word_sum",
     sources=[os.path.join(CSRC, "word_sum.cpp")],
+    include_dirs=[CSRC],
     extra_compile_args=_compile_flags(),
     extra_link_args=["-fopenmp"],
     cxx_std=17,

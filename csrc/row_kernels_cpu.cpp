@@ -17,12 +17,7 @@
 
 #include <omp.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 11 && !defined(HOTLOOP_NO_CLONES)
-#define HOTLOOP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HOTLOOP_CLONES
-#endif
+#include "target_clones.h"
 
 #define HOTLOOP_INLINE inline __attribute__((always_inline))
 

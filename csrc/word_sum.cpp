@@ -15,12 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 11 && !defined(HOTLOOP_NO_CLONES)
-#define HOTLOOP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HOTLOOP_CLONES
-#endif
+#include "target_clones.h"
 
 namespace py = pybind11;
 
