@@ -73,21 +73,19 @@ def _check_cuda_sources(build_temp: str) -> None:
         print(f"WARNING: hotloop: nvcc could not compile csrc/row_kernels_cuda.cu: {first}", file=sys.stderr)
 
 
-row_kernels = Pybind11Extension(
-    "hotloop.kernels._row_kernels",
-    sources=[os.path.join(CSRC, "bindings.cpp"), os.path.join(CSRC, "row_kernels_cpu.cpp")],
-    include_dirs=[CSRC],
-    extra_compile_args=_compile_flags(),
-    extra_link_args=["-fopenmp"],
-    cxx_std=17,
-)
-word_sum = Pybind11Extension(
-    "hotloop.runtime._word_sum",
-    sources=[os.path.join(CSRC, "word_sum.cpp")],
-    include_dirs=[CSRC],
-    extra_compile_args=_compile_flags(),
-    extra_link_args=["-fopenmp"],
-    cxx_std=17,
-)
+def _extension(name: str, *sources: str) -> Pybind11Extension:
+    """One csrc/ extension: C++17, OpenMP, headers from csrc/."""
+    return Pybind11Extension(
+        name,
+        sources=[os.path.join(CSRC, source) for source in sources],
+        include_dirs=[CSRC],
+        extra_compile_args=_compile_flags(),
+        extra_link_args=["-fopenmp"],
+        cxx_std=17,
+    )
+
+
+row_kernels = _extension("hotloop.kernels._row_kernels", "bindings.cpp", "row_kernels_cpu.cpp")
+word_sum = _extension("hotloop.runtime._word_sum", "word_sum.cpp")
 
 setup(ext_modules=[row_kernels, word_sum], cmdclass={"build_ext": OptionalBuildExt})

@@ -40,8 +40,8 @@ def native() -> ModuleType | None:
     return _module()
 
 
-def word_sum(buffer: torch.Tensor, *, threads: int = 0) -> int:
-    """Wrapping int64 sum of contiguous ``buffer``'s bytes as int64 words (``threads`` <= 0: torch's thread count).
+def word_sum(buffer: torch.Tensor) -> int:
+    """Wrapping int64 sum of contiguous ``buffer``'s bytes as int64 words (over ``torch.get_num_threads()`` threads).
 
     Raises ``ValueError`` unless ``buffer`` is contiguous and its byte length a multiple of 8.
     """
@@ -52,5 +52,5 @@ def word_sum(buffer: torch.Tensor, *, threads: int = 0) -> int:
         )
     module, nbytes = native(), buffer.numel() * buffer.element_size()
     if module is not None and buffer.device.type == "cpu" and buffer.data_ptr() % 8 == 0:
-        return module.word_sum(buffer.data_ptr(), nbytes // 8, threads if threads > 0 else torch.get_num_threads())
+        return module.word_sum(buffer.data_ptr(), nbytes // 8, torch.get_num_threads())
     return int(buffer.detach().reshape(-1).view(torch.uint8).view(torch.int64).sum())

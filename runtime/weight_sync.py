@@ -161,7 +161,7 @@ class SyncPlan:
         cpu = all(b.device.type == "cpu" for b in buffers)
         groups = self._groups(torch.get_num_threads() if cpu else 1)
         native = _word_sum_ext.native() if summed and cpu else None
-        words = [b.detach().view(torch.uint8).view(torch.int64) for b in buffers] if summed else None
+        words = [b.detach().view(torch.uint8).view(torch.int64) for b in buffers] if summed and native is None else None
         parts: list[list[tuple[int, int]]] = [[] for _ in groups]
         run = [
             functools.partial(self._copy_group, group, state, buffers, words, native, out, len(groups) > 1)
@@ -184,12 +184,7 @@ class SyncPlan:
                     out.append((piece.bucket, self._copy_summed_native(piece, state, buffers[piece.bucket], native)))
                     continue
                 for index, lo, hi in piece.copies:
-                    slot, source = self.slots[index], state[self.slots[index].name]
-                    flat = buffers[slot.bucket][slot.offset : slot.offset + slot.numel]
-                    if source.is_contiguous():
-                        flat[lo:hi].copy_(source.view(-1)[lo:hi])
-                    elif lo == 0:  # a strided source is copied whole, by the piece holding its start
-                        flat.view(slot.shape).copy_(source)
+                    self._copy_part(index, lo, hi, state, buffers[piece.bucket])
                 if words is not None:
                     out.append((piece.bucket, int(words[piece.bucket][piece.start // 8 : piece.end // 8].sum())))
 
@@ -203,15 +198,20 @@ class SyncPlan:
             if source.is_contiguous() and source.dtype == bucket.dtype and source.device.type == "cpu":
                 total += native.copy_sum(base + start, source.data_ptr() + lo * size, nbytes)
                 continue
-            flat = bucket[slot.offset : slot.offset + slot.numel]
-            if source.is_contiguous():
-                flat[lo:hi].copy_(source.view(-1)[lo:hi])
-            elif lo == 0:  # a strided source is copied whole, by the piece holding its start
-                flat.view(slot.shape).copy_(source)
+            self._copy_part(index, lo, hi, state, bucket)
             total += native.word_sum(base + start, -(-nbytes // 8), 1)
         for start, end in piece.padding:
             total += native.word_sum(base + start, (end - start) // 8, 1)
         return total
+
+    def _copy_part(self, index: int, lo: int, hi: int, state, bucket: torch.Tensor) -> None:
+        """Elements ``[lo, hi)`` of slot ``index``'s tensor into its bucket with ``copy_`` (dtype and device cast)."""
+        slot, source = self.slots[index], state[self.slots[index].name]
+        flat = bucket[slot.offset : slot.offset + slot.numel]
+        if source.is_contiguous():
+            flat[lo:hi].copy_(source.view(-1)[lo:hi])
+        elif lo == 0:  # a strided source is copied whole, by the piece holding its start
+            flat.view(slot.shape).copy_(source)
 
     def _groups(self, n: int) -> list[list[_Piece]]:
         """The pieces cut into at most ``n`` runs of about equal bytes, each cut at a slot's start."""
