@@ -87,5 +87,6 @@ def _extension(name: str, *sources: str) -> Pybind11Extension:
 
 row_kernels = _extension("hotloop.kernels._row_kernels", "bindings.cpp", "row_kernels_cpu.cpp")
 word_sum = _extension("hotloop.runtime._word_sum", "word_sum.cpp")
+bf16_gemm = _extension("hotloop.kernels._bf16_gemm", "bf16_gemm.cpp")
 
-setup(ext_modules=[row_kernels, word_sum], cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=[row_kernels, word_sum, bf16_gemm], cmdclass={"build_ext": OptionalBuildExt})

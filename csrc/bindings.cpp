@@ -39,11 +39,15 @@ void row_stats_fold(uintptr_t logits, uintptr_t targets, uintptr_t m, uintptr_t 
 void row_grad(uintptr_t logits, uintptr_t targets, uintptr_t lse, uintptr_t lse_lo, uintptr_t entropy,
               uintptr_t grad_logp, uintptr_t grad_entropy, int64_t rows, int64_t block, int64_t row_stride,
               int64_t vocab_start, int dtype, float inv_temperature, int64_t ignore_index,
-              int num_threads) {
+              int num_threads, uintptr_t out, int64_t out_row_stride) {
+  if (out != 0 && to_dtype(dtype) != hotloop::DType::kFloat32) {
+    throw std::invalid_argument("row_grad: out needs float32 logits (it receives their bf16 gradient)");
+  }
   hotloop::RowGradParams p{ptr<void>(logits), ptr<const int64_t>(targets), ptr<const float>(lse),
                            ptr<const float>(lse_lo), ptr<const float>(entropy), ptr<const float>(grad_logp),
                            ptr<const float>(grad_entropy), rows, block, row_stride, vocab_start,
-                           to_dtype(dtype), inv_temperature, ignore_index, num_threads};
+                           to_dtype(dtype), inv_temperature, ignore_index, num_threads, ptr<void>(out),
+                           out_row_stride};
   py::gil_scoped_release release;
   hotloop::row_grad_cpu(p);
 }
@@ -61,10 +65,11 @@ PYBIND11_MODULE(_row_kernels, m) {
   m.def("row_grad", &row_grad,
         "Overwrites logits [R, Vb] (columns vocab_start.. of the row) with d(g_lp logp + g_ent H)/dx; "
         "lse_lo (the remainder of an fp64 lse) may be 0 (null); entropy and grad_entropy may be 0 (null) to "
-        "skip the entropy term.",
+        "skip the entropy term; out != 0: float32 logits stay, their bf16 gradient goes to out [R, Vb] "
+        "(rows out_row_stride apart).",
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("lse_lo"), py::arg("entropy"),
         py::arg("grad_logp"),
         py::arg("grad_entropy"), py::arg("rows"), py::arg("block"), py::arg("row_stride"),
         py::arg("vocab_start"), py::arg("dtype"), py::arg("inv_temperature"), py::arg("ignore_index"),
-        py::arg("num_threads"));
+        py::arg("num_threads"), py::arg("out") = 0, py::arg("out_row_stride") = 0);
 }

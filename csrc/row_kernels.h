@@ -51,7 +51,7 @@ struct RowStatsParams {
   int num_threads;         // <= 0: OpenMP default
 };
 
-// row_grad: overwrites logits [R, Vb] (columns vocab_start .. vocab_start + Vb of the full row).
+// row_grad: overwrites logits [R, Vb] (columns vocab_start .. vocab_start + Vb of the full row), or writes out.
 struct RowGradParams {
   void* logits;               // [R, Vb] fp32 | bf16, in: logits, out: gradient (same dtype)
   const int64_t* targets;     // [R]
@@ -69,6 +69,10 @@ struct RowGradParams {
   float inv_temperature;
   int64_t ignore_index;
   int num_threads;
+  // CPU only: null writes the gradient over the logits; else into out ([R, Vb] bf16, rows out_row_stride apart)
+  // from fp32 logits, which stay as they are (one pass instead of an in-place pass and a bf16 copy).
+  void* out = nullptr;
+  int64_t out_row_stride = 0;
 };
 
 // CPU (row_kernels_cpu.cpp). Targets are range-checked by the Python caller.

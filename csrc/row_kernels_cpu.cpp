@@ -154,10 +154,10 @@ HOTLOOP_CLONES void fold_row_any(const RowFoldParams& p, int64_t r) {
   }
 }
 
-// g_j = s * [g_lp (1[j = t] - p_j) - g_ent p_j (log p_j + H)] over one block row, in place.
-template <typename T>
-HOTLOOP_INLINE void grad_row(T* __restrict x, int64_t n, int64_t local_t, float inv_t, float lse,
-                             float lse_lo, float h, float g_lp, float g_ent) {
+// g_j = s * [g_lp (1[j = t] - p_j) - g_ent p_j (log p_j + H)] over one block row: y = x (in place) or another row.
+template <typename T, typename U>
+HOTLOOP_INLINE void grad_row(const T* x, U* y, int64_t n, int64_t local_t, float inv_t, float lse, float lse_lo,
+                             float h, float g_lp, float g_ent) {
   const bool has_t = local_t >= 0 && local_t < n;
   const float lp_t = has_t ? (inv_t * load(x, local_t) - lse) - lse_lo : 0.0f;
 #pragma omp simd
@@ -165,12 +165,12 @@ HOTLOOP_INLINE void grad_row(T* __restrict x, int64_t n, int64_t local_t, float 
     const float lp = (inv_t * load(x, j) - lse) - lse_lo;
     const float pj = exp_nonpositive(lp);
     const float g = pj > 0.0f ? -inv_t * pj * (g_lp + g_ent * (lp + h)) : 0.0f;
-    store(x, j, g);
+    store(y, j, g);
   }
   if (has_t) {
     const float pt = exp_nonpositive(lp_t);
     const float ent = pt > 0.0f ? g_ent * pt * (lp_t + h) : 0.0f;
-    store(x, local_t, inv_t * (g_lp * (1.0f - pt) - ent));
+    store(y, local_t, inv_t * (g_lp * (1.0f - pt) - ent));
   }
 }
 
@@ -180,21 +180,26 @@ HOTLOOP_INLINE void zero_row(T* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = T(0);
 }
 
-HOTLOOP_CLONES void grad_row_any(const RowGradParams& p, int64_t r) {
+template <typename T, typename U>
+HOTLOOP_INLINE void grad_row_to(const RowGradParams& p, const T* x, U* y, int64_t r, float h, float g_ent) {
   const int64_t t = p.targets[r];
-  const bool ignored = t == p.ignore_index;
+  if (t == p.ignore_index) return zero_row(y, p.block);
+  const float lse_lo = p.lse_lo != nullptr ? p.lse_lo[r] : 0.0f;
+  grad_row(x, y, p.block, t - p.vocab_start, p.inv_temperature, p.lse[r], lse_lo, h, p.grad_logp[r], g_ent);
+}
+
+HOTLOOP_CLONES void grad_row_any(const RowGradParams& p, int64_t r) {
   const float h = p.grad_entropy != nullptr ? p.entropy[r] : 0.0f;
   const float g_ent = p.grad_entropy != nullptr ? p.grad_entropy[r] : 0.0f;
-  const int64_t local_t = t - p.vocab_start;
-  const float lse_lo = p.lse_lo != nullptr ? p.lse_lo[r] : 0.0f;
-  if (p.dtype == DType::kFloat32) {
+  if (p.out != nullptr) {  // fp32 logits -> bf16 gradient (checked by the binding)
+    const float* x = static_cast<const float*>(p.logits) + r * p.row_stride;
+    grad_row_to(p, x, static_cast<uint16_t*>(p.out) + r * p.out_row_stride, r, h, g_ent);
+  } else if (p.dtype == DType::kFloat32) {
     float* x = static_cast<float*>(p.logits) + r * p.row_stride;
-    if (ignored) return zero_row(x, p.block);
-    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], lse_lo, h, p.grad_logp[r], g_ent);
+    grad_row_to(p, x, x, r, h, g_ent);
   } else {
     uint16_t* x = static_cast<uint16_t*>(p.logits) + r * p.row_stride;
-    if (ignored) return zero_row(x, p.block);
-    grad_row(x, p.block, local_t, p.inv_temperature, p.lse[r], lse_lo, h, p.grad_logp[r], g_ent);
+    grad_row_to(p, x, x, r, h, g_ent);
   }
 }
 

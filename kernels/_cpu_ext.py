@@ -197,8 +197,9 @@ def row_grad_(
     grad_entropy: torch.Tensor | None,
     inv_temperature: float,
     ignore_index: int,
+    out: torch.Tensor | None = None,
 ) -> None:
-    """Overwrite a logit block with d(Σ g_lp · logp + g_ent · H)/d logits, in place.
+    """Overwrite a logit block with d(Σ g_lp · logp + g_ent · H)/d logits, in place (or write it to ``out``).
 
     Args:
         logits: [R, Vb] float32 | bfloat16 on CPU, columns ``vocab_start .. vocab_start + Vb`` of
@@ -209,10 +210,17 @@ def row_grad_(
             |z| ~ 1e4 (a lone fp32 lse is off by up to half an ulp there, ~5e-4, and so is every p_j).
         entropy: [R] float32, needed when ``grad_entropy`` is given.
         grad_logp: [R] float32 upstream gradient of logp. grad_entropy: [R] float32 or None (no entropy term).
+        out: None, or [R, Vb] bfloat16 (rows contiguous) that takes the gradient of float32 ``logits``, which then
+            stay as they are: one pass where an in-place pass and a bf16 copy would take two.
     """
     ext = _require_module()
     _check_logits(logits)
     rows, block = logits.shape
+    if out is not None:
+        _check_logits(out)
+        if out.dtype != torch.bfloat16 or logits.dtype != torch.float32 or out.shape != logits.shape:
+            want = f"bfloat16 {tuple(logits.shape)} (the gradient of float32 logits)"
+            raise ValueError(expected("out", want, f"{out.dtype} {tuple(out.shape)} for {logits.dtype} logits"))
     _check_vector("targets", targets, rows, torch.int64)
     lse_hi, lse_lo = split_lse(lse, rows)
     for name, t in (("entropy", entropy), ("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
@@ -241,6 +249,8 @@ def row_grad_(
         s,
         int(ignore_index),
         torch.get_num_threads(),
+        0 if out is None else out.data_ptr(),
+        0 if out is None else out.stride(0),
     )
 
 

@@ -5,7 +5,8 @@ that one GEMM writes and the row passes then read while it is still in cache:
 
 - ``fold_block_``: folds a tile into running fp64 per-row statistics (max, Σe^{z−m}, Σe^{z−m}(z−m),
   z_t), so a row may be swept in vocabulary blocks (``_cpu_ext.new_row_state`` / ``finish_row_state``);
-- ``row_grad_``: overwrites a tile with d(g_lp·logp + g_ent·H)/d logit, in place.
+- ``row_grad_``: overwrites a tile with d(g_lp·logp + g_ent·H)/d logit, in place, or writes it as the bf16
+  operand of the gradient GEMMs in the same pass (``out``).
 
 Both use the csrc/ row kernels on CPU when they were built (``_cpu_ext``), else a few fp32 torch
 passes (max-shifted, so |logits| ~ 1e4 neither overflows nor cancels). Budget: ``HOTLOOP_BLOCK_BYTES``
@@ -15,6 +16,8 @@ still in cache when its row pass reads it; CUDA with ``HOTLOOP_BACKEND=torch``: 
 chunks (``block_rows``) are at least ``min_chunk_rows()`` tall (256 rows per BLAS thread in [256, 1024]: thinner ones
 make the grad_W GEMM skinny and re-stream the weight; measured on 2 cores at N = 2048, V = 32000: 256-row chunks
 1.18x the matmul floor, 512-row ones 1.09x) and split N into equal chunks. The buffers are lent by ``_workspace``.
+A bf16 head's logits come from the bf16 → fp32 GEMM of ``_bf16_gemm_ext`` when it can run (``packable``: the
+weight packed once per call, ``packed_head``), else from an fp32 GEMM on upcast slices.
 Whole units of the sequence-sum losses (``unit_block_bytes``) may take a larger block, up to 1/8 of the
 available memory: one pair's ``[2T, V]`` logits, which Liger's chunked losses also materialize.
 """
@@ -25,11 +28,13 @@ import functools
 import math
 import os
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
-from . import _cpu_ext
+from . import _bf16_gemm_ext, _cpu_ext
+from ._bf16_gemm_ext import PackedHead
 
 MIN_BLOCK_BYTES = 32 << 20
 MAX_BLOCK_BYTES = 256 << 20
@@ -172,8 +177,12 @@ def row_stats(logits: Tensor, targets: Tensor, inv_temperature: float, ignore_in
     return _cpu_ext.finish_row_state(state, targets, ignore_index)
 
 
-def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index):
-    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit.
+def row_grad_(
+    block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy, inv_temperature, ignore_index, out=None
+):
+    """Overwrite block [R, Vb] fp32 (columns vocab_start.. of the rows) with d objective / d raw logit; or, with
+    ``out`` ([R, Vb] bf16), write the gradient there in one pass (``block`` is then scratch: the native kernel
+    leaves it, the torch ops overwrite it).
 
     ``lse`` [R] is float64 (``finish_row_state``); it is applied as fp32 hi + lo (``_cpu_ext.split_lse``).
     """
@@ -188,6 +197,7 @@ def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy
             grad_entropy=grad_entropy,
             inv_temperature=inv_temperature,
             ignore_index=ignore_index,
+            out=out,
         )
         return
     s = inv_temperature
@@ -205,6 +215,8 @@ def row_grad_(block, targets, vocab_start, lse, entropy, grad_logp, grad_entropy
     hit = keep & (col >= 0) & (col < block.shape[1])
     col = torch.where(hit, col, 0).unsqueeze(1)
     block.scatter_add_(1, col, torch.where(hit, s * g_lp, 0.0).unsqueeze(1))
+    if out is not None:
+        out.copy_(block)
 
 
 def linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor | None) -> None:
@@ -215,13 +227,34 @@ def linear_into(out: Tensor, hidden32: Tensor, weight32: Tensor, bias: Tensor | 
         torch.addmm(bias.float(), hidden32, weight32.T, out=out)
 
 
-def logits_into(out: Tensor, hidden32: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int) -> None:
-    """out [R, Vb] fp32 ← hidden32 @ weight[v0:v0+Vb].T + bias; a low-precision weight is upcast in slices."""
+def logits_into(
+    out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, vocab_start: int, head: PackedHead | None = None
+) -> None:
+    """out [R, Vb] fp32 ← hidden @ weight[v0:v0+Vb].T + bias.
+
+    ``head``: the bf16 weight packed by ``_bf16_gemm_ext`` (hidden bf16): one bf16 → fp32 GEMM. Else hidden is fp32
+    and a low-precision weight is upcast in slices.
+    """
+    if head is not None:
+        _bf16_gemm_ext.logits_into(out, hidden, head, vocab_start)
+        if bias is not None:
+            out.add_(bias[vocab_start : vocab_start + out.shape[1]])
+        return
     d = weight.shape[1]
     step = out.shape[1] if weight.dtype == torch.float32 else max(1, block_bytes(out.device) // (4 * max(d, 1)))
     for c0, c1 in spans(out.shape[1], step):
         cols = slice(vocab_start + c0, vocab_start + c1)
-        linear_into(out[:, c0:c1], hidden32, weight[cols].float(), None if bias is None else bias[cols])
+        linear_into(out[:, c0:c1], hidden, weight[cols].float(), None if bias is None else bias[cols])
+
+
+def packable(weight: Tensor) -> bool:
+    """Whether ``weight``'s logits GEMM runs as the bf16 → fp32 GEMM of ``_bf16_gemm_ext`` (bf16 CPU heads)."""
+    return _bf16_gemm_ext.usable(weight)
+
+
+def packed_head(weight: Tensor):
+    """Context manager: the ``PackedHead`` of a ``packable`` weight, else None."""
+    return _bf16_gemm_ext.packed_head(weight) if packable(weight) else nullcontext()
 
 
 def scratch(buf: Tensor, rows: int, cols: int) -> Tensor:  # contiguous [rows, cols] view of a flat buffer
@@ -242,10 +275,20 @@ def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def add_row_grads(
-    g: Tensor, h: Tensor, w: Tensor, rows: Tensor, span: slice | None, gh, gw, *, first: bool = False
+    g: Tensor,
+    h: Tensor,
+    w: Tensor,
+    rows: Tensor,
+    span: slice | None,
+    gh,
+    gw,
+    *,
+    first: bool = False,
+    product: Tensor | None = None,
 ) -> None:
     """grad_H[rows] = g @ w and grad_W += g.T @ h (``first``: grad_W = g.T @ h) into fp32 [N, D] / [V, D]
-    (g [R, V], h [R, D], w [V, D])."""
+    (g [R, V], h [R, D], w [V, D]). A bf16 ``g`` forms its grad_W product in bf16, in ``product`` ([V, D] bf16,
+    held memory: no page faults) when given, then adds it."""
     if gh is not None and span is not None and g.dtype == gh.dtype:
         torch.mm(g, w, out=gh[span])
     elif gh is not None:
@@ -253,7 +296,7 @@ def add_row_grads(
     if gw is None:
         return
     if g.dtype != gw.dtype:
-        g_w = torch.mm(g.T, h)
+        g_w = torch.mm(g.T, h) if product is None else torch.mm(g.T, h, out=product)
         if first:
             gw.copy_(g_w)
         else:

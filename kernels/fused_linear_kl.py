@@ -150,7 +150,8 @@ def kl_fwd_bwd(
     want_b = needs_grad[2] and bias is not None
     grads = want_h or want_w or want_b
     gdt = tiles.grad_gemm_dtype(weight.dtype)
-    w32 = weight.float() if grads else None  # one upcast serves every chunk (fp32 grad_W is accumulated anyway)
+    # one upcast serves every chunk (fp32 grad_W is accumulated anyway); bf16 heads run the bf16 -> fp32 GEMM
+    w32 = weight.float() if grads and not tiles.packable(weight) else None
     w_g = w32 if gdt == torch.float32 else weight
     div, kl, entropy = (torch.zeros(n, device=dev) for _ in range(3))
     gh = torch.zeros(n, d, device=dev) if want_h else None
@@ -161,16 +162,20 @@ def kl_fwd_bwd(
     chunk = tiles.even_step(n, tiles.block_rows(n, v, dev))
     blocks = 4 if options.divergence == "jsd" else 3
     row_scale = row_weight.float() * s  # d/dx = s·d/dz
-    with workspace(blocks * chunk * v, dev) as flat:
+    heads = tiles.packed_head(weight), tiles.packed_head(ref_weight)
+    with workspace(blocks * chunk * v, dev) as flat, heads[0] as head, heads[1] as ref_head:
         bufs = [*flat[: blocks * chunk * v].view(blocks, -1).unbind(0)] + [None] * (4 - blocks)
         for r0, r1 in tiles.spans(n, chunk):
             x, x_ref, lp, t = (None if b is None else tiles.scratch(b, r1 - r0, v) for b in bufs)
             h32 = hidden2d[r0:r1].float()
-            if w32 is not None:
+            if head is not None:
+                tiles.logits_into(x, hidden2d[r0:r1], weight, bias, 0, head)
+            elif w32 is not None:
                 tiles.linear_into(x, h32, w32, bias)
             else:
                 tiles.logits_into(x, h32, weight, bias, 0)
-            tiles.logits_into(x_ref, ref_hidden2d[r0:r1].float(), ref_weight, ref_bias, 0)
+            ref_h = ref_hidden2d[r0:r1] if ref_head is not None else ref_hidden2d[r0:r1].float()
+            tiles.logits_into(x_ref, ref_h, ref_weight, ref_bias, 0, ref_head)
             _log_softmax_into(lp, x, s)
             lq = _log_softmax_into(x, x_ref, s)  # x is free: log q goes there, and p into x_ref
             c_div, c_kl, c_ent, g = _row_math_(lp, lq, x_ref, t, options)

@@ -19,8 +19,10 @@ to ``_fused_linear_logprob_triton`` (decided by ``_dispatch.use_triton`` at call
   grad_b[v0:v1] = block.sum(0). Three matmuls: four in all (8·N·V·D FLOPs); ``logprob_fwd_bwd``
   needs three (losses whose per-token gradient is known once a group of rows has its log-probs;
   it keeps full-row [C, V] chunks, C >= min(N, 256)).
-- bf16/fp16: logits blocks in fp32 (weight upcast slice by slice); for bf16 the two gradient GEMMs
-  take bf16 operands (fp32 accumulation; ~2x faster on CPU, as the Triton path does). Grads
+- bf16: the logits GEMM takes the bf16 operands and writes fp32 logits (``_bf16_gemm_ext``: PyTorch's oneDNN
+  micro-kernel tiled by ``csrc/bf16_gemm.cpp``; the fp32-exact product at a bf16 GEMM's speed, ~5x the fp32 one);
+  fp16, an odd D or a CPU without the kernel upcast the weight slice by slice into an fp32 GEMM. For bf16 the two
+  gradient GEMMs take bf16 operands (fp32 accumulation; ~2x faster on CPU, as the Triton path does). Grads
   accumulate in fp32 and return in the input dtype. No atomics: bit-identical run to run.
 """
 
@@ -61,14 +63,14 @@ def logprob_fwd(hidden2d, weight, targets, bias, *, temperature, ignore_index, w
     logp, entropy = torch.empty(2, n, device=dev).unbind(0)
     lse = torch.empty(n, device=dev, dtype=torch.float64)
     rows, cols = tiles.block_shape(n, v, dev)
-    with workspace(rows * cols, dev) as buf:
+    with workspace(rows * cols, dev) as buf, tiles.packed_head(weight) as head:
         for r0, r1 in tiles.spans(n, rows):
-            h32 = hidden2d[r0:r1].float()
+            h = hidden2d[r0:r1] if head is not None else hidden2d[r0:r1].float()
             t = targets[r0:r1]
             state = _cpu_ext.new_row_state(r1 - r0, dev)
             for v0, v1 in tiles.spans(v, cols):
                 block = tiles.scratch(buf, r1 - r0, v1 - v0)
-                tiles.logits_into(block, h32, weight, bias, v0)
+                tiles.logits_into(block, h, weight, bias, v0, head)
                 tiles.fold_block_(block, t, v0, 1.0 / temperature, state, with_entropy=with_entropy)
             for dst, src in zip((lse, logp, entropy), _cpu_ext.finish_row_state(state, t, ignore_index)):
                 dst[r0:r1] = src
@@ -105,16 +107,16 @@ def logprob_bwd(
     grad_entropy = None if grad_entropy is None else grad_entropy.float().contiguous()
     entropy = stats.entropy if grad_entropy is not None else None
     gdt = tiles.grad_gemm_dtype(weight.dtype)
-    h32 = hidden2d.float()
+    h32 = None if tiles.packable(weight) else hidden2d.float()
     h_g = hidden2d.to(gdt)
     gh = torch.zeros(n, d, device=dev) if needs_grad[0] else None
     gw = torch.empty_like(weight) if needs_grad[1] else None
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
     rows, cols = tiles.block_shape(n, v, dev)
     bf16_copy = workspace(rows * cols, dev, gdt) if gdt != torch.float32 else nullcontext()
-    with workspace(rows * cols, dev) as buf, bf16_copy as gbuf:
+    with workspace(rows * cols, dev) as buf, bf16_copy as gbuf, tiles.packed_head(weight) as head:
         for v0, v1 in tiles.spans(v, cols):
-            w32 = weight[v0:v1].float()
+            w32 = weight[v0:v1].float() if head is None else None
             w_g = w32 if gdt == torch.float32 else weight[v0:v1]
             # grad_W[v0:v1] sums over row tiles: straight into an fp32 grad_W, else into an fp32 scratch
             gw_acc = None
@@ -122,7 +124,11 @@ def logprob_bwd(
                 gw_acc = gw[v0:v1] if gw.dtype == torch.float32 else torch.empty(v1 - v0, d, device=dev)
             for r0, r1 in tiles.spans(n, rows):
                 block = tiles.scratch(buf, r1 - r0, v1 - v0)
-                tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
+                if head is None:
+                    tiles.linear_into(block, h32[r0:r1], w32, None if bias is None else bias[v0:v1])
+                else:
+                    tiles.logits_into(block, hidden2d[r0:r1], weight, bias, v0, head)
+                g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0)  # as in logprob_fwd_bwd
                 tiles.row_grad_(
                     block,
                     targets[r0:r1],
@@ -133,10 +139,12 @@ def logprob_bwd(
                     _rows_of(grad_entropy, r0, r1),
                     1.0 / temperature,
                     ignore_index,
+                    out=g if gb is None and g is not block else None,
                 )
                 if gb is not None:
                     gb[v0:v1] += block.sum(dim=0)
-                g = block if gbuf is None else tiles.scratch(gbuf, r1 - r0, v1 - v0).copy_(block)
+                    if g is not block:
+                        g.copy_(block)
                 if gw_acc is not None:
                     _add_grad_weight(gw_acc, g, h_g[r0:r1], first=r0 == 0)
                 if gh is not None and g.dtype == torch.float32:
@@ -224,35 +232,49 @@ def logprob_fwd_bwd(
     s = 1.0 / temperature
     gdt = tiles.grad_gemm_dtype(weight.dtype)
     targets = targets.contiguous()
-    w32 = weight.float()  # fp32 grad_W [V, D] is accumulated anyway; one upcast serves every chunk
+    w32 = None if tiles.packable(weight) else weight.float()  # one upcast serves every chunk
     w_g = w32 if gdt == torch.float32 else weight
     chunks = _row_chunks(n, v, row_groups, dev)
     covered = sum(rows.numel() for rows, _ in chunks) == n  # every row written once: no zero fill needed
     logp, entropy = torch.zeros(2, n, device=dev).unbind(0)
     lse = torch.zeros(n, device=dev, dtype=torch.float64)
     gh = (torch.empty if covered else torch.zeros)(n, d, device=dev) if needs_grad[0] else None
-    gw = torch.empty(v, d, device=dev) if needs_grad[1] else None  # the first chunk's GEMM overwrites it
+    # One chunk in bf16: its bf16 grad_W product is the gradient itself, so no fp32 [V, D] accumulator is held.
+    direct_gw = needs_grad[1] and len(chunks) == 1 and gdt == weight.dtype != torch.float32
+    gw = torch.empty(v, d, device=dev) if needs_grad[1] and not direct_gw else None  # the first GEMM overwrites it
     gb = torch.zeros(v, device=dev) if needs_grad[2] and bias is not None else None
     if gw is not None and not chunks:
         gw.zero_()
     most = max((rows.numel() for rows, _ in chunks), default=0) * v
-    bf16_copy = workspace(most, dev, gdt) if gdt != torch.float32 else nullcontext()
-    with workspace(most, dev) as buf, bf16_copy as gbuf:
+    products = v * d if gw is not None and gdt != torch.float32 else 0  # bf16 grad_W products, added into fp32 gw
+    bf16_copy = workspace(most + products, dev, gdt) if gdt != torch.float32 else nullcontext()
+    with workspace(most, dev) as buf, bf16_copy as gbuf, tiles.packed_head(weight) as head:
+        product = tiles.scratch(gbuf[most:], v, d) if products else None
         for k, (rows, span) in enumerate(chunks):
             h = hidden2d[span] if span is not None else hidden2d.index_select(0, rows)
             t = targets[span] if span is not None else targets.index_select(0, rows)
             block = tiles.scratch(buf, rows.numel(), v)
-            tiles.linear_into(block, h.float(), w32, bias)
+            if head is None:
+                tiles.linear_into(block, h.float(), w32, bias)
+            else:
+                tiles.logits_into(block, h, weight, bias, 0, head)
             c_lse, c_logp, c_ent = tiles.row_stats(block, t, s, ignore_index)
             for dst, src in zip((lse, logp, entropy), (c_lse, c_logp, c_ent)):
                 dst.index_copy_(0, rows, src)
             g_lp, g_ent = token_grad(rows, c_logp, c_ent if with_entropy else None)
             g_ent = None if g_ent is None else g_ent.detach().float().contiguous()
-            tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp.detach().float().contiguous(), g_ent, s, ignore_index)
+            g_lp = g_lp.detach().float().contiguous()
+            # the bf16 operand of the gradient GEMMs is written by the row pass itself, unless grad_b needs fp32
+            g = block if gbuf is None else tiles.scratch(gbuf, rows.numel(), v)
+            out = g if gb is None and g is not block else None
+            tiles.row_grad_(block, t, 0, c_lse, c_ent, g_lp, g_ent, s, ignore_index, out=out)
             if gb is not None:
                 gb.add_(block.sum(dim=0))
-            g = block if gbuf is None else tiles.scratch(gbuf, rows.numel(), v).copy_(block)
-            tiles.add_row_grads(g, h.to(gdt), w_g, rows, span, gh, gw, first=k == 0)
+                if g is not block:
+                    g.copy_(block)
+            tiles.add_row_grads(g, h.to(gdt), w_g, rows, span, gh, gw, first=k == 0, product=product)
+            if direct_gw:
+                gw = torch.mm(g.T, h.to(gdt))
     stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 

@@ -197,6 +197,53 @@ def test_row_grad_writes_only_its_columns_of_a_strided_view():
     assert torch.equal(full[:, :200], before[:, :200]) and torch.equal(full[:, 450:], before[:, 450:])
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_row_grad_into_a_bf16_out_is_the_rounded_in_place_gradient_and_keeps_the_logits(
+    path, with_entropy, monkeypatch
+):
+    """``out=`` (the bf16 operand of the gradient GEMMs, written by the row pass itself): the bf16 rounding of the
+    in-place fp32 gradient, into a column slice of a wider poisoned buffer; the native kernel leaves the logits."""
+    if path == "native" and not _cpu_ext.available():
+        pytest.skip("native row kernels not built")
+    monkeypatch.setenv("HOTLOOP_NATIVE", "1" if path == "native" else "0")
+    from hotloop.kernels._torch_tiles import row_grad_
+
+    full, targets = _inputs(5, 900, torch.float32, ignored_rows=(3,))
+    targets[0] = 250  # a target inside the block
+    lse, _, entropy = _cpu_ext.reference_row_stats(full, targets, inv_temperature=0.7, ignore_index=IGNORE)
+    g_lp = torch.randn(5)
+    g_ent = torch.randn(5) if with_entropy else None
+    args = (targets, 200, lse, entropy.float(), g_lp, g_ent, 0.7, IGNORE)
+    in_place = full[:, 200:650].clone()
+    row_grad_(in_place, *args)
+    block = full[:, 200:650].clone()
+    before = block.clone()
+    wide = poison_(torch.empty(5, 470, dtype=torch.bfloat16))
+    row_grad_(block, *args, out=wide[:, 10:460])
+    assert torch.equal(wide[:, 10:460], in_place.bfloat16())
+    assert wide[:, :10].isnan().all() and wide[:, 460:].isnan().all(), "wrote outside out's columns"
+    if path == "native":
+        assert torch.equal(block, before), "the native kernel must leave the logits as they are"
+    ref = _cpu_ext.reference_row_grad(
+        full, targets, grad_logp=g_lp, grad_entropy=g_ent, inv_temperature=0.7, ignore_index=IGNORE
+    )
+    _check(wide[:, 10:460], ref[:, 200:650], TOL[torch.bfloat16], "grad")
+
+
+@native
+def test_row_grad_out_must_be_bf16_of_the_logits_shape():
+    logits, targets = _inputs(4, 10, torch.float32)
+    opts = dict(vocab_start=0, lse=torch.randn(4), entropy=None, grad_logp=torch.randn(4), grad_entropy=None)
+    for out in (torch.empty(4, 10), torch.empty(4, 9, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="out: expected bfloat16"):
+            _cpu_ext.row_grad_(logits, targets, **opts, inv_temperature=1.0, ignore_index=IGNORE, out=out)
+    with pytest.raises(ValueError, match="out: expected bfloat16"):
+        _cpu_ext.row_grad_(
+            logits.bfloat16(), targets, **opts, inv_temperature=1.0, ignore_index=IGNORE, out=torch.empty_like(logits)
+        )
+
+
 @native
 def test_row_kernels_reject_bad_inputs_naming_the_argument():
     logits, targets = _inputs(4, 10, torch.float32)
