@@ -2,7 +2,7 @@
 
 The ``arithmetic`` experiment's comparison (Lanchantin et al. 2025, https://arxiv.org/abs/2506.21495:
 offline DPO gains least, semi-online DPO nearly matches online, online DPO and GRPO gain most) on
-SmolLM2-135M-Instruct (``hotloop fetch-model smollm2-135m-instruct``) and the built-in 2-step
+SmolLM2-135M-Instruct (``hotloop fetch-model smollm2-135m-instruct``) and the built-in one-step
 word problems scored by math-verify, through the same runner (:func:`_grid.run_grid`):
 
 - offline DPO: ``online-dpo`` with ``s = ∞`` (the sampler keeps the initial weights: every step's
@@ -67,8 +67,8 @@ class RealArithmeticConfig:
     semi_online_syncs: tuple[int, ...] = (4,)
     """s of the semi-online DPO runs."""
     prompts_per_step: int = _PRESET.loop.prompts_per_step
-    samples_per_prompt: int = 4
-    """Samples per prompt of DPO and GRPO alike."""
+    samples_per_prompt: int = 8
+    """Samples per prompt of DPO and GRPO alike (the examples')."""
     max_new_tokens: int = _PRESET.sampling.max_new_tokens
     eval_problems: int = _PRESET.task.eval_problems
     """Held-out problems for greedy accuracy (and the sampled KL)."""
