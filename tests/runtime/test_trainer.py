@@ -184,3 +184,25 @@ def test_loss_fn_returning_a_non_scalar_raises_type_error():
     with pytest.raises(TypeError, match="loss_fn"):
         trainer.step(lambda m, b: "loss", [ids])
     assert trainer.version == 0
+
+
+def test_the_fused_adamw_kernel_gives_the_per_tensor_update():
+    """The trainer takes AdamW's fused kernel on CPU (fp32 parameters); two steps equal the default per-tensor
+    AdamW's to fp32 rounding, weight decay and clipping included."""
+    model = tiny_llama()
+    twin = LlamaForCausalLM(model.config)
+    twin.load_state_dict(model.state_dict())
+    config = TrainerConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=0.5)
+    trainer = Trainer(model, config)
+    before = params(model).clone()
+    assert trainer.optimizer.defaults["fused"] is True
+    reference = torch.optim.AdamW(twin.parameters(), lr=1e-3, betas=config.betas, eps=config.eps, weight_decay=0.1)
+    for _ in range(2):
+        ids = torch.randint(0, 20, (4, 9))
+        trainer.step(lm_loss, [ids])
+        twin.zero_grad()
+        lm_loss(twin, ids).backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        reference.step()
+    assert relative_error(params(model), params(twin)) <= 1e-6
+    assert relative_error(params(model), before) > 1e-4, "the steps must move the weights"
