@@ -194,28 +194,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path] | None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.side:
         _child(args)
         return None
-    forwarded = [
-        "--model",
-        args.model,
-        "--steps",
-        str(args.steps),
-        "--prompts",
-        str(args.prompts),
-        "--samples",
-        str(args.samples),
-        "--max-new-tokens",
-        str(args.max_new_tokens),
-        "--seed",
-        str(args.seed),
-    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in SIDES:
-            steps, peak = _run_side(side, forwarded, Path(tmp))
+            steps, peak = _run_side(side, argv, Path(tmp))  # each child parses the same options
             rows.append(_row(side, steps, peak, args))
     meta = collect_meta(
         "cpu",

@@ -272,9 +272,10 @@ def logprob_fwd_bwd(
                 gb.add_(block.sum(dim=0))
                 if g is not block:
                     g.copy_(block)
-            tiles.add_row_grads(g, h.to(gdt), w_g, rows, span, gh, gw, first=k == 0, product=product)
+            h_g = h.to(gdt)
+            tiles.add_row_grads(g, h_g, w_g, rows, span, gh, gw, first=k == 0, product=product)
             if direct_gw:
-                gw = torch.mm(g.T, h.to(gdt))
+                gw = torch.mm(g.T, h_g)
     stats = TokenStats(logp=logp, entropy=entropy if with_entropy else None, lse=lse)
     return stats, tiles.cast(gh, hidden2d.dtype), tiles.cast(gw, weight.dtype), tiles.cast(gb, weight.dtype)
 
