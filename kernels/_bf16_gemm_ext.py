@@ -1,12 +1,13 @@
 """bf16 × bf16 → fp32 logits GEMM on CPU (``csrc/bf16_gemm.cpp``): the speed of a bf16 GEMM, fp32 logits.
 
 CPU PyTorch offers two ways to compute a bf16 head's logits, both bad for log-probs: ``torch.mm`` of the bf16
-operands (AMX / AVX512-BF16, fast) rounds every logit to bf16 (relative 2^-9: 1–2% error in per-token entropies
-and gradients), and upcasting the operands to fp32 runs a ~5x slower GEMM (``python -m bench.bf16_gemm`` on the
-2-core bench machine, 1024 × 512 × 32000: fp32 132 ms, bf16 with its upcast 28.2 ms). PyTorch exports the oneDNN
-micro-kernel of its CPU flash attention, ``at::native::cpublas::brgemm`` (bf16 operands, fp32 accumulation *and*
-output); this module finds it in libtorch_cpu with ctypes and the extension tiles a GEMM over it: 20.5 ms at that
-shape (28.2 ms with the pack), logits within ~4e-6 of float64 at |logit| ~ 4, the fp32 GEMM's accuracy.
+operands (AMX / AVX512-BF16, fast) rounds every logit to bf16 (relative 2^-9: a prototype erred by 1.7e-2 in
+per-token entropies and 1.0e-2 in gradients), and upcasting the operands to fp32 runs a ~5x slower GEMM
+(``python -m bench.bf16_gemm`` on the 2-core bench machine, 1024 × 512 × 32000: fp32 132 ms, bf16 with its upcast
+28.2 ms). PyTorch exports the oneDNN micro-kernel of its CPU flash attention, ``at::native::cpublas::brgemm`` (bf16
+operands, fp32 accumulation *and* output); this module finds it in libtorch_cpu with ctypes and the extension tiles a
+GEMM over it: 20.5 ms at that shape (28.2 ms with the pack), logits within ~4e-6 of float64 at |logit| ~ 4, the fp32
+GEMM's accuracy.
 
 - :func:`packed_head`: the head ``weight [V, D]`` bf16 in the micro-kernel's VNNI layout (a ``[D/2, V]`` transpose of
   bf16 pairs; ~5 ms and one weight's worth of memory per call at V = 32000, D = 512), into a workspace buffer;
