@@ -10,7 +10,8 @@ GEMM over it: 20.5 ms at that shape (28.2 ms with the pack), logits within ~4e-6
 GEMM's accuracy.
 
 - :func:`packed_head`: the head ``weight [V, D]`` bf16 in the micro-kernel's VNNI layout (a ``[D/2, V]`` transpose of
-  bf16 pairs; ~5 ms and one weight's worth of memory per call at V = 32000, D = 512), into a workspace buffer;
+  bf16 pairs; 5–8 ms and one weight's worth of memory per call at V = 32000, D = 512: timed alone, and as the
+  difference of bench.bf16_gemm's two hotloop rows), into a workspace buffer;
 - :func:`logits_into`: ``out [R, Vb]`` fp32 = ``hidden [R, D]`` bf16 @ ``weight[v0:v0+Vb].T`` from the packed head.
 
 :func:`usable` is True for CPU bf16 heads with an even D (VNNI pairs) when the extension was built, PyTorch exports
