@@ -67,6 +67,10 @@ class TrainerConfig:
     """Learning-rate shape after warmup."""
     bf16_autocast: bool = False
     """Run forward and loss under ``torch.autocast(bfloat16)``; applies only to CUDA models."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them (transformers'
+    ``gradient_checkpointing_enable``, non-reentrant): less training memory for one more forward. TRL's
+    ``GRPOConfig`` defaults to it."""
     seed: int | None = None
     """Seed python, numpy and torch RNGs when the trainer is built; None leaves them alone."""
     max_skipped_steps: int = 10
@@ -110,6 +114,12 @@ class TrainerConfig:
                 "an int >= max(1, warmup_steps) (required by the linear and cosine schedules)",
             ),
             ("bf16_autocast", self.bf16_autocast, isinstance(self.bf16_autocast, bool), "a bool"),
+            (
+                "gradient_checkpointing",
+                self.gradient_checkpointing,
+                isinstance(self.gradient_checkpointing, bool),
+                "a bool",
+            ),
             ("seed", self.seed, self.seed is None or count(self.seed), "None or an int"),
             (
                 "max_skipped_steps",
@@ -182,6 +192,14 @@ class Trainer:
             raise TypeError(f"config: expected a TrainerConfig, got {type(config).__name__}")
         if config.seed is not None:
             seed_everything(config.seed)
+        if config.gradient_checkpointing:
+            enable = getattr(model, "gradient_checkpointing_enable", None)
+            if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+                raise TypeError(
+                    f"trainer.gradient_checkpointing: the model ({type(model).__name__}) does not support it "
+                    "(expected a transformers PreTrainedModel with supports_gradient_checkpointing)"
+                )
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
         self.config = config
         self.reference = reference

@@ -206,3 +206,30 @@ def test_the_fused_adamw_kernel_gives_the_per_tensor_update():
         reference.step()
     assert relative_error(params(model), params(twin)) <= 1e-6
     assert relative_error(params(model), before) > 1e-4, "the steps must move the weights"
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_update():
+    """``gradient_checkpointing=True`` runs each decoder layer twice per step (the forward and the backward's
+    recompute) and the update equals the one that kept the activations, to fp32 rounding."""
+    model = tiny_llama()
+    twin = LlamaForCausalLM(model.config)
+    twin.load_state_dict(model.state_dict())
+    checkpointed = Trainer(model, TrainerConfig(lr=1e-3, gradient_checkpointing=True))
+    kept = Trainer(twin, TrainerConfig(lr=1e-3))
+    calls = {"checkpointed": 0, "kept": 0}
+    for name, m in (("checkpointed", model), ("kept", twin)):  # the recompute skips module hooks: wrap forward
+        mlp = m.model.layers[0].mlp
+        mlp.forward = lambda *a, name=name, forward=mlp.forward: calls.__setitem__(name, calls[name] + 1) or forward(*a)
+    before = params(model).clone()
+    for _ in range(2):
+        ids = torch.randint(0, 20, (4, 9))
+        checkpointed.step(lm_loss, [ids])
+        kept.step(lm_loss, [ids])
+    assert calls == {"checkpointed": 4, "kept": 2}
+    assert relative_error(params(model), params(twin)) <= 1e-6
+    assert relative_error(params(model), before) > 1e-4, "the steps must move the weights"
+
+
+def test_gradient_checkpointing_refuses_a_model_without_it():
+    with pytest.raises(TypeError, match="trainer.gradient_checkpointing"):
+        Trainer(torch.nn.Linear(3, 3), TrainerConfig(gradient_checkpointing=True))
