@@ -69,8 +69,8 @@ class TrainerConfig:
     """Run forward and loss under ``torch.autocast(bfloat16)``; applies only to CUDA models."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them (transformers'
-    ``gradient_checkpointing_enable``, non-reentrant): less training memory for one more forward. TRL's
-    ``GRPOConfig`` defaults to it."""
+    ``activation_checkpointing_enable``, or ``gradient_checkpointing_enable`` where older; non-reentrant):
+    less training memory for one more forward. TRL's ``GRPOConfig`` defaults to it."""
     seed: int | None = None
     """Seed python, numpy and torch RNGs when the trainer is built; None leaves them alone."""
     max_skipped_steps: int = 10
@@ -193,13 +193,18 @@ class Trainer:
         if config.seed is not None:
             seed_everything(config.seed)
         if config.gradient_checkpointing:
-            enable = getattr(model, "gradient_checkpointing_enable", None)
+            # newer transformers (5.24 here) call it activation_checkpointing_enable; the old name warns
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+            if not callable(enable):
+                enable = getattr(model, "gradient_checkpointing_enable", None)
+                kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
             if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
                 raise TypeError(
                     f"trainer.gradient_checkpointing: the model ({type(model).__name__}) does not support it "
                     "(expected a transformers PreTrainedModel with supports_gradient_checkpointing)"
                 )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable(**kwargs)
         self.model = model
         self.config = config
         self.reference = reference
