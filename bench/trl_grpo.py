@@ -1,7 +1,7 @@
 """One GRPO step of a real model, hotloop against TRL's ``GRPOTrainer``, on the same settings: time and peak memory.
 
     python -m bench.trl_grpo [--model models/smollm2-135m-instruct] [--steps 4] [--prompts 8] [--samples 8]
-                             [--max-new-tokens 96] [--out-dir bench/results]
+                             [--max-new-tokens 96] [--no-gradient-checkpointing] [--out-dir bench/results]
 
 Each side runs in its own child process, so its peak RSS is its own (``os.wait4``):
 
@@ -12,6 +12,9 @@ Each side runs in its own child process, so its peak RSS is its own (``os.wait4`
   prompts: the same chat template), math-verify reward, prompts × samples, new tokens, temperature 1, DAPO loss,
   β = 0, lr 1e-5, on the CPU in fp32; per step, the wall time of the step and of ``model.generate`` inside it.
   TRL trains on every row (zero-advantage rows give zero gradient but cost a forward and a backward).
+
+Both sides recompute the decoder layers in the backward (activation checkpointing: TRL's ``GRPOConfig`` default,
+hotloop's ``trainer.gradient_checkpointing``); ``--no-gradient-checkpointing`` turns it off on both.
 
 Step 1 of each side includes one-time work (allocations, first calls), so the table reports the median of the
 later steps. ``per row`` = training seconds / rows trained. Writes ``bench/results/trl_grpo-cpu.{md,json,png}``.
@@ -42,22 +45,10 @@ MB = 1 << 20
 def _hotloop(args, out: Path) -> list[dict]:
     """Per-step {step_s, generate_s, train_s, rows} of ``hotloop train``, in this process (a child of ``main``)."""
     run_dir = out / "hotloop-run"
-    settings = [
-        f"model.path={args.model}",
-        f"loop.steps={args.steps}",
-        f"loop.prompts_per_step={args.prompts}",
-        f"grpo.samples_per_prompt={args.samples}",
-        f"sampling.max_new_tokens={args.max_new_tokens}",
-        "loop.eval_every=0",
-        "task.eval_problems=1",
-        "loop.final_checkpoint=false",
-        f"loop.out_dir={run_dir}",
-        f"loop.seed={args.seed}",
-    ]
     from hotloop.algorithms.cli import main as hotloop_cli
 
     argv = ["train", str(EXAMPLE)]
-    for setting in settings:
+    for setting in hotloop_settings(args, run_dir):
         argv += ["--set", setting]
     if hotloop_cli(argv) != 0:
         raise RuntimeError(f"hotloop {' '.join(argv)} failed")
@@ -70,6 +61,23 @@ def _hotloop(args, out: Path) -> list[dict]:
         rest = sum(v for k, v in record.items() if k.startswith("time/") and k not in ("time/sampling", "time/eval"))
         steps.append(dict(step_s=sampling + rest, generate_s=sampling, train_s=training, rows=record.get("rows", 0)))
     return steps
+
+
+def hotloop_settings(args, run_dir: Path) -> list[str]:
+    """``--set`` values of hotloop's side on top of the example: the bench's shape, no eval, no checkpoint."""
+    return [
+        f"model.path={args.model}",
+        f"loop.steps={args.steps}",
+        f"loop.prompts_per_step={args.prompts}",
+        f"grpo.samples_per_prompt={args.samples}",
+        f"sampling.max_new_tokens={args.max_new_tokens}",
+        "loop.eval_every=0",
+        "task.eval_problems=1",
+        "loop.final_checkpoint=false",
+        f"loop.out_dir={run_dir}",
+        f"loop.seed={args.seed}",
+        f"trainer.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+    ]
 
 
 def _trl(args, out: Path) -> list[dict]:
@@ -107,6 +115,7 @@ def _trl(args, out: Path) -> list[dict]:
         report_to="none",
         save_strategy="no",
         seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = GRPOTrainer(model=args.model, reward_funcs=math_verify, args=config, train_dataset=data)
     generate_s = [0.0]
@@ -187,6 +196,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="keep every layer's activations on both sides (default: both recompute them, TRL's default)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -211,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path] | None:
         notes=[
             "peak extra MB = the child process's peak RSS (whole process: model, optimizer, engine, Python).",
             "hotloop drops groups without reward contrast before training; TRL trains every row.",
+            f"activation checkpointing on both sides: {'on' if args.gradient_checkpointing else 'off'}.",
         ],
     )
     paths = write_results("trl_grpo", rows, meta, ratios_to=("trl",), out_dir=args.out_dir)

@@ -23,3 +23,15 @@ def test_row_says_when_no_row_was_trained():
     args = trl_grpo.parse_args([])
     steps = [dict(step_s=1.0, generate_s=1.0, train_s=0.0, rows=0)] * 2
     assert trl_grpo._row("hotloop", steps, 1.0, args).note.startswith("no rows trained")
+
+
+def test_both_sides_recompute_the_layers_unless_told_not_to(tmp_path):
+    """hotloop's ``--set`` values load on the example and carry the flag TRL's ``GRPOConfig`` gets."""
+    from hotloop.algorithms.loader import load_config
+
+    for argv, expected in (([], True), (["--no-gradient-checkpointing"], False)):
+        args = trl_grpo.parse_args(["--steps", "3", *argv])
+        config = load_config(trl_grpo.EXAMPLE, trl_grpo.hotloop_settings(args, tmp_path))
+        assert args.gradient_checkpointing is expected
+        assert config.trainer.gradient_checkpointing is expected
+        assert (config.loop.steps, config.loop.eval_every, config.loop.final_checkpoint) == (3, 0, False)
