@@ -193,7 +193,7 @@ class Trainer:
         if config.seed is not None:
             seed_everything(config.seed)
         if config.gradient_checkpointing:
-            # newer transformers (5.24 here) call it activation_checkpointing_enable; the old name warns
+            # transformers 5.24 names it activation_checkpointing_enable and warns on the old name
             enable = getattr(model, "activation_checkpointing_enable", None)
             kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
             if not callable(enable):
